@@ -1,0 +1,43 @@
+"""posttrain: post-training for language models with TRL's names — `from posttrain import SFTTrainer, SFTConfig`.
+
+Public API only; heavy modules load on first attribute access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "SFTTrainer": "posttrain.trainers.sft",
+    "SFTConfig": "posttrain.configs.sft",
+    "ModelConfig": "posttrain.configs.script",
+    "ScriptArguments": "posttrain.configs.script",
+    "PostTrainConfig": "posttrain.configs.base",
+    "PostTrainer": "posttrain.trainers.base",
+    "DataCollatorForLanguageModeling": "posttrain.data.collators",
+    "pack_dataset": "posttrain.data.packing",
+    "load_any_dataset": "posttrain.data.loading",
+    "is_conversational": "posttrain.data.formats",
+    "extract_prompt": "posttrain.data.formats",
+}
+__all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from posttrain.configs.sft import SFTConfig
+    from posttrain.trainers.sft import SFTTrainer
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'posttrain' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    if name.endswith(("Trainer", "Config", "Arguments")):
+        from posttrain.compat import install_training_arguments_aliases
+
+        install_training_arguments_aliases()
+    value = getattr(module, name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,209 @@
+"""The `posttrain` command line: `posttrain <command> [--config file.yaml] [--flag value …]`.
+
+Each training command pairs a config class with a trainer; its flags are the fields of ScriptArguments (data),
+ModelConfig (model) and the trainer's config, with the same names as YAML keys and Python attributes.
+Precedence: defaults < YAML < flags. Unknown keys and flags are errors that suggest the closest name. Errors are
+one line (the full traceback with --debug). The resolved config is written to output_dir/config.yaml.
+
+Not here: training logic (trainers), data loading (`data/loading.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import os
+import sys
+import time
+from typing import Any
+
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    # name: (config class, trainer class, one-line description)
+    "sft": ("posttrain.configs.sft:SFTConfig", "posttrain.trainers.sft:SFTTrainer", "supervised fine-tuning"),
+}
+_ALIASES_ONLY = {"env"}  # keys a YAML file may hold besides fields
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _load(spec: str):
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _usage() -> str:
+    lines = ["usage: posttrain <command> [--config FILE.yaml] [--flag value ...]", "", "commands:"]
+    lines += [f"  {name:<10} {desc}" for name, (_, _, desc) in COMMANDS.items()]
+    lines += [f"  {'env':<10} print versions and hardware (for bug reports)",
+              "", "Run 'posttrain <command> --help' for the flags of a command. --debug shows full tracebacks."]
+    return "\n".join(lines)
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise CLIError(f"config file {path!r} not found")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise CLIError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"{path} must hold a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _pop_flag(argv: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+            del argv[i:i + 2]
+            return value
+        if arg.startswith(flag + "="):
+            del argv[i]
+            return arg.split("=", 1)[1]
+    return None
+
+
+def parse_command_args(command: str, argv: list[str]) -> tuple[Any, Any, Any]:
+    """(script_args, model_args, training_args) from YAML (--config) and flags."""
+    from transformers import HfArgumentParser
+
+    from posttrain.configs.script import ModelConfig, ScriptArguments
+
+    config_cls = _load(COMMANDS[command][0])
+    argv = list(argv)
+    config_path = _pop_flag(argv, "--config")
+    yaml_values = _read_yaml(config_path) if config_path else {}
+    classes = (ScriptArguments, ModelConfig, config_cls)
+    known = sorted({f.name for c in classes for f in dataclasses.fields(c) if f.init})
+    for key in yaml_values:
+        if key not in known and key not in _ALIASES_ONLY:
+            raise CLIError(f"unknown key '{key}' in {config_path}{_suggest(key, known)}")
+    for name, value in (yaml_values.pop("env", None) or {}).items():
+        os.environ[str(name)] = str(value)
+    mixture = yaml_values.pop("datasets", None)
+    parser = HfArgumentParser(classes, prog=f"posttrain {command}", allow_abbrev=False)
+    parser.set_defaults(**{k: _as_default(v) for k, v in yaml_values.items()})
+    script_args, model_args, training_args, rest = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True, look_for_args_file=False)
+    if rest:
+        flag = rest[0]
+        if not flag.startswith("-"):
+            raise CLIError(f"unexpected argument '{flag}' (flags take the form --name value)")
+        name = flag.lstrip("-").split("=")[0]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        raise CLIError(f"unknown flag '{flag}'" + (f"; did you mean '--{close[0]}'?" if close else ""))
+    script_args.datasets = mixture
+    return script_args, model_args, training_args
+
+
+def _as_default(value: Any) -> Any:
+    # argparse applies `type` only to string defaults; YAML already gives typed values, except mappings, which
+    # fields like model_init_kwargs take as JSON strings on the command line.
+    if isinstance(value, dict):
+        import json
+
+        return json.dumps(value)
+    return value
+
+
+def run_training(command: str, argv: list[str]) -> None:
+    script_args, model_args, training_args = parse_command_args(command, argv)
+    if not model_args.model_name_or_path:
+        raise CLIError("no model: pass --model_name_or_path (e.g. posttrain/tiny, a local directory or a Hub id)")
+    from posttrain.data.loading import load_train_eval
+
+    init_kwargs = {**model_args.init_kwargs(), **(training_args.model_init_kwargs or {})}
+    training_args.model_init_kwargs = init_kwargs
+    want_eval = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
+    train_dataset, eval_dataset = load_train_eval(script_args, want_eval)
+    trainer_cls = _load(COMMANDS[command][1])
+    trainer = trainer_cls(model=model_args.model_name_or_path, args=training_args, train_dataset=train_dataset,
+                          eval_dataset=eval_dataset, peft_config=model_args.peft_config())
+    trainer.run_config_extra = {k: v for k, v in {**dataclasses.asdict(script_args),
+                                                  **dataclasses.asdict(model_args)}.items() if v is not None}
+    start = time.time()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        print(summary_line(trainer, time.time() - start))
+
+
+def summary_line(trainer, seconds: float) -> str:
+    """One closing line: steps, first → last loss and token accuracy, where the model went."""
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    parts = [f"done in {seconds:.0f}s: {trainer.state.global_step} steps"]
+    for key, label in (("loss", "loss"), ("mean_token_accuracy", "token accuracy")):
+        values = [h[key] for h in logs if key in h]
+        if values:
+            parts.append(f"{label} {values[0]:.3f} → {values[-1]:.3f}")
+    parts.append(f"model saved to {trainer.args.output_dir}")
+    return "posttrain: " + ", ".join(parts)
+
+
+def print_env() -> None:
+    import platform
+    from importlib import metadata
+
+    from posttrain import __version__, hardware
+
+    print(f"posttrain: {__version__}")
+    print(f"python: {platform.python_version()}")
+    for pkg in ("torch", "transformers", "datasets", "accelerate", "peft", "tokenizers", "safetensors", "trl",
+                "deepspeed", "vllm", "wandb", "liger-kernel", "bitsandbytes", "tensorboard"):
+        try:
+            version = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        print(f"{pkg}: {version}")
+    for key, value in hardware.describe().items():
+        print(f"{key}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in ("--version", "version"):
+        from posttrain import __version__
+
+        print(__version__)
+        return 0
+    try:
+        if command == "env":
+            print_env()
+        elif command in COMMANDS:
+            run_training(command, rest)
+        else:
+            raise CLIError(f"unknown command '{command}'{_suggest(command, list(COMMANDS) + ['env'])} "
+                           f"(commands: {', '.join(list(COMMANDS) + ['env'])})")
+    except KeyboardInterrupt:
+        print("posttrain: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, TypeError, FileNotFoundError, PermissionError, OSError) as e:
+        if debug:
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"posttrain {command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Model and dataset options that sit beside a trainer config on the command line (TRL's ModelConfig and
+ScriptArguments, same names).
+
+Not here: training options (`configs/base.py` and one module per trainer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and how to load it."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id, local directory, or a "
+                                           "built-in model: posttrain/tiny, posttrain/tiny-4m, posttrain/tiny-15m."})
+    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
+    dtype: str | None = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16, float16 "
+                              "or auto.", "choices": ["auto", "float32", "bfloat16", "float16"]})
+    attn_implementation: str | None = field(default=None, metadata={"help": "Attention kernel, e.g. sdpa, eager, "
+                                            "flash_attention_2."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Modules to adapt (default: "
+                                                  "all linear layers)."})
+    lora_modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained in full."})
+    lora_task_type: str = field(default="CAUSAL_LM", metadata={"help": "PEFT task type."})
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling."})
+    use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base weights (bitsandbytes, GPU only)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "4-bit base weights (bitsandbytes, GPU only)."})
+
+    def peft_config(self):
+        """A `peft.LoraConfig` when `use_peft`, else None."""
+        if not self.use_peft:
+            return None
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=self.lora_target_modules or "all-linear",
+                          modules_to_save=self.lora_modules_to_save, task_type=self.lora_task_type,
+                          use_rslora=self.use_rslora, use_dora=self.use_dora)
+
+    def init_kwargs(self) -> dict:
+        """`from_pretrained` keyword arguments implied by these options."""
+        kwargs = {"revision": self.model_revision, "trust_remote_code": self.trust_remote_code}
+        if self.dtype is not None:
+            kwargs["dtype"] = self.dtype
+        if self.attn_implementation is not None:
+            kwargs["attn_implementation"] = self.attn_implementation
+        if self.load_in_8bit or self.load_in_4bit:
+            from posttrain.models.loading import quantization_config
+
+            kwargs["quantization_config"] = quantization_config(self.load_in_4bit)
+        return kwargs
+
+
+@dataclass
+class ScriptArguments:
+    """Which data to train on. `datasets` (YAML only) mixes several: a list of
+    {path, name, split, data_files, columns} mappings whose rows are concatenated."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub id, local file (.json/.jsonl/.csv/"
+                                     ".parquet), local directory, or a built-in set such as posttrain/arith-sft."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration (subset) name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (if eval is enabled)."})
+    dataset_streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading."})
+    datasets: list[dict] | None = field(default=None, metadata={"help": "Mixture of datasets (YAML only)."})

@@ -1,0 +1,114 @@
+"""Dataset types and formats, detected from columns and rows (TRL's taxonomy), and the conversions between them.
+
+Types: language_modeling (`text` or `messages`), prompt_only (`prompt`), prompt_completion (`prompt`, `completion`),
+preference (`prompt`, `chosen`, `rejected`), preference_implicit (`chosen`, `rejected`), unpaired_preference
+(`prompt`, `completion`, `label`). Format: standard (strings) or conversational (lists of {role, content}).
+ShareGPT rows (`conversations` of {from, value}) are converted to `messages`.
+
+Not here: tokenisation (`data/tokenize.py`) and per-trainer pipelines (`data/prepare.py`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+DATASET_TYPES: dict[str, tuple[str, ...]] = {
+    "preference": ("prompt", "chosen", "rejected"),
+    "unpaired_preference": ("prompt", "completion", "label"),
+    "prompt_completion": ("prompt", "completion"),
+    "preference_implicit": ("chosen", "rejected"),
+    "language_modeling": ("text",),
+    "language_modeling_conversational": ("messages",),
+    "prompt_only": ("prompt",),
+}
+_CONVERSATIONAL_KEYS = ("prompt", "chosen", "rejected", "completion", "messages")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system", "tool": "tool", "function_call": "assistant", "observation": "tool"}
+
+
+def is_conversational(example: dict[str, Any]) -> bool:
+    """True when a prompt/chosen/rejected/completion/messages field is a list of {role, content} messages."""
+    for key in _CONVERSATIONAL_KEYS:
+        value = example.get(key)
+        if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
+            return True
+    return False
+
+
+def is_sharegpt(example: dict[str, Any]) -> bool:
+    value = example.get("conversations")
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "from" in value[0]
+
+
+def sharegpt_to_messages(example: dict[str, Any]) -> dict[str, Any]:
+    """{"conversations": [{"from": "human", "value": …}, …]} → {"messages": [{"role": "user", "content": …}, …]}."""
+    messages = []
+    for turn in example["conversations"]:
+        role = _SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            raise ValueError(f"Unknown ShareGPT speaker {turn['from']!r}; expected one of {sorted(_SHAREGPT_ROLES)}.")
+        messages.append({"role": role, "content": turn["value"]})
+    return {"messages": messages}
+
+
+def detect_type(columns: Iterable[str], text_field: str = "text") -> str | None:
+    """The dataset type implied by its columns (most specific first), or None."""
+    cols = set(columns)
+    for name, needed in DATASET_TYPES.items():
+        needed = tuple(text_field if c == "text" else c for c in needed)
+        if set(needed) <= cols:
+            return "language_modeling" if name == "language_modeling_conversational" else name
+    return None
+
+
+def require_type(columns: Sequence[str], accepted: Sequence[str], who: str, text_field: str = "text") -> str:
+    """The detected type if `who` accepts it, else a ValueError naming the expected columns and near misses."""
+    kind = detect_type(columns, text_field)
+    if kind in accepted:
+        return kind
+    expected = []
+    for name in accepted:
+        for key in (name, name + "_conversational"):
+            if key in DATASET_TYPES:
+                cols = [text_field if c == "text" else c for c in DATASET_TYPES[key]]
+                expected.append(" + ".join(f"'{c}'" for c in cols))
+    hints = []
+    for col in columns:
+        close = difflib.get_close_matches(col, [text_field, "messages", "prompt", "completion", "chosen",
+                                                "rejected", "label", "conversations"], n=1, cutoff=0.6)
+        if close and close[0] != col:
+            hints.append(f"'{col}' → '{close[0]}'?")
+    hint = f" Did you mean: {', '.join(hints)}" if hints else ""
+    raise ValueError(f"{who} expects a dataset with columns {' or '.join(expected)}; got columns "
+                     f"{list(columns)}.{hint} Rename columns with dataset.rename_column(old, new).")
+
+
+def extract_prompt(example: dict[str, Any]) -> dict[str, Any]:
+    """Implicit → explicit prompt: the longest common prefix of chosen and rejected becomes the prompt.
+
+    Conversational rows split on whole messages; standard rows on characters, backed off to the last whitespace
+    so no word is cut.
+    """
+    chosen, rejected = example["chosen"], example["rejected"]
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    if isinstance(chosen, str):
+        while n > 0 and not chosen[n - 1].isspace() and n < len(chosen) and not chosen[n].isspace():
+            n -= 1
+    elif n == limit:  # identical conversations up to the shorter one: keep at least one message as completion
+        n -= 1
+    return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
+def unpair_preference(batch: dict[str, list]) -> dict[str, list]:
+    """Batched map: each (prompt, chosen, rejected) row → a desirable and an undesirable (prompt, completion, label)."""
+    out: dict[str, list] = {"prompt": [], "completion": [], "label": []}
+    for prompt, chosen, rejected in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
+        out["prompt"] += [prompt, prompt]
+        out["completion"] += [chosen, rejected]
+        out["label"] += [True, False]
+    return out

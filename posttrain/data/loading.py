@@ -1,0 +1,72 @@
+"""Loading data sets by name: built-in sets (posttrain/arith-*), local files and directories, and Hub ids.
+
+Everything goes through `datasets`; built-in sets are generated in memory (no hub access needed).
+Not here: format detection and tokenisation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import datasets
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
+                  ".arrow": "arrow"}
+
+
+def load_any_dataset(name: str, config: str | None = None, split: str | None = None,
+                     data_files: Any = None, streaming: bool = False):
+    """A Dataset (when `split` is given) or DatasetDict from a built-in name, a local file/dir, or a Hub id."""
+    from posttrain.data.arith import is_builtin_dataset, load_builtin_dataset
+
+    if is_builtin_dataset(name) or name.startswith("posttrain/"):
+        return load_builtin_dataset(name, config, split)
+    ext = os.path.splitext(name)[1].lower()
+    if os.path.isfile(name) and ext in _FILE_BUILDERS:
+        return datasets.load_dataset(_FILE_BUILDERS[ext], data_files=name, split=split or "train",
+                                     streaming=streaming)
+    if os.path.isdir(name):
+        if os.path.exists(os.path.join(name, "dataset_dict.json")) or os.path.exists(
+                os.path.join(name, "dataset_info.json")):
+            loaded = datasets.load_from_disk(name)
+            return loaded[split] if split and isinstance(loaded, datasets.DatasetDict) else loaded
+        return datasets.load_dataset(name, config, split=split, data_files=data_files, streaming=streaming)
+    if name.startswith((".", "/")) or ext in _FILE_BUILDERS:
+        raise ValueError(f"Dataset path {name!r} does not exist. Give an existing .json/.jsonl/.csv/.parquet file, "
+                         "a directory, a Hub id, or a built-in set such as posttrain/arith-sft.")
+    return datasets.load_dataset(name, config, split=split, data_files=data_files, streaming=streaming)
+
+
+def load_mixture(specs: list[dict], split: str = "train") -> datasets.Dataset:
+    """Concatenate several datasets: each spec is {path, name?, split?, data_files?, columns?}."""
+    parts = []
+    for spec in specs:
+        unknown = set(spec) - {"path", "name", "split", "data_files", "columns"}
+        if unknown or "path" not in spec:
+            raise ValueError(f"Each entry of `datasets` needs 'path' and may have name, split, data_files, columns; "
+                             f"got {sorted(spec)}.")
+        part = load_any_dataset(spec["path"], spec.get("name"), spec.get("split", split), spec.get("data_files"))
+        if spec.get("columns"):
+            part = part.select_columns(spec["columns"])
+        parts.append(part)
+    return datasets.concatenate_datasets(parts)
+
+
+def load_train_eval(script_args, want_eval: bool) -> tuple[Any, Any]:
+    """(train, eval-or-None) from `ScriptArguments`."""
+    if script_args.datasets:
+        train = load_mixture(script_args.datasets, script_args.dataset_train_split)
+        return train, None
+    if not script_args.dataset_name:
+        raise ValueError("No data: pass --dataset_name (e.g. posttrain/arith-sft, a local .jsonl file or a Hub id).")
+    loaded = load_any_dataset(script_args.dataset_name, script_args.dataset_config,
+                              streaming=script_args.dataset_streaming)
+    if not isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return loaded, None
+    if script_args.dataset_train_split not in loaded:
+        raise ValueError(f"Split {script_args.dataset_train_split!r} not found; available: {list(loaded)}. "
+                         "Choose one with --dataset_train_split.")
+    train = loaded[script_args.dataset_train_split]
+    evaluation = loaded.get(script_args.dataset_test_split) if want_eval else None
+    return train, evaluation

@@ -1,0 +1,118 @@
+"""Dataset preparation pipelines, one per trainer family: raw rows in, tokenised rows with loss masks out.
+
+SFT: ShareGPT → messages; optional formatting_func; type detection (language modelling or prompt-completion,
+standard or conversational); tokenisation with masks; truncation to max_length; examples left with no trainable
+token dropped (and counted); optional packing.
+
+Not here: per-example tokenisation (`data/tokenize.py`), packing algorithms (`data/packing.py`), batching
+(`data/collators.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import datasets
+
+from posttrain.data import formats, tokenize
+
+logger = logging.getLogger(__name__)
+SFT_TYPES = ("language_modeling", "prompt_completion")
+
+
+def _first_row(dataset) -> dict[str, Any]:
+    return next(iter(dataset))
+
+
+def _is_pretokenized(dataset) -> bool:
+    return "input_ids" in (dataset.column_names or [])
+
+
+def prepare_sft_dataset(dataset, tokenizer, args, formatting_func: Callable | None = None,
+                        packing: bool | None = None, name: str = "train"):
+    """Tokenise an SFT dataset into input_ids + completion_mask rows (packed rows also carry seq_lengths)."""
+    if (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
+        return dataset
+    if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
+        raise ValueError(f"The {name} dataset is empty; give at least one example.")
+    columns = list(dataset.column_names or [])
+    if _is_pretokenized(dataset):
+        if "completion_mask" not in columns:
+            dataset = dataset.map(lambda ex: {"completion_mask": [1] * len(ex["input_ids"])})
+    else:
+        dataset = _tokenize_sft(dataset, tokenizer, args, formatting_func, name)
+    num_proc = args.dataset_num_proc
+    if args.max_length is not None and not (packing and args.packing_strategy != "bfd"):
+        dataset = dataset.map(tokenize.truncate, fn_kwargs={"max_length": args.max_length,
+                                                          "mode": args.truncation_mode}, num_proc=num_proc,
+                              desc=f"Truncating {name} dataset" if isinstance(dataset, datasets.Dataset) else None)
+    before = len(dataset) if isinstance(dataset, datasets.Dataset) else None
+    dataset = dataset.filter(lambda ex: any(ex["completion_mask"]), num_proc=num_proc)
+    if before is not None:
+        dropped = before - len(dataset)
+        if dropped:
+            logger.warning("%s dataset: dropped %d of %d examples with no trainable token left after truncation.",
+                           name, dropped, before)
+        if len(dataset) == 0:
+            raise ValueError(f"Every {name} example lost all its trainable tokens (prompt longer than max_length="
+                             f"{args.max_length}?). Raise max_length or shorten the prompts.")
+    if packing:
+        from posttrain.data.packing import pack_dataset
+
+        dataset = pack_dataset(dataset, args.max_length, strategy=args.packing_strategy)
+    return dataset
+
+
+def _tokenize_sft(dataset, tokenizer, args, formatting_func, name):
+    first = _first_row(dataset)
+    if formats.is_sharegpt(first):
+        dataset = dataset.map(formats.sharegpt_to_messages, remove_columns=["conversations"])
+        first = _first_row(dataset)
+    if formatting_func is not None:
+        dataset = dataset.map(lambda ex: {"text": _formatted(formatting_func, ex)})
+        text_field = "text"
+    else:
+        text_field = args.dataset_text_field
+    columns = list(dataset.column_names or first.keys())
+    kind = formats.require_type(columns, SFT_TYPES, "SFTTrainer", text_field)
+    conversational = formats.is_conversational(_first_row(dataset))
+    completion_only = args.completion_only_loss is not False  # None = auto: on for prompt-completion
+    if args.assistant_only_loss and not conversational:
+        raise ValueError("assistant_only_loss=True needs conversational data (a 'messages' column or "
+                         "conversational prompt/completion).")
+    eos = tokenizer.eos_token
+
+    def one(example):
+        _check_row(example, kind, text_field)
+        if kind == "prompt_completion":
+            return tokenize.tokenize_prompt_completion(tokenizer, example["prompt"], example["completion"], eos,
+                                                       completion_only, tools=example.get("tools"))
+        if conversational or "messages" in example and text_field not in example:
+            return tokenize.tokenize_messages(tokenizer, example["messages"], args.assistant_only_loss,
+                                              tools=example.get("tools"))
+        return tokenize.tokenize_text(tokenizer, example[text_field], eos)
+
+    return dataset.map(one, remove_columns=columns, num_proc=args.dataset_num_proc,
+                       desc=f"Tokenizing {name} dataset" if isinstance(dataset, datasets.Dataset) else None)
+
+
+def _formatted(formatting_func, example):
+    text = formatting_func(example)
+    if isinstance(text, list):  # older formatting functions return a one-element list
+        text = text[0] if len(text) == 1 else "".join(text)
+    return text
+
+
+def _check_row(example: dict[str, Any], kind: str, text_field: str) -> None:
+    keys = ("prompt", "completion") if kind == "prompt_completion" else (
+        ("messages",) if "messages" in example and text_field not in example else (text_field,))
+    for key in keys:
+        value = example.get(key)
+        if value is None or (isinstance(value, (str, list)) and len(value) == 0):
+            raise ValueError(f"A row has an empty or missing '{key}' ({example!r:.200}). Remove such rows, e.g. "
+                             f"dataset.filter(lambda ex: ex['{key}']).")
+        if not isinstance(value, (str, list)):
+            raise ValueError(f"Column '{key}' must hold strings or lists of messages, got "
+                             f"{type(value).__name__} ({value!r:.80}).")

@@ -1,0 +1,116 @@
+"""Turning one example into token ids and a loss mask.
+
+Every function returns {"input_ids": list[int], "completion_mask": list[int]} where completion_mask is 1 on the
+tokens that carry a loss. Standard text gets the EOS token appended (once); conversational data goes through the
+tokenizer's chat template.
+
+Assistant-only masks: with a template that has `{% generation %}` markers, transformers' assistant mask is used;
+without markers the mask is found by rendering the conversation turn by turn (the prefix up to each assistant turn
+with the generation prompt, then up to the end of that turn) and checking that each rendering's tokens are a prefix
+of the full conversation's — so any template that renders turns in order works, with or without markers.
+
+Not here: dataset-level passes (truncation, filtering, packing: `data/prepare.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ChatTemplateError(ValueError):
+    pass
+
+
+def _ids(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools: Any = None,
+           continue_final_message: bool = False) -> str:
+    """The chat template applied to `messages`, as text."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ChatTemplateError("Conversational data needs a tokenizer with a chat template, and this one has none. "
+                                "Set chat_template_path (a .jinja file or a tokenizer directory) in the config.")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         continue_final_message=continue_final_message, tools=tools)
+
+
+def with_eos(text: str, eos_token: str | None) -> str:
+    return text if not eos_token or text.endswith(eos_token) else text + eos_token
+
+
+def tokenize_text(tokenizer, text: str, eos_token: str | None) -> dict[str, list[int]]:
+    """Standard language-modelling text: every token is trained; EOS appended."""
+    ids = _ids(tokenizer, with_eos(text, eos_token), add_special_tokens=True)
+    return {"input_ids": ids, "completion_mask": [1] * len(ids)}
+
+
+def tokenize_prompt_completion(tokenizer, prompt: str | list[dict], completion: str | list[dict],
+                               eos_token: str | None, completion_only: bool = True,
+                               tools: Any = None) -> dict[str, list[int]]:
+    """Prompt ids followed by completion ids; the mask covers the completion (or everything if not completion_only).
+
+    Prompt and completion are tokenised separately and concatenated — the same ids the model sees when it
+    generates the completion after the prompt.
+    """
+    if isinstance(prompt, list):
+        prompt_text = render(tokenizer, prompt, add_generation_prompt=prompt[-1]["role"] in ("user", "tool"),
+                             continue_final_message=prompt[-1]["role"] == "assistant", tools=tools)
+        full_text = render(tokenizer, prompt + completion, tools=tools)
+        if not full_text.startswith(prompt_text):
+            raise ChatTemplateError("The chat template renders the prompt differently alone and followed by the "
+                                    "completion, so the completion cannot be located.")
+        prompt_ids = _ids(tokenizer, prompt_text)
+        completion_ids = _ids(tokenizer, full_text[len(prompt_text):])
+    else:
+        prompt_ids = _ids(tokenizer, prompt, add_special_tokens=True)
+        completion_ids = _ids(tokenizer, with_eos(completion, eos_token))
+    mask_value = 0 if completion_only else 1
+    return {"input_ids": prompt_ids + completion_ids,
+            "completion_mask": [mask_value] * len(prompt_ids) + [1] * len(completion_ids)}
+
+
+def has_generation_markers(tokenizer) -> bool:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return "{% generation %}" in template or "{%- generation %}" in template
+
+
+def tokenize_messages(tokenizer, messages: list[dict], assistant_only: bool = False,
+                      tools: Any = None) -> dict[str, list[int]]:
+    """A whole conversation; with `assistant_only`, only assistant turns (and their end-of-turn token) are trained."""
+    if not assistant_only:
+        ids = _ids(tokenizer, render(tokenizer, messages, tools=tools))
+        return {"input_ids": ids, "completion_mask": [1] * len(ids)}
+    if has_generation_markers(tokenizer):
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, tools=tools,
+                                            return_assistant_tokens_mask=True)
+        return {"input_ids": list(out["input_ids"]), "completion_mask": list(out["assistant_masks"])}
+    return _assistant_mask_by_turns(tokenizer, messages, tools)
+
+
+def _assistant_mask_by_turns(tokenizer, messages: list[dict], tools: Any) -> dict[str, list[int]]:
+    ids = _ids(tokenizer, render(tokenizer, messages, tools=tools))
+    mask = [0] * len(ids)
+    eos_id = tokenizer.eos_token_id
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_ids(tokenizer, render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools))) if i else 0
+        end_ids = _ids(tokenizer, render(tokenizer, messages[: i + 1], tools=tools))
+        if ids[: len(end_ids)] != end_ids or start > len(end_ids):
+            raise ChatTemplateError("assistant_only_loss: this chat template does not render conversations turn by "
+                                    "turn (an earlier rendering is not a prefix of the full one). Use a template with "
+                                    "{% generation %} markers via chat_template_path.")
+        end = len(end_ids)
+        span = ids[start:end]
+        if eos_id in span:  # stop after the end-of-turn token: the separator after it belongs to no turn
+            end = start + len(span) - span[::-1].index(eos_id)
+        mask[start:end] = [1] * (end - start)
+    return {"input_ids": ids, "completion_mask": mask}
+
+
+def truncate(example: dict[str, list], max_length: int, mode: str = "keep_start",
+             keys: tuple[str, ...] = ("input_ids", "completion_mask")) -> dict[str, list]:
+    if mode == "keep_start":
+        return {k: example[k][:max_length] for k in keys}
+    return {k: example[k][-max_length:] for k in keys}

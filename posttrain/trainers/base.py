@@ -1,0 +1,135 @@
+"""`PostTrainer`: the one base every posttrain trainer extends, over `transformers.Trainer`.
+
+Lives here: model from a name or an object, tokenizer as `processing_class` (loaded from the model when absent,
+pad-token fallback), legacy call forms, PEFT wrapping, dropout switch-off, the default output directory, the
+metrics store (token-weighted sums, reduced across processes once per log), global loss normalisers, and the
+resolved config written to output_dir.
+
+Not here: losses (`losses/`), data preparation (`data/`), anything specific to one method (its own module).
+Subclasses override `compute_loss` (and online trainers their rollout step) and little else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from typing import Any
+
+import torch
+import yaml
+from transformers import PreTrainedModel, Trainer
+
+from posttrain import compat
+from posttrain.configs.base import PostTrainConfig
+from posttrain.models import loading
+
+logger = logging.getLogger(__name__)
+
+
+class PostTrainer(Trainer):
+    config_class: type[PostTrainConfig] = PostTrainConfig
+    method_name = "PostTrain"  # used for the default output dir and the model card
+    auto_model_class = None  # None = AutoModelForCausalLM
+    loss_is_scaled_for_ga = True  # compute_loss divides by the global item count of the accumulated batch
+
+    def __init__(self, model: PreTrainedModel | str, args=None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
+                 optimizers=(None, None), preprocess_logits_for_metrics=None, peft_config=None, **kwargs: Any):
+        name = type(self).__name__
+        args, processing_class = compat.resolve_trainer_arguments(name, self.config_class, args, processing_class,
+                                                                  kwargs)
+        if isinstance(model, str):
+            model = loading.load_pretrained_model(model, self.auto_model_class, **(args.model_init_kwargs or {}))
+        elif args.model_init_kwargs:
+            logger.warning("model_init_kwargs is ignored because the model is already loaded.")
+        if processing_class is None:
+            processing_class = loading.load_tokenizer(model.config._name_or_path)
+        loading.prepare_tokenizer(processing_class, getattr(args, "eos_token", None),
+                                  getattr(args, "pad_token", None), getattr(args, "chat_template_path", None))
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = getattr(processing_class, "pad_token_id", None)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        if args.disable_dropout:
+            loading.disable_dropout(model)
+        if getattr(args, "_output_dir_was_default", False):
+            args.output_dir = f"{loading.model_short_name(model)}-{self.method_name}"
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0.0]),
+                                                             "eval": defaultdict(lambda: [0.0, 0.0])}
+        self._num_tokens = 0.0
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                         preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+        self.run_config_extra: dict[str, Any] = {}  # the CLI adds model/data options here
+
+    # ---- loss normalisation ------------------------------------------------------------------------------------
+    def count_loss_items(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Loss items in one micro-batch (default: trained target tokens). Subclasses count pairs, sequences…"""
+        return (batch["labels"][..., 1:] != -100).sum()
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """Global item count of the accumulated batch: all micro-batches, summed over processes."""
+        if not batch_samples:
+            return None
+        count = sum(self.count_loss_items(b) for b in batch_samples)
+        count = torch.as_tensor(count, device=device)
+        if self.args.world_size > 1:
+            count = self.accelerator.gather(count.reshape(1)).sum()
+        return count
+
+    # ---- metrics -----------------------------------------------------------------------------------------------
+    def record_metrics(self, metrics: dict[str, torch.Tensor | float], weight: float = 1.0) -> None:
+        """Add weighted values to the store; `log` reports sum(value*weight)/sum(weight) over all processes."""
+        store = self._metrics["train" if self.model.training else "eval"]
+        for key, value in metrics.items():
+            entry = store[key]
+            entry[0] += float(value) * weight
+            entry[1] += weight
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        store = self._metrics[mode]
+        names = sorted(store)
+        if names:
+            sums = torch.tensor([store[n] for n in names], dtype=torch.float64, device=self.args.device)
+            if self.args.world_size > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            prefix = "eval_" if mode == "eval" else ""
+            logs.update({prefix + n: s / w for n, (s, w) in zip(names, sums.tolist()) if w > 0})
+            store.clear()
+        if mode == "train" and self._num_tokens:
+            logs["num_tokens"] = self._num_tokens
+        super().log(logs, start_time)
+
+    def add_tokens_seen(self, count: torch.Tensor | int) -> None:
+        count = torch.as_tensor(count, device=self.args.device)
+        if self.args.world_size > 1:
+            count = self.accelerator.gather(count.reshape(1)).sum()
+        self._num_tokens += float(count)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Without compute_metrics nobody reads logits: skip collecting (B, T, V) tensors during eval.
+        if self.compute_metrics is None:
+            prediction_loss_only = True
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    # ---- run records ---------------------------------------------------------------------------------------
+    def train(self, *args: Any, **kwargs: Any):
+        if self.is_world_process_zero():
+            self.save_run_config()
+        return super().train(*args, **kwargs)
+
+    def save_run_config(self, path: str | None = None) -> str:
+        """Write the resolved config (trainer options plus any CLI model/data options) as YAML."""
+        path = path or os.path.join(self.args.output_dir, "config.yaml")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        record = {**self.run_config_extra, **self.args.to_flat_dict()}
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            yaml.safe_dump(record, f, sort_keys=True)
+        os.replace(tmp, path)
+        return path

@@ -1,0 +1,94 @@
+"""`SFTTrainer`: supervised fine-tuning on language-modelling or prompt-completion data.
+
+The loss is a token-level loss (`losses/sft.py`: nll or dft) over the trained tokens, divided by the number of
+trained tokens in the whole accumulated batch on all processes — so gradient accumulation and data parallelism
+give the same loss as one big batch. The LM head runs only on positions that predict a trained token.
+
+Not here: data preparation (`data/prepare.py`), collation (`data/collators.py`), log-prob maths (`models/logprobs.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from posttrain.configs.sft import SFTConfig
+from posttrain.data.collators import DataCollatorForLanguageModeling
+from posttrain.data.prepare import prepare_sft_dataset
+from posttrain.losses.reduce import global_sum_reduce
+from posttrain.losses.sft import SFT_LOSSES
+from posttrain.models.logprobs import entropy_from_logits, forward_target_logits, selective_logps
+from posttrain.trainers.base import PostTrainer
+
+
+class SFTTrainer(PostTrainer):
+    """Supervised fine-tuning. Same call form as TRL's: `SFTTrainer(model, args=SFTConfig(...), train_dataset=...)`.
+
+    `model` is a model or a name (Hub id, local path, built-in `posttrain/tiny`); `formatting_func(example) -> str`
+    turns raw rows into text.
+    """
+
+    config_class = SFTConfig
+    method_name = "SFT"
+
+    def __init__(self, model, args: SFTConfig | None = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, formatting_func: Callable | None = None,
+                 peft_config=None, **kwargs: Any):
+        trainer_kwargs = {k: kwargs.pop(k) for k in ("compute_metrics", "callbacks", "optimizers",
+                                                     "preprocess_logits_for_metrics") if k in kwargs}
+        # Let the base resolve legacy forms first (tokenizer=, max_seq_length=, …); datasets need the tokenizer.
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=None,
+                         eval_dataset=None, processing_class=processing_class, peft_config=peft_config,
+                         **trainer_kwargs, **kwargs)
+        args, tokenizer = self.args, self.processing_class
+        if train_dataset is not None:
+            train_dataset = prepare_sft_dataset(train_dataset, tokenizer, args, formatting_func, args.packing, "train")
+        if eval_dataset is not None:
+            eval_packing = args.packing if args.eval_packing is None else args.eval_packing
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {k: prepare_sft_dataset(v, tokenizer, args, formatting_func, eval_packing, f"eval {k}")
+                                for k, v in eval_dataset.items()}
+            else:
+                eval_dataset = prepare_sft_dataset(eval_dataset, tokenizer, args, formatting_func, eval_packing,
+                                                   "eval")
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        if data_collator is None:
+            self.data_collator = DataCollatorForLanguageModeling(
+                pad_token_id=tokenizer.pad_token_id, completion_only_loss=args.completion_only_loss is not False,
+                padding_free=args.padding_free, pad_to_multiple_of=args.pad_to_multiple_of)
+        if args.remove_unused_columns:
+            # prepared rows carry exactly what the collator needs (completion_mask, seq_lengths are not model inputs)
+            self._signature_columns = ["input_ids", "completion_mask", "seq_lengths", "labels", "attention_mask",
+                                       "position_ids"]
+        self.loss_fn = SFT_LOSSES[args.loss_type]
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        full_logits = return_outputs and self.compute_metrics is not None
+        if full_logits:  # compute_metrics wants (B, T, V) logits aligned with labels
+            output = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                           position_ids=inputs.get("position_ids"), use_cache=False)
+            shifted = labels[:, 1:]
+            valid = shifted != -100
+            logits, targets = output.logits[:, :-1][valid], shifted[valid]
+        else:
+            logits, targets, output = forward_target_logits(model, inputs["input_ids"], labels,
+                                                            inputs.get("attention_mask"), inputs.get("position_ids"))
+        logps = selective_logps(logits, targets)
+        per_token, extra = self.loss_fn(logps)
+        n = targets.numel()
+        if num_items_in_batch is None:
+            loss = per_token.sum() / max(n, 1)
+        else:
+            loss = global_sum_reduce(per_token, num_items_in_batch, self.accelerator.num_processes)
+        with torch.no_grad():
+            if n:
+                accuracy = (logits.argmax(-1) == targets).float().mean()
+                entropy = entropy_from_logits(logits).mean()
+                self.record_metrics({"mean_token_accuracy": accuracy, "entropy": entropy, **extra}, weight=n)
+        if self.model.training:
+            mask = inputs.get("attention_mask")
+            self.add_tokens_seen(mask.sum() if mask is not None else inputs["input_ids"].numel())
+        return (loss, output) if return_outputs else loss
