@@ -54,19 +54,25 @@ def load_mixture(specs: list[dict], split: str = "train") -> datasets.Dataset:
 
 
 def load_train_eval(script_args, want_eval: bool) -> tuple[Any, Any]:
-    """(train, eval-or-None) from `ScriptArguments`."""
+    """(train, eval-or-None) from `ScriptArguments`. Splits may be sliced: "train[:1000]"."""
     if script_args.datasets:
-        train = load_mixture(script_args.datasets, script_args.dataset_train_split)
-        return train, None
+        return load_mixture(script_args.datasets, script_args.dataset_train_split), None
     if not script_args.dataset_name:
         raise ValueError("No data: pass --dataset_name (e.g. posttrain/arith-sft, a local .jsonl file or a Hub id).")
-    loaded = load_any_dataset(script_args.dataset_name, script_args.dataset_config,
-                              streaming=script_args.dataset_streaming)
-    if not isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        return loaded, None
-    if script_args.dataset_train_split not in loaded:
-        raise ValueError(f"Split {script_args.dataset_train_split!r} not found; available: {list(loaded)}. "
-                         "Choose one with --dataset_train_split.")
-    train = loaded[script_args.dataset_train_split]
-    evaluation = loaded.get(script_args.dataset_test_split) if want_eval else None
+    name, config = script_args.dataset_name, script_args.dataset_config
+    streaming = script_args.dataset_streaming
+    try:
+        train = load_any_dataset(name, config, split=script_args.dataset_train_split, streaming=streaming)
+    except (KeyError, ValueError) as e:
+        if "split" not in str(e).lower() or name.startswith("posttrain/"):
+            raise
+        raise ValueError(f"Split {script_args.dataset_train_split!r} not found in {name!r} ({e}). Choose one "
+                         "with --dataset_train_split.") from None
+    evaluation = None
+    if want_eval:
+        try:
+            evaluation = load_any_dataset(name, config, split=script_args.dataset_test_split, streaming=streaming)
+        except (KeyError, ValueError):
+            raise ValueError(f"Evaluation is on but split {script_args.dataset_test_split!r} was not found in "
+                             f"{name!r}; set --dataset_test_split or --eval_strategy no.") from None
     return train, evaluation

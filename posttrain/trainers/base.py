@@ -57,6 +57,9 @@ class PostTrainer(Trainer):
             loading.disable_dropout(model)
         if getattr(args, "_output_dir_was_default", False):
             args.output_dir = f"{loading.model_short_name(model)}-{self.method_name}"
+        train_dataset, eval_dataset = self.prepare_datasets(train_dataset, eval_dataset, processing_class, args)
+        if data_collator is None:
+            data_collator = self.default_collator(processing_class, args)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0.0]),
                                                              "eval": defaultdict(lambda: [0.0, 0.0])}
         self._num_tokens = 0.0
@@ -65,6 +68,15 @@ class PostTrainer(Trainer):
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         self.run_config_extra: dict[str, Any] = {}  # the CLI adds model/data options here
+
+    # ---- hooks for subclasses -----------------------------------------------------------------------------------
+    def prepare_datasets(self, train_dataset, eval_dataset, processing_class, args):
+        """Raw → model-ready datasets (eval may be a dict of datasets). Default: unchanged."""
+        return train_dataset, eval_dataset
+
+    def default_collator(self, processing_class, args):
+        """The collator used when none is given. Default: transformers' default."""
+        return None
 
     # ---- loss normalisation ------------------------------------------------------------------------------------
     def count_loss_items(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -36,33 +36,35 @@ class SFTTrainer(PostTrainer):
     def __init__(self, model, args: SFTConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, formatting_func: Callable | None = None,
                  peft_config=None, **kwargs: Any):
-        trainer_kwargs = {k: kwargs.pop(k) for k in ("compute_metrics", "callbacks", "optimizers",
-                                                     "preprocess_logits_for_metrics") if k in kwargs}
-        # Let the base resolve legacy forms first (tokenizer=, max_seq_length=, …); datasets need the tokenizer.
-        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=None,
-                         eval_dataset=None, processing_class=processing_class, peft_config=peft_config,
-                         **trainer_kwargs, **kwargs)
-        args, tokenizer = self.args, self.processing_class
-        if train_dataset is not None:
-            train_dataset = prepare_sft_dataset(train_dataset, tokenizer, args, formatting_func, args.packing, "train")
-        if eval_dataset is not None:
-            eval_packing = args.packing if args.eval_packing is None else args.eval_packing
-            if isinstance(eval_dataset, dict):
-                eval_dataset = {k: prepare_sft_dataset(v, tokenizer, args, formatting_func, eval_packing, f"eval {k}")
-                                for k, v in eval_dataset.items()}
-            else:
-                eval_dataset = prepare_sft_dataset(eval_dataset, tokenizer, args, formatting_func, eval_packing,
-                                                   "eval")
-        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
-        if data_collator is None:
-            self.data_collator = DataCollatorForLanguageModeling(
-                pad_token_id=tokenizer.pad_token_id, completion_only_loss=args.completion_only_loss is not False,
-                padding_free=args.padding_free, pad_to_multiple_of=args.pad_to_multiple_of)
-        if args.remove_unused_columns:
+        self.formatting_func = formatting_func
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
+                         **kwargs)
+        if self.args.remove_unused_columns:
             # prepared rows carry exactly what the collator needs (completion_mask, seq_lengths are not model inputs)
             self._signature_columns = ["input_ids", "completion_mask", "seq_lengths", "labels", "attention_mask",
                                        "position_ids"]
-        self.loss_fn = SFT_LOSSES[args.loss_type]
+        self.loss_fn = SFT_LOSSES[self.args.loss_type]
+
+    def prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args):
+        def prepare(dataset, packing, name):
+            return prepare_sft_dataset(dataset, tokenizer, args, self.formatting_func, packing, name)
+
+        if train_dataset is not None:
+            train_dataset = prepare(train_dataset, args.packing, "train")
+        if eval_dataset is not None:
+            packing = args.packing if args.eval_packing is None else args.eval_packing
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {k: prepare(v, packing, f"eval {k}") for k, v in eval_dataset.items()}
+            else:
+                eval_dataset = prepare(eval_dataset, packing, "eval")
+        return train_dataset, eval_dataset
+
+    def default_collator(self, tokenizer, args):
+        return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
+                                               completion_only_loss=args.completion_only_loss is not False,
+                                               padding_free=args.padding_free,
+                                               pad_to_multiple_of=args.pad_to_multiple_of)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         labels = inputs["labels"]

@@ -1,0 +1,1 @@
+"""Data: format detection, tokenisation, loading and the built-in arithmetic data sets."""

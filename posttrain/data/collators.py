@@ -1,0 +1,140 @@
+"""Batch collation for language-model training: tokenised examples in, `input_ids` / `labels` / masks out.
+
+Labels follow the Hugging Face convention (the model or loss shifts them): `labels[t] = input_ids[t]` where the token
+is trained (`completion_mask` 1, or every real token with completion_only_loss=False), else -100; -100 on padding;
+and, wherever several documents share a row (padding-free batches, packed rows with `seq_lengths`), -100 on the
+FIRST token of every document, which must not be predicted from the previous document's last token.
+
+Rows holding several documents are told apart by `position_ids` that restart at 0 per document, with NO 2-D
+attention_mask: transformers only turns restarting position_ids into a block-diagonal mask (SDPA/eager) or varlen
+flash-attention when attention_mask is None AND there is no KV cache. The model MUST therefore be called with
+`use_cache=False`: with the default `config.use_cache=True`, Qwen2/Llama-style models build a DynamicCache, the
+packed-sequence detection is skipped, and documents silently attend to each other (tests/test_collators.py pins it).
+
+Not here: packing rows (`data/packing.py`), tokenisation and completion masks (`data/tokenize.py`), preference pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def _as_1d(value: Any, key: str) -> torch.Tensor:
+    tensor = torch.as_tensor(value, dtype=torch.long)
+    if tensor.dim() != 1:
+        raise ValueError(f"'{key}' must be one flat sequence per example, got shape {tuple(tensor.shape)}.")
+    return tensor
+
+
+def _round_up(length: int, multiple: int | None) -> int:
+    return length if not multiple else -(-length // multiple) * multiple
+
+
+def _positions(seq_lengths: Sequence[int]) -> torch.Tensor:
+    """0..n-1 restarting at every document: arange minus the start of the token's document."""
+    lengths = torch.as_tensor(seq_lengths, dtype=torch.long)
+    starts = torch.cumsum(lengths, 0) - lengths
+    return torch.arange(int(lengths.sum())) - torch.repeat_interleave(starts, lengths)
+
+
+def _mask_starts(labels: torch.Tensor, seq_lengths: Sequence[int]) -> None:
+    """In place: -100 at each document's first token (zero-length documents have none)."""
+    lengths = torch.as_tensor(seq_lengths, dtype=torch.long)
+    starts = (torch.cumsum(lengths, 0) - lengths)[lengths > 0]
+    labels[starts] = IGNORE_INDEX
+
+
+@dataclass
+class DataCollatorForLanguageModeling:
+    """Pads (or flattens) tokenised examples into a causal-LM batch.
+
+    Examples are dicts with `input_ids` (list or 1-D tensor), optional `completion_mask` (1 = trained token; all
+    ones when absent) and optional `seq_lengths` (packed rows: document lengths summing to len(input_ids)).
+
+    Padded mode, plain rows: right-pads to the longest row (rounded up to pad_to_multiple_of) and returns
+    `input_ids`, `attention_mask`, `labels`, all (B, T).
+    Padded mode, any row carrying `seq_lengths`: returns `input_ids`, `position_ids`, `labels` (B, T) and NO
+    attention_mask, padding or not. Each row's padding becomes one more pseudo-document whose positions restart at 0
+    (labels -100). Why: an attention_mask would switch off transformers' packed-sequence detection and let the
+    documents of a row attend to each other; with right padding and a causal model, real tokens never look at the
+    later pad tokens anyway, so dropping the mask loses nothing.
+    Padding-free mode: the whole batch becomes ONE row (1, N): `input_ids`, `position_ids` restarting per document
+    (per `seq_lengths`, else per example), `labels`, no attention_mask. pad_to_multiple_of pads that row with pad
+    tokens forming their own trailing document (positions from 0, labels -100).
+    """
+
+    pad_token_id: int
+    completion_only_loss: bool = True
+    padding_free: bool = False
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def __post_init__(self):
+        if self.return_tensors != "pt":
+            raise ValueError(f"Only return_tensors='pt' is supported, got {self.return_tensors!r}.")
+        if self.pad_token_id is None:
+            raise ValueError("pad_token_id is None: set tokenizer.pad_token (e.g. to the eos token) first.")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}.")
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("Cannot collate an empty list of examples.")
+        rows = [self._row(example) for example in examples]
+        if self.padding_free:
+            return self._flatten(rows)
+        return self._pad(rows, packed=any(example.get("seq_lengths") is not None for example in examples))
+
+    def _row(self, example: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
+        """(input_ids, labels, seq_lengths or None) of one example; labels not yet masked at document starts."""
+        input_ids = _as_1d(example["input_ids"], "input_ids")
+        labels = input_ids.clone()
+        if self.completion_only_loss and example.get("completion_mask") is not None:
+            mask = _as_1d(example["completion_mask"], "completion_mask")
+            if mask.shape != input_ids.shape:
+                raise ValueError(f"completion_mask has {mask.numel()} entries but input_ids has {input_ids.numel()}.")
+            labels[mask == 0] = IGNORE_INDEX
+        seq_lengths = example.get("seq_lengths")
+        if seq_lengths is not None:
+            seq_lengths = _as_1d(seq_lengths, "seq_lengths").tolist()
+            if sum(seq_lengths) != input_ids.numel() or min(seq_lengths, default=0) < 0:
+                raise ValueError(f"seq_lengths {seq_lengths} must be non-negative and sum to the row length "
+                                 f"{input_ids.numel()}.")
+        return input_ids, labels, seq_lengths
+
+    def _pad(self, rows, packed: bool) -> dict[str, torch.Tensor]:
+        width = _round_up(max(ids.numel() for ids, _, _ in rows), self.pad_to_multiple_of)
+        batch = len(rows)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+        side = "position_ids" if packed else "attention_mask"
+        out = {"input_ids": input_ids, side: torch.zeros((batch, width), dtype=torch.long), "labels": labels}
+        for i, (ids, row_labels, seq_lengths) in enumerate(rows):
+            n = ids.numel()
+            input_ids[i, :n], labels[i, :n] = ids, row_labels
+            if packed:  # the padding tail is one more document, so its positions restart too
+                seq_lengths = seq_lengths if seq_lengths is not None else [n]
+                _mask_starts(labels[i, :n], seq_lengths)
+                out["position_ids"][i] = _positions(seq_lengths + [width - n])
+            else:
+                out["attention_mask"][i, :n] = 1
+        return out
+
+    def _flatten(self, rows) -> dict[str, torch.Tensor]:
+        # every example is at least one document: its own seq_lengths when packed, else its whole length
+        seq_lengths = [length for ids, _, lengths in rows for length in (lengths or [ids.numel()])]
+        input_ids = torch.cat([ids for ids, _, _ in rows])
+        labels = torch.cat([row_labels for _, row_labels, _ in rows])
+        _mask_starts(labels, seq_lengths)
+        pad = _round_up(input_ids.numel(), self.pad_to_multiple_of) - input_ids.numel()
+        if pad:
+            input_ids = torch.cat([input_ids, torch.full((pad,), self.pad_token_id, dtype=torch.long)])
+            labels = torch.cat([labels, torch.full((pad,), IGNORE_INDEX, dtype=torch.long)])
+            seq_lengths = seq_lengths + [pad]
+        return {"input_ids": input_ids[None], "position_ids": _positions(seq_lengths)[None], "labels": labels[None]}

@@ -1,0 +1,1 @@
+"""Models: loading, log-probabilities and the built-in tiny models."""

@@ -1,0 +1,135 @@
+"""Built-in tiny causal LMs, addressable by name (`posttrain/tiny`, …) and materialised on first use, offline.
+
+Each name maps to config kwargs; `builtin_model_path` writes a randomly initialised (seed 0) model, its generation
+config and the shipped tokenizer into `$POSTTRAIN_CACHE/models/<name with / as -->` (default cache
+`~/.cache/posttrain`) so the ordinary `from_pretrained` path loads it. Parameter counts (embeddings tied):
+
+    posttrain/tiny          1,016,960   Qwen2, hidden 128, 2 layers, 4 heads / 2 KV, MLP 512, vocab 4,096 (tests)
+    posttrain/tiny-llama    1,016,448   Llama, same shape as posttrain/tiny (architecture coverage)
+    posttrain/tiny-4m       4,198,656   Qwen2, hidden 256, 4 layers, 8 heads / 4 KV, MLP 768, vocab 4,096 (demos)
+    posttrain/tiny-15m     12,916,992   Qwen2, hidden 256, 6 layers, 8 heads / 4 KV, MLP 768, vocab 32,000
+                                        (benchmarks; rows past the tokenizer's 4,096 are unused padding, as in
+                                        real models)
+
+Not here: loading with posttrain's defaults (`models/loading.py`), the tokenizer build (`scripts/build_tokenizer.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+_TOKENIZER_DIR = os.path.join(ASSETS_DIR, "tokenizer")
+_TOKENIZER_VOCAB = 4096
+PAD_TOKEN_ID, EOS_TOKEN_ID, BOS_TOKEN_ID = 0, 2, None  # <|endoftext|>, <|im_end|>; the tokenizer has no BOS
+_STAMP = "posttrain_builtin.json"
+
+_COMMON = dict(tie_word_embeddings=True, use_cache=True, rope_theta=10000.0, max_position_embeddings=2048,
+               hidden_act="silu", rms_norm_eps=1e-6, initializer_range=0.02, attention_dropout=0.0,
+               pad_token_id=PAD_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, bos_token_id=BOS_TOKEN_ID)
+_QWEN2 = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=False, **_COMMON)
+_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=False, mlp_bias=False,
+              **_COMMON)
+_SMALL = dict(vocab_size=_TOKENIZER_VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, intermediate_size=512)
+_MEDIUM = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=768)
+
+BUILTIN_MODELS: dict[str, dict] = {
+    "posttrain/tiny": {**_QWEN2, **_SMALL},
+    "posttrain/tiny-llama": {**_LLAMA, **_SMALL},
+    "posttrain/tiny-4m": {**_QWEN2, **_MEDIUM, "vocab_size": _TOKENIZER_VOCAB, "num_hidden_layers": 4},
+    "posttrain/tiny-15m": {**_QWEN2, **_MEDIUM, "vocab_size": 32000, "num_hidden_layers": 6},
+}
+
+
+def is_builtin_model(name: str) -> bool:
+    return name in BUILTIN_MODELS
+
+
+def builtin_tokenizer_path() -> str:
+    """The shipped tokenizer directory (byte-level BPE, 4,096 tokens, ChatML template)."""
+    return _TOKENIZER_DIR
+
+
+def cache_dir() -> str:
+    return os.environ.get("POSTTRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "posttrain")
+
+
+def _fingerprint(name: str) -> str:
+    """Changes when the registry entry or the shipped tokenizer changes, so a stale cached model is rebuilt."""
+    digest = hashlib.sha256(json.dumps(BUILTIN_MODELS[name], sort_keys=True).encode())
+    for file in sorted(os.listdir(_TOKENIZER_DIR)):
+        with open(os.path.join(_TOKENIZER_DIR, file), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def _is_current(path: str, fingerprint: str) -> bool:
+    try:
+        with open(os.path.join(path, _STAMP)) as f:
+            return json.load(f).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def _write_model(name: str, out: str, fingerprint: str) -> None:
+    """Config, seed-0 weights, generation config, tokenizer files and a stamp, all into `out`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    kwargs = dict(BUILTIN_MODELS[name])
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    # fork_rng: seeding must not disturb the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    generation = GenerationConfig(eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID, bos_token_id=BOS_TOKEN_ID)
+    generation.save_pretrained(out)
+    for file in os.listdir(_TOKENIZER_DIR):
+        shutil.copy(os.path.join(_TOKENIZER_DIR, file), out)
+    with open(os.path.join(out, _STAMP), "w") as f:
+        json.dump({"name": name, "fingerprint": fingerprint}, f)
+
+
+def _swap_in(tmp: str, final: str, fingerprint: str) -> None:
+    """Rename `tmp` to `final` atomically; when another process got there first with a current model, keep theirs."""
+    try:
+        os.replace(tmp, final)
+        return
+    except OSError:  # `final` exists and is not empty
+        pass
+    if _is_current(final, fingerprint):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    stale = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.stale-", dir=os.path.dirname(final))
+    os.replace(final, os.path.join(stale, "old"))  # move the stale model aside, then take its place
+    os.replace(tmp, final)
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+def builtin_model_path(name: str) -> str:
+    """The local directory of built-in model `name`, written on first use (atomically; safe for parallel callers)."""
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"Unknown built-in model {name!r}; available: {', '.join(BUILTIN_MODELS)}.")
+    root = os.path.join(cache_dir(), "models")
+    final = os.path.join(root, name.replace("/", "--"))
+    fingerprint = _fingerprint(name)
+    if _is_current(final, fingerprint):
+        return final
+    os.makedirs(root, exist_ok=True)
+    # Build beside the final directory (same file system, so the rename is atomic); a crash leaves only a
+    # dot-prefixed temp dir, never a half-written model under the final name.
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=root)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
+    try:
+        _write_model(name, tmp, fingerprint)
+        _swap_in(tmp, final, fingerprint)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,98 @@
+"""CLI: precedence default < YAML < flag, unknown keys/flags suggest, examples parse, env, one real run."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from posttrain.cli import COMMANDS, main, parse_command_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _yaml(tmp_path, data, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_precedence_default_yaml_flag(tmp_path):
+    path = _yaml(tmp_path, {"learning_rate": 1e-4, "max_steps": 7, "model_name_or_path": "posttrain/tiny"})
+    _, model_args, args = parse_command_args("sft", ["--config", path, "--max_steps", "9"])
+    assert args.learning_rate == 1e-4  # YAML over default
+    assert args.max_steps == 9  # flag over YAML
+    assert args.per_device_train_batch_size == 8  # default
+    assert model_args.model_name_or_path == "posttrain/tiny"
+
+
+def test_guide_flags_parse():
+    script, model, args = parse_command_args("sft", [
+        "--model_name_or_path", "posttrain/tiny", "--dataset_name", "posttrain/arith-sft", "--output_dir",
+        "./sft-output", "--num_train_epochs", "3", "--per_device_train_batch_size", "4", "--learning_rate", "2e-5",
+        "--max_seq_length", "2048", "--packing", "True"])
+    assert (args.max_length, args.packing, args.num_train_epochs, args.learning_rate) == (2048, True, 3, 2e-5)
+    assert script.dataset_name == "posttrain/arith-sft" and model.model_name_or_path == "posttrain/tiny"
+
+
+def test_lora_and_model_flags_parse():
+    _, model, _ = parse_command_args("sft", ["--use_peft", "True", "--lora_r", "8", "--lora_target_modules",
+                                             "q_proj", "v_proj", "--dtype", "float32", "--attn_implementation", "sdpa"])
+    peft_config = model.peft_config()
+    assert peft_config.r == 8 and set(peft_config.target_modules) == {"q_proj", "v_proj"}
+    assert model.init_kwargs()["attn_implementation"] == "sdpa"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["sft", "--lerning_rate", "1"], "did you mean '--learning_rate'"),
+    (["sft", "stray"], "unexpected argument"),
+    (["sfx"], "did you mean 'sft'"),
+])
+def test_errors_are_one_line(capsys, argv, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unknown_yaml_key_and_bad_yaml(tmp_path, capsys):
+    assert main(["sft", "--config", _yaml(tmp_path, {"lerning_rate": 1})]) == 2
+    assert "unknown key 'lerning_rate'" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    assert main(["sft", "--config", str(bad)]) == 2
+    assert "not valid YAML (line" in capsys.readouterr().err
+
+
+def test_help_and_env(capsys):
+    assert main(["--help"]) == 0
+    assert "sft" in capsys.readouterr().out
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "torch:" in out and "transformers:" in out and "cpu native bf16:" in out
+
+
+def test_every_example_parses():
+    files = sorted(glob.glob(os.path.join(ROOT, "examples", "*.yaml")))
+    assert files
+    for path in files:
+        command = os.path.basename(path).split(".")[0].split("-")[0]
+        if command in COMMANDS:
+            parse_command_args(command, ["--config", path])
+
+
+def test_cli_run_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "posttrain", "sft", "--model_name_or_path", "posttrain/tiny", "--dataset_name",
+           "posttrain/arith-sft", "--dataset_train_split", "train[:32]", "--output_dir", str(out), "--max_steps",
+           "2", "--per_device_train_batch_size", "4", "--report_to", "none", "--logging_steps", "1",
+           "--learning_rate", "1e-3"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "posttrain: done" in result.stdout and "token accuracy" in result.stdout
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model_name_or_path"] == "posttrain/tiny" and saved["max_steps"] == 2
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(out))
