@@ -80,12 +80,14 @@ def parse_command_args(command: str, argv: list[str]) -> tuple[Any, Any, Any]:
     """(script_args, model_args, training_args) from YAML (--config) and flags."""
     from transformers import HfArgumentParser
 
+    from posttrain.compat import translate_legacy_arguments, translate_legacy_flags
     from posttrain.configs.script import ModelConfig, ScriptArguments
 
     config_cls = _load(COMMANDS[command][0])
     argv = list(argv)
     config_path = _pop_flag(argv, "--config")
-    yaml_values = _read_yaml(config_path) if config_path else {}
+    yaml_values = translate_legacy_arguments(_read_yaml(config_path) if config_path else {}, "config")
+    argv = translate_legacy_flags(argv)
     classes = (ScriptArguments, ModelConfig, config_cls)
     known = sorted({f.name for c in classes for f in dataclasses.fields(c) if f.init})
     for key in yaml_values:

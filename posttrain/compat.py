@@ -4,7 +4,8 @@
 - config options passed straight to a trainer (`max_seq_length=`, `packing=`, `learning_rate=`, `max_steps=`, …)
   → moved into the trainer's config;
 - `args=` given as a plain `transformers.TrainingArguments` → converted to the trainer's config;
-- `TrainingArguments(evaluation_strategy=…)` (renamed `eval_strategy` in transformers) → accepted.
+- TrainingArguments options that transformers 5 removed (`evaluation_strategy`, `warmup_ratio`, `no_cuda`, …) →
+  accepted by `TrainingArguments` and every posttrain config, renamed to the current option or dropped.
 
 Not here: deprecated config field names (each config maps its own aliases in `__post_init__`).
 """
@@ -29,6 +30,7 @@ def resolve_trainer_arguments(trainer_name: str, config_cls, args, processing_cl
         if processing_class is None:
             processing_class = tokenizer
         _warn(f"{trainer_name}(tokenizer=...) is deprecated; use {trainer_name}(processing_class=...).")
+    translate_legacy_arguments(kwargs, trainer_name)
     names = {f.name for f in fields(config_cls) if f.init}
     moved = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
     if kwargs:
@@ -53,20 +55,75 @@ def resolve_trainer_arguments(trainer_name: str, config_cls, args, processing_cl
     return config_cls.from_training_arguments(args, **moved), processing_class
 
 
-def install_training_arguments_aliases() -> None:
-    """Let `transformers.TrainingArguments(evaluation_strategy=…)` work, as the guides write it."""
-    from transformers import TrainingArguments
+# TrainingArguments names that transformers 5 removed but guides still use: old → (new or None, note).
+# A value moves to the new name; a None target means the option no longer has an effect and is dropped.
+LEGACY_TRAINING_ARGUMENTS: dict[str, tuple[str | None, str]] = {
+    "evaluation_strategy": ("eval_strategy", ""),
+    "warmup_ratio": ("warmup_steps", " (a float in [0, 1) is a ratio of the total steps)"),
+    "no_cuda": ("use_cpu", ""),
+    "per_gpu_train_batch_size": ("per_device_train_batch_size", ""),
+    "per_gpu_eval_batch_size": ("per_device_eval_batch_size", ""),
+    "group_by_length": ("train_sampling_strategy", " (='group_by_length')"),
+    "overwrite_output_dir": (None, ": output_dir is reused as is"),
+    "logging_dir": (None, ": set TENSORBOARD_LOGGING_DIR or the integration's own option"),
+    "save_safetensors": (None, ": checkpoints are always safetensors"),
+    "include_tokens_per_second": (None, ": use include_num_input_tokens_seen"),
+}
 
-    init = TrainingArguments.__init__
-    if getattr(init, "_posttrain_alias", False):
-        return
+
+def translate_legacy_arguments(kwargs: dict[str, Any], owner: str = "TrainingArguments") -> dict[str, Any]:
+    """Rename/drop removed TrainingArguments options in `kwargs`, with one warning per option."""
+    for old in [k for k in kwargs if k in LEGACY_TRAINING_ARGUMENTS]:
+        new, note = LEGACY_TRAINING_ARGUMENTS[old]
+        value = kwargs.pop(old)
+        if new is None:
+            warnings.warn(f"{owner}({old}=...) no longer exists{note}; it is ignored.", FutureWarning, stacklevel=4)
+            continue
+        if old == "group_by_length":
+            value = "group_by_length" if value else "random"
+        warnings.warn(f"`{old}` is deprecated; use `{new}`{note}.", FutureWarning, stacklevel=4)
+        kwargs.setdefault(new, value)
+    return kwargs
+
+
+def translate_legacy_flags(argv: list[str]) -> list[str]:
+    """The same renames for command-line flags (`--warmup_ratio 0.1` → `--warmup_steps 0.1`)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name in LEGACY_TRAINING_ARGUMENTS:
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            kwargs = translate_legacy_arguments({name: value or "True"}, "flag")
+            for new, new_value in kwargs.items():
+                out += [f"--{new}", str(new_value)]
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def accept_legacy_arguments(cls):
+    """Class decorator (also applied to TrainingArguments): the constructor accepts the removed names."""
+    init = cls.__init__
+    if getattr(init, "_posttrain_legacy", False):
+        return cls
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
-        if "evaluation_strategy" in kwargs and type(self) is TrainingArguments:
-            warnings.warn("`evaluation_strategy` is deprecated; use `eval_strategy`.", FutureWarning, stacklevel=2)
-            kwargs.setdefault("eval_strategy", kwargs.pop("evaluation_strategy"))
+        if type(self) is cls:
+            translate_legacy_arguments(kwargs, cls.__name__)
         init(self, *args, **kwargs)
 
-    __init__._posttrain_alias = True
-    TrainingArguments.__init__ = __init__
+    __init__._posttrain_legacy = True
+    cls.__init__ = __init__
+    return cls
+
+
+def install_training_arguments_aliases() -> None:
+    """Let `transformers.TrainingArguments(evaluation_strategy=…, warmup_ratio=…)` work, as the guides write it."""
+    from transformers import TrainingArguments
+
+    accept_legacy_arguments(TrainingArguments)

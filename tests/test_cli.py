@@ -96,3 +96,37 @@ def test_cli_run_end_to_end(tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(out))
+
+
+def test_removed_training_arguments_are_translated(tmp_path):
+    path = _yaml(tmp_path, {"evaluation_strategy": "steps", "eval_steps": 5})
+    with pytest.warns(FutureWarning):
+        _, _, args = parse_command_args("sft", ["--config", path, "--warmup_ratio", "0.1", "--overwrite_output_dir",
+                                                "True", "--max_steps", "3"])
+    assert args.warmup_steps == 0.1 and str(args.eval_strategy.value) == "steps" and args.max_steps == 3
+
+
+def test_dataset_mixture_in_yaml(tmp_path):
+    path = _yaml(tmp_path, {"datasets": [{"path": "posttrain/arith-sft", "split": "train[:3]"},
+                                         {"path": "posttrain/arith-sft", "name": "conversational",
+                                          "split": "train[:2]"}]})
+    script, _, _ = parse_command_args("sft", ["--config", path])
+    from posttrain.data.loading import load_train_eval
+
+    with pytest.raises(Exception):  # standard and conversational rows cannot share one Arrow schema
+        load_train_eval(script, want_eval=False)
+    path = _yaml(tmp_path, {"datasets": [{"path": "posttrain/arith-sft", "split": "train[:3]"},
+                                         {"path": "posttrain/arith-sft", "split": "test[:2]"}]}, "m.yaml")
+    script, _, _ = parse_command_args("sft", ["--config", path])
+    train, _ = load_train_eval(script, want_eval=False)
+    assert len(train) == 5
+
+
+def test_command_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sft", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--model_name_or_path", "--dataset_name", "--packing", "--assistant_only_loss", "--lora_r",
+                 "--learning_rate", "--loss_type"):
+        assert flag in out

@@ -193,3 +193,27 @@ def test_unknown_keyword_suggests(tmp_path):
 def test_unknown_loss_type_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="nll, dft"):
         _args(tmp_path, loss_type="hinge")
+
+
+def test_machine_aware_precision_and_legacy_config_names(tmp_path):
+    import posttrain.hardware as hw
+
+    args = _args(tmp_path)
+    if not hw.has_cuda():
+        assert args.bf16 is False and args.dataloader_pin_memory is False
+    with pytest.warns(FutureWarning, match="warmup_steps"):
+        legacy = SFTConfig(output_dir=str(tmp_path), warmup_ratio=0.1, evaluation_strategy="no", report_to="none")
+    assert legacy.warmup_steps == 0.1
+
+
+def test_lora_trains_adapters_only(tmp_path):
+    from peft import LoraConfig
+
+    trainer = SFTTrainer(MODEL, args=_args(tmp_path), train_dataset=_data(),
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                task_type="CAUSAL_LM"))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    for name, param in trainer.model.named_parameters():
+        changed = not torch.equal(before[name], param.detach())
+        assert changed == ("lora_" in name), name

@@ -5,7 +5,7 @@ aliases, validation helpers). Not here: per-trainer options (one module per trai
 (`configs/script.py`), which the CLI parses beside the trainer config.
 
 A YAML key, a CLI flag and the attribute share one name. Deprecated names keep working with one warning
-that names the modern form.
+that names the modern form: each config class is decorated with `compat.accept_legacy_arguments`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from posttrain import hardware
+from posttrain.compat import accept_legacy_arguments
 
 
 def check(condition: bool, message: str) -> None:
@@ -30,6 +31,7 @@ def warn_deprecated(old: str, new: str) -> None:
     warnings.warn(f"`{old}` is deprecated and will be removed; use `{new}` instead.", FutureWarning, stacklevel=4)
 
 
+@accept_legacy_arguments
 @dataclass
 class PostTrainConfig(TrainingArguments):
     """Training options shared by every posttrain trainer (all of `transformers.TrainingArguments`, plus these).
@@ -49,12 +51,8 @@ class PostTrainConfig(TrainingArguments):
                                                  "(JSON string on the command line), e.g. '{\"dtype\": \"bfloat16\"}'."})
     disable_dropout: bool = field(default=False, metadata={"help": "Set every dropout probability in the model to 0."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset preparation."})
-    evaluation_strategy: str | None = field(default=None, metadata={"help": "Deprecated alias of `eval_strategy`."})
 
     def __post_init__(self) -> None:
-        if self.evaluation_strategy is not None:
-            warn_deprecated("evaluation_strategy", "eval_strategy")
-            self.eval_strategy, self.evaluation_strategy = self.evaluation_strategy, None
         if isinstance(self.model_init_kwargs, str):
             try:
                 self.model_init_kwargs = json.loads(self.model_init_kwargs)
@@ -95,7 +93,7 @@ class PostTrainConfig(TrainingArguments):
         """The resolved config as plain YAML-able values (the form `--config` accepts back)."""
         out = {}
         for f in fields(self):
-            if not f.init or f.name.startswith("_") or f.name in ("evaluation_strategy", "hub_token"):
+            if not f.init or f.name.startswith("_") or f.name == "hub_token":
                 continue
             value = getattr(self, f.name)
             if hasattr(value, "value"):
