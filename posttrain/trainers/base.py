@@ -62,7 +62,7 @@ class PostTrainer(Trainer):
             data_collator = self.default_collator(processing_class, args)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0.0]),
                                                              "eval": defaultdict(lambda: [0.0, 0.0])}
-        self._num_tokens = 0.0
+        self._num_tokens, self._new_tokens = 0.0, 0.0
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
@@ -106,22 +106,25 @@ class PostTrainer(Trainer):
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         store = self._metrics[mode]
         names = sorted(store)
-        if names:
-            sums = torch.tensor([store[n] for n in names], dtype=torch.float64, device=self.args.device)
-            if self.args.world_size > 1:
-                sums = self.accelerator.reduce(sums, reduction="sum")
-            prefix = "eval_" if mode == "eval" else ""
-            logs.update({prefix + n: s / w for n, (s, w) in zip(names, sums.tolist()) if w > 0})
-            store.clear()
-        if mode == "train" and self._num_tokens:
-            logs["num_tokens"] = self._num_tokens
+        # one collective per log: every metric's (sum, weight) plus the tokens seen since the last log
+        rows = [store[n] for n in names] + [[self._new_tokens, 1.0]]
+        totals = torch.tensor(rows, dtype=torch.float64, device=self.args.device)
+        if self.args.world_size > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        totals = totals.tolist()
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({prefix + n: s / w for n, (s, w) in zip(names, totals) if w > 0})
+        store.clear()
+        if mode == "train":
+            self._num_tokens += totals[-1][0]
+            self._new_tokens = 0.0
+            if self._num_tokens:
+                logs["num_tokens"] = self._num_tokens
         super().log(logs, start_time)
 
     def add_tokens_seen(self, count: torch.Tensor | int) -> None:
-        count = torch.as_tensor(count, device=self.args.device)
-        if self.args.world_size > 1:
-            count = self.accelerator.gather(count.reshape(1)).sum()
-        self._num_tokens += float(count)
+        """Count input tokens on this process; `log` sums them over processes into `num_tokens`."""
+        self._new_tokens += float(count)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Without compute_metrics nobody reads logits: skip collecting (B, T, V) tensors during eval.
