@@ -27,7 +27,7 @@ def test_forward_target_logits_matches_full_forward():
     labels[:, :4] = IGNORE_INDEX
     labels[2, 8:] = IGNORE_INDEX
     attention_mask = torch.ones_like(input_ids)
-    logits, targets, _ = forward_target_logits(model, input_ids, labels, attention_mask)
+    logits, targets, _, _ = forward_target_logits(model, input_ids, labels, attention_mask)
     full = model(input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
     shifted = labels[:, 1:]
     assert torch.allclose(logits, full[shifted != IGNORE_INDEX], atol=1e-5)

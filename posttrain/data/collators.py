@@ -11,7 +11,10 @@ flash-attention when attention_mask is None AND there is no KV cache. The model 
 `use_cache=False`: with the default `config.use_cache=True`, Qwen2/Llama-style models build a DynamicCache, the
 packed-sequence detection is skipped, and documents silently attend to each other (tests/test_collators.py pins it).
 
-Not here: packing rows (`data/packing.py`), tokenisation and completion masks (`data/tokenize.py`), preference pairs.
+Preference pairs (`DataCollatorForPreference`): B pairs become one batch of 2B rows, chosen rows first, so the
+policy runs once for both.
+
+Not here: packing rows (`data/packing.py`), tokenisation and completion masks (`data/tokenize.py`).
 """
 
 from __future__ import annotations
@@ -138,3 +141,37 @@ class DataCollatorForLanguageModeling:
             labels = torch.cat([labels, torch.full((pad,), IGNORE_INDEX, dtype=torch.long)])
             seq_lengths = seq_lengths + [pad]
         return {"input_ids": input_ids[None], "position_ids": _positions(seq_lengths)[None], "labels": labels[None]}
+
+
+def _pad_rows(rows: list[torch.Tensor], value: int, length: int) -> torch.Tensor:
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+@dataclass
+class DataCollatorForPreference:
+    """Rows with `prompt_ids`, `chosen_ids`, `rejected_ids` (completion ids only) → a (2B, T) batch:
+    rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected, right-padded; `labels` hold the completion
+    tokens (-100 elsewhere). Precomputed `ref_chosen_logps` / `ref_rejected_logps` columns pass through as (B,).
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids, labels = [], []
+        for key in ("chosen_ids", "rejected_ids"):
+            for ex in examples:
+                prompt, completion = _as_1d(ex["prompt_ids"], "prompt_ids"), _as_1d(ex[key], key)
+                ids.append(torch.cat([prompt, completion]))
+                labels.append(torch.cat([torch.full_like(prompt, IGNORE_INDEX), completion]))
+        length = _round_up(max(len(r) for r in ids), self.pad_to_multiple_of)
+        batch = {"input_ids": _pad_rows(ids, self.pad_token_id, length),
+                 "attention_mask": _pad_rows([torch.ones_like(r) for r in ids], 0, length),
+                 "labels": _pad_rows(labels, IGNORE_INDEX, length)}
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([float(ex[key]) for ex in examples])
+        return batch

@@ -4,6 +4,11 @@ SFT: ShareGPT → messages; optional formatting_func; type detection (language m
 standard or conversational); tokenisation with masks; truncation to max_length; examples left with no trainable
 token dropped (and counted); optional packing.
 
+Preference (DPO, reward, ORPO, CPO): implicit prompts extracted; prompt and completion ids kept apart
+(`prompt_ids`, `chosen_ids`, `rejected_ids`) so trainers can share the prompt; prompts longer than
+max_prompt_length keep their last tokens, completions are cut so prompt + completion fits max_length, and pairs
+whose prompt alone fills max_length are dropped and counted.
+
 Not here: per-example tokenisation (`data/tokenize.py`), packing algorithms (`data/packing.py`), batching
 (`data/collators.py`).
 """
@@ -116,3 +121,63 @@ def _check_row(example: dict[str, Any], kind: str, text_field: str) -> None:
         if not isinstance(value, (str, list)):
             raise ValueError(f"Column '{key}' must hold strings or lists of messages, got "
                              f"{type(value).__name__} ({value!r:.80}).")
+
+
+PREFERENCE_TYPES = ("preference", "preference_implicit")
+
+
+def _drop_report(before: int, after: int, name: str, why: str, fix: str) -> None:
+    if after < before:
+        logger.warning("%s dataset: dropped %d of %d examples (%s).", name, before - after, before, why)
+    if after == 0:
+        raise ValueError(f"Every {name} example was dropped ({why}). {fix}")
+
+
+def prepare_preference_dataset(dataset, tokenizer, args, name: str = "train", who: str = "DPOTrainer"):
+    """Tokenise (prompt, chosen, rejected) rows into prompt_ids / chosen_ids / rejected_ids."""
+    if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
+        raise ValueError(f"The {name} dataset is empty; give at least one example.")
+    if "prompt_ids" in (dataset.column_names or []):
+        return dataset
+    columns = list(dataset.column_names or _first_row(dataset).keys())
+    kind = formats.require_type(columns, PREFERENCE_TYPES, who)
+    if kind == "preference_implicit":
+        dataset = dataset.map(formats.extract_prompt, desc=f"Extracting prompts ({name})")
+    eos = tokenizer.eos_token
+    extra = [c for c in ("margin", "ref_chosen_logps", "ref_rejected_logps") if c in columns]
+
+    def one(example):
+        for key in ("prompt", "chosen", "rejected"):
+            value = example.get(key)
+            if value is None or (key != "prompt" and len(value) == 0):
+                raise ValueError(f"A row has an empty or missing '{key}' ({example!r:.200}). Remove such rows.")
+        prompt_ids, (chosen_ids, rejected_ids) = tokenize.tokenize_prompt_and_completions(
+            tokenizer, example["prompt"], [example["chosen"], example["rejected"]], eos, tools=example.get("tools"))
+        return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
+
+    remove = [c for c in dataset.column_names or columns if c not in extra]
+    dataset = dataset.map(one, remove_columns=remove, num_proc=args.dataset_num_proc,
+                          desc=f"Tokenizing {name} dataset" if isinstance(dataset, datasets.Dataset) else None)
+    max_prompt = getattr(args, "max_prompt_length", None)
+    max_length = getattr(args, "max_length", None)
+    max_completion = getattr(args, "max_completion_length", None)
+
+    def cut(example):
+        prompt = example["prompt_ids"]
+        if max_prompt is not None and len(prompt) > max_prompt:
+            prompt = prompt[-max_prompt:]  # keep the end: the question and the generation prompt
+        out = {"prompt_ids": prompt}
+        for key in ("chosen_ids", "rejected_ids"):
+            ids = example[key][:max_completion] if max_completion else example[key]
+            out[key] = ids[: max(max_length - len(prompt), 0)] if max_length else ids
+        return out
+
+    if max_prompt is not None or max_length is not None or max_completion is not None:
+        dataset = dataset.map(cut, num_proc=args.dataset_num_proc)
+    if isinstance(dataset, datasets.Dataset):
+        before = len(dataset)
+        dataset = dataset.filter(lambda ex: len(ex["chosen_ids"]) > 0 and len(ex["rejected_ids"]) > 0,
+                                 num_proc=args.dataset_num_proc)
+        _drop_report(before, len(dataset), name, f"prompt fills max_length={max_length}",
+                     "Raise max_length or set max_prompt_length below it.")
+    return dataset

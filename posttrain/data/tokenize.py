@@ -53,21 +53,35 @@ def tokenize_prompt_completion(tokenizer, prompt: str | list[dict], completion: 
     Prompt and completion are tokenised separately and concatenated — the same ids the model sees when it
     generates the completion after the prompt.
     """
-    if isinstance(prompt, list):
-        prompt_text = render(tokenizer, prompt, add_generation_prompt=prompt[-1]["role"] in ("user", "tool"),
-                             continue_final_message=prompt[-1]["role"] == "assistant", tools=tools)
-        full_text = render(tokenizer, prompt + completion, tools=tools)
-        if not full_text.startswith(prompt_text):
-            raise ChatTemplateError("The chat template renders the prompt differently alone and followed by the "
-                                    "completion, so the completion cannot be located.")
-        prompt_ids = _ids(tokenizer, prompt_text)
-        completion_ids = _ids(tokenizer, full_text[len(prompt_text):])
-    else:
-        prompt_ids = _ids(tokenizer, prompt, add_special_tokens=True)
-        completion_ids = _ids(tokenizer, with_eos(completion, eos_token))
+    prompt_ids, (completion_ids,) = tokenize_prompt_and_completions(tokenizer, prompt, [completion], eos_token,
+                                                                     tools)
     mask_value = 0 if completion_only else 1
     return {"input_ids": prompt_ids + completion_ids,
             "completion_mask": [mask_value] * len(prompt_ids) + [1] * len(completion_ids)}
+
+
+def tokenize_prompt_and_completions(tokenizer, prompt: str | list[dict], completions: list, eos_token: str | None,
+                                    tools: Any = None) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, [completion ids, …]) for one prompt and several completions (chosen/rejected, samples).
+
+    Standard: the prompt gets the tokenizer's special tokens (e.g. BOS), completions get EOS appended.
+    Conversational: the prompt is rendered with the generation prompt (or continuing a final assistant message);
+    each completion is the text the template adds after it, so chat-template end-of-turn tokens are included.
+    """
+    if isinstance(prompt, list):
+        last_role = prompt[-1]["role"] if prompt else "user"
+        prompt_text = render(tokenizer, prompt, add_generation_prompt=last_role in ("user", "tool", "system"),
+                             continue_final_message=last_role == "assistant", tools=tools) if prompt else ""
+        out = []
+        for completion in completions:
+            full_text = render(tokenizer, prompt + completion, tools=tools)
+            if not full_text.startswith(prompt_text):
+                raise ChatTemplateError("The chat template renders the prompt differently alone and followed by "
+                                        "the completion, so the completion cannot be located.")
+            out.append(_ids(tokenizer, full_text[len(prompt_text):]))
+        return _ids(tokenizer, prompt_text), out
+    prompt_ids = _ids(tokenizer, prompt, add_special_tokens=True)
+    return prompt_ids, [_ids(tokenizer, with_eos(c, eos_token)) for c in completions]
 
 
 def has_generation_markers(tokenizer) -> bool:

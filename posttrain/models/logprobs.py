@@ -45,12 +45,13 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def forward_target_logits(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                           attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                          ) -> tuple[torch.Tensor, torch.Tensor, object]:
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
     """Forward a causal LM and return the logits of trained targets only.
 
     Args: input_ids, labels (B, T) (labels in the Hugging Face convention: labels[t] is predicted at t-1);
     attention_mask (B, T) or None; position_ids (B, T) or None (padding-free/packed rows).
-    Returns: logits (N, V) of the N trained targets, targets (N,), and the model output.
+    Returns: logits (N, V) of the N trained targets, targets (N,), valid (B, K) — where the N targets sit among
+    the K kept positions of each row (row-major, so per-row sums are a scatter of the N values) — and the output.
 
     `use_cache=False` is forced: with a KV cache transformers does not detect packed rows from position_ids and
     packed documents would attend to each other.
@@ -65,7 +66,30 @@ def forward_target_logits(model: torch.nn.Module, input_ids: torch.Tensor, label
         logits = output.logits[:, keep]
     targets = labels[:, keep + 1]
     valid = targets != IGNORE_INDEX
-    return logits[valid], targets[valid], output
+    return logits[valid], targets[valid], valid, output
+
+
+def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,
+                     with_log_sum_p2: bool = False) -> dict[str, torch.Tensor]:
+    """Per-token log-probs of each row's trained tokens (completions), laid out per row.
+
+    Args: batch with input_ids, labels (R, T), optional attention_mask/position_ids.
+    Returns: {"logps": (R, K) log-probs (0 where not trained), "mask": (R, K) bool, "logits_mean": (N,) mean raw
+    logit over the vocabulary per trained token (detached, for the logits/* metrics), "log_sum_p2": (R, K)
+    log Σ_v p_v² when asked (WPO), "logits": (N, V), "targets": (N,)}.
+    """
+    logits, targets, valid, _ = forward_target_logits(model, batch["input_ids"], batch["labels"],
+                                                      batch.get("attention_mask"), batch.get("position_ids"))
+    flat = selective_logps(logits, targets, temperature)
+    logps = flat.new_zeros(valid.shape).masked_scatter(valid, flat)
+    out = {"logps": logps, "mask": valid, "logits_mean": logits.detach().float().mean(-1), "logits": logits,
+           "targets": targets}
+    if with_log_sum_p2:
+        with torch.no_grad():
+            z = logits.detach().float() / temperature
+            lsp2 = torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1)
+            out["log_sum_p2"] = flat.new_zeros(valid.shape).masked_scatter(valid, lsp2)
+    return out
 
 
 def selective_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,

@@ -76,7 +76,7 @@ class SFTTrainer(PostTrainer):
             valid = shifted != -100
             logits, targets = output.logits[:, :-1][valid], shifted[valid]
         else:
-            logits, targets, output = forward_target_logits(model, inputs["input_ids"], labels,
+            logits, targets, _, output = forward_target_logits(model, inputs["input_ids"], labels,
                                                             inputs.get("attention_mask"), inputs.get("position_ids"))
         logps = selective_logps(logits, targets)
         per_token, extra = self.loss_fn(logps)

@@ -1,0 +1,75 @@
+"""`DPOConfig`: options of Direct Preference Optimization and its loss family, named as TRL names them.
+
+Not here: the losses (`losses/preference.py`), data preparation (`data/prepare.py`), the trainer (`trainers/dpo.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from posttrain.compat import accept_legacy_arguments
+from posttrain.configs.base import PostTrainConfig, check
+from posttrain.losses.preference import DPO_LOSSES, F_DIVERGENCES
+
+
+@accept_legacy_arguments
+@dataclass
+class DPOConfig(PostTrainConfig):
+    """Configuration of `DPOTrainer` (every `transformers.TrainingArguments` field is accepted too)."""
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate."})
+    beta: float = field(default=0.1, metadata={"help": "Strength of the pull towards the reference model (DPO's β; "
+                        "τ for IPO)."})
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={
+        "help": "One or more of: " + ", ".join(DPO_LOSSES) + ". Several are summed with loss_weights "
+                "(e.g. sigmoid sft = RPO)."})
+    loss_weights: list[float] | None = field(default=None, metadata={"help": "Weight of each loss_type (default 1)."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Probability that a preference label is flipped "
+                                   "(cDPO/robust/aot/exo_pair), in [0, 0.5)."})
+    f_divergence_type: str = field(default="reverse_kl", metadata={"help": "Divergence of the implicit reward: "
+                                   + ", ".join(F_DIVERGENCES) + ".", "choices": list(F_DIVERGENCES)})
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "α of alpha_divergence."})
+    use_weighting: bool = field(default=False, metadata={"help": "WPO: weight pairs by their probability under the "
+                                "current policy."})
+    ld_alpha: float | None = field(default=None, metadata={"help": "LD-DPO: weight of tokens past the shorter "
+                                   "completion's length (1 = plain DPO)."})
+    discopop_tau: float = field(default=0.05, metadata={"help": "Temperature of the discopop loss."})
+    max_length: int | None = field(default=1024, metadata={"help": "Longest prompt + completion, in tokens."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Longest prompt; longer prompts keep "
+                                          "their last tokens."})
+    max_completion_length: int | None = field(default=None, metadata={"help": "Longest completion."})
+    truncation_mode: str = field(default="keep_start", metadata={"help": "keep_start (completions are cut at "
+                                 "the end).", "choices": ["keep_start", "keep_end"]})
+    precompute_ref_log_probs: bool = field(default=False, metadata={"help": "Compute reference log-probs once "
+                                           "before training (cached on disk) and hold no reference model."})
+    precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Batch size of that pass."})
+    sync_ref_model: bool = field(default=False, metadata={"help": "TR-DPO: mix the policy into the reference "
+                                 "every ref_model_sync_steps steps."})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "Steps between reference updates."})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "ref ← α·policy + (1−α)·ref."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in policy and reference."})
+    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple of this."})
+    pad_token: str | None = field(default=None, metadata={"help": "Padding token (default: the tokenizer's, "
+                                  "else its EOS)."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        super().__post_init__()
+
+    def validate(self) -> None:
+        for name in self.loss_type:
+            check(name in DPO_LOSSES, f"Unknown loss_type {name!r} for DPO; choose from: {', '.join(DPO_LOSSES)}.")
+        check(self.loss_weights is None or len(self.loss_weights) == len(self.loss_type),
+              f"loss_weights has {len(self.loss_weights or [])} entries but loss_type has {len(self.loss_type)}.")
+        check(self.beta > 0, f"beta must be > 0, got {self.beta}.")
+        check(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+        check(self.f_divergence_type in F_DIVERGENCES,
+              f"Unknown f_divergence_type {self.f_divergence_type!r}; choose from: {', '.join(F_DIVERGENCES)}.")
+        check(not (self.use_weighting and any(n.startswith("aot") for n in self.loss_type)),
+              "use_weighting cannot be combined with aot losses (sorting breaks the pairing).")
+        check(not (self.precompute_ref_log_probs and self.sync_ref_model),
+              "precompute_ref_log_probs and sync_ref_model exclude each other (a synced reference changes).")
+        check(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, f"ld_alpha must be in [0, 1], got {self.ld_alpha}.")
+        check(self.max_length is None or self.max_prompt_length is None or self.max_prompt_length < self.max_length,
+              "max_prompt_length must be smaller than max_length (completions need room).")
