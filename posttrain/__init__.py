@@ -13,6 +13,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "SFTTrainer": "posttrain.trainers.sft",
     "SFTConfig": "posttrain.configs.sft",
+    "DPOTrainer": "posttrain.trainers.dpo",
+    "DPOConfig": "posttrain.configs.dpo",
+    "RewardTrainer": "posttrain.trainers.reward",
+    "RewardConfig": "posttrain.configs.reward",
     "ModelConfig": "posttrain.configs.script",
     "ScriptArguments": "posttrain.configs.script",
     "PostTrainConfig": "posttrain.configs.base",

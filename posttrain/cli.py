@@ -21,6 +21,10 @@ from typing import Any
 COMMANDS: dict[str, tuple[str, str, str]] = {
     # name: (config class, trainer class, one-line description)
     "sft": ("posttrain.configs.sft:SFTConfig", "posttrain.trainers.sft:SFTTrainer", "supervised fine-tuning"),
+    "dpo": ("posttrain.configs.dpo:DPOConfig", "posttrain.trainers.dpo:DPOTrainer",
+            "direct preference optimisation (sigmoid, ipo, hinge, robust, … losses)"),
+    "reward": ("posttrain.configs.reward:RewardConfig", "posttrain.trainers.reward:RewardTrainer",
+               "Bradley–Terry reward model"),
 }
 _ALIASES_ONLY = {"env"}  # keys a YAML file may hold besides fields
 
@@ -147,7 +151,7 @@ def summary_line(trainer, seconds: float) -> str:
     """One closing line: steps, first → last loss and token accuracy, where the model went."""
     logs = [h for h in trainer.state.log_history if "loss" in h]
     parts = [f"done in {seconds:.0f}s: {trainer.state.global_step} steps"]
-    for key, label in (("loss", "loss"), ("mean_token_accuracy", "token accuracy")):
+    for key, label in trainer.summary_metrics:
         values = [h[key] for h in logs if key in h]
         if values:
             parts.append(f"{label} {values[0]:.3f} → {values[-1]:.3f}")

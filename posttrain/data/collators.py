@@ -154,7 +154,8 @@ def _pad_rows(rows: list[torch.Tensor], value: int, length: int) -> torch.Tensor
 class DataCollatorForPreference:
     """Rows with `prompt_ids`, `chosen_ids`, `rejected_ids` (completion ids only) → a (2B, T) batch:
     rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected, right-padded; `labels` hold the completion
-    tokens (-100 elsewhere). Precomputed `ref_chosen_logps` / `ref_rejected_logps` columns pass through as (B,).
+    tokens (-100 elsewhere). Precomputed `ref_chosen_logps` / `ref_rejected_logps` and reward `margin` columns
+    pass through as (B,).
     """
 
     pad_token_id: int
@@ -171,7 +172,7 @@ class DataCollatorForPreference:
         batch = {"input_ids": _pad_rows(ids, self.pad_token_id, length),
                  "attention_mask": _pad_rows([torch.ones_like(r) for r in ids], 0, length),
                  "labels": _pad_rows(labels, IGNORE_INDEX, length)}
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        for key in ("ref_chosen_logps", "ref_rejected_logps", "margin"):
             if key in examples[0]:
                 batch[key] = torch.tensor([float(ex[key]) for ex in examples])
         return batch

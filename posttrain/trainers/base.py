@@ -31,6 +31,8 @@ class PostTrainer(Trainer):
     config_class: type[PostTrainConfig] = PostTrainConfig
     method_name = "PostTrain"  # used for the default output dir and the model card
     auto_model_class = None  # None = AutoModelForCausalLM
+    default_model_init_kwargs: dict[str, Any] = {}  # e.g. num_labels=1 for reward models
+    summary_metrics = (("loss", "loss"), ("mean_token_accuracy", "token accuracy"))  # CLI's closing line
     loss_is_scaled_for_ga = True  # compute_loss divides by the global item count of the accumulated batch
 
     def __init__(self, model: PreTrainedModel | str, args=None, data_collator=None, train_dataset=None,
@@ -40,7 +42,8 @@ class PostTrainer(Trainer):
         args, processing_class = compat.resolve_trainer_arguments(name, self.config_class, args, processing_class,
                                                                   kwargs)
         if isinstance(model, str):
-            model = loading.load_pretrained_model(model, self.auto_model_class, **(args.model_init_kwargs or {}))
+            init_kwargs = {**self.default_model_init_kwargs, **(args.model_init_kwargs or {})}
+            model = loading.load_pretrained_model(model, self.auto_model_class, **init_kwargs)
         elif args.model_init_kwargs:
             logger.warning("model_init_kwargs is ignored because the model is already loaded.")
         if processing_class is None:

@@ -19,23 +19,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from posttrain.configs.dpo import DPOConfig
-from posttrain.data.collators import DataCollatorForPreference
-from posttrain.data.prepare import prepare_preference_dataset
 from posttrain.losses.preference import DPO_LOSSES, f_divergence_score, ld_sequence_logps, wpo_weights
-from posttrain.losses.reduce import global_sum_reduce
 from posttrain.models import reference
 from posttrain.models.builtin import cache_dir
 from posttrain.models.logprobs import completion_logps
-from posttrain.trainers.base import PostTrainer
+from posttrain.trainers.preference import PreferenceTrainer
 
 logger = logging.getLogger(__name__)
 
 
-class DPOTrainer(PostTrainer):
+class DPOTrainer(PreferenceTrainer):
     """Same call form as TRL's: `DPOTrainer(model, ref_model=None, args=DPOConfig(...), train_dataset=...)`."""
 
     config_class = DPOConfig
     method_name = "DPO"
+    signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, peft_config=None, **kwargs: Any):
@@ -55,8 +53,6 @@ class DPOTrainer(PostTrainer):
 
             disable_dropout(ref_model)
         self.ref_model = ref_model.to(args.device) if ref_model is not None else None
-        self._signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps",
-                                   "ref_rejected_logps"]
         self.loss_weights = args.loss_weights or [1.0] * len(args.loss_type)
         if args.precompute_ref_log_probs:
             self._precompute_all()
@@ -71,26 +67,6 @@ class DPOTrainer(PostTrainer):
         from posttrain.models.loading import load_pretrained_model
 
         return load_pretrained_model(model_id, None, **(self.args.model_init_kwargs or {}))
-
-    # ---- data --------------------------------------------------------------------------------------------
-    def prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args):
-        def prepare(dataset, name):
-            return prepare_preference_dataset(dataset, tokenizer, args, name, type(self).__name__)
-
-        if train_dataset is not None:
-            train_dataset = prepare(train_dataset, "train")
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {k: prepare(v, f"eval {k}") for k, v in eval_dataset.items()}
-        elif eval_dataset is not None:
-            eval_dataset = prepare(eval_dataset, "eval")
-        return train_dataset, eval_dataset
-
-    def default_collator(self, tokenizer, args):
-        return DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id,
-                                         pad_to_multiple_of=args.pad_to_multiple_of)
-
-    def count_loss_items(self, batch):
-        return torch.tensor(batch["input_ids"].shape[0] // 2)
 
     # ---- log-probs -------------------------------------------------------------------------------------------
     def _sequence_logps(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -169,33 +145,8 @@ class DPOTrainer(PostTrainer):
         if args.use_weighting:
             weights = wpo_weights(out["logps"], out["log_sum_p2"], out["mask"])
             per_pair = per_pair * weights[:half] * weights[half:]
-        if num_items_in_batch is None:
-            loss = per_pair.mean()
-        else:
-            loss = global_sum_reduce(per_pair, num_items_in_batch, self.accelerator.num_processes)
-        self._record(out, policy, chosen_logratios.detach(), rejected_logratios.detach(), extra)
+        loss = self.reduce_pairs(per_pair, num_items_in_batch)
+        # rewards are β·(policy − reference) log-ratios whatever the f-divergence, as TRL logs them
+        self.record_pair_metrics(out, policy, args.beta * chosen_logratios.detach(),
+                                 args.beta * rejected_logratios.detach(), extra, inputs)
         return (loss, {}) if return_outputs else loss
-
-    @torch.no_grad()
-    def _record(self, out, policy, chosen_logratios, rejected_logratios, extra) -> None:
-        half = policy.shape[0] // 2
-        beta = self.args.beta
-        chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
-        self.record_metrics({
-            "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": policy[:half].detach().mean(), "logps/rejected": policy[half:].detach().mean(),
-            **{k: v for k, v in extra.items()},
-        }, weight=half)
-        rows = out["mask"].nonzero(as_tuple=True)[0]  # row of each trained token
-        is_chosen = rows < half
-        for key, select in (("logits/chosen", is_chosen), ("logits/rejected", ~is_chosen)):
-            if select.any():
-                self.record_metrics({key: out["logits_mean"][select].mean()}, weight=float(select.sum()))
-        chosen_logits, chosen_targets = out["logits"][is_chosen], out["targets"][is_chosen]
-        if len(chosen_targets):
-            accuracy = (chosen_logits.argmax(-1) == chosen_targets).float().mean()
-            self.record_metrics({"mean_token_accuracy": accuracy}, weight=float(len(chosen_targets)))
-        if self.model.training:
-            self.add_tokens_seen(out["mask"].sum())
