@@ -42,7 +42,9 @@ def test_sharegpt_conversion():
 
 def test_extract_prompt_standard_backs_off_to_word_boundary():
     out = formats.extract_prompt({"chosen": "Q: 2+2? A: four", "rejected": "Q: 2+2? A: five"})
-    assert out == {"prompt": "Q: 2+2? A: ", "chosen": "four", "rejected": "five"}
+    assert out == {"prompt": "Q: 2+2? A:", "chosen": " four", "rejected": " five"}
+    out = formats.extract_prompt({"chosen": "A: 4 - 1 = 3", "rejected": "A: 4 + 1 = 5"})
+    assert out == {"prompt": "A: 4", "chosen": " - 1 = 3", "rejected": " + 1 = 5"}
 
 
 def test_extract_prompt_conversational():

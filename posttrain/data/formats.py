@@ -88,8 +88,8 @@ def require_type(columns: Sequence[str], accepted: Sequence[str], who: str, text
 def extract_prompt(example: dict[str, Any]) -> dict[str, Any]:
     """Implicit → explicit prompt: the longest common prefix of chosen and rejected becomes the prompt.
 
-    Conversational rows split on whole messages; standard rows on characters, backed off to the last whitespace
-    so no word is cut.
+    Conversational rows split on whole messages; standard rows on characters, backed off so that the completion
+    starts at a whitespace character (no word is cut, and tokens keep their leading space).
     """
     chosen, rejected = example["chosen"], example["rejected"]
     n = 0
@@ -97,7 +97,9 @@ def extract_prompt(example: dict[str, Any]) -> dict[str, Any]:
     while n < limit and chosen[n] == rejected[n]:
         n += 1
     if isinstance(chosen, str):
-        while n > 0 and not chosen[n - 1].isspace() and n < len(chosen) and not chosen[n].isspace():
+        # Split where the completion starts with whitespace: BPE tokens carry their leading space, so
+        # "…Answer: 4" + " - 1 = 3" tokenises as the joined text does ("…Answer: 4 " + "- 1 = 3" would not).
+        while 0 < n < len(chosen) and not chosen[n].isspace():
             n -= 1
     elif n == limit:  # identical conversations up to the shorter one: keep at least one message as completion
         n -= 1

@@ -133,8 +133,10 @@ def _drop_report(before: int, after: int, name: str, why: str, fix: str) -> None
         raise ValueError(f"Every {name} example was dropped ({why}). {fix}")
 
 
-def prepare_preference_dataset(dataset, tokenizer, args, name: str = "train", who: str = "DPOTrainer"):
-    """Tokenise (prompt, chosen, rejected) rows into prompt_ids / chosen_ids / rejected_ids."""
+def prepare_preference_dataset(dataset, tokenizer, args, name: str = "train", who: str = "DPOTrainer",
+                               joint: bool = False):
+    """Tokenise (prompt, chosen, rejected) rows into prompt_ids / chosen_ids / rejected_ids (joint: prompt + each
+    completion tokenised as one text, prompt_ids empty — for reward models)."""
     if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
         raise ValueError(f"The {name} dataset is empty; give at least one example.")
     if "prompt_ids" in (dataset.column_names or []):
@@ -152,7 +154,8 @@ def prepare_preference_dataset(dataset, tokenizer, args, name: str = "train", wh
             if value is None or (key != "prompt" and len(value) == 0):
                 raise ValueError(f"A row has an empty or missing '{key}' ({example!r:.200}). Remove such rows.")
         prompt_ids, (chosen_ids, rejected_ids) = tokenize.tokenize_prompt_and_completions(
-            tokenizer, example["prompt"], [example["chosen"], example["rejected"]], eos, tools=example.get("tools"))
+            tokenizer, example["prompt"], [example["chosen"], example["rejected"]], eos, tools=example.get("tools"),
+            joint=joint)
         return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
 
     remove = [c for c in dataset.column_names or columns if c not in extra]

@@ -61,13 +61,20 @@ def tokenize_prompt_completion(tokenizer, prompt: str | list[dict], completion: 
 
 
 def tokenize_prompt_and_completions(tokenizer, prompt: str | list[dict], completions: list, eos_token: str | None,
-                                    tools: Any = None) -> tuple[list[int], list[list[int]]]:
+                                    tools: Any = None, joint: bool = False) -> tuple[list[int], list[list[int]]]:
     """(prompt ids, [completion ids, …]) for one prompt and several completions (chosen/rejected, samples).
+
+    joint=True tokenises each prompt + completion as one text and returns empty prompt ids — what a reward model
+    needs, since it later scores whole texts tokenised in one piece.
 
     Standard: the prompt gets the tokenizer's special tokens (e.g. BOS), completions get EOS appended.
     Conversational: the prompt is rendered with the generation prompt (or continuing a final assistant message);
     each completion is the text the template adds after it, so chat-template end-of-turn tokens are included.
     """
+    if joint:
+        if isinstance(prompt, list):
+            return [], [_ids(tokenizer, render(tokenizer, prompt + c, tools=tools)) for c in completions]
+        return [], [_ids(tokenizer, with_eos(prompt + c, eos_token), add_special_tokens=True) for c in completions]
     if isinstance(prompt, list):
         last_role = prompt[-1]["role"] if prompt else "user"
         prompt_text = render(tokenizer, prompt, add_generation_prompt=last_role in ("user", "tool", "system"),

@@ -183,7 +183,9 @@ def apo_down(*, chosen_scores, rejected_scores, chosen_logratios, beta, **_) -> 
 def discopop(*, chosen_scores, rejected_scores, beta, discopop_tau=0.05, **_) -> tuple[Tensor, Metrics]:
     """DiscoPOP / log-ratio modulated loss (Chris Lu et al. 2024, "Discovering Preference Optimization Algorithms
     with and for LLMs", Eq. 5): z = βδ, g = σ(z/τ); (1 − g)·(−logσ(z)) + g·exp(−z), blending the logistic (DPO)
-    and exponential losses. Returns: loss (B,), {"discopop_mix": mean g}.
+    and exponential losses. Not monotone: near z = 0 (about −2.4τ < z < 1.5τ) the steep blend makes the loss rise
+    with z, as the paper notes for this non-convex objective; away from it descending the loss raises δ.
+    Returns: loss (B,), {"discopop_mix": mean g}.
     """
     z = beta * (chosen_scores - rejected_scores)
     mix = torch.sigmoid(z / discopop_tau)

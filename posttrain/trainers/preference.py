@@ -18,6 +18,7 @@ from posttrain.trainers.base import PostTrainer
 class PreferenceTrainer(PostTrainer):
     summary_metrics = (("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "margin"))
     signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+    tokenize_jointly = False  # reward models tokenise prompt + completion as one text
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -25,7 +26,8 @@ class PreferenceTrainer(PostTrainer):
 
     def prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args):
         def prepare(dataset, name):
-            return prepare_preference_dataset(dataset, tokenizer, args, name, type(self).__name__)
+            return prepare_preference_dataset(dataset, tokenizer, args, name, type(self).__name__,
+                                              joint=self.tokenize_jointly)
 
         if train_dataset is not None:
             train_dataset = prepare(train_dataset, "train")

@@ -33,6 +33,7 @@ class RewardTrainer(PreferenceTrainer):
     default_model_init_kwargs = {"num_labels": 1}
     summary_metrics = (("loss", "loss"), ("accuracy", "accuracy"), ("margin", "margin"))
     signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "margin"]
+    tokenize_jointly = True
 
     def __init__(self, model, args: RewardConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, peft_config=None, **kwargs: Any):
