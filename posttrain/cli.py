@@ -25,6 +25,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
             "direct preference optimisation (sigmoid, ipo, hinge, robust, … losses)"),
     "reward": ("posttrain.configs.reward:RewardConfig", "posttrain.trainers.reward:RewardTrainer",
                "Bradley–Terry reward model"),
+    "kto": ("posttrain.configs.kto:KTOConfig", "posttrain.trainers.kto:KTOTrainer",
+            "Kahneman–Tversky optimisation on unpaired good/bad examples"),
+    "orpo": ("posttrain.configs.cpo:ORPOConfig", "posttrain.trainers.cpo:ORPOTrainer",
+             "odds-ratio preference optimisation (no reference model)"),
+    "cpo": ("posttrain.configs.cpo:CPOConfig", "posttrain.trainers.cpo:CPOTrainer",
+            "CPO / SimPO / AlphaPO (no reference model)"),
 }
 _ALIASES_ONLY = {"env"}  # keys a YAML file may hold besides fields
 

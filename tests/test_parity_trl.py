@@ -79,3 +79,51 @@ def test_reward_first_step_matches_trl(tmp_path, models):
                                                                     gradient_checkpointing=False, **COMMON)))
     for key in ("loss", "accuracy", "margin"):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (key, ours[key], theirs[key])
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "simpo", "alphapo"])
+def test_cpo_first_step_matches_trl(tmp_path, models, loss_type):
+    from trl.experimental.cpo import CPOConfig as TRLCPOConfig
+    from trl.experimental.cpo import CPOTrainer as TRLCPOTrainer
+
+    from posttrain.configs.cpo import CPOConfig
+    from posttrain.trainers.cpo import CPOTrainer
+
+    path, policy, _ = models
+    data = load_builtin_dataset("posttrain/arith-pref", split="train[:8]")
+    tok = AutoTokenizer.from_pretrained(path)
+    extra = {"alpha": 0.3} if loss_type == "alphapo" else {}
+    ours = _first_log(CPOTrainer(copy.deepcopy(policy), processing_class=tok, train_dataset=data,
+                                 args=CPOConfig(output_dir=str(tmp_path / "ours"), loss_type=loss_type, **extra,
+                                                **COMMON)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = _first_log(TRLCPOTrainer(copy.deepcopy(policy), processing_class=tok, train_dataset=data,
+                                          args=TRLCPOConfig(output_dir=str(tmp_path / "trl"), loss_type=loss_type,
+                                                            gradient_checkpointing=False, **extra, **COMMON)))
+    keys = ("loss", "rewards/margins", "rewards/chosen") + (("nll_loss",) if theirs["nll_loss"] else ())
+    for key in keys:  # TRL logs nll_loss 0 when cpo_alpha is 0 (alphapo); we log the NLL whatever its weight
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (key, ours[key], theirs[key])
+
+
+def test_orpo_first_step_matches_trl(tmp_path, models):
+    from trl.experimental.orpo import ORPOConfig as TRLORPOConfig
+    from trl.experimental.orpo import ORPOTrainer as TRLORPOTrainer
+
+    from posttrain.configs.cpo import ORPOConfig
+    from posttrain.trainers.cpo import ORPOTrainer
+
+    path, policy, _ = models
+    data = load_builtin_dataset("posttrain/arith-pref", split="train[:8]")
+    tok = AutoTokenizer.from_pretrained(path)
+    ours = _first_log(ORPOTrainer(copy.deepcopy(policy), processing_class=tok, train_dataset=data,
+                                  args=ORPOConfig(output_dir=str(tmp_path / "ours"), **COMMON)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = _first_log(TRLORPOTrainer(copy.deepcopy(policy), processing_class=tok, train_dataset=data,
+                                           args=TRLORPOConfig(output_dir=str(tmp_path / "trl"),
+                                                              gradient_checkpointing=False, **COMMON)))
+    for key in ("log_odds_ratio", "log_odds_chosen", "rewards/margins", "rewards/chosen"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (key, ours[key], theirs[key])
+    # TRL's NLL spans prompt + chosen, ours (the ORPO paper's) the chosen completion: compare the odds-ratio part
+    assert ours["loss"] - ours["nll_loss"] == pytest.approx(theirs["loss"] - theirs["nll_loss"], rel=1e-4)

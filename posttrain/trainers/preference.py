@@ -50,17 +50,20 @@ class PreferenceTrainer(PostTrainer):
         return global_sum_reduce(per_pair, num_items_in_batch, self.accelerator.num_processes)
 
     @torch.no_grad()
-    def record_pair_metrics(self, out: dict[str, torch.Tensor], policy: torch.Tensor, chosen_rewards: torch.Tensor,
-                            rejected_rewards: torch.Tensor, extra: dict[str, torch.Tensor], inputs) -> None:
-        """rewards/*, logps/* (per pair), logits/* and mean_token_accuracy (per completion token), num_tokens."""
+    def record_pair_metrics(self, out: dict[str, torch.Tensor], policy: torch.Tensor,
+                            chosen_rewards: torch.Tensor | None, rejected_rewards: torch.Tensor | None,
+                            extra: dict[str, torch.Tensor], inputs) -> None:
+        """rewards/*, logps/* (per pair), logits/* and mean_token_accuracy (per completion token), num_tokens.
+        With rewards None, the rewards/* metrics are expected in `extra` (reference-free losses define them)."""
         half = policy.shape[0] // 2
-        self.record_metrics({
-            "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": policy[:half].detach().mean(), "logps/rejected": policy[half:].detach().mean(),
-            **extra,
-        }, weight=half)
+        metrics = {"logps/chosen": policy[:half].detach().mean(), "logps/rejected": policy[half:].detach().mean(),
+                   **extra}
+        if chosen_rewards is not None:
+            metrics.update({
+                "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).mean()})
+        self.record_metrics(metrics, weight=half)
         rows = out["mask"].nonzero(as_tuple=True)[0]  # row of each trained token, in the order of out["logits"]
         is_chosen = rows < half
         for key, select in (("logits/chosen", is_chosen), ("logits/rejected", ~is_chosen)):

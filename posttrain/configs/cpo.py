@@ -1,0 +1,62 @@
+"""`CPOConfig` and `ORPOConfig`: reference-free preference optimisation (CPO, SimPO, AlphaPO, ORPO), named as
+TRL names them.
+
+Not here: the losses (`losses/reference_free.py`), the trainers (`trainers/cpo.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from posttrain.compat import accept_legacy_arguments
+from posttrain.configs.base import PostTrainConfig, check
+from posttrain.losses.reference_free import CPO_LOSSES
+
+
+@dataclass
+class _ReferenceFreeConfig(PostTrainConfig):
+    learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate."})
+    beta: float = field(default=0.1, metadata={"help": "Scale of the preference term."})
+    max_length: int | None = field(default=1024, metadata={"help": "Longest prompt + completion, in tokens."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Longest prompt; longer prompts keep "
+                                          "their last tokens."})
+    max_completion_length: int | None = field(default=None, metadata={"help": "Longest completion."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in the model."})
+    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple of this."})
+    pad_token: str | None = field(default=None, metadata={"help": "Padding token (default: the tokenizer's, "
+                                  "else its EOS)."})
+
+    def validate(self) -> None:
+        check(self.beta > 0, f"beta must be > 0, got {self.beta}.")
+
+
+@accept_legacy_arguments
+@dataclass
+class CPOConfig(_ReferenceFreeConfig):
+    """Configuration of `CPOTrainer`: CPO (sigmoid), hinge, ipo, SimPO (simpo, cpo_alpha=0) and AlphaPO."""
+
+    loss_type: str = field(default="sigmoid", metadata={"help": "One of: " + ", ".join(CPO_LOSSES) + ".",
+                                                        "choices": list(CPO_LOSSES)})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Label-flip probability in [0, 0.5)."})
+    cpo_alpha: float = field(default=1.0, metadata={"help": "Weight of the NLL on chosen completions "
+                             "(1 = CPO; 0 = pure SimPO)."})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin γ."})
+    alpha: float = field(default=0.0, metadata={"help": "AlphaPO reward-shape parameter (0 = SimPO's)."})
+
+    def __post_init__(self) -> None:
+        if self.loss_type == "alphapo" and self.cpo_alpha == 1.0:
+            self.cpo_alpha = 0.0  # AlphaPO is SimPO-shaped: no NLL term unless asked for (as in TRL)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.loss_type in CPO_LOSSES,
+              f"Unknown loss_type {self.loss_type!r} for CPO; choose one of: {', '.join(CPO_LOSSES)}.")
+        check(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+        check(self.cpo_alpha >= 0, f"cpo_alpha must be >= 0, got {self.cpo_alpha}.")
+
+
+@accept_legacy_arguments
+@dataclass
+class ORPOConfig(_ReferenceFreeConfig):
+    """Configuration of `ORPOTrainer`: NLL on chosen completions plus β × the odds-ratio term."""
