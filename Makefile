@@ -9,7 +9,7 @@ $(STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch is pinned here (not in the package): 2.13.0 CPU is what CI machines carry; an unpinned torch pulls CUDA.
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,plots]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,plots,parity]"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 .PHONY: setup demo test test-all
