@@ -23,6 +23,8 @@ _LAZY = {
     "CPOConfig": "posttrain.configs.cpo",
     "ORPOTrainer": "posttrain.trainers.cpo",
     "ORPOConfig": "posttrain.configs.cpo",
+    "GRPOTrainer": "posttrain.trainers.grpo",
+    "GRPOConfig": "posttrain.configs.grpo",
     "ModelConfig": "posttrain.configs.script",
     "ScriptArguments": "posttrain.configs.script",
     "PostTrainConfig": "posttrain.configs.base",

@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
              "odds-ratio preference optimisation (no reference model)"),
     "cpo": ("posttrain.configs.cpo:CPOConfig", "posttrain.trainers.cpo:CPOTrainer",
             "CPO / SimPO / AlphaPO (no reference model)"),
+    "grpo": ("posttrain.configs.grpo:GRPOConfig", "posttrain.trainers.grpo:GRPOTrainer",
+             "group relative policy optimisation (dapo, grpo, dr_grpo, bnpo, cispo, sapo, GSPO)"),
 }
 _ALIASES_ONLY = {"env"}  # keys a YAML file may hold besides fields
 

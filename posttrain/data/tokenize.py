@@ -91,6 +91,13 @@ def tokenize_prompt_and_completions(tokenizer, prompt: str | list[dict], complet
     return prompt_ids, [_ids(tokenizer, with_eos(c, eos_token)) for c in completions]
 
 
+def tokenize_prompt(tokenizer, prompt: str | list[dict], tools: Any = None) -> list[int]:
+    """The ids a model continues from: standard text as is (with the tokenizer's special tokens), conversational
+    prompts rendered with the generation prompt (or continuing a final assistant message)."""
+    prompt_ids, _ = tokenize_prompt_and_completions(tokenizer, prompt, [], None, tools)
+    return prompt_ids
+
+
 def has_generation_markers(tokenizer) -> bool:
     template = getattr(tokenizer, "chat_template", None) or ""
     return "{% generation %}" in template or "{%- generation %}" in template

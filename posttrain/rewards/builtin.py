@@ -1,0 +1,217 @@
+"""Built-in reward functions, addressable by name (`--reward_funcs accuracy_reward format_reward`).
+
+All follow `rewards/protocol.py` (keyword arguments, `**kwargs`, one value or None per completion) and accept
+standard (string) and conversational (message list) completions. All are module-level functions or instances
+of module-level classes, so they pickle (for worker processes).
+
+    accuracy_reward            1 / 0 for the right final number (`#### N`, `\\boxed{N}` or the last number);
+                               None without a gold answer
+    format_reward              1 / 0 for a `#### N` answer line (the built-in arithmetic task's format)
+    think_format_reward        1 / 0 for `<think>…</think>` followed by an answer
+    length_reward              −(completion tokens) / 1000
+    repetition_penalty_reward  −(fraction of repeated word 3-grams), in [−1, 0]
+    soft_overlong_punishment   DAPO's soft overlong punishment with L_max = 256 (GRPOConfig's default
+                               max_completion_length) and L_cache = 64; for other lengths build one with
+                               `get_soft_overlong_punishment(L_max, L_cache)`
+
+Not here: calling rewards and reward models (`rewards/runner.py`), answer extraction for the arithmetic data
+(`data/arith.py`, reused here).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+from posttrain.data.arith import extract_answer
+from posttrain.rewards.protocol import completion_text
+
+# A number: thousands-grouped ("1,234.5") or plain ("-12", "3.75"); grouped first so "1,234" is one number.
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
+_ANSWER_LINE = re.compile(r"^[ \t]*####[ \t]*-?\d[\d,]*(?:\.\d+)?[ \t]*$", re.MULTILINE)
+
+
+def parse_final_number(text: str | None) -> float | None:
+    """The final answer in `text` as a float: `#### N`, else `\\boxed{N}` (via `data.arith.extract_answer`), else
+    the last number anywhere in the text; None when there is no number at all."""
+    if not text:
+        return None
+    answer = extract_answer(text)
+    if answer is None:
+        found = _NUMBER.findall(text)
+        answer = found[-1] if found else None
+    try:
+        return None if answer is None else float(answer.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _gold_number(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return None if math.isnan(value) else float(value)
+    return parse_final_number(str(value))
+
+
+def accuracy_reward(completions: list, answer: list | None = None, solution: list | None = None,
+                    **kwargs: Any) -> list[float | None]:
+    """Rule-based correctness, as in DeepSeek-R1 (DeepSeek-AI, 2025, §2.2.2 "accuracy rewards").
+
+        r_i = 1  if |ŷ_i − y_i| ≤ 1e-6 · max(1, |y_i|)      ŷ_i = final number of completion i
+              0  otherwise (including no number in the completion)
+              None when there is no gold y_i
+
+    ŷ_i is read by `parse_final_number` (`#### N`, then `\\boxed{N}`, then the last number). The gold y_i is the
+    `answer` column (a number, or text parsed the same way), else the `solution` column parsed the same way (e.g.
+    GSM8K's "… #### 72"). Only plain decimal numbers are compared; fractions and expressions are not evaluated.
+    """
+    out: list[float | None] = []
+    for i, completion in enumerate(completions):
+        gold = _gold_number(answer[i]) if answer is not None else None
+        if gold is None and solution is not None:
+            gold = _gold_number(solution[i])
+        if gold is None:
+            out.append(None)
+            continue
+        predicted = parse_final_number(completion_text(completion))
+        right = predicted is not None and abs(predicted - gold) <= 1e-6 * max(1.0, abs(gold))
+        out.append(1.0 if right else 0.0)
+    return out
+
+
+def format_reward(completions: list, **kwargs: Any) -> list[float]:
+    """1.0 when the completion has a line that is exactly `#### N` (N a number, surrounding spaces allowed), else 0.0.
+
+    The GSM8K answer format (Cobbe et al., 2021), which the built-in arithmetic data sets use; "12 #### 12" on one
+    line does not count, since it is not what the data teaches.
+    """
+    return [1.0 if _ANSWER_LINE.search(completion_text(c)) else 0.0 for c in completions]
+
+
+def _has_think_format(text: str) -> bool:
+    text = text.strip()
+    if not text.startswith("<think>") or text.count("<think>") != 1 or text.count("</think>") != 1:
+        return False
+    return bool(text.split("</think>", 1)[1].strip())
+
+
+def think_format_reward(completions: list, **kwargs: Any) -> list[float]:
+    """1.0 when the completion is `<think>reasoning</think>` followed by a non-empty answer, else 0.0.
+
+    The format reward of DeepSeek-R1 (DeepSeek-AI, 2025, §2.2.2). Leading/trailing whitespace is ignored; the
+    reasoning may be empty; a second `<think>` or `</think>` anywhere fails. If the chat template already opens
+    `<think>` in the generation prompt, the completion starts inside the block and this reward gives 0.
+    """
+    return [1.0 if _has_think_format(completion_text(c)) else 0.0 for c in completions]
+
+
+def length_reward(completion_ids: list[list[int]] | None = None, **kwargs: Any) -> list[float]:
+    """r_i = −|y_i| / 1000, with |y_i| the number of generated tokens: a mild, unbounded push towards brevity
+    (−0.256 for a 256-token completion). Weight it against the task reward with `reward_weights`."""
+    if completion_ids is None:
+        raise ValueError("length_reward needs completion_ids (the trainers always pass them).")
+    return [-len(ids) / 1000.0 for ids in completion_ids]
+
+
+class RepetitionPenalty:
+    """r_i = p · (1 − |unique n-grams of y_i| / |n-grams of y_i|), in [p, 0]; 0 when y_i has fewer than n words.
+
+    Word n-grams of the lower-cased, whitespace-split completion. The n-gram repetition penalty of Yeo et al.,
+    2025, "Demystifying Long Chain-of-Thought Reasoning in LLMs" (§4), with p = `max_penalty` (≤ 0).
+    """
+
+    def __init__(self, ngram_size: int = 3, max_penalty: float = -1.0):
+        if ngram_size < 1:
+            raise ValueError(f"ngram_size must be ≥ 1, got {ngram_size}.")
+        if max_penalty > 0:
+            raise ValueError(f"max_penalty must be ≤ 0 (it is a penalty), got {max_penalty}.")
+        self.ngram_size, self.max_penalty = ngram_size, max_penalty
+        self.__name__ = "repetition_penalty_reward"
+
+    def score(self, text: str) -> float:
+        words = text.lower().split()
+        n = self.ngram_size
+        ngrams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        if not ngrams:
+            return 0.0
+        return self.max_penalty * (1.0 - len(set(ngrams)) / len(ngrams)) + 0.0  # + 0.0: no -0.0 in logs
+
+    def __call__(self, completions: list, **kwargs: Any) -> list[float]:
+        return [self.score(completion_text(c)) for c in completions]
+
+    def __repr__(self) -> str:
+        return f"RepetitionPenalty(ngram_size={self.ngram_size}, max_penalty={self.max_penalty})"
+
+
+def get_repetition_penalty_reward(ngram_size: int = 3, max_penalty: float = -1.0) -> RepetitionPenalty:
+    """A repetition penalty over word `ngram_size`-grams, scaled to [max_penalty, 0] (see `RepetitionPenalty`)."""
+    return RepetitionPenalty(ngram_size, max_penalty)
+
+
+_DEFAULT_REPETITION = RepetitionPenalty(3, -1.0)
+
+
+def repetition_penalty_reward(completions: list, **kwargs: Any) -> list[float]:
+    """−(fraction of repeated word 3-grams), in [−1, 0]: `RepetitionPenalty(ngram_size=3, max_penalty=-1.0)`.
+
+    "a b c a b c" has 3-grams (a b c)(b c a)(c a b)(a b c): 3 unique of 4, so r = −(1 − 3/4) = −0.25.
+    """
+    return _DEFAULT_REPETITION(completions)
+
+
+class SoftOverlongPunishment:
+    """DAPO's soft overlong punishment (Yu et al., 2025, "DAPO", Eq. 13), from the completion's token count |y|:
+
+        R(y) = 0                                  |y| ≤ L_max − L_cache
+               ((L_max − L_cache) − |y|) / L_cache   L_max − L_cache < |y| ≤ L_max
+               −1                                 |y| > L_max
+
+    L_max = `max_completion_len` (normally the trainer's max_completion_length, so a truncated completion gets
+    −1), L_cache = `soft_punish_cache`. With L_cache = 0 it is a step: 0 up to L_max, −1 beyond.
+    """
+
+    def __init__(self, max_completion_len: int, soft_punish_cache: int):
+        if max_completion_len <= 0:
+            raise ValueError(f"max_completion_len must be > 0, got {max_completion_len}.")
+        if not 0 <= soft_punish_cache <= max_completion_len:
+            raise ValueError(f"soft_punish_cache must be in [0, max_completion_len={max_completion_len}], "
+                             f"got {soft_punish_cache}.")
+        self.max_completion_len, self.soft_punish_cache = max_completion_len, soft_punish_cache
+        self.__name__ = "soft_overlong_punishment"
+
+    def score(self, length: int) -> float:
+        free = self.max_completion_len - self.soft_punish_cache
+        if length <= free:
+            return 0.0
+        if length <= self.max_completion_len:
+            return (free - length) / self.soft_punish_cache
+        return -1.0
+
+    def __call__(self, completion_ids: list[list[int]] | None = None, **kwargs: Any) -> list[float]:
+        if completion_ids is None:
+            raise ValueError("soft_overlong_punishment needs completion_ids (the trainers always pass them).")
+        return [self.score(len(ids)) for ids in completion_ids]
+
+    def __repr__(self) -> str:
+        return (f"SoftOverlongPunishment(max_completion_len={self.max_completion_len}, "
+                f"soft_punish_cache={self.soft_punish_cache})")
+
+
+def get_soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int) -> SoftOverlongPunishment:
+    """DAPO Eq. 13 for the given L_max and L_cache (see `SoftOverlongPunishment`); the DAPO paper uses
+    L_max = 20480, L_cache = 4096 with 16384 tokens always free."""
+    return SoftOverlongPunishment(max_completion_len, soft_punish_cache)
+
+
+BUILTIN_REWARDS: dict[str, Callable[..., list]] = {
+    "accuracy_reward": accuracy_reward,
+    "format_reward": format_reward,
+    "think_format_reward": think_format_reward,
+    "length_reward": length_reward,
+    "repetition_penalty_reward": repetition_penalty_reward,
+    # Defaults match GRPOConfig.max_completion_length = 256; other lengths need get_soft_overlong_punishment.
+    "soft_overlong_punishment": SoftOverlongPunishment(256, 64),
+}

@@ -1,0 +1,219 @@
+"""`RewardRunner`: calls every reward function (and reward model) on a batch and returns an (N, K) reward matrix.
+
+One runner serves every online trainer. It resolves `reward_funcs` entries (`rewards/resolve.py`), calls each with
+the protocol's keywords (`rewards/protocol.py`), runs `async def` functions concurrently on a private event loop in
+a daemon thread (so it works the same inside Jupyter, where the calling thread already runs a loop, and async
+clients created on the first call stay bound to one loop), checks every output and turns None into NaN.
+Function errors are re-raised as one line that names the function.
+
+Aggregation is nan-aware: `weighted_sum` is Σ_k w_k · r_ik over the functions that gave a value, NaN only when none
+did. What a trainer does with an all-NaN row (advantage 0, …) is the trainer's choice.
+
+Not here: the built-in rewards (`rewards/builtin.py`), advantages (`algorithms/`), distributed gathering (trainers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from posttrain.rewards.protocol import check_rewards, reward_name
+from posttrain.rewards.resolve import resolve_reward_func
+from posttrain.rewards.reward_model import RewardModelScorer
+
+logger = logging.getLogger(__name__)
+_RESERVED = ("prompts", "completions", "completion_ids", "trainer_state")
+
+
+def weighted_sum(rewards: torch.Tensor, weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """(N, K) rewards, K weights → (N,) Σ_k w_k · r_ik, skipping NaN entries; NaN where a whole row is NaN."""
+    weights = torch.as_tensor(weights, dtype=rewards.dtype, device=rewards.device)
+    total = (rewards * weights).nansum(dim=1)
+    return total.masked_fill(rewards.isnan().all(dim=1), float("nan"))
+
+
+def _is_async(func: Any) -> bool:
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None))
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _dedupe(names: list[str]) -> list[str]:
+    """Second and later uses of a name get _2, _3, … so every function has its own metric key."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return out
+
+
+class _BackgroundLoop:
+    """An asyncio loop in a daemon thread, started on first use; `submit` returns a concurrent Future."""
+
+    def __init__(self):
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, coroutine) -> Future:
+        with self._lock:
+            if self._loop is None or self._loop.is_closed():
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(target=self._loop.run_forever, name="posttrain-rewards", daemon=True).start()
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop = None
+
+    def __del__(self):  # the thread holds only the loop, so a dropped runner stops its thread here
+        self.close()
+
+
+async def _await(awaitable):
+    return await awaitable
+
+
+async def _gather(calls: list) -> list:
+    return await asyncio.gather(*(func(**kwargs) for func, kwargs in calls), return_exceptions=True)
+
+
+class RewardRunner:
+    """`runner(prompts, completions, completion_ids, columns, trainer_state) -> (N, K)` float32 rewards on CPU.
+
+    reward_funcs: a callable, a string (built-in name, module:function path, reward-model id) or a reward model,
+        or a list mixing them; K = number of entries.
+    reward_weights: K floats (default all 1.0), used by `weighted_sum`.
+    reward_processing_classes: tokenizer(s) for the reward models: one for all, or a list aligned with
+        reward_funcs (entries for plain functions are ignored; None = load the model's own).
+    device: where reward models are moved (default: left where they are). batch_size / max_length: reward-model
+        scoring batch size and left-truncation length.
+    """
+
+    def __init__(self, reward_funcs: Any, reward_weights: Sequence[float] | None = None,
+                 reward_processing_classes: Any = None, device: str | torch.device | None = None,
+                 batch_size: int = 32, max_length: int | None = None):
+        entries = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if not entries:
+            raise ValueError("reward_funcs is empty; give at least one reward function, name or reward model.")
+        if reward_processing_classes is None or not isinstance(reward_processing_classes, (list, tuple)):
+            tokenizers = [reward_processing_classes] * len(entries)
+        else:
+            tokenizers = list(reward_processing_classes)
+            if len(tokenizers) != len(entries):
+                raise ValueError(f"reward_processing_classes has {len(tokenizers)} entries but reward_funcs has "
+                                 f"{len(entries)}; give one per reward function (None for plain functions).")
+        self.funcs = [resolve_reward_func(e, tok, batch_size, max_length) for e, tok in zip(entries, tokenizers)]
+        if reward_weights is None:
+            self.weights = [1.0] * len(self.funcs)
+        else:
+            self.weights = [float(w) for w in reward_weights]
+            if len(self.weights) != len(self.funcs):
+                raise ValueError(f"reward_weights has {len(self.weights)} values but there are {len(self.funcs)} "
+                                 f"reward functions ({', '.join(self.names)}); give one weight per function.")
+        self._loop = _BackgroundLoop()
+        if device is not None:
+            self.to(device)
+
+    @property
+    def names(self) -> list[str]:
+        """One distinct name per function, in order: `__name__`, or a reward model's directory/id basename."""
+        return _dedupe([reward_name(f) for f in self.funcs])
+
+    @property
+    def reward_models(self) -> list[torch.nn.Module]:
+        """The reward models among the functions (for trainers that move, wrap or shard them)."""
+        return [f.model for f in self.funcs if isinstance(f, RewardModelScorer)]
+
+    def to(self, device: str | torch.device) -> RewardRunner:
+        for model in self.reward_models:
+            model.to(device)
+        return self
+
+    def weighted_sum(self, rewards: torch.Tensor) -> torch.Tensor:
+        """(N, K) → (N,) with this runner's weights; see the module-level `weighted_sum`."""
+        return weighted_sum(rewards, self.weights)
+
+    def __len__(self) -> int:
+        return len(self.funcs)
+
+    def __repr__(self) -> str:
+        return f"RewardRunner({', '.join(f'{n}×{w:g}' for n, w in zip(self.names, self.weights))})"
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_loop"] = None  # threads do not pickle; a fresh loop starts on first async use
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._loop = _BackgroundLoop()
+
+    def close(self) -> None:
+        """Stop the background event loop (it is a daemon thread, so this is optional)."""
+        self._loop.close()
+
+    def _kwargs(self, prompts, completions, completion_ids, columns, trainer_state, extra) -> dict[str, Any]:
+        n = len(completions)
+        if len(prompts) != n or (completion_ids is not None and len(completion_ids) != n):
+            raise ValueError(f"prompts ({len(prompts)}), completions ({n}) and completion_ids "
+                             f"({len(completion_ids) if completion_ids is not None else 'None'}) must align.")
+        clash = sorted(set(columns) & set(_RESERVED))
+        if clash:
+            raise ValueError(f"Dataset column(s) {clash} clash with reward-function arguments {list(_RESERVED)}; "
+                             "rename them.")
+        for name, values in columns.items():
+            if len(values) != n:
+                raise ValueError(f"Column {name!r} has {len(values)} values for {n} completions; columns must be "
+                                 "lists aligned with the completions.")
+        return {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns,
+                "trainer_state": trainer_state, **extra}
+
+    def __call__(self, prompts: list, completions: list, completion_ids: list[list[int]] | None = None,
+                 columns: dict[str, list] | None = None, trainer_state: Any = None, **extra: Any) -> torch.Tensor:
+        kwargs = self._kwargs(prompts, completions, completion_ids, dict(columns or {}), trainer_state, extra)
+        n, names = len(completions), self.names
+
+        def own_copy() -> dict[str, Any]:
+            # Each function gets its own lists, so one that mutates its input cannot change what the next sees.
+            return {k: list(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+        outputs: list[Any] = [None] * len(self.funcs)
+        async_index = [k for k, f in enumerate(self.funcs) if _is_async(f)]
+        pending = (self._loop.submit(_gather([(self.funcs[k], own_copy()) for k in async_index]))
+                   if async_index else None)
+        for k, func in enumerate(self.funcs):  # sync functions run here while the async ones run on the loop
+            if k in async_index:
+                continue
+            try:
+                outputs[k] = func(**own_copy())
+                if inspect.isawaitable(outputs[k]):  # e.g. a lambda or partial around an async function
+                    outputs[k] = self._loop.submit(_await(outputs[k])).result()
+            except Exception as e:
+                if pending is not None:
+                    pending.cancel()
+                raise RuntimeError(f"reward function {names[k]!r} raised {_one_line(e)}") from e
+        if pending is not None:
+            for k, result in zip(async_index, pending.result()):
+                if isinstance(result, BaseException):
+                    raise RuntimeError(f"reward function {names[k]!r} raised {_one_line(result)}") from result
+                outputs[k] = result
+        columns_out = [check_rewards(names[k], outputs[k], n) for k in range(len(self.funcs))]
+        rewards = torch.tensor(columns_out, dtype=torch.float32).reshape(len(self.funcs), n).T.contiguous()
+        unscored = int(rewards.isnan().all(dim=1).sum()) if n else 0
+        if unscored:
+            logger.warning("%d of %d completions got None from every reward function (%s); their total reward is NaN.",
+                           unscored, n, ", ".join(names))
+        return rewards

@@ -1,0 +1,72 @@
+"""Generation with transformers' `generate` and a KV cache, batched, for online trainers.
+
+A prompt's G completions share one prefill: the unique prompts run once through the model (all but their last
+token), the resulting cache is repeated G times, and `generate` continues from it — so prefill cost does not grow
+with num_generations. Tokens after the first EOS are masked out.
+
+Not here: log-probs for training (`models/logprobs.py`), rewards (`rewards/`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from posttrain.rollout.types import Rollout
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of shape (N, max_len), sequences aligned to the right."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, length - len(seq):] = torch.tensor(seq)
+            mask[i, length - len(seq):] = 1
+    return ids, mask
+
+
+def completion_mask_after_eos(completion_ids: torch.Tensor, eos_ids: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask (N, C), truncated (N,)): 1 up to and including the first EOS; truncated when a row has no EOS."""
+    is_eos = torch.zeros_like(completion_ids, dtype=torch.bool)
+    for eos in eos_ids:
+        is_eos |= completion_ids == eos
+    seen_before = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # an EOS earlier in the row
+    return (~seen_before).long(), ~is_eos.any(dim=1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: list[list[int]], num_generations: int, max_new_tokens: int,
+             generation_kwargs: dict[str, Any], share_prefill: bool = True) -> Rollout:
+    """Sample `num_generations` completions for each prompt (prompt_ids lists the UNIQUE prompts).
+
+    Returns a Rollout with N = len(prompt_ids) × num_generations rows, each group of G consecutive.
+    """
+    pad_id = tokenizer.pad_token_id
+    ids, mask = left_pad(prompt_ids, pad_id)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    full_ids = ids.repeat_interleave(num_generations, dim=0)
+    full_mask = mask.repeat_interleave(num_generations, dim=0)
+    kwargs = dict(generation_kwargs, max_new_tokens=max_new_tokens, pad_token_id=pad_id, use_cache=True,
+                  return_dict_in_generate=False)
+    if share_prefill and num_generations > 1 and ids.shape[1] > 1:
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
+                       use_cache=True)
+        cache = prefix.past_key_values
+        cache.batch_repeat_interleave(num_generations)
+        kwargs["past_key_values"] = cache
+    out = model.generate(input_ids=full_ids, attention_mask=full_mask, **kwargs)
+    completion_ids = out[:, full_ids.shape[1]:]
+    eos = tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    completion_mask, truncated = completion_mask_after_eos(completion_ids, eos_ids)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
+    return Rollout(prompt_ids=full_ids, prompt_mask=full_mask, completion_ids=completion_ids,
+                   completion_mask=completion_mask, is_truncated=truncated)
