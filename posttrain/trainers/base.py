@@ -77,6 +77,17 @@ class PostTrainer(Trainer):
         """Raw → model-ready datasets (eval may be a dict of datasets). Default: unchanged."""
         return train_dataset, eval_dataset
 
+    @staticmethod
+    def map_datasets(train_dataset, eval_dataset, prepare):
+        """Apply `prepare(dataset, name)` to the train set and to the eval set (or each of a dict of eval sets)."""
+        if train_dataset is not None:
+            train_dataset = prepare(train_dataset, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: prepare(v, f"eval {k}") for k, v in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = prepare(eval_dataset, "eval")
+        return train_dataset, eval_dataset
+
     def default_collator(self, processing_class, args):
         """The collator used when none is given. Default: transformers' default."""
         return None

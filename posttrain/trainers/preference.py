@@ -29,13 +29,7 @@ class PreferenceTrainer(PostTrainer):
             return prepare_preference_dataset(dataset, tokenizer, args, name, type(self).__name__,
                                               joint=self.tokenize_jointly)
 
-        if train_dataset is not None:
-            train_dataset = prepare(train_dataset, "train")
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {k: prepare(v, f"eval {k}") for k, v in eval_dataset.items()}
-        elif eval_dataset is not None:
-            eval_dataset = prepare(eval_dataset, "eval")
-        return train_dataset, eval_dataset
+        return self.map_datasets(train_dataset, eval_dataset, prepare)
 
     def default_collator(self, tokenizer, args):
         return DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id,

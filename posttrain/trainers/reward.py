@@ -65,13 +65,7 @@ class RewardTrainer(PreferenceTrainer):
             _drop_report(before, len(dataset), name, f"longer than max_length={max_length}", "Raise max_length.")
             return dataset
 
-        if train_dataset is not None:
-            train_dataset = keep_short(train_dataset, "train")
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {k: keep_short(v, f"eval {k}") for k, v in eval_dataset.items()}
-        elif eval_dataset is not None:
-            eval_dataset = keep_short(eval_dataset, "eval")
-        return train_dataset, eval_dataset
+        return self.map_datasets(train_dataset, eval_dataset, keep_short)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],

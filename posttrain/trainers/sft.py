@@ -47,18 +47,13 @@ class SFTTrainer(PostTrainer):
         self.loss_fn = SFT_LOSSES[self.args.loss_type]
 
     def prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args):
-        def prepare(dataset, packing, name):
+        eval_packing = args.packing if args.eval_packing is None else args.eval_packing
+
+        def prepare(dataset, name):
+            packing = args.packing if name == "train" else eval_packing
             return prepare_sft_dataset(dataset, tokenizer, args, self.formatting_func, packing, name)
 
-        if train_dataset is not None:
-            train_dataset = prepare(train_dataset, args.packing, "train")
-        if eval_dataset is not None:
-            packing = args.packing if args.eval_packing is None else args.eval_packing
-            if isinstance(eval_dataset, dict):
-                eval_dataset = {k: prepare(v, packing, f"eval {k}") for k, v in eval_dataset.items()}
-            else:
-                eval_dataset = prepare(eval_dataset, packing, "eval")
-        return train_dataset, eval_dataset
+        return self.map_datasets(train_dataset, eval_dataset, prepare)
 
     def default_collator(self, tokenizer, args):
         return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
