@@ -1,6 +1,7 @@
 """Parity with TRL (skipped unless the `trl` extra is installed): same policy, a reference that differs from it,
 the same batch — the first-step loss and rewards/margins of every DPO loss type TRL also has must match to 1e-4
-relative. Also reward modelling, CPO/SimPO/AlphaPO, ORPO and KTO.
+relative. Also reward modelling, CPO/SimPO/AlphaPO, ORPO and KTO (kto and apo_zero_unpaired,
+unpaired and auto-unpaired data).
 
 Run: pip install -e '.[parity]' && pytest tests/test_parity_trl.py
 Table: PARITY_TABLE=benchmarks/PARITY.md pytest tests/test_parity_trl.py  (writes every compared figure)"""
@@ -153,3 +154,34 @@ def test_orpo_first_step_matches_trl(tmp_path, models):
         close("ORPO", key, ours[key], theirs[key])
     # TRL's NLL spans prompt + chosen, ours (the ORPO paper's) the chosen completion: compare the odds-ratio part
     close("ORPO", "loss − nll_loss", ours["loss"] - ours["nll_loss"], theirs["loss"] - theirs["nll_loss"])
+
+
+@pytest.mark.parametrize("name,rows,loss_type", [("posttrain/arith-kto", 8, "kto"),
+                                                 ("posttrain/arith-kto", 8, "apo_zero_unpaired"),
+                                                 ("posttrain/arith-pref", 4, "kto"),
+                                                 ("posttrain/arith-pref", 4, "apo_zero_unpaired")])
+def test_kto_first_step_matches_trl(tmp_path, models, name, rows, loss_type):
+    """One batch holds every row. TRL fixes the KL pairs at preprocessing and samples sequentially; we build them
+    from each batch, so a sequential sampler here gives the same mismatched pairs (for paired data: TRL orders
+    chosen rows then rejected rows, we interleave pairs and shift by two; both give the same set of pairs)."""
+    from posttrain.configs.kto import KTOConfig
+    from posttrain.trainers.kto import KTOTrainer
+
+    path, policy, ref = models
+    data = load_builtin_dataset(name, split=f"train[:{rows}]")
+    tok = AutoTokenizer.from_pretrained(path)
+    ours = _first_log(KTOTrainer(copy.deepcopy(policy), ref_model=copy.deepcopy(ref), processing_class=tok,
+                                 train_dataset=data,
+                                 args=KTOConfig(output_dir=str(tmp_path / "ours"), loss_type=loss_type,
+                                                train_sampling_strategy="sequential", **COMMON)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = _first_log(trl.KTOTrainer(copy.deepcopy(policy), ref_model=copy.deepcopy(ref), processing_class=tok,
+                                           train_dataset=data,
+                                           args=trl.KTOConfig(output_dir=str(tmp_path / "trl"), loss_type=loss_type,
+                                                              gradient_checkpointing=False, **COMMON)))
+    if loss_type == "kto":
+        assert theirs["kl"] > 0.1  # the reference differs, so z0 is a real comparison, not two clamped zeros
+    for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+                "logits/chosen", "entropy"):
+        close(f"KTO {loss_type} ({name.split('/')[1]})", key, ours[key], theirs[key])

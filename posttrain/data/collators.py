@@ -12,7 +12,8 @@ flash-attention when attention_mask is None AND there is no KV cache. The model 
 packed-sequence detection is skipped, and documents silently attend to each other (tests/test_collators.py pins it).
 
 Preference pairs (`DataCollatorForPreference`): B pairs become one batch of 2B rows, chosen rows first, so the
-policy runs once for both.
+policy runs once for both. Unpaired examples (`DataCollatorForUnpaired`, KTO): B real rows, then B rows pairing
+each prompt with another example's completion for the KL baseline.
 
 Not here: packing rows (`data/packing.py`), tokenisation and completion masks (`data/tokenize.py`).
 """
@@ -176,3 +177,81 @@ class DataCollatorForPreference:
             if key in examples[0]:
                 batch[key] = torch.tensor([float(ex[key]) for ex in examples])
         return batch
+
+
+@dataclass
+class DataCollatorForUnpaired:
+    """Unpaired preference rows (`prompt_ids`, `completion_ids`, `label`) → one right-padded batch for KTO.
+
+    Rows 0..B-1 are prompt_i + completion_i. With `kl=True` (losses with a KL baseline), rows B..2B-1 are the
+    mismatched pairs prompt_i + completion_{(i-s) mod B}: example i's prompt with the completion of the example s
+    places before it in THIS batch, s = 1 unless that would pair some prompt with a completion written for it
+    (see `mismatched_partners`). When examples carry `kl_completion_ids`, that fixed completion is used instead —
+    the case of precomputed reference log-probs, whose pairs cannot change from batch to batch.
+    `labels` hold the completion tokens (-100 elsewhere); `label` is (B,) bool; precomputed `ref_logps` /
+    `ref_kl_logps` pass through as (B,).
+
+    Why the pairs are built here and not in the dataset (as TRL does): TRL rotates completions within blocks of
+    per_device_train_batch_size rows at preprocessing, which only lines up with the batches if the sampler is
+    sequential. Rotating within the collated batch gives the same kind of pairs — the mismatched completions are
+    exactly the batch's own completions, each with another example's prompt — whatever the sampler does, so
+    shuffling stays on. z0 is the same estimator, and with a sequential sampler (and distinct neighbouring prompts)
+    the pairs are TRL's exactly.
+
+    KL rows are truncated to `max_length` (keeping the start): completion_{i-s} was only cut to fit its own prompt.
+    A batch of one example has no other completion; its KL row pairs it with itself (as TRL's rotation does).
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+    kl: bool = True
+    max_length: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("Cannot collate an empty list of examples.")
+        prompts = [_as_1d(ex["prompt_ids"], "prompt_ids") for ex in examples]
+        completions = [_as_1d(ex["completion_ids"], "completion_ids") for ex in examples]
+        pairs = list(zip(prompts, completions))
+        if self.kl:
+            if "kl_completion_ids" in examples[0]:
+                others = [_as_1d(ex["kl_completion_ids"], "kl_completion_ids") for ex in examples]
+            else:
+                others = [completions[j] for j in mismatched_partners(prompts)]
+            pairs += list(zip(prompts, others))
+        ids, labels = [], []
+        for prompt, completion in pairs:
+            row = torch.cat([prompt, completion])
+            label = torch.cat([torch.full_like(prompt, IGNORE_INDEX), completion])
+            if self.max_length is not None:
+                row, label = row[: self.max_length], label[: self.max_length]
+            ids.append(row)
+            labels.append(label)
+        length = _round_up(max(len(r) for r in ids), self.pad_to_multiple_of)
+        batch = {"input_ids": _pad_rows(ids, self.pad_token_id, length),
+                 "attention_mask": _pad_rows([torch.ones_like(r) for r in ids], 0, length),
+                 "labels": _pad_rows(labels, IGNORE_INDEX, length),
+                 "label": torch.tensor([bool(ex["label"]) for ex in examples], dtype=torch.bool)}
+        for key in ("ref_logps", "ref_kl_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([float(ex[key]) for ex in examples])
+        return batch
+
+
+def mismatched_partners(prompts: Sequence[Any]) -> list[int]:
+    """For each example i of a batch, the example j whose completion forms i's KL pair: j = (i − s) mod B for the
+    smallest shift s ≥ 1 under which no example gets a completion of its own prompt; s = 1 when no shift works (one
+    example, or one prompt). Always a rotation, so the batch's mismatched completions are its own completions.
+
+    Why not always s = 1: unpaired preference pairs sit next to each other (prompt p's chosen, then its rejected),
+    and s = 1 would pair every rejected row with its own prompt's chosen completion — a matched pair, biasing z0.
+
+    Args: prompts, B token-id sequences (lists or 1-D tensors). Returns: B indices.
+    """
+    ids: dict[tuple[int, ...], int] = {}
+    keys = [ids.setdefault(tuple(p.tolist() if torch.is_tensor(p) else p), len(ids)) for p in prompts]
+    n = len(keys)
+    for shift in range(1, n):
+        if all(keys[i] != keys[(i - shift) % n] for i in range(n)):
+            return [(i - shift) % n for i in range(n)]
+    return [(i - 1) % n for i in range(n)]

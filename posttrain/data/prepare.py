@@ -9,6 +9,9 @@ Preference (DPO, reward, ORPO, CPO): implicit prompts extracted; prompt and comp
 max_prompt_length keep their last tokens, completions are cut so prompt + completion fits max_length, and pairs
 whose prompt alone fills max_length are dropped and counted.
 
+Unpaired (KTO): (prompt, completion, label) rows, paired preference data unpaired first; the same truncation
+rules; the mismatched pairs of the KL baseline are left to the collator.
+
 Not here: per-example tokenisation (`data/tokenize.py`), packing algorithms (`data/packing.py`), batching
 (`data/collators.py`).
 """
@@ -184,3 +187,76 @@ def prepare_preference_dataset(dataset, tokenizer, args, name: str = "train", wh
         _drop_report(before, len(dataset), name, f"prompt fills max_length={max_length}",
                      "Raise max_length or set max_prompt_length below it.")
     return dataset
+
+
+UNPAIRED_TYPES = ("unpaired_preference", "preference", "preference_implicit")
+
+
+def prepare_unpaired_dataset(dataset, tokenizer, args, name: str = "train", who: str = "KTOTrainer"):
+    """Tokenise unpaired (prompt, completion, label) rows into prompt_ids / completion_ids / label (KTO).
+
+    Paired preference rows (explicit or implicit prompt) are unpaired first: each pair gives one desirable row
+    (its chosen completion) and one undesirable row (its rejected one). Truncation follows the preference
+    pipeline: prompts longer than max_prompt_length keep their last tokens, completions are cut to
+    max_completion_length and then to what max_length leaves after the prompt, and rows left with no completion
+    token are dropped and counted. Precomputed `ref_logps` / `ref_kl_logps` columns are kept.
+
+    The mismatched (prompt, other completion) pairs of the KL baseline are NOT built here: the collator
+    (`DataCollatorForUnpaired`) builds them from each batch, so the sampler may shuffle.
+    """
+    if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
+        raise ValueError(f"The {name} dataset is empty; give at least one example.")
+    if "prompt_ids" in (dataset.column_names or []):
+        return dataset
+    columns = list(dataset.column_names or _first_row(dataset).keys())
+    kind = formats.require_type(columns, UNPAIRED_TYPES, who)
+    if kind == "preference_implicit":
+        dataset = dataset.map(formats.extract_prompt, **_desc(dataset, f"Extracting prompts ({name})"))
+    if kind != "unpaired_preference":
+        pairs = len(dataset) if isinstance(dataset, datasets.Dataset) else None
+        dataset = dataset.map(formats.unpair_preference, batched=True, remove_columns=dataset.column_names or columns,
+                              **_desc(dataset, f"Unpairing {name} dataset"))
+        logger.info("%s dataset: %s preference pairs unpaired into one desirable (chosen) and one undesirable "
+                    "(rejected) example each.", name, pairs if pairs is not None else "streamed")
+        columns = ["prompt", "completion", "label"]
+    eos = tokenizer.eos_token
+    extra = [c for c in ("ref_logps", "ref_kl_logps") if c in columns]
+
+    def one(example):
+        for key in ("prompt", "completion", "label"):
+            value = example.get(key)
+            if value is None or (key == "completion" and len(value) == 0):
+                raise ValueError(f"A row has an empty or missing '{key}' ({example!r:.200}). Remove such rows.")
+        prompt_ids, (completion_ids,) = tokenize.tokenize_prompt_and_completions(
+            tokenizer, example["prompt"], [example["completion"]], eos, tools=example.get("tools"))
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": bool(example["label"])}
+
+    remove = [c for c in dataset.column_names or columns if c not in extra]
+    dataset = dataset.map(one, remove_columns=remove, **_desc(dataset, f"Tokenizing {name} dataset",
+                                                                args.dataset_num_proc))
+    max_prompt = getattr(args, "max_prompt_length", None)
+    max_length = getattr(args, "max_length", None)
+    max_completion = getattr(args, "max_completion_length", None)
+
+    def cut(example):
+        prompt = example["prompt_ids"]
+        if max_prompt is not None and len(prompt) > max_prompt:
+            prompt = prompt[-max_prompt:]  # keep the end: the question and the generation prompt
+        ids = example["completion_ids"][:max_completion] if max_completion else example["completion_ids"]
+        return {"prompt_ids": prompt, "completion_ids": ids[: max(max_length - len(prompt), 0)] if max_length else ids}
+
+    if max_prompt is not None or max_length is not None or max_completion is not None:
+        dataset = dataset.map(cut, **_desc(dataset, None, args.dataset_num_proc))
+    if isinstance(dataset, datasets.Dataset):
+        before = len(dataset)
+        dataset = dataset.filter(lambda ex: len(ex["completion_ids"]) > 0, num_proc=args.dataset_num_proc)
+        _drop_report(before, len(dataset), name, f"prompt fills max_length={max_length}",
+                     "Raise max_length or set max_prompt_length below it.")
+    return dataset
+
+
+def _desc(dataset, text: str | None, num_proc: int | None = None) -> dict[str, Any]:
+    """map() keyword arguments: a progress description and processes, which only map-style datasets accept."""
+    if not isinstance(dataset, datasets.Dataset):
+        return {}
+    return {"desc": text, "num_proc": num_proc}

@@ -86,3 +86,6 @@ KTO_LOSSES: dict[str, Callable[..., tuple[Tensor, Metrics]]] = {
     "kto": kto,
     "apo_zero_unpaired": apo_zero_unpaired,
 }
+
+# Losses that measure the log-ratio against the KL baseline z0, and so need the mismatched (x_i, y'_i) passes.
+USES_KL_BASELINE = frozenset({"kto"})

@@ -6,34 +6,32 @@ frozen copy, from the policy with its adapters disabled (PEFT), or from a precom
 accumulated batch on all processes.
 
 Not here: loss maths (`losses/preference.py`), data preparation (`data/prepare.py`), reference creation
-(`models/reference.py`).
+(`models/reference.py`), reference choice, precompute cache and TR-DPO sync (`trainers/anchored.py`, shared with
+KTO).
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from posttrain.configs.dpo import DPOConfig
 from posttrain.losses.preference import DPO_LOSSES, f_divergence_score, ld_sequence_logps, wpo_weights
 from posttrain.models import reference
-from posttrain.models.builtin import cache_dir
 from posttrain.models.logprobs import completion_logps
+from posttrain.trainers.anchored import ReferenceAnchoredMixin
 from posttrain.trainers.preference import PreferenceTrainer
 
-logger = logging.getLogger(__name__)
 
-
-class DPOTrainer(PreferenceTrainer):
+class DPOTrainer(ReferenceAnchoredMixin, PreferenceTrainer):
     """Same call form as TRL's: `DPOTrainer(model, ref_model=None, args=DPOConfig(...), train_dataset=...)`."""
 
     config_class = DPOConfig
     method_name = "DPO"
     signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
+    ref_logp_columns = ("ref_chosen_logps", "ref_rejected_logps")
+    precompute_input_columns = ("prompt_ids", "chosen_ids", "rejected_ids")
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, peft_config=None, **kwargs: Any):
@@ -41,32 +39,8 @@ class DPOTrainer(PreferenceTrainer):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
                          **kwargs)
-        args = self.args
-        if isinstance(ref_model, str):
-            ref_model = reference.freeze(self._load_like_policy(ref_model))
-        elif ref_model is None and not reference.is_peft_model(self.model):
-            ref_model = reference.create_reference_model(self.model, model_id, args.model_init_kwargs)
-        elif ref_model is not None:
-            ref_model = reference.freeze(ref_model)
-        if ref_model is not None and args.disable_dropout:
-            from posttrain.models.loading import disable_dropout
-
-            disable_dropout(ref_model)
-        self.ref_model = ref_model.to(args.device) if ref_model is not None else None
-        self.loss_weights = args.loss_weights or [1.0] * len(args.loss_type)
-        if args.precompute_ref_log_probs:
-            self._precompute_all()
-        if args.sync_ref_model:
-            if self.ref_model is None:
-                raise ValueError("sync_ref_model needs a separate reference model; it does not work with PEFT "
-                                 "adapters (the reference is the base model).")
-            self.add_callback(reference.SyncReferenceCallback(self.ref_model, self.model, args.ref_model_sync_steps,
-                                                              args.ref_model_mixup_alpha))
-
-    def _load_like_policy(self, model_id: str):
-        from posttrain.models.loading import load_pretrained_model
-
-        return load_pretrained_model(model_id, None, **(self.args.model_init_kwargs or {}))
+        self.loss_weights = self.args.loss_weights or [1.0] * len(self.args.loss_type)
+        self.setup_reference(ref_model, model_id)
 
     # ---- log-probs -------------------------------------------------------------------------------------------
     def _sequence_logps(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -86,39 +60,11 @@ class DPOTrainer(PreferenceTrainer):
         with reference.reference_context(model, self.ref_model, self.accelerator.unwrap_model) as ref:
             return self._sequence_logps(completion_logps(ref, batch))
 
-    def _precompute_all(self) -> None:
-        self.train_dataset = self._precompute(self.train_dataset, "train")
-        if isinstance(self.eval_dataset, dict):
-            self.eval_dataset = {k: self._precompute(v, f"eval {k}") for k, v in self.eval_dataset.items()}
-        else:
-            self.eval_dataset = self._precompute(self.eval_dataset, "eval")
-        self.ref_model = None  # nothing else needs it: free the memory
+    def reference_columns(self, batch) -> torch.Tensor:
+        return self._reference_logps(self.model, batch).view(2, -1).T  # (2B,) chosen then rejected → (B, 2)
 
-    def _precompute(self, dataset, name: str):
-        """Reference log-probs for every pair, once; cached on disk by (data fingerprint, reference weights)."""
-        if dataset is None or "ref_chosen_logps" in dataset.column_names:
-            return dataset
-        source = self.ref_model if self.ref_model is not None else self.model
-        key = f"{dataset._fingerprint}-{reference.weights_fingerprint(source)}-{self.args.ld_alpha}"
-        path = os.path.join(cache_dir(), "ref_logps", f"{key}.pt")
-        if os.path.exists(path):
-            values = torch.load(path)
-        else:
-            batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
-            loader = DataLoader(dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]),
-                                batch_size=batch_size, collate_fn=self.data_collator)
-            chunks = []
-            for batch in loader:
-                batch = {k: v.to(self.args.device) for k, v in batch.items()}
-                ref = self._reference_logps(self.model, batch)
-                chunks.append(ref.view(2, -1).T.cpu())
-            values = torch.cat(chunks)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save(values, path + ".tmp")
-            os.replace(path + ".tmp", path)
-            logger.info("Precomputed reference log-probs for %d %s pairs (cached at %s).", len(values), name, path)
-        dataset = dataset.add_column("ref_chosen_logps", values[:, 0].tolist())
-        return dataset.add_column("ref_rejected_logps", values[:, 1].tolist())
+    def precompute_cache_tag(self) -> str:
+        return f"{self.args.ld_alpha}"
 
     # ---- loss ----------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):

@@ -1,0 +1,65 @@
+"""`KTOConfig`: options of Kahneman-Tversky Optimization and its unpaired loss family, named as TRL names them.
+
+Deliberate difference from TRL: no `train_sampling_strategy="sequential"` default. TRL bakes each example's
+mismatched KL completion into the dataset and must keep batches in dataset order; we build the mismatched pairs
+from each collated batch (`data/collators.py`), so the sampler may shuffle. `train_sampling_strategy="sequential"`
+still works and reproduces TRL's pairs exactly.
+
+Not here: the losses (`losses/kto.py`), data preparation (`data/prepare.py`), the trainer (`trainers/kto.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from posttrain.compat import accept_legacy_arguments
+from posttrain.configs.base import PostTrainConfig, check
+from posttrain.losses.kto import KTO_LOSSES, USES_KL_BASELINE
+
+
+@accept_legacy_arguments
+@dataclass
+class KTOConfig(PostTrainConfig):
+    """Configuration of `KTOTrainer` (every `transformers.TrainingArguments` field is accepted too)."""
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate."})
+    beta: float = field(default=0.1, metadata={"help": "Strength of the pull towards the reference model (β)."})
+    loss_type: str = field(default="kto", metadata={"help": "One of: " + ", ".join(KTO_LOSSES) + ".",
+                                                    "choices": list(KTO_LOSSES)})
+    desirable_weight: float = field(default=1.0, metadata={"help": "λ_D, weight of desirable examples' losses."})
+    undesirable_weight: float = field(default=1.0, metadata={"help": "λ_U, weight of undesirable examples' losses. "
+                                      "The KTO paper recommends λ_D·n_D / (λ_U·n_U) in [1, 4/3]."})
+    max_length: int | None = field(default=1024, metadata={"help": "Longest prompt + completion, in tokens."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Longest prompt; longer prompts keep "
+                                          "their last tokens."})
+    max_completion_length: int | None = field(default=None, metadata={"help": "Longest completion."})
+    precompute_ref_log_probs: bool = field(default=False, metadata={"help": "Compute reference log-probs once "
+                                           "before training (cached on disk) and hold no reference model."})
+    precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Batch size of that pass."})
+    sync_ref_model: bool = field(default=False, metadata={"help": "TR-DPO-style: mix the policy into the "
+                                 "reference every ref_model_sync_steps steps."})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "Steps between reference updates."})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "ref ← α·policy + (1−α)·ref."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in policy and reference."})
+    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple of this."})
+    pad_token: str | None = field(default=None, metadata={"help": "Padding token (default: the tokenizer's, "
+                                  "else its EOS)."})
+
+    def validate(self) -> None:
+        check(self.loss_type in KTO_LOSSES,
+              f"Unknown loss_type {self.loss_type!r} for KTO; choose one of: {', '.join(KTO_LOSSES)}.")
+        check(self.beta > 0, f"beta must be > 0, got {self.beta}.")
+        check(self.desirable_weight > 0, f"desirable_weight must be > 0, got {self.desirable_weight}.")
+        check(self.undesirable_weight > 0, f"undesirable_weight must be > 0, got {self.undesirable_weight}.")
+        check(self.loss_type not in USES_KL_BASELINE or self.per_device_train_batch_size > 1,
+              f"per_device_train_batch_size must be > 1 for loss_type={self.loss_type!r}, got "
+              f"{self.per_device_train_batch_size}: the KL baseline pairs each prompt with another example's "
+              "completion from the same batch. Raise it, or use loss_type='apo_zero_unpaired' (no KL term).")
+        check(not (self.precompute_ref_log_probs and self.sync_ref_model),
+              "precompute_ref_log_probs and sync_ref_model exclude each other (a synced reference changes).")
+        check(self.ref_model_sync_steps >= 1, f"ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}.")
+        check(0 < self.ref_model_mixup_alpha <= 1,
+              f"ref_model_mixup_alpha must be in (0, 1], got {self.ref_model_mixup_alpha}.")
+        check(self.max_length is None or self.max_prompt_length is None or self.max_prompt_length < self.max_length,
+              f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}) "
+              "so completions have room.")

@@ -1,0 +1,104 @@
+"""`ReferenceAnchoredMixin`: what trainers anchored to a frozen reference policy share (DPO, KTO).
+
+Lives here: choosing the reference (a name → loaded like the policy; None → a frozen copy, or nothing for a PEFT
+policy, whose adapter-disabled base is the reference; a module → frozen), dropout off in it, precomputing
+reference log-probs once per example (cached on disk by dataset fingerprint and reference weights, after which
+the reference is dropped), and the TR-DPO sync callback.
+
+Not here: a trainer's reference log-probs for one batch (its `reference_columns`), creating copies and the PEFT
+switch (`models/reference.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+
+from posttrain.models import reference
+from posttrain.models.builtin import cache_dir
+
+logger = logging.getLogger(__name__)
+
+
+class ReferenceAnchoredMixin:
+    """Mixed into a `PostTrainer` subclass; its config carries precompute_ref_log_probs, precompute_ref_batch_size,
+    sync_ref_model, ref_model_sync_steps, ref_model_mixup_alpha and disable_dropout."""
+
+    ref_logp_columns: tuple[str, ...] = ()  # per-example columns the precompute adds, as reference_columns orders them
+    precompute_input_columns: tuple[str, ...] = ()  # dataset columns the collator needs for that pass
+
+    def setup_reference(self, ref_model, model_id: str | None) -> None:
+        """Call at the end of __init__: sets self.ref_model (None for PEFT or after precompute)."""
+        args = self.args
+        if isinstance(ref_model, str):
+            ref_model = reference.freeze(self._load_like_policy(ref_model))
+        elif ref_model is None and not reference.is_peft_model(self.model):
+            ref_model = reference.create_reference_model(self.model, model_id, args.model_init_kwargs)
+        elif ref_model is not None:
+            ref_model = reference.freeze(ref_model)
+        if ref_model is not None and args.disable_dropout:
+            from posttrain.models.loading import disable_dropout
+
+            disable_dropout(ref_model)
+        self.ref_model = ref_model.to(args.device) if ref_model is not None else None
+        if args.precompute_ref_log_probs:
+            self._precompute_all()
+        if args.sync_ref_model:
+            if self.ref_model is None:
+                raise ValueError("sync_ref_model needs a separate reference model; it does not work with PEFT "
+                                 "adapters (the reference is the base model).")
+            self.add_callback(reference.SyncReferenceCallback(self.ref_model, self.model, args.ref_model_sync_steps,
+                                                              args.ref_model_mixup_alpha))
+
+    def _load_like_policy(self, model_id: str):
+        from posttrain.models.loading import load_pretrained_model
+
+        return load_pretrained_model(model_id, None, **(self.args.model_init_kwargs or {}))
+
+    # ---- hooks -----------------------------------------------------------------------------------------------
+    def reference_columns(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, len(ref_logp_columns)) live reference log-probs of one collated batch of B examples."""
+        raise NotImplementedError
+
+    def precompute_cache_tag(self) -> str:
+        """Whatever else, beside the data and the reference weights, the precomputed values depend on."""
+        return ""
+
+    # ---- precompute ------------------------------------------------------------------------------------------
+    def _precompute_all(self) -> None:
+        self.train_dataset, self.eval_dataset = self.map_datasets(self.train_dataset, self.eval_dataset,
+                                                                  self._precompute)
+        self.ref_model = None  # nothing else needs it: free the memory
+
+    def _precompute(self, dataset, name: str):
+        """Reference log-probs for every example, once; cached on disk by (data fingerprint, reference weights)."""
+        if dataset is None or self.ref_logp_columns[0] in dataset.column_names:
+            return dataset
+        if not isinstance(dataset, datasets.Dataset):
+            raise ValueError(f"precompute_ref_log_probs=True needs a map-style {name} dataset, got "
+                             f"{type(dataset).__name__}; set precompute_ref_log_probs=False for streamed data.")
+        source = self.ref_model if self.ref_model is not None else self.model
+        key = f"{dataset._fingerprint}-{reference.weights_fingerprint(source)}-{self.precompute_cache_tag()}"
+        path = os.path.join(cache_dir(), "ref_logps", f"{key}.pt")
+        if os.path.exists(path):
+            values = torch.load(path)
+        else:
+            batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+            inputs = [c for c in self.precompute_input_columns if c in dataset.column_names]
+            loader = DataLoader(dataset.select_columns(inputs), batch_size=batch_size, collate_fn=self.data_collator)
+            chunks = []
+            for batch in loader:
+                batch = {k: v.to(self.args.device) for k, v in batch.items()}
+                chunks.append(self.reference_columns(batch).cpu())
+            values = torch.cat(chunks)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(values, path + ".tmp")
+            os.replace(path + ".tmp", path)
+            logger.info("Precomputed reference log-probs for %d %s examples (cached at %s).", len(values), name, path)
+        for i, column in enumerate(self.ref_logp_columns):
+            dataset = dataset.add_column(column, values[:, i].tolist())
+        return dataset
