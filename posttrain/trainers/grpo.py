@@ -1,0 +1,69 @@
+"""`GRPOTrainer`: Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath §4) and its variants —
+loss types grpo, bnpo, dr_grpo, dapo (default), cispo, sapo; sequence-level importance sampling (GSPO); the k3 KL
+to a reference when beta > 0; entropy-based token selection.
+
+Advantages are group-relative: each completion's reward minus its group's mean (optionally ÷ group/batch std).
+The per-token objective and its aggregation are pure functions (`losses/policy.py`); this module wires them.
+
+Not here: rollouts and the generation-batch cycle (`trainers/online.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.algorithms.advantages import group_advantages, normalize_then_sum
+from posttrain.configs.grpo import GRPOConfig
+from posttrain.losses.kl import k3
+from posttrain.losses.policy import POLICY_LOSSES, aggregate, entropy_mask, needs_ga_division
+from posttrain.models.logprobs import entropy_from_logits
+from posttrain.trainers.online import OnlineTrainer
+
+
+class GRPOTrainer(OnlineTrainer):
+    """Same call form as TRL's: `GRPOTrainer(model, reward_funcs, args=GRPOConfig(...), train_dataset=...)`;
+    `model` may be a name, training arguments may be passed straight to the trainer (guides do)."""
+
+    config_class = GRPOConfig
+    method_name = "GRPO"
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        args = self.args
+        weights = torch.tensor(self.reward_runner.weights, dtype=rewards.dtype, device=rewards.device)
+        if args.multi_objective_aggregation == "normalize_then_sum":
+            advantages = normalize_then_sum(rewards, weights, args.num_generations)
+        else:
+            advantages, _ = group_advantages(self.reward_runner.weighted_sum(rewards), args.num_generations,
+                                             args.scale_rewards)
+        return advantages
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        args = self.args
+        need_entropy = args.top_entropy_quantile < 1.0
+        logps, out = self.completion_logps(model, inputs)
+        mask = inputs["completion_mask"].bool()
+        old_logps = inputs.get("old_logps", logps.detach())
+        per_token, metrics = POLICY_LOSSES[args.loss_type](
+            logps=logps, old_logps=old_logps, advantages=inputs["advantages"], mask=mask,
+            epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, delta=args.delta,
+            importance_sampling_level=args.importance_sampling_level,
+            sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg)
+        if args.beta > 0:
+            kl = k3(logps, inputs["ref_logps"])
+            per_token = per_token + args.beta * kl
+            metrics["kl"] = (kl * mask).sum().detach() / mask.sum().clamp(min=1)
+        with torch.no_grad():
+            entropies = torch.zeros_like(logps)
+            valid = out["mask"]
+            entropies[:, : valid.shape[1]] = entropies[:, : valid.shape[1]].masked_scatter(
+                valid, entropy_from_logits(out["logits"]))
+            metrics["entropy"] = (entropies * mask).sum() / mask.sum().clamp(min=1)
+        if need_entropy:
+            mask = mask & entropy_mask(entropies, mask, args.top_entropy_quantile)
+        loss = aggregate(per_token, mask, args.loss_type, num_items=inputs["num_items"],
+                         max_completion_length=args.max_completion_length,
+                         num_processes=self.accelerator.num_processes)
+        if needs_ga_division(args.loss_type):
+            loss = loss / args.gradient_accumulation_steps
+        self.record_metrics(metrics)
+        return (loss, {}) if return_outputs else loss

@@ -1,0 +1,290 @@
+"""`OnlineTrainer`: the rollout machinery every online method (GRPO, RLOO, …) shares.
+
+Each dataloader item is a *generation batch* of prompt rows (each prompt repeated num_generations times,
+consecutively). On the first micro-step of a cycle the trainer generates, scores and computes advantages once
+(named, timed phases: generate, score, advantages, old_logps, reference), shuffles the completions and splits them
+into `steps_per_generation` micro-batches; the next micro-steps train on those (for `num_iterations` passes).
+
+Not here: generation (`rollout/hf.py`), rewards (`rewards/`), advantage and loss maths (`algorithms/`, `losses/`).
+Subclasses implement `compute_loss`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from posttrain.data import formats
+from posttrain.data.tokenize import tokenize_prompt
+from posttrain.models import reference
+from posttrain.models.logprobs import completion_logps
+from posttrain.rewards.runner import RewardRunner
+from posttrain.rollout.hf import generate
+from posttrain.trainers.base import PostTrainer
+
+
+class RepeatSampler(Sampler):
+    """Indices for generation batches: `unique` prompts per batch, each repeated `mini_repeat` (= G) times in a
+    row; every batch is yielded `repeat` times (num_iterations × steps_per_generation micro-steps use it)."""
+
+    def __init__(self, num_rows: int, mini_repeat: int, unique: int, repeat: int, shuffle: bool, seed: int):
+        self.num_rows, self.mini_repeat, self.unique, self.repeat = num_rows, mini_repeat, unique, repeat
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.num_rows)
+        order = order.tolist()
+        for start in range(0, self.num_rows - self.unique + 1, self.unique):
+            chunk = order[start:start + self.unique]
+            for _ in range(self.repeat):
+                for index in chunk:
+                    yield from [index] * self.mini_repeat
+
+    def __len__(self) -> int:
+        return (self.num_rows // self.unique) * self.unique * self.mini_repeat * self.repeat
+
+
+class OnlineTrainer(PostTrainer):
+    summary_metrics = (("reward", "reward"), ("completions/mean_length", "completion length"))
+
+    def __init__(self, model, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, reward_processing_classes=None, peft_config=None, **kwargs: Any):
+        model_id = model if isinstance(model, str) else None
+        super().__init__(model=model, args=args, data_collator=_keep_rows, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
+                         **kwargs)
+        args = self.args
+        if reward_funcs is None:
+            reward_funcs = args.reward_funcs
+        if not reward_funcs:
+            raise ValueError(f"{type(self).__name__} needs reward_funcs: a function, a built-in name such as "
+                             "'accuracy_reward', a 'module:function' path, or a reward-model id.")
+        self.reward_runner = RewardRunner(reward_funcs, args.reward_weights, reward_processing_classes)
+        self.ref_model = None
+        if args.beta > 0:
+            if reference.is_peft_model(self.model):
+                self.ref_model = None  # adapters off = reference
+            else:
+                self.ref_model = reference.create_reference_model(self.model, model_id, args.model_init_kwargs)
+                self.ref_model.to(args.device)
+            if args.sync_ref_model and self.ref_model is not None:
+                self.add_callback(reference.SyncReferenceCallback(self.ref_model, self.model,
+                                                                  args.ref_model_sync_steps,
+                                                                  args.ref_model_mixup_alpha))
+        self._micro_step = 0
+        self._buffer: list[dict[str, Any]] = []
+        self._last_table: list[dict[str, Any]] = []
+
+    # ---- data ---------------------------------------------------------------------------------------------------
+    def prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args):
+        for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
+            if dataset is None or isinstance(dataset, dict):
+                continue
+            columns = list(dataset.column_names or [])
+            if "prompt" not in columns:
+                formats.require_type(columns, ("prompt_only",), type(self).__name__)
+            if hasattr(dataset, "__len__") and len(dataset) == 0:
+                raise ValueError(f"The {name} dataset is empty; give at least one prompt.")
+        return train_dataset, eval_dataset
+
+    def get_train_dataloader(self) -> DataLoader:
+        args = self.args
+        G = args.num_generations
+        unique = args.generation_batch_size // G
+        if len(self.train_dataset) < unique:
+            raise ValueError(f"The train dataset has {len(self.train_dataset)} prompts but one generation batch "
+                             f"needs {unique}; add prompts or lower per_device_train_batch_size/steps_per_generation.")
+        sampler = RepeatSampler(len(self.train_dataset), G, unique, args.num_iterations * args.steps_per_generation,
+                                args.shuffle_dataset, args.seed)
+        loader = DataLoader(self.train_dataset, batch_size=args.generation_batch_size, sampler=sampler,
+                            collate_fn=_keep_rows, num_workers=0)
+        return self.accelerator.prepare(loader)
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        return None  # the global normaliser is known only after generation: each micro-batch carries num_items
+
+    # ---- phases ---------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.record_metrics({f"timing/{name}": time.perf_counter() - start})
+
+    def _prepare_inputs(self, rows):
+        if not isinstance(rows, list):  # already a prepared micro-batch (e.g. called twice)
+            return rows
+        if not self.model.training:
+            return self._micro_batches(rows)[0]
+        cycle = self.args.steps_per_generation * self.args.num_iterations
+        if self._micro_step % cycle == 0:
+            self._buffer = self._micro_batches(rows)
+        batch = self._buffer[self._micro_step % self.args.steps_per_generation]
+        self._micro_step += 1
+        return batch
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        args = self.args
+        kwargs = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None,
+                      min_p=args.min_p, repetition_penalty=args.repetition_penalty)
+        kwargs.update(args.generation_kwargs or {})
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+    def _micro_batches(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Generate, score, compute advantages (and old/ref log-probs when needed); split into micro-batches."""
+        args, tok = self.args, self.processing_class
+        G = args.num_generations
+        device = args.device
+        with self.phase("generate"):
+            unique = rows[::G]
+            prompt_ids = [self._prompt_ids(r["prompt"]) for r in unique]
+            policy = self.accelerator.unwrap_model(self.model)
+            was_training = policy.training
+            policy.eval()
+            rollout = generate(policy, tok, prompt_ids, G, args.max_completion_length, self.generation_kwargs())
+            policy.train(was_training)
+        length = int(rollout.completion_mask.sum(1).max().clamp(min=1))
+        rollout.completion_ids = rollout.completion_ids[:, :length]
+        rollout.completion_mask = rollout.completion_mask[:, :length]
+        rollout.prompts = [r["prompt"] for r in rows]
+        texts = tok.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        conversational = isinstance(rows[0]["prompt"], list)
+        rollout.completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        ids_lists = [ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
+        with self.phase("score"):
+            columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+            rollout.rewards = self.reward_runner(rollout.prompts, rollout.completions, ids_lists, columns,
+                                                 trainer_state=self.state).to(device)
+        with self.phase("advantages"):
+            rollout.advantages = self.advantages(rollout.rewards)
+        completion_mask = rollout.completion_mask.clone()
+        if args.mask_truncated_completions:
+            completion_mask[rollout.is_truncated.to(completion_mask.device)] = 0
+        batch = {"input_ids": rollout.input_ids.to(device), "attention_mask": rollout.attention_mask.to(device),
+                 "completion_mask": completion_mask.to(device), "advantages": rollout.advantages.to(device)}
+        if args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps:
+            with self.phase("old_logps"):
+                batch["old_logps"] = self._batched_logps(self.model, batch)
+        if args.beta > 0:
+            with self.phase("reference"), reference.reference_context(self.model, self.ref_model,
+                                                                        self.accelerator.unwrap_model) as ref:
+                batch["ref_logps"] = self._batched_logps(ref, batch)
+        self._record_rollout(rollout, completion_mask)
+        return self._split(batch)
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        ids = tokenize_prompt(self.processing_class, prompt)
+        limit = self.args.max_prompt_length
+        return ids[-limit:] if limit else ids
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _split(self, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        n = batch["input_ids"].shape[0]
+        order = torch.randperm(n, device=batch["input_ids"].device) if self.model.training else torch.arange(n)
+        num_items = batch["completion_mask"].sum()
+        if self.args.world_size > 1:
+            num_items = self.accelerator.gather(num_items.reshape(1)).sum()
+        size = self.args.per_device_train_batch_size if self.model.training else n
+        parts = []
+        for start in range(0, n, size):
+            idx = order[start:start + size]
+            part = {k: v[idx] for k, v in batch.items()}
+            part["num_items"] = num_items
+            parts.append(part)
+        return parts
+
+    # ---- log-probs ------------------------------------------------------------------------------------------
+    def completion_logps(self, model, batch: dict[str, torch.Tensor], with_logits: bool = False):
+        """(logps (B, C), model output dict) of the completion tokens at the sampling temperature.
+
+        position_ids follow the attention mask so left-padded prompts see the positions generation gave them."""
+        completion_mask = batch["completion_mask"]
+        prompt_len = batch["input_ids"].shape[1] - completion_mask.shape[1]
+        labels = batch["input_ids"].clone()
+        labels[:, :prompt_len] = -100
+        labels[:, prompt_len:][completion_mask == 0] = -100
+        position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        out = completion_logps(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                                       "position_ids": position_ids, "labels": labels},
+                               temperature=self.args.temperature)
+        logps = out["logps"]
+        if logps.shape[1] < completion_mask.shape[1]:  # masks are prefix-contiguous: only trailing columns lack
+            logps = torch.nn.functional.pad(logps, (0, completion_mask.shape[1] - logps.shape[1]))
+        return logps, out
+
+    @torch.no_grad()
+    def _batched_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        size = self.args.per_device_train_batch_size
+        chunks = []
+        for start in range(0, batch["input_ids"].shape[0], size):
+            part = {k: batch[k][start:start + size] for k in ("input_ids", "attention_mask", "completion_mask")}
+            chunks.append(self.completion_logps(model, part)[0])
+        return torch.cat(chunks)
+
+    # ---- metrics ------------------------------------------------------------------------------------------------
+    def _record_rollout(self, rollout, completion_mask: torch.Tensor) -> None:
+        lengths = rollout.completion_mask.sum(1).float()
+        terminated = lengths[~rollout.is_truncated.to(lengths.device)]
+        rewards = rollout.rewards
+        total = self.reward_runner.weighted_sum(rewards)
+        metrics = {
+            "completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
+            "completions/max_length": lengths.max(),
+            "completions/clipped_ratio": rollout.is_truncated.float().mean(),
+            "completions/mean_terminated_length": terminated.mean() if len(terminated) else torch.tensor(0.0),
+            "reward": total.nanmean(),
+        }
+        G = self.args.num_generations
+        groups = total.view(-1, G)
+        stds = _nanstd(groups)
+        metrics["reward_std"] = stds.nanmean()
+        metrics["frac_reward_zero_std"] = (stds < 1e-6).float().mean()
+        for k, name in enumerate(self.reward_runner.names):
+            column = rewards[:, k]
+            if torch.isnan(column).all():
+                continue
+            metrics[f"rewards/{name}/mean"] = column.nanmean()
+            metrics[f"rewards/{name}/std"] = _nanstd(column.view(1, -1))[0]
+        self.record_metrics(metrics)
+        self.add_tokens_seen(rollout.attention_mask.sum())
+        if self.args.log_completions:
+            self._last_table = [{"step": self.state.global_step, "prompt": p, "completion": c,
+                                 **{name: float(rewards[i, k]) for k, name in enumerate(self.reward_runner.names)},
+                                 "advantage": float(rollout.advantages[i])}
+                                for i, (p, c) in enumerate(zip(rollout.prompts, rollout.completions))]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        super().log(logs, start_time)
+        if self._last_table and self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, "completions.jsonl"), "a") as f:
+                for row in self._last_table:
+                    f.write(json.dumps(row, default=str) + "\n")
+            self._last_table = []
+
+
+def _keep_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return rows
+
+
+def _nanstd(values: torch.Tensor) -> torch.Tensor:
+    """Unbiased std over the last dim, ignoring NaN; NaN where fewer than 2 values."""
+    valid = ~torch.isnan(values)
+    count = valid.sum(-1).float()
+    mean = torch.where(valid, values, 0.0).sum(-1) / count.clamp(min=1)
+    sq = torch.where(valid, (values - mean.unsqueeze(-1)) ** 2, 0.0).sum(-1)
+    return torch.where(count > 1, (sq / (count - 1).clamp(min=1)).sqrt(), torch.full_like(count, math.nan))

@@ -1,0 +1,126 @@
+"""GRPOTrainer on the built-in tiny model: every loss type trains and logs TRL's metrics; reference and KL when
+beta > 0; reuse with old log-probs; completions table; the guide's call forms; reward errors name the function."""
+
+import json
+import math
+import warnings
+
+import datasets
+import pytest
+import torch
+
+from posttrain.configs.grpo import GRPOConfig
+from posttrain.data.arith import load_builtin_dataset
+from posttrain.trainers.grpo import GRPOTrainer
+
+MODEL = "posttrain/tiny"
+
+
+def _text(completion):
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def unique_chars(completions, **kwargs):
+    return [float(len(set(_text(c)))) for c in completions]
+
+
+def short(completions, **kwargs):
+    return [-len(c) / 100 for c in completions]
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, num_generations=4,
+                max_completion_length=12, learning_rate=1e-3, logging_steps=1, report_to="none",
+                save_strategy="no", seed=0)
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def _prompts(config=None, n=8):
+    return load_builtin_dataset("posttrain/arith-prompts", config, split=f"train[:{n}]")
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo"])
+def test_every_loss_type_trains(tmp_path, loss_type):
+    trainer = GRPOTrainer(MODEL, reward_funcs=unique_chars, args=_args(tmp_path, loss_type=loss_type),
+                          train_dataset=_prompts())
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    for key in ("reward", "reward_std", "rewards/unique_chars/mean", "completions/mean_length",
+                "completions/clipped_ratio", "entropy", "frac_reward_zero_std", "timing/generate", "num_tokens"):
+        assert key in logs, key
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+    changed = sum(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    assert changed > 0.9 * len(before)
+
+
+def test_gspo_kl_and_reuse(tmp_path):
+    args = _args(tmp_path, importance_sampling_level="sequence", beta=0.04, num_iterations=2, max_steps=2,
+                 epsilon_high=0.28)
+    trainer = GRPOTrainer(MODEL, reward_funcs=[unique_chars, short], args=args, train_dataset=_prompts())
+    assert trainer.ref_model is not None
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert logs["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step: policy = reference
+    assert "timing/old_logps" in logs and "timing/reference" in logs and "rewards/short/mean" in logs
+
+
+def test_conversational_prompts_and_builtin_reward(tmp_path):
+    trainer = GRPOTrainer(MODEL, reward_funcs=["accuracy_reward", unique_chars],
+                          args=_args(tmp_path, log_completions=True), train_dataset=_prompts("conversational"))
+    trainer.train()
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "completions.jsonl")]
+    assert rows and {"prompt", "completion", "accuracy_reward", "unique_chars", "advantage"} <= set(rows[0])
+
+
+def test_reward_function_error_names_it(tmp_path):
+    def broken(completions, **kwargs):
+        raise ZeroDivisionError("boom")
+
+    trainer = GRPOTrainer(MODEL, reward_funcs=broken, args=_args(tmp_path), train_dataset=_prompts())
+    with pytest.raises(Exception, match="broken"):
+        trainer.train()
+
+
+def test_guide_call_forms(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dataset = load_builtin_dataset("posttrain/arith-sft", split="train[:2]")  # prompt + completion, like tldr
+
+    def reward_unique_chars(completions, **kwargs):
+        return [len(set(completion)) for completion in completions]
+
+    with warnings.catch_warnings(record=True):
+        trainer = GRPOTrainer(
+            model=MODEL,
+            reward_funcs=reward_unique_chars,
+            train_dataset=dataset,
+            num_train_epochs=1,
+            per_device_train_batch_size=2,
+            learning_rate=1e-6,
+            max_completion_length=8,
+        )
+    assert trainer.args.num_generations == 8 and trainer.args.generation_batch_size % 8 == 0
+    trainer.train()
+
+    def reward_length(completions, **kwargs):
+        return [min(len(c) / 100, 1.0) for c in completions]
+
+    with warnings.catch_warnings(record=True):
+        trainer = GRPOTrainer(model=MODEL, reward_funcs=[reward_unique_chars, reward_length],
+                              reward_weights=[0.4, 0.6], train_dataset=dataset, max_steps=1,
+                              max_completion_length=8)
+    trainer.train()
+    assert trainer.reward_runner.weights == [0.4, 0.6]
+
+
+def test_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+        GRPOConfig(output_dir="x", num_generations=1)
+    with pytest.raises(ValueError, match="epsilon must be > 0"):
+        GRPOConfig(output_dir="x", epsilon=0)
+    with pytest.raises(ValueError, match="needs reward_funcs"):
+        GRPOTrainer(MODEL, args=_args(tmp_path), train_dataset=_prompts())
+    with pytest.raises(ValueError, match="'prompt'"):
+        GRPOTrainer(MODEL, reward_funcs=unique_chars, args=_args(tmp_path),
+                    train_dataset=datasets.Dataset.from_list([{"question": "x"}] * 4))
