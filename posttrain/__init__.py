@@ -25,6 +25,8 @@ _LAZY = {
     "ORPOConfig": "posttrain.configs.cpo",
     "GRPOTrainer": "posttrain.trainers.grpo",
     "GRPOConfig": "posttrain.configs.grpo",
+    "RLOOTrainer": "posttrain.trainers.rloo",
+    "RLOOConfig": "posttrain.configs.rloo",
     "ModelConfig": "posttrain.configs.script",
     "ScriptArguments": "posttrain.configs.script",
     "PostTrainConfig": "posttrain.configs.base",

@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
             "CPO / SimPO / AlphaPO (no reference model)"),
     "grpo": ("posttrain.configs.grpo:GRPOConfig", "posttrain.trainers.grpo:GRPOTrainer",
              "group relative policy optimisation (dapo, grpo, dr_grpo, bnpo, cispo, sapo, GSPO)"),
+    "rloo": ("posttrain.configs.rloo:RLOOConfig", "posttrain.trainers.rloo:RLOOTrainer",
+             "REINFORCE leave-one-out"),
 }
 _ALIASES_ONLY = {"env"}  # keys a YAML file may hold besides fields
 

@@ -27,7 +27,7 @@ class GRPOTrainer(OnlineTrainer):
     config_class = GRPOConfig
     method_name = "GRPO"
 
-    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+    def advantages(self, rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         args = self.args
         weights = torch.tensor(self.reward_runner.weights, dtype=rewards.dtype, device=rewards.device)
         if args.multi_objective_aggregation == "normalize_then_sum":

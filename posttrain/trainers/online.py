@@ -167,20 +167,21 @@ class OnlineTrainer(PostTrainer):
             columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
             rollout.rewards = self.reward_runner(rollout.prompts, rollout.completions, ids_lists, columns,
                                                  trainer_state=self.state).to(device)
-        with self.phase("advantages"):
-            rollout.advantages = self.advantages(rollout.rewards)
         completion_mask = rollout.completion_mask.clone()
         if args.mask_truncated_completions:
             completion_mask[rollout.is_truncated.to(completion_mask.device)] = 0
         batch = {"input_ids": rollout.input_ids.to(device), "attention_mask": rollout.attention_mask.to(device),
-                 "completion_mask": completion_mask.to(device), "advantages": rollout.advantages.to(device)}
-        if args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps:
+                 "completion_mask": completion_mask.to(device)}
+        if self.needs_old_logps():
             with self.phase("old_logps"):
                 batch["old_logps"] = self._batched_logps(self.model, batch)
         if args.beta > 0:
             with self.phase("reference"), reference.reference_context(self.model, self.ref_model,
                                                                         self.accelerator.unwrap_model) as ref:
                 batch["ref_logps"] = self._batched_logps(ref, batch)
+        with self.phase("advantages"):
+            rollout.advantages = self.advantages(rollout.rewards, batch)
+        batch["advantages"] = rollout.advantages.to(device)
         self._record_rollout(rollout, completion_mask)
         return self._split(batch)
 
@@ -189,15 +190,23 @@ class OnlineTrainer(PostTrainer):
         limit = self.args.max_prompt_length
         return ids[-limit:] if limit else ids
 
-    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+    def advantages(self, rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N,) advantages from (N, K) rewards; `batch` holds the rollout tensors (old/ref log-probs if computed)."""
         raise NotImplementedError
+
+    def needs_old_logps(self) -> bool:
+        """Sampling-policy log-probs are needed when the policy moves before a rollout is fully used."""
+        args = self.args
+        return args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
 
     def _split(self, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         n = batch["input_ids"].shape[0]
         order = torch.randperm(n, device=batch["input_ids"].device) if self.model.training else torch.arange(n)
-        num_items = batch["completion_mask"].sum()
+        num_items = batch["completion_mask"].sum().float()
         if self.args.world_size > 1:
             num_items = self.accelerator.gather(num_items.reshape(1)).sum()
+        # One optimizer step sees GA of the steps_per_generation micro-batches: normalise by its share of tokens.
+        num_items = num_items * self.args.gradient_accumulation_steps / self.args.steps_per_generation
         size = self.args.per_device_train_batch_size if self.model.training else n
         parts = []
         for start in range(0, n, size):
