@@ -124,3 +124,24 @@ def test_bad_values(tmp_path):
     with pytest.raises(ValueError, match="'prompt'"):
         GRPOTrainer(MODEL, reward_funcs=unique_chars, args=_args(tmp_path),
                     train_dataset=datasets.Dataset.from_list([{"question": "x"}] * 4))
+
+
+def test_evaluate_generates_on_eval_prompts(tmp_path):
+    trainer = GRPOTrainer(MODEL, reward_funcs=unique_chars, args=_args(tmp_path, per_device_eval_batch_size=8),
+                          train_dataset=_prompts(), eval_dataset=_prompts(n=4))
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"]) and "eval_reward" in metrics
+    assert "eval_completions/mean_length" in metrics
+
+
+def test_saved_config_reloads(tmp_path):
+    import yaml
+
+    from posttrain.cli import parse_command_args
+
+    trainer = GRPOTrainer(MODEL, reward_funcs=unique_chars, args=_args(tmp_path), train_dataset=_prompts())
+    path = trainer.save_run_config()
+    saved = yaml.safe_load(open(path))
+    assert saved["generation_batch_size"] and saved["steps_per_generation"]
+    _, _, args = parse_command_args("grpo", ["--config", path])
+    assert args.generation_batch_size == trainer.args.generation_batch_size

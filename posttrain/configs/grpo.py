@@ -100,7 +100,9 @@ class GRPOConfig(PostTrainConfig):
 
         per_step = self.per_device_train_batch_size
         if self.generation_batch_size is not None:
-            check(self.steps_per_generation is None,
+            # both may be set only when they agree (a saved config.yaml holds both)
+            check(self.steps_per_generation is None
+                  or self.generation_batch_size == per_step * self.steps_per_generation,
                   "Set generation_batch_size or steps_per_generation, not both.")
             check(self.generation_batch_size % per_step == 0,
                   f"generation_batch_size ({self.generation_batch_size}) must be a multiple of "

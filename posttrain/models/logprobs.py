@@ -45,11 +45,12 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def forward_target_logits(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                           attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
+                          **model_kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
     """Forward a causal LM and return the logits of trained targets only.
 
     Args: input_ids, labels (B, T) (labels in the Hugging Face convention: labels[t] is predicted at t-1);
-    attention_mask (B, T) or None; position_ids (B, T) or None (padding-free/packed rows).
+    attention_mask (B, T) or None; position_ids (B, T) or None (padding-free/packed rows); model_kwargs go to the
+    forward call as they are (e.g. PPO's policy-and-value container takes `with_values=True`).
     Returns: logits (N, V) of the N trained targets, targets (N,), valid (B, K) — where the N targets sit among
     the K kept positions of each row (row-major, so per-row sums are a scatter of the N values) — and the output.
 
@@ -57,7 +58,8 @@ def forward_target_logits(model: torch.nn.Module, input_ids: torch.Tensor, label
     packed documents would attend to each other.
     """
     keep = target_positions(labels)
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                  **model_kwargs)
     if _forward_accepts_logits_to_keep(type(_base_model(model))):
         output = model(**kwargs, logits_to_keep=keep)
         logits = output.logits

@@ -113,6 +113,24 @@ class OnlineTrainer(PostTrainer):
                             collate_fn=_keep_rows, num_workers=0)
         return self.accelerator.prepare(loader)
 
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        """Eval prompts, each repeated num_generations times, in order; one rollout per eval batch."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, str):
+            dataset = self.eval_dataset[dataset]
+        G = self.args.num_generations
+        unique = max(self.args.per_device_eval_batch_size // G, 1)
+        sampler = RepeatSampler(len(dataset), G, 1, 1, shuffle=False, seed=self.args.seed)
+        loader = DataLoader(dataset, batch_size=unique * G, sampler=sampler, collate_fn=_keep_rows, num_workers=0)
+        return self.accelerator.prepare(loader)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Generate and score the eval prompts (rewards, lengths go to the eval metrics) and report the loss."""
+        batch = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, batch)
+        return loss.detach(), None, None
+
     def _get_num_items_in_batch(self, batch_samples, device):
         return None  # the global normaliser is known only after generation: each micro-batch carries num_items
 

@@ -1,0 +1,102 @@
+"""`OnlineDPOConfig`: options of Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI
+Feedback"), named as TRL names them. Generation, reward and batching options are GRPOConfig's.
+
+Differences from GRPOConfig: num_generations is 2 (one pair per prompt) and must stay 2; `loss_type` is a DPO
+loss (sigmoid, ipo); `beta` is DPO's β and may be a list (one value per epoch, the last one reused after it);
+`temperature` defaults to 0.9 as in TRL. GRPO's policy-gradient options (epsilon, epsilon_high, delta,
+importance_sampling_level, sapo_*, scale_rewards, multi_objective_aggregation, top_entropy_quantile) have no
+effect here; `mask_truncated_completions` is refused (use `missing_eos_penalty`).
+
+Batch sizes count completions, as in every posttrain online trainer: per_device_train_batch_size=8 trains on 4
+pairs per micro-step (TRL's Online DPO counts prompts, so double TRL's value to get the same batch).
+
+Not here: the losses (`losses/preference.py`), the trainer (`trainers/online_dpo.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from posttrain.compat import accept_legacy_arguments
+from posttrain.configs.base import check
+from posttrain.configs.grpo import GRPOConfig, _has_vllm
+from posttrain.losses.preference import DPO_LOSSES
+
+# Losses that make sense on one sampled pair per prompt, as TRL's Online DPO offers them.
+ONLINE_DPO_LOSS_TYPES = ("sigmoid", "ipo")
+assert set(ONLINE_DPO_LOSS_TYPES) <= set(DPO_LOSSES)
+
+
+class BetaSchedule(list):
+    """β per epoch (epoch e uses entry min(e, last)). It compares like its smallest entry, so code shared with
+    other online trainers that asks `args.beta > 0` ("is a reference model needed?") works unchanged."""
+
+    def __gt__(self, other):
+        return min(self) > other if isinstance(other, (int, float)) else list.__gt__(self, other)
+
+    def __ge__(self, other):
+        return min(self) >= other if isinstance(other, (int, float)) else list.__ge__(self, other)
+
+    def at_epoch(self, epoch: float) -> float:
+        return float(self[min(int(epoch), len(self) - 1)])
+
+
+@accept_legacy_arguments
+@dataclass
+class OnlineDPOConfig(GRPOConfig):
+    """Configuration of `OnlineDPOTrainer` (every `transformers.TrainingArguments` and generation/reward option of
+    `GRPOConfig` is accepted too)."""
+
+    learning_rate: float = field(default=5e-7, metadata={"help": "Initial AdamW learning rate."})
+    num_generations: int = field(default=2, metadata={"help": "Completions per prompt: always 2 (one pair)."})
+    max_completion_length: int = field(default=64, metadata={"help": "Most tokens generated per completion."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "TRL's name for max_completion_length "
+                                       "(sets it when given)."})
+    temperature: float = field(default=0.9, metadata={"help": "Sampling temperature (the DPO log-probs are the "
+                               "model's own, at temperature 1)."})
+    beta: list[float] = field(default_factory=lambda: [0.1], metadata={
+        "help": "DPO's β (τ for ipo): strength of the pull towards the reference. Several values = one per epoch, "
+                "the last reused after."})
+    loss_type: str = field(default="sigmoid", metadata={"help": "One of: " + ", ".join(ONLINE_DPO_LOSS_TYPES) + ".",
+                                                        "choices": list(ONLINE_DPO_LOSS_TYPES)})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the score of a "
+                                              "completion that ends without EOS (e.g. 1.0), before the pair is "
+                                              "ranked."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in policy and reference."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.beta, (list, tuple)):
+            values = [float(b) for b in self.beta]
+            check(len(values) > 0, "beta is an empty list; give one value (e.g. 0.1) or one per epoch.")
+            self.beta = values[0] if len(values) == 1 else BetaSchedule(values)
+        if self.max_new_tokens is not None:
+            self.max_completion_length = self.max_new_tokens
+            self.max_new_tokens = None  # consumed: a saved config then round-trips through max_completion_length
+        super().__post_init__()
+
+    def validate(self) -> None:
+        check(self.num_generations == 2, f"Online DPO ranks one pair of completions per prompt: num_generations "
+                                         f"must be 2, got {self.num_generations}; remove num_generations or set 2.")
+        check(self.loss_type in ONLINE_DPO_LOSS_TYPES,
+              f"Unknown loss_type {self.loss_type!r} for Online DPO; choose one of: "
+              f"{', '.join(ONLINE_DPO_LOSS_TYPES)}.")
+        betas = self.beta if isinstance(self.beta, list) else [self.beta]
+        check(all(b > 0 for b in betas), f"beta must be > 0 (every entry of a schedule), got {self.beta}.")
+        check(self.per_device_train_batch_size % 2 == 0,
+              f"per_device_train_batch_size counts completions (2 per prompt) and must be even so that a pair is "
+              f"never split, got {self.per_device_train_batch_size}; TRL counts prompts: double TRL's value.")
+        check(not self.mask_truncated_completions, "mask_truncated_completions does not apply to Online DPO (a pair "
+                                                   "needs both completions); use missing_eos_penalty=1.0 instead.")
+        check(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
+              f"missing_eos_penalty must be >= 0 (it is subtracted), got {self.missing_eos_penalty}.")
+        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}.")
+        check(self.max_completion_length > 0, f"max_completion_length must be > 0, got {self.max_completion_length}.")
+        check(self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}.")
+        check(not self.use_vllm or _has_vllm(), "use_vllm=True needs the vllm package (pip install "
+                                                "'posttrain[vllm]') and a CUDA GPU.")
+
+    def to_flat_dict(self):
+        out = super().to_flat_dict()
+        if isinstance(self.beta, BetaSchedule):
+            out["beta"] = list(self.beta)  # YAML's safe dumper knows plain lists only
+        return out

@@ -1,0 +1,219 @@
+"""`OnlineDPOTrainer`: Online DPO / OAIF (Guo et al. 2024, "Direct Language Model Alignment from Online AI
+Feedback", Algorithm 1) — sample two completions per prompt from the current policy, let the reward functions
+(or reward models) pick the preferred one, and take a DPO step on that fresh pair.
+
+Per generation batch (the shared cycle of `trainers/online.py`): generate 2 completions per prompt → score them
+(weighted sum of the reward functions, minus `missing_eos_penalty` for a completion without EOS) → the higher
+score is chosen → reference log-probs → the pairs are shuffled (as pairs) into micro-batches laid out like offline
+DPO's, [chosen rows; rejected rows]. The loss is `DPO_LOSSES[loss_type]` — the very function offline DPO uses — on
+summed completion log-probs of policy and reference, averaged over the pairs of everything one optimizer step
+trains on (all micro-batches, all processes).
+
+Decisions, and where they differ from TRL's OnlineDPOTrainer:
+* Tied scores (and pairs where a score is NaN because no reward function applied) carry no preference: they are
+  left out of the loss and of its normaliser (TRL makes the first completion "chosen"). `frac_tied_pairs` logs how
+  many. All-tied batches give loss 0.
+* Log-probs are the model's own (temperature 1), as in TRL's Online DPO: `temperature` only shapes sampling.
+* `ipo` is length-normalised, as in offline DPO here and in TRL's DPOTrainer (TRL's Online DPO uses sums).
+* Batch sizes count completions (2 per prompt), as in every posttrain online trainer.
+* LLM judges (`judge=`) are not supported: use a reward function or reward model.
+
+Not here: generation, scoring and the rollout cycle (`trainers/online.py`), loss maths (`losses/preference.py`),
+reference creation and the PEFT adapter-off switch (`models/reference.py`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from posttrain.configs.online_dpo import BetaSchedule, OnlineDPOConfig
+from posttrain.losses.preference import DPO_LOSSES
+from posttrain.losses.reduce import global_sum_reduce
+from posttrain.models import reference
+from posttrain.models.logprobs import completion_logps
+from posttrain.trainers.online import OnlineTrainer
+
+
+class OnlineDPOTrainer(OnlineTrainer):
+    """Same call form as TRL's: `OnlineDPOTrainer(model, ref_model=None, reward_funcs=..., args=OnlineDPOConfig(...),
+    train_dataset=...)`; TRL's older `reward_model=` (and `reward_processing_class=`) still work."""
+
+    config_class = OnlineDPOConfig
+    method_name = "OnlineDPO"
+    summary_metrics = (("loss", "loss"), ("objective/scores", "score"), ("rewards/margins", "margin"))
+
+    def __init__(self, model, ref_model=None, reward_funcs=None, args: OnlineDPOConfig | None = None,
+                 train_dataset=None, eval_dataset=None, processing_class=None, reward_processing_classes=None,
+                 peft_config=None, **kwargs: Any):
+        if kwargs.pop("judge", None) is not None:
+            raise ValueError("OnlineDPOTrainer does not support judges (judge=...); score completions with "
+                             "reward_funcs=... (a function, a built-in reward name or a reward model).")
+        reward_model = kwargs.pop("reward_model", None)
+        if reward_model is not None:
+            warnings.warn("OnlineDPOTrainer(reward_model=...) is deprecated; use reward_funcs=... (it takes reward "
+                          "models too).", FutureWarning, stacklevel=2)
+            reward_funcs = [reward_model] + _as_list(reward_funcs)
+            legacy_tokenizer = kwargs.pop("reward_processing_class", None)
+            if legacy_tokenizer is not None and reward_processing_classes is None:
+                reward_processing_classes = [legacy_tokenizer] + [None] * (len(reward_funcs) - 1)
+        super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         reward_processing_classes=reward_processing_classes, peft_config=peft_config, **kwargs)
+        if ref_model is not None:
+            self._use_given_reference(ref_model)
+
+    def _use_given_reference(self, ref_model) -> None:
+        """Replace the reference the shared base made (a copy, or none for PEFT) by the one the user passed."""
+        if isinstance(ref_model, str):
+            from posttrain.models.loading import load_pretrained_model
+
+            ref_model = load_pretrained_model(ref_model, None, **(self.args.model_init_kwargs or {}))
+        if self.args.disable_dropout:
+            from posttrain.models.loading import disable_dropout
+
+            disable_dropout(ref_model)
+        self.ref_model = reference.freeze(ref_model).to(self.args.device)
+        for callback in self.callback_handler.callbacks:  # TR-DPO sync must mix into the reference in use
+            if isinstance(callback, reference.SyncReferenceCallback):
+                callback.ref_model = self.ref_model
+
+    @property
+    def beta(self) -> float:
+        """β of the current epoch (a list in the config is a per-epoch schedule)."""
+        beta = self.args.beta
+        return beta.at_epoch(self.state.epoch or 0) if isinstance(beta, BetaSchedule) else float(beta)
+
+    # ---- rollout hooks -------------------------------------------------------------------------------------------
+    def needs_old_logps(self) -> bool:
+        return False  # the DPO loss has no importance ratio
+
+    def advantages(self, rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Online DPO has no advantages: this returns each completion's score (N,), the weighted reward sum minus
+        `missing_eos_penalty` when it has no EOS. `_split` ranks each pair by it (the completions table shows it)."""
+        scores = self.reward_runner.weighted_sum(rewards)
+        contains_eos = self._contains_eos(batch)
+        if self.args.missing_eos_penalty is not None:
+            scores = scores - self.args.missing_eos_penalty * (~contains_eos).to(scores.dtype)
+        pairs = scores.view(-1, 2)
+        known = ~pairs.isnan().any(-1)
+        self.record_metrics({
+            "objective/scores": scores.nanmean(),
+            "objective/scores_margin": (pairs[known].max(-1).values - pairs[known].min(-1).values).mean()
+            if known.any() else 0.0,
+            "val/contain_eos_token": contains_eos.float().mean(),
+            "frac_tied_pairs": (~_decided(pairs)).float().mean(),
+        })
+        return scores
+
+    def _contains_eos(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N,) bool: the completion ended with an EOS token (of the tokenizer or the model's generation config)."""
+        mask = batch["completion_mask"].bool()
+        completion_ids = batch["input_ids"][:, -mask.shape[1]:]
+        eos_ids = set(_as_list(self.processing_class.eos_token_id))
+        config = getattr(self.accelerator.unwrap_model(self.model), "generation_config", None)
+        eos_ids |= set(_as_list(getattr(config, "eos_token_id", None)))
+        is_eos = torch.zeros_like(mask)
+        for eos in eos_ids - {None}:
+            is_eos |= completion_ids == eos
+        return (is_eos & mask).any(-1)
+
+    def _split(self, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        """Micro-batches of whole pairs, each laid out [chosen rows; rejected rows], with `pair_weight` (P,) 1 for
+        a pair that enters the loss (0 when tied) and `num_items` = such pairs per optimizer step, all processes."""
+        scores = batch["advantages"].view(-1, 2)
+        num_pairs = scores.shape[0]
+        device = scores.device
+        second_wins = (scores[:, 1] > scores[:, 0]).long()
+        first = torch.arange(num_pairs, device=device) * 2
+        chosen, rejected = first + second_wins, first + 1 - second_wins
+        decided = _decided(scores).float()
+        num_items = decided.sum()
+        if self.model.training:
+            if self.args.world_size > 1:
+                num_items = self.accelerator.gather(num_items.reshape(1)).sum()
+            num_items = num_items * self.args.gradient_accumulation_steps / self.args.steps_per_generation
+            order = torch.randperm(num_pairs, device=device)
+            size = self.args.per_device_train_batch_size // 2
+        else:
+            order, size = torch.arange(num_pairs, device=device), num_pairs
+        parts = []
+        for start in range(0, num_pairs, size):
+            idx = order[start:start + size]
+            rows = torch.cat([chosen[idx], rejected[idx]])
+            part = {k: v[rows] for k, v in batch.items()}
+            part["pair_weight"], part["num_items"] = decided[idx], num_items
+            parts.append(part)
+        return parts
+
+    # ---- loss ------------------------------------------------------------------------------------------------
+    def completion_logps(self, model, batch: dict[str, torch.Tensor], with_logits: bool = False):
+        """(logps (B, C), output) at temperature 1: DPO's implicit reward compares the model's own distributions.
+        Same inputs as the shared method, which scales by the sampling temperature."""
+        mask = batch["completion_mask"]
+        prompt_len = batch["input_ids"].shape[1] - mask.shape[1]
+        labels = batch["input_ids"].clone()
+        labels[:, :prompt_len] = -100
+        labels[:, prompt_len:][mask == 0] = -100
+        position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        out = completion_logps(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                                       "position_ids": position_ids, "labels": labels})
+        logps = out["logps"]
+        if logps.shape[1] < mask.shape[1]:
+            logps = torch.nn.functional.pad(logps, (0, mask.shape[1] - logps.shape[1]))
+        return logps, out
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        beta = self.beta
+        logps, _ = self.completion_logps(model, inputs)
+        mask = inputs["completion_mask"].to(logps.dtype)
+        policy = (logps * mask).sum(-1)  # (2P,) chosen rows first
+        ref = (inputs["ref_logps"] * mask).sum(-1)
+        lengths = mask.sum(-1)
+        half = policy.shape[0] // 2
+        chosen_logratios, rejected_logratios = policy[:half] - ref[:half], policy[half:] - ref[half:]
+        per_pair, extra = DPO_LOSSES[self.args.loss_type](
+            chosen_scores=chosen_logratios, rejected_scores=rejected_logratios,
+            chosen_logratios=chosen_logratios, rejected_logratios=rejected_logratios,
+            policy_chosen_logps=policy[:half], policy_rejected_logps=policy[half:], ref_chosen_logps=ref[:half],
+            ref_rejected_logps=ref[half:], chosen_lengths=lengths[:half], rejected_lengths=lengths[half:], beta=beta)
+        weight = inputs["pair_weight"]
+        per_pair = torch.where(weight > 0, per_pair * weight, torch.zeros_like(per_pair))
+        loss = global_sum_reduce(per_pair, inputs["num_items"].clamp(min=1), self.accelerator.num_processes)
+        self._record_step_metrics(policy.detach(), ref, inputs, beta, weight, extra)
+        return (loss, {}) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record_step_metrics(self, policy, ref, inputs, beta, weight, extra) -> None:
+        """TRL's Online DPO metrics: objective/* over every completion, rewards/* and logps/* over ranked pairs."""
+        kl = policy - ref  # Σ_t (log π − log π_ref) per completion
+        non_score = -beta * kl
+        scores = inputs["advantages"]
+        self.record_metrics({"objective/kl": kl.mean(), "objective/entropy": -policy.mean(),
+                             "objective/non_score_reward": non_score.mean(),
+                             "objective/rlhf_reward": (scores + non_score).nanmean(), "beta": beta},
+                            weight=policy.shape[0])
+        ranked = weight > 0
+        if not ranked.any():
+            return
+        half = policy.shape[0] // 2
+        chosen, rejected = beta * kl[:half][ranked], beta * kl[half:][ranked]
+        self.record_metrics({"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+                             "rewards/accuracies": (chosen > rejected).float().mean(),
+                             "rewards/margins": (chosen - rejected).mean(),
+                             "logps/chosen": policy[:half][ranked].mean(),
+                             "logps/rejected": policy[half:][ranked].mean(), **extra},
+                            weight=float(ranked.sum()))
+
+
+def _decided(pairs: torch.Tensor) -> torch.Tensor:
+    """(P,) bool: the pair (P, 2) of scores has a preference (different, neither NaN)."""
+    return (pairs[:, 0] != pairs[:, 1]) & ~pairs.isnan().any(-1)
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
