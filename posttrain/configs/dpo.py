@@ -8,16 +8,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.compat import accept_legacy_arguments
-from posttrain.configs.base import PostTrainConfig, check
+from posttrain.configs.anchored import ReferenceAnchoredConfig
+from posttrain.configs.base import check
 from posttrain.losses.preference import DPO_LOSSES, F_DIVERGENCES
 
 
 @accept_legacy_arguments
 @dataclass
-class DPOConfig(PostTrainConfig):
+class DPOConfig(ReferenceAnchoredConfig):
     """Configuration of `DPOTrainer` (every `transformers.TrainingArguments` field is accepted too)."""
 
-    learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate."})
     beta: float = field(default=0.1, metadata={"help": "Strength of the pull towards the reference model (DPO's β; "
                         "τ for IPO)."})
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={
@@ -34,23 +34,8 @@ class DPOConfig(PostTrainConfig):
     ld_alpha: float | None = field(default=None, metadata={"help": "LD-DPO: weight of tokens past the shorter "
                                    "completion's length (1 = plain DPO)."})
     discopop_tau: float = field(default=0.05, metadata={"help": "Temperature of the discopop loss."})
-    max_length: int | None = field(default=1024, metadata={"help": "Longest prompt + completion, in tokens."})
-    max_prompt_length: int | None = field(default=None, metadata={"help": "Longest prompt; longer prompts keep "
-                                          "their last tokens."})
-    max_completion_length: int | None = field(default=None, metadata={"help": "Longest completion."})
     truncation_mode: str = field(default="keep_start", metadata={"help": "keep_start (completions are cut at "
                                  "the end).", "choices": ["keep_start", "keep_end"]})
-    precompute_ref_log_probs: bool = field(default=False, metadata={"help": "Compute reference log-probs once "
-                                           "before training (cached on disk) and hold no reference model."})
-    precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Batch size of that pass."})
-    sync_ref_model: bool = field(default=False, metadata={"help": "TR-DPO: mix the policy into the reference "
-                                 "every ref_model_sync_steps steps."})
-    ref_model_sync_steps: int = field(default=512, metadata={"help": "Steps between reference updates."})
-    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "ref ← α·policy + (1−α)·ref."})
-    disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in policy and reference."})
-    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple of this."})
-    pad_token: str | None = field(default=None, metadata={"help": "Padding token (default: the tokenizer's, "
-                                  "else its EOS)."})
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):

@@ -13,37 +13,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.compat import accept_legacy_arguments
-from posttrain.configs.base import PostTrainConfig, check
+from posttrain.configs.anchored import ReferenceAnchoredConfig
+from posttrain.configs.base import check
 from posttrain.losses.kto import KTO_LOSSES, USES_KL_BASELINE
 
 
 @accept_legacy_arguments
 @dataclass
-class KTOConfig(PostTrainConfig):
+class KTOConfig(ReferenceAnchoredConfig):
     """Configuration of `KTOTrainer` (every `transformers.TrainingArguments` field is accepted too)."""
 
-    learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate."})
-    beta: float = field(default=0.1, metadata={"help": "Strength of the pull towards the reference model (β)."})
     loss_type: str = field(default="kto", metadata={"help": "One of: " + ", ".join(KTO_LOSSES) + ".",
                                                     "choices": list(KTO_LOSSES)})
     desirable_weight: float = field(default=1.0, metadata={"help": "λ_D, weight of desirable examples' losses."})
     undesirable_weight: float = field(default=1.0, metadata={"help": "λ_U, weight of undesirable examples' losses. "
                                       "The KTO paper recommends λ_D·n_D / (λ_U·n_U) in [1, 4/3]."})
-    max_length: int | None = field(default=1024, metadata={"help": "Longest prompt + completion, in tokens."})
-    max_prompt_length: int | None = field(default=None, metadata={"help": "Longest prompt; longer prompts keep "
-                                          "their last tokens."})
-    max_completion_length: int | None = field(default=None, metadata={"help": "Longest completion."})
-    precompute_ref_log_probs: bool = field(default=False, metadata={"help": "Compute reference log-probs once "
-                                           "before training (cached on disk) and hold no reference model."})
-    precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Batch size of that pass."})
-    sync_ref_model: bool = field(default=False, metadata={"help": "TR-DPO-style: mix the policy into the "
-                                 "reference every ref_model_sync_steps steps."})
-    ref_model_sync_steps: int = field(default=512, metadata={"help": "Steps between reference updates."})
-    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "ref ← α·policy + (1−α)·ref."})
-    disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in policy and reference."})
-    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple of this."})
-    pad_token: str | None = field(default=None, metadata={"help": "Padding token (default: the tokenizer's, "
-                                  "else its EOS)."})
 
     def validate(self) -> None:
         check(self.loss_type in KTO_LOSSES,

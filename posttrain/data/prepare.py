@@ -136,6 +136,32 @@ def _drop_report(before: int, after: int, name: str, why: str, fix: str) -> None
         raise ValueError(f"Every {name} example was dropped ({why}). {fix}")
 
 
+def _has_limits(args) -> bool:
+    return any(getattr(args, k, None) is not None for k in ("max_prompt_length", "max_length",
+                                                              "max_completion_length"))
+
+
+def _limits(args) -> dict[str, int | None]:
+    """The truncation limits as plain values (so dataset fingerprints, and caches keyed by them, depend only on
+    these, not on unrelated options such as output_dir)."""
+    return {k: getattr(args, k, None) for k in ("max_prompt_length", "max_length", "max_completion_length")}
+
+
+def _truncate_pair_row(example, keys: tuple[str, ...], max_prompt_length: int | None, max_length: int | None,
+                       max_completion_length: int | None) -> dict[str, list[int]]:
+    """Prompt keeps its last max_prompt_length tokens (the question and the generation prompt); each completion
+    keeps its first max_completion_length tokens and is cut so prompt + completion fits max_length."""
+    prompt = example["prompt_ids"]
+    max_prompt, max_completion = max_prompt_length, max_completion_length
+    if max_prompt is not None and len(prompt) > max_prompt:
+        prompt = prompt[-max_prompt:]
+    out = {"prompt_ids": prompt}
+    for key in keys:
+        ids = example[key][:max_completion] if max_completion else example[key]
+        out[key] = ids[: max(max_length - len(prompt), 0)] if max_length else ids
+    return out
+
+
 def prepare_preference_dataset(dataset, tokenizer, args, name: str = "train", who: str = "DPOTrainer",
                                joint: bool = False):
     """Tokenise (prompt, chosen, rejected) rows into prompt_ids / chosen_ids / rejected_ids (joint: prompt + each
@@ -164,27 +190,14 @@ def prepare_preference_dataset(dataset, tokenizer, args, name: str = "train", wh
     remove = [c for c in dataset.column_names or columns if c not in extra]
     dataset = dataset.map(one, remove_columns=remove, num_proc=args.dataset_num_proc,
                           desc=f"Tokenizing {name} dataset" if isinstance(dataset, datasets.Dataset) else None)
-    max_prompt = getattr(args, "max_prompt_length", None)
-    max_length = getattr(args, "max_length", None)
-    max_completion = getattr(args, "max_completion_length", None)
-
-    def cut(example):
-        prompt = example["prompt_ids"]
-        if max_prompt is not None and len(prompt) > max_prompt:
-            prompt = prompt[-max_prompt:]  # keep the end: the question and the generation prompt
-        out = {"prompt_ids": prompt}
-        for key in ("chosen_ids", "rejected_ids"):
-            ids = example[key][:max_completion] if max_completion else example[key]
-            out[key] = ids[: max(max_length - len(prompt), 0)] if max_length else ids
-        return out
-
-    if max_prompt is not None or max_length is not None or max_completion is not None:
-        dataset = dataset.map(cut, num_proc=args.dataset_num_proc)
+    if _has_limits(args):
+        dataset = dataset.map(_truncate_pair_row, num_proc=args.dataset_num_proc,
+                              fn_kwargs={"keys": ("chosen_ids", "rejected_ids"), **_limits(args)})
     if isinstance(dataset, datasets.Dataset):
         before = len(dataset)
         dataset = dataset.filter(lambda ex: len(ex["chosen_ids"]) > 0 and len(ex["rejected_ids"]) > 0,
                                  num_proc=args.dataset_num_proc)
-        _drop_report(before, len(dataset), name, f"prompt fills max_length={max_length}",
+        _drop_report(before, len(dataset), name, f"prompt fills max_length={args.max_length}",
                      "Raise max_length or set max_prompt_length below it.")
     return dataset
 
@@ -234,19 +247,10 @@ def prepare_unpaired_dataset(dataset, tokenizer, args, name: str = "train", who:
     remove = [c for c in dataset.column_names or columns if c not in extra]
     dataset = dataset.map(one, remove_columns=remove, **_desc(dataset, f"Tokenizing {name} dataset",
                                                                 args.dataset_num_proc))
-    max_prompt = getattr(args, "max_prompt_length", None)
     max_length = getattr(args, "max_length", None)
-    max_completion = getattr(args, "max_completion_length", None)
-
-    def cut(example):
-        prompt = example["prompt_ids"]
-        if max_prompt is not None and len(prompt) > max_prompt:
-            prompt = prompt[-max_prompt:]  # keep the end: the question and the generation prompt
-        ids = example["completion_ids"][:max_completion] if max_completion else example["completion_ids"]
-        return {"prompt_ids": prompt, "completion_ids": ids[: max(max_length - len(prompt), 0)] if max_length else ids}
-
-    if max_prompt is not None or max_length is not None or max_completion is not None:
-        dataset = dataset.map(cut, **_desc(dataset, None, args.dataset_num_proc))
+    if _has_limits(args):
+        dataset = dataset.map(_truncate_pair_row, fn_kwargs={"keys": ("completion_ids",), **_limits(args)},
+                              **_desc(dataset, None, args.dataset_num_proc))
     if isinstance(dataset, datasets.Dataset):
         before = len(dataset)
         dataset = dataset.filter(lambda ex: len(ex["completion_ids"]) > 0, num_proc=args.dataset_num_proc)
