@@ -27,6 +27,8 @@ _LAZY = {
     "GRPOConfig": "posttrain.configs.grpo",
     "RLOOTrainer": "posttrain.trainers.rloo",
     "RLOOConfig": "posttrain.configs.rloo",
+    "PPOTrainer": "posttrain.trainers.ppo",
+    "PPOConfig": "posttrain.configs.ppo",
     "OnlineDPOTrainer": "posttrain.trainers.online_dpo",
     "OnlineDPOConfig": "posttrain.configs.online_dpo",
     "ModelConfig": "posttrain.configs.script",

@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
              "group relative policy optimisation (dapo, grpo, dr_grpo, bnpo, cispo, sapo, GSPO)"),
     "rloo": ("posttrain.configs.rloo:RLOOConfig", "posttrain.trainers.rloo:RLOOTrainer",
              "REINFORCE leave-one-out"),
+    "ppo": ("posttrain.configs.ppo:PPOConfig", "posttrain.trainers.ppo:PPOTrainer",
+            "PPO with a value model, GAE and a KL-penalised reward"),
     "online_dpo": ("posttrain.configs.online_dpo:OnlineDPOConfig", "posttrain.trainers.online_dpo:OnlineDPOTrainer",
                    "online DPO: two sampled completions per prompt ranked by reward"),
 }

@@ -9,6 +9,7 @@ the policy and the critic as two ordinary checkpoints).
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -30,23 +31,29 @@ def load_value_model(name_or_path: str, **init_kwargs: Any) -> torch.nn.Module:
 
 
 def value_model_from_policy(policy: torch.nn.Module, init_kwargs: dict | None = None) -> torch.nn.Module:
-    """The default critic: the policy's checkpoint (its base model under PEFT) with a fresh scalar head. A policy
-    built in memory (no checkpoint path) gets a critic of the same config with the policy's backbone weights."""
+    """The default critic: a copy of the policy's backbone (its base model under PEFT, as the weights are now, not
+    as its checkpoint holds them) under a new scalar head. Where the backbone cannot be copied (e.g. quantised
+    weights), the policy's checkpoint is loaded instead."""
     from transformers import AutoModelForSequenceClassification
 
     base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-    path = getattr(base.config, "_name_or_path", "")
-    if path:
-        try:
-            return load_value_model(path, **(init_kwargs or {}))
-        except (ValueError, OSError) as e:
-            logger.warning("Could not load a value model from %r (%s); copying the policy's backbone.", path, e)
-    value = AutoModelForSequenceClassification.from_config(base.config, num_labels=1)
-    prefix = value.base_model_prefix
-    backbone = getattr(base, prefix, None)
-    if backbone is not None:
-        getattr(value, prefix).load_state_dict(backbone.state_dict(), strict=False)
-    return value.to(next(base.parameters()).dtype)
+    config = copy.deepcopy(base.config)
+    config.num_labels = 1
+    value = AutoModelForSequenceClassification.from_config(config)
+    backbone = getattr(base, value.base_model_prefix, None)
+    try:
+        if backbone is None:
+            raise ValueError(f"{type(base).__name__} has no {value.base_model_prefix!r} backbone")
+        getattr(value, value.base_model_prefix).load_state_dict(backbone.state_dict())
+    except (ValueError, RuntimeError) as e:
+        path = getattr(base.config, "_name_or_path", "")
+        if not path:
+            raise ValueError(f"Cannot build a value model from the policy ({e}); pass value_model=... or set "
+                             "value_model_name_or_path.") from e
+        logger.info("Loading the value model from %r (%s).", path, e)
+        return load_value_model(path, **(init_kwargs or {}))
+    parameter = next(base.parameters())
+    return value.to(device=parameter.device, dtype=parameter.dtype)
 
 
 def value_head(value_model: torch.nn.Module) -> torch.nn.Module:
@@ -111,9 +118,21 @@ class PolicyAndValue(torch.nn.Module):
     def generate(self, *args: Any, **kwargs: Any):
         return self.policy.generate(*args, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    def activation_checkpointing_enable(self, **kwargs: Any) -> None:
         for module in (self.policy, self.value_model):
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+            module.activation_checkpointing_enable(**kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        for module in (self.policy, self.value_model):
+            module.activation_checkpointing_disable()
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:  # the older name
+        for module in (self.policy, self.value_model):
+            module.gradient_checkpointing_enable(**kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
         for module in (self.policy, self.value_model):

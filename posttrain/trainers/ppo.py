@@ -1,0 +1,354 @@
+"""`PPOTrainer`: classic RLHF PPO with a learned critic (Schulman et al. 2017; Ziegler et al. 2019; the "N
+implementation details of RLHF with PPO" recipe that TRL's PPOTrainer follows).
+
+One rollout (per_device × GA × num_mini_batches completions) is generated and scored by the shared online
+machinery (`trainers/online.py`); this module then turns it into per-token targets:
+  r_t = −kl_coef·kl_t (policy vs reference log-probs, k1 or k3), plus the score (reward functions / reward model,
+  minus missing_eos_penalty without EOS) on the last completion token; optionally whitened (scale only);
+  V_t = the critic's value of the state before token t (old values, no grad);
+  Â, R = GAE(γ, λ) (R = Â + V); Â whitened over the rollout's completion tokens.
+It trains num_ppo_epochs passes over the rollout, each reshuffled into num_mini_batches optimizer steps, on
+  pg + vf_coef·vf: the clipped surrogate and the clipped value loss, both means over the mini-batch's tokens.
+
+The policy and the critic are one `PolicyAndValue` module for the Hugging Face Trainer, so its optimizer, gradient
+clipping, distributed wrapping and checkpoints cover both; `save_model` writes the policy as an ordinary causal LM
+in output_dir and the critic in output_dir/value_model.
+
+Deviations from TRL: the score sits on the last completion token (TRL: one position past it, with the value mask
+widened by one); losses are token means over the whole mini-batch, not means of micro-batch means; `global_step`
+counts optimizer steps (TRL counts rollouts); `val/ratio_var` is the per-token variance of the ratio.
+
+Not here: generation, reward calls and rollout metrics (`trainers/online.py`), GAE and whitening
+(`algorithms/advantages.py`), the per-token losses (`losses/value.py`), the critic (`models/value.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from posttrain import compat
+from posttrain.algorithms.advantages import gae, whiten
+from posttrain.configs.ppo import PPOConfig
+from posttrain.losses.kl import KL_ESTIMATORS
+from posttrain.losses.value import clipped_value_loss, ppo_policy_loss
+from posttrain.models import loading, reference
+from posttrain.models.logprobs import IGNORE_INDEX, entropy_from_logits, forward_target_logits, selective_logps
+from posttrain.models.value import PolicyAndValue, load_value_model, token_values, value_model_from_policy
+from posttrain.trainers.online import OnlineTrainer
+
+_TRAINER_ARGUMENTS = ("compute_metrics", "callbacks", "optimizers", "preprocess_logits_for_metrics")
+
+
+class PPOTrainer(OnlineTrainer):
+    """`PPOTrainer(model, reward_funcs=..., args=PPOConfig(...), train_dataset=..., value_model=None,
+    ref_model=None, processing_class=None, peft_config=None)`; `reward_model=` (TRL's name) is a reward function
+    too. The older form `PPOTrainer(config=..., model=..., ref_model=..., tokenizer=..., dataset=...,
+    data_collator=...)` still works, with one FutureWarning per renamed argument."""
+
+    config_class = PPOConfig
+    method_name = "PPO"
+    summary_metrics = (("objective/scores", "score"), ("objective/kl", "kl"), ("loss/value_avg", "value loss"))
+
+    def __init__(self, model=None, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None,
+                 value_model=None, ref_model=None, processing_class=None, reward_processing_classes=None,
+                 peft_config=None, reward_model=None, **kwargs: Any):
+        name = type(self).__name__
+        args, train_dataset = _legacy_arguments(name, args, train_dataset, kwargs)
+        trainer_kwargs = {k: kwargs.pop(k) for k in _TRAINER_ARGUMENTS if k in kwargs}
+        args, processing_class = compat.resolve_trainer_arguments(name, PPOConfig, args, processing_class, kwargs)
+        model = model if model is not None else args.sft_model_path
+        if model is None:
+            raise ValueError(f"{name} needs a model: PPOTrainer(model='name or path' or a loaded causal LM).")
+        reward_funcs = _reward_entries(reward_funcs, reward_model, args)
+        super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, reward_processing_classes=reward_processing_classes,
+                         peft_config=peft_config, **trainer_kwargs)
+        args, policy = self.args, self.model
+        if ref_model is not None:
+            self.ref_model = reference.freeze(ref_model).to(args.device)
+        elif args.kl_coef > 0 and not reference.is_peft_model(policy):
+            self.ref_model = reference.create_reference_model(policy, model if isinstance(model, str) else None,
+                                                              args.model_init_kwargs).to(args.device)
+        self.model = self.model_wrapped = PolicyAndValue(policy, self._value_model(value_model)).to(args.device)
+        self.callback_handler.model = self.model
+        self.reward_runner.to(args.device)
+        self._rollout: dict[str, Any] = {}
+        self._truncated: torch.Tensor | None = None
+        self._episodes, self._start_time = 0, None
+
+    def _value_model(self, value_model) -> torch.nn.Module:
+        args = self.args
+        if value_model is None and args.value_model_name_or_path:
+            value_model = args.value_model_name_or_path
+        if isinstance(value_model, str):
+            value_model = load_value_model(value_model, **(args.model_init_kwargs or {}))
+        elif value_model is None:
+            value_model = value_model_from_policy(self.model, args.model_init_kwargs)
+        if args.disable_dropout:
+            loading.disable_dropout(value_model)
+        if getattr(value_model.config, "pad_token_id", None) is None:  # so the saved critic also scores batches
+            value_model.config.pad_token_id = getattr(self.processing_class, "tokenizer",
+                                                      self.processing_class).pad_token_id
+        return value_model.train()
+
+    # ---- data ---------------------------------------------------------------------------------------------------
+    def prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args):
+        """Prompt-only data; also TRL's PPO forms: a `query` text column, or prompts already tokenised as
+        `input_ids` (decoded here, then re-tokenised with the rest of the rollout machinery)."""
+        def to_prompts(dataset, name):
+            columns = list(getattr(dataset, "column_names", None) or [])
+            if "prompt" in columns or not columns:
+                return dataset
+            if "query" in columns:
+                return dataset.rename_column("query", "prompt")
+            if "input_ids" in columns:
+                tok = getattr(tokenizer, "tokenizer", tokenizer)
+                return dataset.map(lambda row: {"prompt": _decode_prompt(tok, row["input_ids"])})
+            return dataset
+
+        train_dataset, eval_dataset = self.map_datasets(train_dataset, eval_dataset, to_prompts)
+        return super().prepare_datasets(train_dataset, eval_dataset, tokenizer, args)
+
+    # ---- rollout ------------------------------------------------------------------------------------------------
+    def needs_old_logps(self) -> bool:
+        return True  # the KL penalty in the reward and the ratio of the first pass both use them
+
+    def advantages(self, rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The scalar score of each completion (weighted sum of the reward functions; unscorable → 0). PPO's
+        advantages are per token and need the values, the reference and whether each completion ended with EOS:
+        `_split`, which runs after the rollout is recorded, computes them."""
+        return torch.nan_to_num(self.reward_runner.weighted_sum(rewards), nan=0.0)
+
+    def _record_rollout(self, rollout, completion_mask: torch.Tensor) -> None:
+        self._truncated = rollout.is_truncated
+        super()._record_rollout(rollout, completion_mask)
+        if self.args.num_generations == 1:  # no groups: group statistics are undefined
+            store = self._metrics["train" if self.model.training else "eval"]
+            store.pop("reward_std", None)
+            store.pop("frac_reward_zero_std", None)
+
+    @torch.no_grad()
+    def _split(self, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        """The scored rollout (OnlineTrainer calls this last) → PPO's per-token targets, as one batch; the
+        mini-batches of each PPO epoch are cut from it in `_prepare_inputs`."""
+        args = self.args
+        container = self.accelerator.unwrap_model(self.model)
+        mask = batch["completion_mask"]
+        m = mask.float()
+        scores = batch.pop("advantages")  # what `advantages` returned
+        truncated = self._truncated.to(scores.device)
+        if args.missing_eos_penalty is not None:
+            scores = scores - args.missing_eos_penalty * truncated.float()
+        logps = batch["old_logps"]
+        ref_logps = logps
+        if self.ref_model is not None or reference.is_peft_model(container.policy):
+            with self.phase("reference"), reference.reference_context(container.policy, self.ref_model) as ref:
+                ref_logps = self._batched_logps(ref, batch)
+        with self.phase("values"):
+            values = self._batched_values(container.value_model, batch)
+        with self.phase("gae"):
+            kl = KL_ESTIMATORS[args.kl_estimator](logps, ref_logps) * m
+            non_score = -args.kl_coef * kl
+            rewards = non_score.clone()
+            last = (mask.sum(1) - 1).clamp(min=0)
+            rows = torch.arange(rewards.shape[0], device=rewards.device)
+            rewards[rows, last] += torch.where(mask.any(1), scores, 0.0)
+            if args.whiten_rewards:
+                rewards = whiten(rewards, mask, shift_mean=False)
+            advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
+            advantages = whiten(advantages, mask)
+        batch.update(scores=scores, old_values=values, advantages=advantages, returns=returns)
+        batch["num_items"] = self._global_count(mask)
+        self._record_objective(kl, logps, non_score, scores, truncated, m)
+        if self._last_table:  # the completions table: mean advantage per completion
+            per_row = (advantages * m).sum(1) / m.sum(1).clamp(min=1)
+            for row, value in zip(self._last_table, per_row.tolist()):
+                row["advantage"] = value
+        return [batch]
+
+    def _batched_values(self, value_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, C): the critic's value of the state before each completion token."""
+        size = self.args.per_device_train_batch_size
+        prompt_len = batch["input_ids"].shape[1] - batch["completion_mask"].shape[1]
+        chunks = []
+        for start in range(0, batch["input_ids"].shape[0], size):
+            ids, attention = batch["input_ids"][start:start + size], batch["attention_mask"][start:start + size]
+            values = token_values(value_model, ids, attention, _position_ids(attention))
+            chunks.append(values[:, prompt_len - 1:-1])
+        return torch.cat(chunks)
+
+    def _record_objective(self, kl, logps, non_score, scores, truncated, m) -> None:
+        non_score_sum = non_score.sum(1)
+        self.record_metrics({
+            "objective/kl": kl.sum(1).mean(), "objective/entropy": (-logps * m).sum(1).mean(),
+            "objective/non_score_reward": non_score_sum.mean(), "objective/scores": scores.mean(),
+            "objective/rlhf_reward": (scores + non_score_sum).mean(),
+            "val/num_eos_tokens": (~truncated).sum().float()})
+        if not self.model.training:
+            return
+        self._episodes += scores.shape[0] * self.accelerator.num_processes
+        if self._start_time is None:
+            self._start_time = time.perf_counter()
+
+    def _global_count(self, mask: torch.Tensor) -> torch.Tensor:
+        count = mask.sum().float()
+        if self.args.world_size > 1:
+            count = self.accelerator.gather(count.reshape(1)).sum()
+        return count
+
+    def _prepare_inputs(self, rows):
+        """Roll out at the start of each cycle; at the start of each PPO epoch, reshuffle the rollout into
+        num_mini_batches mini-batches of GA micro-batches (each carrying its mini-batch's global token count)."""
+        if not isinstance(rows, list):
+            return rows
+        if not self.model.training:
+            return self._micro_batches(rows)[0]
+        spg = self.args.steps_per_generation
+        if self._micro_step % (spg * self.args.num_iterations) == 0:
+            self._rollout = self._micro_batches(rows)[0]
+        if self._micro_step % spg == 0:
+            self._buffer = self._mini_batches(self._rollout)
+        batch = self._buffer[self._micro_step % spg]
+        self._micro_step += 1
+        return batch
+
+    def _mini_batches(self, rollout: dict[str, Any]) -> list[dict[str, Any]]:
+        args = self.args
+        n = rollout["input_ids"].shape[0]
+        order = torch.randperm(n, device=rollout["input_ids"].device)
+        mini, micro = n // args.num_mini_batches, args.per_device_train_batch_size
+        parts = []
+        for start in range(0, n, mini):
+            indices = order[start:start + mini]
+            num_items = self._global_count(rollout["completion_mask"][indices])
+            for offset in range(0, len(indices), micro):
+                part = {k: v[indices[offset:offset + micro]] for k, v in rollout.items()
+                        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n}
+                part["num_items"] = num_items
+                parts.append(part)
+        return parts
+
+    # ---- loss ---------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        args = self.args
+        mask = inputs["completion_mask"]
+        logps, values, logits = self._policy_and_values(model, inputs)
+        pg, pg_metrics = ppo_policy_loss(logps, inputs["old_logps"], inputs["advantages"], mask, args.cliprange)
+        vf, vf_metrics = clipped_value_loss(values, inputs["old_values"], inputs["returns"], mask,
+                                            args.cliprange_value)
+        m = mask.float()
+        # Σ over this micro-batch ÷ tokens of the whole mini-batch (all processes; DDP averages, hence × processes)
+        loss = ((pg + args.vf_coef * vf) * m).sum() * self.accelerator.num_processes / inputs["num_items"].clamp(min=1)
+        with torch.no_grad():
+            count = m.sum().clamp(min=1)
+            ratio = torch.exp(logps - inputs["old_logps"])
+            ratio_mean = (ratio * m).sum() / count
+            self.record_metrics({
+                "policy/approxkl_avg": pg_metrics["approxkl"], "policy/clipfrac_avg": pg_metrics["clipfrac"],
+                "policy/entropy_avg": entropy_from_logits(logits / args.temperature).mean() if len(logits) else 0.0,
+                "loss/policy_avg": (pg * m).sum() / count, "loss/value_avg": (vf * m).sum() / count,
+                "val/clipfrac_avg": vf_metrics["clipfrac"], "val/ratio": ratio_mean,
+                "val/ratio_var": (((ratio - ratio_mean) ** 2) * m).sum() / count})
+        return (loss, {}) if return_outputs else loss
+
+    def _policy_and_values(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward of policy and critic: logps (B, C) at the sampling temperature, values (B, C), and the
+        trained tokens' logits (N, V)."""
+        ids, attention, mask = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+        prompt_len = ids.shape[1] - mask.shape[1]
+        labels = ids.clone()
+        labels[:, :prompt_len] = IGNORE_INDEX
+        labels[:, prompt_len:][mask == 0] = IGNORE_INDEX
+        logits, targets, valid, output = forward_target_logits(model, ids, labels, attention, _position_ids(attention),
+                                                               with_values=True)
+        flat = selective_logps(logits, targets, self.args.temperature)
+        logps = flat.new_zeros(mask.shape)
+        logps[:, :valid.shape[1]] = logps[:, :valid.shape[1]].masked_scatter(valid, flat)
+        values = output["state_values"][:, prompt_len - 1:-1]
+        return logps, values, logits.detach()
+
+    # ---- saving -------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _as_model(self, module: torch.nn.Module):
+        """Let the Trainer's save/load code see one of the two models as `self.model`."""
+        container = self.model
+        self.model = module
+        try:
+            yield
+        finally:
+            self.model = container
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The policy as an ordinary checkpoint in output_dir, the critic in output_dir/value_model."""
+        container = self.model
+        if not isinstance(container, PolicyAndValue):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        for name, directory in (("policy", output_dir), ("value_model", os.path.join(output_dir, "value_model"))):
+            # a state dict gathered from a sharded container (DeepSpeed, FSDP) holds both: keep this model's part
+            part = None if state_dict is None else {k[len(name) + 1:]: v for k, v in state_dict.items()
+                                                    if k.startswith(name + ".")}
+            with self._as_model(getattr(container, name)):
+                super()._save(directory, part)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        container = model if model is not None else self.model
+        if not isinstance(container, PolicyAndValue):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        with self._as_model(container.policy):
+            super()._load_from_checkpoint(resume_from_checkpoint)
+        value_dir = os.path.join(resume_from_checkpoint, "value_model")
+        if os.path.isdir(value_dir):
+            with self._as_model(container.value_model):
+                super()._load_from_checkpoint(value_dir)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._episodes and not any(k.startswith("eval_") for k in logs):
+            logs["episode"] = self._episodes
+            logs["eps"] = self._episodes / max(time.perf_counter() - self._start_time, 1e-9)
+        super().log(logs, start_time)
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that follow the attention mask, so left-padded prompts see the positions generation gave them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _legacy_arguments(name: str, args, train_dataset, kwargs: dict[str, Any]):
+    """Older TRL forms: config= → args=, dataset= → train_dataset=, data_collator= (ignored)."""
+    if "config" in kwargs:
+        warnings.warn(f"{name}(config=...) is deprecated; use {name}(args=...).", FutureWarning, stacklevel=3)
+        config = kwargs.pop("config")
+        args = args if args is not None else config
+    if "dataset" in kwargs:
+        warnings.warn(f"{name}(dataset=...) is deprecated; use {name}(train_dataset=...).", FutureWarning,
+                      stacklevel=3)
+        dataset = kwargs.pop("dataset")
+        train_dataset = train_dataset if train_dataset is not None else dataset
+    if kwargs.pop("data_collator", None) is not None:
+        warnings.warn(f"{name} builds its batches from the prompts it samples; data_collator is ignored.",
+                      FutureWarning, stacklevel=3)
+    return args, train_dataset
+
+
+def _reward_entries(reward_funcs, reward_model, args: PPOConfig):
+    """reward_funcs, plus `reward_model=` (TRL's name); else the config's reward_funcs or reward_model_path."""
+    entries = [] if reward_funcs is None else list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) \
+        else [reward_funcs]
+    if reward_model is not None:
+        entries.append(reward_model)
+    if not entries and args.reward_model_path:
+        entries = [args.reward_model_path]
+    return entries or None
+
+
+def _decode_prompt(tokenizer, input_ids: list[int]) -> str:
+    text = tokenizer.decode(input_ids, skip_special_tokens=False)
+    bos = getattr(tokenizer, "bos_token", None)
+    return text[len(bos):] if bos and text.startswith(bos) else text  # re-tokenising adds BOS again
