@@ -74,7 +74,7 @@ class OnlineTrainer(PostTrainer):
                              "'accuracy_reward', a 'module:function' path, or a reward-model id.")
         self.reward_runner = RewardRunner(reward_funcs, args.reward_weights, reward_processing_classes)
         self.ref_model = None
-        if args.beta > 0:
+        if self.uses_reference():
             if reference.is_peft_model(self.model):
                 self.ref_model = None  # adapters off = reference
             else:
@@ -193,7 +193,7 @@ class OnlineTrainer(PostTrainer):
         if self.needs_old_logps():
             with self.phase("old_logps"):
                 batch["old_logps"] = self._batched_logps(self.model, batch)
-        if args.beta > 0:
+        if self.uses_reference():
             with self.phase("reference"), reference.reference_context(self.model, self.ref_model,
                                                                         self.accelerator.unwrap_model) as ref:
                 batch["ref_logps"] = self._batched_logps(ref, batch)
@@ -211,6 +211,10 @@ class OnlineTrainer(PostTrainer):
     def advantages(self, rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N,) advantages from (N, K) rewards; `batch` holds the rollout tensors (old/ref log-probs if computed)."""
         raise NotImplementedError
+
+    def uses_reference(self) -> bool:
+        """Whether reference log-probs are needed (and so a reference model is held)."""
+        return self.args.beta > 0
 
     def needs_old_logps(self) -> bool:
         """Sampling-policy log-probs are needed when the policy moves before a rollout is fully used."""
@@ -276,10 +280,10 @@ class OnlineTrainer(PostTrainer):
             "reward": total.nanmean(),
         }
         G = self.args.num_generations
-        groups = total.view(-1, G)
-        stds = _nanstd(groups)
-        metrics["reward_std"] = stds.nanmean()
-        metrics["frac_reward_zero_std"] = (stds < 1e-6).float().mean()
+        if G > 1:  # group statistics need siblings (PPO samples one completion per prompt)
+            stds = _nanstd(total.view(-1, G))
+            metrics["reward_std"] = stds.nanmean()
+            metrics["frac_reward_zero_std"] = (stds < 1e-6).float().mean()
         for k, name in enumerate(self.reward_runner.names):
             column = rewards[:, k]
             if torch.isnan(column).all():

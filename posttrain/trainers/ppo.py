@@ -128,10 +128,6 @@ class PPOTrainer(OnlineTrainer):
     def _record_rollout(self, rollout, completion_mask: torch.Tensor) -> None:
         self._truncated = rollout.is_truncated
         super()._record_rollout(rollout, completion_mask)
-        if self.args.num_generations == 1:  # no groups: group statistics are undefined
-            store = self._metrics["train" if self.model.training else "eval"]
-            store.pop("reward_std", None)
-            store.pop("frac_reward_zero_std", None)
 
     @torch.no_grad()
     def _split(self, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
