@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Any
 
+from posttrain.errors import UserError
+
 COMMANDS: dict[str, tuple[str, str, str]] = {
     # name: (config class, trainer class, one-line description)
     "sft": ("posttrain.configs.sft:SFTConfig", "posttrain.trainers.sft:SFTTrainer", "supervised fine-tuning"),
@@ -43,8 +45,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 _ALIASES_ONLY = {"env"}  # keys a YAML file may hold besides fields
 
 
-class CLIError(Exception):
+class CLIError(UserError):
     """A user error: printed as one line, exit status 2."""
+
+
+# Printed as one line without a traceback (exit status 2). Anything else is a bug: its traceback is shown.
+_USER_ERRORS = (UserError, ValueError, TypeError, OSError)
 
 
 def _load(spec: str):
@@ -115,6 +121,7 @@ def parse_command_args(command: str, argv: list[str]) -> tuple[Any, Any, Any]:
         os.environ[str(name)] = str(value)
     mixture = yaml_values.pop("datasets", None)
     parser = HfArgumentParser(classes, prog=f"posttrain {command}", allow_abbrev=False)
+    parser.error = _raise_cli_error  # argparse's own errors (bad value, bad choice) as one line, not usage + exit
     parser.set_defaults(**{k: _as_default(v) for k, v in yaml_values.items()})
     script_args, model_args, training_args, rest = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True, look_for_args_file=False)
@@ -127,6 +134,10 @@ def parse_command_args(command: str, argv: list[str]) -> tuple[Any, Any, Any]:
         raise CLIError(f"unknown flag '{flag}'" + (f"; did you mean '--{close[0]}'?" if close else ""))
     script_args.datasets = mixture
     return script_args, model_args, training_args
+
+
+def _raise_cli_error(message: str) -> None:
+    raise CLIError(message + (" (see --help)" if "choose from" not in message else ""))
 
 
 def _as_default(value: Any) -> Any:
@@ -155,10 +166,24 @@ def run_training(command: str, argv: list[str]) -> None:
     trainer.run_config_extra = {k: v for k, v in {**dataclasses.asdict(script_args),
                                                   **dataclasses.asdict(model_args)}.items() if v is not None}
     start = time.time()
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except BaseException:
+        _close_progress_bars(trainer)
+        raise
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         print(summary_line(trainer, time.time() - start))
+
+
+def _close_progress_bars(trainer) -> None:
+    """A failed run leaves tqdm's bar open on stderr; close it so the error message starts on its own line."""
+    for callback in trainer.callback_handler.callbacks:
+        for name in ("training_bar", "prediction_bar"):
+            bar = getattr(callback, name, None)
+            if bar is not None:
+                bar.close()
+                setattr(callback, name, None)
 
 
 def summary_line(trainer, seconds: float) -> str:
@@ -216,10 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("posttrain: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, TypeError, FileNotFoundError, PermissionError, OSError) as e:
+    except _USER_ERRORS as e:
         if debug:
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, UserError) and e.__cause__ is not None:
+            message += " (--debug shows its traceback)"  # e.g. the error inside a user's reward function
         print(f"posttrain {command}: error: {message}", file=sys.stderr)
         return 2
     return 0

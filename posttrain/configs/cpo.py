@@ -28,6 +28,9 @@ class _ReferenceFreeConfig(PostTrainConfig):
 
     def validate(self) -> None:
         check(self.beta > 0, f"beta must be > 0, got {self.beta}.")
+        check(self.max_length is None or self.max_prompt_length is None or self.max_prompt_length < self.max_length,
+              f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}) "
+              "so completions have room.")
 
 
 @accept_legacy_arguments

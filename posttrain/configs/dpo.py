@@ -57,4 +57,5 @@ class DPOConfig(ReferenceAnchoredConfig):
               "precompute_ref_log_probs and sync_ref_model exclude each other (a synced reference changes).")
         check(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, f"ld_alpha must be in [0, 1], got {self.ld_alpha}.")
         check(self.max_length is None or self.max_prompt_length is None or self.max_prompt_length < self.max_length,
-              "max_prompt_length must be smaller than max_length (completions need room).")
+              f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}) "
+              "so completions have room.")

@@ -24,18 +24,29 @@ def load_any_dataset(name: str, config: str | None = None, split: str | None = N
         return load_builtin_dataset(name, config, split)
     ext = os.path.splitext(name)[1].lower()
     if os.path.isfile(name) and ext in _FILE_BUILDERS:
-        return datasets.load_dataset(_FILE_BUILDERS[ext], data_files=name, split=split or "train",
-                                     streaming=streaming)
+        return _load_local(name, _FILE_BUILDERS[ext], data_files=name, split=split or "train", streaming=streaming)
     if os.path.isdir(name):
         if os.path.exists(os.path.join(name, "dataset_dict.json")) or os.path.exists(
                 os.path.join(name, "dataset_info.json")):
             loaded = datasets.load_from_disk(name)
             return loaded[split] if split and isinstance(loaded, datasets.DatasetDict) else loaded
-        return datasets.load_dataset(name, config, split=split, data_files=data_files, streaming=streaming)
+        return _load_local(name, name, config, split=split, data_files=data_files, streaming=streaming)
     if name.startswith((".", "/")) or ext in _FILE_BUILDERS:
         raise ValueError(f"Dataset path {name!r} does not exist. Give an existing .json/.jsonl/.csv/.parquet file, "
                          "a directory, a Hub id, or a built-in set such as posttrain/arith-sft.")
     return datasets.load_dataset(name, config, split=split, data_files=data_files, streaming=streaming)
+
+
+def _load_local(name: str, *args: Any, **kwargs: Any):
+    """`datasets.load_dataset` on a local file or directory; a file that does not parse becomes one clear line."""
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__ or e
+        detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise ValueError(f"Could not read dataset {name!r}: {detail}. Fix the data file(s) (JSON Lines: one JSON "
+                         "object per line; CSV: a header row, then one row per example) or choose another "
+                         "--dataset_name.") from e
 
 
 def load_mixture(specs: list[dict], split: str = "train") -> datasets.Dataset:

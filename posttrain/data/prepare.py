@@ -116,14 +116,48 @@ def _formatted(formatting_func, example):
 def _check_row(example: dict[str, Any], kind: str, text_field: str) -> None:
     keys = ("prompt", "completion") if kind == "prompt_completion" else (
         ("messages",) if "messages" in example and text_field not in example else (text_field,))
+    _check_fields(example, keys)
+
+
+def _check_fields(example: dict[str, Any], keys: tuple[str, ...], may_be_empty: tuple[str, ...] = ()) -> None:
+    """Each of `keys` a string or a list of messages, non-empty unless in `may_be_empty`; else a ValueError."""
     for key in keys:
         value = example.get(key)
-        if value is None or (isinstance(value, (str, list)) and len(value) == 0):
+        if value is None or (key not in may_be_empty and isinstance(value, (str, list)) and len(value) == 0):
             raise ValueError(f"A row has an empty or missing '{key}' ({example!r:.200}). Remove such rows, e.g. "
                              f"dataset.filter(lambda ex: ex['{key}']).")
         if not isinstance(value, (str, list)):
             raise ValueError(f"Column '{key}' must hold strings or lists of messages, got "
-                             f"{type(value).__name__} ({value!r:.80}).")
+                             f"{type(value).__name__} ({value!r:.80}). Convert it, e.g. "
+                             f"dataset.map(lambda ex: {{'{key}': str(ex['{key}'])}}).")
+
+
+def check_prompts(dataset, tokenizer, name: str = "train") -> None:
+    """Prompt-only data (online trainers): every `prompt` a non-empty string or message list, and a chat template
+    for message lists. Checked on the Arrow column at once (no pass in Python); streamed datasets are skipped."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not isinstance(dataset, datasets.Dataset) or "prompt" not in dataset.column_names or len(dataset) == 0:
+        return
+    column = dataset.with_format("arrow")["prompt"]
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        lengths = pc.utf8_length(column)
+    elif pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        lengths = pc.list_value_length(column)
+    elif not pa.types.is_null(kind):
+        raise ValueError(f"Column 'prompt' of the {name} dataset must hold strings or lists of messages, got {kind} "
+                         f"values (first: {column[0].as_py()!r:.80}). Convert it, e.g. "
+                         "dataset.map(lambda ex: {'prompt': str(ex['prompt'])}).")
+    else:
+        lengths = column  # all null
+    bad = int(pc.index(pc.fill_null(pc.equal(lengths, 0), True), True).as_py())
+    if bad >= 0:
+        raise ValueError(f"Row {bad} of the {name} dataset has an empty or missing 'prompt' "
+                         f"({dataset[bad]!r:.200}). Remove such rows, e.g. dataset.filter(lambda ex: ex['prompt']).")
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        tokenize.require_chat_template(tokenizer)  # now, rather than at the first rollout
 
 
 PREFERENCE_TYPES = ("preference", "preference_implicit")
@@ -178,10 +212,7 @@ def prepare_preference_dataset(dataset, tokenizer, args, name: str = "train", wh
     extra = [c for c in ("margin", "ref_chosen_logps", "ref_rejected_logps") if c in columns]
 
     def one(example):
-        for key in ("prompt", "chosen", "rejected"):
-            value = example.get(key)
-            if value is None or (key != "prompt" and len(value) == 0):
-                raise ValueError(f"A row has an empty or missing '{key}' ({example!r:.200}). Remove such rows.")
+        _check_fields(example, ("prompt", "chosen", "rejected"), may_be_empty=("prompt",))
         prompt_ids, (chosen_ids, rejected_ids) = tokenize.tokenize_prompt_and_completions(
             tokenizer, example["prompt"], [example["chosen"], example["rejected"]], eos, tools=example.get("tools"),
             joint=joint)
@@ -236,10 +267,11 @@ def prepare_unpaired_dataset(dataset, tokenizer, args, name: str = "train", who:
     extra = [c for c in ("ref_logps", "ref_kl_logps") if c in columns]
 
     def one(example):
-        for key in ("prompt", "completion", "label"):
-            value = example.get(key)
-            if value is None or (key == "completion" and len(value) == 0):
-                raise ValueError(f"A row has an empty or missing '{key}' ({example!r:.200}). Remove such rows.")
+        _check_fields(example, ("prompt", "completion"), may_be_empty=("prompt",))
+        if not isinstance(example.get("label"), bool) and example.get("label") not in (0, 1):
+            raise ValueError(f"Column 'label' must hold booleans (True = desirable, False = undesirable), got "
+                             f"{example.get('label')!r:.80}. Convert it, e.g. dataset.map(lambda ex: "
+                             "{'label': ex['label'] == 'good'}).")
         prompt_ids, (completion_ids,) = tokenize.tokenize_prompt_and_completions(
             tokenizer, example["prompt"], [example["completion"]], eos, tools=example.get("tools"))
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": bool(example["label"])}

@@ -28,11 +28,15 @@ def _ids(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools: Any = None,
            continue_final_message: bool = False) -> str:
     """The chat template applied to `messages`, as text."""
+    require_chat_template(tokenizer)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         continue_final_message=continue_final_message, tools=tools)
+
+
+def require_chat_template(tokenizer) -> None:
     if getattr(tokenizer, "chat_template", None) is None:
         raise ChatTemplateError("Conversational data needs a tokenizer with a chat template, and this one has none. "
                                 "Set chat_template_path (a .jinja file or a tokenizer directory) in the config.")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         continue_final_message=continue_final_message, tools=tools)
 
 
 def with_eos(text: str, eos_token: str | None) -> str:

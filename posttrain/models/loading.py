@@ -52,6 +52,11 @@ def load_pretrained_model(name_or_path: str, auto_class=None, **init_kwargs: Any
 
     auto_class = auto_class or AutoModelForCausalLM
     path = resolve_model_path(name_or_path)
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in
+                                       ("config.json", "adapter_config.json")):
+        raise ValueError(f"Model directory {name_or_path!r} has no config.json. Give a directory written by "
+                         "save_pretrained (config.json and weights), a Hub id, or a built-in name such as "
+                         "posttrain/tiny.")
     try:
         return auto_class.from_pretrained(path, **_resolve_dtype(init_kwargs))
     except OSError as e:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from posttrain.errors import RewardFunctionError
 from posttrain.rewards.protocol import check_rewards, reward_name
 from posttrain.rewards.resolve import resolve_reward_func
 from posttrain.rewards.reward_model import RewardModelScorer
@@ -204,11 +205,11 @@ class RewardRunner:
             except Exception as e:
                 if pending is not None:
                     pending.cancel()
-                raise RuntimeError(f"reward function {names[k]!r} raised {_one_line(e)}") from e
+                raise RewardFunctionError(f"reward function {names[k]!r} raised {_one_line(e)}") from e
         if pending is not None:
             for k, result in zip(async_index, pending.result()):
                 if isinstance(result, BaseException):
-                    raise RuntimeError(f"reward function {names[k]!r} raised {_one_line(result)}") from result
+                    raise RewardFunctionError(f"reward function {names[k]!r} raised {_one_line(result)}") from result
                 outputs[k] = result
         columns_out = [check_rewards(names[k], outputs[k], n) for k in range(len(self.funcs))]
         rewards = torch.tensor(columns_out, dtype=torch.float32).reshape(len(self.funcs), n).T.contiguous()

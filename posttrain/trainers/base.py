@@ -2,8 +2,9 @@
 
 Lives here: model from a name or an object, tokenizer as `processing_class` (loaded from the model when absent,
 pad-token fallback), legacy call forms, PEFT wrapping, dropout switch-off, the default output directory, the
-metrics store (token-weighted sums, reduced across processes once per log), global loss normalisers, and the
-resolved config written to output_dir.
+metrics store (token-weighted sums, reduced across processes once per log), global loss normalisers, an early
+check that output_dir can be written, and the resolved config written to output_dir (after the first step, so a
+run that fails at once leaves an earlier run's files as they were).
 
 Not here: losses (`losses/`), data preparation (`data/`), anything specific to one method (its own module).
 Subclasses override `compute_loss` (and online trainers their rollout step) and little else.
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections import defaultdict
 from typing import Any
 
 import torch
 import yaml
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from posttrain import compat
 from posttrain.configs.base import PostTrainConfig
@@ -41,6 +43,8 @@ class PostTrainer(Trainer):
         name = type(self).__name__
         args, processing_class = compat.resolve_trainer_arguments(name, self.config_class, args, processing_class,
                                                                   kwargs)
+        if not getattr(args, "_output_dir_was_default", False):
+            check_output_dir(args.output_dir)  # before loading the model: fail in seconds, not minutes
         if isinstance(model, str):
             init_kwargs = {**self.default_model_init_kwargs, **(args.model_init_kwargs or {})}
             model = loading.load_pretrained_model(model, self.auto_model_class, **init_kwargs)
@@ -60,6 +64,7 @@ class PostTrainer(Trainer):
             loading.disable_dropout(model)
         if getattr(args, "_output_dir_was_default", False):
             args.output_dir = f"{loading.model_short_name(model)}-{self.method_name}"
+            check_output_dir(args.output_dir)
         train_dataset, eval_dataset = self.prepare_datasets(train_dataset, eval_dataset, processing_class, args)
         if data_collator is None:
             data_collator = self.default_collator(processing_class, args)
@@ -71,6 +76,7 @@ class PostTrainer(Trainer):
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         self.run_config_extra: dict[str, Any] = {}  # the CLI adds model/data options here
+        self.add_callback(_RunConfigWriter(self))
 
     # ---- hooks for subclasses -----------------------------------------------------------------------------------
     def prepare_datasets(self, train_dataset, eval_dataset, processing_class, args):
@@ -147,11 +153,6 @@ class PostTrainer(Trainer):
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     # ---- run records ---------------------------------------------------------------------------------------
-    def train(self, *args: Any, **kwargs: Any):
-        if self.is_world_process_zero():
-            self.save_run_config()
-        return super().train(*args, **kwargs)
-
     def save_run_config(self, path: str | None = None) -> str:
         """Write the resolved config (trainer options plus any CLI model/data options) as YAML."""
         path = path or os.path.join(self.args.output_dir, "config.yaml")
@@ -162,3 +163,38 @@ class PostTrainer(Trainer):
             yaml.safe_dump(record, f, sort_keys=True)
         os.replace(tmp, path)
         return path
+
+
+class _RunConfigWriter(TrainerCallback):
+    """Writes output_dir/config.yaml once the first optimizer step of a `train()` call has completed (before any
+    checkpoint of the run), so a run that fails at once — a reward function that raises, a bad batch — leaves the
+    config.yaml of an earlier run in the same directory untouched."""
+
+    def __init__(self, trainer: PostTrainer):
+        self._trainer = weakref.ref(trainer)
+        self._pending = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._pending = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if self._pending and trainer is not None and trainer.is_world_process_zero():
+            trainer.save_run_config()
+        self._pending = False
+
+
+def check_output_dir(path: str) -> None:
+    """Refuse an output_dir that cannot be created or written, before any work: NotADirectoryError when it or
+    a parent is a file, PermissionError when the nearest existing directory is not writable."""
+    target = os.path.abspath(path)
+    existing = target
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "it is a file" if existing == target else f"{existing!r} is a file, not a directory"
+        raise NotADirectoryError(f"output_dir {path!r} cannot be used: {where}. Choose another output_dir.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it is" if existing == target else f"{existing!r} is"
+        raise PermissionError(f"output_dir {path!r} is not writable: {where} read-only for this user. Choose a "
+                              "directory you can write to, or change its permissions.")

@@ -1,0 +1,17 @@
+"""Exception types for mistakes in what the user gave (data, options, functions), as opposed to bugs.
+
+`UserError` messages are one line that says what was wrong and how to fix it; the CLI prints them without a
+traceback (`--debug` shows it). Most user errors are plain `ValueError`s raised where the input is checked; the
+types here exist where no built-in type says "user error" (the CLI's own errors, a user's reward function that
+raised). Not here: the checks themselves (they live beside the code that reads the input).
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in the user's input; the message names it and the fix."""
+
+
+class RewardFunctionError(UserError, RuntimeError):
+    """A user's reward function raised; the message names the function, the original is the `__cause__`."""

@@ -1,0 +1,377 @@
+"""Bad input → one clear line that names what was wrong and how to fix it, through the Python API and the CLI.
+
+API cases assert the exception type and a one-line message naming the problem and the fix. CLI cases run
+`posttrain.cli.main` in-process: exit status 2, stderr exactly one line `posttrain <cmd>: error: …`, no
+traceback (two cases run the real command in a subprocess). Nothing a failed command does may touch an existing
+output directory.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import datasets
+import pytest
+import yaml
+
+from posttrain.cli import main
+from posttrain.configs.cpo import CPOConfig
+from posttrain.configs.dpo import DPOConfig
+from posttrain.configs.grpo import GRPOConfig
+from posttrain.configs.kto import KTOConfig
+from posttrain.configs.sft import SFTConfig
+from posttrain.data.arith import load_builtin_dataset
+from posttrain.errors import RewardFunctionError
+from posttrain.models.loading import load_tokenizer
+from posttrain.trainers.dpo import DPOTrainer
+from posttrain.trainers.grpo import GRPOTrainer
+from posttrain.trainers.kto import KTOTrainer
+from posttrain.trainers.sft import SFTTrainer
+
+MODEL = "posttrain/tiny"
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch):
+    """No progress bars on stderr, so the CLI's error is the only line there."""
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    yield
+    datasets.enable_progress_bars()
+    hf_logging.enable_progress_bar()
+
+
+def _data(name, config=None, n=8):
+    return load_builtin_dataset(f"posttrain/{name}", config, split=f"train[:{n}]")
+
+
+def _kw(tmp_path, **kw):
+    return dict(output_dir=str(tmp_path / "out"), report_to="none", max_steps=1, per_device_train_batch_size=2,
+                save_strategy="no", **kw)
+
+
+def _sft(tmp_path, data, processing_class=None, **kw):
+    return SFTTrainer(MODEL, args=SFTConfig(**_kw(tmp_path, **kw)), train_dataset=data,
+                      processing_class=processing_class)
+
+
+def _dpo(tmp_path, data, processing_class=None, **kw):
+    return DPOTrainer(MODEL, args=DPOConfig(**_kw(tmp_path, **kw)), train_dataset=data,
+                      processing_class=processing_class)
+
+
+def _kto(tmp_path, data, **kw):
+    return KTOTrainer(MODEL, args=KTOConfig(**_kw(tmp_path, **kw)), train_dataset=data)
+
+
+def _grpo(tmp_path, data, reward_funcs="accuracy_reward", processing_class=None, **kw):
+    kw = {"num_generations": 2, "max_completion_length": 4, **kw}
+    return GRPOTrainer(MODEL, reward_funcs=reward_funcs, args=GRPOConfig(**_kw(tmp_path, **kw)), train_dataset=data,
+                       processing_class=processing_class)
+
+
+def _rows(**columns):
+    return datasets.Dataset.from_dict(columns)
+
+
+def _no_template():
+    tok = load_tokenizer(MODEL)
+    tok.chat_template = None
+    return tok
+
+
+def _raises(completions, **kwargs):
+    raise KeyError("answer_x")
+
+
+def _short(completions, **kwargs):
+    return [1.0]
+
+
+def _nan(completions, **kwargs):
+    return [float("nan")] * len(completions)
+
+
+def _file(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("not a directory")
+    return path
+
+
+# (id, call(tmp_path), exception type, regex the one-line message must match)
+API_CASES = [
+    # missing or misnamed columns: the expected columns are named, near misses suggested
+    ("sft-misnamed-text", lambda p: _sft(p, _data("arith-lm").rename_column("text", "txt")), ValueError,
+     r"SFTTrainer expects a dataset with columns 'text' or 'messages' or 'prompt' \+ 'completion'.*'txt' → 'text'"),
+    ("sft-missing-prompt", lambda p: _sft(p, _data("arith-sft").rename_column("prompt", "question")), ValueError,
+     r"expects a dataset with columns .*'prompt' \+ 'completion'; got columns \['question'.*rename_column"),
+    ("dpo-missing-rejected", lambda p: _dpo(p, _data("arith-pref").remove_columns("rejected")), ValueError,
+     r"DPOTrainer expects a dataset with columns 'prompt' \+ 'chosen' \+ 'rejected'.*rename_column"),
+    ("kto-misnamed-label", lambda p: _kto(p, _data("arith-kto").rename_column("label", "labels")), ValueError,
+     r"KTOTrainer expects .*'prompt' \+ 'completion' \+ 'label'.*'labels' → 'label'"),
+    ("grpo-misnamed-prompt", lambda p: _grpo(p, _data("arith-prompts").rename_column("prompt", "query")),
+     ValueError, r"GRPOTrainer expects a dataset with columns 'prompt'; got columns \['query'"),
+    # a column of the wrong type
+    ("sft-int-prompt", lambda p: _sft(p, _rows(prompt=[1, 2], completion=["a", "b"])), ValueError,
+     r"Column 'prompt' must hold strings or lists of messages, got int .*Convert it"),
+    ("dpo-int-prompt", lambda p: _dpo(p, _rows(prompt=[1, 2], chosen=["a", "b"], rejected=["c", "d"])), ValueError,
+     r"Column 'prompt' must hold strings or lists of messages, got int .*Convert it"),
+    ("grpo-int-prompt", lambda p: _grpo(p, _rows(prompt=[1, 2, 3, 4])), ValueError,
+     r"Column 'prompt' of the train dataset must hold strings or lists of messages, got int64 .*Convert it"),
+    ("kto-string-label", lambda p: _kto(p, _rows(prompt=["a", "b"], completion=["x", "y"], label=["yes", "no"])),
+     ValueError, r"Column 'label' must hold booleans .*got 'yes'. Convert it"),
+    # an empty dataset
+    ("sft-empty", lambda p: _sft(p, _data("arith-sft").select([])), ValueError,
+     r"The train dataset is empty; give at least one example"),
+    ("dpo-empty", lambda p: _dpo(p, _data("arith-pref").select([])), ValueError, r"train dataset is empty"),
+    ("kto-empty", lambda p: _kto(p, _data("arith-kto").select([])), ValueError, r"train dataset is empty"),
+    ("grpo-empty", lambda p: _grpo(p, _data("arith-prompts").select([])), ValueError,
+     r"The train dataset is empty; give at least one prompt"),
+    # rows with None or empty strings
+    ("sft-none-prompt", lambda p: _sft(p, _rows(prompt=["a", None], completion=["b", "c"])), ValueError,
+     r"A row has an empty or missing 'prompt' .*dataset\.filter\(lambda ex: ex\['prompt'\]\)"),
+    ("sft-empty-text", lambda p: _sft(p, _rows(text=["a", ""])), ValueError,
+     r"A row has an empty or missing 'text' .*Remove such rows"),
+    ("dpo-none-chosen", lambda p: _dpo(p, _rows(prompt=["a", "b"], chosen=["x", None], rejected=["c", "d"])),
+     ValueError, r"A row has an empty or missing 'chosen' .*Remove such rows"),
+    ("kto-empty-completion", lambda p: _kto(p, _rows(prompt=["a", "b"], completion=["x", ""], label=[True, False])),
+     ValueError, r"A row has an empty or missing 'completion' .*Remove such rows"),
+    ("grpo-empty-prompt", lambda p: _grpo(p, _rows(prompt=["2 + 2 =", ""])), ValueError,
+     r"Row 1 of the train dataset has an empty or missing 'prompt' .*Remove such rows"),
+    # every example longer than max_length
+    ("sft-all-too-long", lambda p: _sft(p, _data("arith-sft"), max_length=2), ValueError,
+     r"Every train example lost all its trainable tokens .*max_length=2.*Raise max_length"),
+    ("dpo-all-too-long", lambda p: _dpo(p, _data("arith-pref"), max_length=3), ValueError,
+     r"Every train example was dropped \(prompt fills max_length=3\)\. Raise max_length"),
+    # an unknown loss_type: the valid ones are listed
+    ("sft-loss-type", lambda p: SFTConfig(**_kw(p, loss_type="nllx")), ValueError,
+     r"Unknown loss_type 'nllx' for SFT; choose one of: nll, dft"),
+    ("dpo-loss-type", lambda p: DPOConfig(**_kw(p, loss_type="sigmoidd")), ValueError,
+     r"Unknown loss_type 'sigmoidd' for DPO; choose from: sigmoid, hinge"),
+    ("cpo-loss-type", lambda p: CPOConfig(**_kw(p, loss_type="simpoo")), ValueError,
+     r"Unknown loss_type 'simpoo' for CPO; choose one of: .*simpo"),
+    ("kto-loss-type", lambda p: KTOConfig(**_kw(p, loss_type="ktoo")), ValueError,
+     r"Unknown loss_type 'ktoo' for KTO; choose one of: kto"),
+    ("grpo-loss-type", lambda p: GRPOConfig(**_kw(p, loss_type="grpoo", num_generations=2)), ValueError,
+     r"Unknown loss_type 'grpoo' for GRPO; choose one of: grpo"),
+    # invalid values
+    ("negative-beta", lambda p: DPOConfig(**_kw(p, beta=-0.1)), ValueError, r"beta must be > 0, got -0\.1"),
+    ("negative-learning-rate", lambda p: SFTConfig(**_kw(p, learning_rate=-1e-5)), ValueError,
+     r"learning_rate must be > 0, got -1e-05"),
+    ("zero-learning-rate", lambda p: DPOConfig(**_kw(p, learning_rate=0)), ValueError,
+     r"learning_rate must be > 0, got 0"),
+    ("num-generations-not-dividing", lambda p: GRPOConfig(**_kw(p, num_generations=3, generation_batch_size=4)),
+     ValueError, r"generation batch .* = 4\) must be a multiple of num_generations \(3\)"),
+    ("num-generations-one", lambda p: GRPOConfig(**_kw(p, num_generations=1)), ValueError,
+     r"num_generations must be >= 2 .*got 1"),
+    ("epsilon-zero", lambda p: GRPOConfig(**_kw(p, num_generations=2, epsilon=0.0)), ValueError,
+     r"epsilon must be > 0, got 0\.0"),
+    ("label-smoothing-half", lambda p: DPOConfig(**_kw(p, label_smoothing=0.5)), ValueError,
+     r"label_smoothing must be in \[0, 0\.5\), got 0\.5"),
+    ("dpo-prompt-length", lambda p: DPOConfig(**_kw(p, max_prompt_length=64, max_length=64)), ValueError,
+     r"max_prompt_length \(64\) must be smaller than max_length \(64\)"),
+    ("cpo-prompt-length", lambda p: CPOConfig(**_kw(p, max_prompt_length=128, max_length=64)), ValueError,
+     r"max_prompt_length \(128\) must be smaller than max_length \(64\)"),
+    # models and tokenizers
+    ("model-path-missing", lambda p: SFTTrainer(str(p / "no-model"), args=SFTConfig(**_kw(p))), ValueError,
+     r"Model path '.*no-model' does not exist\. Give a local directory with config\.json"),
+    ("model-dir-without-config", lambda p: SFTTrainer(str(p), args=SFTConfig(**_kw(p))), ValueError,
+     r"Model directory '.*' has no config\.json\. Give a directory written by save_pretrained"),
+    ("unknown-builtin-model", lambda p: SFTTrainer("posttrain/tinyy", args=SFTConfig(**_kw(p))), ValueError,
+     r"Unknown built-in model 'posttrain/tinyy'; available: posttrain/tiny"),
+    ("no-pad-no-eos", lambda p: _sft(p, _data("arith-sft"), processing_class=_tokenizer(pad=None, eos=None)),
+     ValueError, r"neither a pad nor an EOS token; set pad_token="),
+    # conversational data with a tokenizer that has no chat template
+    ("sft-no-chat-template", lambda p: _sft(p, _data("arith-sft", "conversational"), _no_template()), ValueError,
+     r"Conversational data needs a tokenizer with a chat template.*Set chat_template_path"),
+    ("dpo-no-chat-template", lambda p: _dpo(p, _data("arith-pref", "conversational"), _no_template()), ValueError,
+     r"Conversational data needs a tokenizer with a chat template.*Set chat_template_path"),
+    ("grpo-no-chat-template", lambda p: _grpo(p, _data("arith-prompts", "conversational"),
+                                              processing_class=_no_template()),
+     ValueError, r"Conversational data needs a tokenizer with a chat template.*Set chat_template_path"),
+    # reward functions that misbehave, through GRPOTrainer.train
+    ("reward-raises", lambda p: _grpo(p, _data("arith-prompts"), _raises).train(), RewardFunctionError,
+     r"^reward function '_raises' raised KeyError: 'answer_x'$"),
+    ("reward-wrong-length", lambda p: _grpo(p, _data("arith-prompts"), _short).train(), ValueError,
+     r"reward function '_short' returned 1 values for 2 completions; it must return exactly one value"),
+    ("reward-nan", lambda p: _grpo(p, _data("arith-prompts"), _nan).train(), ValueError,
+     r"reward function '_nan' returned NaN at index 0; return None \(not NaN\)"),
+    # an output_dir that cannot be written (checked before the model loads)
+    ("output-dir-parent-is-file", lambda p: SFTTrainer(MODEL, args=SFTConfig(**{
+        **_kw(p), "output_dir": str(_file(p) / "out")}), train_dataset=_data("arith-sft")), NotADirectoryError,
+     r"output_dir '.*a_file/out' cannot be used: '.*a_file' is a file, not a directory\. Choose another output_dir"),
+    ("output-dir-is-file", lambda p: DPOTrainer(MODEL, args=DPOConfig(**{**_kw(p), "output_dir": str(_file(p))}),
+                                                train_dataset=_data("arith-pref")), NotADirectoryError,
+     r"output_dir '.*a_file' cannot be used: it is a file\. Choose another output_dir"),
+]
+
+
+def _tokenizer(pad="keep", eos="keep"):
+    tok = load_tokenizer(MODEL)
+    if pad is None:
+        tok.pad_token = None
+    if eos is None:
+        tok.eos_token = None
+    return tok
+
+
+@pytest.mark.parametrize("call,error,pattern", [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
+def test_api_bad_input(tmp_path, call, error, pattern):
+    with pytest.raises(error, match=pattern) as info:
+        call(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message.strip(), message
+
+
+def test_tokenizer_without_pad_falls_back_to_eos(tmp_path):
+    trainer = _sft(tmp_path, _data("arith-sft"), processing_class=_tokenizer(pad=None))
+    tok = trainer.processing_class
+    assert tok.pad_token == tok.eos_token and tok.pad_token_id is not None
+
+
+def test_read_only_output_dir(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.geteuid() == 0:  # root ignores permissions: let os.access answer as it would for another user
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if os.path.abspath(path) == str(locked)
+                            else real_access(path, mode, **kw))
+    try:
+        with pytest.raises(PermissionError, match=r"output_dir '.*locked/out' is not writable: .* read-only"):
+            SFTTrainer(MODEL, args=SFTConfig(**{**_kw(tmp_path), "output_dir": str(locked / "out")}),
+                       train_dataset=_data("arith-sft"))
+    finally:
+        locked.chmod(0o700)
+
+
+# ---- the command line ------------------------------------------------------------------------------------------
+def _base(tmp_path, dataset="posttrain/arith-sft"):
+    return ["--model_name_or_path", MODEL, "--dataset_name", dataset, "--dataset_train_split", "train[:8]",
+            "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--report_to", "none",
+            "--per_device_train_batch_size", "2", "--save_strategy", "no", "--disable_tqdm", "True"]
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def _reward_file(tmp_path):
+    return _write(tmp_path, "my_rewards.py", "def boom(completions, **kwargs):\n    raise KeyError('answer_x')\n")
+
+
+CLI_CASES = [
+    ("unknown-flag", lambda p: ["sft", "--lerning_rate", "1e-4"],
+     r"unknown flag '--lerning_rate'; did you mean '--learning_rate'\?"),
+    ("unknown-yaml-key", lambda p: ["dpo", "--config", _write(p, "c.yaml", "bta: 0.1\n")],
+     r"unknown key 'bta' in .*c\.yaml; did you mean 'beta'\?"),
+    ("malformed-yaml", lambda p: ["sft", "--config", _write(p, "bad.yaml", "learning_rate: [1e-4\n")],
+     r"bad\.yaml is not valid YAML \(line 2, column 1\)"),
+    ("yaml-not-a-mapping", lambda p: ["sft", "--config", _write(p, "list.yaml", "- 1\n- 2\n")],
+     r"list\.yaml must hold a mapping of option: value, got list"),
+    ("yaml-file-missing", lambda p: ["sft", "--config", str(p / "missing.yaml")],
+     r"config file '.*missing\.yaml' not found"),
+    ("unknown-command", lambda p: ["sfx"], r"unknown command 'sfx'; did you mean 'sft'\? \(commands: sft, dpo"),
+    ("invalid-choice", lambda p: ["sft", "--loss_type", "nllx"],
+     r"argument --loss_type.*: invalid choice: 'nllx' \(choose from .*nll.*dft"),
+    ("not-a-number", lambda p: ["sft", "--learning_rate", "fast"],
+     r"argument --learning_rate.*: invalid float value: 'fast' \(see --help\)"),
+    ("negative-beta-flag", lambda p: ["dpo", "--beta", "-1"], r"beta must be > 0, got -1\.0"),
+    ("unknown-loss-type-flag", lambda p: ["dpo", "--loss_type", "sigmoidd"],
+     r"Unknown loss_type 'sigmoidd' for DPO; choose from: sigmoid"),
+    ("num-generations-flag", lambda p: ["grpo", "--num_generations", "3", "--generation_batch_size", "8",
+                                        "--per_device_train_batch_size", "4"],
+     r"must be a multiple of num_generations \(3\)"),
+    ("no-model", lambda p: ["sft", "--dataset_name", "posttrain/arith-sft"],
+     r"no model: pass --model_name_or_path \(e\.g\. posttrain/tiny"),
+    ("dataset-file-missing", lambda p: ["sft", *_base(p, str(p / "data.jsonl"))],
+     r"Dataset path '.*data\.jsonl' does not exist\. Give an existing \.json/\.jsonl/\.csv/\.parquet file"),
+    ("dataset-file-malformed", lambda p: ["sft", *_base(p, _write(p, "d.jsonl", '{"text": "a"}\n{"text": \n'))],
+     r"Could not read dataset '.*d\.jsonl': JSON parse error.*Fix the data file"),
+    ("unknown-builtin-dataset", lambda p: ["sft", *_base(p, "posttrain/arith-sftt")],
+     r"Unknown built-in data set 'posttrain/arith-sftt'; available: posttrain/arith-lm"),
+    ("unknown-split", lambda p: ["sft", *_base(p), "--dataset_train_split", "trian"],
+     r"Unknown split 'trian'; available splits: train, test"),
+    ("model-path-missing-cli", lambda p: ["sft", *_base(p), "--model_name_or_path", str(p / "nowhere")],
+     r"Model path '.*nowhere' does not exist"),
+    ("wrong-columns-cli", lambda p: ["dpo", *_base(p)],
+     r"DPOTrainer expects a dataset with columns 'prompt' \+ 'chosen' \+ 'rejected'.*got columns \['prompt', "
+     r"'completion'"),
+    ("output-dir-not-writable-cli", lambda p: ["sft", *_base(p), "--output_dir", str(_file(p) / "out")],
+     r"output_dir '.*a_file/out' cannot be used: '.*a_file' is a file, not a directory"),
+    ("reward-function-raises-cli", lambda p: ["grpo", *_base(p, "posttrain/arith-prompts"), "--num_generations", "2",
+                                              "--max_completion_length", "4",
+                                              "--reward_funcs", _reward_file(p) + ":boom"],
+     r"reward function 'boom' raised KeyError: 'answer_x' \(--debug shows its traceback\)"),
+]
+
+
+def _run_cli(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize("make_argv,pattern", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_cli_bad_input(tmp_path, capsys, make_argv, pattern):
+    argv = make_argv(tmp_path)
+    code, err = _run_cli(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    command = argv[0]
+    assert lines[0].startswith(f"posttrain {command}: error: "), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from posttrain.cli import CLIError
+
+    with pytest.raises(CLIError, match="unknown flag"):
+        main(["sft", "--lerning_rate", "1", "--debug"])
+
+
+def test_failed_commands_leave_an_existing_output_untouched(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    markers = {"model.safetensors": b"weights of an earlier run", "config.yaml": b"learning_rate: 0.001\n"}
+    for name, content in markers.items():
+        (out / name).write_bytes(content)
+    (out / "checkpoint-5").mkdir()
+    (out / "checkpoint-5" / "model.safetensors").write_bytes(b"checkpoint")
+    before = sorted(os.listdir(out))
+    failing = [
+        ["sft", *_base(tmp_path), "--lerning_rate", "1"],
+        ["dpo", *_base(tmp_path)],  # wrong columns: fails after the model is loaded
+        ["sft", *_base(tmp_path), "--max_length", "2"],  # every example too long
+        ["grpo", *_base(tmp_path, "posttrain/arith-prompts"), "--num_generations", "2", "--max_completion_length",
+         "4", "--reward_funcs", _reward_file(tmp_path) + ":boom"],  # fails inside train(), at the first step
+    ]
+    for argv in failing:
+        assert main(argv) == 2, capsys.readouterr().err
+    capsys.readouterr()
+    assert sorted(os.listdir(out)) == before
+    for name, content in markers.items():
+        assert (out / name).read_bytes() == content
+    assert (out / "checkpoint-5" / "model.safetensors").read_bytes() == b"checkpoint"
+    assert yaml.safe_load((out / "config.yaml").read_text()) == {"learning_rate": 0.001}
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["sft", "--lerning_rate", "1"], "posttrain sft: error: unknown flag '--lerning_rate'; did you mean"),
+    (["dpo", "--model_name_or_path", MODEL, "--dataset_name", "posttrain/arith-sft", "--dataset_train_split",
+      "train[:4]", "--report_to", "none"], "posttrain dpo: error: DPOTrainer expects a dataset with columns"),
+], ids=["unknown-flag", "wrong-columns"])
+def test_no_traceback_reaches_the_terminal(tmp_path, argv, needle):
+    env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run([sys.executable, "-m", "posttrain", *argv, "--output_dir", str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and needle in result.stderr, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.strip()][-1].startswith(needle)
