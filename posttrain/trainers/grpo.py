@@ -14,7 +14,6 @@ import torch
 
 from posttrain.algorithms.advantages import group_advantages, normalize_then_sum
 from posttrain.configs.grpo import GRPOConfig
-from posttrain.data.prepare import check_prompts
 from posttrain.losses.kl import k3
 from posttrain.losses.policy import POLICY_LOSSES, aggregate, entropy_mask, needs_ga_division
 from posttrain.models.logprobs import entropy_from_logits
@@ -27,12 +26,6 @@ class GRPOTrainer(OnlineTrainer):
 
     config_class = GRPOConfig
     method_name = "GRPO"
-
-    def prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args):
-        train_dataset, eval_dataset = super().prepare_datasets(train_dataset, eval_dataset, tokenizer, args)
-        # bad prompts (None, "", ints, messages without a chat template) fail here, not at the first rollout
-        return self.map_datasets(train_dataset, eval_dataset,
-                                 lambda dataset, name: check_prompts(dataset, tokenizer, name) or dataset)
 
     def advantages(self, rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         args = self.args

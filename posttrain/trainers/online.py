@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from posttrain.data import formats
+from posttrain.data.prepare import check_prompts
 from posttrain.data.tokenize import tokenize_prompt
 from posttrain.models import reference
 from posttrain.models.logprobs import completion_logps
@@ -98,7 +99,9 @@ class OnlineTrainer(PostTrainer):
                 formats.require_type(columns, ("prompt_only",), type(self).__name__)
             if hasattr(dataset, "__len__") and len(dataset) == 0:
                 raise ValueError(f"The {name} dataset is empty; give at least one prompt.")
-        return train_dataset, eval_dataset
+        # bad prompts (None, "", ints, messages without a chat template) fail here, not at the first rollout
+        return self.map_datasets(train_dataset, eval_dataset,
+                                 lambda dataset, name: check_prompts(dataset, tokenizer, name) or dataset)
 
     def get_train_dataloader(self) -> DataLoader:
         args = self.args
