@@ -196,18 +196,28 @@ def _truncate_pair_row(example, keys: tuple[str, ...], max_prompt_length: int | 
     return out
 
 
+def _typed_rows(dataset, name: str, accepted: tuple[str, ...], who: str):
+    """Shared start of the pair pipelines: reject an empty set, pass through already-tokenised rows (None), check
+    the columns, and make implicit prompts explicit. Returns (dataset, detected type, original columns)."""
+    if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
+        raise ValueError(f"The {name} dataset is empty; give at least one example.")
+    if "prompt_ids" in (dataset.column_names or []):
+        return None
+    columns = list(dataset.column_names or _first_row(dataset).keys())
+    kind = formats.require_type(columns, accepted, who)
+    if kind == "preference_implicit":
+        dataset = dataset.map(formats.extract_prompt, **_desc(dataset, f"Extracting prompts ({name})"))
+    return dataset, kind, columns
+
+
 def prepare_preference_dataset(dataset, tokenizer, args, name: str = "train", who: str = "DPOTrainer",
                                joint: bool = False):
     """Tokenise (prompt, chosen, rejected) rows into prompt_ids / chosen_ids / rejected_ids (joint: prompt + each
     completion tokenised as one text, prompt_ids empty — for reward models)."""
-    if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
-        raise ValueError(f"The {name} dataset is empty; give at least one example.")
-    if "prompt_ids" in (dataset.column_names or []):
+    prepared = _typed_rows(dataset, name, PREFERENCE_TYPES, who)
+    if prepared is None:
         return dataset
-    columns = list(dataset.column_names or _first_row(dataset).keys())
-    kind = formats.require_type(columns, PREFERENCE_TYPES, who)
-    if kind == "preference_implicit":
-        dataset = dataset.map(formats.extract_prompt, desc=f"Extracting prompts ({name})")
+    dataset, kind, columns = prepared
     eos = tokenizer.eos_token
     extra = [c for c in ("margin", "ref_chosen_logps", "ref_rejected_logps") if c in columns]
 
@@ -248,14 +258,10 @@ def prepare_unpaired_dataset(dataset, tokenizer, args, name: str = "train", who:
     The mismatched (prompt, other completion) pairs of the KL baseline are NOT built here: the collator
     (`DataCollatorForUnpaired`) builds them from each batch, so the sampler may shuffle.
     """
-    if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
-        raise ValueError(f"The {name} dataset is empty; give at least one example.")
-    if "prompt_ids" in (dataset.column_names or []):
+    prepared = _typed_rows(dataset, name, UNPAIRED_TYPES, who)
+    if prepared is None:
         return dataset
-    columns = list(dataset.column_names or _first_row(dataset).keys())
-    kind = formats.require_type(columns, UNPAIRED_TYPES, who)
-    if kind == "preference_implicit":
-        dataset = dataset.map(formats.extract_prompt, **_desc(dataset, f"Extracting prompts ({name})"))
+    dataset, kind, columns = prepared
     if kind != "unpaired_preference":
         pairs = len(dataset) if isinstance(dataset, datasets.Dataset) else None
         dataset = dataset.map(formats.unpair_preference, batched=True, remove_columns=dataset.column_names or columns,
