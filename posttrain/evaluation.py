@@ -1,0 +1,73 @@
+"""Held-out evaluation by generation: sample (or greedily decode) completions for prompts and score them.
+
+`generation_accuracy` answers "how often does the model get the answer right?" on a prompt data set with an
+`answer` column (the built-in `posttrain/arith-prompts` test split, GSM8K-style data): one completion per prompt
+(greedy by default; `temperature` > 0 samples, and `num_samples` > 1 averages over several samples per prompt),
+scored by a reward function (default: `accuracy_reward`). The same rollout path the online trainers use
+(`rollout/hf.generate`) does the decoding, so what is evaluated is what those trainers sample.
+
+Not here: rewards (`rewards/`), the trainers' own eval loops (`trainers/online.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from posttrain.data.tokenize import tokenize_prompt
+from posttrain.rewards.protocol import completion_text
+from posttrain.rollout.hf import generate
+
+
+@torch.no_grad()
+def generation_accuracy(model, tokenizer, dataset, reward_func: Callable | None = None, max_new_tokens: int = 32,
+                        batch_size: int = 64, temperature: float = 0.0, num_samples: int = 1,
+                        seed: int = 0) -> dict[str, Any]:
+    """Mean reward of the model's completions to `dataset["prompt"]` (other columns reach the reward function).
+
+    Returns {"accuracy": mean reward over scored completions, "mean_length": mean completion tokens,
+    "num_prompts": int, "examples": the first 3 (prompt, completion, reward) triples}. Rewards that are None
+    (not applicable) are left out of the mean.
+    """
+    if reward_func is None:
+        from posttrain.rewards.builtin import accuracy_reward as reward_func
+    if temperature <= 0 and num_samples != 1:
+        raise ValueError("num_samples > 1 needs temperature > 0 (greedy decoding gives the same completion).")
+    rows = list(dataset)
+    if not rows or "prompt" not in rows[0]:
+        raise ValueError("generation_accuracy needs a non-empty data set with a 'prompt' column.")
+    generation_kwargs = {"do_sample": False} if temperature <= 0 else {"do_sample": True, "temperature": temperature,
+                                                                       "top_k": None, "top_p": 1.0}
+    was_training = model.training
+    model.eval()
+    rng_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    scores: list[float] = []
+    lengths: list[float] = []
+    examples: list[tuple[Any, str, float | None]] = []
+    try:
+        for start in range(0, len(rows), max(batch_size // num_samples, 1)):
+            chunk = rows[start:start + max(batch_size // num_samples, 1)]
+            prompt_ids = [tokenize_prompt(tokenizer, r["prompt"]) for r in chunk]
+            rollout = generate(model, tokenizer, prompt_ids, num_samples, max_new_tokens, generation_kwargs)
+            texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+            repeated = [r for r in chunk for _ in range(num_samples)]
+            conversational = isinstance(chunk[0]["prompt"], list)
+            completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+            columns = {k: [r[k] for r in repeated] for k in chunk[0] if k != "prompt"}
+            rewards = reward_func(prompts=[r["prompt"] for r in repeated], completions=completions,
+                                  completion_ids=rollout.completion_ids.tolist(), **columns)
+            for row, completion, reward in zip(repeated, completions, rewards):
+                if len(examples) < 3:
+                    examples.append((row["prompt"], completion_text(completion), reward))
+                if reward is not None and not math.isnan(reward):
+                    scores.append(float(reward))
+            lengths.extend(rollout.completion_mask.sum(1).float().tolist())
+    finally:
+        torch.set_rng_state(rng_state)
+        model.train(was_training)
+    return {"accuracy": sum(scores) / len(scores) if scores else float("nan"),
+            "mean_length": sum(lengths) / len(lengths), "num_prompts": len(rows), "examples": examples}
