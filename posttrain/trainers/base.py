@@ -22,14 +22,17 @@ import torch
 import yaml
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
-from posttrain import compat
+from posttrain import compat, reporting
 from posttrain.configs.base import PostTrainConfig
 from posttrain.models import loading
+from posttrain.trainers.checkpoints import CrashSafeCheckpoints
+from posttrain.trainers.interrupt import GracefulInterrupt
+from posttrain.trainers.numerics import NonFiniteGuard
 
 logger = logging.getLogger(__name__)
 
 
-class PostTrainer(Trainer):
+class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Trainer):
     config_class: type[PostTrainConfig] = PostTrainConfig
     method_name = "PostTrain"  # used for the default output dir and the model card
     auto_model_class = None  # None = AutoModelForCausalLM
@@ -77,6 +80,7 @@ class PostTrainer(Trainer):
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         self.run_config_extra: dict[str, Any] = {}  # the CLI adds model/data options here
         self.add_callback(_RunConfigWriter(self))
+        reporting.attach(self)  # metrics.jsonl, plots, report.html, concise progress bar
 
     # ---- hooks for subclasses -----------------------------------------------------------------------------------
     def prepare_datasets(self, train_dataset, eval_dataset, processing_class, args):
@@ -153,6 +157,11 @@ class PostTrainer(Trainer):
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     # ---- run records ---------------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.is_world_process_zero():
+            reporting.write_model_card(self, output_dir)  # README.md next to the weights
+
     def save_run_config(self, path: str | None = None) -> str:
         """Write the resolved config (trainer options plus any CLI model/data options) as YAML."""
         path = path or os.path.join(self.args.output_dir, "config.yaml")
