@@ -42,6 +42,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "online_dpo": ("posttrain.configs.online_dpo:OnlineDPOConfig", "posttrain.trainers.online_dpo:OnlineDPOTrainer",
                    "online DPO: two sampled completions per prompt ranked by reward"),
 }
+# Hyphenated spellings (TRL's `trl online-dpo` style) name the same commands.
+COMMAND_ALIASES = {name.replace("_", "-"): name for name in COMMANDS if "_" in name}
 _ALIASES_ONLY = {"env"}  # keys a YAML file may hold besides fields
 
 
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
-    command, rest = argv[0], argv[1:]
+    command, rest = COMMAND_ALIASES.get(argv[0], argv[0]), argv[1:]
     if command in ("--version", "version"):
         from posttrain import __version__
 
@@ -238,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise CLIError(f"unknown command '{command}'{_suggest(command, list(COMMANDS) + ['env'])} "
                            f"(commands: {', '.join(list(COMMANDS) + ['env'])})")
-    except KeyboardInterrupt:
-        print("posttrain: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        # after Ctrl-C during training the message names the checkpoint that was saved (trainers/interrupt.py)
+        print(f"posttrain {command}: {e}" if str(e) else "posttrain: interrupted", file=sys.stderr)
         return 130
     except _USER_ERRORS as e:
         if debug:

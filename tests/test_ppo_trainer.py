@@ -224,3 +224,21 @@ def test_config_options_and_legacy_names():
     assert (parsed.num_ppo_epochs, parsed.kl_estimator, parsed.missing_eos_penalty) == (3, "k3", 1.0)
     with pytest.raises(ValueError, match="needs reward_funcs"):
         PPOTrainer(MODEL, args=PPOConfig(output_dir="x"), train_dataset=_prompts())
+
+
+def test_adaptive_kl_controller_moves_the_coefficient(tmp_path):
+    """adaptive_kl: kl_coef follows each rollout's KL (Ziegler et al. 2019); the legacy names map onto it."""
+    args = _args(tmp_path, max_steps=4, num_mini_batches=1, num_ppo_epochs=2, adaptive_kl=True, kl_coef=0.2,
+                 kl_target=1e-6, kl_horizon=100.0)
+    trainer = PPOTrainer(MODEL, reward_funcs=unique_chars, args=args, train_dataset=_prompts())
+    trainer.train()
+    coefs = [h["objective/kl_coef"] for h in trainer.state.log_history if "objective/kl_coef" in h]
+    # two rollouts of 4: KL 0 on the first (error clipped at −0.2), so β ← 0.2·(1 − 0.2·4/100); the policy has
+    # moved by the second, KL ≫ target (error clipped at +0.2), so β ← β·(1 + 0.2·4/100)
+    assert coefs == pytest.approx([0.2, 0.2 * 0.992])
+    assert trainer.kl_controller.value == pytest.approx(0.2 * 0.992 * 1.008)
+    with pytest.warns(FutureWarning, match="adaptive_kl"):
+        legacy = PPOConfig(output_dir="x", adap_kl_ctrl=True, init_kl_coef=0.3, target=2.0, horizon=500)
+    assert (legacy.adaptive_kl, legacy.kl_coef, legacy.kl_target, legacy.kl_horizon) == (True, 0.3, 2.0, 500)
+    with pytest.raises(ValueError, match="kl_target"):
+        PPOConfig(output_dir="x", adaptive_kl=True, kl_target=0.0)

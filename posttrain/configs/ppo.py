@@ -5,7 +5,7 @@ and are hidden (`init=False`: not accepted, not listed by --help, not written to
 Batching, as TRL's PPO: one rollout holds per_device_train_batch_size × gradient_accumulation_steps ×
 num_mini_batches completions; it is trained on for num_ppo_epochs passes, each split into num_mini_batches
 optimizer steps. Deprecated names from older guides (model_name, batch_size, mini_batch_size, ppo_epochs,
-response_length) are accepted with one FutureWarning each.
+response_length, adap_kl_ctrl, init_kl_coef, target, horizon) are accepted with one FutureWarning each.
 
 Not here: the algorithm (`trainers/ppo.py`), GAE and whitening (`algorithms/advantages.py`), losses
 (`losses/value.py`).
@@ -47,6 +47,11 @@ class PPOConfig(GRPOConfig):
     num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout."})
     num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per pass over a rollout."})
     kl_coef: float = field(default=0.05, metadata={"help": "Weight of the per-token KL penalty in the reward."})
+    adaptive_kl: bool = field(default=False, metadata={"help": "Adapt kl_coef after every rollout to keep the "
+                              "policy's KL near kl_target (Ziegler et al. 2019); kl_coef is the starting value."})
+    kl_target: float = field(default=6.0, metadata={"help": "Target KL (nats per completion) of adaptive_kl."})
+    kl_horizon: float = field(default=10000.0, metadata={"help": "Completions over which adaptive_kl can change "
+                              "kl_coef by about e^±0.2."})
     kl_estimator: str = field(default="k1", metadata={"help": "k1 (log π − log π_ref, unbiased) or k3 (unbiased, "
                               "always ≥ 0).", "choices": list(KL_ESTIMATORS)})
     cliprange: float = field(default=0.2, metadata={"help": "Clipping range of the policy ratio."})
@@ -83,9 +88,19 @@ class PPOConfig(GRPOConfig):
     mini_batch_size: InitVar[int | None] = None
     ppo_epochs: InitVar[int | None] = None
     response_length: InitVar[int | None] = None
+    adap_kl_ctrl: InitVar[bool | None] = None
+    init_kl_coef: InitVar[float | None] = None
+    target: InitVar[float | None] = None
+    horizon: InitVar[float | None] = None
 
     def __post_init__(self, model_name=None, batch_size=None, mini_batch_size=None, ppo_epochs=None,
-                      response_length=None) -> None:
+                      response_length=None, adap_kl_ctrl=None, init_kl_coef=None, target=None,
+                      horizon=None) -> None:
+        for old, new, value in (("adap_kl_ctrl", "adaptive_kl", adap_kl_ctrl), ("init_kl_coef", "kl_coef",
+                                init_kl_coef), ("target", "kl_target", target), ("horizon", "kl_horizon", horizon)):
+            if value is not None:
+                _deprecated(old, new)
+                setattr(self, new, value)
         if model_name is not None:
             _deprecated("model_name", "PPOTrainer(model=...) (or sft_model_path=...)")
             self.sft_model_path = self.sft_model_path or model_name
@@ -124,6 +139,8 @@ class PPOConfig(GRPOConfig):
         check(self.num_ppo_epochs >= 1, f"num_ppo_epochs must be >= 1, got {self.num_ppo_epochs}.")
         check(self.num_mini_batches >= 1, f"num_mini_batches must be >= 1, got {self.num_mini_batches}.")
         check(self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}.")
+        check(not self.adaptive_kl or (self.kl_target > 0 and self.kl_horizon > 0),
+              f"adaptive_kl needs kl_target > 0 and kl_horizon > 0, got {self.kl_target} and {self.kl_horizon}.")
         check(self.cliprange > 0, f"cliprange must be > 0, got {self.cliprange}.")
         check(self.cliprange_value > 0, f"cliprange_value must be > 0, got {self.cliprange_value}.")
         check(self.vf_coef >= 0, f"vf_coef must be >= 0, got {self.vf_coef}.")

@@ -56,9 +56,11 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], num_generations: int
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
                        use_cache=True)
-        cache = prefix.past_key_values
+        # transformers ≥ 5.2x names the cache `cache`; earlier 5.x releases call it `past_key_values`
+        cache_key = "cache" if "cache" in prefix else "past_key_values"
+        cache = prefix[cache_key]
         cache.batch_repeat_interleave(num_generations)
-        kwargs["past_key_values"] = cache
+        kwargs[cache_key] = cache
     out = model.generate(input_ids=full_ids, attention_mask=full_mask, **kwargs)
     completion_ids = out[:, full_ids.shape[1]:]
     eos = tokenizer.eos_token_id

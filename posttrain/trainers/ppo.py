@@ -3,7 +3,8 @@ implementation details of RLHF with PPO" recipe that TRL's PPOTrainer follows).
 
 One rollout (per_device × GA × num_mini_batches completions) is generated and scored by the shared online
 machinery (`trainers/online.py`); this module then turns it into per-token targets:
-  r_t = −kl_coef·kl_t (policy vs reference log-probs, k1 or k3), plus the score (reward functions / reward model,
+  r_t = −β·kl_t (policy vs reference log-probs, k1 or k3; β = kl_coef, or adapted after every rollout
+  towards kl_target when adaptive_kl), plus the score (reward functions / reward model,
   minus missing_eos_penalty without EOS) on the last completion token; optionally whitened (scale only);
   V_t = the critic's value of the state before token t (old values, no grad);
   Â, R = GAE(γ, λ) (R = Â + V); Â whitened over the rollout's completion tokens.
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 from posttrain import compat
-from posttrain.algorithms.advantages import gae, whiten
+from posttrain.algorithms.advantages import AdaptiveKLController, FixedKLController, gae, whiten
 from posttrain.configs.ppo import PPOConfig
 from posttrain.losses.kl import KL_ESTIMATORS
 from posttrain.losses.value import clipped_value_loss, ppo_policy_loss
@@ -81,6 +82,8 @@ class PPOTrainer(OnlineTrainer):
         self._rollout: dict[str, Any] = {}
         self._truncated: torch.Tensor | None = None
         self._episodes, self._start_time = 0, None
+        self.kl_controller = (AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
+                              if args.adaptive_kl else FixedKLController(args.kl_coef))
 
     def _value_model(self, value_model) -> torch.nn.Module:
         args = self.args
@@ -150,7 +153,7 @@ class PPOTrainer(OnlineTrainer):
             values = self._batched_values(container.value_model, batch)
         with self.phase("gae"):
             kl = KL_ESTIMATORS[args.kl_estimator](logps, ref_logps) * m
-            non_score = -args.kl_coef * kl
+            non_score = -self.kl_controller.value * kl
             rewards = non_score.clone()
             last = (mask.sum(1) - 1).clamp(min=0)
             rows = torch.arange(rewards.shape[0], device=rewards.device)
@@ -162,6 +165,11 @@ class PPOTrainer(OnlineTrainer):
         batch.update(scores=scores, old_values=values, advantages=advantages, returns=returns)
         batch["num_items"] = self._global_count(mask)
         self._record_objective(kl, logps, non_score, scores, truncated, m)
+        if self.model.training:  # adaptive KL: the coefficient of the next rollout follows this one's KL
+            mean_kl = kl.sum(1).mean()
+            if args.world_size > 1:
+                mean_kl = self.accelerator.reduce(mean_kl, reduction="mean")
+            self.kl_controller.update(float(mean_kl), scores.shape[0] * self.accelerator.num_processes)
         if self._last_table:  # the completions table: mean advantage per completion
             per_row = (advantages * m).sum(1) / m.sum(1).clamp(min=1)
             for row, value in zip(self._last_table, per_row.tolist()):
@@ -184,7 +192,7 @@ class PPOTrainer(OnlineTrainer):
         self.record_metrics({
             "objective/kl": kl.sum(1).mean(), "objective/entropy": (-logps * m).sum(1).mean(),
             "objective/non_score_reward": non_score_sum.mean(), "objective/scores": scores.mean(),
-            "objective/rlhf_reward": (scores + non_score_sum).mean(),
+            "objective/rlhf_reward": (scores + non_score_sum).mean(), "objective/kl_coef": self.kl_controller.value,
             "val/num_eos_tokens": (~truncated).sum().float()})
         if not self.model.training:
             return
