@@ -44,7 +44,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 # Hyphenated spellings (TRL's `trl online-dpo` style) name the same commands.
 COMMAND_ALIASES = {name.replace("_", "-"): name for name in COMMANDS if "_" in name}
-_OTHER_COMMANDS = {"generate": "posttrain.generate:main"}
+_OTHER_COMMANDS = {"generate": "posttrain.generate:main", "pipeline": "posttrain.pipeline.run:main"}
 _ALIASES_ONLY = {"env"}  # keys a YAML file may hold besides fields
 
 
@@ -65,6 +65,7 @@ def _usage() -> str:
     lines = ["usage: posttrain <command> [--config FILE.yaml] [--flag value ...]", "", "commands:"]
     lines += [f"  {name:<10} {desc}" for name, (_, _, desc) in COMMANDS.items()]
     lines += [f"  {'generate':<10} generate from a trained model (--model DIR --prompt TEXT; no --prompt: chat)",
+              f"  {'pipeline':<10} run training stages in order from one YAML file (SFT → reward → DPO → GRPO)",
               f"  {'env':<10} print versions and hardware (for bug reports)",
               "", "Run 'posttrain <command> --help' for the flags of a command. --debug shows full tracebacks."]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from transformers.trainer_utils import has_length
 from posttrain.reporting.summary import fmt
 
 # (metric, short label) in display order; the first metric found for a label wins (acc = whichever accuracy)
-KEY_METRICS = (("loss", "loss"), ("mean_token_accuracy", "acc"), ("rewards/accuracies", "acc"), ("accuracy", "acc"),
+KEY_METRICS = (("loss", "loss"), ("rewards/accuracies", "acc"), ("accuracy", "acc"), ("mean_token_accuracy", "acc"),
                ("rewards/margins", "margin"), ("margin", "margin"), ("reward", "reward"),
                ("objective/scores", "score"), ("kl", "kl"), ("objective/kl", "kl"),
                ("completions/mean_length", "len"), ("entropy", "entropy"), ("learning_rate", "lr"))

@@ -1,0 +1,158 @@
+"""`posttrain pipeline FILE.yaml [--output_dir DIR] [--from STAGE]`: run a pipeline's stages in order.
+
+Each stage is an ordinary training command (`posttrain sft`, `dpo`, …) given its resolved config, written first
+to OUTPUT_DIR/stage-configs/NAME.yaml (so a stage can be rerun alone with `posttrain CMD --config` that file).
+After a policy stage the model's held-out answer accuracy is measured by greedy generation
+(`evaluation.generation_accuracy`) and printed with the stage's key metric; both go into the stage's model card
+and report. At the end: a table, pipeline_summary.json and a report.html linking the stages' reports.
+`--from STAGE` reruns from that stage on, reusing the saved outputs of the stages before it.
+
+Not here: the YAML format (`spec.py`), the figures' layout (`summary.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import yaml
+
+from posttrain.pipeline import spec, summary
+from posttrain.pipeline.spec import PipelineError, Stage
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posttrain pipeline", allow_abbrev=False,
+                                description="Run training stages in order from one YAML file.")
+    p.add_argument("file", help="pipeline YAML, e.g. examples/arith-pipeline.yaml")
+    p.add_argument("--output_dir", help="where the stages write (default: the file's output_dir)")
+    p.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage, reusing earlier outputs")
+
+    def error(message: str) -> None:
+        raise PipelineError(f"{message} (see posttrain pipeline --help)")
+
+    p.error = error
+    return p
+
+
+def load_eval_prompts(evaluation: dict[str, Any]):
+    from posttrain.data.loading import load_any_dataset
+
+    dataset = load_any_dataset(evaluation["dataset_name"], evaluation.get("dataset_config"), evaluation["split"])
+    if "prompt" not in dataset.column_names:
+        raise PipelineError(f"evaluation data set {evaluation['dataset_name']!r} has no 'prompt' column "
+                            f"(columns: {', '.join(dataset.column_names)})")
+    return dataset.select(range(min(int(evaluation["num_prompts"]), len(dataset))))
+
+
+def answer_accuracy(model, tokenizer, prompts, evaluation: dict[str, Any]) -> dict[str, Any]:
+    from posttrain.evaluation import generation_accuracy
+
+    result = generation_accuracy(model, tokenizer, prompts, max_new_tokens=int(evaluation["max_new_tokens"]),
+                                 batch_size=int(evaluation["batch_size"]))
+    return {"answer_accuracy": result["accuracy"], "answer_mean_length": result["mean_length"],
+            "num_prompts": result["num_prompts"], "examples": [list(map(str, e)) for e in result["examples"]]}
+
+
+def evaluate_base(model_name: str, prompts, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The starting model's answer accuracy (the row before any stage)."""
+    from posttrain.models import loading
+
+    start = time.time()
+    model = loading.load_pretrained_model(model_name)
+    tokenizer = loading.load_tokenizer(model_name)
+    loading.prepare_tokenizer(tokenizer)
+    record = {"name": "base", "command": None, "model_from": model_name, "output_dir": None,
+              **answer_accuracy(model, tokenizer, prompts, evaluation)}
+    record["eval_seconds"] = round(time.time() - start, 1)
+    return record
+
+
+def run_stage(stage: Stage, pipeline: spec.Pipeline, prompts) -> dict[str, Any]:
+    """Train one stage through its CLI command, then measure it; returns the stage's record."""
+    from posttrain import reporting
+    from posttrain.cli import run_training
+
+    config_path = os.path.join(pipeline.output_dir, "stage-configs", f"{stage.name}.yaml")
+    os.makedirs(os.path.dirname(config_path), exist_ok=True)
+    with open(config_path, "w") as f:
+        yaml.safe_dump(stage.options, f, sort_keys=False)
+    start = time.time()
+    try:
+        trainer = run_training(stage.command, ["--config", config_path])
+    except BaseException:
+        print(f"pipeline: stage '{stage.name}' failed (its resolved config: {config_path})", file=sys.stderr,
+              flush=True)
+        raise
+    record: dict[str, Any] = {"name": stage.name, "command": stage.command,
+                              "model_from": stage.options.get("model_name_or_path"), "output_dir": stage.output_dir,
+                              "config": config_path, "seconds": round(time.time() - start, 1),
+                              "key_metric": summary.key_metric(stage.command, trainer.state.log_history)}
+    if stage.evaluate and stage.is_policy and prompts is not None:
+        eval_start = time.time()
+        record.update(answer_accuracy(trainer.model, trainer.processing_class, prompts, pipeline.evaluation))
+        record["eval_seconds"] = round(time.time() - eval_start, 1)
+        if trainer.is_world_process_zero():
+            label = f"held-out answer accuracy ({record['num_prompts']} prompts, greedy)"
+            reporting.write_model_card(trainer, stage.output_dir, extra={label: record["answer_accuracy"]})
+            reporting.write_report(trainer, extra={label: f"{record['answer_accuracy']:.3f}"})
+    del trainer
+    gc.collect()
+    return record
+
+
+def _previous_records(output_dir: str) -> dict[str, dict[str, Any]]:
+    path = os.path.join(output_dir, summary.SUMMARY_JSON)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return {r["name"]: r for r in json.load(f).get("stages", [])}
+
+
+def run(path: str, output_dir: str | None = None, start_at: str | None = None) -> list[dict[str, Any]]:
+    """Run the pipeline in `path`; returns one record per stage (plus the starting model when evaluated)."""
+    pipeline = spec.load(path, output_dir)
+    names = [s.name for s in pipeline.stages]
+    if start_at is not None and start_at not in names:
+        raise PipelineError(f"--from {start_at!r} is not a stage of {path} (stages: {', '.join(names)})")
+    begin = names.index(start_at) if start_at else 0
+    for stage in pipeline.stages[:begin]:
+        if not os.path.isfile(os.path.join(stage.output_dir, "config.json")):
+            raise PipelineError(f"--from {start_at}: stage '{stage.name}' has no saved model in {stage.output_dir}; "
+                                f"run the pipeline from '{stage.name}' or earlier")
+    evaluation = pipeline.evaluation
+    prompts = load_eval_prompts(evaluation) if any(s.evaluate for s in pipeline.stages) else None
+    previous = _previous_records(pipeline.output_dir)
+    records: list[dict[str, Any]] = []
+    clock = time.time()
+    if evaluation.get("base") and prompts is not None:
+        first = pipeline.stages[0].options["model_name_or_path"]
+        records.append(previous["base"] if begin and "base" in previous else evaluate_base(first, prompts,
+                                                                                            evaluation))
+        print(f"pipeline: starting model {first}: {summary.describe(records[-1])}", flush=True)
+    for i, stage in enumerate(pipeline.stages):
+        if i < begin:
+            records.append({**previous.get(stage.name, {}), "name": stage.name, "command": stage.command,
+                            "output_dir": stage.output_dir, "reused": True})
+            continue
+        print(f"pipeline [{i + 1}/{len(names)}] {stage.name}: posttrain {stage.command} from "
+              f"{stage.options.get('model_name_or_path')} → {stage.output_dir}", flush=True)
+        record = run_stage(stage, pipeline, prompts)
+        records.append(record)
+        print(f"pipeline [{i + 1}/{len(names)}] {stage.name} done in {record['seconds']:.0f}s: "
+              f"{summary.describe(record)}", flush=True)
+        summary.write(pipeline.output_dir, path, records, time.time() - clock)  # partial results survive a crash
+    paths = summary.write(pipeline.output_dir, path, records, time.time() - clock)
+    print("\n" + summary.table(records))
+    print(f"\npipeline: done in {time.time() - clock:.0f}s; summary {paths['json']}, report {paths['html']}")
+    return records
+
+
+def main(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    run(args.file, args.output_dir, args.start)

@@ -1,0 +1,93 @@
+"""A pipeline's per-stage figures: the key metric of each command, the line printed after a stage, the table
+printed at the end, `pipeline_summary.json` and the top-level `report.html` linking each stage's own report.
+
+Not here: running stages (`run.py`), a single run's report (`reporting/`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from posttrain.reporting import html
+from posttrain.reporting.atomic import write_text
+from posttrain.reporting.summary import fmt, series
+
+SUMMARY_JSON = "pipeline_summary.json"
+REPORT = "report.html"
+# command → candidate (metric, label), first present wins: held-out figures before training ones
+KEY_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
+    "sft": (("eval_mean_token_accuracy", "held-out token accuracy"), ("mean_token_accuracy", "token accuracy")),
+    "reward": (("eval_accuracy", "held-out pair accuracy"), ("accuracy", "pair accuracy")),
+    "dpo": (("eval_rewards/accuracies", "held-out reward accuracy"), ("rewards/accuracies", "reward accuracy")),
+    "orpo": (("eval_rewards/accuracies", "held-out reward accuracy"), ("rewards/accuracies", "reward accuracy")),
+    "cpo": (("eval_rewards/accuracies", "held-out reward accuracy"), ("rewards/accuracies", "reward accuracy")),
+    "kto": (("eval_rewards/margins", "held-out reward margin"), ("rewards/margins", "reward margin")),
+    "grpo": (("reward", "reward"),),
+    "rloo": (("reward", "reward"),),
+    "ppo": (("objective/scores", "score"), ("reward", "reward")),
+    "online_dpo": (("objective/scores", "score"), ("reward", "reward")),
+}
+
+
+def key_metric(command: str, log_history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """{"metric", "label", "first", "last"} of the command's key metric in a run's log history, or None."""
+    curves = series(log_history)
+    for metric, label in KEY_METRICS.get(command, (("loss", "loss"),)):
+        points = curves.get(metric)
+        if points:
+            return {"metric": metric, "label": label, "first": points[0][1], "last": points[-1][1]}
+    return None
+
+
+def describe(record: dict[str, Any]) -> str:
+    """'held-out answer accuracy 0.415 · held-out pair accuracy 0.55 → 0.68' for one stage record."""
+    parts = []
+    if record.get("answer_accuracy") is not None:
+        parts.append(f"held-out answer accuracy {record['answer_accuracy']:.3f} ({record['num_prompts']} prompts, "
+                     "greedy)")
+    key = record.get("key_metric")
+    if key:
+        parts.append(f"{key['label']} {fmt(key['first'])} → {fmt(key['last'])}")
+    return " · ".join(parts) or "no figures"
+
+
+COLUMNS = ("stage", "command", "time", "answer acc", "key metric")
+
+
+def _row(record: dict[str, Any]) -> list[str]:
+    key = record.get("key_metric")
+    return [record["name"], record.get("command") or "—",
+            f"{record['seconds']:.0f}s" if record.get("seconds") is not None else "—",
+            f"{record['answer_accuracy']:.3f}" if record.get("answer_accuracy") is not None else "—",
+            f"{key['label']} {fmt(key['first'])} → {fmt(key['last'])}" if key else "—"]
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """A plain-text table, one row per stage (and the starting model)."""
+    rows = [list(COLUMNS)] + [_row(r) for r in records]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write(output_dir: str, pipeline_path: str, records: list[dict[str, Any]], seconds: float) -> dict[str, str]:
+    """pipeline_summary.json and report.html in output_dir; returns their paths."""
+    data = {"pipeline": pipeline_path, "output_dir": output_dir, "total_seconds": round(seconds, 1),
+            "stages": records}
+    json_path = write_text(os.path.join(output_dir, SUMMARY_JSON), json.dumps(data, indent=2, default=str) + "\n")
+    stages = []
+    for record in records:
+        cells = dict(zip(COLUMNS[1:], _row(record)[1:]))
+        report = os.path.join(record["output_dir"], "report.html") if record.get("output_dir") else None
+        if report and os.path.isfile(report):
+            cells["report"] = os.path.relpath(report, output_dir)
+        stages.append({"name": record["name"], **cells})
+    facts = {"pipeline": pipeline_path, "output_dir": output_dir, "total time": f"{seconds:.0f} s",
+             "answer accuracy": "greedy decoding on held-out prompts, scored by accuracy_reward"}
+    page = html.pipeline_page(f"posttrain pipeline — {os.path.basename(pipeline_path)}", facts, stages,
+                              list(COLUMNS[1:]))
+    html_path = write_text(os.path.join(output_dir, REPORT), page)
+    return {"json": json_path, "html": html_path}
