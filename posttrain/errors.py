@@ -15,3 +15,7 @@ class UserError(Exception):
 
 class RewardFunctionError(UserError, RuntimeError):
     """A user's reward function raised; the message names the function, the original is the `__cause__`."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """Training produced NaN or inf (loss, gradients or weights) and cannot go on; the message says what to change."""

@@ -51,6 +51,9 @@ class PostTrainConfig(TrainingArguments):
                                                  "(JSON string on the command line), e.g. '{\"dtype\": \"bfloat16\"}'."})
     disable_dropout: bool = field(default=False, metadata={"help": "Set every dropout probability in the model to 0."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset preparation."})
+    max_nonfinite_steps: int = field(default=5, metadata={"help": "A step whose loss or gradient is NaN/inf is "
+                                     "skipped (no weight changes; counted as `nonfinite_skipped`); after this many "
+                                     "in a row the run stops with an error. 0 = skip but never stop."})
 
     def __post_init__(self) -> None:
         if isinstance(self.model_init_kwargs, str):
@@ -71,6 +74,8 @@ class PostTrainConfig(TrainingArguments):
         super().__post_init__()
         self._output_dir_was_default = output_dir is None
         check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}.")
+        check(self.max_nonfinite_steps >= 0, f"max_nonfinite_steps must be >= 0 (0 = never stop), got "
+              f"{self.max_nonfinite_steps}.")
         self.validate()
 
     def validate(self) -> None:

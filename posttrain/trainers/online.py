@@ -137,6 +137,17 @@ class OnlineTrainer(PostTrainer):
     def _get_num_items_in_batch(self, batch_samples, device):
         return None  # the global normaliser is known only after generation: each micro-batch carries num_items
 
+    # ---- checkpoints --------------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Adds the micro-step counter and the rollout buffer: a run resumed mid-cycle trains on the same
+        completions instead of generating new ones (the RNG states transformers saves cover the next rollouts)."""
+        return {**super().checkpoint_state(), "micro_step": self._micro_step, "buffer": self._buffer}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        super().load_checkpoint_state(state)
+        self._micro_step = int(state.get("micro_step", 0))
+        self._buffer = list(state.get("buffer", []))
+
     # ---- phases ---------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def phase(self, name: str):

@@ -1,0 +1,94 @@
+"""Ctrl-C (SIGINT) during `train()`: finish the current optimizer step, save a checkpoint, stop cleanly.
+
+While `train()` runs in the main thread, the first SIGINT only sets a flag (and says so on stderr); at the end of
+the current optimizer step the trainer saves a checkpoint (whatever `save_strategy` says), stops, and `train()`
+raises `TrainingInterrupted` — a `KeyboardInterrupt` whose message names the checkpoint — so a script stops as it
+would on Ctrl-C, and the CLI exits with status 130 after printing that one line. A second SIGINT restores Python's
+own handler first, so it interrupts at once (for a step that hangs). With several processes the flag is summed
+over them at each step end, so all stop at the same step.
+
+Not here: how checkpoints are written (`trainers/checkpoints.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+import weakref
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised by `train()` after Ctrl-C once the checkpoint is saved; `.checkpoint` is its path, `.step` the step."""
+
+    def __init__(self, step: int, checkpoint: str | None):
+        self.step, self.checkpoint = step, checkpoint
+        if checkpoint:
+            message = (f"interrupted at step {step}; checkpoint saved to {checkpoint} (continue with "
+                       f"--resume_from_checkpoint {checkpoint})")
+        else:
+            message = f"interrupted at step {step}; no checkpoint could be saved"
+        super().__init__(message)
+
+
+class GracefulInterrupt:
+    """Mixin for `transformers.Trainer` subclasses; see the module docstring."""
+
+    _interrupt_requested = False
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.add_callback(_StopOnInterrupt(self))
+
+    def train(self, *args: Any, **kwargs: Any):
+        self._interrupt_requested = False
+        with self._sigint_sets_flag():
+            output = super().train(*args, **kwargs)
+        if self._interrupt_requested:
+            raise TrainingInterrupted(self.state.global_step, getattr(self, "last_checkpoint", None))
+        return output
+
+    @contextlib.contextmanager
+    def _sigint_sets_flag(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be installed from the main thread
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def request_stop(signum, frame):
+            self._interrupt_requested = True
+            signal.signal(signal.SIGINT, previous)  # a second Ctrl-C interrupts at once
+            if self.is_world_process_zero():
+                print("\nposttrain: interrupt received; saving a checkpoint after this step (Ctrl-C again to stop "
+                      "at once)", file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _interrupt_agreed(self) -> bool:
+        requested = self._interrupt_requested
+        if self.args.world_size > 1:
+            flag = torch.tensor(float(requested), device=self.args.device)
+            requested = bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+            self._interrupt_requested = requested
+        return requested
+
+
+class _StopOnInterrupt(TrainerCallback):
+    def __init__(self, trainer: GracefulInterrupt):
+        self._trainer = weakref.ref(trainer)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is not None and trainer._interrupt_agreed():
+            control.should_save = True
+            control.should_training_stop = True
+        return control
