@@ -1,8 +1,9 @@
 """A small SFT, DPO or GRPO run that the reliability tests start, kill and resume (imported, or run as a script).
 
 `python tests/killable_run.py METHOD OUTPUT_DIR [RESUME]` trains the built-in tiny model for a few steps with a
-checkpoint every 2 steps and writes OUTPUT_DIR/losses.json (the log history) when it finishes. Env:
+checkpoint every SAVE_STEPS steps and writes OUTPUT_DIR/losses.json (the log history) when it finishes. Env:
 POSTTRAIN_TEST_STEP_SLEEP (seconds to sleep after each step, so a kill can land anywhere),
+POSTTRAIN_TEST_SAVE_STEPS (checkpoint interval instead of SAVE_STEPS; checkpoints do not change the losses),
 POSTTRAIN_TEST_KILL_IN_SAVE (a step: SIGKILL itself halfway through writing that step's checkpoint).
 """
 
@@ -17,8 +18,8 @@ import time
 from transformers import TrainerCallback
 
 MODEL = "posttrain/tiny"
-MAX_STEPS = 8
-SAVE_STEPS = 2
+MAX_STEPS = 6
+SAVE_STEPS = 3  # for GRPO (steps_per_generation=2) checkpoint-3 falls mid generation cycle
 
 
 def _unique_chars(completions, **kwargs):
@@ -38,23 +39,23 @@ def build_trainer(method: str, output_dir: str, max_steps: int = MAX_STEPS, **ov
     from posttrain.data.arith import load_builtin_dataset
 
     common = dict(output_dir=output_dir, max_steps=max_steps, logging_steps=1, save_steps=SAVE_STEPS,
-                  report_to="none", seed=0, learning_rate=1e-3, per_device_train_batch_size=4)
+                  report_to="none", seed=0, learning_rate=1e-3, per_device_train_batch_size=2)
     common.update(overrides)
     if method == "sft":
         from posttrain import SFTConfig, SFTTrainer
 
-        data = load_builtin_dataset("posttrain/arith-sft", split="train[:64]")
+        data = load_builtin_dataset("posttrain/arith-sft", split="train[:32]")
         return SFTTrainer(MODEL, args=SFTConfig(max_length=64, **common), train_dataset=data)
     if method == "dpo":
         from posttrain import DPOConfig, DPOTrainer
 
-        data = load_builtin_dataset("posttrain/arith-pref", split="train[:64]")
+        data = load_builtin_dataset("posttrain/arith-pref", split="train[:32]")
         return DPOTrainer(MODEL, args=DPOConfig(max_length=64, **common), train_dataset=data)
     if method == "grpo":
         from posttrain import GRPOConfig, GRPOTrainer
 
         # steps_per_generation 2 > GA 1: checkpoints at odd micro-steps fall mid-cycle (the buffer must be restored)
-        args = GRPOConfig(num_generations=4, max_completion_length=8, steps_per_generation=2, **common)
+        args = GRPOConfig(num_generations=2, max_completion_length=4, steps_per_generation=2, **common)
         data = load_builtin_dataset("posttrain/arith-prompts", split="train[:32]")
         return GRPOTrainer(MODEL, reward_funcs=_unique_chars, args=args, train_dataset=data)
     raise ValueError(method)
@@ -67,7 +68,8 @@ def losses(trainer) -> list[float]:
 def main(argv: list[str]) -> None:
     method, output_dir = argv[0], argv[1]
     resume = argv[2] if len(argv) > 2 else None
-    trainer = build_trainer(method, output_dir)
+    trainer = build_trainer(method, output_dir,
+                            save_steps=int(os.environ.get("POSTTRAIN_TEST_SAVE_STEPS", SAVE_STEPS)))
     sleep = float(os.environ.get("POSTTRAIN_TEST_STEP_SLEEP", "0"))
     if sleep:
         trainer.add_callback(_Sleep(sleep))

@@ -66,17 +66,18 @@ def _resume_in_process(method, out):
     return losses(trainer)
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
+@pytest.mark.parametrize("method", [pytest.param("sft", marks=pytest.mark.slow),  # SFT: kill-in-save test below
+                                    pytest.param("dpo", marks=pytest.mark.slow), "grpo"])
 def test_same_seed_same_losses_and_resume_mid_run(method, tmp_path, tmp_path_factory):
-    """Run twice with the same seed (the second time saving at other steps): identical losses. Then resume the
-    second run from its step-3 checkpoint — for GRPO mid generation cycle (steps_per_generation=2), so the saved
-    rollout buffer is what the resumed steps train on — and get the same losses again."""
+    """Run twice with the same seed: identical losses. Then resume from the step-3 checkpoint — for GRPO mid
+    generation cycle (steps_per_generation=2), so the saved rollout buffer is what the resumed step trains on —
+    and get the same losses again."""
     reference = _reference(method, tmp_path_factory)
     out = tmp_path / "run"
-    again = build_trainer(method, str(out), save_steps=3)
+    again = build_trainer(method, str(out))
     again.train()
     assert losses(again) == reference
-    resumed = build_trainer(method, str(out), save_steps=3)
+    resumed = build_trainer(method, str(out))
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-3"))
     assert losses(resumed) == reference
 
@@ -86,7 +87,7 @@ def test_same_seed_same_losses_and_resume_mid_run(method, tmp_path, tmp_path_fac
 def test_killed_run_resumes_to_the_same_losses(method, tmp_path, tmp_path_factory):
     reference = _reference(method, tmp_path_factory)
     out = tmp_path / "run"
-    proc = _start(method, out, POSTTRAIN_TEST_STEP_SLEEP=0.3)
+    proc = _start(method, out, POSTTRAIN_TEST_STEP_SLEEP=0.3, POSTTRAIN_TEST_SAVE_STEPS=1)
     killed_after = _kill_at_random(proc, out, random.Random(f"{method}-1"))
     assert killed_after < len(reference)
     resumed = _resume_in_process(method, out)
@@ -101,7 +102,7 @@ def test_three_kills_then_resume_reproduce_the_trajectory(method, tmp_path, tmp_
     out, rng, resume, step = tmp_path / "run", random.Random(f"{method}-3"), None, 0
     kill_points = []
     for _ in range(3):
-        proc = _start(method, out, resume, POSTTRAIN_TEST_STEP_SLEEP=0.3)
+        proc = _start(method, out, resume, POSTTRAIN_TEST_STEP_SLEEP=0.3, POSTTRAIN_TEST_SAVE_STEPS=1)
         step = _kill_at_random(proc, out, rng, after_step=step, window=0.6)
         kill_points.append(step)
         resume = "latest"
@@ -114,7 +115,7 @@ def test_three_kills_then_resume_reproduce_the_trajectory(method, tmp_path, tmp_
 def test_kill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, tmp_path_factory):
     reference = _reference("sft", tmp_path_factory)
     out = tmp_path / "run"
-    proc = _start("sft", out, POSTTRAIN_TEST_KILL_IN_SAVE=4)
+    proc = _start("sft", out, POSTTRAIN_TEST_KILL_IN_SAVE=4, POSTTRAIN_TEST_SAVE_STEPS=2)
     proc.wait(timeout=240)
     assert proc.returncode == -signal.SIGKILL
     names = sorted(os.listdir(out))
@@ -128,7 +129,7 @@ def test_kill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, tmp_p
 
 def test_resume_forms_and_rotation(tmp_path):
     out = tmp_path / "run"
-    trainer = build_trainer("sft", str(out), max_steps=6, save_total_limit=2)
+    trainer = build_trainer("sft", str(out), save_steps=2, save_total_limit=2)
     trainer.train()
     assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-4", "checkpoint-6"]
     assert trainer.last_checkpoint == str(out / "checkpoint-6")
@@ -146,7 +147,7 @@ def test_resume_forms_and_rotation(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoints.resolve_resume(str(tmp_path / "nope"), str(out))
     # resuming at the last step trains nothing more and keeps the history
-    again = build_trainer("sft", str(out), max_steps=6, save_total_limit=2)
+    again = build_trainer("sft", str(out), save_steps=2, save_total_limit=2)
     again.train(resume_from_checkpoint=True)
     assert losses(again) == losses(trainer)
     assert not (out / "incomplete-checkpoint-8").exists()
