@@ -73,16 +73,33 @@ def evaluate_base(model_name: str, prompts, evaluation: dict[str, Any]) -> dict[
     return record
 
 
+def write_stage_config(stage: Stage, pipeline: spec.Pipeline) -> str:
+    """OUTPUT_DIR/stage-configs/NAME.yaml: the stage's resolved options, as its command's --config takes them."""
+    from posttrain.reporting.atomic import write_text
+
+    path = os.path.join(pipeline.output_dir, "stage-configs", f"{stage.name}.yaml")
+    return write_text(path, yaml.safe_dump(stage.options, sort_keys=False))
+
+
+def check_stages(stages: list[Stage], pipeline: spec.Pipeline) -> None:
+    """Parse every stage's options with its command's parser before training anything: a typo in the last stage
+    fails in seconds, not after the first stages have trained."""
+    from posttrain.cli import CLIError, parse_command_args
+
+    for stage in stages:
+        try:
+            parse_command_args(stage.command, ["--config", write_stage_config(stage, pipeline)])
+        except (CLIError, ValueError, TypeError) as e:
+            raise PipelineError(f"stage '{stage.name}': {str(e).splitlines()[0] if str(e) else e}") from e
+
+
 def run_stage(stage: Stage, pipeline: spec.Pipeline, prompts) -> dict[str, Any]:
     """Train one stage through its CLI command, then measure it; returns the stage's record."""
     from posttrain import reporting
     from posttrain.cli import run_training
 
-    config_path = os.path.join(pipeline.output_dir, "stage-configs", f"{stage.name}.yaml")
-    os.makedirs(os.path.dirname(config_path), exist_ok=True)
-    with open(config_path, "w") as f:
-        yaml.safe_dump(stage.options, f, sort_keys=False)
     start = time.time()
+    config_path = write_stage_config(stage, pipeline)
     try:
         trainer = run_training(stage.command, ["--config", config_path])
     except BaseException:
@@ -125,6 +142,7 @@ def run(path: str, output_dir: str | None = None, start_at: str | None = None) -
         if not os.path.isfile(os.path.join(stage.output_dir, "config.json")):
             raise PipelineError(f"--from {start_at}: stage '{stage.name}' has no saved model in {stage.output_dir}; "
                                 f"run the pipeline from '{stage.name}' or earlier")
+    check_stages(pipeline.stages[begin:], pipeline)
     evaluation = pipeline.evaluation
     prompts = load_eval_prompts(evaluation) if any(s.evaluate for s in pipeline.stages) else None
     previous = _previous_records(pipeline.output_dir)
