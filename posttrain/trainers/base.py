@@ -6,7 +6,8 @@ metrics store (token-weighted sums, reduced across processes once per log), glob
 check that output_dir can be written, and the resolved config written to output_dir (after the first step, so a
 run that fails at once leaves an earlier run's files as they were).
 
-Not here: losses (`losses/`), data preparation (`data/`), anything specific to one method (its own module).
+Not here: losses (`losses/`), data preparation (`data/`), anything specific to one method (its own module), run
+reports (`reporting/`: attached here in one line; the model card is written by `save_model`).
 Subclasses override `compute_loss` (and online trainers their rollout step) and little else.
 """
 

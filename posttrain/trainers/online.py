@@ -304,6 +304,10 @@ class OnlineTrainer(PostTrainer):
                 continue
             metrics[f"rewards/{name}/mean"] = column.nanmean()
             metrics[f"rewards/{name}/std"] = _nanstd(column.view(1, -1))[0]
+        runner = self.reward_runner
+        for k, name in enumerate(runner.names):  # NaN returned by a function (not None): see rewards/runner.py
+            if runner.nan_totals[k]:
+                metrics[f"rewards/{name}/nan_frac"] = runner.last_nan_counts[k] / max(len(rewards), 1)
         self.record_metrics(metrics)
         self.add_tokens_seen(rollout.attention_mask.sum())
         if self.args.log_completions:
