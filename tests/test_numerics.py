@@ -97,3 +97,22 @@ def test_zero_means_skip_but_never_stop(tmp_path):
     trainer.train()
     assert trainer.state.log_history[-2]["nonfinite_skipped"] == 4
     assert losses(trainer)
+
+
+def _sometimes_nan(completions, **kwargs):
+    return [float("nan")] + [float(len(set(c))) for c in completions[1:]]
+
+
+def test_grpo_trains_through_nan_rewards_and_logs_their_share(tmp_path):
+    from posttrain import GRPOConfig, GRPOTrainer
+    from posttrain.data.arith import load_builtin_dataset
+
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=4, logging_steps=1, report_to="none", save_strategy="no", seed=0)
+    trainer = GRPOTrainer("posttrain/tiny", reward_funcs=_sometimes_nan, args=args,
+                          train_dataset=load_builtin_dataset("posttrain/arith-prompts", split="train[:8]"))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["rewards/_sometimes_nan/nan_frac"] for h in logs] == [0.25, 0.25]  # one of 4 completions per batch
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["reward"]) for h in logs)
+    assert "nonfinite_skipped" not in logs[-1]

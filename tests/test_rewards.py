@@ -107,6 +107,27 @@ def test_none_becomes_nan_and_weighted_nansum():
     assert torch.equal(weighted_sum(rewards, torch.tensor([0.5, 2.0])).nan_to_num(-1), total.nan_to_num(-1))
 
 
+def test_some_nan_is_treated_like_none_counted_and_warned_once(caplog):
+    calls = []
+
+    def flaky(completions, **kwargs):
+        calls.append(1)
+        return [1.0, float("nan"), None]
+
+    runner = RewardRunner([flaky, "format_reward"])
+    with caplog.at_level("WARNING", logger="posttrain.rewards.runner"):
+        first = runner(PROMPTS, COMPLETIONS, IDS)
+        second = runner(PROMPTS, COMPLETIONS, IDS)
+    assert first[0, 0] == 1.0 and math.isnan(first[1, 0]) and math.isnan(first[2, 0])
+    assert torch.equal(first.nan_to_num(-7), second.nan_to_num(-7))
+    assert runner.last_nan_counts == [1, 0] and runner.nan_totals == [2, 0]  # None is not counted as NaN
+    warnings = [r.getMessage() for r in caplog.records if "returned NaN" in r.getMessage()]
+    assert warnings == ["reward function 'flaky' returned NaN for 1 of 3 completions; they are treated like None "
+                        "(left out of the reward statistics) and counted in rewards/flaky/nan_frac. This warning is "
+                        "shown once per function."]
+    assert weighted_sum(first, [1.0, 1.0])[1] == first[1, 1]  # the NaN is skipped in the sum, like None
+
+
 def test_names_deduplicated_and_weights_default_to_one():
     runner = RewardRunner(["accuracy_reward", "accuracy_reward", format_reward])
     assert runner.names == ["accuracy_reward", "accuracy_reward_2", "format_reward"]
@@ -137,7 +158,11 @@ def _short(completions, **kwargs):
 
 
 def _nan(completions, **kwargs):
-    return [0.0, float("nan"), 0.0]
+    return [float("nan")] * len(completions)
+
+
+def _inf(completions, **kwargs):
+    return [0.0, float("inf"), 0.0]
 
 
 def _text(completions, **kwargs):
@@ -156,7 +181,9 @@ async def _async_boom(completions, **kwargs):
     (_ratio, RuntimeError, r"^reward function '_ratio' raised ZeroDivisionError: division by zero$"),
     (_async_boom, RuntimeError, r"^reward function '_async_boom' raised KeyError: 'missing column'$"),
     (_short, ValueError, r"reward function '_short' returned 1 values for 3 completions"),
-    (_nan, ValueError, r"reward function '_nan' returned NaN at index 1; return None \(not NaN\)"),
+    (_nan, ValueError, r"^reward function '_nan' returned NaN for all 3 completions of this batch; fix the "
+                       r"function, or return None to mark completions as 'not applicable'\.$"),
+    (_inf, ValueError, r"reward function '_inf' returned inf at index 1; rewards must be finite"),
     (_text, ValueError, r"reward function '_text' returned '1' \(str\) at index 1"),
     (_array, ValueError, r"reward function '_array' returned a Tensor; it must return a list"),
 ])

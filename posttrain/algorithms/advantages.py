@@ -3,7 +3,7 @@ masked whitening (PPO), and the KL-coefficient controllers of PPO-style RLHF.
 
 Conventions: rewards are gathered over the whole generation batch (all processes) before they get here, and the
 N rows are grouped consecutively in groups of G = num_generations (rows 0..G−1 share a prompt, and so on).
-A NaN reward marks an unscorable completion (every reward function returned None): it is excluded from every
+A NaN reward marks an unscorable completion (every reward function returned None or NaN): it is excluded from every
 statistic and receives advantage 0. Standard deviations are *unbiased* (Bessel's correction, as `torch.std` and
 TRL's `nanstd`); a set with fewer than two scorable values has std 0 (TRL's nanstd gives NaN there, which ends
 as advantage 0 after its `nan_to_num` — the advantages agree, only the logged std differs).

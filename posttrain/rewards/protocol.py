@@ -16,8 +16,10 @@ arguments only:
 
 It returns a list of N values, each a finite number (int, float, bool, numpy scalar) or None. None means "not
 applicable to this completion" (e.g. a maths reward on a coding row of a mixed data set): it becomes NaN and is
-left out of sums and statistics. NaN itself is refused, so that a bug that produces NaN is reported rather than
-silently ignored. Example:
+left out of sums and statistics. NaN is treated the same way (a reward model or a parser can fail on one odd
+completion without stopping the run), but it is not silent: the runner warns once per function, counts NaNs
+per batch (`rewards/<name>/nan_frac` in the trainer's logs) and refuses a batch in which a function returned NaN
+for *every* completion — that is a broken function, not an odd completion. Infinity is refused. Example:
 
     def exact_answer(completions, answer, **kwargs):
         return [1.0 if completion_text(c).strip() == a else 0.0 for c, a in zip(completions, answer)]
@@ -68,7 +70,8 @@ def reward_name(func: Any) -> str:
 
 
 def check_rewards(name: str, values: Any, expected: int) -> list[float]:
-    """`values` as N floats with None → NaN; ValueError naming the function for anything off-protocol."""
+    """`values` as N floats with None and NaN → NaN; ValueError naming the function for anything off-protocol
+    (the runner decides what to do about NaN: see `RewardRunner`)."""
     if values is None:
         raise ValueError(f"reward function {name!r} returned None instead of a list; return a list with one value "
                          f"per completion ([None] * {expected} to mark the whole batch as not applicable).")
@@ -87,9 +90,6 @@ def check_rewards(name: str, values: Any, expected: int) -> list[float]:
             raise ValueError(f"reward function {name!r} returned {value!r} ({type(value).__name__}) at index {i}; "
                              "each value must be a number, or None for 'not applicable'.")
         value = float(value)
-        if math.isnan(value):
-            raise ValueError(f"reward function {name!r} returned NaN at index {i}; return None (not NaN) to mark a "
-                             "completion as 'not applicable'.")
         if math.isinf(value):
             raise ValueError(f"reward function {name!r} returned {value} at index {i}; rewards must be finite.")
         out.append(value)

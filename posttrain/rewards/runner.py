@@ -6,6 +6,12 @@ a daemon thread (so it works the same inside Jupyter, where the calling thread a
 clients created on the first call stay bound to one loop), checks every output and turns None into NaN.
 Function errors are re-raised as one line that names the function.
 
+NaN returned by a function is handled like None (left out of sums, means and standard deviations; a completion
+that no function scored gets advantage 0), with a warning the first time each function does it, and counted:
+`last_nan_counts` (this batch, per function) and `nan_totals` (since the runner was made), which online trainers
+log as `rewards/<name>/nan_frac`. A function that returns NaN for every completion of a batch is an error (one
+line naming it): that is a bug in the function, and training on no signal would hide it.
+
 Aggregation is nan-aware: `weighted_sum` is Σ_k w_k · r_ik over the functions that gave a value, NaN only when none
 did. What a trainer does with an all-NaN row (advantage 0, …) is the trainer's choice.
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -125,6 +132,8 @@ class RewardRunner:
                 raise ValueError(f"reward_weights has {len(self.weights)} values but there are {len(self.funcs)} "
                                  f"reward functions ({', '.join(self.names)}); give one weight per function.")
         self._loop = _BackgroundLoop()
+        self.last_nan_counts = [0] * len(self.funcs)  # NaN values (not None) per function in the last batch
+        self.nan_totals = [0] * len(self.funcs)
         if device is not None:
             self.to(device)
 
@@ -165,6 +174,22 @@ class RewardRunner:
     def close(self) -> None:
         """Stop the background event loop (it is a daemon thread, so this is optional)."""
         self._loop.close()
+
+    def _count_nan(self, names: list[str], outputs: list[list], n: int) -> None:
+        """Count NaN (as opposed to None) per function; warn on a function's first NaN; refuse an all-NaN batch."""
+        for k, values in enumerate(outputs):
+            count = sum(1 for v in values if v is not None and math.isnan(float(v)))
+            self.last_nan_counts[k] = count
+            if not count:
+                continue
+            if count == n:
+                raise ValueError(f"reward function {names[k]!r} returned NaN for all {n} completions of this batch; "
+                                 "fix the function, or return None to mark completions as 'not applicable'.")
+            if not self.nan_totals[k]:
+                logger.warning("reward function %r returned NaN for %d of %d completions; they are treated like None "
+                               "(left out of the reward statistics) and counted in rewards/%s/nan_frac. This "
+                               "warning is shown once per function.", names[k], count, n, names[k])
+            self.nan_totals[k] += count
 
     def _kwargs(self, prompts, completions, completion_ids, columns, trainer_state, extra) -> dict[str, Any]:
         n = len(completions)
@@ -212,9 +237,11 @@ class RewardRunner:
                     raise RewardFunctionError(f"reward function {names[k]!r} raised {_one_line(result)}") from result
                 outputs[k] = result
         columns_out = [check_rewards(names[k], outputs[k], n) for k in range(len(self.funcs))]
+        self._count_nan(names, outputs, n)
         rewards = torch.tensor(columns_out, dtype=torch.float32).reshape(len(self.funcs), n).T.contiguous()
         unscored = int(rewards.isnan().all(dim=1).sum()) if n else 0
         if unscored:
-            logger.warning("%d of %d completions got None from every reward function (%s); their total reward is NaN.",
+            logger.warning("%d of %d completions got None (or NaN) from every reward function (%s); their total reward "
+                           "is NaN.",
                            unscored, n, ", ".join(names))
         return rewards
