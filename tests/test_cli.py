@@ -130,3 +130,11 @@ def test_command_help_lists_every_option(capsys):
     for flag in ("--model_name_or_path", "--dataset_name", "--packing", "--assistant_only_loss", "--lora_r",
                  "--learning_rate", "--loss_type"):
         assert flag in out
+
+
+def test_hyphenated_command_alias(capsys):
+    """`posttrain online-dpo` is `posttrain online_dpo` (TRL spells its commands with hyphens)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["online-dpo", "--help"])
+    assert exit_info.value.code == 0
+    assert "--missing_eos_penalty" in capsys.readouterr().out

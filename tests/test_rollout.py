@@ -26,3 +26,29 @@ def test_shared_prefill_matches_plain_generate():
     plain = generate(model, tok, prompts, 3, 10, {"do_sample": False}, share_prefill=False)
     assert torch.equal(shared.completion_ids, plain.completion_ids)
     assert shared.prompt_ids.shape[0] == 6 and torch.equal(shared.prompt_ids[0], shared.prompt_ids[2])
+
+
+def test_generation_accuracy_scores_greedy_and_sampled_completions():
+    """Held-out evaluation: a reward that checks a known completion gives the fraction of prompts that match."""
+    import datasets
+
+    from posttrain.evaluation import generation_accuracy
+
+    path = builtin_model_path("posttrain/tiny")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = datasets.Dataset.from_list([{"prompt": f"Question: {i} + 1?\nAnswer:", "answer": str(i + 1)}
+                                       for i in range(5)])
+    greedy = generate(model, tok, [tok(r["prompt"])["input_ids"] for r in rows], 1, 6, {"do_sample": False})
+    texts = tok.batch_decode(greedy.completion_ids, skip_special_tokens=True)
+    wanted = texts[:2] + ["never"] * 3  # the first two prompts' greedy completions are "right"
+
+    def matches(completions, prompts, **kwargs):
+        return [1.0 if c == wanted[int(p.split()[1])] else 0.0 for c, p in zip(completions, prompts)]
+
+    result = generation_accuracy(model, tok, rows, reward_func=matches, max_new_tokens=6, batch_size=2)
+    assert result["accuracy"] == 0.4 and result["num_prompts"] == 5 and len(result["examples"]) == 3
+    sampled = generation_accuracy(model, tok, rows, reward_func=matches, max_new_tokens=6, temperature=1.0,
+                                  num_samples=3)
+    assert 0.0 <= sampled["accuracy"] <= 1.0 and sampled["mean_length"] > 0
+    assert model.training is False  # left in the mode it was given
