@@ -35,6 +35,11 @@ def _table(header: list[str], rows: list[list[Any]], numeric_from: int = 1) -> s
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _facts(facts: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts.items())
+    return f"<table>{rows}</table>"
+
+
 def _image(path: str) -> str:
     with open(path, "rb") as f:
         data = base64.b64encode(f.read()).decode("ascii")
@@ -51,7 +56,7 @@ def run_page(title: str, facts: dict[str, Any], summary: list[dict[str, Any]], p
              config: dict[str, Any], completions: list[dict[str, Any]] | None = None,
              plots_note: str | None = None) -> str:
     """The HTML of one run's report."""
-    sections = [_table(["", ""], [[k, v] for k, v in facts.items()], numeric_from=9)]
+    sections = [_facts(facts)]
     sections.append("<h2>Metrics</h2>")
     if summary:
         sections.append(_table(["metric", "first", "last", "best", "logged"],
@@ -84,7 +89,7 @@ def pipeline_page(title: str, facts: dict[str, Any], stages: list[dict[str, Any]
         link = stage.get("report")
         cells.append(f'<td><a href="{_e(link)}">{_e(link)}</a></td>' if link else "<td>—</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    sections = [_table(["", ""], [[k, v] for k, v in facts.items()], numeric_from=9), "<h2>Stages</h2>",
+    sections = [_facts(facts), "<h2>Stages</h2>",
                 f"<table><tr>{head}</tr>{''.join(rows)}</table>"]
     return _page(title, sections)
 

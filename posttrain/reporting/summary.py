@@ -33,7 +33,8 @@ def series(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
 def direction(metric: str) -> str | None:
     """'min', 'max' or None (no natural best) for a metric name."""
     name = metric.removeprefix("eval_").lower()
-    if name.startswith("timing/") or name in ("learning_rate", "grad_norm", "num_tokens") or "length" in name:
+    if (name.startswith("timing/") or name in ("learning_rate", "grad_norm", "num_tokens")
+            or any(word in name for word in ("length", "std", "frac_"))):  # spreads and shares: no better side
         return None
     if any(word in name for word in _LOWER) and "rejected" not in name:
         return "min"
