@@ -331,3 +331,20 @@ def test_reward_model_by_builtin_name():
     assert runner.names == ["tiny"]
     rewards = runner(["a", "b"], [" long completion " * 5, "x"], [[1], [2]])
     assert rewards.shape == (2, 1) and torch.isfinite(rewards).all()
+
+
+def test_cli_reward_model_flag_adds_a_reward_model(reward_model, tmp_path):
+    """`posttrain grpo --reward_funcs accuracy_reward --reward_model_name_or_path DIR` scores with both."""
+    from posttrain.cli import parse_command_args
+    from posttrain.data.arith import load_builtin_dataset
+    from posttrain.trainers.grpo import GRPOTrainer
+
+    rm_dir = tmp_path / "rm"
+    reward_model.save_pretrained(rm_dir)
+    _, _, args = parse_command_args("grpo", ["--output_dir", str(tmp_path / "out"), "--reward_funcs",
+                                             "accuracy_reward", "--reward_model_name_or_path", str(rm_dir),
+                                             "--reward_weights", "1.0", "0.5", "--report_to", "none"])
+    trainer = GRPOTrainer("posttrain/tiny", args=args,
+                          train_dataset=load_builtin_dataset("posttrain/arith-prompts", split="train[:8]"))
+    assert trainer.reward_runner.names == ["accuracy_reward", "rm"] and len(trainer.reward_runner.reward_models) == 1
+    assert trainer.reward_runner.weights == [1.0, 0.5]

@@ -53,6 +53,9 @@ class GRPOConfig(PostTrainConfig):
                                            "to the trainer: built-in names (accuracy_reward, format_reward, "
                                            "think_format_reward, …), module:function paths, or reward-model ids."})
     reward_weights: list[float] | None = field(default=None, metadata={"help": "Weight of each reward function."})
+    reward_model_name_or_path: str | None = field(default=None, metadata={"help": "A reward model (one-label "
+                                                  "sequence classifier: Hub id or local directory) scored after "
+                                                  "reward_funcs."})
     scale_rewards: str = field(default="group", metadata={"help": "Divide advantages by the std of the group, "
                                "of the batch, or none (Dr. GRPO).", "choices": list(SCALE_REWARDS)})
     multi_objective_aggregation: str = field(default="sum_then_normalize", metadata={
@@ -95,10 +98,12 @@ class GRPOConfig(PostTrainConfig):
         self._resolve_batching()
 
     def _resolve_batching(self) -> None:
-        """Choose steps_per_generation so that a generation batch holds whole groups of num_generations."""
+        """Choose steps_per_generation so that a generation batch (all processes together; a group may span
+        processes) holds whole groups of num_generations."""
         import math
 
         per_step = self.per_device_train_batch_size
+        world = self.world_size
         if self.generation_batch_size is not None:
             # both may be set only when they agree (a saved config.yaml holds both)
             check(self.steps_per_generation is None
@@ -110,12 +115,13 @@ class GRPOConfig(PostTrainConfig):
             self.steps_per_generation = self.generation_batch_size // per_step
         elif self.steps_per_generation is None:
             ga = self.gradient_accumulation_steps
-            needed = self.num_generations // math.gcd(per_step * ga, self.num_generations)
+            needed = self.num_generations // math.gcd(per_step * ga * world, self.num_generations)
             self.steps_per_generation = ga * needed
         self.generation_batch_size = per_step * self.steps_per_generation
-        check(self.generation_batch_size % self.num_generations == 0,
-              f"The generation batch (per_device_train_batch_size × steps_per_generation = "
-              f"{self.generation_batch_size}) must be a multiple of num_generations ({self.num_generations}).")
+        processes = f" × {world} processes" if world > 1 else ""
+        check(self.generation_batch_size * world % self.num_generations == 0,
+              f"The generation batch (per_device_train_batch_size × steps_per_generation{processes} = "
+              f"{self.generation_batch_size * world}) must be a multiple of num_generations ({self.num_generations}).")
 
     def validate(self) -> None:
         check(self.num_generations >= 2, f"num_generations must be >= 2 (a group needs siblings to compare), "

@@ -70,6 +70,7 @@ class OnlineTrainer(PostTrainer):
         args = self.args
         if reward_funcs is None:
             reward_funcs = args.reward_funcs
+        reward_funcs = _with_reward_model(reward_funcs, args.reward_model_name_or_path)
         if not reward_funcs:
             raise ValueError(f"{type(self).__name__} needs reward_funcs: a function, a built-in name such as "
                              "'accuracy_reward', a 'module:function' path, or a reward-model id.")
@@ -328,6 +329,15 @@ class OnlineTrainer(PostTrainer):
 
 def _keep_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
+
+
+def _with_reward_model(reward_funcs, reward_model: str | None) -> list:
+    """reward_funcs as a list, with the config's reward model (the CLI's --reward_model_name_or_path) appended."""
+    funcs = [] if reward_funcs is None else list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) \
+        else [reward_funcs]
+    if reward_model and reward_model not in funcs:
+        funcs.append(reward_model)
+    return funcs
 
 
 def _nanstd(values: torch.Tensor) -> torch.Tensor:
