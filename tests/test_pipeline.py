@@ -8,6 +8,7 @@ import pytest
 from posttrain import cli
 from posttrain.pipeline import spec
 from posttrain.pipeline.spec import PipelineError
+from posttrain.reporting import plots
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(HERE, "..", "examples", "arith-pipeline.yaml")
@@ -125,6 +126,8 @@ def _check_outputs(out, names, capsys_out):
     assert "held-out answer accuracy (4 prompts, greedy)" in (out / "dpo" / "README.md").read_text()
     page = (out / "report.html").read_text()
     assert all(f'href="{name}/report.html"' in page for name in names)
+    if plots.matplotlib_available():
+        assert (out / "answer_accuracy.png").read_bytes()[:4] == b"\x89PNG" and "data:image/png;base64," in page
     assert "pipeline [1/" in capsys_out and "held-out answer accuracy" in capsys_out
     assert "stage" in capsys_out and "answer acc" in capsys_out and "key metric" in capsys_out  # closing table
     return by_name

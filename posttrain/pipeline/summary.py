@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any
 
-from posttrain.reporting import html
+from posttrain.reporting import html, plots
 from posttrain.reporting.atomic import write_text
 from posttrain.reporting.summary import fmt, series
 
@@ -87,7 +87,11 @@ def write(output_dir: str, pipeline_path: str, records: list[dict[str, Any]], se
         stages.append({"name": record["name"], **cells})
     facts = {"pipeline": pipeline_path, "output_dir": output_dir, "total time": f"{seconds:.0f} s",
              "answer accuracy": "greedy decoding on held-out prompts, scored by accuracy_reward"}
+    scored = [r for r in records if r.get("answer_accuracy") is not None]
+    chart = plots.render_bars([r["name"] for r in scored], [r["answer_accuracy"] for r in scored],
+                              os.path.join(output_dir, "answer_accuracy.png"),
+                              "held-out answer accuracy (greedy) after each stage")
     page = html.pipeline_page(f"posttrain pipeline — {os.path.basename(pipeline_path)}", facts, stages,
-                              list(COLUMNS[1:]))
+                              list(COLUMNS[1:]), [chart] if chart else [])
     html_path = write_text(os.path.join(output_dir, REPORT), page)
     return {"json": json_path, "html": html_path}

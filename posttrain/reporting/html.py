@@ -80,7 +80,8 @@ def run_page(title: str, facts: dict[str, Any], summary: list[dict[str, Any]], p
     return _page(title, sections)
 
 
-def pipeline_page(title: str, facts: dict[str, Any], stages: list[dict[str, Any]], columns: list[str]) -> str:
+def pipeline_page(title: str, facts: dict[str, Any], stages: list[dict[str, Any]], columns: list[str],
+                  plot_paths: list[str] = ()) -> str:
     """A pipeline's page: one row per stage (its figures and a link to its own report.html, relative)."""
     head = "".join(f"<th>{_e(c)}</th>" for c in ["stage"] + columns + ["report"])
     rows = []
@@ -91,6 +92,9 @@ def pipeline_page(title: str, facts: dict[str, Any], stages: list[dict[str, Any]
         rows.append("<tr>" + "".join(cells) + "</tr>")
     sections = [_facts(facts), "<h2>Stages</h2>",
                 f"<table><tr>{head}</tr>{''.join(rows)}</table>"]
+    if plot_paths:
+        sections.append('<h2>Across stages</h2><div class="plots">' + "".join(_image(p) for p in plot_paths)
+                        + "</div>")
     return _page(title, sections)
 
 

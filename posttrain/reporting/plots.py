@@ -109,3 +109,26 @@ def _draw(ax: Any, curves: dict[str, list[tuple[int, float]]], key: str, label_w
     if evaluation:
         steps, values = zip(*evaluation)
         ax.plot(steps, values, label=f"eval {name}".strip(), linewidth=1.6, linestyle="--", marker="o", markersize=4)
+
+
+def render_bars(labels: list[str], values: list[float], path: str, title: str) -> str | None:
+    """One bar chart (e.g. a pipeline's answer accuracy per stage) as a PNG; None without matplotlib."""
+    if not labels or not matplotlib_available():
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from posttrain.reporting.atomic import write_bytes
+
+    fig = Figure(figsize=(6.0, 3.4), dpi=100)
+    FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.15)
+    ax = fig.add_subplot()
+    bars = ax.bar(labels, values, color="#4c72b0")
+    ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=9)
+    ax.set_ylim(0, max(1.0, max(values) * 1.15))
+    ax.set_title(title, fontsize=11)
+    ax.grid(axis="y", alpha=0.3)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return write_bytes(path, buffer.getvalue())
