@@ -1,0 +1,91 @@
+"""vLLM colocate backend against a stand-in `vllm` module (the real one needs a CUDA GPU): sampling options are
+translated, each prompt is sent once with n=G, outputs become a Rollout with EOS masking, and weights are pushed
+once per optimizer step with PEFT prefixes removed. Not a test of vLLM itself."""
+
+import sys
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from posttrain.models.builtin import builtin_model_path
+from posttrain.rollout.vllm import VLLMColocate, _vllm_name, sampling_options
+
+
+class _FakeLLM:
+    instances: list["_FakeLLM"] = []
+
+    def __init__(self, **options):
+        self.options, self.requests, self.loaded, self.resets = options, [], [], 0
+        _FakeLLM.instances.append(self)
+
+    def generate(self, prompts, params, use_tqdm=True):
+        self.requests.append((prompts, params))
+        eos = 2
+        outs = []
+        for p in prompts:
+            seqs = [types.SimpleNamespace(token_ids=[7] * (k + 1) + ([eos] if k % 2 == 0 else []))
+                    for k in range(params.n)]
+            outs.append(types.SimpleNamespace(outputs=seqs))
+        return outs
+
+    def apply_model(self, fn):
+        model = types.SimpleNamespace(load_weights=lambda weights: self.loaded.append([n for n, _ in weights]))
+        return fn(model)
+
+    def reset_prefix_cache(self):
+        self.resets += 1
+
+
+@pytest.fixture()
+def fake_vllm(monkeypatch):
+    module = types.ModuleType("vllm")
+    module.LLM = _FakeLLM
+    module.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    _FakeLLM.instances.clear()
+    return module
+
+
+def test_sampling_options():
+    assert sampling_options({"do_sample": False}) == {"temperature": 0.0}
+    opts = sampling_options({"do_sample": True, "temperature": 0.7, "top_k": None, "min_p": None, "stop": ["\n"]})
+    assert opts == {"temperature": 0.7, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,
+                    "stop": ["\n"]}
+
+
+def test_colocate_generate_and_weight_sync(fake_vllm):
+    path = builtin_model_path("posttrain/tiny")
+    policy = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    backend = VLLMColocate(path, gpu_memory_utilization=0.2, seed=3)
+    llm = _FakeLLM.instances[0]
+    assert llm.options["gpu_memory_utilization"] == 0.2 and llm.options["tensor_parallel_size"] == 1
+    rollout = backend.generate(policy, tok, [[5, 6, 7], [8]], 3, 10, {"do_sample": True, "temperature": 0.9}, step=0)
+    prompts, params = llm.requests[0]
+    assert [p["prompt_token_ids"] for p in prompts] == [[5, 6, 7], [8]]  # each prompt once, n = G
+    assert params.n == 3 and params.max_tokens == 10 and params.temperature == 0.9
+    assert rollout.completion_ids.shape == (6, 4) and rollout.prompt_ids.shape == (6, 3)
+    assert tok.eos_token_id == 2  # what the stand-in engine emits to finish a completion
+    ends_with_eos = [k % 2 == 0 for k in range(3)] * 2
+    lengths = [(k + 1) + (1 if e else 0) for k, e in zip([0, 1, 2] * 2, ends_with_eos)]
+    assert rollout.completion_mask.sum(1).tolist() == lengths
+    assert rollout.is_truncated.tolist() == [not e for e in ends_with_eos]
+    assert rollout.prompt_mask[3].tolist() == [0, 0, 1]  # left padding
+    backend.generate(policy, tok, [[5]], 2, 4, {}, step=0)
+    assert len(llm.loaded) == 1 and llm.resets == 1  # same optimizer step: no second push
+    backend.generate(policy, tok, [[5]], 2, 4, {}, step=1)
+    assert len(llm.loaded) == 2 and "model.embed_tokens.weight" in llm.loaded[1]
+
+
+def test_peft_names_are_stripped():
+    assert _vllm_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") == \
+        "model.layers.0.self_attn.q_proj.weight"
+    assert _vllm_name("lm_head.weight") == "lm_head.weight"
+
+
+def test_without_vllm_the_error_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(ImportError, match=r"pip install 'posttrain\[vllm\]'"):
+        VLLMColocate("x")
