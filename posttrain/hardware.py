@@ -22,6 +22,11 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def is_multi_process_launch() -> bool:
+    """True inside a process started by torchrun / `accelerate launch` with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has native bf16 matmul (AVX512-BF16 or AMX)."""

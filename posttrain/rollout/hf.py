@@ -38,21 +38,24 @@ def completion_mask_after_eos(completion_ids: torch.Tensor, eos_ids: set[int]) -
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt_ids: list[list[int]], num_generations: int, max_new_tokens: int,
+def generate(model, tokenizer, prompt_ids: list[list[int]], num_generations: int | list[int], max_new_tokens: int,
              generation_kwargs: dict[str, Any], share_prefill: bool = True) -> Rollout:
-    """Sample `num_generations` completions for each prompt (prompt_ids lists the UNIQUE prompts).
+    """Sample `num_generations` completions for each prompt (prompt_ids lists the UNIQUE prompts); a list gives
+    each prompt its own count (a process's slice of a generation batch may hold part of a group at either end).
 
-    Returns a Rollout with N = len(prompt_ids) × num_generations rows, each group of G consecutive.
+    Returns a Rollout with N = Σ counts rows, each prompt's completions consecutive.
     """
     pad_id = tokenizer.pad_token_id
     ids, mask = left_pad(prompt_ids, pad_id)
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
-    full_ids = ids.repeat_interleave(num_generations, dim=0)
-    full_mask = mask.repeat_interleave(num_generations, dim=0)
+    repeats = num_generations if isinstance(num_generations, int) else torch.tensor(num_generations, device=device)
+    full_ids = ids.repeat_interleave(repeats, dim=0)
+    full_mask = mask.repeat_interleave(repeats, dim=0)
     kwargs = dict(generation_kwargs, max_new_tokens=max_new_tokens, pad_token_id=pad_id, use_cache=True,
                   return_dict_in_generate=False)
-    if share_prefill and num_generations > 1 and ids.shape[1] > 1:
+    # the shared prefill repeats the cache by one count for all prompts: uneven counts prefill per row
+    if share_prefill and isinstance(num_generations, int) and num_generations > 1 and ids.shape[1] > 1:
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
                        use_cache=True)

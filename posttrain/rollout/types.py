@@ -24,6 +24,7 @@ class Rollout:
     completions: list[Any] = field(default_factory=list)  # decoded completions (strings or message lists)
     rewards: torch.Tensor | None = None  # (N, K) one column per reward function, NaN = not applicable
     advantages: torch.Tensor | None = None  # (N,) constant over a completion's tokens
+    all_rewards: torch.Tensor | None = None  # (N_all, K) rewards of the whole generation batch, every process
     old_logps: torch.Tensor | None = None  # (N, C) sampling-policy log-probs (only when reused off-policy)
     ref_logps: torch.Tensor | None = None  # (N, C) reference log-probs (only when beta > 0)
 

@@ -28,6 +28,7 @@ from posttrain.models import reference
 from posttrain.models.logprobs import completion_logps
 from posttrain.rewards.runner import RewardRunner
 from posttrain.rollout.hf import generate
+from posttrain.trainers import distributed
 from posttrain.trainers.base import PostTrainer
 
 
@@ -107,7 +108,9 @@ class OnlineTrainer(PostTrainer):
     def get_train_dataloader(self) -> DataLoader:
         args = self.args
         G = args.num_generations
-        unique = args.generation_batch_size // G
+        # The sampler walks *global* generation batches (every process's rows); accelerate deals each process its
+        # own consecutive slice of generation_batch_size rows, so a group of G may span processes.
+        unique = args.generation_batch_size * self.accelerator.num_processes // G
         if len(self.train_dataset) < unique:
             raise ValueError(f"The train dataset has {len(self.train_dataset)} prompts but one generation batch "
                              f"needs {unique}; add prompts or lower per_device_train_batch_size/steps_per_generation.")
@@ -178,16 +181,9 @@ class OnlineTrainer(PostTrainer):
     def _micro_batches(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Generate, score, compute advantages (and old/ref log-probs when needed); split into micro-batches."""
         args, tok = self.args, self.processing_class
-        G = args.num_generations
         device = args.device
         with self.phase("generate"):
-            unique = rows[::G]
-            prompt_ids = [self._prompt_ids(r["prompt"]) for r in unique]
-            policy = self.accelerator.unwrap_model(self.model)
-            was_training = policy.training
-            policy.eval()
-            rollout = generate(policy, tok, prompt_ids, G, args.max_completion_length, self.generation_kwargs())
-            policy.train(was_training)
+            rollout = self.sample(rows)
         length = int(rollout.completion_mask.sum(1).max().clamp(min=1))
         rollout.completion_ids = rollout.completion_ids[:, :length]
         rollout.completion_mask = rollout.completion_mask[:, :length]
@@ -213,10 +209,34 @@ class OnlineTrainer(PostTrainer):
                                                                         self.accelerator.unwrap_model) as ref:
                 batch["ref_logps"] = self._batched_logps(ref, batch)
         with self.phase("advantages"):
-            rollout.advantages = self.advantages(rollout.rewards, batch)
+            # group statistics need every member of a group: gather the whole generation batch, keep our rows
+            rollout.all_rewards, context = distributed.gather_rollout(self.accelerator, rollout.rewards, batch,
+                                                                      tok.pad_token_id, self.model.training)
+            advantages = self.advantages(rollout.all_rewards, context)
+            rollout.advantages = distributed.local_rows(self.accelerator, advantages, len(rows), self.model.training)
         batch["advantages"] = rollout.advantages.to(device)
         self._record_rollout(rollout, completion_mask)
         return self._split(batch)
+
+    def sample(self, rows: list[dict[str, Any]]):
+        """This process's completions for its rows of the generation batch (a `Rollout`, rows in order).
+
+        A prompt's consecutive rows share one prefill. With several processes each samples its own slice, under a
+        seed of its own (else a group split across processes would get the same samples twice)."""
+        args = self.args
+        offset = self.accelerator.process_index * len(rows) if self.model.training else 0
+        counts = distributed.group_runs(offset, len(rows), args.num_generations)
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        prompt_ids = [self._prompt_ids(rows[i]["prompt"]) for i in starts]
+        policy = self.accelerator.unwrap_model(self.model)
+        was_training = policy.training
+        policy.eval()
+        with distributed.process_seed(self.accelerator, args.seed, self._micro_step):
+            rollout = generate(policy, self.processing_class, prompt_ids,
+                               counts[0] if len(set(counts)) == 1 else counts, args.max_completion_length,
+                               self.generation_kwargs())
+        policy.train(was_training)
+        return rollout
 
     def _prompt_ids(self, prompt) -> list[int]:
         ids = tokenize_prompt(self.processing_class, prompt)
@@ -295,8 +315,9 @@ class OnlineTrainer(PostTrainer):
             "reward": total.nanmean(),
         }
         G = self.args.num_generations
-        if G > 1:  # group statistics need siblings (PPO samples one completion per prompt)
-            stds = _nanstd(total.view(-1, G))
+        if G > 1:  # group statistics need siblings (PPO samples one completion per prompt); groups may span processes
+            group_rewards = rewards if rollout.all_rewards is None else rollout.all_rewards
+            stds = _nanstd(self.reward_runner.weighted_sum(group_rewards).view(-1, G))
             metrics["reward_std"] = stds.nanmean()
             metrics["frac_reward_zero_std"] = (stds < 1e-6).float().mean()
         for k, name in enumerate(self.reward_runner.names):

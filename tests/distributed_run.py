@@ -1,0 +1,97 @@
+"""Tiny SFT, DPO, GRPO and RLOO runs with a fixed *global* batch, for the 1-process vs 2-process comparison.
+
+`python tests/distributed_run.py OUT_DIR METHOD...` (or under `accelerate launch --num_processes 2 --cpu`) trains
+each METHOD for STEPS steps and writes OUT_DIR/METHOD.json (the per-step losses, from process 0). The per-device
+batch is GLOBAL_BATCH / number of processes, so every layout sees the same global batch.
+
+GRPO/RLOO: sampling differs with the layout (batch composition changes the random draws), so these runs make the
+rollout deterministic and layout-independent: generation is greedy (top_k=1) through the real rollout path, then
+row i of a group keeps its first 1 + 2·(i mod G) tokens; the reward is the built-in length_reward. What is
+compared is the training maths given the same rollouts: reward gathering across processes, group advantages over
+groups that span processes, old/reference log-probs and the global loss normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+MODEL = "posttrain/tiny"
+STEPS = 3
+GLOBAL_BATCH = {"sft": 4, "dpo": 4, "grpo": 12, "rloo": 12}
+G = 4  # a 6-row slice per process holds one whole group and half of another: groups span processes
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _common(output_dir: str, method: str) -> dict:
+    return dict(output_dir=os.path.join(output_dir, method), max_steps=STEPS, learning_rate=1e-3, logging_steps=1,
+                per_device_train_batch_size=GLOBAL_BATCH[method] // _world(), gradient_accumulation_steps=1,
+                report_to="none", save_strategy="no", disable_dropout=True, seed=0, use_cpu=True)
+
+
+def _truncating(cls):
+    """`cls` whose rollouts are greedy and then cut to a length set by the row's place in its group."""
+
+    class Truncating(cls):
+        def sample(self, rows):
+            rollout = super().sample(rows)
+            offset = self.accelerator.process_index * len(rows)
+            keep = torch.tensor([1 + 2 * ((offset + i) % G) for i in range(len(rows))])
+            columns = torch.arange(rollout.completion_mask.shape[1])
+            cut = (columns[None, :] < keep[:, None]).to(rollout.completion_mask.dtype)
+            rollout.completion_mask = rollout.completion_mask * cut.to(rollout.completion_mask.device)
+            rollout.completion_ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0,
+                                                                        self.processing_class.pad_token_id)
+            return rollout
+
+    return Truncating
+
+
+def build(method: str, output_dir: str):
+    from posttrain.data.arith import load_builtin_dataset
+
+    common = _common(output_dir, method)
+    if method == "sft":
+        from posttrain import SFTConfig, SFTTrainer
+
+        return SFTTrainer(MODEL, args=SFTConfig(**common, max_length=64),
+                          train_dataset=load_builtin_dataset("posttrain/arith-sft", split="train"))
+    if method == "dpo":
+        from posttrain import DPOConfig, DPOTrainer
+
+        return DPOTrainer(MODEL, args=DPOConfig(**common, beta=0.1, max_length=64),
+                          train_dataset=load_builtin_dataset("posttrain/arith-pref", split="train"))
+    online = dict(num_generations=G, max_completion_length=8, top_k=1, beta=0.1)
+    prompts = load_builtin_dataset("posttrain/arith-prompts", split="train")
+    if method == "grpo":
+        from posttrain import GRPOConfig, GRPOTrainer
+
+        return _truncating(GRPOTrainer)(MODEL, reward_funcs="length_reward", args=GRPOConfig(**common, **online),
+                                        train_dataset=prompts)
+    if method == "rloo":
+        from posttrain import RLOOConfig, RLOOTrainer
+
+        return _truncating(RLOOTrainer)(MODEL, reward_funcs="length_reward", args=RLOOConfig(**common, **online),
+                                        train_dataset=prompts)
+    raise SystemExit(f"unknown method {method!r}")
+
+
+def main(output_dir: str, methods: list[str]) -> None:
+    for method in methods:
+        trainer = build(method, output_dir)
+        trainer.train()
+        if trainer.is_world_process_zero():
+            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            with open(os.path.join(output_dir, f"{method}.json"), "w") as f:
+                json.dump({"world_size": _world(), "losses": losses}, f)
+        trainer.accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
