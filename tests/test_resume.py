@@ -173,3 +173,30 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     assert f"checkpoint saved to {saved} (continue with --resume_from_checkpoint {saved})" in last
     state = json.load(open(os.path.join(saved, "trainer_state.json")))
     assert 1 <= state["global_step"] < 400
+
+
+def _unique_chars(completions, **kwargs):
+    return [float(len(set(c))) / 10 for c in completions]
+
+
+@pytest.mark.slow
+def test_ppo_resumes_mid_rollout(tmp_path):
+    """PPO reuses one rollout for num_ppo_epochs passes: checkpoint-1 falls inside it, so the saved rollout, KL
+    coefficient and episode count must come back for the resumed steps to match."""
+    from posttrain import PPOConfig, PPOTrainer
+    from posttrain.data.arith import load_builtin_dataset
+
+    def make():
+        args = PPOConfig(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
+                         num_mini_batches=2, num_ppo_epochs=2, max_completion_length=6, learning_rate=1e-3,
+                         logging_steps=1, report_to="none", save_steps=1, seed=0, disable_tqdm=True)
+        return PPOTrainer("posttrain/tiny", reward_funcs=_unique_chars, args=args,
+                          train_dataset=load_builtin_dataset("posttrain/arith-prompts", split="train[:8]"))
+
+    full = make()
+    full.train()
+    resumed = make()
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+    assert losses(resumed) == losses(full)
+    assert [h["episode"] for h in resumed.state.log_history if "loss" in h] == \
+        [h["episode"] for h in full.state.log_history if "loss" in h]

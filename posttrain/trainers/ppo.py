@@ -222,6 +222,20 @@ class PPOTrainer(OnlineTrainer):
         self._micro_step += 1
         return batch
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Adds the whole rollout (each PPO epoch reshuffles it), the KL coefficient, the episode count and time."""
+        elapsed = time.perf_counter() - self._start_time if self._start_time is not None else 0.0
+        return {**super().checkpoint_state(), "rollout": self._rollout, "kl_coef": self.kl_controller.value,
+                "episodes": self._episodes, "elapsed": elapsed}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        super().load_checkpoint_state(state)
+        self._rollout = state.get("rollout", {})
+        self.kl_controller.value = state.get("kl_coef", self.kl_controller.value)
+        self._episodes = state.get("episodes", self._episodes)
+        if self._episodes:  # `eps` keeps counting training time, not the time the run was down
+            self._start_time = time.perf_counter() - float(state.get("elapsed", 0.0))
+
     def _mini_batches(self, rollout: dict[str, Any]) -> list[dict[str, Any]]:
         args = self.args
         n = rollout["input_ids"].shape[0]
