@@ -85,6 +85,8 @@ def render(curves: dict[str, list[tuple[int, float]]], output_dir: str, title_pr
         ax = fig.add_subplot()
         for key in keys:
             _draw(ax, curves, key, len(keys) > 1)
+        if len(keys) == 1 and keys[0].replace("_", " ") not in title.replace("_", " "):
+            title = keys[0]  # the one metric drawn names itself (mean_token_accuracy, not "accuracy")
         ax.set_title(f"{title_prefix}{title}", fontsize=11)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
