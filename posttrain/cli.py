@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         # after Ctrl-C during training the message names the checkpoint that was saved (trainers/interrupt.py)
         print(f"posttrain {command}: {e}" if str(e) else "posttrain: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", 2)  # 130 for Ctrl-C, 143 for SIGTERM
     except _USER_ERRORS as e:
         if debug:
             raise

@@ -200,3 +200,26 @@ def test_ppo_resumes_mid_rollout(tmp_path):
     assert losses(resumed) == losses(full)
     assert [h["episode"] for h in resumed.state.log_history if "loss" in h] == \
         [h["episode"] for h in full.state.log_history if "loss" in h]
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
+    """What a scheduler sends before preempting: the same as Ctrl-C, in-process here (a callback signals itself)."""
+    from transformers import TrainerCallback
+
+    from posttrain.trainers.interrupt import TrainingInterrupted
+
+    class SignalAtStep2(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "out"
+    trainer = build_trainer("sft", str(out), save_strategy="no")
+    trainer.add_callback(SignalAtStep2())
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match=r"^stopped by SIGTERM at step 2; checkpoint saved to .*checkpoint-2 "
+                                                  r"\(continue with --resume_from_checkpoint .*checkpoint-2\)$") as info:
+        trainer.train()
+    assert info.value.signum == signal.SIGTERM and info.value.checkpoint == str(out / "checkpoint-2")
+    assert checkpoints.latest_checkpoint(str(out)) == str(out / "checkpoint-2")
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
