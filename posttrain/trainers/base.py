@@ -7,7 +7,9 @@ check that output_dir can be written, and the resolved config written to output_
 run that fails at once leaves an earlier run's files as they were).
 
 Not here: losses (`losses/`), data preparation (`data/`), anything specific to one method (its own module), run
-reports (`reporting/`: attached here in one line; the model card is written by `save_model`).
+reports (`reporting/`: attached here in one line; the model card is written by `save_model`), reliability
+(mixins: crash-safe checkpoints and resuming in `checkpoints.py`, Ctrl-C/SIGTERM in `interrupt.py`, skipped
+non-finite steps and the refusal to save non-finite weights in `numerics.py`).
 Subclasses override `compute_loss` (and online trainers their rollout step) and little else.
 """
 
