@@ -8,7 +8,8 @@ step, `nonfinite_skipped` (the run's total) in the logs from the first skip on. 
 advances, so step N keeps step N's learning rate. After `max_nonfinite_steps` skipped steps in a row the run stops
 with `NonFiniteError` (one line); the weights are still the last good ones and checkpoints already written are
 untouched. With fp16 and a gradient scaler, overflowing gradients are the scaler's business (it skips those steps
-and lowers the scale), so only the loss is checked.
+and lowers the scale), so only the loss is checked. Under DeepSpeed the engine owns the gradients and the step:
+only the loss is checked and the update cannot be skipped, but it is still counted and the streak still stops.
 
 `save_model` (the final model and every checkpoint) refuses to write weights that hold NaN or inf.
 
@@ -76,8 +77,9 @@ class NonFiniteGuard:
     def _check_update(self, model: torch.nn.Module) -> None:
         """Called before each optimizer step: skip the update (and maybe stop) when the loss or a gradient is bad."""
         bad_loss, self._nonfinite_loss = self._nonfinite_loss, False
+        deepspeed = getattr(self, "is_deepspeed_enabled", False)
         scaler_handles_grads = getattr(self.accelerator, "scaler", None) is not None
-        bad = bad_loss or (not scaler_handles_grads and not gradients_are_finite(model))
+        bad = bad_loss or (not (scaler_handles_grads or deepspeed) and not gradients_are_finite(model))
         if self.args.world_size > 1:  # every process must take the same decision
             flag = torch.tensor(float(bad), device=self.args.device)
             bad = bool(self.accelerator.reduce(flag, reduction="sum") > 0)
@@ -90,8 +92,9 @@ class NonFiniteGuard:
         self._nonfinite_streak += 1
         step, limit = self.state.global_step + 1, self.args.max_nonfinite_steps
         what = "loss" if bad_loss else "gradient"
-        logger.warning("Step %d: non-finite %s; the optimizer update was skipped (%d in a row%s).", step, what,
-                       self._nonfinite_streak, f", the run stops at {limit}" if limit else "")
+        logger.warning("Step %d: non-finite %s; the optimizer update was %s (%d in a row%s).", step, what,
+                       "applied (DeepSpeed steps itself)" if deepspeed else "skipped", self._nonfinite_streak,
+                       f", the run stops at {limit}" if limit else "")
         if limit and self._nonfinite_streak >= limit:
             where = f"; the last checkpoint is {self.last_checkpoint}" if getattr(self, "last_checkpoint", None) \
                 else ""
