@@ -241,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
             print_env()
         elif command in _OTHER_COMMANDS:
             _load(_OTHER_COMMANDS[command])(rest)
+        elif command in COMMANDS and any(a.split("=")[0] in ("--num_processes", "--accelerate_config") for a in rest):
+            from posttrain.launch import relaunch
+
+            relaunch(command, rest + ["--debug"] * debug)  # exec `accelerate launch … -m posttrain <command> …`
         elif command in COMMANDS:
             run_training(command, rest)
         else:

@@ -112,6 +112,17 @@ def _swap_in(tmp: str, final: str, fingerprint: str) -> None:
     shutil.rmtree(stale, ignore_errors=True)
 
 
+def _wait_until_current(final: str, fingerprint: str, timeout: float = 600.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not _is_current(final, fingerprint):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Built-in model {final!r} was not written by process 0 within {timeout:.0f}s; "
+                               "build it with one process first (any posttrain command on it), then relaunch.")
+        time.sleep(0.2)
+
+
 def builtin_model_path(name: str) -> str:
     """The local directory of built-in model `name`, written on first use (atomically; safe for parallel callers)."""
     if name not in BUILTIN_MODELS:
@@ -128,7 +139,10 @@ def builtin_model_path(name: str) -> str:
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         _write_model(name, tmp, fingerprint)
-        _swap_in(tmp, final, fingerprint)
+        if os.path.isfile(os.path.join(tmp, "config.json")):
+            _swap_in(tmp, final, fingerprint)
+        else:  # inside a process group transformers writes weights on rank 0 only: use rank 0's copy
+            _wait_until_current(final, fingerprint)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
