@@ -44,7 +44,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 # Hyphenated spellings (TRL's `trl online-dpo` style) name the same commands.
 COMMAND_ALIASES = {name.replace("_", "-"): name for name in COMMANDS if "_" in name}
-_OTHER_COMMANDS = {"generate": "posttrain.generate:main", "pipeline": "posttrain.pipeline.run:main"}
+_OTHER_COMMANDS = {"generate": "posttrain.generate:main", "pipeline": "posttrain.pipeline.run:main",
+                   "merge": "posttrain.merge:main"}
 _ALIASES_ONLY = {"env"}  # keys a YAML file may hold besides fields
 
 
@@ -66,6 +67,7 @@ def _usage() -> str:
     lines += [f"  {name:<10} {desc}" for name, (_, _, desc) in COMMANDS.items()]
     lines += [f"  {'generate':<10} generate from a trained model (--model DIR --prompt TEXT; no --prompt: chat)",
               f"  {'pipeline':<10} run training stages in order from one YAML file (SFT → reward → DPO → GRPO)",
+              f"  {'merge':<10} merge a LoRA adapter into its base model (--adapter DIR --output_dir OUT)",
               f"  {'env':<10} print versions and hardware (for bug reports)",
               "", "Run 'posttrain <command> --help' for the flags of a command. --debug shows full tracebacks."]
     return "\n".join(lines)
@@ -177,6 +179,12 @@ def run_training(command: str, argv: list[str]):
         _close_progress_bars(trainer)
         raise
     trainer.save_model(training_args.output_dir)
+    if model_args.merge_adapters and trainer.is_world_process_zero():
+        from posttrain.models import adapters
+
+        if adapters.is_peft_model(trainer.accelerator.unwrap_model(trainer.model)):
+            adapters.save_merged(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class,
+                                 os.path.join(training_args.output_dir, "merged"))
     if trainer.is_world_process_zero():
         print(summary_line(trainer, time.time() - start))
     return trainer

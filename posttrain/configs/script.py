@@ -31,6 +31,8 @@ class ModelConfig:
     lora_task_type: str = field(default="CAUSAL_LM", metadata={"help": "PEFT task type."})
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling."})
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
+    merge_adapters: bool = field(default=False, metadata={"help": "With use_peft: also save the adapters merged "
+                                 "into full weights, in output_dir/merged."})
     load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base weights (bitsandbytes, GPU only)."})
     load_in_4bit: bool = field(default=False, metadata={"help": "4-bit base weights (bitsandbytes, GPU only)."})
 

@@ -57,6 +57,10 @@ def load_pretrained_model(name_or_path: str, auto_class=None, **init_kwargs: Any
         raise ValueError(f"Model directory {name_or_path!r} has no config.json. Give a directory written by "
                          "save_pretrained (config.json and weights), a Hub id, or a built-in name such as "
                          "posttrain/tiny.")
+    from posttrain.models import adapters
+
+    if adapters.is_adapter_dir(path):  # a saved LoRA adapter: its base model with the adapter, trainable
+        return adapters.load_adapter_model(path, auto_class, **init_kwargs)
     try:
         return auto_class.from_pretrained(path, **_resolve_dtype(init_kwargs))
     except OSError as e:
@@ -112,6 +116,11 @@ def quantization_config(load_in_4bit: bool):
     if not hardware.has_cuda():
         raise ValueError("load_in_4bit/load_in_8bit need a CUDA GPU with bitsandbytes; this machine has none. "
                          "Drop the flag (LoRA alone still works on CPU).")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("load_in_4bit/load_in_8bit need the bitsandbytes package: pip install bitsandbytes "
+                         "(or drop the flag).")
     from transformers import BitsAndBytesConfig
 
     if load_in_4bit:

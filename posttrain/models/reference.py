@@ -15,7 +15,7 @@ import hashlib
 import torch
 from transformers import TrainerCallback
 
-from posttrain.models import loading
+from posttrain.models import adapters, loading
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
@@ -48,7 +48,8 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def reference_context(policy: torch.nn.Module, ref_model: torch.nn.Module | None, unwrap=lambda m: m):
-    """Yield the module that computes reference log-probs: `ref_model`, or the policy with adapters disabled."""
+    """Yield the module that computes reference log-probs: `ref_model`; or the policy with its frozen reference
+    adapter switched in (a model given with an adapter, `models/adapters.py`); or the policy with adapters off."""
     if ref_model is not None:
         yield ref_model
         return
@@ -56,6 +57,15 @@ def reference_context(policy: torch.nn.Module, ref_model: torch.nn.Module | None
     if not is_peft_model(base):
         raise ValueError("No reference model: pass ref_model=..., train PEFT adapters, or precompute reference "
                          "log-probs (precompute_ref_log_probs=True).")
+    if adapters.has_reference_adapter(base):
+        active = base.active_adapter
+        base.set_adapter(adapters.REFERENCE_ADAPTER)
+        try:
+            yield policy
+        finally:
+            base.set_adapter(active)
+            adapters.freeze_reference_adapter(base)  # set_adapter marks the adapter it switches in trainable
+        return
     with base.disable_adapter():
         yield policy
 

@@ -31,6 +31,9 @@ class ReferenceAnchoredMixin:
     ref_logp_columns: tuple[str, ...] = ()  # per-example columns the precompute adds, as reference_columns orders them
     precompute_input_columns: tuple[str, ...] = ()  # dataset columns the collator needs for that pass
 
+    def holds_reference(self) -> bool:
+        return True
+
     def setup_reference(self, ref_model, model_id: str | None) -> None:
         """Call at the end of __init__: sets self.ref_model (None for PEFT or after precompute)."""
         args = self.args

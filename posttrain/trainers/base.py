@@ -27,7 +27,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from posttrain import compat, reporting
 from posttrain.configs.base import PostTrainConfig
-from posttrain.models import loading
+from posttrain.models import adapters, loading
 from posttrain.trainers.checkpoints import CrashSafeCheckpoints
 from posttrain.trainers.interrupt import GracefulInterrupt
 from posttrain.trainers.numerics import NonFiniteGuard
@@ -62,10 +62,9 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
                                   getattr(args, "pad_token", None), getattr(args, "chat_template_path", None))
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = getattr(processing_class, "pad_token_id", None)
+        given_adapter = adapters.is_peft_model(model) and peft_config is None
         if peft_config is not None:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
+            model = adapters.wrap(model, peft_config, args.gradient_checkpointing)
         if args.disable_dropout:
             loading.disable_dropout(model)
         if getattr(args, "_output_dir_was_default", False):
@@ -83,6 +82,8 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         self.run_config_extra: dict[str, Any] = {}  # the CLI adds model/data options here
         self.add_callback(_RunConfigWriter(self))
+        if given_adapter and self.holds_reference():
+            adapters.add_reference_adapter(model)  # the adapter as given is the reference (models/adapters.py)
         reporting.attach(self)  # metrics.jsonl, plots, report.html, concise progress bar
 
     # ---- hooks for subclasses -----------------------------------------------------------------------------------
@@ -100,6 +101,10 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
         elif eval_dataset is not None:
             eval_dataset = prepare(eval_dataset, "eval")
         return train_dataset, eval_dataset
+
+    def holds_reference(self) -> bool:
+        """Whether this run computes reference log-probs (then a given adapter gets a frozen reference copy)."""
+        return False
 
     def default_collator(self, processing_class, args):
         """The collator used when none is given. Default: transformers' default."""

@@ -251,6 +251,9 @@ class OnlineTrainer(PostTrainer):
         """Whether reference log-probs are needed (and so a reference model is held)."""
         return self.args.beta > 0
 
+    def holds_reference(self) -> bool:
+        return self.uses_reference() or getattr(self.args, "kl_coef", 0) > 0  # PPO's KL penalty is kl_coef
+
     def needs_old_logps(self) -> bool:
         """Sampling-policy log-probs are needed when the policy moves before a rollout is fully used."""
         args = self.args
