@@ -83,8 +83,8 @@ def render(curves: dict[str, list[tuple[int, float]]], output_dir: str, title_pr
         FigureCanvasAgg(fig)
         fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.15)
         ax = fig.add_subplot()
-        for key in keys:
-            _draw(ax, curves, key, len(keys) > 1)
+        for i, key in enumerate(keys):
+            _draw(ax, curves, key, len(keys) > 1, f"C{i}")  # one colour per metric: train solid, eval dashed
         if len(keys) == 1 and keys[0].replace("_", " ") not in title.replace("_", " "):
             title = keys[0]  # the one metric drawn names itself (mean_token_accuracy, not "accuracy")
         ax.set_title(f"{title_prefix}{title}", fontsize=11)
@@ -101,16 +101,17 @@ def render(curves: dict[str, list[tuple[int, float]]], output_dir: str, title_pr
     return paths
 
 
-def _draw(ax: Any, curves: dict[str, list[tuple[int, float]]], key: str, label_with_key: bool) -> None:
+def _draw(ax: Any, curves: dict[str, list[tuple[int, float]]], key: str, label_with_key: bool, color: str) -> None:
     name = key if label_with_key else ""
     train, evaluation = curves.get(key), curves.get(f"eval_{key}")
     if train:
         steps, values = zip(*train)
-        ax.plot(steps, values, label=f"train {name}".strip(), linewidth=1.6,
+        ax.plot(steps, values, label=f"train {name}".strip(), linewidth=1.6, color=color,
                 marker="." if len(train) < 30 else None)
     if evaluation:
         steps, values = zip(*evaluation)
-        ax.plot(steps, values, label=f"eval {name}".strip(), linewidth=1.6, linestyle="--", marker="o", markersize=4)
+        ax.plot(steps, values, label=f"eval {name}".strip(), linewidth=1.4, linestyle="--", marker="o", markersize=4,
+                color=color, alpha=0.8 if train else 1.0)
 
 
 def render_bars(labels: list[str], values: list[float], path: str, title: str) -> str | None:
