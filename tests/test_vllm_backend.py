@@ -24,9 +24,10 @@ class _FakeLLM:
         self.requests.append((prompts, params))
         eos = 2
         outs = []
-        for p in prompts:
+        for i, p in enumerate(prompts):
+            n = params[i].n if isinstance(params, list) else params.n
             seqs = [types.SimpleNamespace(token_ids=[7] * (k + 1) + ([eos] if k % 2 == 0 else []))
-                    for k in range(params.n)]
+                    for k in range(n)]
             outs.append(types.SimpleNamespace(outputs=seqs))
         return outs
 
@@ -73,7 +74,8 @@ def test_colocate_generate_and_weight_sync(fake_vllm):
     assert rollout.completion_mask.sum(1).tolist() == lengths
     assert rollout.is_truncated.tolist() == [not e for e in ends_with_eos]
     assert rollout.prompt_mask[3].tolist() == [0, 0, 1]  # left padding
-    backend.generate(policy, tok, [[5]], 2, 4, {}, step=0)
+    uneven = backend.generate(policy, tok, [[5], [6, 7]], [1, 3], 4, {}, step=0)  # a process's slice of groups
+    assert [p.n for p in llm.requests[1][1]] == [1, 3] and uneven.prompt_ids[:, -1].tolist() == [5, 7, 7, 7]
     assert len(llm.loaded) == 1 and llm.resets == 1  # same optimizer step: no second push
     backend.generate(policy, tok, [[5]], 2, 4, {}, step=1)
     assert len(llm.loaded) == 2 and "model.embed_tokens.weight" in llm.loaded[1]

@@ -85,11 +85,15 @@ class VLLMColocate:
         engine = self.llm.llm_engine  # older engines expose the in-process worker
         engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
 
-    def generate(self, policy, tokenizer, prompt_ids: list[list[int]], num_generations: int, max_new_tokens: int,
-                 generation_kwargs: dict[str, Any], step: int = 0) -> Rollout:
+    def generate(self, policy, tokenizer, prompt_ids: list[list[int]], num_generations: int | list[int],
+                 max_new_tokens: int, generation_kwargs: dict[str, Any], step: int = 0) -> Rollout:
+        """Like `rollout.hf.generate`: G completions per prompt (or one count per prompt), groups consecutive."""
         self.sync_weights(policy, step)
-        params = self._vllm.SamplingParams(n=num_generations, max_tokens=max_new_tokens,
-                                           **sampling_options(generation_kwargs))
+        counts = [num_generations] * len(prompt_ids) if isinstance(num_generations, int) else list(num_generations)
+        options = sampling_options(generation_kwargs)
+        params = [self._vllm.SamplingParams(n=n, max_tokens=max_new_tokens, **options) for n in counts]
+        if len(set(counts)) == 1:
+            params = params[0]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
         sequences = [list(c.token_ids) for out in outputs for c in out.outputs]
         pad_id = tokenizer.pad_token_id
@@ -105,8 +109,9 @@ class VLLMColocate:
         completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
         ids, mask = left_pad(prompt_ids, pad_id)
         device = next(policy.parameters()).device
-        return Rollout(prompt_ids=ids.repeat_interleave(num_generations, 0).to(device),
-                       prompt_mask=mask.repeat_interleave(num_generations, 0).to(device),
+        repeats = torch.tensor(counts)
+        return Rollout(prompt_ids=ids.repeat_interleave(repeats, 0).to(device),
+                       prompt_mask=mask.repeat_interleave(repeats, 0).to(device),
                        completion_ids=completion_ids.to(device), completion_mask=completion_mask.to(device),
                        is_truncated=truncated.to(device))
 
