@@ -18,7 +18,7 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from posttrain.models import reference
+from posttrain.models import reference, sharding
 from posttrain.models.builtin import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class ReferenceAnchoredMixin:
             from posttrain.models.loading import disable_dropout
 
             disable_dropout(ref_model)
-        self.ref_model = ref_model.to(args.device) if ref_model is not None else None
+        self.ref_model = sharding.prepare_frozen(self.accelerator, ref_model, args) if ref_model is not None else None
         if args.precompute_ref_log_probs:
             self._precompute_all()
         if args.sync_ref_model:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 from posttrain.data import formats
 from posttrain.data.prepare import check_prompts
 from posttrain.data.tokenize import tokenize_prompt
-from posttrain.models import reference
+from posttrain.models import reference, sharding
 from posttrain.models.logprobs import completion_logps
 from posttrain.rewards.runner import RewardRunner
 from posttrain.rollout.hf import generate
@@ -82,7 +82,7 @@ class OnlineTrainer(PostTrainer):
                 self.ref_model = None  # adapters off = reference
             else:
                 self.ref_model = reference.create_reference_model(self.model, model_id, args.model_init_kwargs)
-                self.ref_model.to(args.device)
+                self.ref_model = sharding.prepare_frozen(self.accelerator, self.ref_model, args)
             if args.sync_ref_model and self.ref_model is not None:
                 self.add_callback(reference.SyncReferenceCallback(self.ref_model, self.model,
                                                                   args.ref_model_sync_steps,
