@@ -170,6 +170,8 @@ API_CASES = [
      r"num_generations must be >= 2 .*got 1"),
     ("epsilon-zero", lambda p: GRPOConfig(**_kw(p, num_generations=2, epsilon=0.0)), ValueError,
      r"epsilon must be > 0, got 0\.0"),
+    ("vllm-not-installed", lambda p: GRPOConfig(**_kw(p, num_generations=2, use_vllm=True)), ValueError,
+     r"use_vllm=True needs the vllm package \(pip install 'posttrain\[vllm\]'\)"),
     ("label-smoothing-half", lambda p: DPOConfig(**_kw(p, label_smoothing=0.5)), ValueError,
      r"label_smoothing must be in \[0, 0\.5\), got 0\.5"),
     ("dpo-prompt-length", lambda p: DPOConfig(**_kw(p, max_prompt_length=64, max_length=64)), ValueError,

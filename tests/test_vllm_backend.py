@@ -91,3 +91,14 @@ def test_without_vllm_the_error_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(ImportError, match=r"pip install 'posttrain\[vllm\]'"):
         VLLMColocate("x")
+
+
+def test_config_refuses_server_mode_and_bad_memory_share(monkeypatch):
+    from posttrain.configs import grpo
+
+    monkeypatch.setattr(grpo, "_has_vllm", lambda: True)
+    with pytest.raises(ValueError, match="vllm_mode='server' is not available yet; use vllm_mode='colocate'"):
+        grpo.GRPOConfig(output_dir="x", use_vllm=True, vllm_mode="server")
+    with pytest.raises(ValueError, match=r"vllm_gpu_memory_utilization must be in \(0, 1\)"):
+        grpo.GRPOConfig(output_dir="x", use_vllm=True, vllm_gpu_memory_utilization=1.5)
+    assert grpo.GRPOConfig(output_dir="x", use_vllm=True).vllm_mode == "colocate"

@@ -48,6 +48,13 @@ class GRPOConfig(PostTrainConfig):
                                                  "(JSON on the command line); they override the above."})
     shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle prompts."})
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (GPU; needs the vllm extra)."})
+    vllm_mode: str = field(default="colocate", metadata={"help": "colocate: a vLLM engine inside each training "
+                           "process, sharing its GPU (server mode is not available yet).", "choices": ["colocate",
+                                                                                                        "server"]})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "Share of GPU memory the colocated "
+                                               "vLLM engine may take."})
+    vllm_max_model_length: int | None = field(default=None, metadata={"help": "vLLM's context length (default: "
+                                              "the model's)."})
     # rewards
     reward_funcs: list[str] | None = field(default=None, metadata={"help": "Reward functions when none are passed "
                                            "to the trainer: built-in names (accuracy_reward, format_reward, "
@@ -138,8 +145,18 @@ class GRPOConfig(PostTrainConfig):
         check(0 < self.top_entropy_quantile <= 1, f"top_entropy_quantile must be in (0, 1], got "
                                                   f"{self.top_entropy_quantile}.")
         check(self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}.")
-        check(not self.use_vllm or _has_vllm(), "use_vllm=True needs the vllm package (pip install "
-                                                "'posttrain[vllm]') and a CUDA GPU.")
+        check_vllm(self)
+
+
+def check_vllm(config) -> None:
+    """use_vllm needs the vllm package and colocate mode; one-line errors otherwise."""
+    if not config.use_vllm:
+        return
+    check(_has_vllm(), "use_vllm=True needs the vllm package (pip install 'posttrain[vllm]') and a CUDA GPU.")
+    check(config.vllm_mode == "colocate", f"vllm_mode={config.vllm_mode!r} is not available yet; use "
+                                          "vllm_mode='colocate' (a vLLM engine in each training process).")
+    check(0 < config.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization must be in (0, 1), got "
+                                                      f"{config.vllm_gpu_memory_utilization}.")
 
 
 def _has_vllm() -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from posttrain.compat import accept_legacy_arguments
 from posttrain.configs.base import check
-from posttrain.configs.grpo import GRPOConfig, _has_vllm
+from posttrain.configs.grpo import GRPOConfig, check_vllm
 from posttrain.losses.preference import DPO_LOSSES
 
 # Losses that make sense on one sampled pair per prompt, as TRL's Online DPO offers them.
@@ -92,8 +92,7 @@ class OnlineDPOConfig(GRPOConfig):
         check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}.")
         check(self.max_completion_length > 0, f"max_completion_length must be > 0, got {self.max_completion_length}.")
         check(self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}.")
-        check(not self.use_vllm or _has_vllm(), "use_vllm=True needs the vllm package (pip install "
-                                                "'posttrain[vllm]') and a CUDA GPU.")
+        check_vllm(self)
 
     def to_flat_dict(self):
         out = super().to_flat_dict()

@@ -18,7 +18,7 @@ from dataclasses import InitVar, dataclass, field
 
 from posttrain.compat import accept_legacy_arguments
 from posttrain.configs.base import check
-from posttrain.configs.grpo import GRPOConfig, _has_vllm
+from posttrain.configs.grpo import GRPOConfig, check_vllm
 
 KL_ESTIMATORS = ("k1", "k3")
 
@@ -148,8 +148,7 @@ class PPOConfig(GRPOConfig):
         check(0 <= self.lam <= 1, f"lam must be in [0, 1], got {self.lam}.")
         check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}.")
         check(self.max_completion_length > 0, f"max_completion_length must be > 0, got {self.max_completion_length}.")
-        check(not self.use_vllm or _has_vllm(), "use_vllm=True needs the vllm package (pip install "
-                                                "'posttrain[vllm]') and a CUDA GPU.")
+        check_vllm(self)
 
 
 def _deprecated(old: str, new: str) -> None:
