@@ -102,3 +102,22 @@ def test_config_refuses_server_mode_and_bad_memory_share(monkeypatch):
     with pytest.raises(ValueError, match=r"vllm_gpu_memory_utilization must be in \(0, 1\)"):
         grpo.GRPOConfig(output_dir="x", use_vllm=True, vllm_gpu_memory_utilization=1.5)
     assert grpo.GRPOConfig(output_dir="x", use_vllm=True).vllm_mode == "colocate"
+
+
+def test_grpo_trains_on_vllm_rollouts(fake_vllm, monkeypatch, tmp_path):
+    """use_vllm=True: the trainer samples through the engine (n=G per prompt) and pushes weights every step."""
+    from posttrain.configs import grpo
+    from posttrain.data.arith import load_builtin_dataset
+    from posttrain.trainers.grpo import GRPOTrainer
+
+    monkeypatch.setattr(grpo, "_has_vllm", lambda: True)
+    args = grpo.GRPOConfig(output_dir=str(tmp_path), use_vllm=True, num_generations=4, per_device_train_batch_size=8,
+                           max_completion_length=6, max_steps=2, learning_rate=1e-3, report_to="none",
+                           save_strategy="no", disable_tqdm=True, logging_steps=1)
+    trainer = GRPOTrainer("posttrain/tiny", reward_funcs=lambda completion_ids, **kw: [len(c) for c in completion_ids],
+                          args=args, train_dataset=load_builtin_dataset("posttrain/arith-prompts", split="train[:8]"))
+    trainer.train()
+    llm = _FakeLLM.instances[0]
+    assert len(llm.requests) == 2 and all(len(prompts) == 2 for prompts, _ in llm.requests)  # 2 prompts × G=4
+    assert len(llm.loaded) == 2  # weights pushed before each step's rollout
+    assert trainer.state.log_history[0]["completions/mean_length"] == pytest.approx((2 + 2 + 4 + 4) / 4)  # [7, EOS], [7, 7], …

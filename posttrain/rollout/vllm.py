@@ -9,7 +9,7 @@ record as the transformers path (`rollout/hf.py`): EOS masking and padding are s
 vllm is imported only when this backend is built, so the CPU path never needs it. With several processes, each
 runs its own engine on its own device (`distributed_executor_backend="external_launcher"`), tensor parallel size 1.
 
-Not here: the transformers backend (`rollout/hf.py`), choosing a backend (`trainers/online.py`). The server mode
+Not here: the transformers backend (`rollout/hf.py`), choosing a backend (`OnlineTrainer.sample`). The server mode
 (generation on separate GPUs behind HTTP, weights sent over NCCL) is not implemented: `vllm_mode="server"` is
 refused with a clear message.
 """

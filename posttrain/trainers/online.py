@@ -88,6 +88,12 @@ class OnlineTrainer(PostTrainer):
                                                                   args.ref_model_sync_steps,
                                                                   args.ref_model_mixup_alpha))
         self._micro_step = 0
+        self.vllm = None
+        if getattr(args, "use_vllm", False):  # GPU only; vllm is imported here and nowhere else
+            from posttrain.rollout.vllm import VLLMColocate
+
+            self.vllm = VLLMColocate(model_id or self.model.config._name_or_path, args.vllm_gpu_memory_utilization,
+                                     args.vllm_max_model_length, args.seed, multi_process=args.world_size > 1)
         self._buffer: list[dict[str, Any]] = []
         self._last_table: list[dict[str, Any]] = []
 
@@ -231,10 +237,15 @@ class OnlineTrainer(PostTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         was_training = policy.training
         policy.eval()
+        per_prompt = counts[0] if len(set(counts)) == 1 else counts
         with distributed.process_seed(self.accelerator, args.seed, self._micro_step):
-            rollout = generate(policy, self.processing_class, prompt_ids,
-                               counts[0] if len(set(counts)) == 1 else counts, args.max_completion_length,
-                               self.generation_kwargs())
+            if self.vllm is not None:  # the engine gets the policy's weights once per optimizer step
+                rollout = self.vllm.generate(getattr(policy, "policy", policy), self.processing_class, prompt_ids,
+                                             per_prompt, args.max_completion_length, self.generation_kwargs(),
+                                             step=self.state.global_step)
+            else:
+                rollout = generate(policy, self.processing_class, prompt_ids, per_prompt,
+                                   args.max_completion_length, self.generation_kwargs())
         policy.train(was_training)
         return rollout
 
