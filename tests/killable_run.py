@@ -45,20 +45,26 @@ def build_trainer(method: str, output_dir: str, max_steps: int = MAX_STEPS, **ov
         from posttrain import SFTConfig, SFTTrainer
 
         data = load_builtin_dataset("posttrain/arith-sft", split="train[:32]")
-        return SFTTrainer(MODEL, args=SFTConfig(max_length=64, **common), train_dataset=data)
-    if method == "dpo":
+        trainer = SFTTrainer(MODEL, args=SFTConfig(max_length=64, **common), train_dataset=data)
+    elif method == "dpo":
         from posttrain import DPOConfig, DPOTrainer
 
         data = load_builtin_dataset("posttrain/arith-pref", split="train[:32]")
-        return DPOTrainer(MODEL, args=DPOConfig(max_length=64, **common), train_dataset=data)
-    if method == "grpo":
+        trainer = DPOTrainer(MODEL, args=DPOConfig(max_length=64, **common), train_dataset=data)
+    elif method == "grpo":
         from posttrain import GRPOConfig, GRPOTrainer
 
         # steps_per_generation 2 > GA 1: checkpoints at odd micro-steps fall mid-cycle (the buffer must be restored)
         args = GRPOConfig(num_generations=2, max_completion_length=4, steps_per_generation=2, **common)
         data = load_builtin_dataset("posttrain/arith-prompts", split="train[:32]")
-        return GRPOTrainer(MODEL, reward_funcs=_unique_chars, args=args, train_dataset=data)
-    raise ValueError(method)
+        trainer = GRPOTrainer(MODEL, reward_funcs=_unique_chars, args=args, train_dataset=data)
+    else:
+        raise ValueError(method)
+    # The run report (plots drawn at the end of every train()) is not what these tests check, and costs seconds.
+    for callback in list(trainer.callback_handler.callbacks):
+        if type(callback).__name__ == "RunReport":
+            trainer.remove_callback(callback)
+    return trainer
 
 
 def losses(trainer) -> list[float]:

@@ -66,20 +66,20 @@ def _resume_in_process(method, out):
     return losses(trainer)
 
 
-@pytest.mark.parametrize("method", [pytest.param("sft", marks=pytest.mark.slow),  # SFT: kill-in-save test below
+@pytest.mark.parametrize("method", [pytest.param("sft", marks=pytest.mark.slow),
                                     pytest.param("dpo", marks=pytest.mark.slow), "grpo"])
-def test_same_seed_same_losses_and_resume_mid_run(method, tmp_path, tmp_path_factory):
+def test_same_seed_same_losses_and_resume_mid_run(method, tmp_path):
     """Run twice with the same seed: identical losses. Then resume from the step-3 checkpoint — for GRPO mid
     generation cycle (steps_per_generation=2), so the saved rollout buffer is what the resumed step trains on —
     and get the same losses again."""
-    reference = _reference(method, tmp_path_factory)
-    out = tmp_path / "run"
-    again = build_trainer(method, str(out))
-    again.train()
-    assert losses(again) == reference
-    resumed = build_trainer(method, str(out))
-    resumed.train(resume_from_checkpoint=str(out / "checkpoint-3"))
-    assert losses(resumed) == reference
+    first = build_trainer(method, str(tmp_path / "first"), max_steps=4)
+    first.train()
+    second = build_trainer(method, str(tmp_path / "second"), max_steps=4)
+    second.train()
+    assert losses(second) == losses(first) and len(losses(first)) == 4
+    resumed = build_trainer(method, str(tmp_path / "second"), max_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "second" / "checkpoint-3"))
+    assert losses(resumed) == losses(first)
 
 
 @pytest.mark.slow
@@ -112,8 +112,7 @@ def test_three_kills_then_resume_reproduce_the_trajectory(method, tmp_path, tmp_
     assert len(resumed) == len(reference) and diff == 0.0, (kill_points, resumed, reference)
 
 
-def test_kill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, tmp_path_factory):
-    reference = _reference("sft", tmp_path_factory)
+def test_kill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
     out = tmp_path / "run"
     proc = _start("sft", out, POSTTRAIN_TEST_KILL_IN_SAVE=4, POSTTRAIN_TEST_SAVE_STEPS=2)
     proc.wait(timeout=240)
@@ -123,7 +122,9 @@ def test_kill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, tmp_p
     assert checkpoints.latest_checkpoint(str(out)).endswith("checkpoint-2")
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         checkpoints.resolve_resume(str(out / "incomplete-checkpoint-4"), str(out))
-    assert _resume_in_process("sft", out) == reference
+    resumed = build_trainer("sft", str(out))
+    resumed.train(resume_from_checkpoint="latest")  # the trajectory itself: test_three_kills_… (slow)
+    assert len(losses(resumed)) == resumed.state.global_step == 6
     assert not [n for n in os.listdir(out) if n.startswith("incomplete-")]  # cleaned up by the resumed run
 
 
@@ -156,7 +157,8 @@ def test_resume_forms_and_rotation(tmp_path):
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "posttrain", "sft", "--model_name_or_path", "posttrain/tiny", "--dataset_name",
-           "posttrain/arith-sft", "--output_dir", str(out), "--max_steps", "400", "--save_strategy", "no",
+           "posttrain/arith-sft", "--dataset_train_split", "train[:64]", "--output_dir", str(out), "--max_steps",
+           "400", "--save_strategy", "no",
            "--per_device_train_batch_size", "2", "--max_length", "64", "--report_to", "none"]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240

@@ -51,6 +51,10 @@ class PostTrainConfig(TrainingArguments):
                                                  "(JSON string on the command line), e.g. '{\"dtype\": \"bfloat16\"}'."})
     disable_dropout: bool = field(default=False, metadata={"help": "Set every dropout probability in the model to 0."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset preparation."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "Continue a run: a checkpoint "
+                                               "directory, a run directory (its newest complete checkpoint), "
+                                               "'latest' (the newest in output_dir; error if none) or 'auto' "
+                                               "(the same, or a fresh start)."})
     max_nonfinite_steps: int = field(default=5, metadata={"help": "A step whose loss or gradient is NaN/inf is "
                                      "skipped (no weight changes; counted as `nonfinite_skipped`); after this many "
                                      "in a row the run stops with an error. 0 = skip but never stop."})
