@@ -181,7 +181,6 @@ def _unique_chars(completions, **kwargs):
     return [float(len(set(c))) / 10 for c in completions]
 
 
-@pytest.mark.slow
 def test_ppo_resumes_mid_rollout(tmp_path):
     """PPO reuses one rollout for num_ppo_epochs passes: checkpoint-1 falls inside it, so the saved rollout, KL
     coefficient and episode count must come back for the resumed steps to match."""
