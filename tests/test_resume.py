@@ -218,8 +218,9 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     trainer = build_trainer("sft", str(out), save_strategy="no")
     trainer.add_callback(SignalAtStep2())
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(TrainingInterrupted, match=r"^stopped by SIGTERM at step 2; checkpoint saved to .*checkpoint-2 "
-                                                  r"\(continue with --resume_from_checkpoint .*checkpoint-2\)$") as info:
+    expected = (r"^stopped by SIGTERM at step 2; checkpoint saved to .*checkpoint-2 \(continue with "
+                r"--resume_from_checkpoint .*checkpoint-2\)$")
+    with pytest.raises(TrainingInterrupted, match=expected) as info:
         trainer.train()
     assert info.value.signum == signal.SIGTERM and info.value.checkpoint == str(out / "checkpoint-2")
     assert checkpoints.latest_checkpoint(str(out)) == str(out / "checkpoint-2")
