@@ -2,6 +2,7 @@
 
 import html.parser
 import json
+import re
 import logging
 import os
 
@@ -217,5 +218,6 @@ def test_progress_prints_concise_lines(tmp_path, capsys):
     out = captured.out  # the lines go to stdout (like transformers' dict lines), the bar to stderr
     assert "step 2/2: loss " in out and " · acc " in out and "eval @ 2: loss " in out
     assert "{'loss'" not in out + captured.err  # no full dicts
-    assert "step, loss " in captured.err  # the postfix on the bar
+    # the postfix on the bar, after tqdm's rate ("3.2step/s" when fast, "1.5s/step" when slow)
+    assert re.search(r"(step/s|s/step), loss ", captured.err)
     json.dumps(trainer.state.log_history)  # sanity: history stays serialisable
