@@ -2,9 +2,9 @@
 
 import html.parser
 import json
-import re
 import logging
 import os
+import re
 
 import pytest
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
