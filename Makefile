@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/posttrain sft --config examples/sft.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" --durations=15
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest
