@@ -55,9 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=["grpo", "rloo", "ppo"])
     parser.add_argument("--output", default="benchmarks/LEARNING.md")
     parser.add_argument("--max_new_tokens", type=int, default=24)
-    parser.add_argument("overrides", nargs="*", help="extra flags for every method, e.g. --max_steps 20")
-    args, overrides = parser.parse_known_args(argv)
-    overrides = args.overrides + overrides
+    args, overrides = parser.parse_known_args(argv)  # the rest are flags for every method, e.g. --max_steps 20
     if not os.path.exists(os.path.join(args.base, "config.json")):
         print(f"{args.base} missing: training it with examples/sft.yaml first", flush=True)
         cli.run_training("sft", ["--config", "examples/sft.yaml", "--output_dir", args.base])
