@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from posttrain.errors import UserError
+from posttrain.errors import UserError, did_you_mean
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
     # name: (config class, trainer class, one-line description)
@@ -74,25 +74,9 @@ def _usage() -> str:
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    import yaml
+    from posttrain.yaml_files import read_mapping
 
-    if not os.path.isfile(path):
-        raise CLIError(f"config file {path!r} not found")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise CLIError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    if not isinstance(data, dict):
-        raise CLIError(f"{path} must hold a mapping of option: value, got {type(data).__name__}")
-    return data
-
-
-def _suggest(name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
+    return read_mapping(path, "config file", "a mapping of option: value", CLIError)
 
 
 def _pop_flag(argv: list[str], flag: str) -> str | None:
@@ -123,7 +107,7 @@ def parse_command_args(command: str, argv: list[str]) -> tuple[Any, Any, Any]:
     known = sorted({f.name for c in classes for f in dataclasses.fields(c) if f.init})
     for key in yaml_values:
         if key not in known and key not in _ALIASES_ONLY:
-            raise CLIError(f"unknown key '{key}' in {config_path}{_suggest(key, known)}")
+            raise CLIError(f"unknown key '{key}' in {config_path}{did_you_mean(key, known)}")
     for name, value in (yaml_values.pop("env", None) or {}).items():
         os.environ[str(name)] = str(value)
     mixture = yaml_values.pop("datasets", None)
@@ -257,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             run_training(command, rest)
         else:
             names = list(COMMANDS) + list(_OTHER_COMMANDS) + ["env"]
-            raise CLIError(f"unknown command '{command}'{_suggest(command, names)} (commands: {', '.join(names)})")
+            raise CLIError(f"unknown command '{command}'{did_you_mean(command, names)} (commands: {', '.join(names)})")
     except KeyboardInterrupt as e:
         # after Ctrl-C during training the message names the checkpoint that was saved (trainers/interrupt.py)
         print(f"posttrain {command}: {e}" if str(e) else "posttrain: interrupted", file=sys.stderr)

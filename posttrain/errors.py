@@ -8,6 +8,9 @@ raised). Not here: the checks themselves (they live beside the code that reads t
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class UserError(Exception):
     """A mistake in the user's input; the message names it and the fix."""
@@ -19,3 +22,9 @@ class RewardFunctionError(UserError, RuntimeError):
 
 class NonFiniteError(UserError, FloatingPointError):
     """Training produced NaN or inf (loss, gradients or weights) and cannot go on; the message says what to change."""
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """"; did you mean 'x'?" for the closest of `known` to a mistyped `name`, or "" when none is close."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""

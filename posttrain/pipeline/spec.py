@@ -25,14 +25,12 @@ referenced. Not here: running (`run.py`).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 from typing import Any
 
-import yaml
-
-from posttrain.errors import UserError
+from posttrain.errors import UserError, did_you_mean
+from posttrain.yaml_files import read_mapping
 
 STAGE_KEYS = {"name", "command", "config", "evaluate"}  # everything else in a stage is a training option
 TOP_KEYS = {"output_dir", "evaluation", "defaults", "stages"}
@@ -72,21 +70,7 @@ class Pipeline:
 
 
 def _read(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise PipelineError(f"pipeline file {path!r} not found")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise PipelineError(f"{path} is not valid YAML: {getattr(e, 'problem', e)}") from None
-    if not isinstance(data, dict):
-        raise PipelineError(f"{path} must hold a mapping with a 'stages' list, got {type(data).__name__}")
-    return data
-
-
-def _suggest(name: str, known) -> str:
-    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
+    return read_mapping(path, "pipeline file", "a mapping with a 'stages' list", PipelineError)
 
 
 def load(path: str, output_dir: str | None = None) -> Pipeline:
@@ -96,7 +80,7 @@ def load(path: str, output_dir: str | None = None) -> Pipeline:
     data = _read(path)
     for key in data:
         if key not in TOP_KEYS:
-            raise PipelineError(f"unknown key '{key}' in {path}{_suggest(key, TOP_KEYS)} (keys: "
+            raise PipelineError(f"unknown key '{key}' in {path}{did_you_mean(key, TOP_KEYS)} (keys: "
                                 f"{', '.join(sorted(TOP_KEYS))})")
     stages_in = data.get("stages")
     if not isinstance(stages_in, list) or not stages_in:
@@ -105,7 +89,7 @@ def load(path: str, output_dir: str | None = None) -> Pipeline:
     evaluation = dict(EVALUATION_DEFAULTS)
     for key, value in (data.get("evaluation") or {}).items():
         if key not in EVALUATION_DEFAULTS:
-            raise PipelineError(f"unknown evaluation key '{key}' in {path}{_suggest(key, EVALUATION_DEFAULTS)}")
+            raise PipelineError(f"unknown evaluation key '{key}' in {path}{did_you_mean(key, EVALUATION_DEFAULTS)}")
         evaluation[key] = value
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, dict):
@@ -122,7 +106,7 @@ def load(path: str, output_dir: str | None = None) -> Pipeline:
             raise PipelineError(f"stage name '{name}' appears twice in {path}; give each stage its own name")
         command = str(raw.get("command", name))
         if command not in COMMANDS:
-            raise PipelineError(f"stage '{name}': unknown command '{command}'{_suggest(command, COMMANDS)} "
+            raise PipelineError(f"stage '{name}': unknown command '{command}'{did_you_mean(command, COMMANDS)} "
                                 f"(set command: to one of {', '.join(COMMANDS)})")
         config_path = None
         options: dict[str, Any] = {}
@@ -133,8 +117,7 @@ def load(path: str, output_dir: str | None = None) -> Pipeline:
             if not os.path.isfile(config_path):
                 raise PipelineError(f"stage '{name}': config file {raw['config']!r} not found (paths are relative "
                                     f"to {path} or the current directory)")
-            with open(config_path) as f:
-                options = yaml.safe_load(f) or {}
+            options = read_mapping(config_path, "config file", "a mapping of option: value", PipelineError)
         options.update(defaults)
         options.update({k: v for k, v in raw.items() if k not in STAGE_KEYS})
         context = {"output_dir": root, "prev": outputs[stages[-1].name] if stages else None,
@@ -162,7 +145,7 @@ def _substitute(value: Any, context: dict[str, str | None], stage: str) -> Any:
         key = match.group(1).strip()
         if key not in context:
             known = [k for k in context if context[k] is not None]
-            raise PipelineError(f"stage '{stage}': unknown reference {{{key}}}{_suggest(key, known)} (references: "
+            raise PipelineError(f"stage '{stage}': unknown reference {{{key}}}{did_you_mean(key, known)} (references: "
                                 f"{{prev}}, {{output_dir}}, or {{stages.NAME}} for an earlier stage)")
         if context[key] is None:
             raise PipelineError(f"stage '{stage}' uses {{prev}} but is the first stage; give model_name_or_path "
