@@ -49,8 +49,9 @@ def generation_accuracy(model, tokenizer, dataset, reward_func: Callable | None 
     lengths: list[float] = []
     examples: list[tuple[Any, str, float | None]] = []
     try:
-        for start in range(0, len(rows), max(batch_size // num_samples, 1)):
-            chunk = rows[start:start + max(batch_size // num_samples, 1)]
+        prompts_per_batch = max(batch_size // num_samples, 1)
+        for start in range(0, len(rows), prompts_per_batch):
+            chunk = rows[start:start + prompts_per_batch]
             prompt_ids = [tokenize_prompt(tokenizer, r["prompt"]) for r in chunk]
             rollout = generate(model, tokenizer, prompt_ids, num_samples, max_new_tokens, generation_kwargs)
             texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)

@@ -89,7 +89,7 @@ class OnlineTrainer(PostTrainer):
                                                                   args.ref_model_mixup_alpha))
         self._micro_step = 0
         self.vllm = None
-        if getattr(args, "use_vllm", False):  # GPU only; vllm is imported here and nowhere else
+        if args.use_vllm:  # GPU only; vllm is imported here and nowhere else
             from posttrain.rollout.vllm import VLLMColocate
 
             self.vllm = VLLMColocate(model_id or self.model.config._name_or_path, args.vllm_gpu_memory_utilization,
@@ -366,10 +366,16 @@ def _keep_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def reward_list(reward_funcs) -> list:
+    """reward_funcs (None, one entry, or a list/tuple of them) as a new list."""
+    if reward_funcs is None:
+        return []
+    return list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+
+
 def _with_reward_model(reward_funcs, reward_model: str | None) -> list:
     """reward_funcs as a list, with the config's reward model (the CLI's --reward_model_name_or_path) appended."""
-    funcs = [] if reward_funcs is None else list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) \
-        else [reward_funcs]
+    funcs = reward_list(reward_funcs)
     if reward_model and reward_model not in funcs:
         funcs.append(reward_model)
     return funcs

@@ -41,7 +41,7 @@ from posttrain.losses.value import clipped_value_loss, ppo_policy_loss
 from posttrain.models import loading, reference
 from posttrain.models.logprobs import IGNORE_INDEX, entropy_from_logits, forward_target_logits, selective_logps
 from posttrain.models.value import PolicyAndValue, load_value_model, token_values, value_model_from_policy
-from posttrain.trainers.online import OnlineTrainer
+from posttrain.trainers.online import OnlineTrainer, reward_list
 
 _TRAINER_ARGUMENTS = ("compute_metrics", "callbacks", "optimizers", "preprocess_logits_for_metrics")
 
@@ -357,8 +357,7 @@ def _legacy_arguments(name: str, args, train_dataset, kwargs: dict[str, Any]):
 
 def _reward_entries(reward_funcs, reward_model, args: PPOConfig):
     """reward_funcs, plus `reward_model=` (TRL's name); else the config's reward_funcs or reward_model_path."""
-    entries = [] if reward_funcs is None else list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) \
-        else [reward_funcs]
+    entries = reward_list(reward_funcs)
     if reward_model is not None:
         entries.append(reward_model)
     if not entries and args.reward_model_path:
