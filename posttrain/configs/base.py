@@ -72,8 +72,10 @@ class PostTrainConfig(TrainingArguments):
                           "Leave bf16 unset to let posttrain choose.", UserWarning, stacklevel=3)
         if not hardware.has_cuda():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning per dataloader
-            if hardware.is_multi_process_launch():
-                self.use_cpu = True  # several processes without a GPU: accelerate's multi-CPU mode (gloo)
+            if hardware.is_multi_process_launch() or self.bf16:
+                # several processes without a GPU: accelerate's multi-CPU mode (gloo); bf16 without a GPU: CPU
+                # autocast (transformers refuses bf16 on a machine without a GPU unless use_cpu is set)
+                self.use_cpu = True
         output_dir = self.output_dir
         if output_dir is None:
             self.output_dir = "trainer_output"  # placeholder; the trainer replaces it with '<model>-<Method>'

@@ -7,7 +7,7 @@ the (N, V) float temporaries of log-softmax never exist for the whole batch at o
 Not here: losses (`losses/`), masks built from data (`data/`).
 
 Why the head runs only on target positions: for small models the LM head is most of the compute (68% of FLOPs on
-the 12M-param built-in benchmark model), and prompts/padding carry no loss.
+the 12M-param built-in benchmark model), and prompts/padding carry no loss. benchmarks/RESULTS.md has the figures.
 """
 
 from __future__ import annotations
@@ -43,6 +43,18 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
+def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The LM head module when logits are exactly head(final hidden states); None when the model post-processes
+    them (Gemma-2 soft-capping, Cohere's logit scale) or has no separate head — those take the slower path."""
+    base = _base_model(model)
+    getter = getattr(base, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    config = getattr(base, "config", None)
+    if head is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    return head
+
+
 def forward_target_logits(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                           attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                           **model_kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
@@ -54,43 +66,148 @@ def forward_target_logits(model: torch.nn.Module, input_ids: torch.Tensor, label
     Returns: logits (N, V) of the N trained targets, targets (N,), valid (B, K) — where the N targets sit among
     the K kept positions of each row (row-major, so per-row sums are a scatter of the N values) — and the output.
 
+    The LM head runs on the N trained positions only: a forward pre-hook on the head takes the final hidden states
+    and hands the head an empty slice, then the head is applied to the N selected rows. (Keeping the union of
+    trained positions with `logits_to_keep` is not enough: with prompts of different lengths that union is nearly
+    every position.) Models whose logits are not head(hidden) fall back to `logits_to_keep` / slicing.
     `use_cache=False` is forced: with a KV cache transformers does not detect packed rows from position_ids and
     packed documents would attend to each other.
     """
     keep = target_positions(labels)
+    targets = labels[:, keep + 1]
+    valid = targets != IGNORE_INDEX
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                   **model_kwargs)
+    head = output_head(model)
+    if head is not None:
+        captured: list[torch.Tensor] = []
+
+        def take_hidden(module, args):
+            captured.append(args[0])
+            return (args[0][..., :0, :],) + tuple(args[1:])
+
+        handle = head.register_forward_pre_hook(take_hidden)
+        try:
+            output = model(**kwargs)
+        finally:
+            handle.remove()
+        if len(captured) == 1 and captured[0].dim() == 3 and captured[0].shape[1] == input_ids.shape[1]:
+            return head(captured[0][:, keep][valid]), targets[valid], valid, output
+        # the head ran more than once or on a slice we did not expect: recompute the ordinary way
     if _forward_accepts_logits_to_keep(type(_base_model(model))):
         output = model(**kwargs, logits_to_keep=keep)
         logits = output.logits
     else:
         output = model(**kwargs)
         logits = output.logits[:, keep]
-    targets = labels[:, keep + 1]
-    valid = targets != IGNORE_INDEX
     return logits[valid], targets[valid], valid, output
 
 
 def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,
-                     with_log_sum_p2: bool = False) -> dict[str, torch.Tensor]:
+                     with_log_sum_p2: bool = False, with_entropy: bool = False) -> dict[str, torch.Tensor]:
     """Per-token log-probs of each row's trained tokens (completions), laid out per row.
 
     Args: batch with input_ids, labels (R, T), optional attention_mask/position_ids.
     Returns: {"logps": (R, K) log-probs (0 where not trained), "mask": (R, K) bool, "logits_mean": (N,) mean raw
     logit over the vocabulary per trained token (detached, for the logits/* metrics), "log_sum_p2": (R, K)
-    log Σ_v p_v² when asked (WPO), "logits": (N, V), "targets": (N,)}.
+    log Σ_v p_v² when asked (WPO), "entropy": (N,) entropy at `temperature` when asked (detached),
+    "logits": (N, V), "targets": (N,)}.
     """
     logits, targets, valid, _ = forward_target_logits(model, batch["input_ids"], batch["labels"],
                                                       batch.get("attention_mask"), batch.get("position_ids"))
-    flat = selective_logps(logits, targets, temperature)
+    stats = token_logps(logits, targets, temperature, with_entropy=with_entropy)
+    flat = stats["logps"]
     logps = flat.new_zeros(valid.shape).masked_scatter(valid, flat)
-    out = {"logps": logps, "mask": valid, "logits_mean": logits.detach().float().mean(-1), "logits": logits,
-           "targets": targets}
+    out = {"logps": logps, "mask": valid, "logits_mean": stats["logits_mean"], "logits": logits, "targets": targets}
+    if with_entropy:
+        out["entropy"] = stats["entropy"]
     if with_log_sum_p2:
         with torch.no_grad():
             z = logits.detach().float() / temperature
             lsp2 = torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1)
             out["log_sum_p2"] = flat.new_zeros(valid.shape).masked_scatter(valid, lsp2)
+    return out
+
+
+def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
+                 probs_out: torch.Tensor | None = None):
+    """One chunk: (log-prob of target, entropy or None, mean raw logit); softmax written to probs_out if given."""
+    z = logits.float()
+    mean = z.mean(-1)
+    if temperature != 1.0:
+        z = z / temperature
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    logp = (z.gather(-1, targets.unsqueeze(-1)) - lse).squeeze(-1)
+    entropy = None
+    if probs_out is not None or with_entropy:
+        p = torch.sub(z, lse, out=probs_out) if probs_out is not None else z - lse
+        p.exp_()
+        if with_entropy:  # H = log Z − Σ p·z, as a batched dot product (no (n, V) temporary)
+            entropy = lse.squeeze(-1) - torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1)
+    return logp, entropy, mean
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(z / T)[target] that keeps the softmax for its backward: grad_z = g · (onehot − p) / T.
+
+    Against autograd through logsumexp + gather this drops the backward from about seven passes over the (N, V)
+    logits (softmax recompute, zero-fill and scatter of the gather gradient, their sum) to two, and the entropy
+    metric reuses the same softmax. The logits themselves are not saved: the head's matmul backward needs only
+    hidden states and weights, so they can be freed once the forward is done.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature: float, with_entropy: bool, chunk_size: int):
+        n = logits.shape[0]
+        probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        logps = torch.empty(n, dtype=torch.float32, device=logits.device)
+        means = torch.empty_like(logps)
+        entropy = torch.empty_like(logps) if with_entropy else None
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            logp, ent, mean = _chunk_stats(logits[start:end], targets[start:end], temperature, with_entropy,
+                                           probs_out=probs[start:end])
+            logps[start:end], means[start:end] = logp, mean
+            if with_entropy:
+                entropy[start:end] = ent
+        ctx.save_for_backward(probs, targets)
+        ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
+        if entropy is None:
+            entropy = logps.new_zeros(0)
+        ctx.mark_non_differentiable(entropy, means)
+        return logps, entropy, means
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy, grad_means):
+        probs, targets = ctx.saved_tensors
+        grad = probs * grad_logps.neg().unsqueeze(-1)
+        grad.scatter_add_(-1, targets.unsqueeze(-1), grad_logps.unsqueeze(-1))
+        if ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)
+        return grad.to(ctx.logits_dtype), None, None, None, None
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
+                chunk_size: int = 2048) -> dict[str, torch.Tensor]:
+    """log softmax(logits / temperature)[target] per row, plus the per-row statistics the trainers log.
+
+    Args: logits (N, V), targets (N,). Returns {"logps": (N,) float32 (differentiable when logits are),
+    "logits_mean": (N,) mean raw logit, "entropy": (N,) entropy of softmax(logits / temperature) when asked}.
+    Without gradients (reference and old-policy passes) it works chunk by chunk and keeps nothing.
+    """
+    if logits.requires_grad and torch.is_grad_enabled():
+        logps, entropy, means = _SelectiveLogSoftmax.apply(logits, targets, temperature, with_entropy, chunk_size)
+        out = {"logps": logps, "logits_mean": means}
+        if with_entropy:
+            out["entropy"] = entropy
+        return out
+    parts = [_chunk_stats(logits[s:s + chunk_size], targets[s:s + chunk_size], temperature, with_entropy)
+             for s in range(0, logits.shape[0], chunk_size)]
+    empty = logits.new_zeros(0, dtype=torch.float32)
+    out = {"logps": torch.cat([p[0] for p in parts]) if parts else empty,
+           "logits_mean": torch.cat([p[2] for p in parts]) if parts else empty}
+    if with_entropy:
+        out["entropy"] = torch.cat([p[1] for p in parts]) if parts else empty
     return out
 
 
@@ -100,14 +217,7 @@ def selective_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
 
     Args: logits (N, V), targets (N,). Returns: (N,) float32 log-probs (differentiable).
     """
-    out = []
-    for start in range(0, logits.shape[0], chunk_size):
-        chunk = logits[start:start + chunk_size].float()
-        if temperature != 1.0:
-            chunk = chunk / temperature
-        tgt = targets[start:start + chunk_size].unsqueeze(-1)
-        out.append(chunk.gather(-1, tgt).squeeze(-1) - torch.logsumexp(chunk, dim=-1))
-    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+    return token_logps(logits, targets, temperature, chunk_size=chunk_size)["logps"]
 
 
 @torch.no_grad()

@@ -16,7 +16,6 @@ from posttrain.algorithms.advantages import group_advantages, normalize_then_sum
 from posttrain.configs.grpo import GRPOConfig
 from posttrain.losses.kl import k3
 from posttrain.losses.policy import POLICY_LOSSES, aggregate, entropy_mask, needs_ga_division
-from posttrain.models.logprobs import entropy_from_logits
 from posttrain.trainers.online import OnlineTrainer
 
 
@@ -40,7 +39,7 @@ class GRPOTrainer(OnlineTrainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         args = self.args
         need_entropy = args.top_entropy_quantile < 1.0
-        logps, out = self.completion_logps(model, inputs)
+        logps, out = self.completion_logps(model, inputs, with_entropy=True)
         mask = inputs["completion_mask"].bool()
         old_logps = inputs.get("old_logps", logps.detach())
         per_token, metrics = POLICY_LOSSES[args.loss_type](
@@ -56,7 +55,7 @@ class GRPOTrainer(OnlineTrainer):
             entropies = torch.zeros_like(logps)
             valid = out["mask"]
             entropies[:, : valid.shape[1]] = entropies[:, : valid.shape[1]].masked_scatter(
-                valid, entropy_from_logits(out["logits"]))
+                valid, out["entropy"])
             metrics["entropy"] = (entropies * mask).sum() / mask.sum().clamp(min=1)
         if need_entropy:
             mask = mask & entropy_mask(entropies, mask, args.top_entropy_quantile)

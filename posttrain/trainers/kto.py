@@ -36,7 +36,7 @@ from posttrain.data.prepare import prepare_unpaired_dataset
 from posttrain.losses.kto import KTO_LOSSES, USES_KL_BASELINE, kl_baseline
 from posttrain.losses.reduce import global_sum_reduce
 from posttrain.models import reference
-from posttrain.models.logprobs import completion_logps, entropy_from_logits
+from posttrain.models.logprobs import completion_logps
 from posttrain.trainers.anchored import ReferenceAnchoredMixin
 from posttrain.trainers.base import PostTrainer
 
@@ -165,7 +165,7 @@ class KTOTrainer(ReferenceAnchoredMixin, PostTrainer):
         args = self.args
         labels = inputs["label"].bool()
         n = labels.shape[0]
-        out = completion_logps(model, _rows(inputs, 0, n))
+        out = completion_logps(model, _rows(inputs, 0, n), with_entropy=True)
         policy = out["logps"].sum(-1)
         ref, ref_kl = self._reference_logps(model, inputs)
         kl = self._kl_baseline(model, inputs, ref_kl) if self.uses_kl else policy.new_zeros(())
@@ -200,7 +200,7 @@ class KTOTrainer(ReferenceAnchoredMixin, PostTrainer):
             if select.any():
                 self.record_metrics({key: out["logits_mean"][select].mean()}, weight=float(select.sum()))
         if len(rows):
-            entropy = entropy_from_logits(out["logits"].detach()).mean()
+            entropy = out["entropy"].mean()
             self.record_metrics({"entropy": entropy}, weight=float(len(rows)))
         if self.model.training:
             self.add_tokens_seen(inputs["attention_mask"][: labels.shape[0]].sum())

@@ -288,7 +288,7 @@ class OnlineTrainer(PostTrainer):
         return parts
 
     # ---- log-probs ------------------------------------------------------------------------------------------
-    def completion_logps(self, model, batch: dict[str, torch.Tensor], with_logits: bool = False):
+    def completion_logps(self, model, batch: dict[str, torch.Tensor], with_entropy: bool = False):
         """(logps (B, C), model output dict) of the completion tokens at the sampling temperature.
 
         position_ids follow the attention mask so left-padded prompts see the positions generation gave them."""
@@ -300,7 +300,7 @@ class OnlineTrainer(PostTrainer):
         position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         out = completion_logps(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                                        "position_ids": position_ids, "labels": labels},
-                               temperature=self.args.temperature)
+                               temperature=self.args.temperature, with_entropy=with_entropy)
         logps = out["logps"]
         if logps.shape[1] < completion_mask.shape[1]:  # masks are prefix-contiguous: only trailing columns lack
             logps = torch.nn.functional.pad(logps, (0, completion_mask.shape[1] - logps.shape[1]))

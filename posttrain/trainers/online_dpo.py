@@ -149,7 +149,7 @@ class OnlineDPOTrainer(OnlineTrainer):
         return parts
 
     # ---- loss ------------------------------------------------------------------------------------------------
-    def completion_logps(self, model, batch: dict[str, torch.Tensor], with_logits: bool = False):
+    def completion_logps(self, model, batch: dict[str, torch.Tensor], with_entropy: bool = False):
         """(logps (B, C), output) at temperature 1: DPO's implicit reward compares the model's own distributions.
         Same inputs as the shared method, which scales by the sampling temperature."""
         mask = batch["completion_mask"]

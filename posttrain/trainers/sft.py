@@ -19,7 +19,7 @@ from posttrain.data.collators import DataCollatorForLanguageModeling
 from posttrain.data.prepare import prepare_sft_dataset
 from posttrain.losses.reduce import global_sum_reduce
 from posttrain.losses.sft import SFT_LOSSES
-from posttrain.models.logprobs import entropy_from_logits, forward_target_logits, selective_logps
+from posttrain.models.logprobs import forward_target_logits, token_logps
 from posttrain.trainers.base import PostTrainer
 
 
@@ -73,7 +73,8 @@ class SFTTrainer(PostTrainer):
         else:
             logits, targets, _, output = forward_target_logits(model, inputs["input_ids"], labels,
                                                             inputs.get("attention_mask"), inputs.get("position_ids"))
-        logps = selective_logps(logits, targets)
+        stats = token_logps(logits, targets, with_entropy=True)
+        logps = stats["logps"]
         per_token, extra = self.loss_fn(logps)
         n = targets.numel()
         if num_items_in_batch is None:
@@ -83,7 +84,7 @@ class SFTTrainer(PostTrainer):
         with torch.no_grad():
             if n:
                 accuracy = (logits.argmax(-1) == targets).float().mean()
-                entropy = entropy_from_logits(logits).mean()
+                entropy = stats["entropy"].mean()
                 self.record_metrics({"mean_token_accuracy": accuracy, "entropy": entropy, **extra}, weight=n)
         if self.model.training:
             mask = inputs.get("attention_mask")
