@@ -65,11 +65,24 @@ def forward_target_logits(model: torch.nn.Module, input_ids: torch.Tensor, label
     forward call as they are (e.g. PPO's policy-and-value container takes `with_values=True`).
     Returns: logits (N, V) of the N trained targets, targets (N,), valid (B, K) — where the N targets sit among
     the K kept positions of each row (row-major, so per-row sums are a scatter of the N values) — and the output.
+    """
+    hidden, head, logits, targets, valid, output = forward_target_rows(model, input_ids, labels, attention_mask,
+                                                                       position_ids, **model_kwargs)
+    return (head(hidden) if logits is None else logits), targets, valid, output
+
+
+def forward_target_rows(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                        attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                        **model_kwargs):
+    """`forward_target_logits` that may stop before the LM head: returns (hidden (N, H), head, None, targets,
+    valid, output) when the head can run apart from the model, else (None, None, logits (N, V), targets, valid,
+    output).
 
     The LM head runs on the N trained positions only: a forward pre-hook on the head takes the final hidden states
-    and hands the head an empty slice, then the head is applied to the N selected rows. (Keeping the union of
-    trained positions with `logits_to_keep` is not enough: with prompts of different lengths that union is nearly
-    every position.) Models whose logits are not head(hidden) fall back to `logits_to_keep` / slicing.
+    and hands the head an empty slice; the caller applies the head to the N selected rows (all at once, or chunk by
+    chunk without gradients). Keeping the union of trained positions with `logits_to_keep` is not enough: with
+    prompts of different lengths that union is nearly every position. Models whose logits are not head(hidden)
+    fall back to `logits_to_keep` / slicing.
     `use_cache=False` is forced: with a KV cache transformers does not detect packed rows from position_ids and
     packed documents would attend to each other.
     """
@@ -92,7 +105,7 @@ def forward_target_logits(model: torch.nn.Module, input_ids: torch.Tensor, label
         finally:
             handle.remove()
         if len(captured) == 1 and captured[0].dim() == 3 and captured[0].shape[1] == input_ids.shape[1]:
-            return head(captured[0][:, keep][valid]), targets[valid], valid, output
+            return captured[0][:, keep][valid], head, None, targets[valid], valid, output
         # the head ran more than once or on a slice we did not expect: recompute the ordinary way
     if _forward_accepts_logits_to_keep(type(_base_model(model))):
         output = model(**kwargs, logits_to_keep=keep)
@@ -100,7 +113,7 @@ def forward_target_logits(model: torch.nn.Module, input_ids: torch.Tensor, label
     else:
         output = model(**kwargs)
         logits = output.logits[:, keep]
-    return logits[valid], targets[valid], valid, output
+    return None, None, logits[valid], targets[valid], valid, output
 
 
 def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,
@@ -111,14 +124,19 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], tem
     Returns: {"logps": (R, K) log-probs (0 where not trained), "mask": (R, K) bool, "logits_mean": (N,) mean raw
     logit over the vocabulary per trained token (detached, for the logits/* metrics), "log_sum_p2": (R, K)
     log Σ_v p_v² when asked (WPO), "entropy": (N,) entropy at `temperature` when asked (detached),
-    "logits": (N, V), "targets": (N,)}.
+    "correct": (N,) bool target == argmax, "logits": (N, V) (None without gradients: there the head runs chunk by
+    chunk and the full logits never exist), "targets": (N,)}.
     """
-    logits, targets, valid, _ = forward_target_logits(model, batch["input_ids"], batch["labels"],
-                                                      batch.get("attention_mask"), batch.get("position_ids"))
-    stats = token_logps(logits, targets, temperature, with_entropy=with_entropy)
+    hidden, head, logits, targets, valid, _ = forward_target_rows(model, batch["input_ids"], batch["labels"],
+                                                                  batch.get("attention_mask"),
+                                                                  batch.get("position_ids"))
+    if logits is None and (torch.is_grad_enabled() or with_log_sum_p2):
+        logits = head(hidden)
+    stats = token_logps(logits, targets, temperature, with_entropy=with_entropy, hidden=hidden, head=head)
     flat = stats["logps"]
     logps = flat.new_zeros(valid.shape).masked_scatter(valid, flat)
-    out = {"logps": logps, "mask": valid, "logits_mean": stats["logits_mean"], "logits": logits, "targets": targets}
+    out = {"logps": logps, "mask": valid, "logits_mean": stats["logits_mean"], "correct": stats["correct"],
+           "logits": logits, "targets": targets}
     if with_entropy:
         out["entropy"] = stats["entropy"]
     if with_log_sum_p2:
@@ -131,9 +149,11 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], tem
 
 def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
                  probs_out: torch.Tensor | None = None):
-    """One chunk: (log-prob of target, entropy or None, mean raw logit); softmax written to probs_out if given."""
+    """One chunk: (log-prob of target, entropy or None, mean raw logit, target is the argmax); the softmax is
+    written to probs_out if given."""
     z = logits.float()
     mean = z.mean(-1)
+    correct = z.argmax(-1) == targets
     if temperature != 1.0:
         z = z / temperature
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
@@ -144,7 +164,7 @@ def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float
         p.exp_()
         if with_entropy:  # H = log Z − Σ p·z, as a batched dot product (no (n, V) temporary)
             entropy = lse.squeeze(-1) - torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1)
-    return logp, entropy, mean
+    return logp, entropy, mean, correct
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
@@ -162,23 +182,24 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
         logps = torch.empty(n, dtype=torch.float32, device=logits.device)
         means = torch.empty_like(logps)
+        correct = torch.empty(n, dtype=torch.bool, device=logits.device)
         entropy = torch.empty_like(logps) if with_entropy else None
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            logp, ent, mean = _chunk_stats(logits[start:end], targets[start:end], temperature, with_entropy,
-                                           probs_out=probs[start:end])
-            logps[start:end], means[start:end] = logp, mean
+            logp, ent, mean, hit = _chunk_stats(logits[start:end], targets[start:end], temperature, with_entropy,
+                                                probs_out=probs[start:end])
+            logps[start:end], means[start:end], correct[start:end] = logp, mean, hit
             if with_entropy:
                 entropy[start:end] = ent
         ctx.save_for_backward(probs, targets)
         ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
         if entropy is None:
             entropy = logps.new_zeros(0)
-        ctx.mark_non_differentiable(entropy, means)
-        return logps, entropy, means
+        ctx.mark_non_differentiable(entropy, means, correct)
+        return logps, entropy, means, correct
 
     @staticmethod
-    def backward(ctx, grad_logps, grad_entropy, grad_means):
+    def backward(ctx, grad_logps, grad_entropy, grad_means, grad_correct):
         probs, targets = ctx.saved_tensors
         grad = probs * grad_logps.neg().unsqueeze(-1)
         grad.scatter_add_(-1, targets.unsqueeze(-1), grad_logps.unsqueeze(-1))
@@ -187,32 +208,44 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None, None, None, None
 
 
-def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
-                chunk_size: int = 2048) -> dict[str, torch.Tensor]:
+CHUNK_ROWS = 128  # rows of (rows, V) float temporaries: ≤16 MiB at V=32k, so the allocator reuses them
+
+
+def token_logps(logits: torch.Tensor | None, targets: torch.Tensor, temperature: float = 1.0,
+                with_entropy: bool = False, chunk_size: int = CHUNK_ROWS, hidden: torch.Tensor | None = None,
+                head: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """log softmax(logits / temperature)[target] per row, plus the per-row statistics the trainers log.
 
-    Args: logits (N, V), targets (N,). Returns {"logps": (N,) float32 (differentiable when logits are),
-    "logits_mean": (N,) mean raw logit, "entropy": (N,) entropy of softmax(logits / temperature) when asked}.
-    Without gradients (reference and old-policy passes) it works chunk by chunk and keeps nothing.
+    Args: logits (N, V), targets (N,) — or, without gradients, hidden (N, H) and the LM head instead of logits,
+    so that only one chunk of logits exists at a time. Returns {"logps": (N,) float32 (differentiable when logits
+    are), "logits_mean": (N,) mean raw logit, "correct": (N,) bool target == argmax, "entropy": (N,) entropy of
+    softmax(logits / temperature) when asked}. Without gradients (reference and old-policy passes) it works
+    chunk by chunk and keeps nothing.
     """
-    if logits.requires_grad and torch.is_grad_enabled():
-        logps, entropy, means = _SelectiveLogSoftmax.apply(logits, targets, temperature, with_entropy, chunk_size)
-        out = {"logps": logps, "logits_mean": means}
+    if logits is not None and logits.requires_grad and torch.is_grad_enabled():
+        logps, entropy, means, correct = _SelectiveLogSoftmax.apply(logits, targets, temperature, with_entropy,
+                                                                    chunk_size)
+        out = {"logps": logps, "logits_mean": means, "correct": correct}
         if with_entropy:
             out["entropy"] = entropy
         return out
-    parts = [_chunk_stats(logits[s:s + chunk_size], targets[s:s + chunk_size], temperature, with_entropy)
-             for s in range(0, logits.shape[0], chunk_size)]
-    empty = logits.new_zeros(0, dtype=torch.float32)
+    rows = logits.shape[0] if logits is not None else hidden.shape[0]
+    parts = []
+    with torch.no_grad():
+        for s in range(0, rows, chunk_size):
+            chunk = logits[s:s + chunk_size] if logits is not None else head(hidden[s:s + chunk_size])
+            parts.append(_chunk_stats(chunk, targets[s:s + chunk_size], temperature, with_entropy))
+    empty = targets.new_zeros(0, dtype=torch.float32)
     out = {"logps": torch.cat([p[0] for p in parts]) if parts else empty,
-           "logits_mean": torch.cat([p[2] for p in parts]) if parts else empty}
+           "logits_mean": torch.cat([p[2] for p in parts]) if parts else empty,
+           "correct": torch.cat([p[3] for p in parts]) if parts else empty.bool()}
     if with_entropy:
         out["entropy"] = torch.cat([p[1] for p in parts]) if parts else empty
     return out
 
 
 def selective_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                    chunk_size: int = 2048) -> torch.Tensor:
+                    chunk_size: int = CHUNK_ROWS) -> torch.Tensor:
     """log softmax(logits / temperature)[target] per row.
 
     Args: logits (N, V), targets (N,). Returns: (N,) float32 log-probs (differentiable).

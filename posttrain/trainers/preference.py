@@ -63,9 +63,9 @@ class PreferenceTrainer(PostTrainer):
         for key, select in (("logits/chosen", is_chosen), ("logits/rejected", ~is_chosen)):
             if select.any():
                 self.record_metrics({key: out["logits_mean"][select].mean()}, weight=float(select.sum()))
-        chosen_targets = out["targets"][is_chosen]
-        if len(chosen_targets):
-            accuracy = (out["logits"][is_chosen].argmax(-1) == chosen_targets).float().mean()
-            self.record_metrics({"mean_token_accuracy": accuracy}, weight=float(len(chosen_targets)))
+        chosen_correct = out["correct"][is_chosen]
+        if len(chosen_correct):
+            self.record_metrics({"mean_token_accuracy": chosen_correct.float().mean()},
+                                weight=float(len(chosen_correct)))
         if self.model.training:
             self.add_tokens_seen(inputs["attention_mask"].sum())

@@ -83,7 +83,7 @@ class SFTTrainer(PostTrainer):
             loss = global_sum_reduce(per_token, num_items_in_batch, self.accelerator.num_processes)
         with torch.no_grad():
             if n:
-                accuracy = (logits.argmax(-1) == targets).float().mean()
+                accuracy = stats["correct"].float().mean()
                 entropy = stats["entropy"].mean()
                 self.record_metrics({"mean_token_accuracy": accuracy, "entropy": entropy, **extra}, weight=n)
         if self.model.training:
