@@ -52,3 +52,25 @@ def test_generation_accuracy_scores_greedy_and_sampled_completions():
                                   num_samples=3)
     assert 0.0 <= sampled["accuracy"] <= 1.0 and sampled["mean_length"] > 0
     assert model.training is False  # left in the mode it was given
+
+
+def test_inverse_cdf_sampling_draws_the_same_distribution_and_restores_torch():
+    from posttrain.rollout.hf import inverse_cdf_sampling
+
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 40) * 2, -1)
+    probs[:, 5] = 0.0
+    probs = probs / probs.sum(-1, keepdim=True)
+    original = torch.multinomial
+    with inverse_cdf_sampling("cpu"):
+        assert torch.multinomial is not original
+        draws = torch.cat([torch.multinomial(probs, 1) for _ in range(20000)], 1)
+        several = torch.multinomial(probs, 2)  # other calls go to torch's own
+    assert torch.multinomial is original and several.shape == (3, 2)
+    freq = torch.stack([torch.bincount(row, minlength=40).float() / row.numel() for row in draws])
+    assert (freq - probs).abs().max() < 0.01
+    assert not (draws == 5).any()  # a zero-probability token is never drawn
+    one_hot = torch.zeros(2, 40)
+    one_hot[0, 39] = one_hot[1, 0] = 1.0  # edges of the vocabulary
+    with inverse_cdf_sampling("cpu"):
+        assert torch.multinomial(one_hot, 1).view(-1).tolist() == [39, 0]
