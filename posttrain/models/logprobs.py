@@ -124,8 +124,9 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], tem
     Returns: {"logps": (R, K) log-probs (0 where not trained), "mask": (R, K) bool, "logits_mean": (N,) mean raw
     logit over the vocabulary per trained token (detached, for the logits/* metrics), "log_sum_p2": (R, K)
     log Σ_v p_v² when asked (WPO), "entropy": (N,) entropy at `temperature` when asked (detached),
-    "correct": (N,) bool target == argmax, "logits": (N, V) (None without gradients: there the head runs chunk by
-    chunk and the full logits never exist), "targets": (N,)}.
+    "correct": (N,) bool target == argmax, "targets": (N,)}. The (N, V) logits are not returned: once the fused
+    log-softmax has run nothing holds them, so they are freed before the backward (without gradients the head runs
+    chunk by chunk and they never exist at all).
     """
     hidden, head, logits, targets, valid, _ = forward_target_rows(model, batch["input_ids"], batch["labels"],
                                                                   batch.get("attention_mask"),
@@ -136,7 +137,7 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], tem
     flat = stats["logps"]
     logps = flat.new_zeros(valid.shape).masked_scatter(valid, flat)
     out = {"logps": logps, "mask": valid, "logits_mean": stats["logits_mean"], "correct": stats["correct"],
-           "logits": logits, "targets": targets}
+           "targets": targets}
     if with_entropy:
         out["entropy"] = stats["entropy"]
     if with_log_sum_p2:

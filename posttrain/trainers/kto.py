@@ -194,7 +194,7 @@ class KTOTrainer(ReferenceAnchoredMixin, PostTrainer):
                                      f"logps/{side}": float(metrics[f"logps/{side}_sum"]) / count}, weight=count)
         if len(means) == 2:
             self.record_metrics({"rewards/margins": means["chosen"] - means["rejected"]})
-        rows = out["mask"].nonzero(as_tuple=True)[0]  # row of each trained token, in the order of out["logits"]
+        rows = out["mask"].nonzero(as_tuple=True)[0]  # row of each trained token, in the order of out["targets"]
         desirable = labels[rows]
         for key, select in (("logits/chosen", desirable), ("logits/rejected", ~desirable)):
             if select.any():

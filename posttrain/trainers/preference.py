@@ -58,7 +58,7 @@ class PreferenceTrainer(PostTrainer):
                 "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
                 "rewards/margins": (chosen_rewards - rejected_rewards).mean()})
         self.record_metrics(metrics, weight=half)
-        rows = out["mask"].nonzero(as_tuple=True)[0]  # row of each trained token, in the order of out["logits"]
+        rows = out["mask"].nonzero(as_tuple=True)[0]  # row of each trained token, in the order of out["targets"]
         is_chosen = rows < half
         for key, select in (("logits/chosen", is_chosen), ("logits/rejected", ~is_chosen)):
             if select.any():

@@ -74,6 +74,7 @@ class SFTTrainer(PostTrainer):
             logits, targets, _, output = forward_target_logits(model, inputs["input_ids"], labels,
                                                             inputs.get("attention_mask"), inputs.get("position_ids"))
         stats = token_logps(logits, targets, with_entropy=True)
+        del logits  # the fused pass keeps what its backward needs; the (N, V) logits can go now
         logps = stats["logps"]
         per_token, extra = self.loss_fn(logps)
         n = targets.numel()
