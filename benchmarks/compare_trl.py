@@ -53,6 +53,7 @@ VARIANTS = ("posttrain", "posttrain-bf16", "trl-default", "trl-best-fp32", "trl-
 BF16_VARIANTS = ("posttrain-bf16", "trl-best-bf16")  # run only where bf16 is native (AMX/AVX512-BF16, GPUs)
 PLAIN_TASKS = ("sft", "dpo", "reward")
 HERE = os.path.dirname(os.path.abspath(__file__))
+KEPT_SECTION = "## Techniques"
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -467,8 +468,14 @@ def write_report(out: str, runs: dict, peaks: dict, params: dict) -> None:
               "chosen and rejected, each with its prompt); the same rows for every variant, so tokens/s ratios are "
               "inverse s/step ratios. TRL best = the faster of trl-best-fp32 / trl-best-bf16 for that task. Peak "
               "memory = max RSS growth from just before the trainer (or plain loop) is built to the end of training: weights, reference copy, gradients, optimizer state and activations."]
+    kept = ""
+    if os.path.exists(out):  # the hand-written part (techniques measured and what paid) survives a rerun
+        with open(out) as f:
+            text = f.read()
+        if KEPT_SECTION in text:
+            kept = "\n" + text[text.index(KEPT_SECTION):]
     with open(out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines) + "\n" + kept)
     print("\n".join(lines))
     print(f"\nwrote {out}")
 
