@@ -1,8 +1,9 @@
 """The one place where logits become log-probabilities.
 
 Lives here: which positions of a causal-LM batch carry a target, a forward pass that runs the LM head only on
-those positions (`logits_to_keep`), per-token log-probs of given targets, and entropy — computed in row chunks so
-the (N, V) float temporaries of log-softmax never exist for the whole batch at once.
+the N trained rows (`forward_target_rows`), and one fused pass from (N, V) logits to per-token log-probs, entropy,
+mean logit and token accuracy with a two-pass backward (`token_logps`) — float temporaries are made 128 rows at a
+time, and passes without gradients apply the head chunk by chunk so their full logits never exist.
 
 Not here: losses (`losses/`), masks built from data (`data/`).
 
@@ -252,13 +253,3 @@ def selective_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
     Args: logits (N, V), targets (N,). Returns: (N,) float32 log-probs (differentiable).
     """
     return token_logps(logits, targets, temperature, chunk_size=chunk_size)["logps"]
-
-
-@torch.no_grad()
-def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
-    """Entropy of softmax(logits) per row. Args: logits (N, V). Returns: (N,) float32 (no gradient)."""
-    out = []
-    for start in range(0, logits.shape[0], chunk_size):
-        logp = torch.log_softmax(logits[start:start + chunk_size].float(), dim=-1)
-        out.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)

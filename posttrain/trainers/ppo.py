@@ -39,7 +39,7 @@ from posttrain.configs.ppo import PPOConfig
 from posttrain.losses.kl import KL_ESTIMATORS
 from posttrain.losses.value import clipped_value_loss, ppo_policy_loss
 from posttrain.models import loading, reference
-from posttrain.models.logprobs import IGNORE_INDEX, entropy_from_logits, forward_target_logits, selective_logps
+from posttrain.models.logprobs import IGNORE_INDEX, forward_target_logits, token_logps
 from posttrain.models.value import PolicyAndValue, load_value_model, token_values, value_model_from_policy
 from posttrain.trainers.online import OnlineTrainer, reward_list
 
@@ -256,7 +256,7 @@ class PPOTrainer(OnlineTrainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         args = self.args
         mask = inputs["completion_mask"]
-        logps, values, logits = self._policy_and_values(model, inputs)
+        logps, values, entropies = self._policy_and_values(model, inputs)
         pg, pg_metrics = ppo_policy_loss(logps, inputs["old_logps"], inputs["advantages"], mask, args.cliprange)
         vf, vf_metrics = clipped_value_loss(values, inputs["old_values"], inputs["returns"], mask,
                                             args.cliprange_value)
@@ -269,7 +269,7 @@ class PPOTrainer(OnlineTrainer):
             ratio_mean = (ratio * m).sum() / count
             self.record_metrics({
                 "policy/approxkl_avg": pg_metrics["approxkl"], "policy/clipfrac_avg": pg_metrics["clipfrac"],
-                "policy/entropy_avg": entropy_from_logits(logits / args.temperature).mean() if len(logits) else 0.0,
+                "policy/entropy_avg": entropies.mean() if len(entropies) else 0.0,
                 "loss/policy_avg": (pg * m).sum() / count, "loss/value_avg": (vf * m).sum() / count,
                 "val/clipfrac_avg": vf_metrics["clipfrac"], "val/ratio": ratio_mean,
                 "val/ratio_var": (((ratio - ratio_mean) ** 2) * m).sum() / count})
@@ -277,7 +277,7 @@ class PPOTrainer(OnlineTrainer):
 
     def _policy_and_values(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One forward of policy and critic: logps (B, C) at the sampling temperature, values (B, C), and the
-        trained tokens' logits (N, V)."""
+        trained tokens' entropies (N,) at that temperature."""
         ids, attention, mask = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
         prompt_len = ids.shape[1] - mask.shape[1]
         labels = ids.clone()
@@ -285,11 +285,12 @@ class PPOTrainer(OnlineTrainer):
         labels[:, prompt_len:][mask == 0] = IGNORE_INDEX
         logits, targets, valid, output = forward_target_logits(model, ids, labels, attention, _position_ids(attention),
                                                                with_values=True)
-        flat = selective_logps(logits, targets, self.args.temperature)
+        stats = token_logps(logits, targets, self.args.temperature, with_entropy=True)
+        flat = stats["logps"]
         logps = flat.new_zeros(mask.shape)
         logps[:, :valid.shape[1]] = logps[:, :valid.shape[1]].masked_scatter(valid, flat)
         values = output["state_values"][:, prompt_len - 1:-1]
-        return logps, values, logits.detach()
+        return logps, values, stats["entropy"]
 
     # ---- saving -------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
