@@ -119,7 +119,7 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _length_reward(completions, **kwargs):
+def _digit_share_reward(completions, **kwargs):
     """A cheap, deterministic reward (same for both libraries): share of digit characters."""
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
     return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
@@ -181,7 +181,7 @@ def run_library(task: str, variant: str) -> dict:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
     kwargs = dict(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
     if task == "grpo":
-        kwargs["reward_funcs"] = _length_reward
+        kwargs["reward_funcs"] = _digit_share_reward
     trainer = trainer_cls(**kwargs)
     start = time.perf_counter()
     trainer.train()
