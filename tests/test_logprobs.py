@@ -98,7 +98,7 @@ def test_token_logps_gradient_entropy_and_mean_match_autograd_at_a_temperature()
     logits = torch.randn(37, 101, requires_grad=True)
     targets = torch.randint(0, 101, (37,))
     upstream = torch.randn(37)
-    out = token_logps(logits, targets, temperature=0.7, with_entropy=True, chunk_size=10)  # several chunks
+    out = token_logps(logits, targets, temperature=0.7, with_entropy=True, with_metrics=True, chunk_size=10)  # 4 chunks
     (out["logps"] * upstream).sum().backward()
     fused_grad, logits.grad = logits.grad.clone(), None
     z = logits / 0.7
@@ -109,6 +109,7 @@ def test_token_logps_gradient_entropy_and_mean_match_autograd_at_a_temperature()
     assert torch.allclose(out["entropy"], -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1), atol=1e-5)
     assert torch.allclose(out["logits_mean"], logits.detach().mean(-1), atol=1e-6)
     assert not out["entropy"].requires_grad
+    assert set(token_logps(logits, targets)) == {"logps"}  # reference passes compute nothing else
     with torch.no_grad():  # the no-grad path (reference passes) gives the same values
-        again = token_logps(logits, targets, temperature=0.7, with_entropy=True)
+        again = token_logps(logits, targets, temperature=0.7, with_entropy=True, with_metrics=True)
     assert torch.allclose(again["logps"], out["logps"]) and torch.allclose(again["entropy"], out["entropy"])

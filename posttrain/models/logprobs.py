@@ -118,14 +118,15 @@ def forward_target_rows(model: torch.nn.Module, input_ids: torch.Tensor, labels:
 
 
 def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,
-                     with_log_sum_p2: bool = False, with_entropy: bool = False) -> dict[str, torch.Tensor]:
+                     with_log_sum_p2: bool = False, with_entropy: bool = False,
+                     with_metrics: bool = False) -> dict[str, torch.Tensor]:
     """Per-token log-probs of each row's trained tokens (completions), laid out per row.
 
     Args: batch with input_ids, labels (R, T), optional attention_mask/position_ids.
-    Returns: {"logps": (R, K) log-probs (0 where not trained), "mask": (R, K) bool, "logits_mean": (N,) mean raw
-    logit over the vocabulary per trained token (detached, for the logits/* metrics), "log_sum_p2": (R, K)
-    log Σ_v p_v² when asked (WPO), "entropy": (N,) entropy at `temperature` when asked (detached),
-    "correct": (N,) bool target == argmax, "targets": (N,)}. The (N, V) logits are not returned: once the fused
+    Returns: {"logps": (R, K) log-probs (0 where not trained), "mask": (R, K) bool, "targets": (N,)}, plus
+    "log_sum_p2": (R, K) log Σ_v p_v² when asked (WPO), "entropy": (N,) entropy at `temperature` when asked, and
+    with `with_metrics` "logits_mean": (N,) mean raw logit per trained token (for the logits/* metrics) and
+    "correct": (N,) bool target == argmax (all detached). The (N, V) logits are not returned: once the fused
     log-softmax has run nothing holds them, so they are freed before the backward (without gradients the head runs
     chunk by chunk and they never exist at all).
     """
@@ -134,13 +135,11 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], tem
                                                                   batch.get("position_ids"))
     if logits is None and (torch.is_grad_enabled() or with_log_sum_p2):
         logits = head(hidden)
-    stats = token_logps(logits, targets, temperature, with_entropy=with_entropy, hidden=hidden, head=head)
-    flat = stats["logps"]
+    stats = token_logps(logits, targets, temperature, with_entropy=with_entropy, with_metrics=with_metrics,
+                        hidden=hidden, head=head)
+    flat = stats.pop("logps")
     logps = flat.new_zeros(valid.shape).masked_scatter(valid, flat)
-    out = {"logps": logps, "mask": valid, "logits_mean": stats["logits_mean"], "correct": stats["correct"],
-           "targets": targets}
-    if with_entropy:
-        out["entropy"] = stats["entropy"]
+    out = {"logps": logps, "mask": valid, "targets": targets, **stats}
     if with_log_sum_p2:
         with torch.no_grad():
             z = logits.detach().float() / temperature
@@ -150,23 +149,45 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], tem
 
 
 def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
-                 probs_out: torch.Tensor | None = None):
-    """One chunk: (log-prob of target, entropy or None, mean raw logit, target is the argmax); the softmax is
-    written to probs_out if given."""
+                 with_metrics: bool, probs_out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One chunk: log-prob of each target, and when asked its entropy, mean raw logit and whether the target is the
+    argmax; the softmax is written to probs_out if given."""
     z = logits.float()
-    mean = z.mean(-1)
-    correct = z.argmax(-1) == targets
+    out = {}
+    if with_metrics:
+        out["logits_mean"], out["correct"] = z.mean(-1), z.argmax(-1) == targets
     if temperature != 1.0:
         z = z / temperature
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    logp = (z.gather(-1, targets.unsqueeze(-1)) - lse).squeeze(-1)
-    entropy = None
+    out["logps"] = (z.gather(-1, targets.unsqueeze(-1)) - lse).squeeze(-1)
     if probs_out is not None or with_entropy:
         p = torch.sub(z, lse, out=probs_out) if probs_out is not None else z - lse
         p.exp_()
         if with_entropy:  # H = log Z − Σ p·z, as a batched dot product (no (n, V) temporary)
-            entropy = lse.squeeze(-1) - torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1)
-    return logp, entropy, mean, correct
+            out["entropy"] = lse.squeeze(-1) - torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1)
+    return out
+
+
+def _chunked_stats(chunk_logits, targets: torch.Tensor, temperature: float, with_entropy: bool, with_metrics: bool,
+                   chunk_size: int, probs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """`_chunk_stats` over rows [start, end) at a time; chunk_logits(start, end) gives those rows' logits."""
+    n, device = targets.shape[0], targets.device
+    out = {"logps": torch.empty(n, dtype=torch.float32, device=device)}
+    if with_entropy:
+        out["entropy"] = torch.empty(n, dtype=torch.float32, device=device)
+    if with_metrics:
+        out["logits_mean"] = torch.empty(n, dtype=torch.float32, device=device)
+        out["correct"] = torch.empty(n, dtype=torch.bool, device=device)
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        stats = _chunk_stats(chunk_logits(start, end), targets[start:end], temperature, with_entropy, with_metrics,
+                             probs_out=None if probs is None else probs[start:end])
+        for key, value in stats.items():
+            out[key][start:end] = value
+    return out
+
+
+_STAT_KEYS = ("entropy", "logits_mean", "correct")  # the statistics besides logps, in the autograd outputs' order
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
@@ -179,71 +200,48 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, temperature: float, with_entropy: bool, chunk_size: int):
-        n = logits.shape[0]
+    def forward(ctx, logits, targets, temperature: float, with_entropy: bool, with_metrics: bool, chunk_size: int):
         probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-        logps = torch.empty(n, dtype=torch.float32, device=logits.device)
-        means = torch.empty_like(logps)
-        correct = torch.empty(n, dtype=torch.bool, device=logits.device)
-        entropy = torch.empty_like(logps) if with_entropy else None
-        for start in range(0, n, chunk_size):
-            end = min(start + chunk_size, n)
-            logp, ent, mean, hit = _chunk_stats(logits[start:end], targets[start:end], temperature, with_entropy,
-                                                probs_out=probs[start:end])
-            logps[start:end], means[start:end], correct[start:end] = logp, mean, hit
-            if with_entropy:
-                entropy[start:end] = ent
+        out = _chunked_stats(lambda start, end: logits[start:end], targets, temperature, with_entropy, with_metrics,
+                             chunk_size, probs=probs)
         ctx.save_for_backward(probs, targets)
         ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
-        if entropy is None:
-            entropy = logps.new_zeros(0)
-        ctx.mark_non_differentiable(entropy, means, correct)
-        return logps, entropy, means, correct
+        extras = [out.get(key, out["logps"].new_zeros(0)) for key in _STAT_KEYS]  # autograd wants tensors
+        ctx.mark_non_differentiable(*extras)
+        return (out["logps"], *extras)
 
     @staticmethod
-    def backward(ctx, grad_logps, grad_entropy, grad_means, grad_correct):
+    def backward(ctx, grad_logps, *unused):
         probs, targets = ctx.saved_tensors
         grad = probs * grad_logps.neg().unsqueeze(-1)
         grad.scatter_add_(-1, targets.unsqueeze(-1), grad_logps.unsqueeze(-1))
         if ctx.temperature != 1.0:
             grad.div_(ctx.temperature)
-        return grad.to(ctx.logits_dtype), None, None, None, None
+        return grad.to(ctx.logits_dtype), None, None, None, None, None
 
 
 CHUNK_ROWS = 128  # rows of (rows, V) float temporaries: ≤16 MiB at V=32k, so the allocator reuses them
 
 
 def token_logps(logits: torch.Tensor | None, targets: torch.Tensor, temperature: float = 1.0,
-                with_entropy: bool = False, chunk_size: int = CHUNK_ROWS, hidden: torch.Tensor | None = None,
-                head: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+                with_entropy: bool = False, with_metrics: bool = False, chunk_size: int = CHUNK_ROWS,
+                hidden: torch.Tensor | None = None, head: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """log softmax(logits / temperature)[target] per row, plus the per-row statistics the trainers log.
 
     Args: logits (N, V), targets (N,) — or, without gradients, hidden (N, H) and the LM head instead of logits,
     so that only one chunk of logits exists at a time. Returns {"logps": (N,) float32 (differentiable when logits
-    are), "logits_mean": (N,) mean raw logit, "correct": (N,) bool target == argmax, "entropy": (N,) entropy of
-    softmax(logits / temperature) when asked}. Without gradients (reference and old-policy passes) it works
-    chunk by chunk and keeps nothing.
+    are)}, with "entropy": (N,) entropy of softmax(logits / temperature) when `with_entropy`, and "logits_mean":
+    (N,) mean raw logit and "correct": (N,) bool target == argmax when `with_metrics` (reference and old-policy
+    passes ask for neither). Without gradients it works chunk by chunk and keeps nothing.
     """
     if logits is not None and logits.requires_grad and torch.is_grad_enabled():
-        logps, entropy, means, correct = _SelectiveLogSoftmax.apply(logits, targets, temperature, with_entropy,
-                                                                    chunk_size)
-        out = {"logps": logps, "logits_mean": means, "correct": correct}
-        if with_entropy:
-            out["entropy"] = entropy
-        return out
-    rows = logits.shape[0] if logits is not None else hidden.shape[0]
-    parts = []
+        logps, *extras = _SelectiveLogSoftmax.apply(logits, targets, temperature, with_entropy, with_metrics,
+                                                    chunk_size)
+        wanted = {"entropy": with_entropy, "logits_mean": with_metrics, "correct": with_metrics}
+        return {"logps": logps, **{key: value for key, value in zip(_STAT_KEYS, extras) if wanted[key]}}
     with torch.no_grad():
-        for s in range(0, rows, chunk_size):
-            chunk = logits[s:s + chunk_size] if logits is not None else head(hidden[s:s + chunk_size])
-            parts.append(_chunk_stats(chunk, targets[s:s + chunk_size], temperature, with_entropy))
-    empty = targets.new_zeros(0, dtype=torch.float32)
-    out = {"logps": torch.cat([p[0] for p in parts]) if parts else empty,
-           "logits_mean": torch.cat([p[2] for p in parts]) if parts else empty,
-           "correct": torch.cat([p[3] for p in parts]) if parts else empty.bool()}
-    if with_entropy:
-        out["entropy"] = torch.cat([p[1] for p in parts]) if parts else empty
-    return out
+        return _chunked_stats(lambda start, end: logits[start:end] if logits is not None else head(hidden[start:end]),
+                              targets, temperature, with_entropy, with_metrics, chunk_size)
 
 
 def selective_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,

@@ -28,7 +28,7 @@ class _ReferenceFreeTrainer(PreferenceTrainer):
         raise NotImplementedError
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        out = completion_logps(model, inputs)
+        out = completion_logps(model, inputs, with_metrics=True)
         policy = out["logps"].sum(-1)
         lengths = out["mask"].sum(-1).to(policy.dtype)
         half = policy.shape[0] // 2

@@ -69,7 +69,7 @@ class DPOTrainer(ReferenceAnchoredMixin, PreferenceTrainer):
     # ---- loss ----------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         args = self.args
-        out = completion_logps(model, inputs, with_log_sum_p2=args.use_weighting)
+        out = completion_logps(model, inputs, with_log_sum_p2=args.use_weighting, with_metrics=True)
         policy = self._sequence_logps(out)
         ref = self._reference_logps(model, inputs)
         half = policy.shape[0] // 2

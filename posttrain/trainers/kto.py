@@ -165,7 +165,7 @@ class KTOTrainer(ReferenceAnchoredMixin, PostTrainer):
         args = self.args
         labels = inputs["label"].bool()
         n = labels.shape[0]
-        out = completion_logps(model, _rows(inputs, 0, n), with_entropy=True)
+        out = completion_logps(model, _rows(inputs, 0, n), with_entropy=True, with_metrics=True)
         policy = out["logps"].sum(-1)
         ref, ref_kl = self._reference_logps(model, inputs)
         kl = self._kl_baseline(model, inputs, ref_kl) if self.uses_kl else policy.new_zeros(())

@@ -73,7 +73,7 @@ class SFTTrainer(PostTrainer):
         else:
             logits, targets, _, output = forward_target_logits(model, inputs["input_ids"], labels,
                                                             inputs.get("attention_mask"), inputs.get("position_ids"))
-        stats = token_logps(logits, targets, with_entropy=True)
+        stats = token_logps(logits, targets, with_entropy=True, with_metrics=True)
         del logits  # the fused pass keeps what its backward needs; the (N, V) logits can go now
         logps = stats["logps"]
         per_token, extra = self.loss_fn(logps)
