@@ -288,8 +288,11 @@ class OnlineTrainer(PostTrainer):
         return parts
 
     # ---- log-probs ------------------------------------------------------------------------------------------
+    logps_at_sampling_temperature = True  # False: at temperature 1 (online DPO)
+
     def completion_logps(self, model, batch: dict[str, torch.Tensor], with_entropy: bool = False):
-        """(logps (B, C), model output dict) of the completion tokens at the sampling temperature.
+        """(logps (B, C), model output dict) of the completion tokens at the sampling temperature (or at 1 where a
+        trainer sets `logps_at_sampling_temperature = False`).
 
         position_ids follow the attention mask so left-padded prompts see the positions generation gave them."""
         completion_mask = batch["completion_mask"]
@@ -300,7 +303,8 @@ class OnlineTrainer(PostTrainer):
         position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         out = completion_logps(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                                        "position_ids": position_ids, "labels": labels},
-                               temperature=self.args.temperature, with_entropy=with_entropy)
+                               temperature=self.args.temperature if self.logps_at_sampling_temperature else 1.0,
+                               with_entropy=with_entropy)
         logps = out["logps"]
         if logps.shape[1] < completion_mask.shape[1]:  # masks are prefix-contiguous: only trailing columns lack
             logps = torch.nn.functional.pad(logps, (0, completion_mask.shape[1] - logps.shape[1]))

@@ -33,7 +33,6 @@ from posttrain.configs.online_dpo import BetaSchedule, OnlineDPOConfig
 from posttrain.losses.preference import DPO_LOSSES
 from posttrain.losses.reduce import global_sum_reduce
 from posttrain.models import reference
-from posttrain.models.logprobs import completion_logps
 from posttrain.trainers.online import OnlineTrainer
 
 
@@ -149,21 +148,7 @@ class OnlineDPOTrainer(OnlineTrainer):
         return parts
 
     # ---- loss ------------------------------------------------------------------------------------------------
-    def completion_logps(self, model, batch: dict[str, torch.Tensor], with_entropy: bool = False):
-        """(logps (B, C), output) at temperature 1: DPO's implicit reward compares the model's own distributions.
-        Same inputs as the shared method, which scales by the sampling temperature."""
-        mask = batch["completion_mask"]
-        prompt_len = batch["input_ids"].shape[1] - mask.shape[1]
-        labels = batch["input_ids"].clone()
-        labels[:, :prompt_len] = -100
-        labels[:, prompt_len:][mask == 0] = -100
-        position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        out = completion_logps(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                                       "position_ids": position_ids, "labels": labels})
-        logps = out["logps"]
-        if logps.shape[1] < mask.shape[1]:
-            logps = torch.nn.functional.pad(logps, (0, mask.shape[1] - logps.shape[1]))
-        return logps, out
+    logps_at_sampling_temperature = False  # DPO's implicit reward compares the model's own (T = 1) distributions
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         beta = self.beta
