@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     model = load_pretrained_model(args.model).eval()
     tok = load_tokenizer(args.model)
     rows = load_builtin_dataset("posttrain/arith-prompts", split="test")[: args.prompts]["prompt"]
-    gen = {"do_sample": True, "temperature": 1.0, "top_k": None, "top_p": 1.0}
+    gen = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}  # GRPO's defaults (TRL's too)
     lines = [f"# Rollout speed: completions/s, {args.model}",
              "", f"`{' '.join(['python'] + sys.argv)}`  ", f"machine: {platform.processor() or platform.machine()}, "
              f"torch {torch.__version__}, {args.threads} threads; {args.prompts} prompts × G={args.num_generations}, "

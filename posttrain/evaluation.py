@@ -40,7 +40,7 @@ def generation_accuracy(model, tokenizer, dataset, reward_func: Callable | None 
     if not rows or "prompt" not in rows[0]:
         raise ValueError("generation_accuracy needs a non-empty data set with a 'prompt' column.")
     generation_kwargs = {"do_sample": False} if temperature <= 0 else {"do_sample": True, "temperature": temperature,
-                                                                       "top_k": None, "top_p": 1.0}
+                                                                       "top_k": 0, "top_p": 1.0}
     was_training = model.training
     model.eval()
     rng_state = torch.get_rng_state()

@@ -85,7 +85,7 @@ def complete(model, tokenizer, prompt: str | list[dict[str, str]], max_new_token
     from posttrain.data.tokenize import tokenize_prompt
 
     ids = torch.tensor([tokenize_prompt(tokenizer, prompt)], device=model.device)
-    sampling: dict[str, Any] = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+    sampling: dict[str, Any] = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
                                 if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None,
                                                          "top_k": None})
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,

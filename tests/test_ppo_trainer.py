@@ -232,11 +232,14 @@ def test_adaptive_kl_controller_moves_the_coefficient(tmp_path):
                  kl_target=1e-6, kl_horizon=100.0)
     trainer = PPOTrainer(MODEL, reward_funcs=unique_chars, args=args, train_dataset=_prompts())
     trainer.train()
-    coefs = [h["objective/kl_coef"] for h in trainer.state.log_history if "objective/kl_coef" in h]
-    # two rollouts of 4: KL 0 on the first (error clipped at −0.2), so β ← 0.2·(1 − 0.2·4/100); the policy has
-    # moved by the second, KL ≫ target (error clipped at +0.2), so β ← β·(1 + 0.2·4/100)
-    assert coefs == pytest.approx([0.2, 0.2 * 0.992])
-    assert trainer.kl_controller.value == pytest.approx(0.2 * 0.992 * 1.008)
+    logged = [(h["objective/kl_coef"], h["objective/kl"]) for h in trainer.state.log_history if "objective/kl" in h]
+    assert len(logged) == 2 and logged[0] == (0.2, 0.0)  # the first rollout: policy = reference
+    # after each rollout of 4: β ← β·(1 + clip(KL/target − 1, ±0.2)·4/100), with the KL that rollout logged
+    beta = 0.2
+    for coef, kl in logged:
+        assert coef == pytest.approx(beta)
+        beta *= 1.0 + min(max(kl / 1e-6 - 1.0, -0.2), 0.2) * 4 / 100
+    assert trainer.kl_controller.value == pytest.approx(beta) and beta != 0.2
     with pytest.warns(FutureWarning, match="adaptive_kl"):
         legacy = PPOConfig(output_dir="x", adap_kl_ctrl=True, init_kl_coef=0.3, target=2.0, horizon=500)
     assert (legacy.adaptive_kl, legacy.kl_coef, legacy.kl_target, legacy.kl_horizon) == (True, 0.3, 2.0, 500)

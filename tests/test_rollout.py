@@ -1,5 +1,6 @@
 """Generation: one prefill per prompt group gives the same completions; EOS masking; left padding."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,3 +75,85 @@ def test_inverse_cdf_sampling_draws_the_same_distribution_and_restores_torch():
     one_hot[0, 39] = one_hot[1, 0] = 1.0  # edges of the vocabulary
     with inverse_cdf_sampling("cpu"):
         assert torch.multinomial(one_hot, 1).view(-1).tolist() == [39, 0]
+
+
+def _transformers_completions(model, tok, prompts, counts, max_new_tokens, kwargs):
+    """What `model.generate` samples for the same rows (same seed, same sampler), masked after EOS like ours."""
+    from posttrain.rollout.hf import inverse_cdf_sampling
+
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    repeats = counts if isinstance(counts, int) else torch.tensor(counts)
+    ids, mask = ids.repeat_interleave(repeats, 0), mask.repeat_interleave(repeats, 0)
+    with torch.no_grad(), inverse_cdf_sampling("cpu"):
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             pad_token_id=tok.pad_token_id, **kwargs)[:, ids.shape[1]:]
+    keep, _ = completion_mask_after_eos(out, {tok.eos_token_id})
+    return out.masked_fill(keep == 0, tok.pad_token_id)
+
+
+_SAMPLING = [{"do_sample": False}, {"do_sample": True}, {"do_sample": True, "top_k": 0},
+             {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "min_p": 0.02,
+              "repetition_penalty": 1.3, "min_new_tokens": 5}]
+
+
+@pytest.mark.parametrize("counts", [3, [2, 3, 1]])
+@pytest.mark.parametrize("kwargs", _SAMPLING)
+def test_static_cache_loop_samples_what_transformers_generate_samples(counts, kwargs):
+    """The preallocated-cache decode loop (shared prefill, left padding, uneven group sizes, every warper it
+    implements) gives token for token what `generate` gives under the same seed."""
+    from posttrain.rollout.hf import sampling_config, static_decode_supported
+
+    path = builtin_model_path("posttrain/tiny")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = [tok("Question: Mia has 7 apples and buys 5 more.\nAnswer:")["input_ids"], tok("Q: 3 + 4?")["input_ids"],
+               tok("Hello")["input_ids"]]
+    assert static_decode_supported(model) and sampling_config(model, kwargs, 20) is not None
+    torch.manual_seed(1)
+    ours = generate(model, tok, prompts, counts, 20, kwargs)
+    torch.manual_seed(1)
+    theirs = _transformers_completions(model, tok, prompts, counts, 20, kwargs)
+    assert ours.completion_ids.shape == theirs.shape == (sum(counts) if isinstance(counts, list) else 9, 20)
+    assert torch.equal(ours.completion_ids, theirs)
+
+
+def test_static_cache_loop_on_other_architectures_and_fallbacks():
+    """Absolute positions (GPT-2) and eager attention take the loop and match `generate`; a sliding-window model
+    and options the loop does not implement (beam search, n-gram blocking) go to `generate` itself."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM)
+
+    from posttrain.rollout.hf import sampling_config, static_decode_supported
+
+    tok = AutoTokenizer.from_pretrained(builtin_model_path("posttrain/tiny"))
+    small = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                 eos_token_id=tok.eos_token_id, bos_token_id=None)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                      eos_token_id=tok.eos_token_id, bos_token_id=None))
+    llama = LlamaForCausalLM._from_config(LlamaConfig(**small), attn_implementation="eager")
+    mistral = MistralForCausalLM(MistralConfig(**small, sliding_window=8))
+    prompts = [tok("Question: 3 + 4?\nAnswer:")["input_ids"], tok("Q: 3 + 4?")["input_ids"]]
+    for model, loop in ((gpt2, True), (llama, True), (mistral, False)):
+        model.eval()
+        assert static_decode_supported(model) is loop
+        sampled = {"do_sample": True, "temperature": 0.7}
+        torch.manual_seed(0)
+        ours = generate(model, tok, prompts, 2, 12, sampled)
+        torch.manual_seed(0)
+        assert torch.equal(ours.completion_ids, _transformers_completions(model, tok, prompts, 2, 12, sampled))
+    assert sampling_config(llama, {"num_beams": 2}, 8) is None
+    assert sampling_config(llama, {"no_repeat_ngram_size": 2}, 8) is None
+    assert sampling_config(llama, {"stop_strings": ["\n"]}, 8) is None
+
+
+def test_static_cache_loop_stops_when_every_row_has_ended():
+    path = builtin_model_path("posttrain/tiny")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    prompt = tok("Q: 3 + 4?")["input_ids"]
+    first = generate(model, tok, [prompt], 2, 6, {"do_sample": False}).completion_ids[0, 0].item()
+    model.generation_config.eos_token_id = first  # greedy decoding now ends every row at its first token
+    ended = generate(model, tok, [prompt], 2, 6, {"do_sample": False})
+    assert ended.completion_ids.shape == (2, 1) and ended.completion_mask.tolist() == [[1], [1]]
+    assert ended.is_truncated.tolist() == [False, False]

@@ -1,8 +1,16 @@
 """Generation with transformers' `generate` and a KV cache, batched, for online trainers.
 
-A prompt's G completions share one prefill: the unique prompts run once through the model (all but their last
-token), the resulting cache is repeated G times, and `generate` continues from it — so prefill cost does not grow
-with num_generations. Tokens after the first EOS are masked out.
+A prompt's G completions share one prefill: the unique prompts run once through the model, the resulting cache is
+repeated G times, and decoding continues from it — so prefill cost does not grow with num_generations. Tokens after
+the first EOS are masked out.
+
+Decoding runs in a loop of our own over a preallocated (static) KV cache when the model and the sampling options
+allow it (`static_decode_supported`): sampling (temperature, top_k, top_p, min_p), greedy, repetition_penalty and
+min_new_tokens, with transformers' own logits warpers in `generate`'s order, on a decoder-only model with sdpa or
+eager attention and no sliding-window layers. Anything else (beam search, stop strings, other processors,
+flash-attention, sliding windows) goes to transformers' `generate`. The loop saves what `generate` spends per token
+on growing the cache (`torch.cat` of every layer's keys and values), rebuilding the attention mask and running
+stopping criteria: ~30% of a rollout of the benchmark model on a CPU (benchmarks/RESULTS.md).
 
 Not here: log-probs for training (`models/logprobs.py`), rewards (`rewards/`).
 """
@@ -10,11 +18,21 @@ Not here: log-probs for training (`models/logprobs.py`), rewards (`rewards/`).
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any
 
 import torch
+from transformers import (Cache, DynamicCache, GenerationConfig, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers.cache_utils import DynamicLayer
 
+from posttrain.models.logprobs import _base_model, _forward_accepts_logits_to_keep
 from posttrain.rollout.types import Rollout
+
+# generation options the static-cache loop implements; any other option away from its default goes to `generate`
+_LOOP_OPTIONS = {"do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "min_new_tokens",
+                 "max_new_tokens", "max_length", "pad_token_id", "eos_token_id", "bos_token_id", "use_cache",
+                 "return_dict_in_generate", "transformers_version", "_from_model_config", "cache_implementation"}
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +100,35 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], num_generations: int
     repeats = num_generations if isinstance(num_generations, int) else torch.tensor(num_generations, device=device)
     full_ids = ids.repeat_interleave(repeats, dim=0)
     full_mask = mask.repeat_interleave(repeats, dim=0)
+    eos_ids = _eos_ids(model, tokenizer)
+    config = sampling_config(model, generation_kwargs, max_new_tokens)
+    with inverse_cdf_sampling(device):
+        if config is not None and static_decode_supported(model):
+            if not share_prefill:  # every row prefills its own copy of the prompt
+                ids, mask, repeats = full_ids, full_mask, 1
+            completion_ids = static_decode(model, ids, mask, repeats, config, eos_ids, pad_id)
+        else:
+            completion_ids = _transformers_generate(model, ids, mask, full_ids, full_mask, num_generations,
+                                                    max_new_tokens, generation_kwargs, pad_id, share_prefill)
+    completion_mask, truncated = completion_mask_after_eos(completion_ids, eos_ids)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
+    return Rollout(prompt_ids=full_ids, prompt_mask=full_mask, completion_ids=completion_ids,
+                   completion_mask=completion_mask, is_truncated=truncated)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """The tokenizer's EOS and the model's generation-config EOS ids: a completion ends at the first of either."""
+    eos = tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return eos_ids - {None}
+
+
+def _transformers_generate(model, ids, mask, full_ids, full_mask, num_generations, max_new_tokens,
+                           generation_kwargs, pad_id, share_prefill) -> torch.Tensor:
+    """Completion ids (N, C) from transformers' `generate`, continuing from one shared prefill per prompt."""
     kwargs = dict(generation_kwargs, max_new_tokens=max_new_tokens, pad_token_id=pad_id, use_cache=True,
                   return_dict_in_generate=False)
     # the shared prefill repeats the cache by one count for all prompts: uneven counts prefill per row
@@ -94,15 +141,139 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], num_generations: int
         cache = prefix[cache_key]
         cache.batch_repeat_interleave(num_generations)
         kwargs[cache_key] = cache
-    with inverse_cdf_sampling(device):
-        out = model.generate(input_ids=full_ids, attention_mask=full_mask, **kwargs)
-    completion_ids = out[:, full_ids.shape[1]:]
-    eos = tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if gen_eos is not None:
-        eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    completion_mask, truncated = completion_mask_after_eos(completion_ids, eos_ids)
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
-    return Rollout(prompt_ids=full_ids, prompt_mask=full_mask, completion_ids=completion_ids,
-                   completion_mask=completion_mask, is_truncated=truncated)
+    out = model.generate(input_ids=full_ids, attention_mask=full_mask, **kwargs)
+    return out[:, full_ids.shape[1]:]
+
+
+def sampling_config(model, generation_kwargs: dict[str, Any], max_new_tokens: int) -> GenerationConfig | None:
+    """The model's generation config updated with `generation_kwargs`, or None when it asks for anything the
+    static-cache loop does not implement (then transformers' `generate` runs)."""
+    config = copy.deepcopy(getattr(model, "generation_config", None) or GenerationConfig())
+    unknown = config.update(**generation_kwargs, max_new_tokens=max_new_tokens)
+    defaults = GenerationConfig().to_dict()
+    changed = {k for k, v in config.to_dict().items() if k not in _LOOP_OPTIONS and v != defaults.get(k)}
+    if unknown or changed or (config.num_beams or 1) != 1:
+        return None
+    return config
+
+
+def static_decode_supported(model) -> bool:
+    """A decoder-only transformers model whose attention takes an additive 4-D mask and whose cache layers are all
+    full attention (sliding-window layers need per-layer masks: those models use `generate`)."""
+    base = _base_model(model)
+    config = getattr(base, "config", None)
+    if config is None or not hasattr(base, "generate") or getattr(config, "is_encoder_decoder", False):
+        return False
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is None:  # older configs: a sliding window is on when set (and not switched off)
+        sliding = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True) is not False
+        layer_types = ["sliding_attention" if sliding else "full_attention"]
+    return (getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+            and all(t == "full_attention" for t in layer_types))
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer whose keys and values live in buffers allocated once for the whole rollout: `update` writes
+    the new positions in place and returns a view of the filled part (a DynamicLayer concatenates, copying the whole
+    cache of every layer at every step)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        super().__init__()
+        self.device = keys.device
+        self._keys = keys.new_empty(*keys.shape[:2], capacity, keys.shape[-1])
+        self._values = values.new_empty(*values.shape[:2], capacity, values.shape[-1])
+        self.filled = 0
+        self.is_initialized = True
+        self.update(keys, values)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.filled + key_states.shape[-2]
+        self._keys[:, :, self.filled:end] = key_states
+        self._values[:, :, self.filled:end] = value_states
+        self.filled = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+
+def _logits_warpers(config: GenerationConfig, ids: torch.Tensor, mask: torch.Tensor) -> list:
+    """transformers' processors for these options, in the order `generate` applies them."""
+    processors = []
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        padding = (mask != 0).int().argmax(dim=1)
+        processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty, prompt_ignore_length=padding))
+    if config.do_sample:
+        if config.temperature is not None and config.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(config.temperature))
+        top_k = 50 if config.top_k is None else config.top_k  # `generate` fills an unset top_k with 50; 0 = off
+        if top_k != 0:
+            processors.append(TopKLogitsWarper(top_k=top_k))
+        if config.top_p is not None and config.top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p=config.top_p))
+        if config.min_p is not None:
+            processors.append(MinPLogitsWarper(min_p=config.min_p))
+    return processors
+
+
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean (B, 1, Q, K) "may attend" → the additive mask sdpa and eager attention both take."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed,
+                                                                                       torch.finfo(dtype).min)
+
+
+def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | torch.Tensor,
+                  config: GenerationConfig, eos_ids: set[int], pad_id: int) -> torch.Tensor:
+    """Completion ids (N, ≤ max_new_tokens): prefill the left-padded unique prompts `ids` (U, P) once, repeat their
+    cache `repeats` times into a static cache of length P + max_new_tokens, then decode one token per step.
+
+    Rows that have produced an EOS are fed `pad_id` and ignored (as `generate` does); the loop stops when every row
+    has ended. Positions follow the unpadded prompt (position_ids), so left padding does not shift them.
+    """
+    max_new = config.max_new_tokens
+    dtype = next(model.parameters()).dtype
+    device = ids.device
+    U, P = ids.shape
+    length = P + max_new
+    keep = {"logits_to_keep": 1} if _forward_accepts_logits_to_keep(type(_base_model(model))) else {}
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    # prompt tokens attend to earlier non-pad tokens; a pad query attends to itself (a fully masked row gives NaN)
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    allowed = (causal & mask.bool()[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)
+    prefix_cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, attention_mask=_additive_mask(allowed[:, None], dtype), position_ids=positions,
+                cache=prefix_cache, use_cache=True, **keep)
+    logits = out.logits[:, -1].float().repeat_interleave(repeats, dim=0)
+    cache = Cache(layers=[PreallocatedLayer(layer.keys.repeat_interleave(repeats, dim=0),
+                                            layer.values.repeat_interleave(repeats, dim=0), length)
+                          for layer in prefix_cache.layers])
+    del prefix_cache, out
+    N = logits.shape[0]
+    sequence = torch.full((N, length), pad_id, dtype=torch.long, device=device)  # prompt + completion
+    sequence[:, :P] = ids.repeat_interleave(repeats, dim=0)
+    key_allowed = torch.zeros(N, length, dtype=torch.bool, device=device)
+    key_allowed[:, :P] = mask.bool().repeat_interleave(repeats, dim=0)
+    next_position = mask.sum(-1, keepdim=True).repeat_interleave(repeats, dim=0)
+    processors = _logits_warpers(config, sequence[:, :P], key_allowed[:, :P])
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    step = 0
+    for step in range(max_new):
+        if config.min_new_tokens and step < config.min_new_tokens:
+            logits[:, eos] = -float("inf")
+        for processor in processors:
+            logits = processor(sequence[:, :P + step], logits)
+        if config.do_sample:
+            token = torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1)
+        else:
+            token = logits.argmax(dim=-1)
+        token = token.masked_fill(finished, pad_id)
+        sequence[:, P + step] = token
+        finished |= torch.isin(token, eos)
+        if bool(finished.all()) or step == max_new - 1:
+            break
+        key_allowed[:, P + step] = True
+        visible = key_allowed[:, None, None, :P + step + 1]
+        out = model(input_ids=token[:, None], attention_mask=_additive_mask(visible, dtype),
+                    position_ids=next_position + step, cache=cache, use_cache=True, **keep)
+        logits = out.logits[:, -1].float()
+    return sequence[:, P:P + step + 1]

@@ -179,7 +179,8 @@ class OnlineTrainer(PostTrainer):
 
     def generation_kwargs(self) -> dict[str, Any]:
         args = self.args
-        kwargs = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None,
+        # top_k 0 is passed as such: transformers' `generate` fills an unset top_k with 50
+        kwargs = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0,
                       min_p=args.min_p, repetition_penalty=args.repetition_penalty)
         kwargs.update(args.generation_kwargs or {})
         return {k: v for k, v in kwargs.items() if v is not None}
@@ -238,13 +239,14 @@ class OnlineTrainer(PostTrainer):
         was_training = policy.training
         policy.eval()
         per_prompt = counts[0] if len(set(counts)) == 1 else counts
+        language_model = getattr(policy, "policy", policy)  # PPO's PolicyAndValue samples from its policy
         with distributed.process_seed(self.accelerator, args.seed, self._micro_step):
             if self.vllm is not None:  # the engine gets the policy's weights once per optimizer step
-                rollout = self.vllm.generate(getattr(policy, "policy", policy), self.processing_class, prompt_ids,
-                                             per_prompt, args.max_completion_length, self.generation_kwargs(),
+                rollout = self.vllm.generate(language_model, self.processing_class, prompt_ids, per_prompt,
+                                             args.max_completion_length, self.generation_kwargs(),
                                              step=self.state.global_step)
             else:
-                rollout = generate(policy, self.processing_class, prompt_ids, per_prompt,
+                rollout = generate(language_model, self.processing_class, prompt_ids, per_prompt,
                                    args.max_completion_length, self.generation_kwargs())
         policy.train(was_training)
         return rollout
