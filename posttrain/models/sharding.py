@@ -1,10 +1,20 @@
 """Frozen models (reference, reward) placed the way the trained model is: sharded under DeepSpeed ZeRO-3 and FSDP,
 without an optimizer; moved to the device otherwise.
 
+Every frozen model goes through `prepare_frozen`: the references of DPO/KTO (`trainers/anchored.py`), of GRPO,
+RLOO, online DPO and PPO, and every reward model of an online trainer (`trainers/online.py`, which hands it to
+`RewardRunner.place`). What comes back may be a DeepSpeed engine or an FSDP module whose parameters are
+placeholders or shards: callers use its forward only, and take the device from the accelerator, not from its
+parameters. Under ZeRO-3 each forward gathers parameters collectively, so every process must run the same number
+of forwards (online trainers give every process a generation batch of the same size).
+PPO's critic is not here: it is trained, and sits with the policy in the one container the Trainer prepares.
+
 ZeRO-3: `deepspeed.initialize` with the run's DeepSpeed config minus optimizer and scheduler (ZeRO-1/2 shard only
 optimizer state, which a frozen model has none of: stage 0 there, a plain replica). FSDP2: `fully_shard` per
 layer through accelerate's FSDP2 preparation; FSDP1: accelerate's FSDP wrapping. These paths need CUDA and were
-written against the accelerate/DeepSpeed APIs; the CPU test suite exercises only the plain path.
+written against the accelerate/DeepSpeed APIs and have not run on a GPU here; the CPU test suite runs the plain path
+for real and the ZeRO path against a stand-in `deepspeed` module (tests/test_sharding.py: the config handed to
+`deepspeed.initialize`, and scoring and reference log-probs through the returned wrapper), not FSDP.
 
 Not here: which models are references (`models/reference.py`, trainers).
 """

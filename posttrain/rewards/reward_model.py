@@ -4,8 +4,10 @@ Texts scored are tokenised exactly as `RewardTrainer` tokenises a pair, so an RM
 position it was trained at: conversational rows render prompt messages + completion messages through the reward
 model's own chat template; standard rows are prompt + completion + the RM tokenizer's EOS token, with the
 tokenizer's special tokens (e.g. BOS). Sequences are cut from the left to `max_length` (the end carries the answer
-the score is read at), right-padded and scored in batches of `batch_size` under `torch.no_grad`, on whatever
-device the model is on.
+the score is read at), right-padded and scored in batches of `batch_size` under `torch.no_grad`, on `device` when
+whoever placed the model set it (`place`: a model sharded by DeepSpeed ZeRO-3 or FSDP holds only placeholders or
+shards of its parameters, so their device says nothing), else on the device of the model's first parameter. The
+model may be a DeepSpeed engine or an FSDP module: only its forward is called.
 
 Not here: loading by name (`rewards/runner.py` via `models/loading.py`), training reward models
 (`trainers/reward.py`).
@@ -39,7 +41,13 @@ class RewardModelScorer:
             model.config.pad_token_id = tok.pad_token_id
         self.pad_token_id = model.config.pad_token_id
         self.batch_size, self.max_length = batch_size, max_length
+        self.device: torch.device | None = None  # set by `place`; None = the device of the first parameter
         self.__name__ = name or model_short_name(model)
+
+    def place(self, prepare, device: str | torch.device) -> None:
+        """Replace the model by `prepare(model)` (moved, or wrapped for sharded inference) and score on `device`."""
+        self.model = prepare(self.model)
+        self.device = torch.device(device)
 
     def token_ids(self, prompt: Any, completion: Any) -> list[int]:
         """The ids scored for one row: `RewardTrainer`'s joint tokenisation of prompt + completion."""
@@ -64,7 +72,7 @@ class RewardModelScorer:
     @torch.no_grad()
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float]:
         rows = [self.token_ids(p, c) for p, c in zip(prompts, completions)]
-        device = next(self.model.parameters()).device
+        device = self.device if self.device is not None else next(self.model.parameters()).device
         scores: list[float] = []
         for start in range(0, len(rows), self.batch_size):
             logits = self.model(**self._batch(rows[start:start + self.batch_size], device)).logits

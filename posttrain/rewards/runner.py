@@ -25,7 +25,7 @@ import inspect
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -144,13 +144,21 @@ class RewardRunner:
 
     @property
     def reward_models(self) -> list[torch.nn.Module]:
-        """The reward models among the functions (for trainers that move, wrap or shard them)."""
+        """The reward models among the functions (after `place`, as placed: possibly a DeepSpeed engine or FSDP
+        module)."""
         return [f.model for f in self.funcs if isinstance(f, RewardModelScorer)]
 
-    def to(self, device: str | torch.device) -> RewardRunner:
-        for model in self.reward_models:
-            model.to(device)
+    def place(self, prepare: Callable[[torch.nn.Module], torch.nn.Module],
+              device: str | torch.device) -> RewardRunner:
+        """Replace every reward model by `prepare(model)` and score on `device`: trainers pass
+        `models/sharding.py`'s `prepare_frozen`, which shards them like the policy (DeepSpeed ZeRO-3, FSDP)."""
+        for func in self.funcs:
+            if isinstance(func, RewardModelScorer):
+                func.place(prepare, device)
         return self
+
+    def to(self, device: str | torch.device) -> RewardRunner:
+        return self.place(lambda model: model.to(device), device)
 
     def weighted_sum(self, rewards: torch.Tensor) -> torch.Tensor:
         """(N, K) → (N,) with this runner's weights; see the module-level `weighted_sum`."""

@@ -76,13 +76,15 @@ class OnlineTrainer(PostTrainer):
             raise ValueError(f"{type(self).__name__} needs reward_funcs: a function, a built-in name such as "
                              "'accuracy_reward', a 'module:function' path, or a reward-model id.")
         self.reward_runner = RewardRunner(reward_funcs, args.reward_weights, reward_processing_classes)
+        # reward models sit beside the policy as it is placed: sharded under ZeRO-3/FSDP, else on its device
+        self.reward_runner.place(self.prepare_frozen, self.accelerator.device)
         self.ref_model = None
         if self.uses_reference():
             if reference.is_peft_model(self.model):
                 self.ref_model = None  # adapters off = reference
             else:
-                self.ref_model = reference.create_reference_model(self.model, model_id, args.model_init_kwargs)
-                self.ref_model = sharding.prepare_frozen(self.accelerator, self.ref_model, args)
+                self.ref_model = self.prepare_frozen(
+                    reference.create_reference_model(self.model, model_id, args.model_init_kwargs))
             if args.sync_ref_model and self.ref_model is not None:
                 self.add_callback(reference.SyncReferenceCallback(self.ref_model, self.model,
                                                                   args.ref_model_sync_steps,
@@ -96,6 +98,10 @@ class OnlineTrainer(PostTrainer):
                                      args.vllm_max_model_length, args.seed, multi_process=args.world_size > 1)
         self._buffer: list[dict[str, Any]] = []
         self._last_table: list[dict[str, Any]] = []
+
+    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A frozen model (reference, reward model) placed the way the policy is (`models/sharding.py`)."""
+        return sharding.prepare_frozen(self.accelerator, model, self.args)
 
     # ---- data ---------------------------------------------------------------------------------------------------
     def prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args):
@@ -235,19 +241,28 @@ class OnlineTrainer(PostTrainer):
         counts = distributed.group_runs(offset, len(rows), args.num_generations)
         starts = [sum(counts[:i]) for i in range(len(counts))]
         prompt_ids = [self._prompt_ids(rows[i]["prompt"]) for i in starts]
+        per_prompt = counts[0] if len(set(counts)) == 1 else counts
+        return self.generate_completions(prompt_ids, per_prompt)
+
+    def generate_completions(self, prompt_ids: list[list[int]], per_prompt: int | list[int],
+                             generation_kwargs: dict[str, Any] | None = None, max_new_tokens: int | None = None):
+        """A `Rollout` of the policy's completions of tokenised prompts (`per_prompt` each, or one count per
+        prompt), sampled in eval mode through the vLLM engine when configured, else `rollout/hf.py`. Defaults:
+        `generation_kwargs()` and max_completion_length."""
+        args = self.args
+        kwargs = self.generation_kwargs() if generation_kwargs is None else generation_kwargs
+        max_new_tokens = args.max_completion_length if max_new_tokens is None else max_new_tokens
         policy = self.accelerator.unwrap_model(self.model)
         was_training = policy.training
         policy.eval()
-        per_prompt = counts[0] if len(set(counts)) == 1 else counts
         language_model = getattr(policy, "policy", policy)  # PPO's PolicyAndValue samples from its policy
         with distributed.process_seed(self.accelerator, args.seed, self._micro_step):
             if self.vllm is not None:  # the engine gets the policy's weights once per optimizer step
                 rollout = self.vllm.generate(language_model, self.processing_class, prompt_ids, per_prompt,
-                                             args.max_completion_length, self.generation_kwargs(),
-                                             step=self.state.global_step)
+                                             max_new_tokens, kwargs, step=self.state.global_step)
             else:
-                rollout = generate(language_model, self.processing_class, prompt_ids, per_prompt,
-                                   args.max_completion_length, self.generation_kwargs())
+                rollout = generate(language_model, self.processing_class, prompt_ids, per_prompt, max_new_tokens,
+                                   kwargs)
         policy.train(was_training)
         return rollout
 

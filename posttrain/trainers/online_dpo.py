@@ -74,7 +74,7 @@ class OnlineDPOTrainer(OnlineTrainer):
             from posttrain.models.loading import disable_dropout
 
             disable_dropout(ref_model)
-        self.ref_model = reference.freeze(ref_model).to(self.args.device)
+        self.ref_model = self.prepare_frozen(reference.freeze(ref_model))
         for callback in self.callback_handler.callbacks:  # TR-DPO sync must mix into the reference in use
             if isinstance(callback, reference.SyncReferenceCallback):
                 callback.ref_model = self.ref_model

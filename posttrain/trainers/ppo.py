@@ -72,13 +72,13 @@ class PPOTrainer(OnlineTrainer):
                          peft_config=peft_config, **trainer_kwargs)
         args, policy = self.args, self.model
         if ref_model is not None:
-            self.ref_model = reference.freeze(ref_model).to(args.device)
+            self.ref_model = self.prepare_frozen(reference.freeze(ref_model))
         elif args.kl_coef > 0 and not reference.is_peft_model(policy):
-            self.ref_model = reference.create_reference_model(policy, model if isinstance(model, str) else None,
-                                                              args.model_init_kwargs).to(args.device)
+            self.ref_model = self.prepare_frozen(reference.create_reference_model(
+                policy, model if isinstance(model, str) else None, args.model_init_kwargs))
+        # the critic is trained: it joins the policy in the one container the Trainer prepares (DDP/ZeRO/FSDP)
         self.model = self.model_wrapped = PolicyAndValue(policy, self._value_model(value_model)).to(args.device)
         self.callback_handler.model = self.model
-        self.reward_runner.to(args.device)
         self._rollout: dict[str, Any] = {}
         self._truncated: torch.Tensor | None = None
         self._episodes, self._start_time = 0, None
