@@ -89,7 +89,8 @@ class ConciseProgress(TrainerCallback):
             return
         if self.training_bar is not None:
             self.training_bar.set_postfix_str(line, refresh=True)
-        write(f"step {state.global_step}/{state.max_steps}: {line}")
+        of_total = f"/{state.max_steps}" if state.max_steps else ""  # no total outside train() (PPO's step loop)
+        write(f"step {state.global_step}{of_total}: {line}")
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None:

@@ -61,6 +61,11 @@ class RepeatSampler(Sampler):
 
 class OnlineTrainer(PostTrainer):
     summary_metrics = (("reward", "reward"), ("completions/mean_length", "completion length"))
+    needs_reward_funcs = True  # False: reward_funcs may be left out at construction (PPO's loop API scores itself)
+
+    def missing_reward_funcs_message(self) -> str:
+        return (f"{type(self).__name__} needs reward_funcs: a function, a built-in name such as 'accuracy_reward', "
+                "a 'module:function' path, or a reward-model id.")
 
     def __init__(self, model, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, reward_processing_classes=None, peft_config=None, **kwargs: Any):
@@ -72,12 +77,13 @@ class OnlineTrainer(PostTrainer):
         if reward_funcs is None:
             reward_funcs = args.reward_funcs
         reward_funcs = _with_reward_model(reward_funcs, args.reward_model_name_or_path)
-        if not reward_funcs:
-            raise ValueError(f"{type(self).__name__} needs reward_funcs: a function, a built-in name such as "
-                             "'accuracy_reward', a 'module:function' path, or a reward-model id.")
-        self.reward_runner = RewardRunner(reward_funcs, args.reward_weights, reward_processing_classes)
-        # reward models sit beside the policy as it is placed: sharded under ZeRO-3/FSDP, else on its device
-        self.reward_runner.place(self.prepare_frozen, self.accelerator.device)
+        if not reward_funcs and self.needs_reward_funcs:
+            raise ValueError(self.missing_reward_funcs_message())
+        self.reward_runner = None
+        if reward_funcs:
+            self.reward_runner = RewardRunner(reward_funcs, args.reward_weights, reward_processing_classes)
+            # reward models sit beside the policy as it is placed: sharded under ZeRO-3/FSDP, else on its device
+            self.reward_runner.place(self.prepare_frozen, self.accelerator.device)
         self.ref_model = None
         if self.uses_reference():
             if reference.is_peft_model(self.model):
@@ -195,6 +201,8 @@ class OnlineTrainer(PostTrainer):
         """Generate, score, compute advantages (and old/ref log-probs when needed); split into micro-batches."""
         args, tok = self.args, self.processing_class
         device = args.device
+        if self.reward_runner is None:
+            raise ValueError(self.missing_reward_funcs_message())
         with self.phase("generate"):
             rollout = self.sample(rows)
         length = int(rollout.completion_mask.sum(1).max().clamp(min=1))
@@ -245,18 +253,20 @@ class OnlineTrainer(PostTrainer):
         return self.generate_completions(prompt_ids, per_prompt)
 
     def generate_completions(self, prompt_ids: list[list[int]], per_prompt: int | list[int],
-                             generation_kwargs: dict[str, Any] | None = None, max_new_tokens: int | None = None):
+                             generation_kwargs: dict[str, Any] | None = None, max_new_tokens: int | None = None,
+                             seed_step: int | None = None):
         """A `Rollout` of the policy's completions of tokenised prompts (`per_prompt` each, or one count per
         prompt), sampled in eval mode through the vLLM engine when configured, else `rollout/hf.py`. Defaults:
-        `generation_kwargs()` and max_completion_length."""
+        `generation_kwargs()`, max_completion_length, and the micro-step as the step of the per-process seed."""
         args = self.args
         kwargs = self.generation_kwargs() if generation_kwargs is None else generation_kwargs
         max_new_tokens = args.max_completion_length if max_new_tokens is None else max_new_tokens
+        seed_step = self._micro_step if seed_step is None else seed_step
         policy = self.accelerator.unwrap_model(self.model)
         was_training = policy.training
         policy.eval()
         language_model = getattr(policy, "policy", policy)  # PPO's PolicyAndValue samples from its policy
-        with distributed.process_seed(self.accelerator, args.seed, self._micro_step):
+        with distributed.process_seed(self.accelerator, args.seed, seed_step):
             if self.vllm is not None:  # the engine gets the policy's weights once per optimizer step
                 rollout = self.vllm.generate(language_model, self.processing_class, prompt_ids, per_prompt,
                                              max_new_tokens, kwargs, step=self.state.global_step)

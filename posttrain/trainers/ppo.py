@@ -19,6 +19,9 @@ Deviations from TRL: the score sits on the last completion token (TRL: one posit
 widened by one); losses are token means over the whole mini-batch, not means of micro-batch means; `global_step`
 counts optimizer steps (TRL counts rollouts); `val/ratio_var` is the per-token variance of the ratio.
 
+TRL's older loop API (`generate`, `step`, `log_stats` called from a user's loop) is `trainers/ppo_loop.py`: `step`
+trains through the same `ppo_targets`, `mini_batch_groups` and `compute_loss` as `train()`.
+
 Not here: generation, reward calls and rollout metrics (`trainers/online.py`), GAE and whitening
 (`algorithms/advantages.py`), the per-token losses (`losses/value.py`), the critic (`models/value.py`).
 """
@@ -42,19 +45,22 @@ from posttrain.models import loading, reference
 from posttrain.models.logprobs import IGNORE_INDEX, forward_target_logits, token_logps
 from posttrain.models.value import PolicyAndValue, load_value_model, token_values, value_model_from_policy
 from posttrain.trainers.online import OnlineTrainer, reward_list
+from posttrain.trainers.ppo_loop import PPOLoopAPI
 
 _TRAINER_ARGUMENTS = ("compute_metrics", "callbacks", "optimizers", "preprocess_logits_for_metrics")
 
 
-class PPOTrainer(OnlineTrainer):
+class PPOTrainer(PPOLoopAPI, OnlineTrainer):
     """`PPOTrainer(model, reward_funcs=..., args=PPOConfig(...), train_dataset=..., value_model=None,
     ref_model=None, processing_class=None, peft_config=None)`; `reward_model=` (TRL's name) is a reward function
     too. The older form `PPOTrainer(config=..., model=..., ref_model=..., tokenizer=..., dataset=...,
-    data_collator=...)` still works, with one FutureWarning per renamed argument."""
+    data_collator=...)` still works, with one FutureWarning per renamed argument, and so does the older loop
+    (`dataloader`, `generate`, `step`, `log_stats`; `trainers/ppo_loop.py`), where reward_funcs may be omitted."""
 
     config_class = PPOConfig
     method_name = "PPO"
     summary_metrics = (("objective/scores", "score"), ("objective/kl", "kl"), ("loss/value_avg", "value loss"))
+    needs_reward_funcs = False  # the older loop API passes scores to `step`; `train()` asks for them
 
     def __init__(self, model=None, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None,
                  value_model=None, ref_model=None, processing_class=None, reward_processing_classes=None,
@@ -84,6 +90,16 @@ class PPOTrainer(OnlineTrainer):
         self._episodes, self._start_time = 0, None
         self.kl_controller = (AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
                               if args.adaptive_kl else FixedKLController(args.kl_coef))
+
+    def missing_reward_funcs_message(self) -> str:
+        return ("PPOTrainer.train() needs reward_funcs (functions, built-in names or reward models; reward_model= "
+                "works too); without them only the older loop API runs (generate, then step(queries, responses, "
+                "scores)).")
+
+    def train(self, *args: Any, **kwargs: Any):
+        if self.reward_runner is None:  # before any setup, as construction does for the other online trainers
+            raise ValueError(self.missing_reward_funcs_message())
+        return super().train(*args, **kwargs)
 
     def _value_model(self, value_model) -> torch.nn.Module:
         args = self.args
@@ -132,16 +148,27 @@ class PPOTrainer(OnlineTrainer):
         self._truncated = rollout.is_truncated
         super()._record_rollout(rollout, completion_mask)
 
-    @torch.no_grad()
     def _split(self, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         """The scored rollout (OnlineTrainer calls this last) → PPO's per-token targets, as one batch; the
         mini-batches of each PPO epoch are cut from it in `_prepare_inputs`."""
+        return [self.ppo_targets(batch, self._truncated)]
+
+    @torch.no_grad()
+    def ppo_targets(self, batch: dict[str, torch.Tensor], truncated: torch.Tensor) -> dict[str, Any]:
+        """A scored rollout → PPO's training batch; `train()` (through `_split`) and the loop API's `step`
+        (`trainers/ppo_loop.py`) both come here.
+
+        batch: input_ids, attention_mask (N, P + C), completion_mask (N, C), old_logps (N, C) and, under
+        "advantages", the score of each completion (N,); truncated (N,) bool: no EOS. Adds scores (N,) (after
+        missing_eos_penalty), old_values, advantages (whitened) and returns (N, C), and num_items (the rollout's
+        completion tokens, all processes); records the objective/* metrics and, in training, adapts the KL
+        coefficient."""
         args = self.args
         container = self.accelerator.unwrap_model(self.model)
         mask = batch["completion_mask"]
         m = mask.float()
         scores = batch.pop("advantages")  # what `advantages` returned
-        truncated = self._truncated.to(scores.device)
+        truncated = truncated.to(scores.device)
         if args.missing_eos_penalty is not None:
             scores = scores - args.missing_eos_penalty * truncated.float()
         logps = batch["old_logps"]
@@ -174,7 +201,7 @@ class PPOTrainer(OnlineTrainer):
             per_row = (advantages * m).sum(1) / m.sum(1).clamp(min=1)
             for row, value in zip(self._last_table, per_row.tolist()):
                 row["advantage"] = value
-        return [batch]
+        return batch
 
     def _batched_values(self, value_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N, C): the critic's value of the state before each completion token."""
@@ -237,20 +264,28 @@ class PPOTrainer(OnlineTrainer):
             self._start_time = time.perf_counter() - float(state.get("elapsed", 0.0))
 
     def _mini_batches(self, rollout: dict[str, Any]) -> list[dict[str, Any]]:
+        return [part for group in self.mini_batch_groups(rollout) for part in group]
+
+    def mini_batch_groups(self, rollout: dict[str, Any]) -> list[list[dict[str, Any]]]:
+        """One PPO epoch: the rollout reshuffled into num_mini_batches mini-batches (one optimizer step each) of
+        micro-batches of per_device_train_batch_size rows, each carrying its mini-batch's global token count. (A
+        rollout from the loop API's `step` may hold a number of rows that num_mini_batches does not divide: the
+        mini-batches then differ by one row.)"""
         args = self.args
         n = rollout["input_ids"].shape[0]
         order = torch.randperm(n, device=rollout["input_ids"].device)
-        mini, micro = n // args.num_mini_batches, args.per_device_train_batch_size
-        parts = []
-        for start in range(0, n, mini):
-            indices = order[start:start + mini]
+        micro = args.per_device_train_batch_size
+        groups = []
+        for indices in order.tensor_split(min(args.num_mini_batches, n)):
             num_items = self._global_count(rollout["completion_mask"][indices])
+            parts = []
             for offset in range(0, len(indices), micro):
                 part = {k: v[indices[offset:offset + micro]] for k, v in rollout.items()
                         if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n}
                 part["num_items"] = num_items
                 parts.append(part)
-        return parts
+            groups.append(parts)
+        return groups
 
     # ---- loss ---------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
