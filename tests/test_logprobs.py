@@ -1,5 +1,7 @@
-"""The one logits→logps path: target positions, head-on-targets forward, log-probs, entropy."""
+"""The one logits→logps path: target positions, head-on-targets forward, log-probs, entropy, the chunked head
+of passes with gradients (values, gradients, when it is chosen, trainers with it on and off)."""
 
+import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -113,3 +115,178 @@ def test_token_logps_gradient_entropy_and_mean_match_autograd_at_a_temperature()
     with torch.no_grad():  # the no-grad path (reference passes) gives the same values
         again = token_logps(logits, targets, temperature=0.7, with_entropy=True, with_metrics=True)
     assert torch.allclose(again["logps"], out["logps"]) and torch.allclose(again["entropy"], out["entropy"])
+
+
+# ---- the chunked head of passes with gradients ---------------------------------------------------------------------
+
+def _head_and_hidden(kind: str):
+    """An LM head and (N, H) hidden states that depend on the parameters the way a model's do: 'untied', 'tied'
+    (head weight = input embedding, so it gets gradients from both uses) or 'bias'."""
+    torch.manual_seed(0)
+    n, hidden_size, vocab = 53, 16, 89
+    embed = torch.nn.Embedding(vocab, hidden_size)
+    head = torch.nn.Linear(hidden_size, vocab, bias=kind == "bias")
+    if kind == "tied":
+        head.weight = embed.weight
+    mix = torch.nn.Linear(hidden_size, hidden_size)
+    ids = torch.randint(0, vocab, (n,))
+    return head, (lambda: torch.tanh(mix(embed(ids)))), [embed.weight, mix.weight, *head.parameters()], vocab
+
+
+@pytest.mark.parametrize("kind", ["untied", "tied", "bias"])
+def test_chunked_head_gives_the_same_values_and_gradients(monkeypatch, kind):
+    import posttrain.models.logprobs as logprobs
+    from posttrain.models.logprobs import token_logps
+
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK_ROWS", 16)  # 53 rows: 3 full chunks and a partial one
+    head, make_hidden, params, vocab = _head_and_hidden(kind)
+    targets = torch.randint(0, vocab, (53,))
+    upstream = torch.randn(53)
+    results = {}
+    for chunked in (False, True):
+        hidden = make_hidden()
+        hidden.retain_grad()
+        out = token_logps(None, targets, temperature=0.7, with_entropy=True, with_metrics=True, with_log_sum_p2=True,
+                          chunk_size=5, hidden=hidden, head=head, chunked_lm_head=chunked)
+        (out["logps"] * upstream).sum().backward()
+        results[chunked] = out, hidden.grad.clone(), [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+    (plain, plain_hidden_grad, plain_grads), (chunk, chunk_hidden_grad, chunk_grads) = results[False], results[True]
+    assert set(chunk) == set(plain) == {"logps", "entropy", "logits_mean", "correct", "log_sum_p2"}
+    for key in plain:
+        assert torch.allclose(chunk[key].float(), plain[key].float(), atol=1e-6), key
+    assert chunk["logps"].requires_grad and not chunk["entropy"].requires_grad
+    assert torch.allclose(chunk_hidden_grad, plain_hidden_grad, atol=1e-6)
+    for g_chunk, g_plain in zip(chunk_grads, plain_grads):
+        assert torch.allclose(g_chunk, g_plain, atol=1e-6)
+    with torch.no_grad():  # and the no-grad path agrees
+        again = token_logps(None, targets, temperature=0.7, with_entropy=True, with_log_sum_p2=True,
+                            hidden=make_hidden(), head=head)
+    assert torch.allclose(again["logps"], plain["logps"], atol=1e-6)
+    assert torch.allclose(again["log_sum_p2"], plain["log_sum_p2"], atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["untied", "tied", "lora"])
+def test_completion_logps_chunked_matches_on_a_model(monkeypatch, variant):
+    """Through a whole model (tied embeddings, a LoRA-wrapped head): the same per-row outputs and parameter
+    gradients, and the head really does run once per chunk forward and once more per chunk in the backward."""
+    import posttrain.models.logprobs as logprobs
+    from posttrain.models.logprobs import completion_logps, output_head
+
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK_ROWS", 8)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=variant == "tied")
+    model = Qwen2ForCausalLM(cfg).train()
+    if variant == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["lm_head", "q_proj"], lora_dropout=0.0))
+        for name, p in model.named_parameters():  # non-zero B so the adapter's gradients are not trivially zero
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+    input_ids = torch.randint(0, 97, (3, 12))
+    labels = input_ids.clone()
+    labels[0, :3] = labels[1, :9] = labels[2, :6] = IGNORE_INDEX  # 9 + 3 + 6 = 18 trained rows: 3 chunks
+    batch = {"input_ids": input_ids, "labels": labels}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    calls = []
+    hook = output_head(model).register_forward_hook(lambda m, a, out: calls.append(out.shape[-2]))
+    results = {}
+    for chunked in (False, True):
+        calls.clear()
+        out = completion_logps(model, batch, temperature=0.7, with_entropy=True, with_metrics=True,
+                               with_log_sum_p2=True, chunked_lm_head=chunked)
+        forward_calls = list(calls)
+        (out["logps"] * torch.linspace(-1, 1, out["logps"].numel()).view_as(out["logps"])).sum().backward()
+        results[chunked] = out, [p.grad.clone() for p in trained], forward_calls, calls[len(forward_calls):]
+        model.zero_grad()
+    hook.remove()
+    plain, plain_grads, plain_fwd, plain_bwd = results[False]
+    chunk, chunk_grads, chunk_fwd, chunk_bwd = results[True]
+    assert plain_fwd == [0, 18] and plain_bwd == []  # in-model call on an empty slice, then all rows at once
+    assert chunk_fwd == [0, 8, 8, 2] and chunk_bwd == [2, 8, 8]  # the backward recomputes each chunk, last first
+    for key in ("logps", "entropy", "logits_mean", "log_sum_p2"):
+        assert torch.allclose(chunk[key], plain[key], atol=1e-6), key
+    assert torch.equal(chunk["correct"], plain["correct"]) and torch.equal(chunk["mask"], plain["mask"])
+    for g_chunk, g_plain in zip(chunk_grads, plain_grads):  # sums over chunks in another order: float32 rounding
+        assert torch.allclose(g_chunk, g_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_chunks_above_the_threshold_and_follows_the_scoped_setting(monkeypatch):
+    import posttrain.models.logprobs as logprobs
+    from posttrain.models.logprobs import lm_head_chunking, uses_chunked_head
+
+    head = torch.nn.Linear(4, 100)
+    assert not uses_chunked_head("auto", 1000, head)  # 1000 × 100 × 4 B = 400 kB, far below 1 GiB
+    assert uses_chunked_head(True, 1, head) and uses_chunked_head("true", 1, head)
+    assert not uses_chunked_head(False, 10**9, head) and not uses_chunked_head("false", 10**9, head)
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK_AUTO_BYTES", 40_000)
+    assert uses_chunked_head("auto", 101, head) and not uses_chunked_head("auto", 100, head)
+    assert uses_chunked_head(None, 101, head)  # None = the scoped setting, "auto" by default
+    with lm_head_chunking(False):
+        assert not uses_chunked_head(None, 10**6, head)
+        with lm_head_chunking("true"):
+            assert uses_chunked_head(None, 1, head)
+        assert not uses_chunked_head(None, 10**6, head)
+    with pytest.raises(ValueError, match="chunked_lm_head"):
+        uses_chunked_head("sometimes", 1, head)
+    # the auto choice on a real pass: the head runs again in the backward only when chunked
+    calls = []
+    head.register_forward_hook(lambda m, a, out: calls.append(out.shape[0]))
+    hidden = torch.randn(150, 4, requires_grad=True)
+    targets = torch.randint(0, 100, (150,))
+    logprobs.token_logps(None, targets, hidden=hidden, head=head)["logps"].sum().backward()
+    assert calls == [150, 150]  # 150 rows > 100 at this threshold: one chunk, recomputed in the backward
+    calls.clear()
+    logprobs.token_logps(None, targets[:50], hidden=hidden[:50], head=head)["logps"].sum().backward()
+    assert calls == [50]
+
+
+def test_config_chunked_lm_head_values(tmp_path):
+    from posttrain import SFTConfig
+
+    def config(value):
+        return SFTConfig(output_dir=str(tmp_path), report_to="none", chunked_lm_head=value)
+
+    assert SFTConfig(output_dir=str(tmp_path), report_to="none").chunked_lm_head == "auto"
+    assert config(True).chunked_lm_head == "true" and config(False).chunked_lm_head == "false"
+    assert config("FALSE").chunked_lm_head == "false"
+    with pytest.raises(ValueError, match="chunked_lm_head must be auto, true or false"):
+        config("yes")
+
+
+def _trainer_loss(tmp_path, trainer_name, chunked, monkeypatch, **kw):
+    import posttrain.models.logprobs as logprobs
+    from posttrain.data.arith import load_builtin_dataset
+
+    used = []
+    original = logprobs._checkpointed_head_stats
+    monkeypatch.setattr(logprobs, "_checkpointed_head_stats", lambda *a: used.append(1) or original(*a))
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK_ROWS", 16)
+    common = dict(output_dir=str(tmp_path / f"{trainer_name}-{chunked}"), max_steps=2, per_device_train_batch_size=4,
+                  learning_rate=1e-3, logging_steps=1, report_to="none", save_strategy="no", seed=0,
+                  chunked_lm_head=chunked, **kw)
+    if trainer_name == "sft":
+        from posttrain import SFTConfig, SFTTrainer
+
+        trainer = SFTTrainer("posttrain/tiny", args=SFTConfig(max_length=128, **common),
+                             train_dataset=load_builtin_dataset("posttrain/arith-sft", None, split="train[:8]"))
+    else:
+        from posttrain.configs.dpo import DPOConfig
+        from posttrain.trainers.dpo import DPOTrainer
+
+        trainer = DPOTrainer("posttrain/tiny", args=DPOConfig(max_length=96, **common),
+                             train_dataset=load_builtin_dataset("posttrain/arith-pref", None, split="train[:8]"))
+    trainer.train()
+    assert bool(used) == chunked
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("trainer_name,kw", [("sft", {}), ("dpo", {"use_weighting": True})])
+def test_trainers_give_the_same_loss_with_the_chunked_head(tmp_path, monkeypatch, trainer_name, kw):
+    """Two optimizer steps each way: the second step's loss also checks that the gradients agreed."""
+    plain = _trainer_loss(tmp_path, trainer_name, False, monkeypatch, **kw)
+    chunked = _trainer_loss(tmp_path, trainer_name, True, monkeypatch, **kw)
+    assert len(plain) == 2 and chunked == pytest.approx(plain, rel=1e-5)

@@ -21,6 +21,9 @@ from posttrain import hardware
 from posttrain.compat import accept_legacy_arguments
 
 
+CHUNKED_LM_HEAD = ("auto", "true", "false")
+
+
 def check(condition: bool, message: str) -> None:
     """Raise a one-line ValueError when a config value is invalid (message says what and how to fix)."""
     if not condition:
@@ -58,6 +61,11 @@ class PostTrainConfig(TrainingArguments):
     max_nonfinite_steps: int = field(default=5, metadata={"help": "A step whose loss or gradient is NaN/inf is "
                                      "skipped (no weight changes; counted as `nonfinite_skipped`); after this many "
                                      "in a row the run stops with an error. 0 = skip but never stop."})
+    chunked_lm_head: str = field(default="auto", metadata={"help": "Run the LM head and log-softmax of the "
+                                 "training pass 1,024 trained tokens at a time under activation checkpointing, so "
+                                 "its memory stops growing with tokens × vocabulary (costs one more head matmul). "
+                                 "auto: when the float32 (trained tokens × vocabulary) softmax would exceed 1 GiB; "
+                                 "true: always; false: never.", "choices": list(CHUNKED_LM_HEAD)})
 
     def __post_init__(self) -> None:
         if isinstance(self.model_init_kwargs, str):
@@ -65,6 +73,11 @@ class PostTrainConfig(TrainingArguments):
                 self.model_init_kwargs = json.loads(self.model_init_kwargs)
             except json.JSONDecodeError as e:
                 raise ValueError(f"model_init_kwargs must be a JSON object, got {self.model_init_kwargs!r} ({e}).")
+        if isinstance(self.chunked_lm_head, bool):  # Python and YAML callers may pass a bool
+            self.chunked_lm_head = "true" if self.chunked_lm_head else "false"
+        self.chunked_lm_head = str(self.chunked_lm_head).lower()
+        check(self.chunked_lm_head in CHUNKED_LM_HEAD, f"chunked_lm_head must be auto, true or false, got "
+              f"{self.chunked_lm_head!r}.")
         if self.bf16 is None:
             self.bf16 = False if self.fp16 else hardware.default_bf16(self.use_cpu)
         elif self.bf16 and hardware.bf16_is_slow_here(self.use_cpu):

@@ -3,7 +3,9 @@
 Lives here: which positions of a causal-LM batch carry a target, a forward pass that runs the LM head only on
 the N trained rows (`forward_target_rows`), and one fused pass from (N, V) logits to per-token log-probs, entropy,
 mean logit and token accuracy with a two-pass backward (`token_logps`) — float temporaries are made 128 rows at a
-time, and passes without gradients apply the head chunk by chunk so their full logits never exist.
+time, and passes without gradients apply the head chunk by chunk so their full logits never exist. Passes with
+gradients do the same on long batches (`chunked_lm_head`): each 1,024-row chunk of head + log-softmax runs under
+activation checkpointing, so training memory no longer grows with N·V.
 
 Not here: losses (`losses/`), masks built from data (`data/`).
 
@@ -13,10 +15,13 @@ the 12M-param built-in benchmark model), and prompts/padding carry no loss. benc
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -118,76 +123,76 @@ def forward_target_rows(model: torch.nn.Module, input_ids: torch.Tensor, labels:
 
 
 def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,
-                     with_log_sum_p2: bool = False, with_entropy: bool = False,
-                     with_metrics: bool = False) -> dict[str, torch.Tensor]:
+                     with_log_sum_p2: bool = False, with_entropy: bool = False, with_metrics: bool = False,
+                     chunked_lm_head: str | bool | None = None) -> dict[str, torch.Tensor]:
     """Per-token log-probs of each row's trained tokens (completions), laid out per row.
 
-    Args: batch with input_ids, labels (R, T), optional attention_mask/position_ids.
+    Args: batch with input_ids, labels (R, T), optional attention_mask/position_ids; `chunked_lm_head` as in
+    `token_logps`.
     Returns: {"logps": (R, K) log-probs (0 where not trained), "mask": (R, K) bool, "targets": (N,)}, plus
     "log_sum_p2": (R, K) log Σ_v p_v² when asked (WPO), "entropy": (N,) entropy at `temperature` when asked, and
     with `with_metrics` "logits_mean": (N,) mean raw logit per trained token (for the logits/* metrics) and
     "correct": (N,) bool target == argmax (all detached). The (N, V) logits are not returned: once the fused
-    log-softmax has run nothing holds them, so they are freed before the backward (without gradients the head runs
-    chunk by chunk and they never exist at all).
+    log-softmax has run nothing holds them, so they are freed before the backward (without gradients, or with
+    the chunked head, the head runs chunk by chunk and they never exist at all).
     """
     hidden, head, logits, targets, valid, _ = forward_target_rows(model, batch["input_ids"], batch["labels"],
                                                                   batch.get("attention_mask"),
                                                                   batch.get("position_ids"))
-    if logits is None and (torch.is_grad_enabled() or with_log_sum_p2):
-        logits = head(hidden)
     stats = token_logps(logits, targets, temperature, with_entropy=with_entropy, with_metrics=with_metrics,
-                        hidden=hidden, head=head)
+                        with_log_sum_p2=with_log_sum_p2, hidden=hidden, head=head, chunked_lm_head=chunked_lm_head)
     flat = stats.pop("logps")
-    logps = flat.new_zeros(valid.shape).masked_scatter(valid, flat)
-    out = {"logps": logps, "mask": valid, "targets": targets, **stats}
+    out = {"logps": flat.new_zeros(valid.shape).masked_scatter(valid, flat), "mask": valid, "targets": targets}
     if with_log_sum_p2:
-        with torch.no_grad():
-            z = logits.detach().float() / temperature
-            lsp2 = torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1)
-            out["log_sum_p2"] = flat.new_zeros(valid.shape).masked_scatter(valid, lsp2)
-    return out
+        out["log_sum_p2"] = flat.new_zeros(valid.shape).masked_scatter(valid, stats.pop("log_sum_p2"))
+    return {**out, **stats}
 
 
-def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
-                 with_metrics: bool, probs_out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """One chunk: log-prob of each target, and when asked its entropy, mean raw logit and whether the target is the
-    argmax; the softmax is written to probs_out if given."""
+# The statistics besides logps, in the order the autograd functions return them; "metrics" asks for two of them.
+_STAT_KEYS = ("entropy", "logits_mean", "correct", "log_sum_p2")
+
+
+def _stat_keys(with_entropy: bool, with_metrics: bool, with_log_sum_p2: bool) -> tuple[str, ...]:
+    wanted = {"entropy": with_entropy, "logits_mean": with_metrics, "correct": with_metrics,
+              "log_sum_p2": with_log_sum_p2}
+    return tuple(key for key in _STAT_KEYS if wanted[key])
+
+
+def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, keys: tuple[str, ...],
+                 probs_out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One chunk: log-prob of each target, and the statistics named in `keys` (entropy, mean raw logit, whether
+    the target is the argmax, log Σ p²); the softmax is written to probs_out if given."""
     z = logits.float()
     out = {}
-    if with_metrics:
+    if "logits_mean" in keys:
         out["logits_mean"], out["correct"] = z.mean(-1), z.argmax(-1) == targets
     if temperature != 1.0:
         z = z / temperature
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     out["logps"] = (z.gather(-1, targets.unsqueeze(-1)) - lse).squeeze(-1)
-    if probs_out is not None or with_entropy:
+    if "log_sum_p2" in keys:  # log Σ p² = logsumexp(2z) − 2·logsumexp(z) (WPO's weights)
+        out["log_sum_p2"] = torch.logsumexp(2 * z, -1) - 2 * lse.squeeze(-1)
+    if probs_out is not None or "entropy" in keys:
         p = torch.sub(z, lse, out=probs_out) if probs_out is not None else z - lse
         p.exp_()
-        if with_entropy:  # H = log Z − Σ p·z, as a batched dot product (no (n, V) temporary)
+        if "entropy" in keys:  # H = log Z − Σ p·z, as a batched dot product (no (n, V) temporary)
             out["entropy"] = lse.squeeze(-1) - torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1)
     return out
 
 
-def _chunked_stats(chunk_logits, targets: torch.Tensor, temperature: float, with_entropy: bool, with_metrics: bool,
+def _chunked_stats(chunk_logits, targets: torch.Tensor, temperature: float, keys: tuple[str, ...],
                    chunk_size: int, probs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """`_chunk_stats` over rows [start, end) at a time; chunk_logits(start, end) gives those rows' logits."""
     n, device = targets.shape[0], targets.device
-    out = {"logps": torch.empty(n, dtype=torch.float32, device=device)}
-    if with_entropy:
-        out["entropy"] = torch.empty(n, dtype=torch.float32, device=device)
-    if with_metrics:
-        out["logits_mean"] = torch.empty(n, dtype=torch.float32, device=device)
-        out["correct"] = torch.empty(n, dtype=torch.bool, device=device)
+    out = {key: torch.empty(n, dtype=torch.bool if key == "correct" else torch.float32, device=device)
+           for key in ("logps", *keys)}
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
-        stats = _chunk_stats(chunk_logits(start, end), targets[start:end], temperature, with_entropy, with_metrics,
+        stats = _chunk_stats(chunk_logits(start, end), targets[start:end], temperature, keys,
                              probs_out=None if probs is None else probs[start:end])
         for key, value in stats.items():
             out[key][start:end] = value
     return out
-
-
-_STAT_KEYS = ("entropy", "logits_mean", "correct")  # the statistics besides logps, in the autograd outputs' order
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
@@ -197,16 +202,17 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     logits (softmax recompute, zero-fill and scatter of the gather gradient, their sum) to two, and the entropy
     metric reuses the same softmax. The logits themselves are not saved: the head's matmul backward needs only
     hidden states and weights, so they can be freed once the forward is done.
+    Returns (logps, *the statistics named in keys), the statistics not differentiable.
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, temperature: float, with_entropy: bool, with_metrics: bool, chunk_size: int):
+    def forward(ctx, logits, targets, temperature: float, keys: tuple[str, ...], chunk_size: int):
         probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-        out = _chunked_stats(lambda start, end: logits[start:end], targets, temperature, with_entropy, with_metrics,
-                             chunk_size, probs=probs)
+        out = _chunked_stats(lambda start, end: logits[start:end], targets, temperature, keys, chunk_size,
+                             probs=probs)
         ctx.save_for_backward(probs, targets)
         ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
-        extras = [out.get(key, out["logps"].new_zeros(0)) for key in _STAT_KEYS]  # autograd wants tensors
+        extras = [out[key] for key in keys]
         ctx.mark_non_differentiable(*extras)
         return (out["logps"], *extras)
 
@@ -217,31 +223,111 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         grad.scatter_add_(-1, targets.unsqueeze(-1), grad_logps.unsqueeze(-1))
         if ctx.temperature != 1.0:
             grad.div_(ctx.temperature)
-        return grad.to(ctx.logits_dtype), None, None, None, None, None
+        return grad.to(ctx.logits_dtype), None, None, None, None
 
 
 CHUNK_ROWS = 128  # rows of (rows, V) float temporaries: ≤16 MiB at V=32k, so the allocator reuses them
 
+# The chunked head of passes with gradients: rows per checkpointed chunk (at V = 128k: 512 MiB of float32 softmax
+# plus the chunk's logits), and the size of the full (N, V) float32 softmax above which "auto" turns it on.
+HEAD_CHUNK_ROWS = 1024
+HEAD_CHUNK_AUTO_BYTES = 1 << 30
+
+# "auto" | True | False ("true"/"false" too) for calls that pass chunked_lm_head=None; trainers set it from their
+# config for the duration of each compute_loss (`lm_head_chunking`).
+_CHUNKED_LM_HEAD: contextvars.ContextVar[str | bool] = contextvars.ContextVar("chunked_lm_head", default="auto")
+
+
+@contextlib.contextmanager
+def lm_head_chunking(setting: str | bool):
+    """Within the block, log-prob passes that are not told otherwise use this `chunked_lm_head` setting."""
+    token = _CHUNKED_LM_HEAD.set(setting)
+    try:
+        yield
+    finally:
+        _CHUNKED_LM_HEAD.reset(token)
+
+
+def _vocab_size(head: torch.nn.Module) -> int | None:
+    size = getattr(head, "out_features", None)  # nn.Linear and PEFT's wrapped layers (kept under ZeRO-3 too)
+    weight = getattr(head, "weight", None)
+    if size is None and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        size = weight.shape[0]
+    return size
+
+
+def uses_chunked_head(setting: str | bool | None, rows: int, head: torch.nn.Module) -> bool:
+    """Whether a pass with gradients over `rows` trained rows runs the head chunk by chunk: `setting` True/False,
+    or "auto" (None: the current `lm_head_chunking` setting) = when the (rows, V) float32 softmax would exceed
+    HEAD_CHUNK_AUTO_BYTES."""
+    setting = _CHUNKED_LM_HEAD.get() if setting is None else setting
+    if setting == "auto":
+        vocab = _vocab_size(head)
+        return vocab is not None and rows * vocab * 4 > HEAD_CHUNK_AUTO_BYTES
+    if setting in (True, "true", False, "false"):  # the config spells them as strings
+        return setting in (True, "true")
+    raise ValueError(f"chunked_lm_head must be 'auto', True or False, got {setting!r}.")
+
+
+def _head_chunk_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float,
+                      keys: tuple[str, ...], chunk_size: int, calls: list | None = None) -> tuple[torch.Tensor, ...]:
+    """head → fused log-softmax on one chunk. `calls` counts the calls under checkpointing: the first (the forward)
+    computes the statistics in `keys`; later ones (the recompute in the backward, which needs only the softmax)
+    skip them."""
+    if calls is not None:
+        calls.append(None)
+        keys = keys if len(calls) == 1 else ()
+    return _SelectiveLogSoftmax.apply(head(hidden), targets, temperature, keys, chunk_size)
+
+
+def _checkpointed_head_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                             temperature: float, keys: tuple[str, ...], chunk_size: int) -> tuple[torch.Tensor, ...]:
+    """head → fused log-softmax, HEAD_CHUNK_ROWS rows at a time, each under non-reentrant activation
+    checkpointing: the forward keeps neither a chunk's logits nor its softmax, and the backward recomputes them one
+    chunk at a time, so at most one chunk's (rows, V) tensors exist. Costs one more head matmul per chunk (the
+    recompute). Any head module works (tied embeddings, LoRA, a bias): its parameters get their gradients through
+    the recomputed call."""
+    parts = [checkpoint(_head_chunk_stats, hidden[start:start + HEAD_CHUNK_ROWS], head,
+                        targets[start:start + HEAD_CHUNK_ROWS], temperature, keys, chunk_size, [],
+                        use_reentrant=False)
+             for start in range(0, targets.shape[0], HEAD_CHUNK_ROWS)]
+    if not parts:  # no trained rows: keep the graph connected so backward() still works
+        return _head_chunk_stats(hidden, head, targets, temperature, keys, chunk_size)
+    return tuple(torch.cat(column) for column in zip(*parts))
+
+
+def _needs_grad(hidden: torch.Tensor, head: torch.nn.Module) -> bool:
+    return torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+
 
 def token_logps(logits: torch.Tensor | None, targets: torch.Tensor, temperature: float = 1.0,
-                with_entropy: bool = False, with_metrics: bool = False, chunk_size: int = CHUNK_ROWS,
-                hidden: torch.Tensor | None = None, head: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+                with_entropy: bool = False, with_metrics: bool = False, with_log_sum_p2: bool = False,
+                chunk_size: int = CHUNK_ROWS, hidden: torch.Tensor | None = None, head: torch.nn.Module | None = None,
+                chunked_lm_head: str | bool | None = None) -> dict[str, torch.Tensor]:
     """log softmax(logits / temperature)[target] per row, plus the per-row statistics the trainers log.
 
-    Args: logits (N, V), targets (N,) — or, without gradients, hidden (N, H) and the LM head instead of logits,
-    so that only one chunk of logits exists at a time. Returns {"logps": (N,) float32 (differentiable when logits
-    are)}, with "entropy": (N,) entropy of softmax(logits / temperature) when `with_entropy`, and "logits_mean":
-    (N,) mean raw logit and "correct": (N,) bool target == argmax when `with_metrics` (reference and old-policy
-    passes ask for neither). Without gradients it works chunk by chunk and keeps nothing.
+    Args: logits (N, V), targets (N,) — or hidden (N, H) and the LM head instead of logits (what
+    `forward_target_rows` returns), so that the head can run chunk by chunk. `chunked_lm_head` ("auto", True,
+    False; None = the current `lm_head_chunking` setting, "auto" by default) decides whether a pass with gradients
+    does so (`uses_chunked_head`); without gradients it always does.
+    Returns {"logps": (N,) float32 (differentiable when logits, hidden or the head are)}, with "entropy": (N,)
+    entropy of softmax(logits / temperature) when `with_entropy`, "logits_mean": (N,) mean raw logit and
+    "correct": (N,) bool target == argmax when `with_metrics` (reference and old-policy passes ask for neither),
+    and "log_sum_p2": (N,) log Σ_v softmax(logits / temperature)_v² when `with_log_sum_p2` (WPO), all detached.
+    Without gradients it works chunk by chunk and keeps nothing.
     """
+    keys = _stat_keys(with_entropy, with_metrics, with_log_sum_p2)
+    if logits is None and _needs_grad(hidden, head):
+        if uses_chunked_head(chunked_lm_head, targets.shape[0], head):
+            return dict(zip(("logps", *keys), _checkpointed_head_stats(hidden, head, targets, temperature, keys,
+                                                                         chunk_size)))
+        logits = head(hidden)
     if logits is not None and logits.requires_grad and torch.is_grad_enabled():
-        logps, *extras = _SelectiveLogSoftmax.apply(logits, targets, temperature, with_entropy, with_metrics,
-                                                    chunk_size)
-        wanted = {"entropy": with_entropy, "logits_mean": with_metrics, "correct": with_metrics}
-        return {"logps": logps, **{key: value for key, value in zip(_STAT_KEYS, extras) if wanted[key]}}
+        return dict(zip(("logps", *keys), _SelectiveLogSoftmax.apply(logits, targets, temperature, keys,
+                                                                     chunk_size)))
     with torch.no_grad():
         return _chunked_stats(lambda start, end: logits[start:end] if logits is not None else head(hidden[start:end]),
-                              targets, temperature, with_entropy, with_metrics, chunk_size)
+                              targets, temperature, keys, chunk_size)
 
 
 def selective_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,

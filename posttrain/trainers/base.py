@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from posttrain import compat, reporting
 from posttrain.configs.base import PostTrainConfig
 from posttrain.models import adapters, loading
+from posttrain.models.logprobs import lm_head_chunking
 from posttrain.trainers.checkpoints import CrashSafeCheckpoints
 from posttrain.trainers.interrupt import GracefulInterrupt
 from posttrain.trainers.numerics import NonFiniteGuard
@@ -109,6 +110,13 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
     def default_collator(self, processing_class, args):
         """The collator used when none is given. Default: transformers' default."""
         return None
+
+    def compute_loss_context_manager(self):
+        """transformers' context around each compute_loss, plus the `chunked_lm_head` setting for the log-prob
+        passes inside it (`models/logprobs.py`), so no trainer threads it through its own calls."""
+        stack = super().compute_loss_context_manager()
+        stack.enter_context(lm_head_chunking(getattr(self.args, "chunked_lm_head", "auto")))
+        return stack
 
     # ---- loss normalisation ------------------------------------------------------------------------------------
     def count_loss_items(self, batch: dict[str, Any]) -> torch.Tensor:

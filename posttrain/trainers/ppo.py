@@ -42,7 +42,7 @@ from posttrain.configs.ppo import PPOConfig
 from posttrain.losses.kl import KL_ESTIMATORS
 from posttrain.losses.value import clipped_value_loss, ppo_policy_loss
 from posttrain.models import loading, reference
-from posttrain.models.logprobs import IGNORE_INDEX, forward_target_logits, token_logps
+from posttrain.models.logprobs import IGNORE_INDEX, forward_target_rows, token_logps
 from posttrain.models.value import PolicyAndValue, load_value_model, token_values, value_model_from_policy
 from posttrain.trainers.online import OnlineTrainer, reward_list
 from posttrain.trainers.ppo_loop import PPOLoopAPI
@@ -318,9 +318,9 @@ class PPOTrainer(PPOLoopAPI, OnlineTrainer):
         labels = ids.clone()
         labels[:, :prompt_len] = IGNORE_INDEX
         labels[:, prompt_len:][mask == 0] = IGNORE_INDEX
-        logits, targets, valid, output = forward_target_logits(model, ids, labels, attention, _position_ids(attention),
-                                                               with_values=True)
-        stats = token_logps(logits, targets, self.args.temperature, with_entropy=True)
+        hidden, head, logits, targets, valid, output = forward_target_rows(model, ids, labels, attention,
+                                                                           _position_ids(attention), with_values=True)
+        stats = token_logps(logits, targets, self.args.temperature, with_entropy=True, hidden=hidden, head=head)
         flat = stats["logps"]
         logps = flat.new_zeros(mask.shape)
         logps[:, :valid.shape[1]] = logps[:, :valid.shape[1]].masked_scatter(valid, flat)

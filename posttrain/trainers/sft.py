@@ -19,7 +19,7 @@ from posttrain.data.collators import DataCollatorForLanguageModeling
 from posttrain.data.prepare import prepare_sft_dataset
 from posttrain.losses.reduce import global_sum_reduce
 from posttrain.losses.sft import SFT_LOSSES
-from posttrain.models.logprobs import forward_target_logits, token_logps
+from posttrain.models.logprobs import forward_target_rows, token_logps
 from posttrain.trainers.base import PostTrainer
 
 
@@ -70,10 +70,12 @@ class SFTTrainer(PostTrainer):
             shifted = labels[:, 1:]
             valid = shifted != -100
             logits, targets = output.logits[:, :-1][valid], shifted[valid]
-        else:
-            logits, targets, _, output = forward_target_logits(model, inputs["input_ids"], labels,
-                                                            inputs.get("attention_mask"), inputs.get("position_ids"))
-        stats = token_logps(logits, targets, with_entropy=True, with_metrics=True)
+            hidden = head = None
+        else:  # the head runs on the trained rows only, in chunks on long batches (models/logprobs.py)
+            hidden, head, logits, targets, _, output = forward_target_rows(model, inputs["input_ids"], labels,
+                                                                           inputs.get("attention_mask"),
+                                                                           inputs.get("position_ids"))
+        stats = token_logps(logits, targets, with_entropy=True, with_metrics=True, hidden=hidden, head=head)
         del logits  # the fused pass keeps what its backward needs; the (N, V) logits can go now
         logps = stats["logps"]
         per_token, extra = self.loss_fn(logps)
