@@ -23,7 +23,14 @@ import inspect
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from posttrain.models.shared_prefix import forward_shared_prefix
+
 IGNORE_INDEX = -100
+
+
+def _positions(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Position ids that skip left padding (0 for pad columns)."""
+    return None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -79,7 +86,7 @@ def forward_target_logits(model: torch.nn.Module, input_ids: torch.Tensor, label
 
 def forward_target_rows(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                         attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                        **model_kwargs):
+                        shared_prefix: int = 0, **model_kwargs):
     """`forward_target_logits` that may stop before the LM head: returns (hidden (N, H), head, None, targets,
     valid, output) when the head can run apart from the model, else (None, None, logits (N, V), targets, valid,
     output).
@@ -91,6 +98,9 @@ def forward_target_rows(model: torch.nn.Module, input_ids: torch.Tensor, labels:
     fall back to `logits_to_keep` / slicing.
     `use_cache=False` is forced: with a KV cache transformers does not detect packed rows from position_ids and
     packed documents would attend to each other.
+    `shared_prefix` > 0 (left-padded prompts followed by completions, e.g. a GRPO group): rows whose first
+    columns — up to `shared_prefix` and before the first trained target — are equal run them once
+    (`models/shared_prefix.py`); the results are those of the plain forward.
     """
     keep = target_positions(labels)
     targets = labels[:, keep + 1]
@@ -106,12 +116,21 @@ def forward_target_rows(model: torch.nn.Module, input_ids: torch.Tensor, labels:
             return (args[0][..., :0, :],) + tuple(args[1:])
 
         handle = head.register_forward_pre_hook(take_hidden)
+        prefix = min(shared_prefix, int(keep[0])) if keep.numel() else 0
         try:
-            output = model(**kwargs)
+            output = None
+            if prefix > 0:
+                positions = position_ids if position_ids is not None else _positions(attention_mask)
+                output = forward_shared_prefix(model, input_ids, attention_mask, positions, prefix, **model_kwargs)
+            if output is None:
+                captured.clear()
+                prefix, output = 0, model(**kwargs)
         finally:
             handle.remove()
-        if len(captured) == 1 and captured[0].dim() == 3 and captured[0].shape[1] == input_ids.shape[1]:
-            return captured[0][:, keep][valid], head, None, targets[valid], valid, output
+        hidden = captured[-1] if captured else None
+        if (len(captured) == (2 if prefix else 1) and hidden.dim() == 3
+                and hidden.shape[1] == input_ids.shape[1] - prefix):
+            return hidden[:, keep - prefix][valid], head, None, targets[valid], valid, output
         # the head ran more than once or on a slice we did not expect: recompute the ordinary way
     if _forward_accepts_logits_to_keep(type(_base_model(model))):
         output = model(**kwargs, logits_to_keep=keep)
@@ -124,11 +143,11 @@ def forward_target_rows(model: torch.nn.Module, input_ids: torch.Tensor, labels:
 
 def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,
                      with_log_sum_p2: bool = False, with_entropy: bool = False, with_metrics: bool = False,
-                     chunked_lm_head: str | bool | None = None) -> dict[str, torch.Tensor]:
+                     chunked_lm_head: str | bool | None = None, shared_prefix: int = 0) -> dict[str, torch.Tensor]:
     """Per-token log-probs of each row's trained tokens (completions), laid out per row.
 
     Args: batch with input_ids, labels (R, T), optional attention_mask/position_ids; `chunked_lm_head` as in
-    `token_logps`.
+    `token_logps`; `shared_prefix` as in `forward_target_rows` (equal prompts run once).
     Returns: {"logps": (R, K) log-probs (0 where not trained), "mask": (R, K) bool, "targets": (N,)}, plus
     "log_sum_p2": (R, K) log Σ_v p_v² when asked (WPO), "entropy": (N,) entropy at `temperature` when asked, and
     with `with_metrics` "logits_mean": (N,) mean raw logit per trained token (for the logits/* metrics) and
@@ -138,7 +157,7 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], tem
     """
     hidden, head, logits, targets, valid, _ = forward_target_rows(model, batch["input_ids"], batch["labels"],
                                                                   batch.get("attention_mask"),
-                                                                  batch.get("position_ids"))
+                                                                  batch.get("position_ids"), shared_prefix)
     stats = token_logps(logits, targets, temperature, with_entropy=with_entropy, with_metrics=with_metrics,
                         with_log_sum_p2=with_log_sum_p2, hidden=hidden, head=head, chunked_lm_head=chunked_lm_head)
     flat = stats.pop("logps")

@@ -27,6 +27,7 @@ from transformers import (Cache, DynamicCache, GenerationConfig, MinPLogitsWarpe
 from transformers.cache_utils import DynamicLayer
 
 from posttrain.models.logprobs import _base_model, _forward_accepts_logits_to_keep
+from posttrain.models.shared_prefix import full_attention_model
 from posttrain.rollout.types import Rollout
 
 # generation options the static-cache loop implements; any other option away from its default goes to `generate`
@@ -160,17 +161,7 @@ def sampling_config(model, generation_kwargs: dict[str, Any], max_new_tokens: in
 def static_decode_supported(model) -> bool:
     """A decoder-only transformers model whose attention takes an additive 4-D mask and whose cache layers are all
     full attention (sliding-window layers need per-layer masks: those models use `generate`)."""
-    base = _base_model(model)
-    config = getattr(base, "config", None)
-    if config is None or not hasattr(base, "generate") or getattr(config, "is_encoder_decoder", False):
-        return False
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    layer_types = getattr(text, "layer_types", None)
-    if layer_types is None:  # older configs: a sliding window is on when set (and not switched off)
-        sliding = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True) is not False
-        layer_types = ["sliding_attention" if sliding else "full_attention"]
-    return (getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
-            and all(t == "full_attention" for t in layer_types))
+    return full_attention_model(model)
 
 
 class PreallocatedLayer(DynamicLayer):

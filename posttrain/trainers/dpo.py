@@ -24,6 +24,11 @@ from posttrain.trainers.anchored import ReferenceAnchoredMixin
 from posttrain.trainers.preference import PreferenceTrainer
 
 
+# A pair's chosen and rejected rows begin with the same prompt: the columns before the batch's first completion
+# token run once per pair (`models/shared_prefix.py`; right-padded rows share up to the shortest prompt).
+_SHARED = 1 << 30
+
+
 class DPOTrainer(ReferenceAnchoredMixin, PreferenceTrainer):
     """Same call form as TRL's: `DPOTrainer(model, ref_model=None, args=DPOConfig(...), train_dataset=...)`."""
 
@@ -58,7 +63,7 @@ class DPOTrainer(ReferenceAnchoredMixin, PreferenceTrainer):
         if "ref_chosen_logps" in batch:
             return torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).to(batch["input_ids"].device)
         with reference.reference_context(model, self.ref_model, self.accelerator.unwrap_model) as ref:
-            return self._sequence_logps(completion_logps(ref, batch))
+            return self._sequence_logps(completion_logps(ref, batch, shared_prefix=_SHARED))
 
     def reference_columns(self, batch) -> torch.Tensor:
         return self._reference_logps(self.model, batch).view(2, -1).T  # (2B,) chosen then rejected → (B, 2)
@@ -69,7 +74,8 @@ class DPOTrainer(ReferenceAnchoredMixin, PreferenceTrainer):
     # ---- loss ----------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         args = self.args
-        out = completion_logps(model, inputs, with_log_sum_p2=args.use_weighting, with_metrics=True)
+        out = completion_logps(model, inputs, with_log_sum_p2=args.use_weighting, with_metrics=True,
+                               shared_prefix=_SHARED)
         policy = self._sequence_logps(out)
         ref = self._reference_logps(model, inputs)
         half = policy.shape[0] // 2

@@ -331,7 +331,7 @@ class OnlineTrainer(PostTrainer):
         out = completion_logps(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                                        "position_ids": position_ids, "labels": labels},
                                temperature=self.args.temperature if self.logps_at_sampling_temperature else 1.0,
-                               with_entropy=with_entropy)
+                               with_entropy=with_entropy, shared_prefix=prompt_len)
         logps = out["logps"]
         if logps.shape[1] < completion_mask.shape[1]:  # masks are prefix-contiguous: only trailing columns lack
             logps = torch.nn.functional.pad(logps, (0, completion_mask.shape[1] - logps.shape[1]))
