@@ -73,14 +73,14 @@ def measure(vocab: int, chunked: bool) -> dict:
         times.append(seconds)
     return {"vocab": vocab, "chunked": chunked, "trained_tokens": ROWS * TOKENS, "peak_delta_mib": round(max(peaks)),
             "seconds_per_step": round(sum(times) / len(times), 2), "head_weight_mib": round(vocab * HIDDEN * 4 / 2**20),
-            "sum_logps": loss, "head_chunk_rows": logprobs.HEAD_CHUNK_ROWS}
+            "sum_logps": loss, "head_chunk_rows": logprobs.head_chunk_rows(model.get_output_embeddings())}
 
 
 def write_report(results: list[dict]) -> None:
     """HEAD-MEMORY.md from the four measurements (vocab × chunked)."""
     by = {(r["vocab"], r["chunked"]): r for r in results}
     n, small, large = ROWS * TOKENS, VOCABS[0], VOCABS[1]
-    chunk_rows = by[(small, True)]["head_chunk_rows"]
+    chunk_rows = {v: by[(v, True)]["head_chunk_rows"] for v in VOCABS}
     rows = "\n".join(f"| {r['vocab']:,} | {'on' if r['chunked'] else 'off'} | {r['head_weight_mib']} | "
                      f"{r['peak_delta_mib']:,} | {r['seconds_per_step']:.1f} | {r['sum_logps']:.2f} |"
                      for r in results)
@@ -93,7 +93,8 @@ def write_report(results: list[dict]) -> None:
 `OMP_NUM_THREADS=1 python benchmarks/head_memory.py`: one forward + backward of `completion_logps` (with the
 entropy and token-accuracy statistics SFT asks for) on a random-weight Qwen2 ({LAYERS} layers, hidden {HIDDEN},
 untied head) with {ROWS} × {TOKENS:,} = {n:,} trained tokens, float32, CPU, one thread, with `chunked_lm_head`
-off and on ({chunk_rows:,}-row chunks). Peak = peak RSS during the step minus RSS just before it (weights
+off and on ({chunk_rows[small]:,}-row chunks at {small:,}, {chunk_rows[large]:,} at {large:,}: a chunk's float32 logits and
+softmax stay ≤ 256 MiB). Peak = peak RSS during the step minus RSS just before it (weights
 excluded; activations, logits, softmax and gradients included). Each configuration in a fresh process,
 {STEPS} step{"s" if STEPS > 1 else ""} each.
 
@@ -104,9 +105,9 @@ excluded; activations, logits, softmax and gradients included). Each configurati
 From {small:,} to {large:,} vocabulary entries the peak grows by **{growth[False]:,} MiB** with the head whole:
 N·ΔV·8 B = {n * (large - small) * 8 / mib:,.0f} MiB, the float32 logits and softmax in the forward, the softmax
 and the logits' gradient in the backward. Chunked it grows by **{growth[True]:,} MiB**: the head and embedding
-gradients (2·ΔV·H·4 B = {2 * (large - small) * HIDDEN * 4 / mib:,.0f} MiB) plus one chunk's logits and softmax
-(rows·ΔV·8 B = {chunk_rows * (large - small) * 8 / mib:,.0f} MiB), the same whatever the number of trained
-tokens. Chunked / whole: memory **{memory[small]:.2f}×** at {small:,} and **{memory[large]:.2f}×** at
+gradients (2·ΔV·H·4 B = {2 * (large - small) * HIDDEN * 4 / mib:,.0f} MiB); one chunk's logits and softmax take
+rows·V·8 B = {chunk_rows[small] * small * 8 / mib:,.0f} and {chunk_rows[large] * large * 8 / mib:,.0f} MiB at the
+two sizes, whatever the number of trained tokens. Chunked / whole: memory **{memory[small]:.2f}×** at {small:,} and **{memory[large]:.2f}×** at
 {large:,}; time {time_[small]:.2f}× and {time_[large]:.2f}×: the backward recomputes each chunk's head matmul,
 log-sum-exp and softmax (not the entropy or accuracy statistics). With hidden size {HIDDEN} those element-wise
 passes over (N, V) cost as much as the matmuls; at real hidden sizes (thousands) the matmuls dominate and the

@@ -290,3 +290,14 @@ def test_trainers_give_the_same_loss_with_the_chunked_head(tmp_path, monkeypatch
     plain = _trainer_loss(tmp_path, trainer_name, False, monkeypatch, **kw)
     chunked = _trainer_loss(tmp_path, trainer_name, True, monkeypatch, **kw)
     assert len(plain) == 2 and chunked == pytest.approx(plain, rel=1e-5)
+
+
+def test_head_chunk_rows_keep_a_chunk_under_the_byte_budget():
+    """Chunks shrink with the vocabulary so one chunk's float32 logits + softmax stay ≤ HEAD_CHUNK_BYTES (256 MiB):
+    the chunked pass's memory does not grow with the vocabulary either."""
+    from posttrain.models.logprobs import HEAD_CHUNK_BYTES, head_chunk_rows
+
+    rows = {vocab: head_chunk_rows(torch.nn.Linear(8, vocab, bias=False, device="meta"))
+            for vocab in (4096, 32768, 131072, 1 << 20)}
+    assert rows == {4096: 1024, 32768: 1024, 131072: 256, 1 << 20: 32}
+    assert all(r * v * 8 <= HEAD_CHUNK_BYTES for v, r in rows.items())

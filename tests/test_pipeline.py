@@ -96,7 +96,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 TINY = """
 output_dir: {out}
-evaluation: {{num_prompts: 4, max_new_tokens: 4, batch_size: 4}}
+evaluation: {{num_prompts: 4, max_new_tokens: 4, batch_size: 4, samples_per_prompt: 2}}
 defaults: {{report_to: none, save_strategy: "no", logging_steps: 1, per_device_train_batch_size: 4}}
 stages:
   - name: sft
@@ -123,13 +123,18 @@ def _check_outputs(out, names, capsys_out):
     assert by_name["dpo"]["model_from"] == str(out / "sft")
     for name in ("base", "sft", "dpo"):
         assert 0.0 <= by_name[name]["answer_accuracy"] <= 1.0 and by_name[name]["num_prompts"] == 4
-    assert "held-out answer accuracy (4 prompts, greedy)" in (out / "dpo" / "README.md").read_text()
+        assert 0.0 <= by_name[name]["sampled_accuracy"] <= 1.0 and by_name[name]["samples_per_prompt"] == 2
+    card = (out / "dpo" / "README.md").read_text()
+    assert "held-out answer accuracy (4 prompts, greedy)" in card
+    assert "held-out answer accuracy (sampled, T=1, 2 per prompt)" in card
     page = (out / "report.html").read_text()
     assert all(f'href="{name}/report.html"' in page for name in names)
     if plots.matplotlib_available():
         assert (out / "answer_accuracy.png").read_bytes()[:4] == b"\x89PNG" and "data:image/png;base64," in page
+        assert (out / "sampled_accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert "pipeline [1/" in capsys_out and "held-out answer accuracy" in capsys_out
     assert "stage" in capsys_out and "answer acc" in capsys_out and "key metric" in capsys_out  # closing table
+    assert "sampled acc" in capsys_out and "sampled (T=1, 2 per prompt)" in capsys_out
     return by_name
 
 

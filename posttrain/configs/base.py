@@ -62,7 +62,7 @@ class PostTrainConfig(TrainingArguments):
                                      "skipped (no weight changes; counted as `nonfinite_skipped`); after this many "
                                      "in a row the run stops with an error. 0 = skip but never stop."})
     chunked_lm_head: str = field(default="auto", metadata={"help": "Run the LM head and log-softmax of the "
-                                 "training pass 1,024 trained tokens at a time under activation checkpointing, so "
+                                 "training pass in chunks of trained tokens (≤ 1,024, ≤ 256 MiB of logits) under activation checkpointing, so "
                                  "its memory stops growing with tokens × vocabulary (costs one more head matmul). "
                                  "auto: when the float32 (trained tokens × vocabulary) softmax would exceed 1 GiB; "
                                  "true: always; false: never.", "choices": list(CHUNKED_LM_HEAD)})

@@ -249,8 +249,17 @@ CHUNK_ROWS = 128  # rows of (rows, V) float temporaries: ≤16 MiB at V=32k, so 
 
 # The chunked head of passes with gradients: rows per checkpointed chunk (at V = 128k: 512 MiB of float32 softmax
 # plus the chunk's logits), and the size of the full (N, V) float32 softmax above which "auto" turns it on.
-HEAD_CHUNK_ROWS = 1024
+HEAD_CHUNK_ROWS = 1024  # at most; fewer for large vocabularies so a chunk's logits + softmax stay ≤ HEAD_CHUNK_BYTES
+HEAD_CHUNK_BYTES = 256 << 20
 HEAD_CHUNK_AUTO_BYTES = 1 << 30
+
+
+def head_chunk_rows(head: torch.nn.Module) -> int:
+    """Rows per chunk of the chunked head: HEAD_CHUNK_ROWS, or fewer so that one chunk's float32 logits and softmax
+    (rows · V · 8 bytes) fit in HEAD_CHUNK_BYTES — 1,024 rows at V = 32k, 256 at 128k — which keeps the pass's
+    memory the same whatever the vocabulary size."""
+    vocab = _vocab_size(head) or 1
+    return min(HEAD_CHUNK_ROWS, max(16, HEAD_CHUNK_BYTES // (vocab * 8)))
 
 # "auto" | True | False ("true"/"false" too) for calls that pass chunked_lm_head=None; trainers set it from their
 # config for the duration of each compute_loss (`lm_head_chunking`).
@@ -301,15 +310,15 @@ def _head_chunk_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torc
 
 def _checkpointed_head_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
                              temperature: float, keys: tuple[str, ...], chunk_size: int) -> tuple[torch.Tensor, ...]:
-    """head → fused log-softmax, HEAD_CHUNK_ROWS rows at a time, each under non-reentrant activation
+    """head → fused log-softmax, `head_chunk_rows` rows at a time, each under non-reentrant activation
     checkpointing: the forward keeps neither a chunk's logits nor its softmax, and the backward recomputes them one
     chunk at a time, so at most one chunk's (rows, V) tensors exist. Costs one more head matmul per chunk (the
     recompute). Any head module works (tied embeddings, LoRA, a bias): its parameters get their gradients through
     the recomputed call."""
-    parts = [checkpoint(_head_chunk_stats, hidden[start:start + HEAD_CHUNK_ROWS], head,
-                        targets[start:start + HEAD_CHUNK_ROWS], temperature, keys, chunk_size, [],
-                        use_reentrant=False)
-             for start in range(0, targets.shape[0], HEAD_CHUNK_ROWS)]
+    rows = head_chunk_rows(head)
+    parts = [checkpoint(_head_chunk_stats, hidden[start:start + rows], head, targets[start:start + rows],
+                        temperature, keys, chunk_size, [], use_reentrant=False)
+             for start in range(0, targets.shape[0], rows)]
     if not parts:  # no trained rows: keep the graph connected so backward() still works
         return _head_chunk_stats(hidden, head, targets, temperature, keys, chunk_size)
     return tuple(torch.cat(column) for column in zip(*parts))

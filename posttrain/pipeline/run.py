@@ -55,8 +55,17 @@ def answer_accuracy(model, tokenizer, prompts, evaluation: dict[str, Any]) -> di
 
     result = generation_accuracy(model, tokenizer, prompts, max_new_tokens=int(evaluation["max_new_tokens"]),
                                  batch_size=int(evaluation["batch_size"]))
-    return {"answer_accuracy": result["accuracy"], "answer_mean_length": result["mean_length"],
-            "num_prompts": result["num_prompts"], "examples": [list(map(str, e)) for e in result["examples"]]}
+    record = {"answer_accuracy": result["accuracy"], "answer_mean_length": result["mean_length"],
+              "num_prompts": result["num_prompts"], "examples": [list(map(str, e)) for e in result["examples"]]}
+    samples = int(evaluation.get("samples_per_prompt") or 0)
+    if samples > 0:  # what the policy does when it samples (what GRPO optimises), not only its argmax
+        temperature = float(evaluation["sampling_temperature"])
+        sampled = generation_accuracy(model, tokenizer, prompts, max_new_tokens=int(evaluation["max_new_tokens"]),
+                                      batch_size=int(evaluation["batch_size"]), temperature=temperature,
+                                      num_samples=samples)
+        record.update(sampled_accuracy=sampled["accuracy"], samples_per_prompt=samples,
+                      sampling_temperature=temperature)
+    return record
 
 
 def evaluate_base(model_name: str, prompts, evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -115,9 +124,12 @@ def run_stage(stage: Stage, pipeline: spec.Pipeline, prompts) -> dict[str, Any]:
         record.update(answer_accuracy(trainer.model, trainer.processing_class, prompts, pipeline.evaluation))
         record["eval_seconds"] = round(time.time() - eval_start, 1)
         if trainer.is_world_process_zero():
-            label = f"held-out answer accuracy ({record['num_prompts']} prompts, greedy)"
-            reporting.write_model_card(trainer, stage.output_dir, extra={label: record["answer_accuracy"]})
-            reporting.write_report(trainer, extra={label: f"{record['answer_accuracy']:.3f}"})
+            figures = {f"held-out answer accuracy ({record['num_prompts']} prompts, greedy)": record["answer_accuracy"]}
+            if record.get("sampled_accuracy") is not None:
+                figures[f"held-out answer accuracy (sampled, T={record['sampling_temperature']:g}, "
+                        f"{record['samples_per_prompt']} per prompt)"] = record["sampled_accuracy"]
+            reporting.write_model_card(trainer, stage.output_dir, extra=figures)
+            reporting.write_report(trainer, extra={k: f"{v:.3f}" for k, v in figures.items()})
     del trainer
     gc.collect()
     return record

@@ -7,6 +7,7 @@
       num_prompts: 200
       max_new_tokens: 32
       base: true
+      samples_per_prompt: 4                    # also sampled accuracy (4 per prompt at sampling_temperature)
     defaults: {report_to: none}                # applied to every stage (a stage's own keys win)
     stages:
       - name: sft                              # also the command when no `command` is given
@@ -35,7 +36,8 @@ from posttrain.yaml_files import read_mapping
 STAGE_KEYS = {"name", "command", "config", "evaluate"}  # everything else in a stage is a training option
 TOP_KEYS = {"output_dir", "evaluation", "defaults", "stages"}
 EVALUATION_DEFAULTS = {"dataset_name": "posttrain/arith-prompts", "dataset_config": None, "split": "test",
-                       "num_prompts": 200, "max_new_tokens": 32, "batch_size": 64, "base": True}
+                       "num_prompts": 200, "max_new_tokens": 32, "batch_size": 64, "base": True,
+                       "samples_per_prompt": 0, "sampling_temperature": 1.0}  # samples_per_prompt > 0: also sampled
 _REFERENCE = re.compile(r"\{([^{}]+)\}")
 REWARD_COMMANDS = {"reward"}  # stages whose output scores text rather than generating it
 

@@ -47,13 +47,16 @@ def describe(record: dict[str, Any]) -> str:
     if record.get("answer_accuracy") is not None:
         parts.append(f"held-out answer accuracy {record['answer_accuracy']:.3f} ({record['num_prompts']} prompts, "
                      "greedy)")
+    if record.get("sampled_accuracy") is not None:
+        parts.append(f"{record['sampled_accuracy']:.3f} sampled (T={record['sampling_temperature']:g}, "
+                     f"{record['samples_per_prompt']} per prompt)")
     key = record.get("key_metric")
     if key:
         parts.append(f"{key['label']} {fmt(key['first'])} → {fmt(key['last'])}")
     return " · ".join(parts) or "no figures"
 
 
-COLUMNS = ("stage", "command", "time", "answer acc", "key metric")
+COLUMNS = ("stage", "command", "time", "answer acc", "sampled acc", "key metric")
 
 
 def _row(record: dict[str, Any]) -> list[str]:
@@ -61,6 +64,7 @@ def _row(record: dict[str, Any]) -> list[str]:
     return [record["name"], record.get("command") or "—",
             f"{record['seconds']:.0f}s" if record.get("seconds") is not None else "—",
             f"{record['answer_accuracy']:.3f}" if record.get("answer_accuracy") is not None else "—",
+            f"{record['sampled_accuracy']:.3f}" if record.get("sampled_accuracy") is not None else "—",
             f"{key['label']} {fmt(key['first'])} → {fmt(key['last'])}" if key else "—"]
 
 
@@ -86,12 +90,16 @@ def write(output_dir: str, pipeline_path: str, records: list[dict[str, Any]], se
             cells["report"] = os.path.relpath(report, output_dir)
         stages.append({"name": record["name"], **cells})
     facts = {"pipeline": pipeline_path, "output_dir": output_dir, "total time": f"{seconds:.0f} s",
-             "answer accuracy": "greedy decoding on held-out prompts, scored by accuracy_reward"}
-    scored = [r for r in records if r.get("answer_accuracy") is not None]
-    chart = plots.render_bars([r["name"] for r in scored], [r["answer_accuracy"] for r in scored],
-                              os.path.join(output_dir, "answer_accuracy.png"),
-                              "held-out answer accuracy (greedy) after each stage")
+             "answer accuracy": "greedy decoding on held-out prompts, scored by accuracy_reward",
+             "sampled accuracy": "mean over samples at the evaluation's sampling temperature (when asked)"}
+    charts = []
+    for key, what in (("answer_accuracy", "greedy"), ("sampled_accuracy", "sampled")):
+        scored = [r for r in records if r.get(key) is not None]
+        chart = scored and plots.render_bars([r["name"] for r in scored], [r[key] for r in scored],
+                                             os.path.join(output_dir, f"{key}.png"),
+                                             f"held-out answer accuracy ({what}) after each stage")
+        charts += [chart] if chart else []
     page = html.pipeline_page(f"posttrain pipeline — {os.path.basename(pipeline_path)}", facts, stages,
-                              list(COLUMNS[1:]), [chart] if chart else [])
+                              list(COLUMNS[1:]), charts)
     html_path = write_text(os.path.join(output_dir, REPORT), page)
     return {"json": json_path, "html": html_path}
