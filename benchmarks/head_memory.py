@@ -104,8 +104,8 @@ excluded; activations, logits, softmax and gradients included). Each configurati
 
 From {small:,} to {large:,} vocabulary entries the peak grows by **{growth[False]:,} MiB** with the head whole:
 N·ΔV·8 B = {n * (large - small) * 8 / mib:,.0f} MiB, the float32 logits and softmax in the forward, the softmax
-and the logits' gradient in the backward. Chunked it grows by **{growth[True]:,} MiB**: the head and embedding
-gradients (2·ΔV·H·4 B = {2 * (large - small) * HIDDEN * 4 / mib:,.0f} MiB); one chunk's logits and softmax take
+and the logits' gradient in the backward. Chunked it changes by **{growth[True]:+,} MiB** (the head and embedding
+gradients add 2·ΔV·H·4 B = {2 * (large - small) * HIDDEN * 4 / mib:,.0f} MiB; the rest is noise): one chunk's logits and softmax take
 rows·V·8 B = {chunk_rows[small] * small * 8 / mib:,.0f} and {chunk_rows[large] * large * 8 / mib:,.0f} MiB at the
 two sizes, whatever the number of trained tokens. Chunked / whole: memory **{memory[small]:.2f}×** at {small:,} and **{memory[large]:.2f}×** at
 {large:,}; time {time_[small]:.2f}× and {time_[large]:.2f}×: the backward recomputes each chunk's head matmul,
