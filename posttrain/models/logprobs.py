@@ -4,8 +4,9 @@ Lives here: which positions of a causal-LM batch carry a target, a forward pass 
 the N trained rows (`forward_target_rows`), and one fused pass from (N, V) logits to per-token log-probs, entropy,
 mean logit and token accuracy with a two-pass backward (`token_logps`) — float temporaries are made 128 rows at a
 time, and passes without gradients apply the head chunk by chunk so their full logits never exist. Passes with
-gradients do the same on long batches (`chunked_lm_head`): each 1,024-row chunk of head + log-softmax runs under
-activation checkpointing, so training memory no longer grows with N·V.
+gradients do the same on long batches (`chunked_lm_head`): each chunk of head + log-softmax (≤ 1,024 rows and
+≤ 256 MiB of float32 logits + softmax) runs under activation checkpointing, so training memory no longer grows with
+N·V. Rows that repeat a prompt run it once (`shared_prefix`, `models/shared_prefix.py`).
 
 Not here: losses (`losses/`), masks built from data (`data/`).
 
@@ -28,9 +29,10 @@ from posttrain.models.shared_prefix import forward_shared_prefix
 IGNORE_INDEX = -100
 
 
-def _positions(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Position ids that skip left padding (0 for pad columns)."""
-    return None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids that follow the attention mask (0 for pad columns), so left-padded prompts see the
+    positions generation gave them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -120,7 +122,9 @@ def forward_target_rows(model: torch.nn.Module, input_ids: torch.Tensor, labels:
         try:
             output = None
             if prefix > 0:
-                positions = position_ids if position_ids is not None else _positions(attention_mask)
+                positions = position_ids
+                if positions is None and attention_mask is not None:
+                    positions = positions_from_mask(attention_mask)
                 output = forward_shared_prefix(model, input_ids, attention_mask, positions, prefix, **model_kwargs)
             if output is None:
                 captured.clear()
@@ -247,8 +251,8 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
 
 CHUNK_ROWS = 128  # rows of (rows, V) float temporaries: ≤16 MiB at V=32k, so the allocator reuses them
 
-# The chunked head of passes with gradients: rows per checkpointed chunk (at V = 128k: 512 MiB of float32 softmax
-# plus the chunk's logits), and the size of the full (N, V) float32 softmax above which "auto" turns it on.
+# The chunked head of passes with gradients: rows and bytes per checkpointed chunk, and the size of the full (N, V)
+# float32 softmax above which "auto" turns it on.
 HEAD_CHUNK_ROWS = 1024  # at most; fewer for large vocabularies so a chunk's logits + softmax stay ≤ HEAD_CHUNK_BYTES
 HEAD_CHUNK_BYTES = 256 << 20
 HEAD_CHUNK_AUTO_BYTES = 1 << 30

@@ -26,7 +26,7 @@ from transformers import (Cache, DynamicCache, GenerationConfig, MinPLogitsWarpe
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 from transformers.cache_utils import DynamicLayer
 
-from posttrain.models.logprobs import _base_model, _forward_accepts_logits_to_keep
+from posttrain.models.logprobs import _base_model, _forward_accepts_logits_to_keep, positions_from_mask
 from posttrain.models.shared_prefix import full_attention_model
 from posttrain.rollout.types import Rollout
 
@@ -134,7 +134,7 @@ def _transformers_generate(model, ids, mask, full_ids, full_mask, num_generation
                   return_dict_in_generate=False)
     # the shared prefill repeats the cache by one count for all prompts: uneven counts prefill per row
     if share_prefill and isinstance(num_generations, int) and num_generations > 1 and ids.shape[1] > 1:
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = positions_from_mask(mask)
         prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
                        use_cache=True)
         # transformers ≥ 5.2x names the cache `cache`; earlier 5.x releases call it `past_key_values`
@@ -226,7 +226,7 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | t
     U, P = ids.shape
     length = P + max_new
     keep = {"logits_to_keep": 1} if _forward_accepts_logits_to_keep(type(_base_model(model))) else {}
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = positions_from_mask(mask)
     # prompt tokens attend to earlier non-pad tokens; a pad query attends to itself (a fully masked row gives NaN)
     causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
     allowed = (causal & mask.bool()[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)

@@ -25,7 +25,7 @@ from posttrain.data import formats
 from posttrain.data.prepare import check_prompts
 from posttrain.data.tokenize import tokenize_prompt
 from posttrain.models import reference, sharding
-from posttrain.models.logprobs import completion_logps
+from posttrain.models.logprobs import completion_logps, positions_from_mask
 from posttrain.rewards.runner import RewardRunner
 from posttrain.rollout.hf import generate
 from posttrain.trainers import distributed
@@ -327,7 +327,7 @@ class OnlineTrainer(PostTrainer):
         labels = batch["input_ids"].clone()
         labels[:, :prompt_len] = -100
         labels[:, prompt_len:][completion_mask == 0] = -100
-        position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        position_ids = positions_from_mask(batch["attention_mask"])
         out = completion_logps(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                                        "position_ids": position_ids, "labels": labels},
                                temperature=self.args.temperature if self.logps_at_sampling_temperature else 1.0,

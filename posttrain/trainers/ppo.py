@@ -42,7 +42,7 @@ from posttrain.configs.ppo import PPOConfig
 from posttrain.losses.kl import KL_ESTIMATORS
 from posttrain.losses.value import clipped_value_loss, ppo_policy_loss
 from posttrain.models import loading, reference
-from posttrain.models.logprobs import IGNORE_INDEX, forward_target_rows, token_logps
+from posttrain.models.logprobs import IGNORE_INDEX, forward_target_rows, positions_from_mask, token_logps
 from posttrain.models.value import PolicyAndValue, load_value_model, token_values, value_model_from_policy
 from posttrain.trainers.online import OnlineTrainer, reward_list
 from posttrain.trainers.ppo_loop import PPOLoopAPI
@@ -210,7 +210,7 @@ class PPOTrainer(PPOLoopAPI, OnlineTrainer):
         chunks = []
         for start in range(0, batch["input_ids"].shape[0], size):
             ids, attention = batch["input_ids"][start:start + size], batch["attention_mask"][start:start + size]
-            values = token_values(value_model, ids, attention, _position_ids(attention))
+            values = token_values(value_model, ids, attention, positions_from_mask(attention))
             chunks.append(values[:, prompt_len - 1:-1])
         return torch.cat(chunks)
 
@@ -318,8 +318,9 @@ class PPOTrainer(PPOLoopAPI, OnlineTrainer):
         labels = ids.clone()
         labels[:, :prompt_len] = IGNORE_INDEX
         labels[:, prompt_len:][mask == 0] = IGNORE_INDEX
-        hidden, head, logits, targets, valid, output = forward_target_rows(model, ids, labels, attention,
-                                                                           _position_ids(attention), with_values=True)
+        positions = positions_from_mask(attention)
+        hidden, head, logits, targets, valid, output = forward_target_rows(model, ids, labels, attention, positions,
+                                                                           with_values=True)
         stats = token_logps(logits, targets, self.args.temperature, with_entropy=True, hidden=hidden, head=head)
         flat = stats["logps"]
         logps = flat.new_zeros(mask.shape)
@@ -367,11 +368,6 @@ class PPOTrainer(PPOLoopAPI, OnlineTrainer):
             logs["episode"] = self._episodes
             logs["eps"] = self._episodes / max(time.perf_counter() - self._start_time, 1e-9)
         super().log(logs, start_time)
-
-
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that follow the attention mask, so left-padded prompts see the positions generation gave them."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _legacy_arguments(name: str, args, train_dataset, kwargs: dict[str, Any]):
