@@ -3,6 +3,8 @@
     python benchmarks/compare_trl.py                        # all tasks, 2 alternating repeats → benchmarks/RESULTS.md
     python benchmarks/compare_trl.py --tasks sft dpo --repeats 1 --out /tmp/r.md
     python benchmarks/compare_trl.py --worker dpo posttrain  # one run in this process, prints one JSON line
+    python benchmarks/compare_trl.py --device cuda --model posttrain/shape-qwen2-0.5b --batch 16 \
+        --min_tokens 128 --max_tokens 384 --grpo_prompts 4 --out /tmp/RESULTS-gpu.md   # a GPU (benchmarks/gpu_run.sh)
 
 Every run is a fresh process (so peak memory is that run's alone) and the same call form for both libraries —
 `from posttrain import DPOTrainer` or `from trl import DPOTrainer`, the same config keys — on the same model, rows,
@@ -24,9 +26,20 @@ Variants:
                reward): what the hardware gives without a framework.
 Ceiling: the model FLOPs per token (listed per task below) ÷ the measured peak fp32 matmul FLOP/s of this machine.
 
+On a GPU (`--device cuda`, or `auto` where one is visible) models and the plain loop run there; TRL and posttrain run
+with bf16 (TRL's default; posttrain's default on a bf16 GPU; the plain loop under bf16 autocast with fused AdamW);
+the variants that only make sense on a CPU (posttrain-bf16 = posttrain's default there, trl-best-fp32) are left out
+unless named in --variants; the matmul peak is measured on the GPU (8192², bf16, tf32 and fp32); the % column
+becomes MFU = model FLOPs per token × tokens/s ÷ the measured bf16 peak, next to the same over the vendor's dense
+bf16 datasheet figure; peak memory is torch.cuda.max_memory_allocated growth. `--model posttrain/shape-qwen2-0.5b`
+is Qwen2-0.5B's shape (494M parameters, vocab 151,936) with random weights, built locally by
+`posttrain.models.builtin` like the tiny models (nothing is downloaded; the shipped tokenizer uses its first 4,096
+rows).
+
 Measured per run: median seconds per optimizer step over the steps after the first (warm-up), real (non-pad)
 tokens per step (prompt + completion of every sequence the task trains on; the same rows for every variant), and
-peak RSS growth (max resident set during trainer construction and training minus the RSS just before, in MiB).
+peak RSS growth (max resident set during trainer construction and training minus the RSS just before, in MiB;
+on a GPU, peak allocated GPU memory growth over the same span).
 Not a test: nothing here asserts a speed.
 """
 
@@ -48,18 +61,96 @@ BATCH = 8
 STEPS = 6
 GRPO_GENERATIONS = 8
 GRPO_BATCH = 16
+MIN_TOKENS, MAX_TOKENS = 64, 256  # prompt and completion windows
+MAX_NEW_TOKENS = 128  # GRPO completions
+DEVICE = "cpu"  # set by configure(): "cpu" or "cuda"
 TASKS = ("sft", "dpo", "grpo", "reward", "kto")
 VARIANTS = ("posttrain", "posttrain-bf16", "trl-default", "trl-best-fp32", "trl-best-bf16", "plain")
 BF16_VARIANTS = ("posttrain-bf16", "trl-best-bf16")  # run only where bf16 is native (AMX/AVX512-BF16, GPUs)
 PLAIN_TASKS = ("sft", "dpo", "reward")
+CPU_ONLY_VARIANTS = ("posttrain-bf16", "trl-best-fp32")  # on a GPU: posttrain's default is bf16; fp32 is not TRL's best
+GPU_MATMUL_SIZE = 8192  # 2048² is launch-bound on a large GPU
+# Vendor datasheet dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by device-name fragment (first match wins).
+DATASHEET_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989.4e12),
+                  ("H200", 989.4e12), ("GH200", 989.4e12), ("A100", 312e12), ("L40S", 362.05e12), ("L4", 121e12))
 HERE = os.path.dirname(os.path.abspath(__file__))
 KEPT_SECTION = "## Techniques"
 
 
+def workload_args(opts) -> list[str]:
+    """The flags that fix the workload, as a worker's command line takes them."""
+    return ["--device", opts.device, "--model", opts.model, "--batch", str(opts.batch), "--steps", str(opts.steps),
+            "--min_tokens", str(opts.min_tokens), "--max_tokens", str(opts.max_tokens),
+            "--grpo_prompts", str(opts.grpo_prompts), "--generations", str(opts.generations),
+            "--max_new_tokens", str(opts.max_new_tokens), "--threads", str(opts.threads)]
+
+
+def configure(opts) -> None:
+    """Set the module's workload constants from the command line (the defaults leave them as written above)."""
+    global MODEL, BATCH, STEPS, GRPO_GENERATIONS, GRPO_BATCH, MIN_TOKENS, MAX_TOKENS, MAX_NEW_TOKENS, DEVICE
+    import torch
+
+    if opts.device == "auto":
+        opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no GPU here")
+    MODEL, BATCH, STEPS, DEVICE = opts.model, opts.batch, opts.steps, opts.device
+    GRPO_GENERATIONS, GRPO_BATCH = opts.generations, opts.grpo_prompts * opts.generations
+    MIN_TOKENS, MAX_TOKENS, MAX_NEW_TOKENS = opts.min_tokens, opts.max_tokens, opts.max_new_tokens
+
+
+def workload() -> dict:
+    """What a task's figures were measured on (kept per task in RESULTS.json)."""
+    return {"model": MODEL, "device": DEVICE, "batch": BATCH, "steps": STEPS, "tokens": [MIN_TOKENS, MAX_TOKENS],
+            "grpo_batch": GRPO_BATCH, "generations": GRPO_GENERATIONS, "max_new_tokens": MAX_NEW_TOKENS}
+
+
+# Runs stored before these options existed: the defaults above, on a CPU.
+DEFAULT_WORKLOAD = {"model": "posttrain/tiny-15m", "device": "cpu", "batch": 8, "steps": 6, "tokens": [64, 256],
+                    "grpo_batch": 16, "generations": 8, "max_new_tokens": 128}
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _memory_mark() -> float:
+    """Where peak-memory growth is measured from: RSS (CPU), or allocated GPU memory with the peak counter reset."""
+    if DEVICE == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    return _rss_mib()
+
+
+def _memory_peak() -> float:
+    if DEVICE == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _model_path(name: str) -> str:
+    from posttrain.models.builtin import builtin_model_path
+
+    return builtin_model_path(name)
+
+
 # ---- data ---------------------------------------------------------------------------------------------------
 
-def _windows(tokenizer, n: int, seed: int, low: int = 64, high: int = 256) -> list[tuple[str, str, str]]:
-    """n (prompt, completion_a, completion_b) triples cut from the built-in arithmetic text, 64–256 tokens each."""
+def _windows(tokenizer, n: int, seed: int, low: int | None = None,
+             high: int | None = None) -> list[tuple[str, str, str]]:
+    """n (prompt, completion_a, completion_b) triples cut from the built-in arithmetic text, 64–256 tokens each
+    (MIN_TOKENS–MAX_TOKENS)."""
+    low = MIN_TOKENS if low is None else low
+    high = MAX_TOKENS if high is None else high
     from posttrain.data.arith import load_builtin_dataset
 
     text = "\n\n".join(load_builtin_dataset("posttrain/arith-lm", split="train")["text"])
@@ -133,13 +224,16 @@ def _config_kwargs(task: str, variant: str, out: str) -> dict:
         kw["max_length"] = 1024
     if task == "grpo":
         kw.update(per_device_train_batch_size=GRPO_BATCH, num_generations=GRPO_GENERATIONS,
-                  max_completion_length=128)
+                  max_completion_length=MAX_NEW_TOKENS)
     if variant.startswith("trl"):
-        import torch
-
         # TRL's default bf16=True stops a CPU-only run at once ("Your setup doesn't support bf16/gpu. You need to
         # assign use_cpu"): use_cpu=True is the one flag a CPU user must add.
-        kw["use_cpu"] = not torch.cuda.is_available()
+        kw["use_cpu"] = DEVICE == "cpu"
+    elif DEVICE == "cpu":
+        import torch
+
+        if torch.cuda.is_available():  # --device cpu on a machine with a GPU
+            kw["use_cpu"] = True
     if variant.startswith("trl-best"):
         kw.update(gradient_checkpointing=False, bf16=variant.endswith("bf16"))
     if variant == "posttrain-bf16":
@@ -155,9 +249,7 @@ def run_library(task: str, variant: str) -> dict:
         import posttrain as lib
     else:
         import trl as lib
-    from posttrain.models.builtin import builtin_model_path
-
-    model_path = builtin_model_path(MODEL)
+    model_path = _model_path(MODEL)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
     dataset = build_dataset(task, tokenizer)
     per_step = tokens_per_step(task, tokenizer, dataset)
@@ -170,12 +262,14 @@ def run_library(task: str, variant: str) -> dict:
 
     class Clock(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
+            _sync()
             self.t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            _sync()
             step_times.append(time.perf_counter() - self.t)
 
-    before = _rss_mib()
+    before = _memory_mark()
     model = model_path
     if task == "reward":
         model = transformers.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
@@ -186,7 +280,7 @@ def run_library(task: str, variant: str) -> dict:
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _memory_peak()
     if per_step is None:  # grpo: prompt + completion tokens actually trained, from the logged lengths
         lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
         prompt_tokens = statistics.mean(len(tokenizer(p)["input_ids"]) for p in dataset["prompt"])
@@ -198,19 +292,31 @@ def run_library(task: str, variant: str) -> dict:
             "steps": len(step_times), "threads": torch.get_num_threads(),
             "bf16": bool(getattr(args, "bf16", False)),
             "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)),
-            "first_loss": next((h["loss"] for h in trainer.state.log_history if "loss" in h), None)}
+            "first_loss": next((h["loss"] for h in trainer.state.log_history if "loss" in h), None),
+            **_device_fields(trainer.model)}
+
+
+def _device_fields(model) -> dict:
+    """On a GPU: where the model ran and the allocator's reserve (the CPU results stay as they were)."""
+    if DEVICE != "cuda":
+        return {}
+    import torch
+
+    return {"device": str(next(model.parameters()).device),
+            "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20}
 
 
 def run_plain(task: str) -> dict:
-    """The same rows in the same order, padded, through a hand-written forward/backward/AdamW loop (fp32)."""
+    """The same rows in the same order, padded, through a hand-written forward/backward/AdamW loop (fp32 on a CPU;
+    on a GPU bf16 autocast, fused AdamW, batches built and copied to the GPU before the clock starts)."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
     import transformers
 
-    from posttrain.models.builtin import builtin_model_path
-
     torch.manual_seed(0)
-    model_path = builtin_model_path(MODEL)
+    model_path = _model_path(MODEL)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
     dataset = build_dataset(task, tokenizer)
     per_step = tokens_per_step(task, tokenizer, dataset)
@@ -226,13 +332,19 @@ def run_plain(task: str) -> dict:
         m = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
         return x, y, m
 
+    gpu = DEVICE == "cuda"
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
+
     def seq_logps(model, x, y, m):
-        logits = model(input_ids=x, attention_mask=m).logits[:, :-1]
+        with autocast():
+            logits = model(input_ids=x, attention_mask=m).logits[:, :-1]
         targets = y[:, 1:]
         logp = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return (logp * (targets != -100)).sum(-1)
 
-    before = _rss_mib()
+    before = _memory_mark()
     if task == "reward":
         model = transformers.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -241,74 +353,125 @@ def run_plain(task: str) -> dict:
     ref = None
     if task == "dpo":
         ref = transformers.AutoModelForCausalLM.from_pretrained(model_path).eval().requires_grad_(False)
+    if gpu:
+        model.to(DEVICE)
+        if ref is not None:
+            ref.to(DEVICE)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, **({"fused": True} if gpu else {}))
     rows = list(dataset)
-    step_times = []
-    for step in range(STEPS):
+
+    def make_batch(step: int):
         batch = rows[step * BATCH:(step + 1) * BATCH]
-        t = time.perf_counter()
-        if task == "sft":
-            seqs, labels = [], []
+        seqs, labels = [], []
+        for key in (("completion",) if task == "sft" else ("chosen", "rejected")):
             for r in batch:
-                p, c = ids(r["prompt"]), ids(r["completion"]) + [eos]
+                p, c = ids(r["prompt"]), ids(r[key]) + [eos]
                 seqs.append(p + c)
                 labels.append([-100] * len(p) + c)
-            x, y, m = pad(seqs, labels)
-            loss = model(input_ids=x, attention_mask=m, labels=y).loss
-        else:
-            seqs, labels = [], []
-            for key in ("chosen", "rejected"):
-                for r in batch:
-                    p, c = ids(r["prompt"]), ids(r[key]) + [eos]
-                    seqs.append(p + c)
-                    labels.append([-100] * len(p) + c)
-            x, y, m = pad(seqs, labels)
-            if task == "reward":
+        return pad(seqs, labels)
+
+    ready = [tuple(t.to(DEVICE) for t in make_batch(step)) for step in range(STEPS)] if gpu else None
+    step_times = []
+    for step in range(STEPS):
+        _sync()
+        t = time.perf_counter()
+        x, y, m = ready[step] if gpu else make_batch(step)
+        if task == "sft":
+            with autocast():
+                loss = model(input_ids=x, attention_mask=m, labels=y).loss
+        elif task == "reward":
+            with autocast():
                 scores = model(input_ids=x, attention_mask=m).logits.squeeze(-1)
-                loss = -F.logsigmoid(scores[:BATCH] - scores[BATCH:]).mean()
-            else:
-                policy = seq_logps(model, x, y, m)
-                with torch.no_grad():
-                    reference = seq_logps(ref, x, y, m)
-                ratio = (policy - reference)
-                loss = -F.logsigmoid(0.1 * (ratio[:BATCH] - ratio[BATCH:])).mean()
+            loss = -F.logsigmoid((scores[:BATCH] - scores[BATCH:]).float()).mean()
+        else:
+            policy = seq_logps(model, x, y, m)
+            with torch.no_grad():
+                reference = seq_logps(ref, x, y, m)
+            ratio = (policy - reference)
+            loss = -F.logsigmoid(0.1 * (ratio[:BATCH] - ratio[BATCH:])).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        _sync()
         step_times.append(time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _memory_peak()
     seconds = statistics.median(step_times[1:])
     return {"task": task, "variant": "plain", "seconds_per_step": seconds, "tokens_per_step": per_step,
             "tokens_per_s": per_step / seconds, "peak_mib": peak - before, "steps": STEPS,
-            "threads": torch.get_num_threads(), "bf16": False, "gradient_checkpointing": False}
+            "threads": torch.get_num_threads(), "bf16": gpu, "gradient_checkpointing": False,
+            **_device_fields(model)}
 
 
 # ---- machine ceilings ---------------------------------------------------------------------------------------
 
-def matmul_peak(dtype_name: str = "float32", size: int = 2048, runs: int = 20) -> float:
-    """Median FLOP/s of a size×size matmul (after 3 warm-ups)."""
+def matmul_peak(dtype_name: str = "float32", size: int = 2048, runs: int = 20, device: str = "cpu") -> float:
+    """Median FLOP/s of a size×size matmul (after 3 warm-ups) on `device`. On a GPU "tfloat32" is float32 with
+    TF32 tensor cores allowed and "float32" without them; each product is synchronised before the clock stops."""
     import torch
 
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
+    dtype = torch.float32 if dtype_name == "tfloat32" else getattr(torch, dtype_name)
+    precision = torch.get_float32_matmul_precision()
+    if device == "cuda":
+        torch.set_float32_matmul_precision("high" if dtype_name == "tfloat32" else "highest")
+    try:
+        a = torch.randn(size, size, dtype=dtype, device=device)
+        b = torch.randn(size, size, dtype=dtype, device=device)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        for _ in range(3):
+            a @ b
+        sync()
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            a @ b
+            sync()
+            times.append(time.perf_counter() - t)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    del a, b
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return 2 * size ** 3 / statistics.median(times)
 
 
-def model_params() -> dict:
+def measure_peaks(device: str) -> dict:
+    """Median of 3 matmul-peak measurements per precision: fp32 (and bf16 where native) on a CPU at 2048²;
+    bf16, tf32 and fp32 on a GPU at 8192²."""
+    import torch
+
+    from posttrain import hardware
+
+    if device == "cuda":
+        return {name: statistics.median(matmul_peak(name, GPU_MATMUL_SIZE, 10, "cuda") for _ in range(3))
+                for name in ("bfloat16", "tfloat32", "float32")}
+    peaks = {"float32": statistics.median(matmul_peak("float32") for _ in range(3))}
+    if hardware.cpu_has_fast_bf16() or torch.cuda.is_available():
+        peaks["bfloat16"] = statistics.median(matmul_peak("bfloat16") for _ in range(3))
+    return peaks
+
+
+def describe_machine(device: str, peaks: dict) -> dict:
+    from posttrain import hardware
+
+    if device != "cuda":  # the CPU entry as it always was
+        return {"cpu": _cpu_model(), "native_bf16": hardware.cpu_has_fast_bf16(), "peaks": peaks}
+    import torch
+
+    name = torch.cuda.get_device_name()
+    datasheet = next((v for key, v in DATASHEET_BF16 if key in name), None)
+    return {"device": "cuda", "gpu": name, "cpu": _cpu_model(), "native_bf16": True, "peaks": peaks,
+            "datasheet_bf16": datasheet, "torch_cuda": torch.version.cuda}
+
+
+def model_params(name: str | None = None) -> dict:
+    """Parameter counts of built-in model `name` (default MODEL), counted on the meta device (nothing allocated)."""
+    import torch
     import transformers
 
-    from posttrain.models.builtin import builtin_model_path
-
-    config = transformers.AutoConfig.from_pretrained(builtin_model_path(MODEL))
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    config = transformers.AutoConfig.from_pretrained(_model_path(name or MODEL))
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
     head = config.vocab_size * config.hidden_size
     return {"total": total, "head": head, "body": total - head}
@@ -328,82 +491,122 @@ def flops_per_token(task: str, params: dict) -> tuple[float, str]:
 
 # ---- orchestration ------------------------------------------------------------------------------------------
 
-def worker(task: str, variant: str) -> None:
+def worker(task: str, variant: str, threads: int) -> None:
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     result = run_plain(task) if variant == "plain" else run_library(task, variant)
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def spawn(task: str, variant: str) -> dict | None:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", task, variant]
+def spawn(task: str, variant: str, args: list[str] = (), timeout: float | None = None,
+          fail_lines: int = 3) -> dict | None:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", task, variant, *args]
+    sep = " | " if fail_lines <= 3 else "\n    "  # a long traceback tail reads better line by line
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                TQDM_DISABLE="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        tail = out.strip().splitlines()[-fail_lines:]
+        print(f"  {task}/{variant} stopped after {timeout:.0f} s (--run_timeout): {sep.join(tail)}", flush=True)
+        return None
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    print(f"  {task}/{variant} failed: {' | '.join(tail)}", flush=True)
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-fail_lines:]
+    print(f"  {task}/{variant} failed: {sep.join(tail)}", flush=True)
     return None
 
 
 def main() -> None:
+    from posttrain.models.builtin import BUILTIN_MODELS, SHAPED_MODELS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS,
+                        help="Default: all on a CPU; on a GPU all but " + ", ".join(CPU_ONLY_VARIANTS) + ".")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="Where models, the plain loop and the matmul peak run (auto: cuda when torch sees one).")
+    parser.add_argument("--model", default=MODEL, choices=list(BUILTIN_MODELS) + list(SHAPED_MODELS),
+                        help="A built-in model (random weights, built locally); posttrain/shape-qwen2-0.5b is "
+                        "Qwen2-0.5B's shape.")
+    parser.add_argument("--batch", type=int, default=BATCH, help="Rows per step (SFT, DPO, reward, KTO).")
+    parser.add_argument("--steps", type=int, default=STEPS, help="Optimizer steps per run (the first is warm-up).")
+    parser.add_argument("--min_tokens", type=int, default=MIN_TOKENS, help="Shortest prompt / completion window.")
+    parser.add_argument("--max_tokens", type=int, default=MAX_TOKENS, help="Longest prompt / completion window.")
+    parser.add_argument("--grpo_prompts", type=int, default=GRPO_BATCH // GRPO_GENERATIONS,
+                        help="GRPO prompts per step (each sampled --generations times).")
+    parser.add_argument("--generations", type=int, default=GRPO_GENERATIONS)
+    parser.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS, help="GRPO completion length cap.")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch CPU threads in every process (default: all cores).")
+    parser.add_argument("--run_timeout", type=float, default=None,
+                        help="Seconds before one run (one process) is stopped and reported as failed.")
+    parser.add_argument("--fail_lines", type=int, default=3, help="Lines of a failed run's stderr to print.")
     parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
     parser.add_argument("--fresh", action="store_true", help="Forget figures of tasks not run this time "
                         "(by default they are kept from OUT's .json and the report covers every task run so far).")
     parser.add_argument("--report_only", action="store_true", help="Rewrite OUT from OUT's .json without running.")
     parser.add_argument("--worker", nargs=2, metavar=("TASK", "VARIANT"), help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.steps < 2:
+        parser.error("--steps must be at least 2 (the first step is warm-up and not timed)")
+    configure(opts)
     if opts.worker:
-        worker(*opts.worker)
+        worker(*opts.worker, opts.threads)
         return
 
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    from posttrain import hardware
+    torch.set_num_threads(opts.threads)
 
     if opts.report_only:
         with open(os.path.splitext(opts.out)[0] + ".json") as f:
             stored = json.load(f)
-        write_report(opts.out, stored["tasks"], stored["peaks"], model_params())
+        write_report(opts.out, stored["tasks"], stored["peaks"])
         return
-    peaks = {"float32": statistics.median(matmul_peak("float32") for _ in range(3))}
-    if hardware.cpu_has_fast_bf16() or torch.cuda.is_available():
-        peaks["bfloat16"] = statistics.median(matmul_peak("bfloat16") for _ in range(3))
-    print("peak matmul GFLOP/s: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items()), flush=True)
-    params = model_params()
+    peaks = measure_peaks(DEVICE)
+    unit, scale = ("TFLOP/s", 1e12) if DEVICE == "cuda" else ("GFLOP/s", 1e9)
+    print(f"peak matmul {unit}: " + ", ".join(f"{k} {v / scale:.0f}" for k, v in peaks.items()), flush=True)
+    variants = opts.variants or [v for v in VARIANTS if DEVICE == "cpu" or v not in CPU_ONLY_VARIANTS]
     results: dict[tuple[str, str], list[dict]] = {}
     started = time.time()
+    command = f"python benchmarks/compare_trl.py {' '.join(sys.argv[1:])}".rstrip()
+    machine = describe_machine(DEVICE, peaks)
+    store = os.path.splitext(opts.out)[0] + ".json"
+    stored = {}
+    if os.path.exists(store) and not opts.fresh:  # keep the other tasks' figures from earlier invocations
+        with open(store) as f:
+            stored = json.load(f)["tasks"]
+
+    def save(tasks) -> dict:
+        runs = {task: {"command": command, "minutes": round((time.time() - started) / 60, 1), "machine": machine,
+                       "variants": {v: r for (t, v), r in results.items() if t == task}} for task in tasks}
+        for run in runs.values():
+            run["workload"] = workload()
+        runs = {**stored, **runs}
+        with open(store, "w") as f:
+            json.dump({"tasks": runs, "peaks": peaks}, f, indent=1)
+        return runs
+
     for repeat in range(opts.repeats):
         for task in opts.tasks:
-            for variant in opts.variants:
+            for variant in variants:
                 if variant == "plain" and task not in PLAIN_TASKS:
                     continue
                 if variant in BF16_VARIANTS and "bfloat16" not in peaks:
                     continue
-                result = spawn(task, variant)
+                result = spawn(task, variant, workload_args(opts), opts.run_timeout, opts.fail_lines)
                 if result:
                     results.setdefault((task, variant), []).append(result)
                     print(f"repeat {repeat}: {task:6s} {variant:11s} {result['seconds_per_step']:.3f} s/step "
                           f"{result['tokens_per_s']:.0f} tok/s peak +{result['peak_mib']:.0f} MiB", flush=True)
-    command = f"python benchmarks/compare_trl.py {' '.join(sys.argv[1:])}".rstrip()
-    machine = {"cpu": _cpu_model(), "native_bf16": hardware.cpu_has_fast_bf16(), "peaks": peaks}
-    runs = {task: {"command": command, "minutes": round((time.time() - started) / 60, 1), "machine": machine,
-                   "variants": {v: r for (t, v), r in results.items() if t == task}} for task in opts.tasks}
-    store = os.path.splitext(opts.out)[0] + ".json"
-    if os.path.exists(store) and not opts.fresh:  # keep the other tasks' figures from earlier invocations
-        with open(store) as f:
-            runs = {**json.load(f)["tasks"], **runs}
-    with open(store, "w") as f:
-        json.dump({"tasks": runs, "peaks": peaks}, f, indent=1)
-    write_report(opts.out, runs, peaks, params)
+                    save(sorted({t for t, _ in results}, key=TASKS.index))  # partial results survive a kill
+    runs = save(opts.tasks)
+    write_report(opts.out, runs, peaks)
 
 
 def _median(runs: list[dict], key: str) -> float:
@@ -418,7 +621,7 @@ def _cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def write_report(out: str, runs: dict, peaks: dict, params: dict) -> None:
+def write_report(out: str, runs: dict, peaks: dict) -> None:
     import torch
     import transformers
     import trl
@@ -432,10 +635,34 @@ def write_report(out: str, runs: dict, peaks: dict, params: dict) -> None:
         commands.setdefault(runs[task]["command"], []).append(task)
     here = {"cpu": _cpu_model(), "native_bf16": hardware.cpu_has_fast_bf16(), "peaks": peaks}
     machines = {task: runs[task].get("machine", here) for task in tasks}  # runs may come from different sessions
+    loads = {task: runs[task].get("workload", DEFAULT_WORKLOAD) for task in tasks}
+    params = {task: model_params(loads[task]["model"]) for task in tasks}
+    gpu = any(m.get("device") == "cuda" for m in machines.values())
 
     def describe(machine: dict) -> str:
+        if machine.get("device") == "cuda":
+            datasheet = machine.get("datasheet_bf16")
+            return (f"{machine['gpu']} (CUDA {machine.get('torch_cuda')}), peak matmul ({GPU_MATMUL_SIZE}², "
+                    "median) " + ", ".join(f"{k} {v / 1e12:.0f}" for k, v in machine["peaks"].items())
+                    + " TFLOP/s" + (f"; datasheet dense bf16 {datasheet / 1e12:.0f} TFLOP/s" if datasheet else ""))
         return (f"{machine['cpu']}, native bf16 {machine['native_bf16']}, peak matmul (2048², median) "
                 + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in machine["peaks"].items()) + " GFLOP/s")
+
+    def describe_load(load: dict, params: dict) -> str:
+        grpo_prompts = load["grpo_batch"] // load["generations"]
+        low, high = load["tokens"]
+        steps = load["steps"]
+        return (f"Model {load['model']}: {params['total'] / 1e6:.1f}M parameters ({params['head'] / 1e6:.1f}M in the "
+                f"tied embedding/LM head). Batch {load['batch']} rows (GRPO {load['grpo_batch']} completions = "
+                f"{grpo_prompts} prompts × {load['generations']}), prompts and completions {low}–{high} tokens "
+                f"(GRPO: ≤{load['max_new_tokens']} new tokens), {steps} steps per run, median over steps 2–{steps} "
+                "(and over repeats, which alternate variants); each run a fresh process"
+                + (" on the GPU" if load["device"] == "cuda" else "") + ".")
+
+    described: dict[str, list[str]] = {}
+    for task in tasks:
+        described.setdefault(describe_load(loads[task], params[task]), []).append(task)
+    load_lines = [text if len(described) == 1 else f"{', '.join(t)}: {text}" for text, t in described.items()]
 
     lines = ["# Speed and memory: posttrain vs TRL vs a plain PyTorch loop", "",
              "Generated by " + "; ".join(f"`{c}` ({', '.join(t)}, {max(runs[x]['minutes'] for x in t):.0f} min, on "
@@ -446,19 +673,20 @@ def write_report(out: str, runs: dict, peaks: dict, params: dict) -> None:
              f"{os.cpu_count()} cores; torch {torch.__version__} "
              f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, TRL {trl.__version__}, "
              f"posttrain {posttrain.__version__}.",
-             f"Model {MODEL}: {params['total'] / 1e6:.1f}M parameters ({params['head'] / 1e6:.1f}M in the tied "
-             f"embedding/LM head). Batch {BATCH} rows (GRPO {GRPO_BATCH} completions = "
-             f"{GRPO_BATCH // GRPO_GENERATIONS} prompts × {GRPO_GENERATIONS}), prompts and completions 64–256 tokens "
-             f"(GRPO: ≤128 new tokens), {STEPS} steps per run, median over steps 2–{STEPS} (and over repeats, which "
-             "alternate variants); each run a fresh process.",
+             *load_lines,
              "", "| task | variant | precision, grad. ckpt | s/step | tokens/s | vs TRL default | vs TRL best | "
-             "vs plain loop | % of fp32 ceiling | peak memory (MiB) | memory vs TRL default | memory vs TRL best |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "vs plain loop | " + ("MFU (measured bf16 peak) | MFU (datasheet bf16) | " if gpu else
+                                   "% of fp32 ceiling | ") +
+             "peak memory (MiB) | memory vs TRL default | memory vs TRL best |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for task in tasks:
         results = {(task, v): r for v, r in runs[task]["variants"].items()}
-        flops, flops_note = flops_per_token(task, params)
-        fp32_peak = machines[task]["peaks"]["float32"]
-        ceiling = fp32_peak / flops
+        flops, flops_note = flops_per_token(task, params[task])
+        on_gpu = machines[task].get("device") == "cuda"
+        peak_name = "bfloat16" if on_gpu else "float32"  # MFU on a GPU is taken against the bf16 tensor-core peak
+        peak = machines[task]["peaks"][peak_name]
+        ceiling = peak / flops
+        datasheet = machines[task].get("datasheet_bf16")
         ref = {v: results.get((task, v)) for v in VARIANTS}
         bests = [v for v in ("trl-default", "trl-best-fp32", "trl-best-bf16") if ref.get(v)]
         best = max(bests, key=lambda v: _median(ref[v], "tokens_per_s")) if bests else None
@@ -473,17 +701,29 @@ def write_report(out: str, runs: dict, peaks: dict, params: dict) -> None:
 
             precision = "bf16" if measured[0]["bf16"] else "fp32"
             precision += ", on" if measured[0]["gradient_checkpointing"] else ", off"
+            sheet = (f"{100 * tps * flops / datasheet:.1f}% | " if datasheet else "– | ") if gpu else ""
             lines.append(f"| {task} | {variant} | {precision} | {_median(measured, 'seconds_per_step'):.3f} | {tps:.0f} | "
                          f"{ratio('trl-default')} | {ratio(best)} | {ratio('plain')} | "
-                         f"{100 * tps / ceiling:.0f}% | {mem:.0f} | {ratio('trl-default', 'peak_mib', mem)} | "
+                         + (f"{100 * tps / ceiling:.1f}% | " if gpu else f"{100 * tps / ceiling:.0f}% | ") + sheet +
+                         f"{mem:.0f} | {ratio('trl-default', 'peak_mib', mem)} | "
                          f"{ratio(best, 'peak_mib', mem)} |")
-        lines.append(f"| {task} | ceiling | {flops_note} at {fp32_peak / 1e9:.0f} GFLOP/s | "
+        at = f"{peak / 1e12:.0f} TFLOP/s (measured bf16)" if on_gpu else f"{peak / 1e9:.0f} GFLOP/s"
+        lines.append(f"| {task} | ceiling | {flops_note} at {at} | "
                      f"{_median(next(r for r in ref.values() if r), 'tokens_per_step') / ceiling:.3f} | {ceiling:.0f} "
-                     "| | | | 100% | | | |")
+                     "| | | | 100% | " + ((f"{100 * peak / datasheet:.0f}% | " if datasheet else "– | ")
+                                          if gpu else "") + "| | |")
     lines += ["", "Tokens/s counts real (non-pad) prompt + completion tokens of every sequence trained on (DPO/reward: "
               "chosen and rejected, each with its prompt); the same rows for every variant, so tokens/s ratios are "
               "inverse s/step ratios. TRL best = the fastest TRL run of that task (defaults included: within noise the tuned settings do not always win). Peak "
               "memory = max RSS growth from just before the trainer (or plain loop) is built to the end of training: weights, reference copy, gradients, optimizer state and activations."]
+    if gpu:
+        lines += ["", "GPU runs: peak memory = torch.cuda.max_memory_allocated growth over the same span (the "
+                  "allocator's reserve and the CUDA context left out; the reserve is in RESULTS.json as "
+                  "peak_reserved_mib). MFU = the task's model FLOPs per token (ceiling row: 6N training, 2N per "
+                  "no-grad forward, attention FLOPs left out; for SFT this is 6·N·tokens/s) × tokens/s ÷ the bf16 "
+                  f"matmul peak measured in the same run ({GPU_MATMUL_SIZE}², random data, median); the datasheet "
+                  "column divides by the vendor's dense (no sparsity) bf16 figure instead. posttrain and TRL run bf16 "
+                  "mixed precision (fp32 weights and AdamW state), the plain loop bf16 autocast with fused AdamW."]
     kept = ""
     if os.path.exists(out):  # the hand-written part (techniques measured and what paid) survives a rerun
         with open(out) as f:

@@ -11,6 +11,13 @@ config and the shipped tokenizer into `$POSTTRAIN_CACHE/models/<name with / as -
                                         (benchmarks; rows past the tokenizer's 4,096 are unused padding, as in
                                         real models)
 
+Benchmark shapes (`SHAPED_MODELS`, materialised by the same `builtin_model_path` but not in the registry above,
+so the CLI, name resolution and the tests leave them alone: a 0.5B model is 2 GB on disk, seconds to build):
+
+    posttrain/shape-qwen2-0.5b  494,032,768   Qwen2-0.5B's shape with random weights: hidden 896, 24 layers,
+                                        14 heads / 2 KV, MLP 4,864, vocab 151,936 (the shipped tokenizer uses the
+                                        first 4,096 rows), rope theta 1e6 (benchmarks/compare_trl.py --model)
+
 Not here: loading with posttrain's defaults (`models/loading.py`), the tokenizer build (`scripts/build_tokenizer.py`).
 """
 
@@ -45,6 +52,16 @@ BUILTIN_MODELS: dict[str, dict] = {
     "posttrain/tiny-15m": {**_QWEN2, **_MEDIUM, "vocab_size": 32000, "num_hidden_layers": 6},
 }
 
+SHAPED_MODELS: dict[str, dict] = {
+    "posttrain/shape-qwen2-0.5b": {**_QWEN2, "vocab_size": 151936, "hidden_size": 896, "num_hidden_layers": 24,
+                                   "num_attention_heads": 14, "num_key_value_heads": 2, "intermediate_size": 4864,
+                                   "rope_theta": 1000000.0},
+}
+
+
+def _entry(name: str) -> dict:
+    return BUILTIN_MODELS[name] if name in BUILTIN_MODELS else SHAPED_MODELS[name]
+
 
 def is_builtin_model(name: str) -> bool:
     return name in BUILTIN_MODELS
@@ -61,7 +78,7 @@ def cache_dir() -> str:
 
 def _fingerprint(name: str) -> str:
     """Changes when the registry entry or the shipped tokenizer changes, so a stale cached model is rebuilt."""
-    digest = hashlib.sha256(json.dumps(BUILTIN_MODELS[name], sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(_entry(name), sort_keys=True).encode())
     for file in sorted(os.listdir(_TOKENIZER_DIR)):
         with open(os.path.join(_TOKENIZER_DIR, file), "rb") as f:
             digest.update(f.read())
@@ -81,7 +98,7 @@ def _write_model(name: str, out: str, fingerprint: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    kwargs = dict(BUILTIN_MODELS[name])
+    kwargs = dict(_entry(name))
     config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     # fork_rng: seeding must not disturb the caller's random state.
     with torch.random.fork_rng(devices=[]):
@@ -124,8 +141,11 @@ def _wait_until_current(final: str, fingerprint: str, timeout: float = 600.0) ->
 
 
 def builtin_model_path(name: str) -> str:
-    """The local directory of built-in model `name`, written on first use (atomically; safe for parallel callers)."""
-    if name not in BUILTIN_MODELS:
+    """The local directory of built-in model `name`, written on first use (atomically; safe for parallel callers).
+
+    Also takes the benchmark shapes of `SHAPED_MODELS`.
+    """
+    if name not in BUILTIN_MODELS and name not in SHAPED_MODELS:
         raise ValueError(f"Unknown built-in model {name!r}; available: {', '.join(BUILTIN_MODELS)}.")
     root = os.path.join(cache_dir(), "models")
     final = os.path.join(root, name.replace("/", "--"))
