@@ -4,6 +4,8 @@ itself by building an `accelerate launch … -m posttrain <command> …` command
 Configs shipped in `posttrain/accelerate_configs/`: multi_gpu (DDP; on a machine without a GPU the same launch runs
 CPU processes over gloo, alias ddp / multi_cpu), zero1, zero2, zero3 (DeepSpeed) and fsdp2. A path names any other
 accelerate config file. The launched processes get the same arguments minus these two flags.
+Without a GPU, DeepSpeed (its CPU accelerator, gloo) and FSDP2 run CPU processes too, in fp32 (the configs' bf16 is
+for GPUs; `--mixed_precision no` is added); FSDP1 needs CUDA and is refused in one line.
 
 Not here: what each process does (`cli.py`, trainers); how the Trainer sets up the process group (accelerate).
 """
@@ -69,15 +71,17 @@ def resolve_config(name: str) -> str:
 
 
 def check_config_runs_here(path: str) -> None:
-    """DeepSpeed and FSDP need CUDA GPUs (and DeepSpeed its package): refuse early, in one line."""
+    """What cannot run here is refused early, in one line: DeepSpeed without its package, FSDP1 without CUDA."""
     import yaml
 
     with open(path) as f:
-        kind = str((yaml.safe_load(f) or {}).get("distributed_type", "NO")).upper()
+        config = yaml.safe_load(f) or {}
+    kind = str(config.get("distributed_type", "NO")).upper()
     name = os.path.basename(path)
-    if kind in ("DEEPSPEED", "FSDP") and not hardware.has_cuda():
-        raise LaunchError(f"{name} ({kind}) needs CUDA GPUs and this machine has none; use --accelerate_config "
-                          "multi_gpu (DDP, which also runs CPU processes) or drop --accelerate_config")
+    fsdp_version = int((config.get("fsdp_config") or {}).get("fsdp_version", 1))
+    if kind == "FSDP" and fsdp_version != 2 and not hardware.has_cuda():
+        raise LaunchError(f"{name} (FSDP1) needs CUDA GPUs and this machine has none; use --accelerate_config fsdp2 "
+                          "(FSDP2 also runs CPU processes) or multi_gpu")
     if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         raise LaunchError(f"{name} needs DeepSpeed: pip install deepspeed (or choose --accelerate_config fsdp2)")
 
@@ -97,6 +101,8 @@ def build_command(command: str, argv: list[str], num_processes: int | None, conf
     check_config_runs_here(path)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", path,
               "--main_process_port", str(_free_port())]
+    if not hardware.has_cuda():
+        launch += ["--mixed_precision", "no"]  # CPU processes: fp32 (bf16 is emulated, ~30x slower: hardware.py)
     if num_processes is not None:
         launch += ["--num_processes", str(num_processes)]
     elif hardware.has_cuda():
@@ -118,4 +124,5 @@ def relaunch(command: str, argv: list[str]) -> None:
     env = dict(os.environ)
     if not hardware.has_cuda():
         env.setdefault("OMP_NUM_THREADS", "1")  # CPU processes share the cores: one thread each by default
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo without oneCCL), no probing
     os.execve(cmd[0], cmd, env)

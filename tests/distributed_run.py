@@ -4,6 +4,13 @@
 each METHOD for STEPS steps and writes OUT_DIR/METHOD.json (the per-step losses, from process 0). The per-device
 batch is GLOBAL_BATCH / number of processes, so every layout sees the same global batch.
 
+Under an engine that shards (`accelerate launch` with a DeepSpeed or FSDP2 config, tests/test_sharded.py) the same
+runs record what the engine did (ENGINE), and two knobs apply: POSTTRAIN_TEST_HEAD_ROWS=n runs the LM head in
+chunks of n rows with gradients (chunked_lm_head) and without, so processes holding different numbers of trained
+tokens make different numbers of chunks; POSTTRAIN_TEST_SAVE=1 saves each final model to OUT_DIR/METHOD-model.
+After GRPO a decode check (OUT_DIR/decode-RANK.json) makes process 0 end every row at its first token while the
+others decode the full length: with collective forwards (ZeRO-3, FSDP) the decode loop must keep them all stepping.
+
 GRPO/RLOO: sampling differs with the layout (batch composition changes the random draws), so these runs make the
 rollout deterministic and layout-independent: generation is greedy (top_k=1) through the real rollout path, then
 row i of a group keeps its first 1 + 2·(i mod G) tokens; the reward is the built-in length_reward. What is
@@ -53,10 +60,22 @@ def _truncating(cls):
     return Truncating
 
 
+def _knobs(common: dict) -> dict:
+    rows = int(os.environ.get("POSTTRAIN_TEST_HEAD_ROWS", "0"))
+    if rows:
+        from posttrain.models import logprobs
+
+        logprobs.CHUNK_ROWS = logprobs.HEAD_CHUNK_ROWS = rows
+        defaults = logprobs.token_logps.__defaults__  # chunk_size's default was bound at import
+        logprobs.token_logps.__defaults__ = tuple(rows if d == 128 else d for d in defaults)
+        common["chunked_lm_head"] = "true"
+    return common
+
+
 def build(method: str, output_dir: str):
     from posttrain.data.arith import load_builtin_dataset
 
-    common = _common(output_dir, method)
+    common = _knobs(_common(output_dir, method))
     if method == "sft":
         from posttrain import SFTConfig, SFTTrainer
 
@@ -82,14 +101,47 @@ def build(method: str, output_dir: str):
     raise SystemExit(f"unknown method {method!r}")
 
 
+def engine(trainer) -> dict:
+    """What the run's engine did: accelerate's distributed type, the ZeRO stage, and whether the trained and the
+    reference model hold sharded parameters (ZeRO-3 partitions carry a ds_id; FSDP2 shards are DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    def sharded(model):
+        return model is not None and any(hasattr(p, "ds_id") or isinstance(p, DTensor) for p in model.parameters())
+
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    return {"type": str(trainer.accelerator.distributed_type).split(".")[-1],
+            "zero_stage": plugin.zero_stage if plugin is not None else None,
+            "policy_wrapper": type(trainer.model_wrapped).__name__, "policy_sharded": sharded(trainer.model),
+            "ref_wrapper": type(getattr(trainer, "ref_model", None)).__name__,
+            "ref_sharded": sharded(getattr(trainer, "ref_model", None))}
+
+
+def decode(trainer, output_dir: str) -> None:
+    """Process 0's rows end at their first token (every id is an EOS there); the others decode all 8 tokens (the
+    tiny model's greedy completions hold no EOS)."""
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.accelerator.process_index == 0:
+        policy.generation_config.eos_token_id = list(range(policy.config.vocab_size))
+    prompt = trainer.processing_class("1 + 2 =")["input_ids"]
+    rollout = trainer.generate_completions([prompt, prompt], 2, max_new_tokens=8)
+    lengths = rollout.completion_mask.sum(-1).tolist()
+    with open(os.path.join(output_dir, f"decode-{trainer.accelerator.process_index}.json"), "w") as f:
+        json.dump({"lengths": lengths, **engine(trainer)}, f)
+
+
 def main(output_dir: str, methods: list[str]) -> None:
     for method in methods:
         trainer = build(method, output_dir)
         trainer.train()
+        if os.environ.get("POSTTRAIN_TEST_SAVE") == "1":
+            trainer.save_model(os.path.join(output_dir, f"{method}-model"))
+        if method == "grpo":
+            decode(trainer, output_dir)
         if trainer.is_world_process_zero():
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
             with open(os.path.join(output_dir, f"{method}.json"), "w") as f:
-                json.dump({"world_size": _world(), "losses": losses}, f)
+                json.dump({"world_size": _world(), "losses": losses, "engine": engine(trainer)}, f)
         trainer.accelerator.wait_for_everyone()
 
 

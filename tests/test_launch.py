@@ -49,12 +49,29 @@ def test_build_command_execs_accelerate_launch(monkeypatch):
     assert launch.build_command("sft", [], 1, None)[1:4] == ["-m", "posttrain", "sft"]  # one process: no launcher
 
 
-@pytest.mark.skipif(launch.hardware.has_cuda(), reason="checks the no-GPU refusal")
+@pytest.mark.skipif(launch.hardware.has_cuda(), reason="checks the CPU launch")
 @pytest.mark.parametrize("name", ["zero1", "zero3", "fsdp2"])
-def test_sharded_configs_refused_without_gpu(capsys, name):
-    assert main(["dpo", "--num_processes", "2", "--accelerate_config", name]) == 2
+def test_sharded_configs_run_cpu_processes_in_fp32(monkeypatch, name):
+    """DeepSpeed (CPU accelerator, gloo) and FSDP2 run CPU processes (tests/test_sharded.py); bf16 is for GPUs."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: object())  # as if DeepSpeed were installed
+    cmd = launch.build_command("dpo", [], 2, name)
+    assert cmd[cmd.index("--mixed_precision") + 1] == "no" and cmd[-3:] == ["-m", "posttrain", "dpo"]
+
+
+@pytest.mark.skipif(launch.hardware.has_cuda(), reason="checks the no-GPU refusal")
+def test_fsdp1_and_missing_deepspeed_are_one_line(capsys, tmp_path, monkeypatch):
+    with open(launch.resolve_config("fsdp2")) as f:
+        config = yaml.safe_load(f)
+    config["fsdp_config"]["fsdp_version"] = 1
+    (tmp_path / "fsdp1.yaml").write_text(yaml.safe_dump(config))
+    assert main(["dpo", "--num_processes", "2", "--accelerate_config", str(tmp_path / "fsdp1.yaml")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "needs CUDA GPUs" in err
+    assert len(err.splitlines()) == 1 and "(FSDP1) needs CUDA GPUs" in err
+    monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: None)
+    assert main(["dpo", "--num_processes", "2", "--accelerate_config", "zero3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install deepspeed" in err
 
 
 def test_unknown_config_and_nested_launch_are_one_line(capsys, monkeypatch):

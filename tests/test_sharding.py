@@ -1,5 +1,5 @@
-"""Frozen models under DeepSpeed, against a stand-in `deepspeed` module and a stand-in accelerator (the real path
-needs CUDA and DeepSpeed, which CPU tests do not have): `prepare_frozen` hands `deepspeed.initialize` the run's
+"""Frozen models under DeepSpeed, against a stand-in `deepspeed` module and a stand-in accelerator (the real engines
+run in tests/test_sharded.py, on CPU processes, where DeepSpeed is installed): `prepare_frozen` hands `deepspeed.initialize` the run's
 config without optimizer or scheduler (ZeRO-3 kept, ZeRO-1/2 → stage 0), and PPO's reference and an online
 trainer's reward models go through it — scoring and reference log-probs then run through the returned wrapper,
 whose parameters are placeholders as under ZeRO-3. PPO's critic is trained and stays in the policy's container.
@@ -59,8 +59,10 @@ def fake_deepspeed(monkeypatch):
 
     module = types.ModuleType("deepspeed")
     module.initialize = initialize
-    # a spec, but no installed distribution: accelerate's and transformers' availability checks still say "no"
+    # a spec, but no installed distribution: accelerate's and transformers' availability checks still say "no" --
+    # unless the real DeepSpeed is installed, and then accelerate's unwrapping looks up the engine class here
     module.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)
+    module.DeepSpeedEngine = _Engine
     monkeypatch.setitem(sys.modules, "deepspeed", module)
     return calls
 

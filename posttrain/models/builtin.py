@@ -96,14 +96,17 @@ def _is_current(path: str, fingerprint: str) -> bool:
 def _write_model(name: str, out: str, fingerprint: str) -> None:
     """Config, seed-0 weights, generation config, tokenizer files and a stamp, all into `out`."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     kwargs = dict(_entry(name))
     config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    # fork_rng: seeding must not disturb the caller's random state.
+    # fork_rng: seeding must not disturb the caller's random state. The class itself, not from_config: under a
+    # DeepSpeed ZeRO-3 run from_config partitions the weights (zero.Init) and the saved file would hold empty
+    # tensors; the plain constructor gives the same seed-0 weights either way.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config).to(torch.float32)
     model.save_pretrained(out)
     generation = GenerationConfig(eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID, bos_token_id=BOS_TOKEN_ID)
     generation.save_pretrained(out)

@@ -7,6 +7,9 @@ time, and passes without gradients apply the head chunk by chunk so their full l
 gradients do the same on long batches (`chunked_lm_head`): each chunk of head + log-softmax (≤ 1,024 rows and
 ≤ 256 MiB of float32 logits + softmax) runs under activation checkpointing, so training memory no longer grows with
 N·V. Rows that repeat a prompt run it once (`shared_prefix`, `models/shared_prefix.py`).
+Under ZeRO-3 and FSDP every forward is a collective (`models/sharding.py`): the shared prefix is off there (it
+runs the model once or twice as the data decides), ZeRO-3 head chunks are counted from the most rows any process
+holds, and an FSDP2 head runs inside the model's forward (logits kept for the trained positions only).
 
 Not here: losses (`losses/`), masks built from data (`data/`).
 
@@ -24,6 +27,7 @@ import inspect
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from posttrain.models.sharding import collective_forwards, max_over_processes
 from posttrain.models.shared_prefix import forward_shared_prefix
 
 IGNORE_INDEX = -100
@@ -67,7 +71,17 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
     config = getattr(base, "config", None)
     if head is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return None
+    if _is_fsdp2(head):
+        return None  # an FSDP2 head called outside its model's forward crashes the backward (torch 2.13, gloo)
     return head
+
+
+def _is_fsdp2(module: torch.nn.Module) -> bool:
+    """Whether `module` is sharded by FSDP2 (`fully_shard`): it is an FSDPModule or holds DTensor parameters."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(module, FSDPModule) or any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def forward_target_logits(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -106,6 +120,8 @@ def forward_target_rows(model: torch.nn.Module, input_ids: torch.Tensor, labels:
     """
     keep = target_positions(labels)
     targets = labels[:, keep + 1]
+    if shared_prefix and collective_forwards(model):
+        shared_prefix = 0  # it runs the model once or twice as the data decides; ZeRO-3/FSDP need equal counts
     valid = targets != IGNORE_INDEX
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                   **model_kwargs)
@@ -313,16 +329,18 @@ def _head_chunk_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torc
 
 
 def _checkpointed_head_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
-                             temperature: float, keys: tuple[str, ...], chunk_size: int) -> tuple[torch.Tensor, ...]:
+                             temperature: float, keys: tuple[str, ...], chunk_size: int,
+                             rows_to_cover: int = 0) -> tuple[torch.Tensor, ...]:
     """head → fused log-softmax, `head_chunk_rows` rows at a time, each under non-reentrant activation
     checkpointing: the forward keeps neither a chunk's logits nor its softmax, and the backward recomputes them one
     chunk at a time, so at most one chunk's (rows, V) tensors exist. Costs one more head matmul per chunk (the
     recompute). Any head module works (tied embeddings, LoRA, a bias): its parameters get their gradients through
-    the recomputed call."""
-    rows = head_chunk_rows(head)
+    the recomputed call. `rows_to_cover` (> the rows held) adds empty chunks, so that this process calls the head as
+    often as one holding that many rows (ZeRO-3)."""
+    rows, n = head_chunk_rows(head), targets.shape[0]
     parts = [checkpoint(_head_chunk_stats, hidden[start:start + rows], head, targets[start:start + rows],
                         temperature, keys, chunk_size, [], use_reentrant=False)
-             for start in range(0, targets.shape[0], rows)]
+             for start in range(0, max(n, rows_to_cover), rows)]
     if not parts:  # no trained rows: keep the graph connected so backward() still works
         return _head_chunk_stats(hidden, head, targets, temperature, keys, chunk_size)
     return tuple(torch.cat(column) for column in zip(*parts))
@@ -349,17 +367,27 @@ def token_logps(logits: torch.Tensor | None, targets: torch.Tensor, temperature:
     Without gradients it works chunk by chunk and keeps nothing.
     """
     keys = _stat_keys(with_entropy, with_metrics, with_log_sum_p2)
+    # Under ZeRO-3 every call of the head gathers its weights from all processes: the calls (chunks) are counted
+    # from the most rows any process holds, so that all processes make the same calls.
+    rows = targets.shape[0]
+    if logits is None and collective_forwards(head):
+        rows = max_over_processes(rows, hidden.device)
     if logits is None and _needs_grad(hidden, head):
-        if uses_chunked_head(chunked_lm_head, targets.shape[0], head):
+        if uses_chunked_head(chunked_lm_head, rows, head):
             return dict(zip(("logps", *keys), _checkpointed_head_stats(hidden, head, targets, temperature, keys,
-                                                                         chunk_size)))
+                                                                         chunk_size, rows)))
         logits = head(hidden)
     if logits is not None and logits.requires_grad and torch.is_grad_enabled():
         return dict(zip(("logps", *keys), _SelectiveLogSoftmax.apply(logits, targets, temperature, keys,
                                                                      chunk_size)))
     with torch.no_grad():
-        return _chunked_stats(lambda start, end: logits[start:end] if logits is not None else head(hidden[start:end]),
-                              targets, temperature, keys, chunk_size)
+        if logits is not None:
+            return _chunked_stats(lambda start, end: logits[start:end], targets, temperature, keys, chunk_size)
+        out = _chunked_stats(lambda start, end: head(hidden[start:end]), targets, temperature, keys, chunk_size)
+        n = targets.shape[0]
+        for _ in range((rows + chunk_size - 1) // chunk_size - (n + chunk_size - 1) // chunk_size):
+            head(hidden[:0])  # the calls other processes make on their extra rows
+        return out
 
 
 def selective_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,

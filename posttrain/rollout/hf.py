@@ -27,6 +27,7 @@ from transformers import (Cache, DynamicCache, GenerationConfig, MinPLogitsWarpe
 from transformers.cache_utils import DynamicLayer
 
 from posttrain.models.logprobs import _base_model, _forward_accepts_logits_to_keep, positions_from_mask
+from posttrain.models.sharding import collective_forwards, max_over_processes
 from posttrain.models.shared_prefix import full_attention_model
 from posttrain.rollout.types import Rollout
 
@@ -93,6 +94,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], num_generations: int
     each prompt its own count (a process's slice of a generation batch may hold part of a group at either end).
 
     Returns a Rollout with N = Σ counts rows, each prompt's completions consecutive.
+    Under ZeRO-3/FSDP each forward is a collective: every process then decodes until the last row on any process
+    has ended (and makes the same prefill calls), so that all run the same number of forwards.
     """
     pad_id = tokenizer.pad_token_id
     ids, mask = left_pad(prompt_ids, pad_id)
@@ -103,14 +106,15 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], num_generations: int
     full_mask = mask.repeat_interleave(repeats, dim=0)
     eos_ids = _eos_ids(model, tokenizer)
     config = sampling_config(model, generation_kwargs, max_new_tokens)
+    synced = collective_forwards(model)
     with inverse_cdf_sampling(device):
         if config is not None and static_decode_supported(model):
             if not share_prefill:  # every row prefills its own copy of the prompt
                 ids, mask, repeats = full_ids, full_mask, 1
-            completion_ids = static_decode(model, ids, mask, repeats, config, eos_ids, pad_id)
+            completion_ids = static_decode(model, ids, mask, repeats, config, eos_ids, pad_id, synced)
         else:
             completion_ids = _transformers_generate(model, ids, mask, full_ids, full_mask, num_generations,
-                                                    max_new_tokens, generation_kwargs, pad_id, share_prefill)
+                                                    max_new_tokens, generation_kwargs, pad_id, share_prefill, synced)
     completion_mask, truncated = completion_mask_after_eos(completion_ids, eos_ids)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
     return Rollout(prompt_ids=full_ids, prompt_mask=full_mask, completion_ids=completion_ids,
@@ -128,12 +132,16 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 def _transformers_generate(model, ids, mask, full_ids, full_mask, num_generations, max_new_tokens,
-                           generation_kwargs, pad_id, share_prefill) -> torch.Tensor:
-    """Completion ids (N, C) from transformers' `generate`, continuing from one shared prefill per prompt."""
+                           generation_kwargs, pad_id, share_prefill, synced=False) -> torch.Tensor:
+    """Completion ids (N, C) from transformers' `generate`, continuing from one shared prefill per prompt
+    (`synced`: forwards are collectives; no shared prefill, whose extra forward depends on this process's counts)."""
     kwargs = dict(generation_kwargs, max_new_tokens=max_new_tokens, pad_token_id=pad_id, use_cache=True,
                   return_dict_in_generate=False)
+    if synced:
+        kwargs["synced_gpus"] = True
     # the shared prefill repeats the cache by one count for all prompts: uneven counts prefill per row
-    if share_prefill and isinstance(num_generations, int) and num_generations > 1 and ids.shape[1] > 1:
+    if (share_prefill and not synced and isinstance(num_generations, int) and num_generations > 1
+            and ids.shape[1] > 1):
         position_ids = positions_from_mask(mask)
         prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
                        use_cache=True)
@@ -187,6 +195,12 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
 
+def _all_ended(finished: torch.Tensor, synced: bool) -> bool:
+    """Every row has produced an EOS — on every process when `synced` (one all-reduce per decode step)."""
+    ended = bool(finished.all())
+    return not max_over_processes(int(not ended), finished.device) if synced else ended
+
+
 def _logits_warpers(config: GenerationConfig, ids: torch.Tensor, mask: torch.Tensor) -> list:
     """transformers' processors for these options, in the order `generate` applies them."""
     processors = []
@@ -213,12 +227,13 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | torch.Tensor,
-                  config: GenerationConfig, eos_ids: set[int], pad_id: int) -> torch.Tensor:
+                  config: GenerationConfig, eos_ids: set[int], pad_id: int, synced: bool = False) -> torch.Tensor:
     """Completion ids (N, ≤ max_new_tokens): prefill the left-padded unique prompts `ids` (U, P) once, repeat their
     cache `repeats` times into a static cache of length P + max_new_tokens, then decode one token per step.
 
     Rows that have produced an EOS are fed `pad_id` and ignored (as `generate` does); the loop stops when every row
-    has ended. Positions follow the unpadded prompt (position_ids), so left padding does not shift them.
+    has ended (with `synced`, every row of every process: ZeRO-3/FSDP forwards are collectives). Positions follow
+    the unpadded prompt (position_ids), so left padding does not shift them.
     """
     max_new = config.max_new_tokens
     dtype = next(model.parameters()).dtype
@@ -260,7 +275,7 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | t
         token = token.masked_fill(finished, pad_id)
         sequence[:, P + step] = token
         finished |= torch.isin(token, eos)
-        if bool(finished.all()) or step == max_new - 1:
+        if step == max_new - 1 or _all_ended(finished, synced):
             break
         key_allowed[:, P + step] = True
         visible = key_allowed[:, None, None, :P + step + 1]

@@ -27,7 +27,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from posttrain import compat, reporting
 from posttrain.configs.base import PostTrainConfig
-from posttrain.models import adapters, loading
+from posttrain.models import adapters, loading, sharding
 from posttrain.models.logprobs import lm_head_chunking
 from posttrain.trainers.checkpoints import CrashSafeCheckpoints
 from posttrain.trainers.interrupt import GracefulInterrupt
@@ -110,6 +110,11 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
     def default_collator(self, processing_class, args):
         """The collator used when none is given. Default: transformers' default."""
         return None
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if sharding.fsdp_on_cpu(self.accelerator):  # an FSDP2 launch on CPU processes (models/sharding.py)
+            self.is_fsdp_enabled = True
 
     def compute_loss_context_manager(self):
         """transformers' context around each compute_loss, plus the `chunked_lm_head` setting for the log-prob
