@@ -101,8 +101,10 @@ _SAMPLING = [{"do_sample": False}, {"do_sample": True}, {"do_sample": True, "top
 def test_static_cache_loop_samples_what_transformers_generate_samples(counts, kwargs):
     """The preallocated-cache decode loop (shared prefill, left padding, uneven group sizes, every warper it
     implements) gives token for token what `generate` gives under the same seed."""
-    from posttrain.rollout.hf import sampling_config, static_decode_supported
+    from posttrain.rollout.hf import _per_row_prompt_lengths, sampling_config, static_decode_supported
 
+    if "repetition_penalty" in kwargs and not _per_row_prompt_lengths():
+        pytest.skip("this transformers' repetition penalty takes one prompt length: the loop hands it to generate")
     path = builtin_model_path("posttrain/tiny")
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from transformers.cache_utils import DynamicLayer
 
 from posttrain.models.logprobs import _base_model, _forward_accepts_logits_to_keep, positions_from_mask
 from posttrain.models.sharding import collective_forwards, max_over_processes
-from posttrain.models.shared_prefix import full_attention_model
+from posttrain.models.shared_prefix import cache_argument, full_attention_model
 from posttrain.rollout.types import Rollout
 
 # generation options the static-cache loop implements; any other option away from its default goes to `generate`
@@ -163,7 +164,20 @@ def sampling_config(model, generation_kwargs: dict[str, Any], max_new_tokens: in
     changed = {k for k, v in config.to_dict().items() if k not in _LOOP_OPTIONS and v != defaults.get(k)}
     if unknown or changed or (config.num_beams or 1) != 1:
         return None
+    if config.repetition_penalty not in (None, 1.0) and not _per_row_prompt_lengths():
+        return None
     return config
+
+
+@functools.cache
+def _per_row_prompt_lengths() -> bool:
+    """Whether this transformers' repetition penalty takes one prompt length per row (left-padded prompts need it;
+    releases before 5.2x take one int only)."""
+    try:
+        RepetitionPenaltyLogitsProcessor(1.1, prompt_ignore_length=torch.tensor([0, 1]))
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def static_decode_supported(model) -> bool:
@@ -245,9 +259,10 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | t
     # prompt tokens attend to earlier non-pad tokens; a pad query attends to itself (a fully masked row gives NaN)
     causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
     allowed = (causal & mask.bool()[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)
+    cache_key = cache_argument(type(_base_model(model)))  # `cache` from transformers 5.2x, `past_key_values` before
     prefix_cache = DynamicCache(config=model.config)
     out = model(input_ids=ids, attention_mask=_additive_mask(allowed[:, None], dtype), position_ids=positions,
-                cache=prefix_cache, use_cache=True, **keep)
+                use_cache=True, **{cache_key: prefix_cache}, **keep)
     logits = out.logits[:, -1].float().repeat_interleave(repeats, dim=0)
     cache = Cache(layers=[PreallocatedLayer(layer.keys.repeat_interleave(repeats, dim=0),
                                             layer.values.repeat_interleave(repeats, dim=0), length)
@@ -280,6 +295,6 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | t
         key_allowed[:, P + step] = True
         visible = key_allowed[:, None, None, :P + step + 1]
         out = model(input_ids=token[:, None], attention_mask=_additive_mask(visible, dtype),
-                    position_ids=next_position + step, cache=cache, use_cache=True, **keep)
+                    position_ids=next_position + step, use_cache=True, **{cache_key: cache}, **keep)
         logits = out.logits[:, -1].float()
     return sequence[:, P:P + step + 1]
