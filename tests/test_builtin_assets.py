@@ -246,7 +246,7 @@ def _columns(name, config):
 @pytest.mark.parametrize("name", list(COLUMNS))
 def test_dataset_columns_and_sizes(name, config):
     data = load_builtin_dataset(name, config)
-    assert set(data) == {"train", "test"} and (len(data["train"]), len(data["test"])) == (2000, 200)
+    assert set(data) == {"train", "test"} and (len(data["train"]), len(data["test"])) == (2000, 1000)
     assert data["train"].column_names == _columns(name, config)
     row = data["train"][0]
     for col in TEXT_COLUMNS & set(row):
@@ -268,15 +268,16 @@ def test_standard_formats():
     assert row["completion"].startswith(" ") and row["completion"].endswith(f"\n#### {row['answer']}")
     lm = load_builtin_dataset("posttrain/arith-lm", split="train[:1]")[0]
     assert lm["text"] == row["prompt"] + row["completion"]
-    implicit = load_builtin_dataset("posttrain/arith-pref-implicit", split="train[:1]")[0]
-    assert implicit["chosen"] == lm["text"] and implicit["rejected"].startswith(row["prompt"])
+    implicit = load_builtin_dataset("posttrain/arith-pref-implicit", split="test[:1]")[0]
+    pref = load_builtin_dataset("posttrain/arith-pref", split="test[:1]")[0]
+    assert implicit["chosen"] == pref["prompt"] + pref["chosen"] and implicit["rejected"].startswith(pref["prompt"])
 
 
 def test_conversational_formats():
-    row = load_builtin_dataset("posttrain/arith-pref", "conversational", split="train[:1]")[0]
+    row = load_builtin_dataset("posttrain/arith-pref", "conversational", split="test[:1]")[0]
     assert [m["role"] for m in row["prompt"]] == ["user"]
     assert [m["role"] for m in row["chosen"]] == [m["role"] for m in row["rejected"]] == ["assistant"]
-    lm = load_builtin_dataset("posttrain/arith-lm", "conversational", split="train[:1]")[0]
+    lm = load_builtin_dataset("posttrain/arith-lm", "conversational", split="test[:1]")[0]
     assert lm["messages"] == row["prompt"] + row["chosen"]
 
 
@@ -306,6 +307,21 @@ def test_train_and_test_are_disjoint(name):
     data = load_builtin_dataset(name)
     assert not set(data["train"]["prompt"]) & set(data["test"]["prompt"])
     assert len(set(data["train"]["prompt"])) == 2000
+
+
+def test_each_stage_trains_on_its_own_questions():
+    """SFT, preference and RL-prompt train splits hold disjoint questions; every data set shares one test split."""
+    def questions(name, split):
+        return {row["prompt"] for row in load_builtin_dataset(name, split=split)}
+
+    sft, pref, prompts = (questions(n, "train") for n in
+                          ("posttrain/arith-sft", "posttrain/arith-pref", "posttrain/arith-prompts"))
+    test = questions("posttrain/arith-sft", "test")
+    assert len(test) == 1000 and all(len(q) == 2000 for q in (sft, pref, prompts))
+    assert not (sft & pref or sft & prompts or pref & prompts or (sft | pref | prompts) & test)
+    assert questions("posttrain/arith-prompts", "test") == questions("posttrain/arith-pref", "test") == test
+    kto = load_builtin_dataset("posttrain/arith-kto", split="train")["prompt"]
+    assert set(kto) == pref  # unpaired preference data: the same questions as the pairs
 
 
 def test_loading_is_deterministic():

@@ -31,7 +31,7 @@ def test_example_resolves_to_the_documented_chain():
     assert [s.evaluate for s in pipeline.stages] == [True, False, True, True]
     reward = pipeline.stages[1].options
     assert reward["max_steps"] == 150 and reward["dataset_name"] == "posttrain/arith-pref-implicit"  # yaml < stage
-    assert pipeline.evaluation["num_prompts"] == 200 and pipeline.evaluation["split"] == "test"
+    assert pipeline.evaluation["num_prompts"] == 1000 and pipeline.evaluation["split"] == "test"
 
 
 

@@ -13,16 +13,25 @@ few minutes learns the format and many of the answers. A problem has:
 Reward functions compare it to the `answer` column.
 
 Standard rows use "Question: …\\nAnswer:" as the prompt and " <solution>" as the completion; conversational rows
-use a user message (the question) and an assistant message (the solution). Train (2000 rows) and test (200 rows)
-hold different questions; the same pool of problems backs every data set, so no test question of one set is a
-training question of another. Arithmetic facts themselves (7 + 5) do recur across splits, by design: the table is
-small and learning it is part of the task.
+use a user message (the question) and an assistant message (the solution). Every data set has a train split of
+2,000 rows and the same test split of 1,000 rows, all drawn from one pool of distinct questions:
+
+    pool[0:2000]     train of arith-lm and arith-sft (the supervised stage)
+    pool[2000:3000]  test of every data set (its first 200 rows were the whole test split before 1,000)
+    pool[3000:5000]  train of arith-pref, arith-pref-implicit and arith-kto (preference data)
+    pool[5000:7000]  train of arith-prompts (prompts for online RL)
+
+so no test question is a training question anywhere, and each later stage of a pipeline trains on questions the
+earlier stages never saw, as real preference and RL data differ from the SFT set (a model that has memorised its
+SFT questions gets no learning signal from RL on those same prompts). Arithmetic facts themselves (7 + 5) do recur
+across slices, by design: the table is small and learning it is part of the task.
 
 Not here: loading local files or Hub ids (`data/loading.py`), reward functions (`rewards/`).
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import Callable
@@ -30,7 +39,11 @@ from dataclasses import dataclass
 
 import datasets
 
-TRAIN_ROWS, TEST_ROWS = 2000, 200
+TRAIN_ROWS, TEST_ROWS = 2000, 1000
+# where each data set's train split starts in the pool (the test split is pool[TRAIN_ROWS:TRAIN_ROWS + TEST_ROWS])
+_TRAIN_START = {"posttrain/arith-lm": 0, "posttrain/arith-sft": 0, "posttrain/arith-pref": 3000,
+                "posttrain/arith-pref-implicit": 3000, "posttrain/arith-kto": 3000, "posttrain/arith-prompts": 5000}
+_POOL_SIZE = 7000
 _SEED = 1234
 _FORMATS = ("standard", "conversational")
 
@@ -109,7 +122,7 @@ def _make_problem(rng: random.Random) -> Problem:
     return Problem(question, str(value), solution, _wrong_solution(op, a, b, rng))
 
 
-def generate_problems(n: int = TRAIN_ROWS + TEST_ROWS, seed: int = _SEED) -> list[Problem]:
+def generate_problems(n: int = _POOL_SIZE, seed: int = _SEED) -> list[Problem]:
     """`n` problems with distinct questions, always the same ones for the same seed."""
     rng, seen, problems = random.Random(seed), set(), []
     while len(problems) < n:
@@ -201,15 +214,21 @@ def is_builtin_dataset(name: str) -> bool:
 
 
 def _build(name: str, conv: bool) -> datasets.DatasetDict:
-    problems = generate_problems()
+    problems = _pool()
     builder = _ROW_BUILDERS[name]
+    start = _TRAIN_START[name]
     # One RNG per split, seeded apart from the problem pool, so a KTO label never depends on the other split.
-    splits = {"train": problems[:TRAIN_ROWS], "test": problems[TRAIN_ROWS:]}
+    splits = {"train": problems[start:start + TRAIN_ROWS], "test": problems[TRAIN_ROWS:TRAIN_ROWS + TEST_ROWS]}
     out = {}
     for offset, (split, chunk) in enumerate(splits.items()):
         rng = random.Random(_SEED + 1 + offset)
         out[split] = datasets.Dataset.from_list([builder(p, conv, rng) for p in chunk])
     return datasets.DatasetDict(out)
+
+
+@functools.cache
+def _pool() -> tuple[Problem, ...]:
+    return tuple(generate_problems())
 
 
 _SLICE = re.compile(r"^(\w+)\[(-?\d*)(%?):(-?\d*)(%?)\]$")
