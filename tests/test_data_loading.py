@@ -39,7 +39,7 @@ def test_builtin_by_name_with_splits():
     args = types.SimpleNamespace(datasets=None, dataset_name="posttrain/arith-sft", dataset_config=None,
                                  dataset_train_split="train[:10]", dataset_test_split="test", dataset_streaming=False)
     train, evaluation = load_train_eval(args, want_eval=True)
-    assert len(train) == 10 and len(evaluation) == 200
+    assert len(train) == 10 and len(evaluation) == 1000
 
 
 def test_mixture(tmp_path):
