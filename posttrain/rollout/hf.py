@@ -146,8 +146,7 @@ def _transformers_generate(model, ids, mask, full_ids, full_mask, num_generation
         position_ids = positions_from_mask(mask)
         prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
                        use_cache=True)
-        # transformers ≥ 5.2x names the cache `cache`; earlier 5.x releases call it `past_key_values`
-        cache_key = "cache" if "cache" in prefix else "past_key_values"
+        cache_key = cache_argument(type(_base_model(model)))  # `cache` from transformers 5.2x, `past_key_values` before
         cache = prefix[cache_key]
         cache.batch_repeat_interleave(num_generations)
         kwargs[cache_key] = cache
