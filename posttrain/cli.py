@@ -44,8 +44,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 # Hyphenated spellings (TRL's `trl online-dpo` style) name the same commands.
 COMMAND_ALIASES = {name.replace("_", "-"): name for name in COMMANDS if "_" in name}
+COMMAND_ALIASES["vllm_serve"] = "vllm-serve"
 _OTHER_COMMANDS = {"generate": "posttrain.generate:main", "pipeline": "posttrain.pipeline.run:main",
-                   "merge": "posttrain.merge:main"}
+                   "merge": "posttrain.merge:main", "vllm-serve": "posttrain.rollout.server:main"}
 _ALIASES_ONLY = {"env"}  # keys a YAML file may hold besides fields
 
 
@@ -68,6 +69,7 @@ def _usage() -> str:
     lines += [f"  {'generate':<10} generate from a trained model (--model DIR --prompt TEXT; no --prompt: chat)",
               f"  {'pipeline':<10} run training stages in order from one YAML file (SFT → reward → DPO → GRPO)",
               f"  {'merge':<10} merge a LoRA adapter into its base model (--adapter DIR --output_dir OUT)",
+              f"  {'vllm-serve':<10} generation server for online trainers run with vllm_mode=server (--model M)",
               f"  {'env':<10} print versions and hardware (for bug reports)",
               "", "Run 'posttrain <command> --help' for the flags of a command. --debug shows full tracebacks."]
     return "\n".join(lines)

@@ -6,11 +6,11 @@ import sys
 import types
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.models.builtin import builtin_model_path
-from posttrain.rollout.vllm import VLLMColocate, _vllm_name, sampling_options
+from posttrain.rollout.engine import engine_name, sampling_options
+from posttrain.rollout.vllm import VLLMColocate
 
 
 class _FakeLLM:
@@ -45,6 +45,7 @@ def fake_vllm(monkeypatch):
     module.LLM = _FakeLLM
     module.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
     monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # what building an engine sets; restored afterwards
     _FakeLLM.instances.clear()
     return module
 
@@ -82,26 +83,49 @@ def test_colocate_generate_and_weight_sync(fake_vllm):
 
 
 def test_peft_names_are_stripped():
-    assert _vllm_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") == \
+    assert engine_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") == \
         "model.layers.0.self_attn.q_proj.weight"
-    assert _vllm_name("lm_head.weight") == "lm_head.weight"
+    assert engine_name("lm_head.weight") == "lm_head.weight"
 
 
 def test_without_vllm_the_error_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     with pytest.raises(ImportError, match=r"pip install 'posttrain\[vllm\]'"):
         VLLMColocate("x")
 
 
-def test_config_refuses_server_mode_and_bad_memory_share(monkeypatch):
+def test_config_checks_vllm_modes(monkeypatch):
     from posttrain.configs import grpo
 
+    monkeypatch.setattr(grpo, "_has_vllm", lambda: False)
+    with pytest.raises(ValueError, match="use_vllm=True needs the vllm package .*vllm_mode='server'"):
+        grpo.GRPOConfig(output_dir="x", use_vllm=True)
+    # server mode needs no vllm in the training process
+    args = grpo.GRPOConfig(output_dir="x", use_vllm=True, vllm_mode="server")
+    assert (args.vllm_server_base_url, args.vllm_server_host, args.vllm_server_port, args.vllm_server_timeout) == \
+        (None, "0.0.0.0", 8000, 240.0)
+    for kwargs, needle in [({"vllm_server_base_url": "10.0.0.2:8000"}, "must start with http:// or https://"),
+                           ({"vllm_server_port": 0}, r"vllm_server_port must be in \[1, 65535\]"),
+                           ({"vllm_server_timeout": 0}, "vllm_server_timeout must be > 0"),
+                           ({"vllm_mode": "remote"}, "vllm_mode must be one of colocate, server")]:
+        with pytest.raises(ValueError, match=needle):
+            grpo.GRPOConfig(output_dir="x", use_vllm=True, **{"vllm_mode": "server", **kwargs})
     monkeypatch.setattr(grpo, "_has_vllm", lambda: True)
-    with pytest.raises(ValueError, match="vllm_mode='server' is not available yet; use vllm_mode='colocate'"):
-        grpo.GRPOConfig(output_dir="x", use_vllm=True, vllm_mode="server")
     with pytest.raises(ValueError, match=r"vllm_gpu_memory_utilization must be in \(0, 1\)"):
         grpo.GRPOConfig(output_dir="x", use_vllm=True, vllm_gpu_memory_utilization=1.5)
     assert grpo.GRPOConfig(output_dir="x", use_vllm=True).vllm_mode == "colocate"
+
+
+def test_server_flags_reach_the_config(tmp_path):
+    from posttrain.cli import parse_command_args
+
+    for command in ("grpo", "rloo", "online_dpo", "ppo"):
+        _, _, args = parse_command_args(command, [
+            "--output_dir", str(tmp_path), "--use_vllm", "true", "--vllm_mode", "server",
+            "--vllm_server_base_url", "http://gen:9000", "--vllm_server_timeout", "5"])
+        assert (args.vllm_mode, args.vllm_server_base_url, args.vllm_server_timeout) == ("server", "http://gen:9000",
+                                                                                       5.0)
 
 
 def test_grpo_trains_on_vllm_rollouts(fake_vllm, monkeypatch, tmp_path):

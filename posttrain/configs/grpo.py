@@ -12,6 +12,7 @@ from posttrain.configs.base import PostTrainConfig, check
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 SCALE_REWARDS = ("group", "batch", "none")
+VLLM_MODES = ("colocate", "server")
 
 
 @accept_legacy_arguments
@@ -49,12 +50,20 @@ class GRPOConfig(PostTrainConfig):
     shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle prompts."})
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (GPU; needs the vllm extra)."})
     vllm_mode: str = field(default="colocate", metadata={"help": "colocate: a vLLM engine inside each training "
-                           "process, sharing its GPU (server mode is not available yet).", "choices": ["colocate",
-                                                                                                        "server"]})
+                           "process, sharing its GPU; server: a `posttrain vllm-serve` server on other GPUs (or "
+                           "machines), sent the policy's weights over HTTP every optimizer step.",
+                           "choices": list(VLLM_MODES)})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "Share of GPU memory the colocated "
                                                "vLLM engine may take."})
     vllm_max_model_length: int | None = field(default=None, metadata={"help": "vLLM's context length (default: "
                                               "the model's)."})
+    vllm_server_base_url: str | None = field(default=None, metadata={"help": "Server mode: the server's URL "
+                                             "(e.g. http://10.0.0.2:8000); overrides vllm_server_host and "
+                                             "vllm_server_port."})
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Server mode: the server's host."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "Server mode: the server's port."})
+    vllm_server_timeout: float = field(default=240.0, metadata={"help": "Server mode: seconds to wait for the "
+                                       "server to answer when the trainer starts."})
     # rewards
     reward_funcs: list[str] | None = field(default=None, metadata={"help": "Reward functions when none are passed "
                                            "to the trainer: built-in names (accuracy_reward, format_reward, "
@@ -149,12 +158,23 @@ class GRPOConfig(PostTrainConfig):
 
 
 def check_vllm(config) -> None:
-    """use_vllm needs the vllm package and colocate mode; one-line errors otherwise."""
+    """use_vllm: colocate mode needs the vllm package here; server mode needs only a reachable server (checked when
+    the trainer starts), not vllm in the training process. One-line errors."""
     if not config.use_vllm:
         return
-    check(_has_vllm(), "use_vllm=True needs the vllm package (pip install 'posttrain[vllm]') and a CUDA GPU.")
-    check(config.vllm_mode == "colocate", f"vllm_mode={config.vllm_mode!r} is not available yet; use "
-                                          "vllm_mode='colocate' (a vLLM engine in each training process).")
+    check(config.vllm_mode in VLLM_MODES, f"vllm_mode must be one of {', '.join(VLLM_MODES)}, got "
+                                          f"{config.vllm_mode!r}.")
+    if config.vllm_mode == "server":
+        url = config.vllm_server_base_url
+        check(url is None or url.startswith(("http://", "https://")), f"vllm_server_base_url must start with "
+                                                                      f"http:// or https://, got {url!r}.")
+        check(0 < config.vllm_server_port < 65536, f"vllm_server_port must be in [1, 65535], got "
+                                                   f"{config.vllm_server_port}.")
+        check(config.vllm_server_timeout > 0, f"vllm_server_timeout must be > 0 seconds, got "
+                                              f"{config.vllm_server_timeout}.")
+        return
+    check(_has_vllm(), "use_vllm=True needs the vllm package (pip install 'posttrain[vllm]') and a CUDA GPU; or "
+                       "generate on a `posttrain vllm-serve` server with vllm_mode='server'.")
     check(0 < config.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization must be in (0, 1), got "
                                                       f"{config.vllm_gpu_memory_utilization}.")
 

@@ -5,7 +5,8 @@ consecutively). On the first micro-step of a cycle the trainer generates, scores
 (named, timed phases: generate, score, advantages, old_logps, reference), shuffles the completions and splits them
 into `steps_per_generation` micro-batches; the next micro-steps train on those (for `num_iterations` passes).
 
-Not here: generation (`rollout/hf.py`), rewards (`rewards/`), advantage and loss maths (`algorithms/`, `losses/`).
+Not here: generation (`rollout/hf.py`; vLLM colocated or behind `posttrain vllm-serve`: `rollout/vllm.py`,
+`rollout/client.py`), rewards (`rewards/`), advantage and loss maths (`algorithms/`, `losses/`).
 Subclasses implement `compute_loss`.
 """
 
@@ -96,14 +97,24 @@ class OnlineTrainer(PostTrainer):
                                                                   args.ref_model_sync_steps,
                                                                   args.ref_model_mixup_alpha))
         self._micro_step = 0
-        self.vllm = None
-        if args.use_vllm:  # GPU only; vllm is imported here and nowhere else
-            from posttrain.rollout.vllm import VLLMColocate
-
-            self.vllm = VLLMColocate(model_id or self.model.config._name_or_path, args.vllm_gpu_memory_utilization,
-                                     args.vllm_max_model_length, args.seed, multi_process=args.world_size > 1)
+        self.vllm = self._vllm_backend(model_id or self.model.config._name_or_path) if args.use_vllm else None
         self._buffer: list[dict[str, Any]] = []
         self._last_table: list[dict[str, Any]] = []
+
+    def _vllm_backend(self, model_name: str):
+        """colocate: a vLLM engine in this process (vllm is imported there and nowhere else); server: a client of
+        `posttrain vllm-serve`, whose main process sends the weights (the trainer needs no vllm then)."""
+        args = self.args
+        if args.vllm_mode == "server":
+            from posttrain.rollout.client import VLLMServerClient, server_url
+
+            return VLLMServerClient(server_url(args.vllm_server_base_url, args.vllm_server_host, args.vllm_server_port),
+                                    args.vllm_server_timeout, self.accelerator.is_main_process,
+                                    self.accelerator.wait_for_everyone, model_name)
+        from posttrain.rollout.vllm import VLLMColocate
+
+        return VLLMColocate(model_name, args.vllm_gpu_memory_utilization, args.vllm_max_model_length, args.seed,
+                            multi_process=args.world_size > 1)
 
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """A frozen model (reference, reward model) placed the way the policy is (`models/sharding.py`)."""
@@ -256,8 +267,9 @@ class OnlineTrainer(PostTrainer):
                              generation_kwargs: dict[str, Any] | None = None, max_new_tokens: int | None = None,
                              seed_step: int | None = None):
         """A `Rollout` of the policy's completions of tokenised prompts (`per_prompt` each, or one count per
-        prompt), sampled in eval mode through the vLLM engine when configured, else `rollout/hf.py`. Defaults:
-        `generation_kwargs()`, max_completion_length, and the micro-step as the step of the per-process seed."""
+        prompt), sampled in eval mode through the vLLM engine (colocated or a server) when configured, else
+        `rollout/hf.py`. Defaults: `generation_kwargs()`, max_completion_length, and the micro-step as the step of
+        the per-process seed."""
         args = self.args
         kwargs = self.generation_kwargs() if generation_kwargs is None else generation_kwargs
         max_new_tokens = args.max_completion_length if max_new_tokens is None else max_new_tokens

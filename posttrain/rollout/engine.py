@@ -1,0 +1,115 @@
+"""What the token-in, token-out generation backends share: the vLLM engine in this process (`rollout/vllm.py`) and
+the client of a generation server (`rollout/client.py`).
+
+`EngineBackend.generate` has the signature of `rollout.hf.generate` plus the optimizer step: it pushes the policy's
+weights to the engine once per step (PEFT adapters merged first, names as vLLM and transformers load them), asks the
+engine for each prompt's completions as token lists, and turns those into the same `Rollout` as the transformers
+path — EOS masking and left padding are `rollout/hf.py`'s. `sampling_options` translates transformers-style
+generation options into vLLM's `SamplingParams` keywords, which are also the generation server's wire format.
+
+Not here: any engine (vLLM, the server, its transformers backend) or any import of vllm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from posttrain.rollout.hf import completion_mask_after_eos, left_pad
+from posttrain.rollout.types import Rollout
+
+Weights = list[tuple[str, torch.Tensor]]
+
+
+def sampling_options(generation_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """transformers-style sampling options → `vllm.SamplingParams` keywords (vLLM's 'off' values where unset)."""
+    if not generation_kwargs.get("do_sample", True):
+        return {"temperature": 0.0}
+    options = {"temperature": generation_kwargs.get("temperature", 1.0),
+               "top_p": generation_kwargs.get("top_p", 1.0),
+               "top_k": generation_kwargs.get("top_k") or -1,
+               "min_p": generation_kwargs.get("min_p") or 0.0,
+               "repetition_penalty": generation_kwargs.get("repetition_penalty", 1.0)}
+    unknown = set(generation_kwargs) - {"do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty"}
+    options.update({k: generation_kwargs[k] for k in unknown})  # e.g. generation_kwargs={"stop": [...]}
+    return options
+
+
+@contextlib.contextmanager
+def policy_weights(policy: torch.nn.Module) -> Iterator[Weights]:
+    """The policy's (name, tensor) pairs as the engine's model names them, adapters merged in for the duration."""
+    merged = hasattr(policy, "merge_adapter")
+    if merged:
+        policy.merge_adapter()
+    try:
+        yield [(engine_name(name), tensor.detach()) for name, tensor in policy.state_dict().items()
+               if "lora_" not in name and "modules_to_save" not in name]
+    finally:
+        if merged:
+            policy.unmerge_adapter()
+
+
+def engine_name(name: str) -> str:
+    """A state-dict key as the plain model (vLLM's or transformers') expects it: PEFT's wrapper prefixes removed."""
+    return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def rollout_from_token_lists(sequences: list[list[int]], prompt_ids: list[list[int]], counts: list[int],
+                             tokenizer, device: torch.device) -> Rollout:
+    """A `Rollout` from completions given as token lists (Σ counts of them, each prompt's consecutive).
+
+    An engine stops a completion at its EOS (kept as its last token) or at max_tokens, so lists differ in length:
+    they are right-padded, and the mask covers each list up to its first EOS."""
+    pad_id = tokenizer.pad_token_id
+    width = max(max((len(s) for s in sequences), default=1), 1)
+    completion_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        completion_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+    eos = tokenizer.eos_token_id
+    completion_mask, truncated = completion_mask_after_eos(completion_ids, set(eos if isinstance(eos, list) else [eos]))
+    lengths = torch.tensor([len(s) for s in sequences])
+    completion_mask &= (torch.arange(width)[None, :] < lengths[:, None]).long()  # the padding of shorter lists
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
+    ids, mask = left_pad(prompt_ids, pad_id)
+    repeats = torch.tensor(counts)
+    return Rollout(prompt_ids=ids.repeat_interleave(repeats, 0).to(device),
+                   prompt_mask=mask.repeat_interleave(repeats, 0).to(device),
+                   completion_ids=completion_ids.to(device), completion_mask=completion_mask.to(device),
+                   is_truncated=truncated.to(device))
+
+
+class EngineBackend:
+    """A generation engine outside transformers' `generate`. Subclasses implement `sample` (token lists) and
+    `push_weights` (policy → engine); `generate` and the once-per-step weight sync are shared."""
+
+    _synced_step: int | None = None
+
+    def sample(self, prompt_ids: list[list[int]], counts: list[int], max_tokens: int,
+               options: dict[str, Any]) -> list[list[int]]:
+        """Σ counts completions (token lists, EOS kept), each prompt's `counts[i]` consecutive."""
+        raise NotImplementedError
+
+    def push_weights(self, policy: torch.nn.Module) -> None:
+        """Load the policy's current weights into the engine and drop cached prefixes computed with the old ones."""
+        raise NotImplementedError
+
+    def sync_weights(self, policy: torch.nn.Module, step: int) -> None:
+        """Push the policy's weights once per optimizer step (rollouts of the same step share them)."""
+        if self._synced_step == step:
+            return
+        self.push_weights(policy)
+        self._synced_step = step
+
+    def generate(self, policy, tokenizer, prompt_ids: list[list[int]], num_generations: int | list[int],
+                 max_new_tokens: int, generation_kwargs: dict[str, Any], step: int = 0) -> Rollout:
+        """Like `rollout.hf.generate`: G completions per prompt (or one count per prompt), groups consecutive."""
+        self.sync_weights(policy, step)
+        counts = [num_generations] * len(prompt_ids) if isinstance(num_generations, int) else list(num_generations)
+        sequences = self.sample(prompt_ids, counts, max_new_tokens, sampling_options(generation_kwargs))
+        if len(sequences) != sum(counts):
+            raise RuntimeError(f"the generation engine returned {len(sequences)} completions for {sum(counts)} "
+                               "requested")
+        return rollout_from_token_lists(sequences, prompt_ids, counts, tokenizer, next(policy.parameters()).device)
