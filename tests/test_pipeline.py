@@ -124,6 +124,10 @@ def _check_outputs(out, names, capsys_out):
     for name in ("base", "sft", "dpo"):
         assert 0.0 <= by_name[name]["answer_accuracy"] <= 1.0 and by_name[name]["num_prompts"] == 4
         assert 0.0 <= by_name[name]["sampled_accuracy"] <= 1.0 and by_name[name]["samples_per_prompt"] == 2
+    versus = by_name["dpo"]["versus"]  # question by question against the model the stage started from
+    assert versus["stage"] == "sft" and len(by_name["dpo"]["answer_correct"]) == 4
+    assert versus["fixed"] + versus["broken"] <= 4 and 0.0 < versus["p_value"] <= 1.0
+    assert by_name["sft"]["versus"]["stage"] == "base"
     card = (out / "dpo" / "README.md").read_text()
     assert "held-out answer accuracy (4 prompts, greedy)" in card
     assert "held-out answer accuracy (sampled, T=1, 2 per prompt)" in card
@@ -135,6 +139,7 @@ def _check_outputs(out, names, capsys_out):
     assert "pipeline [1/" in capsys_out and "held-out answer accuracy" in capsys_out
     assert "stage" in capsys_out and "answer acc" in capsys_out and "key metric" in capsys_out  # closing table
     assert "sampled acc" in capsys_out and "sampled (T=1, 2 per prompt)" in capsys_out
+    assert "vs sft: +" in capsys_out and "McNemar p" in capsys_out
     return by_name
 
 

@@ -49,10 +49,30 @@ def test_generation_accuracy_scores_greedy_and_sampled_completions():
 
     result = generation_accuracy(model, tok, rows, reward_func=matches, max_new_tokens=6, batch_size=2)
     assert result["accuracy"] == 0.4 and result["num_prompts"] == 5 and len(result["examples"]) == 3
+    assert result["scores"] == [1.0, 1.0, 0.0, 0.0, 0.0]  # per question, in data set order
     sampled = generation_accuracy(model, tok, rows, reward_func=matches, max_new_tokens=6, temperature=1.0,
                                   num_samples=3)
     assert 0.0 <= sampled["accuracy"] <= 1.0 and sampled["mean_length"] > 0
     assert model.training is False  # left in the mode it was given
+
+
+def test_paired_comparison_is_the_exact_mcnemar_test():
+    """Fixed/broken counts and the two-sided binomial p on the disagreeing questions, against hand figures."""
+    from posttrain.evaluation import paired_comparison
+
+    before = [True] * 50 + [False] * 10 + [True] * 2 + [False] * 38
+    after = [True] * 50 + [True] * 10 + [False] * 2 + [False] * 38
+    result = paired_comparison(before, after)
+    # 12 disagreements, 10 fixed, 2 broken: p = 2 · (C(12,0) + C(12,1) + C(12,2)) / 2^12 = 2 · 79 / 4096
+    assert result["fixed"] == 10 and result["broken"] == 2
+    assert result["p_value"] == pytest.approx(2 * 79 / 4096)
+    assert paired_comparison(after, before)["p_value"] == result["p_value"]  # two-sided: symmetric
+    assert paired_comparison([True, False], [False, True])["p_value"] == 1.0  # an even split: no evidence
+    assert paired_comparison([True], [True]) == {"fixed": 0, "broken": 0, "p_value": 1.0}
+    big = paired_comparison([False] * 600 + [True] * 400, [True] * 600 + [False] * 400)  # 2^1000 stays exact
+    assert big["fixed"] == 600 and 0 < big["p_value"] < 1e-9
+    with pytest.raises(ValueError, match="same questions"):
+        paired_comparison([True], [True, False])
 
 
 def test_inverse_cdf_sampling_draws_the_same_distribution_and_restores_torch():

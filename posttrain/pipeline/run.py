@@ -3,8 +3,9 @@
 Each stage is an ordinary training command (`posttrain sft`, `dpo`, …) given its resolved config, written first
 to OUTPUT_DIR/stage-configs/NAME.yaml (so a stage can be rerun alone with `posttrain CMD --config` that file).
 After a policy stage the model's held-out answer accuracy is measured by greedy generation
-(`evaluation.generation_accuracy`) and printed with the stage's key metric; both go into the stage's model card
-and report. At the end: a table, pipeline_summary.json and a report.html linking the stages' reports.
+(`evaluation.generation_accuracy`) and printed with the stage's key metric and, question by question, against the
+model the stage started from (fixed / broken, McNemar p: is the change more than noise?); the figures go into the
+stage's model card and report. At the end: a table, pipeline_summary.json and a report.html linking the stages' reports.
 `--from STAGE` reruns from that stage on, reusing the saved outputs of the stages before it.
 
 Not here: the YAML format (`spec.py`), the figures' layout (`summary.py`).
@@ -56,7 +57,9 @@ def answer_accuracy(model, tokenizer, prompts, evaluation: dict[str, Any]) -> di
     result = generation_accuracy(model, tokenizer, prompts, max_new_tokens=int(evaluation["max_new_tokens"]),
                                  batch_size=int(evaluation["batch_size"]))
     record = {"answer_accuracy": result["accuracy"], "answer_mean_length": result["mean_length"],
-              "num_prompts": result["num_prompts"], "examples": [list(map(str, e)) for e in result["examples"]]}
+              "num_prompts": result["num_prompts"],
+              # each question right (1) or not (0), greedy: the next stage is compared with this one question by question
+              "answer_correct": "".join("1" if s else "0" for s in result["scores"]), "examples": [list(map(str, e)) for e in result["examples"]]}
     samples = int(evaluation.get("samples_per_prompt") or 0)
     if samples > 0:  # what the policy does when it samples (what GRPO optimises), not only its argmax
         temperature = float(evaluation["sampling_temperature"])
@@ -80,6 +83,21 @@ def evaluate_base(model_name: str, prompts, evaluation: dict[str, Any]) -> dict[
               **answer_accuracy(model, tokenizer, prompts, evaluation)}
     record["eval_seconds"] = round(time.time() - start, 1)
     return record
+
+
+def compare_with_start(record: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """Add "versus": the stage's greedy results question by question against the model it started from (fixed,
+    broken, McNemar p), when that model was evaluated on the same questions earlier in this pipeline."""
+    from posttrain.evaluation import paired_comparison
+
+    start = record.get("model_from")
+    earlier = [r for r in records if r.get("answer_correct") and (
+        r.get("output_dir") == start or (r["name"] == "base" and r.get("model_from") == start))]
+    if not record.get("answer_correct") or not earlier or len(earlier[-1]["answer_correct"]) != len(
+            record["answer_correct"]):
+        return
+    before, after = ([c == "1" for c in r["answer_correct"]] for r in (earlier[-1], record))
+    record["versus"] = {"stage": earlier[-1]["name"], **paired_comparison(before, after)}
 
 
 def write_stage_config(stage: Stage, pipeline: spec.Pipeline) -> str:
@@ -173,6 +191,7 @@ def run(path: str, output_dir: str | None = None, start_at: str | None = None) -
         print(f"pipeline [{i + 1}/{len(names)}] {stage.name}: posttrain {stage.command} from "
               f"{stage.options.get('model_name_or_path')} → {stage.output_dir}", flush=True)
         record = run_stage(stage, pipeline, prompts)
+        compare_with_start(record, records)
         records.append(record)
         print(f"pipeline [{i + 1}/{len(names)}] {stage.name} done in {record['seconds']:.0f}s: "
               f"{summary.describe(record)}", flush=True)

@@ -50,13 +50,21 @@ def describe(record: dict[str, Any]) -> str:
     if record.get("sampled_accuracy") is not None:
         parts.append(f"{record['sampled_accuracy']:.3f} sampled (T={record['sampling_temperature']:g}, "
                      f"{record['samples_per_prompt']} per prompt)")
+    if record.get("versus"):
+        parts.append(f"vs {versus(record['versus'])}")
     key = record.get("key_metric")
     if key:
         parts.append(f"{key['label']} {fmt(key['first'])} → {fmt(key['last'])}")
     return " · ".join(parts) or "no figures"
 
 
-COLUMNS = ("stage", "command", "time", "answer acc", "sampled acc", "key metric")
+def versus(comparison: dict[str, Any]) -> str:
+    """'sft: +31 right / −9 wrong (p=0.0007)': questions this stage fixed and broke against the model it started from."""
+    return (f"{comparison['stage']}: +{comparison['fixed']} right / −{comparison['broken']} wrong "
+            f"(p={comparison['p_value']:.2g})")
+
+
+COLUMNS = ("stage", "command", "time", "answer acc", "sampled acc", "vs start (greedy, McNemar p)", "key metric")
 
 
 def _row(record: dict[str, Any]) -> list[str]:
@@ -65,6 +73,7 @@ def _row(record: dict[str, Any]) -> list[str]:
             f"{record['seconds']:.0f}s" if record.get("seconds") is not None else "—",
             f"{record['answer_accuracy']:.3f}" if record.get("answer_accuracy") is not None else "—",
             f"{record['sampled_accuracy']:.3f}" if record.get("sampled_accuracy") is not None else "—",
+            versus(record["versus"]) if record.get("versus") else "—",
             f"{key['label']} {fmt(key['first'])} → {fmt(key['last'])}" if key else "—"]
 
 
