@@ -4,7 +4,9 @@ Each method runs through the real command line (`posttrain <method> --config exa
 process so its log history can be read), from the model `make demo` trains (outputs/sft-arith; trained first if
 missing). Before and after, the model answers the 1,000 held-out test questions (posttrain/arith-prompts, test
 split): greedy accuracy (one decode per question) and sampled accuracy (one sample per question at temperature 1,
-the distribution RL trains). The training reward is the mean accuracy reward over the first and last 20% of
+the distribution RL trains), and question by question against the base's greedy answers: questions fixed /
+broken and the exact McNemar p (`evaluation.paired_comparison`), which tells a one-point change from noise where
+the ±1-point standard error of each accuracy alone cannot. The training reward is the mean accuracy reward over the first and last 20% of
 logged steps. Results go to benchmarks/LEARNING.md with the command and the machine.
 
     .venv/bin/python benchmarks/online_learning.py                    # grpo rloo ppo
@@ -23,18 +25,19 @@ import torch
 
 from posttrain import cli
 from posttrain.data.arith import TEST_ROWS, load_builtin_dataset
-from posttrain.evaluation import generation_accuracy
+from posttrain.evaluation import generation_accuracy, paired_comparison
 from posttrain.models.loading import load_pretrained_model, load_tokenizer
 
 REWARD_KEYS = ("rewards/accuracy_reward/mean", "objective/scores")
 
 
-def held_out(path: str, max_new_tokens: int) -> tuple[float, float]:
+def held_out(path: str, max_new_tokens: int) -> tuple[float, float, list[bool]]:
+    """Greedy accuracy, sampled accuracy and each question's greedy right/wrong on the test split."""
     model, tok = load_pretrained_model(path), load_tokenizer(path)
     test = load_builtin_dataset("posttrain/arith-prompts", split="test")
-    greedy = generation_accuracy(model, tok, test, max_new_tokens=max_new_tokens)["accuracy"]
+    greedy = generation_accuracy(model, tok, test, max_new_tokens=max_new_tokens)
     sampled = generation_accuracy(model, tok, test, max_new_tokens=max_new_tokens, temperature=1.0)["accuracy"]
-    return greedy, sampled
+    return greedy["accuracy"], sampled, [bool(s) for s in greedy["scores"]]
 
 
 def train_reward(trainer) -> tuple[float, float]:
@@ -70,9 +73,11 @@ def main(argv=None) -> int:
         minutes = (time.time() - start) / 60
         first, last = train_reward(trainer)
         after = held_out(out, args.max_new_tokens)
-        rows.append((method, trainer.state.global_step, minutes, first, last, before, after))
+        paired = paired_comparison(before[2], after[2])
+        rows.append((method, trainer.state.global_step, minutes, first, last, before, after, paired))
         print(f"{method}: {trainer.state.global_step} steps, {minutes:.1f} min, train reward {first:.3f} → "
-              f"{last:.3f}, held-out greedy {before[0]:.3f} → {after[0]:.3f}, sampled {before[1]:.3f} → "
+              f"{last:.3f}, held-out greedy {before[0]:.3f} → {after[0]:.3f} (+{paired['fixed']} right / "
+              f"−{paired['broken']} wrong, McNemar p={paired['p_value']:.2g}), sampled {before[1]:.3f} → "
               f"{after[1]:.3f}", flush=True)
         del trainer
     lines = ["# Online RL learning on the built-in arithmetic task", "",
@@ -82,10 +87,12 @@ def main(argv=None) -> int:
              "(greedy: 1 decode each; sampled: 1 sample each at temperature 1); RL prompts: the arith-prompts train "
              "split, questions the SFT stage never saw", "",
              "| method | config | steps | minutes | train accuracy reward (first → last 20%) | held-out greedy "
-             "accuracy | held-out sampled accuracy |", "|---|---|---|---|---|---|---|"]
-    for method, steps, minutes, first, last, b, a in rows:
+             "accuracy | greedy, question by question (McNemar p) | held-out sampled accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, steps, minutes, first, last, b, a, paired in rows:
         lines.append(f"| {method} | examples/{method}.yaml | {steps} | {minutes:.1f} | {first:.3f} → {last:.3f} | "
-                     f"{b[0]:.3f} → {a[0]:.3f} | {b[1]:.3f} → {a[1]:.3f} |")
+                     f"{b[0]:.3f} → {a[0]:.3f} | +{paired['fixed']} right / −{paired['broken']} wrong "
+                     f"(p={paired['p_value']:.2g}) | {b[1]:.3f} → {a[1]:.3f} |")
     with open(args.output, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -151,7 +151,8 @@ def run_training(command: str, argv: list[str]):
 
     init_kwargs = {**model_args.init_kwargs(), **(training_args.model_init_kwargs or {})}
     training_args.model_init_kwargs = init_kwargs
-    want_eval = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
+    want_eval = (str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
+                 or training_args.eval_on_start)  # eval_on_start alone still evaluates once, before the first step
     train_dataset, eval_dataset = load_train_eval(script_args, want_eval)
     trainer_cls = _load(COMMANDS[command][1])
     trainer = trainer_cls(model=model_args.model_name_or_path, args=training_args, train_dataset=train_dataset,

@@ -138,3 +138,16 @@ def test_hyphenated_command_alias(capsys):
         main(["online-dpo", "--help"])
     assert exit_info.value.code == 0
     assert "--missing_eos_penalty" in capsys.readouterr().out
+
+
+def test_eval_on_start_alone_loads_the_test_split(tmp_path):
+    """eval_on_start with eval_strategy 'no' (a config's eval_on_start, the flag turning periodic evaluation off)
+    evaluates once before training instead of stopping with transformers' 'evaluation requires an eval_dataset'."""
+    from posttrain.cli import run_training
+
+    trainer = run_training("sft", ["--model_name_or_path", "posttrain/tiny", "--dataset_name", "posttrain/arith-sft",
+                                   "--dataset_train_split", "train[:8]", "--dataset_test_split", "test[:8]",
+                                   "--output_dir", str(tmp_path / "run"), "--max_steps", "1",
+                                   "--per_device_train_batch_size", "4", "--report_to", "none", "--eval_strategy",
+                                   "no", "--eval_on_start", "true", "--save_strategy", "no"])
+    assert any("eval_loss" in entry for entry in trainer.state.log_history)
