@@ -5,6 +5,7 @@
 (greedy by default; `temperature` > 0 samples, and `num_samples` > 1 averages over several samples per prompt),
 scored by a reward function (default: `accuracy_reward`). The same rollout path the online trainers use
 (`rollout/hf.generate`) does the decoding, so what is evaluated is what those trainers sample.
+`paired_comparison` compares two models' right/wrong on the same questions (fixed, broken, exact McNemar p).
 
 Not here: rewards (`rewards/`), the trainers' own eval loops (`trainers/online.py`).
 """

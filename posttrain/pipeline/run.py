@@ -4,8 +4,9 @@ Each stage is an ordinary training command (`posttrain sft`, `dpo`, …) given i
 to OUTPUT_DIR/stage-configs/NAME.yaml (so a stage can be rerun alone with `posttrain CMD --config` that file).
 After a policy stage the model's held-out answer accuracy is measured by greedy generation
 (`evaluation.generation_accuracy`) and printed with the stage's key metric and, question by question, against the
-model the stage started from (fixed / broken, McNemar p: is the change more than noise?); the figures go into the
-stage's model card and report. At the end: a table, pipeline_summary.json and a report.html linking the stages' reports.
+model the stage started from (fixed / broken, McNemar p: is the change more than noise?); the accuracies go into the
+stage's model card and report. At the end: a table, pipeline_summary.json and a report.html linking the stages'
+reports.
 `--from STAGE` reruns from that stage on, reusing the saved outputs of the stages before it.
 
 Not here: the YAML format (`spec.py`), the figures' layout (`summary.py`).
@@ -58,8 +59,9 @@ def answer_accuracy(model, tokenizer, prompts, evaluation: dict[str, Any]) -> di
                                  batch_size=int(evaluation["batch_size"]))
     record = {"answer_accuracy": result["accuracy"], "answer_mean_length": result["mean_length"],
               "num_prompts": result["num_prompts"],
-              # each question right (1) or not (0), greedy: the next stage is compared with this one question by question
-              "answer_correct": "".join("1" if s else "0" for s in result["scores"]), "examples": [list(map(str, e)) for e in result["examples"]]}
+              # each question right (1) or not (0), greedy: what the next stage is compared with, question by question
+              "answer_correct": "".join("1" if s else "0" for s in result["scores"]),
+              "examples": [list(map(str, e)) for e in result["examples"]]}
     samples = int(evaluation.get("samples_per_prompt") or 0)
     if samples > 0:  # what the policy does when it samples (what GRPO optimises), not only its argmax
         temperature = float(evaluation["sampling_temperature"])
@@ -90,14 +92,14 @@ def compare_with_start(record: dict[str, Any], records: list[dict[str, Any]]) ->
     broken, McNemar p), when that model was evaluated on the same questions earlier in this pipeline."""
     from posttrain.evaluation import paired_comparison
 
-    start = record.get("model_from")
-    earlier = [r for r in records if r.get("answer_correct") and (
-        r.get("output_dir") == start or (r["name"] == "base" and r.get("model_from") == start))]
-    if not record.get("answer_correct") or not earlier or len(earlier[-1]["answer_correct"]) != len(
-            record["answer_correct"]):
-        return
-    before, after = ([c == "1" for c in r["answer_correct"]] for r in (earlier[-1], record))
-    record["versus"] = {"stage": earlier[-1]["name"], **paired_comparison(before, after)}
+    start, after = record.get("model_from"), record.get("answer_correct")
+    earlier = [r for r in records
+               if r.get("output_dir") == start or (r["name"] == "base" and r.get("model_from") == start)]
+    before = earlier[-1].get("answer_correct") if earlier else None
+    if not after or not before or len(before) != len(after):
+        return  # the start model was not evaluated here (or on other questions)
+    comparison = paired_comparison([c == "1" for c in before], [c == "1" for c in after])
+    record["versus"] = {"stage": earlier[-1]["name"], **comparison}
 
 
 def write_stage_config(stage: Stage, pipeline: spec.Pipeline) -> str:

@@ -59,7 +59,7 @@ def describe(record: dict[str, Any]) -> str:
 
 
 def versus(comparison: dict[str, Any]) -> str:
-    """'sft: +31 right / −9 wrong (p=0.0007)': questions this stage fixed and broke against the model it started from."""
+    """'sft: +31 right / −9 wrong (p=0.0007)': the questions this stage fixed and broke against its start model."""
     return (f"{comparison['stage']}: +{comparison['fixed']} right / −{comparison['broken']} wrong "
             f"(p={comparison['p_value']:.2g})")
 
