@@ -77,7 +77,6 @@ class VLLMColocate(EngineBackend):
         if multi_process:
             options["distributed_executor_backend"] = "external_launcher"
         self.engine = VLLMEngine(model_path, **options)
-        self.llm = self.engine.llm
 
     def sample(self, prompt_ids, counts, max_tokens, options):
         return self.engine.sample(prompt_ids, counts, max_tokens, options)
