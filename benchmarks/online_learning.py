@@ -3,11 +3,12 @@
 Each method runs through the real command line (`posttrain <method> --config examples/<method>.yaml`, in this
 process so its log history can be read), from the model `make demo` trains (outputs/sft-arith; trained first if
 missing). Before and after, the model answers the 1,000 held-out test questions (posttrain/arith-prompts, test
-split): greedy accuracy (one decode per question) and sampled accuracy (one sample per question at temperature 1,
-the distribution RL trains), and question by question against the base's greedy answers: questions fixed /
-broken and the exact McNemar p (`evaluation.paired_comparison`), which tells a one-point change from noise where
-the ±1-point standard error of each accuracy alone cannot. The training reward is the mean accuracy reward over the first and last 20% of
-logged steps. Results go to benchmarks/LEARNING.md with the command and the machine.
+split): greedy accuracy (one decode per question) and sampled accuracy (`--samples` samples per question at
+temperature 1, the distribution RL trains and the expected reward it maximises), each compared question by question
+with the base (`evaluation.paired_comparison`): questions fixed / broken (greedy) or whose fraction of right samples
+went up / down (sampled), and the exact McNemar / sign-test p, which tells a one-point change from noise where the
+±1-point standard error of each accuracy alone cannot. The training reward is the mean accuracy reward over the
+first and last 20% of logged steps. Results go to benchmarks/LEARNING.md with the command and the machine.
 
     .venv/bin/python benchmarks/online_learning.py                    # grpo rloo ppo
     .venv/bin/python benchmarks/online_learning.py --methods grpo --base outputs/sft-arith
@@ -31,13 +32,18 @@ from posttrain.models.loading import load_pretrained_model, load_tokenizer
 REWARD_KEYS = ("rewards/accuracy_reward/mean", "objective/scores")
 
 
-def held_out(path: str, max_new_tokens: int) -> tuple[float, float, list[bool]]:
-    """Greedy accuracy, sampled accuracy and each question's greedy right/wrong on the test split."""
+def held_out(path: str, max_new_tokens: int, samples: int) -> dict:
+    """Greedy and sampled accuracy on the test split, with each question's greedy right/wrong and its fraction of
+    `samples` sampled answers right."""
     model, tok = load_pretrained_model(path), load_tokenizer(path)
     test = load_builtin_dataset("posttrain/arith-prompts", split="test")
     greedy = generation_accuracy(model, tok, test, max_new_tokens=max_new_tokens)
-    sampled = generation_accuracy(model, tok, test, max_new_tokens=max_new_tokens, temperature=1.0)["accuracy"]
-    return greedy["accuracy"], sampled, [bool(s) for s in greedy["scores"]]
+    sampled = generation_accuracy(model, tok, test, max_new_tokens=max_new_tokens, temperature=1.0,
+                                  num_samples=samples)
+    scores = [s or 0.0 for s in sampled["scores"]]
+    per_question = [sum(scores[i:i + samples]) / samples for i in range(0, len(scores), samples)]
+    return {"greedy": greedy["accuracy"], "greedy_each": [bool(s) for s in greedy["scores"]],
+            "sampled": sampled["accuracy"], "sampled_each": per_question}
 
 
 def train_reward(trainer) -> tuple[float, float]:
@@ -57,12 +63,13 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=["grpo", "rloo", "ppo"])
     parser.add_argument("--output", default="benchmarks/LEARNING.md")
     parser.add_argument("--max_new_tokens", type=int, default=24)
+    parser.add_argument("--samples", type=int, default=8, help="sampled answers per held-out question")
     args, overrides = parser.parse_known_args(argv)  # the rest are flags for every method, e.g. --max_steps 20
     if not os.path.exists(os.path.join(args.base, "config.json")):
         print(f"{args.base} missing: training it with examples/sft.yaml first", flush=True)
         cli.run_training("sft", ["--config", "examples/sft.yaml", "--output_dir", args.base])
-    before = held_out(args.base, args.max_new_tokens)
-    print(f"base {args.base}: greedy {before[0]:.3f}, sampled {before[1]:.3f}", flush=True)
+    b = held_out(args.base, args.max_new_tokens, args.samples)
+    print(f"base {args.base}: greedy {b['greedy']:.3f}, sampled {b['sampled']:.3f}", flush=True)
     rows = []
     for method in args.methods:
         out = f"outputs/learning-{method}"
@@ -72,27 +79,26 @@ def main(argv=None) -> int:
                                             "--disable_tqdm", "true"] + overrides)
         minutes = (time.time() - start) / 60
         first, last = train_reward(trainer)
-        after = held_out(out, args.max_new_tokens)
-        paired = paired_comparison(before[2], after[2])
-        rows.append((method, trainer.state.global_step, minutes, first, last, before, after, paired))
-        print(f"{method}: {trainer.state.global_step} steps, {minutes:.1f} min, train reward {first:.3f} → "
-              f"{last:.3f}, held-out greedy {before[0]:.3f} → {after[0]:.3f} (+{paired['fixed']} right / "
-              f"−{paired['broken']} wrong, McNemar p={paired['p_value']:.2g}), sampled {before[1]:.3f} → "
-              f"{after[1]:.3f}", flush=True)
+        a = held_out(out, args.max_new_tokens, args.samples)
+        greedy = paired_comparison(b["greedy_each"], a["greedy_each"])
+        sampled = paired_comparison(b["sampled_each"], a["sampled_each"])
+        row = (f"| {method} | examples/{method}.yaml | {trainer.state.global_step} | {minutes:.1f} | {first:.3f} → "
+               f"{last:.3f} | {b['greedy']:.3f} → {a['greedy']:.3f} | +{greedy['fixed']} / −{greedy['broken']} "
+               f"(p={greedy['p_value']:.2g}) | {b['sampled']:.3f} → {a['sampled']:.3f} | +{sampled['fixed']} / "
+               f"−{sampled['broken']} (p={sampled['p_value']:.2g}) |")
+        rows.append(row)
+        print(row, flush=True)
         del trainer
     lines = ["# Online RL learning on the built-in arithmetic task", "",
              f"`{' '.join(['python'] + sys.argv)}`  ",
              f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; base model {args.base}; held-out = the {TEST_ROWS} test questions "
-             "(greedy: 1 decode each; sampled: 1 sample each at temperature 1); RL prompts: the arith-prompts train "
-             "split, questions the SFT stage never saw", "",
+             f"(greedy: 1 decode each; sampled: {args.samples} samples each at temperature 1); RL prompts: the "
+             "arith-prompts train split, questions the SFT stage never saw", "",
              "| method | config | steps | minutes | train accuracy reward (first → last 20%) | held-out greedy "
-             "accuracy | greedy, question by question (McNemar p) | held-out sampled accuracy |",
-             "|---|---|---|---|---|---|---|---|"]
-    for method, steps, minutes, first, last, b, a, paired in rows:
-        lines.append(f"| {method} | examples/{method}.yaml | {steps} | {minutes:.1f} | {first:.3f} → {last:.3f} | "
-                     f"{b[0]:.3f} → {a[0]:.3f} | +{paired['fixed']} right / −{paired['broken']} wrong "
-                     f"(p={paired['p_value']:.2g}) | {b[1]:.3f} → {a[1]:.3f} |")
+             "accuracy | greedy: questions fixed / broken (McNemar p) | held-out sampled accuracy | sampled: "
+             "questions up / down (sign-test p) |",
+             "|---|---|---|---|---|---|---|---|---|"] + rows
     with open(args.output, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -5,7 +5,7 @@
 (greedy by default; `temperature` > 0 samples, and `num_samples` > 1 averages over several samples per prompt),
 scored by a reward function (default: `accuracy_reward`). The same rollout path the online trainers use
 (`rollout/hf.generate`) does the decoding, so what is evaluated is what those trainers sample.
-`paired_comparison` compares two models' right/wrong on the same questions (fixed, broken, exact McNemar p).
+`paired_comparison` compares two models' scores on the same questions (fixed, broken, exact sign-test / McNemar p).
 
 Not here: rewards (`rewards/`), the trainers' own eval loops (`trainers/online.py`).
 """
@@ -77,19 +77,21 @@ def generation_accuracy(model, tokenizer, dataset, reward_func: Callable | None 
             "examples": examples}
 
 
-def paired_comparison(before: list[bool], after: list[bool]) -> dict[str, Any]:
-    """Two models' right/wrong on the same questions: how many the second got right that the first got wrong
-    ("fixed"), the reverse ("broken"), and the exact two-sided McNemar p-value — the chance of a split at least this
+def paired_comparison(before: list[float], after: list[float]) -> dict[str, Any]:
+    """Two models' scores on the same questions: how many questions the second scored higher on than the first
+    ("fixed"), the reverse ("broken"), and the exact two-sided sign-test p-value — the chance of a split at least this
     uneven between fixed and broken if both models were equally good (a binomial test on the questions where they
-    disagree; McNemar 1947). On the same 1,000 questions this resolves differences far smaller than each accuracy's
-    own ±1-point standard error, since the questions both get right or both get wrong cancel out.
+    differ). With right/wrong scores (bools) this is the exact McNemar test (McNemar 1947); with each question's
+    fraction of k sampled answers right it is the sign test on those fractions. On the same 1,000 questions this
+    resolves differences far smaller than each accuracy's own ±1-point standard error, since the questions both
+    score equally on cancel out.
 
     Returns {"fixed": int, "broken": int, "p_value": float}.
     """
     if len(before) != len(after):
         raise ValueError(f"paired_comparison needs the same questions: {len(before)} vs {len(after)} results")
-    fixed = sum(1 for b, a in zip(before, after) if a and not b)
-    broken = sum(1 for b, a in zip(before, after) if b and not a)
+    fixed = sum(1 for b, a in zip(before, after) if a > b)
+    broken = sum(1 for b, a in zip(before, after) if a < b)
     n, k = fixed + broken, min(fixed, broken)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n if n else 1.0
     return {"fixed": fixed, "broken": broken, "p_value": min(1.0, 2 * tail)}

@@ -75,6 +75,17 @@ def test_paired_comparison_is_the_exact_mcnemar_test():
         paired_comparison([True], [True, False])
 
 
+def test_paired_comparison_on_sampled_fractions_is_the_sign_test():
+    """Per-question fractions of k samples right: questions that went up count as fixed, down as broken, ties drop."""
+    from posttrain.evaluation import paired_comparison
+
+    before = [0.0, 0.25, 0.5, 0.5, 1.0, 0.75]
+    after = [0.25, 0.5, 0.5, 0.25, 1.0, 1.0]
+    result = paired_comparison(before, after)
+    # up: questions 0, 1, 5; down: question 3; ties (2, 4) drop: p = 2 · (C(4,0) + C(4,1)) / 2^4 = 10 / 16
+    assert result == {"fixed": 3, "broken": 1, "p_value": pytest.approx(10 / 16)}
+
+
 def test_inverse_cdf_sampling_draws_the_same_distribution_and_restores_torch():
     from posttrain.rollout.hf import inverse_cdf_sampling
 
