@@ -14,6 +14,7 @@ from posttrain.losses.policy import (
     aggregate,
     entropy_mask,
     grpo,
+    kl_penalty,
     needs_ga_division,
     rloo_sequence_loss,
 )
@@ -313,3 +314,26 @@ def test_ppo_policy_loss_is_grpo_with_symmetric_clip():
     close(metrics["approxkl"], 0.0125, tol=1e-7)
     close(metrics["clipfrac"], clip["clip_ratio/region_mean"])
     close(metrics["clipfrac"], 1.0, tol=1e-7)
+
+
+def test_kl_penalty_bias_correction_hand_values_and_gradient():
+    """k3 with d = ref − logp: value e^d − d − 1; times r = exp(logp − old) under bias correction. On-policy (r = 1)
+    the value is unchanged but the gradient gains k3: ∂(r·k3)/∂logp = r·k3 + r·(1 − e^d)."""
+    logps = t(-1.0, -2.0, -0.5).reshape(1, 3).requires_grad_()
+    ref = t(-1.5, -1.0, -0.5).reshape(1, 3)
+    mask = torch.tensor([[True, True, False]])
+    d = [-0.5, 1.0]
+    k3s = [math.exp(x) - x - 1 for x in d]
+    plain = kl_penalty(logps=logps, ref_logps=ref, old_logps=logps.detach(), mask=mask, bias_correction=False)
+    close(plain, [k3s + [0.0]])
+    close(grad_of(plain, logps), [[1 - math.exp(x) for x in d] + [0.0]])
+    on_policy = kl_penalty(logps=logps, ref_logps=ref, old_logps=logps.detach(), mask=mask)
+    close(on_policy, [k3s + [0.0]])
+    close(grad_of(on_policy, logps), [[k + 1 - math.exp(x) for k, x in zip(k3s, d)] + [0.0]])
+    old = t(-1.2, -1.5, -0.5).reshape(1, 3)  # r = e^0.2, e^-0.5
+    r = [math.exp(0.2), math.exp(-0.5)]
+    off = kl_penalty(logps=logps, ref_logps=ref, old_logps=old, mask=mask)
+    close(off, [[ri * k for ri, k in zip(r, k3s)] + [0.0]])
+    seq = kl_penalty(logps=logps, ref_logps=ref, old_logps=old, mask=mask, importance_sampling_level="sequence")
+    r_seq = math.exp((0.2 - 0.5) / 2)  # GSPO: one length-normalised ratio per sequence
+    close(seq, [[r_seq * k for k in k3s] + [0.0]])

@@ -82,6 +82,9 @@ class GRPOConfig(PostTrainConfig):
                                                      "choices": list(GRPO_LOSS_TYPES)})
     beta: float = field(default=0.0, metadata={"help": "Weight of the k3 KL to the reference (0 = no reference "
                         "model is loaded)."})
+    use_bias_correction_kl: bool = field(default=True, metadata={"help": "Multiply the per-token KL by the "
+                                         "importance ratio πθ/π_old (DeepSeek-V3.2: an unbiased reverse-KL "
+                                         "gradient off-policy; changes the gradient even at ratio 1). As TRL."})
     epsilon: float = field(default=0.2, metadata={"help": "Lower clipping range ε."})
     epsilon_high: float | None = field(default=None, metadata={"help": "Upper clipping range (default ε; DAPO "
                                        "uses 0.28)."})

@@ -16,8 +16,10 @@ Each returns the per-token loss ℓ_t (B, T), 0 outside the mask, and detached s
 micro-batch's masked tokens; the trainer gathers them). grpo, bnpo, dr_grpo and dapo share one per-token
 objective and differ only in `aggregate`, which applies the loss type's normaliser.
 
-Not here: the KL penalty (`losses/kl.py`; the trainer adds β·k3 to ℓ_t), log-probs and entropies
-(`models/logprobs.py`), advantages (`algorithms/advantages.py`), PPO's value loss (`losses/value.py`).
+`kl_penalty` is GRPO's KL term (k3, times r_t under `use_bias_correction_kl`); the trainer adds β times it to ℓ_t.
+
+Not here: the KL estimators (`losses/kl.py`), log-probs and entropies (`models/logprobs.py`), advantages
+(`algorithms/advantages.py`), PPO's value loss (`losses/value.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from posttrain.losses.kl import k3
 
 Tensor = torch.Tensor
 Metrics = dict[str, Tensor]
@@ -121,6 +125,18 @@ def sapo(*, logps, old_logps, advantages, mask, sapo_temperature_pos=1.0, sapo_t
     tau = torch.where(adv > 0, ratio.new_tensor(sapo_temperature_pos), ratio.new_tensor(sapo_temperature_neg))
     loss = -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)) * adv
     return _masked(loss, mask), {}
+
+
+def kl_penalty(*, logps, ref_logps, old_logps, mask, importance_sampling_level="token",
+               bias_correction=True) -> Tensor:
+    """GRPO's per-token KL term, before β: k3(logπθ, logπref) (DeepSeekMath Eq. 4), times the importance ratio r
+    (token or sequence level, with its gradient) when `bias_correction` (DeepSeek-V3.2 §3: with samples from π_old,
+    r·k3 gives the unbiased reverse-KL gradient; it changes the gradient even at r = 1, where ∂(r·k3)/∂logπ =
+    k3 + 1 − e^d with d = logπref − logπθ). Returns (B, T), 0 outside the mask."""
+    kl = k3(logps, ref_logps)
+    if bias_correction:
+        kl = kl * importance_ratio(logps, old_logps.detach(), mask, importance_sampling_level)
+    return _masked(kl, mask.bool())
 
 
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, Metrics]]] = {

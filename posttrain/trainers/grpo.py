@@ -1,6 +1,7 @@
 """`GRPOTrainer`: Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath §4) and its variants —
 loss types grpo, bnpo, dr_grpo, dapo (default), cispo, sapo; sequence-level importance sampling (GSPO); the k3 KL
-to a reference when beta > 0; entropy-based token selection.
+to a reference when beta > 0 (times the importance ratio under `use_bias_correction_kl`, the default, as TRL);
+entropy-based token selection.
 
 Advantages are group-relative: each completion's reward minus its group's mean (optionally ÷ group/batch std).
 The per-token objective and its aggregation are pure functions (`losses/policy.py`); this module wires them.
@@ -14,8 +15,7 @@ import torch
 
 from posttrain.algorithms.advantages import group_advantages, normalize_then_sum
 from posttrain.configs.grpo import GRPOConfig
-from posttrain.losses.kl import k3
-from posttrain.losses.policy import POLICY_LOSSES, aggregate, entropy_mask, needs_ga_division
+from posttrain.losses.policy import POLICY_LOSSES, aggregate, entropy_mask, kl_penalty, needs_ga_division
 from posttrain.trainers.online import OnlineTrainer
 
 
@@ -48,7 +48,9 @@ class GRPOTrainer(OnlineTrainer):
             importance_sampling_level=args.importance_sampling_level,
             sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg)
         if args.beta > 0:
-            kl = k3(logps, inputs["ref_logps"])
+            kl = kl_penalty(logps=logps, ref_logps=inputs["ref_logps"], old_logps=old_logps, mask=mask,
+                            importance_sampling_level=args.importance_sampling_level,
+                            bias_correction=args.use_bias_correction_kl)
             per_token = per_token + args.beta * kl
             metrics["kl"] = (kl * mask).sum().detach() / mask.sum().clamp(min=1)
         with torch.no_grad():
