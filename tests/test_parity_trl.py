@@ -2,8 +2,8 @@
 the same batch, all in float64. The first-step loss and rewards/margins of every DPO loss type TRL also has must
 match to 1e-4 relative; also reward modelling, CPO/SimPO/AlphaPO, ORPO and KTO (kto and apo_zero_unpaired,
 unpaired and auto-unpaired data). GRPO: each loss type (and GSPO, the KL with and without bias correction, delta,
-the entropy mask) gives the same loss and gradient as TRL's `_compute_loss` on the same tokens, log-probs and
-advantages.
+the entropy mask) and RLOO give the same loss and gradient as TRL's `_compute_loss` on the same tokens, log-probs
+and advantages.
 
 Run: pip install -e '.[parity]' && pytest tests/test_parity_trl.py
 Table: PARITY_TABLE=benchmarks/PARITY.md pytest tests/test_parity_trl.py  (writes every compared figure)"""
@@ -204,7 +204,7 @@ GRPO_CASES = {  # id: GRPOConfig options shared by both libraries
 }
 
 
-def _grpo_batch(tok, policy, num_rows=4, completion_len=8):
+def _grpo_batch(tok, policy, num_rows=4, completion_len=8, noise=0.3):
     """Same-length prompts (TRL positions tokens by index, we by attention mask: they agree without left padding),
     random completion tokens with right padding of different lengths, old log-probs that differ from the policy's
     so ratios leave 1 (and some pass the clip), a reference for the KL, and mixed-sign advantages."""
@@ -219,13 +219,13 @@ def _grpo_batch(tok, policy, num_rows=4, completion_len=8):
     with torch.no_grad():
         logits = policy(torch.cat([prompt_ids, completion_ids], 1)).logits[:, length - 1:-1]
         logps = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None])[..., 0]
-    old = (logps + 0.3 * torch.randn(logps.shape, generator=g, dtype=logps.dtype)) * completion_mask
+    old = (logps + noise * torch.randn(logps.shape, generator=g, dtype=logps.dtype)) * completion_mask
     ref = (logps + 0.2 * torch.randn(logps.shape, generator=g, dtype=logps.dtype)) * completion_mask
     advantages = torch.tensor([1.0, -0.5, 0.7, -1.2], dtype=logps.dtype)[:num_rows]
     num_items = completion_mask.sum()
     trl_inputs = dict(prompt_ids=prompt_ids, prompt_mask=torch.ones_like(prompt_ids), completion_ids=completion_ids,
                       completion_mask=completion_mask, advantages=advantages, old_per_token_logps=old,
-                      ref_per_token_logps=ref, num_items_in_batch=num_items)
+                      ref_per_token_logps=ref, num_items_in_batch=num_items, old_logps=(old * completion_mask).sum(1))
     ours = dict(input_ids=torch.cat([prompt_ids, completion_ids], 1),
                 attention_mask=torch.ones(num_rows, length + completion_len, dtype=torch.long),
                 completion_mask=completion_mask, old_logps=old, ref_logps=ref, advantages=advantages,
@@ -275,4 +275,40 @@ def test_grpo_loss_and_gradient_match_trl(tmp_path, models, case):
     assert our_grad.shape == trl_grad.shape
     # TRL 1.16 scores tokens through its fused LM head, which differs from a float64 log-softmax by ~1e-7 relative
     # (loss 4e-7 here): every gradient entry within 1e-6 of the largest one; a wrong term would miss by ~1e-2
+    torch.testing.assert_close(our_grad, trl_grad, rtol=1e-4, atol=1e-6 * float(trl_grad.abs().max()))
+
+
+@pytest.mark.parametrize("options", [{}, {"epsilon": 0.1, "epsilon_high": 0.12}], ids=["unclipped", "clipped"])
+def test_rloo_loss_and_gradient_match_trl(tmp_path, models, options):
+    """RLOO's sequence-level clipped objective: our RLOOTrainer.compute_loss and TRL's RLOOTrainer._compute_loss on
+    the same tokens, old log-probs (summed per sequence by TRL) and advantages. Per-token noise 0.05 gives sequence
+    ratios 1.158, 1.121, 1.104, 0.961 for advantages 1, −0.5, 0.7, −1.2: none clips at ε = 0.2; at ε_low 0.1 and
+    ε_high 0.12 the first row clips and the others do not."""
+    from posttrain.configs.rloo import RLOOConfig
+    from posttrain.trainers.rloo import RLOOTrainer
+
+    path, policy, _ = models
+    tok = AutoTokenizer.from_pretrained(path)
+    data = load_builtin_dataset("posttrain/arith-prompts", split="train[:8]")
+    common = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=8, temperature=1.0,
+                  report_to="none", save_strategy="no", seed=0, bf16=False, beta=0.0, **options)
+
+    def reward(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    ours = RLOOTrainer(copy.deepcopy(policy), reward_funcs=reward, processing_class=tok, train_dataset=data,
+                       args=RLOOConfig(output_dir=str(tmp_path / "ours"), **common))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = trl.RLOOTrainer(copy.deepcopy(policy), reward_funcs=reward, processing_class=tok, train_dataset=data,
+                                 args=trl.RLOOConfig(output_dir=str(tmp_path / "trl"), gradient_checkpointing=False,
+                                                     **common))
+    for trainer in (ours, theirs):
+        trainer.model.eval()
+    our_inputs, trl_inputs = _grpo_batch(tok, ours.model, noise=0.05)
+    our_loss, our_grad = _loss_and_grad(ours, ours.compute_loss, our_inputs)
+    trl_loss, trl_grad = _loss_and_grad(theirs, theirs._compute_loss, trl_inputs)
+    case = "RLOO " + ("ε 0.2, no clipping" if not options else "ε 0.1 / 0.12, one row clipped")
+    close(case, "loss", our_loss, trl_loss)
+    close(case, "gradient norm", float(our_grad.norm()), float(trl_grad.norm()))
     torch.testing.assert_close(our_grad, trl_grad, rtol=1e-4, atol=1e-6 * float(trl_grad.abs().max()))
