@@ -177,6 +177,17 @@ def run_training(command: str, argv: list[str]):
     return trainer
 
 
+def _leave_process_group() -> None:
+    """Under a multi-process launch, wait for every process and tear the process group down before the interpreter
+    exits: left to exit with gloo's threads running, a process could abort at shutdown ("terminate called without
+    an active exception", exit -6) after training had finished, which failed the whole launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _close_progress_bars(trainer) -> None:
     """A failed run leaves tqdm's bar open on stderr; close it so the error message starts on its own line."""
     for callback in trainer.callback_handler.callbacks:
@@ -242,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             relaunch(command, rest + ["--debug"] * debug)  # exec `accelerate launch … -m posttrain <command> …`
         elif command in COMMANDS:
             run_training(command, rest)
+            _leave_process_group()
         else:
             names = list(COMMANDS) + list(_OTHER_COMMANDS) + ["env"]
             raise CLIError(f"unknown command '{command}'{did_you_mean(command, names)} (commands: {', '.join(names)})")
