@@ -242,6 +242,38 @@ def _loss_and_grad(trainer, compute, inputs):
     return loss.item(), grad
 
 
+def _online_loss_matches_trl(tmp_path, models, case, ours_cls, ours_config, trl_cls, trl_config, options, noise):
+    """Build our trainer and TRL's on the same float64 policy, put both in eval mode (no dropout; TRL's eval mode also
+    drops the accumulation normaliser, GA is 1 here), then run one `_grpo_batch` through our `compute_loss` and TRL's
+    `_compute_loss`: equal loss, equal gradient norm and every gradient entry equal."""
+    path, policy, _ = models
+    tok = AutoTokenizer.from_pretrained(path)
+    data = load_builtin_dataset("posttrain/arith-prompts", split="train[:8]")
+    common = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=8, temperature=1.0,
+                  report_to="none", save_strategy="no", seed=0, bf16=False, **options)
+
+    def reward(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    ours = ours_cls(copy.deepcopy(policy), reward_funcs=reward, processing_class=tok, train_dataset=data,
+                    args=ours_config(output_dir=str(tmp_path / "ours"), **common))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = trl_cls(copy.deepcopy(policy), reward_funcs=reward, processing_class=tok, train_dataset=data,
+                         args=trl_config(output_dir=str(tmp_path / "trl"), gradient_checkpointing=False, **common))
+    for trainer in (ours, theirs):
+        trainer.model.eval()
+    our_inputs, trl_inputs = _grpo_batch(tok, ours.model, noise=noise)
+    our_loss, our_grad = _loss_and_grad(ours, ours.compute_loss, our_inputs)
+    trl_loss, trl_grad = _loss_and_grad(theirs, theirs._compute_loss, trl_inputs)
+    close(case, "loss", our_loss, trl_loss)
+    close(case, "gradient norm", float(our_grad.norm()), float(trl_grad.norm()))
+    assert our_grad.shape == trl_grad.shape
+    # TRL 1.16 scores tokens through its fused LM head, which differs from a float64 log-softmax by ~1e-7 relative
+    # (loss 4e-7 here): every gradient entry within 1e-6 of the largest one; a wrong term would miss by ~1e-2
+    torch.testing.assert_close(our_grad, trl_grad, rtol=1e-4, atol=1e-6 * float(trl_grad.abs().max()))
+
+
 @pytest.mark.parametrize("case", list(GRPO_CASES))
 def test_grpo_loss_and_gradient_match_trl(tmp_path, models, case):
     """The same policy, completion tokens, masks, old and reference log-probs and advantages through our
@@ -249,33 +281,8 @@ def test_grpo_loss_and_gradient_match_trl(tmp_path, models, case):
     from posttrain.configs.grpo import GRPOConfig
     from posttrain.trainers.grpo import GRPOTrainer
 
-    path, policy, _ = models
-    tok = AutoTokenizer.from_pretrained(path)
-    data = load_builtin_dataset("posttrain/arith-prompts", split="train[:8]")
-    options = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=8, temperature=1.0,
-                   report_to="none", save_strategy="no", seed=0, bf16=False, **GRPO_CASES[case])
-
-    def reward(completions, **kwargs):
-        return [0.0] * len(completions)
-
-    ours = GRPOTrainer(copy.deepcopy(policy), reward_funcs=reward, processing_class=tok, train_dataset=data,
-                       args=GRPOConfig(output_dir=str(tmp_path / "ours"), **options))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = trl.GRPOTrainer(copy.deepcopy(policy), reward_funcs=reward, processing_class=tok, train_dataset=data,
-                                 args=trl.GRPOConfig(output_dir=str(tmp_path / "trl"), gradient_checkpointing=False,
-                                                     **options))
-    for trainer in (ours, theirs):
-        trainer.model.eval()  # no dropout; TRL's eval mode also drops the accumulation normaliser (GA is 1 here)
-    our_inputs, trl_inputs = _grpo_batch(tok, ours.model)
-    our_loss, our_grad = _loss_and_grad(ours, ours.compute_loss, our_inputs)
-    trl_loss, trl_grad = _loss_and_grad(theirs, theirs._compute_loss, trl_inputs)
-    close(f"GRPO {case}", "loss", our_loss, trl_loss)
-    close(f"GRPO {case}", "gradient norm", float(our_grad.norm()), float(trl_grad.norm()))
-    assert our_grad.shape == trl_grad.shape
-    # TRL 1.16 scores tokens through its fused LM head, which differs from a float64 log-softmax by ~1e-7 relative
-    # (loss 4e-7 here): every gradient entry within 1e-6 of the largest one; a wrong term would miss by ~1e-2
-    torch.testing.assert_close(our_grad, trl_grad, rtol=1e-4, atol=1e-6 * float(trl_grad.abs().max()))
+    _online_loss_matches_trl(tmp_path, models, f"GRPO {case}", GRPOTrainer, GRPOConfig, trl.GRPOTrainer,
+                             trl.GRPOConfig, GRPO_CASES[case], noise=0.3)
 
 
 @pytest.mark.parametrize("options", [{}, {"epsilon": 0.1, "epsilon_high": 0.12}], ids=["unclipped", "clipped"])
@@ -287,28 +294,6 @@ def test_rloo_loss_and_gradient_match_trl(tmp_path, models, options):
     from posttrain.configs.rloo import RLOOConfig
     from posttrain.trainers.rloo import RLOOTrainer
 
-    path, policy, _ = models
-    tok = AutoTokenizer.from_pretrained(path)
-    data = load_builtin_dataset("posttrain/arith-prompts", split="train[:8]")
-    common = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=8, temperature=1.0,
-                  report_to="none", save_strategy="no", seed=0, bf16=False, beta=0.0, **options)
-
-    def reward(completions, **kwargs):
-        return [0.0] * len(completions)
-
-    ours = RLOOTrainer(copy.deepcopy(policy), reward_funcs=reward, processing_class=tok, train_dataset=data,
-                       args=RLOOConfig(output_dir=str(tmp_path / "ours"), **common))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = trl.RLOOTrainer(copy.deepcopy(policy), reward_funcs=reward, processing_class=tok, train_dataset=data,
-                                 args=trl.RLOOConfig(output_dir=str(tmp_path / "trl"), gradient_checkpointing=False,
-                                                     **common))
-    for trainer in (ours, theirs):
-        trainer.model.eval()
-    our_inputs, trl_inputs = _grpo_batch(tok, ours.model, noise=0.05)
-    our_loss, our_grad = _loss_and_grad(ours, ours.compute_loss, our_inputs)
-    trl_loss, trl_grad = _loss_and_grad(theirs, theirs._compute_loss, trl_inputs)
     case = "RLOO " + ("ε 0.2, no clipping" if not options else "ε 0.1 / 0.12, one row clipped")
-    close(case, "loss", our_loss, trl_loss)
-    close(case, "gradient norm", float(our_grad.norm()), float(trl_grad.norm()))
-    torch.testing.assert_close(our_grad, trl_grad, rtol=1e-4, atol=1e-6 * float(trl_grad.abs().max()))
+    _online_loss_matches_trl(tmp_path, models, case, RLOOTrainer, RLOOConfig, trl.RLOOTrainer, trl.RLOOConfig,
+                             {"beta": 0.0, **options}, noise=0.05)

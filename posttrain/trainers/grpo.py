@@ -52,7 +52,7 @@ class GRPOTrainer(OnlineTrainer):
                             importance_sampling_level=args.importance_sampling_level,
                             bias_correction=args.use_bias_correction_kl)
             per_token = per_token + args.beta * kl
-            metrics["kl"] = (kl * mask).sum().detach() / mask.sum().clamp(min=1)
+            metrics["kl"] = kl.sum().detach() / mask.sum().clamp(min=1)  # kl_penalty is 0 off the mask
         with torch.no_grad():
             entropies = torch.zeros_like(logps)
             valid = out["mask"]
