@@ -54,8 +54,22 @@ class CLIError(UserError):
     """A user error: printed as one line, exit status 2."""
 
 
-# Printed as one line without a traceback (exit status 2). Anything else is a bug: its traceback is shown.
-_USER_ERRORS = (UserError, ValueError, TypeError, OSError)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Printed as one line without a traceback (exit status 2): a `UserError`; an OSError (a file that is missing
+    or cannot be written); a ValueError raised by another library rejecting what the user gave (transformers'
+    TrainingArguments, datasets reading a file). Anything else — a TypeError, a ValueError raised inside posttrain
+    that is not a UserError — is a bug and keeps its traceback."""
+    if isinstance(error, (UserError, OSError)):
+        return True
+    if not isinstance(error, ValueError):
+        return False
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is None or not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep)
 
 
 def _load(spec: str):
@@ -261,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         # after Ctrl-C during training the message names the checkpoint that was saved (trainers/interrupt.py)
         print(f"posttrain {command}: {e}" if str(e) else "posttrain: interrupted", file=sys.stderr)
         return 128 + getattr(e, "signum", 2)  # 130 for Ctrl-C, 143 for SIGTERM
-    except _USER_ERRORS as e:
-        if debug:
+    except Exception as e:
+        if debug or not is_user_error(e):
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, UserError) and e.__cause__ is not None:

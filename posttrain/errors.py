@@ -1,9 +1,9 @@
 """Exception types for mistakes in what the user gave (data, options, functions), as opposed to bugs.
 
 `UserError` messages are one line that says what was wrong and how to fix it; the CLI prints them without a
-traceback (`--debug` shows it). Most user errors are plain `ValueError`s raised where the input is checked; the
-types here exist where no built-in type says "user error" (the CLI's own errors, a user's reward function that
-raised). Not here: the checks themselves (they live beside the code that reads the input).
+traceback (`--debug` shows it). Anything else that escapes is treated as a bug and keeps its traceback. `UserError`
+is a `ValueError` (and `UserTypeError` a `TypeError`) so that code catching the built-in types keeps working.
+Not here: the checks themselves (they live beside the code that reads the input).
 """
 
 from __future__ import annotations
@@ -12,8 +12,12 @@ import difflib
 from collections.abc import Iterable
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A mistake in the user's input; the message names it and the fix."""
+
+
+class UserTypeError(UserError, TypeError):
+    """A keyword argument or value of the wrong kind (e.g. an option the trainer does not take)."""
 
 
 class RewardFunctionError(UserError, RuntimeError):

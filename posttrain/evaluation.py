@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from posttrain.data.tokenize import tokenize_prompt
+from posttrain.errors import UserError
 from posttrain.rewards.protocol import completion_text
 from posttrain.rollout.hf import generate
 
@@ -37,10 +38,10 @@ def generation_accuracy(model, tokenizer, dataset, reward_func: Callable | None 
     if reward_func is None:
         from posttrain.rewards.builtin import accuracy_reward as reward_func
     if temperature <= 0 and num_samples != 1:
-        raise ValueError("num_samples > 1 needs temperature > 0 (greedy decoding gives the same completion).")
+        raise UserError("num_samples > 1 needs temperature > 0 (greedy decoding gives the same completion).")
     rows = list(dataset)
     if not rows or "prompt" not in rows[0]:
-        raise ValueError("generation_accuracy needs a non-empty data set with a 'prompt' column.")
+        raise UserError("generation_accuracy needs a non-empty data set with a 'prompt' column.")
     generation_kwargs = {"do_sample": False} if temperature <= 0 else {"do_sample": True, "temperature": temperature,
                                                                        "top_k": 0, "top_p": 1.0}
     was_training = model.training
@@ -89,7 +90,7 @@ def paired_comparison(before: list[float], after: list[float]) -> dict[str, Any]
     Returns {"fixed": int, "broken": int, "p_value": float}.
     """
     if len(before) != len(after):
-        raise ValueError(f"paired_comparison needs the same questions: {len(before)} vs {len(after)} results")
+        raise UserError(f"paired_comparison needs the same questions: {len(before)} vs {len(after)} results")
     fixed = sum(1 for b, a in zip(before, after) if a > b)
     broken = sum(1 for b, a in zip(before, after) if a < b)
     n, k = fixed + broken, min(fixed, broken)

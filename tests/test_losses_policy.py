@@ -10,14 +10,15 @@ import torch
 from posttrain.configs.grpo import GRPO_LOSS_TYPES
 from posttrain.losses.kl import k1, k2, k3
 from posttrain.losses.policy import (
+    LOSS_UNITS,
     POLICY_LOSSES,
-    aggregate,
     entropy_mask,
     grpo,
     kl_penalty,
-    needs_ga_division,
+    loss_terms,
     rloo_sequence_loss,
 )
+from posttrain.losses.reduce import local_reduce, reduce_terms
 from posttrain.losses.value import clipped_value_loss, ppo_policy_loss
 
 
@@ -182,60 +183,76 @@ PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0, 50.0], [4.0, 60.0, 0.0, 0.0]], dtype=t
 MASK = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
 
 
-def test_aggregate_hand_values():
-    close(aggregate(PER_TOKEN, MASK, "grpo"), 3.0)                              # mean of (2, 4)
-    close(aggregate(PER_TOKEN, MASK, "sapo"), 3.0)
-    close(aggregate(PER_TOKEN, MASK, "bnpo"), 2.5)                              # 10 / 4
-    close(aggregate(PER_TOKEN, MASK, "dr_grpo", max_completion_length=4), 1.25)  # 10 / (2·4)
-    close(aggregate(PER_TOKEN, MASK, "dapo"), 2.5)                              # num_items None ⇒ local 4
-    close(aggregate(PER_TOKEN, MASK, "cispo", num_items=torch.tensor(8.0), num_processes=2), 2.5)  # 10·2/8
-    assert [needs_ga_division(n) for n in GRPO_LOSS_TYPES] == [True, True, True, False, False, True]
+def test_loss_terms_hand_values():
+    terms, unit = loss_terms(PER_TOKEN, MASK, "grpo")
+    assert unit == "sequence"
+    close(terms, [2.0, 4.0])                                                    # per-sequence token means
+    close(loss_terms(PER_TOKEN, MASK, "sapo")[0], [2.0, 4.0])
+    close(loss_terms(PER_TOKEN, MASK, "dr_grpo", max_completion_length=4)[0], [1.5, 1.0])  # Σ / L per sequence
+    for loss_type in ("bnpo", "dapo", "cispo"):
+        terms, unit = loss_terms(PER_TOKEN, MASK, loss_type)
+        assert unit == "token" and float(terms.sum()) == 10.0                   # masked ℓ, Σ = 10
+    close(reduce_terms(loss_terms(PER_TOKEN, MASK, "grpo")[0], 2), 3.0)        # mean of (2, 4)
+    close(reduce_terms(loss_terms(PER_TOKEN, MASK, "bnpo")[0], 4), 2.5)        # 10 / 4
+    close(reduce_terms(loss_terms(PER_TOKEN, MASK, "dr_grpo", max_completion_length=4)[0], 2), 1.25)  # 10/(2·4)
+    close(reduce_terms(loss_terms(PER_TOKEN, MASK, "cispo")[0], torch.tensor(8.0), 2), 2.5)  # 10·2/8
+    close(local_reduce(loss_terms(PER_TOKEN, MASK, "bnpo")[0], 4, 2), 1.25)   # 10 / 4 / GA 2
+    assert set(LOSS_UNITS) == set(GRPO_LOSS_TYPES)
     with pytest.raises(ValueError, match="max_completion_length"):
-        aggregate(PER_TOKEN, MASK, "dr_grpo")
+        loss_terms(PER_TOKEN, MASK, "dr_grpo")
     with pytest.raises(ValueError, match="Unknown loss_type"):
-        aggregate(PER_TOKEN, MASK, "luspo")
+        loss_terms(PER_TOKEN, MASK, "luspo")
 
 
-def _split_pieces(batch_size=8, processes=2, accumulation=2):
-    """Row indices of each (process, micro-batch) piece of a generation batch."""
-    per_process = batch_size // processes
-    size = per_process // accumulation
-    return [[list(range(p * per_process + a * size, p * per_process + (a + 1) * size)) for a in range(accumulation)]
-            for p in range(processes)]
-
-
-def _split_loss(x, mask, loss_type, processes=2, accumulation=2, **kw):
-    """What the optimizer sees: each process sums its micro-batch losses (÷GA where needed); DDP averages the
+def _split_loss(x, mask, loss_type, processes, accumulation, local=False):
+    """What the optimizer sees when a batch of rows is split over `processes` × `accumulation` micro-batches:
+    each micro-batch's loss is its terms' sum × P / the whole step's count of its unit (or, local=True, ÷ its own
+    count ÷ GA: TRL's per-micro-batch normalisation); a process sums its micro-batches; DDP averages the
     processes' gradients, i.e. the loss is the mean over processes."""
+    rows = x.shape[0] // (processes * accumulation)
+    pieces = [slice(i * rows, (i + 1) * rows) for i in range(processes * accumulation)]
+    terms_all, unit = loss_terms(x, mask, loss_type, max_completion_length=x.shape[1])
+    count = mask.sum() if unit == "token" else torch.tensor(float(x.shape[0]))
     total = 0.0
-    for rows in _split_pieces(x.shape[0], processes, accumulation):
-        process_loss = 0.0
-        for idx in rows:
-            piece = aggregate(x[idx], mask[idx], loss_type, num_processes=processes, **kw)
-            process_loss = process_loss + (piece / accumulation if needs_ga_division(loss_type) else piece)
-        total = total + process_loss / processes
-    return total
+    for piece in pieces:
+        terms, _ = loss_terms(x[piece], mask[piece], loss_type, max_completion_length=x.shape[1])
+        if local:
+            own = mask[piece].sum() if unit == "token" else rows
+            total = total + local_reduce(terms, own, accumulation) / processes
+        else:
+            total = total + reduce_terms(terms, count, processes) / processes
+    return total, reduce_terms(terms_all, count)
 
 
-def test_global_token_mean_is_invariant_to_splitting():
-    # 2 processes × 2 micro-batches of 2 rows, lengths vary; num_items = active tokens of the whole batch.
-    # Piece loss Σ_piece·P/N, ÷P for the DDP average, summed ⇒ Σ/N: exactly the whole-batch token mean,
-    # and so are the gradients.
+@pytest.mark.parametrize("loss_type", GRPO_LOSS_TYPES)
+def test_every_loss_type_is_invariant_to_how_the_step_is_split(loss_type):
+    # 8 rows of varying lengths: 1 process × 4 accumulation steps = 2 × 2 = 4 × 1 = the whole batch at once, in
+    # value and in gradient, for every loss type (global normalisers: the unit counted over the whole step).
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 6, generator=g, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([6, 1, 3, 5, 2, 6, 4, 1])
     mask = torch.arange(6).unsqueeze(0) < lengths.unsqueeze(1)
-    n = mask.sum()
-    for loss_type in ("dapo", "cispo"):
-        whole = (x * mask).sum() / n
-        split = _split_loss(x, mask, loss_type, num_items=n)
+    results = []
+    for processes, accumulation in ((1, 4), (2, 2), (4, 1), (1, 1)):
+        split, whole = _split_loss(x, mask, loss_type, processes, accumulation)
+        results.append((split.detach(), torch.autograd.grad(split, x)[0]))
         close(split, whole.detach())
-        close(torch.autograd.grad(split, x)[0], torch.autograd.grad(whole, x)[0])
-    # The ÷GA types: grpo and dr_grpo are exact with equal rows per micro-batch; bnpo is not (unequal counts).
-    close(_split_loss(x, mask, "grpo"), aggregate(x, mask, "grpo"))
-    close(_split_loss(x, mask, "dr_grpo", max_completion_length=6),
-          aggregate(x, mask, "dr_grpo", max_completion_length=6))
-    assert abs(float(_split_loss(x, mask, "bnpo")) - float(whole)) > 1e-3
+    for value, grad in results[1:]:
+        close(value, results[0][0])
+        close(grad, results[0][1])
+
+
+def test_trl_local_normalisation_is_not_invariant_for_bnpo():
+    # The parity switch (loss_normalization="trl"): bnpo weighs micro-batches equally whatever their token counts,
+    # so 1 × 4 differs from the whole batch; grpo/dr_grpo (equal rows per micro-batch) still agree.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    mask = torch.arange(6).unsqueeze(0) < torch.tensor([6, 1, 3, 5, 2, 6, 4, 1]).unsqueeze(1)
+    split, whole = _split_loss(x, mask, "bnpo", 1, 4, local=True)
+    assert abs(float(split) - float(whole)) > 1e-3
+    for loss_type in ("grpo", "dr_grpo", "sapo"):
+        split, whole = _split_loss(x, mask, loss_type, 2, 2, local=True)
+        close(split, whole)
 
 
 def test_entropy_mask_quantile():

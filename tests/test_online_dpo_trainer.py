@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 
-from posttrain.configs.online_dpo import BetaSchedule, OnlineDPOConfig
+from posttrain.configs.online_dpo import OnlineDPOConfig
+from posttrain.rollout.types import Rollout
 from posttrain.data.arith import load_builtin_dataset
 from posttrain.trainers.online_dpo import OnlineDPOTrainer
 
@@ -64,7 +65,7 @@ def test_ipo_peft_reference_is_adapter_off(tmp_path):
     first = trainer.state.log_history[0]
     assert first["loss"] == pytest.approx((1 / (2 * 0.1)) ** 2, rel=1e-3)  # (0 − 1/(2β))²
     # After a step the adapters moved the policy, but the reference (adapters off) is still the base model.
-    batch = trainer._micro_batches([row for row in _prompts(2) for _ in range(2)])[0]
+    batch = trainer._cycle_batches([row for row in _prompts(2) for _ in range(2)])[0]
     with torch.no_grad():
         policy, _ = trainer.completion_logps(trainer.model, batch)
     assert not torch.allclose(policy, batch["ref_logps"])
@@ -91,7 +92,7 @@ def test_reward_model_object_and_legacy_keywords(tmp_path):
                                    args=_args(tmp_path, max_steps=1, beta=[0.2, 0.05], max_new_tokens=8),
                                    train_dataset=_prompts())
     assert trainer.ref_model is ref_model and not any(p.requires_grad for p in ref_model.parameters())
-    assert trainer.args.max_completion_length == 8 and isinstance(trainer.args.beta, BetaSchedule)
+    assert trainer.args.max_completion_length == 8 and trainer.args.beta == [0.2, 0.05]
     trainer.train()
     first = trainer.state.log_history[0]
     assert first["beta"] == pytest.approx(0.2) and math.isfinite(first["loss"])
@@ -104,23 +105,30 @@ def test_pairs_ranked_by_score_ties_left_out(tmp_path):
     trainer = OnlineDPOTrainer(MODEL, reward_funcs=unique_chars, args=_args(tmp_path, per_device_train_batch_size=2),
                                train_dataset=_prompts())
     n, width = 6, 3
-    batch = {"input_ids": torch.arange(n * width).view(n, width), "attention_mask": torch.ones(n, width),
-             "completion_mask": torch.ones(n, 2), "advantages": torch.tensor([1.0, 2.0, 5.0, 3.0, 4.0, 4.0])}
+    ids = torch.arange(n * width).view(n, width)
+    rollout = Rollout(prompt_ids=ids[:, :1], prompt_mask=torch.ones(n, 1, dtype=torch.long),
+                      completion_ids=ids[:, 1:], completion_mask=torch.ones(n, 2, dtype=torch.long),
+                      is_truncated=torch.zeros(n, dtype=torch.bool), prompts=["p"] * n,
+                      scores=torch.tensor([1.0, 2.0, 5.0, 3.0, 4.0, 4.0]))
     trainer.model.train()  # training splits into micro-batches of per_device_train_batch_size completions
-    parts = trainer._split(batch)
-    assert len(parts) == 3 and all(p["num_items"] == 2 for p in parts)  # 2 of the 3 pairs have a preference
+    steps = trainer.with_item_counts(trainer.training_batches(rollout))
+    parts = [part for step in steps for part in step]
+    # one optimizer step per micro-batch (GA 1); 2 of the 3 pairs have a preference
+    assert len(parts) == 3 and sorted(float(p["num_items"]["pair"]) for p in parts) == [0.0, 1.0, 1.0]
     by_pair = {int(p["input_ids"][0, 0]) // (2 * width): p for p in parts}
-    assert by_pair[0]["advantages"].tolist() == [2.0, 1.0]  # second completion scored higher: it is chosen
-    assert by_pair[1]["advantages"].tolist() == [5.0, 3.0] and by_pair[1]["pair_weight"].tolist() == [1.0]
-    assert by_pair[2]["pair_weight"].tolist() == [0.0]  # a tie carries no preference
+    assert by_pair[0]["scores"].tolist() == [2.0, 1.0]  # second completion scored higher: it is chosen
+    assert by_pair[1]["scores"].tolist() == [5.0, 3.0] and by_pair[1]["pair_weight"].tolist() == [1.0, 0.0]
+    assert by_pair[2]["pair_weight"].tolist() == [0.0, 0.0]  # a tie carries no preference
 
 
 def test_missing_eos_penalty_and_bad_values(tmp_path):
     args = _args(tmp_path, missing_eos_penalty=2.0)
     trainer = OnlineDPOTrainer(MODEL, reward_funcs=unique_chars, args=args, train_dataset=_prompts())
     eos = trainer.processing_class.eos_token_id
-    batch = {"input_ids": torch.tensor([[7, 5, eos], [7, 5, 6]]), "completion_mask": torch.ones(2, 2)}
-    scores = trainer.advantages(torch.tensor([[3.0], [3.0]]), batch)
+    rollout = Rollout(prompt_ids=torch.tensor([[7], [7]]), prompt_mask=torch.ones(2, 1, dtype=torch.long),
+                      completion_ids=torch.tensor([[5, eos], [5, 6]]), completion_mask=torch.ones(2, 2),
+                      is_truncated=torch.tensor([False, True]), scores=torch.tensor([3.0, 3.0]))
+    scores = trainer._scores(rollout)
     assert scores.tolist() == [3.0, 1.0]
     for kwargs, pattern in (({"num_generations": 4}, "num_generations must be 2"),
                             ({"loss_type": "hinge"}, "Unknown loss_type 'hinge' for Online DPO; choose one of"),

@@ -228,8 +228,7 @@ def _grpo_batch(tok, policy, num_rows=4, completion_len=8, noise=0.3):
                       ref_per_token_logps=ref, num_items_in_batch=num_items, old_logps=(old * completion_mask).sum(1))
     ours = dict(input_ids=torch.cat([prompt_ids, completion_ids], 1),
                 attention_mask=torch.ones(num_rows, length + completion_len, dtype=torch.long),
-                completion_mask=completion_mask, old_logps=old, ref_logps=ref, advantages=advantages,
-                num_items=num_items)
+                completion_mask=completion_mask, old_logps=old, ref_logps=ref, advantages=advantages)
     return ours, trl_inputs
 
 

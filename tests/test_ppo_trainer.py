@@ -167,13 +167,14 @@ def test_gae_and_whitening_of_a_rollout(tmp_path):
             p.add_(torch.randn_like(p) * 0.02)
     trainer.model.train()
     rows = next(iter(trainer.get_train_dataloader()))
-    batch = trainer._micro_batches(rows)[0]
+    rollout = trainer.make_rollout(rows)
+    batch = trainer.ppo_targets(trainer.rollout_tensors(rollout), rollout.scores, rollout.is_truncated)
     mask = batch["completion_mask"].bool()
     prompt_len = batch["input_ids"].shape[1] - mask.shape[1]
     # independent recomputation: reward-function score − EOS penalty, k1 KL to the reference, critic values
     completions = [trainer.processing_class.decode(ids[m], skip_special_tokens=True)
                    for ids, m in zip(batch["input_ids"][:, prompt_len:], mask)]
-    penalty = 2.0 * trainer._truncated.float()
+    penalty = 2.0 * rollout.is_truncated.float()
     assert torch.allclose(batch["scores"], torch.tensor(unique_chars(completions)) - penalty)
     ref_logps = trainer._batched_logps(trainer.ref_model, batch)
     kl = batch["old_logps"] - ref_logps
@@ -196,10 +197,12 @@ def test_gae_and_whitening_of_a_rollout(tmp_path):
     assert torch.allclose(batch["advantages"], whitened, atol=1e-4)
     assert batch["advantages"][mask].mean().abs() < 1e-5 and (batch["advantages"][~mask] == 0).all()
     # each PPO epoch reshuffles the rollout into num_mini_batches × GA micro-batches with the mini-batch's count
-    parts = trainer._mini_batches(batch)
+    steps = trainer.with_item_counts(trainer.training_batches(rollout))
+    assert len(steps) == 2 * args.num_ppo_epochs  # num_mini_batches optimizer steps per epoch
+    parts = [part for step in steps[:2] for part in step]
     assert len(parts) == 2 and all(p["input_ids"].shape[0] == 4 for p in parts)
     assert sum(float(p["completion_mask"].sum()) for p in parts) == float(mask.sum())
-    assert all(float(p["num_items"]) == float(p["completion_mask"].sum()) for p in parts)
+    assert all(float(p["num_items"]["token"]) == float(p["completion_mask"].sum()) for p in parts)
 
 
 def test_config_options_and_legacy_names():

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from posttrain.errors import UserError
+
 Tensor = torch.Tensor
 SCALE_REWARDS = ("group", "batch", "none")
 
@@ -36,7 +38,7 @@ def _nan_mean_std(x: Tensor, dim: int | None = None, keepdim: bool = False) -> t
 
 def _grouped(rewards: Tensor, num_generations: int) -> Tensor:
     if num_generations < 1 or rewards.shape[0] % num_generations:
-        raise ValueError(f"{rewards.shape[0]} rewards cannot be split into groups of num_generations="
+        raise UserError(f"{rewards.shape[0]} rewards cannot be split into groups of num_generations="
                          f"{num_generations}.")
     return rewards.view(-1, num_generations, *rewards.shape[1:])
 
@@ -61,7 +63,7 @@ def group_advantages(rewards: Tensor, num_generations: int, scale_rewards: str |
     """
     scale_rewards = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)
     if scale_rewards not in SCALE_REWARDS:
-        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}.")
+        raise UserError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}.")
     grouped = _grouped(rewards, num_generations)
     mean, group_std, _ = _nan_mean_std(grouped, dim=1, keepdim=True)
     advantages = grouped - mean

@@ -4,12 +4,16 @@ Lives here: `PostTrainConfig` (defaults that differ from TrainingArguments, mach
 aliases, validation helpers). Not here: per-trainer options (one module per trainer) and model/dataset options
 (`configs/script.py`), which the CLI parses beside the trainer config.
 
-A YAML key, a CLI flag and the attribute share one name. Deprecated names keep working with one warning
-that names the modern form: each config class is decorated with `compat.accept_legacy_arguments`.
+A YAML key, a CLI flag and the attribute share one name. Every config class is decorated with `posttrain_config`:
+TrainingArguments names that transformers removed keep working with one warning naming the modern form
+(`compat`), and an option the config does not take is refused in one line that names the trainers taking it.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import json
 import warnings
 from dataclasses import dataclass, field, fields
@@ -18,23 +22,77 @@ from typing import Any
 from transformers import TrainingArguments
 
 from posttrain import hardware
-from posttrain.compat import accept_legacy_arguments
-
+from posttrain.compat import translate_legacy_arguments
+from posttrain.errors import UserError, UserTypeError, did_you_mean
 
 CHUNKED_LM_HEAD = ("auto", "true", "false")
 
 
 def check(condition: bool, message: str) -> None:
-    """Raise a one-line ValueError when a config value is invalid (message says what and how to fix)."""
+    """Raise a one-line `UserError` (a ValueError) when a config value is invalid (message says what and how to fix)."""
     if not condition:
-        raise ValueError(message)
+        raise UserError(message)
+
+
+# Every config module, so that an option refused by one config can name the configs that take it.
+CONFIG_MODULES = ("sft", "dpo", "reward", "kto", "cpo", "grpo", "rloo", "online_dpo", "ppo")
+
+
+def option_names(config_cls) -> set[str]:
+    """The keyword arguments `config_cls(...)` takes (fields and deprecated InitVar names)."""
+    return set(inspect.signature(config_cls).parameters)
+
+
+def configs_taking(name: str) -> list[type]:
+    """The posttrain config classes (one per trainer) that take option `name`."""
+    for module in CONFIG_MODULES:
+        importlib.import_module(f"posttrain.configs.{module}")
+    found, todo = [], list(PostTrainConfig.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        todo.extend(cls.__subclasses__())
+        if not cls.__name__.startswith("_") and cls.__name__.endswith("Config") and name in option_names(cls) \
+                and cls.__module__.rsplit(".", 1)[-1] in CONFIG_MODULES and cls not in found:
+            found.append(cls)
+    return sorted(found, key=lambda c: c.__name__)
+
+
+def unknown_option_message(owner: str, name: str, known, config_cls=None) -> str:
+    """"X has no option 'n'": naming the trainers that take it, or the closest known name."""
+    takers = [c.__name__.replace("Config", "Trainer") for c in configs_taking(name) if c is not config_cls]
+    if takers:
+        return (f"{owner} has no option '{name}': it is used by {', '.join(takers)} only; remove it "
+                f"(it would have no effect here).")
+    return f"{owner} got an unexpected option '{name}'{did_you_mean(name, known)}"
+
+
+def posttrain_config(cls):
+    """Class decorator of every posttrain config: removed TrainingArguments names are translated (one warning each,
+    `compat`), and an option this config does not take is a one-line `UserTypeError`."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        if type(self) is cls:
+            translate_legacy_arguments(kwargs, cls.__name__)
+            older_forms = getattr(cls, "translate_legacy_options", None)  # e.g. TRL's older PPOConfig names
+            if older_forms is not None:
+                older_forms(kwargs)
+            known = option_names(cls)
+            for name in kwargs:
+                if name not in known:
+                    raise UserTypeError(unknown_option_message(cls.__name__, name, known, cls))
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
 
 
 def warn_deprecated(old: str, new: str) -> None:
     warnings.warn(f"`{old}` is deprecated and will be removed; use `{new}` instead.", FutureWarning, stacklevel=4)
 
 
-@accept_legacy_arguments
+@posttrain_config
 @dataclass
 class PostTrainConfig(TrainingArguments):
     """Training options shared by every posttrain trainer (all of `transformers.TrainingArguments`, plus these).
@@ -72,7 +130,7 @@ class PostTrainConfig(TrainingArguments):
             try:
                 self.model_init_kwargs = json.loads(self.model_init_kwargs)
             except json.JSONDecodeError as e:
-                raise ValueError(f"model_init_kwargs must be a JSON object, got {self.model_init_kwargs!r} ({e}).")
+                raise UserError(f"model_init_kwargs must be a JSON object, got {self.model_init_kwargs!r} ({e}).")
         if isinstance(self.chunked_lm_head, bool):  # Python and YAML callers may pass a bool
             self.chunked_lm_head = "true" if self.chunked_lm_head else "false"
         self.chunked_lm_head = str(self.chunked_lm_head).lower()

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from posttrain.compat import accept_legacy_arguments
-from posttrain.configs.base import PostTrainConfig, check
+from posttrain.configs.base import PostTrainConfig, check, posttrain_config
 from posttrain.losses.reference_free import CPO_LOSSES
 
 
@@ -33,7 +32,7 @@ class _ReferenceFreeConfig(PostTrainConfig):
               "so completions have room.")
 
 
-@accept_legacy_arguments
+@posttrain_config
 @dataclass
 class CPOConfig(_ReferenceFreeConfig):
     """Configuration of `CPOTrainer`: CPO (sigmoid), hinge, ipo, SimPO (simpo, cpo_alpha=0) and AlphaPO."""
@@ -59,7 +58,7 @@ class CPOConfig(_ReferenceFreeConfig):
         check(self.cpo_alpha >= 0, f"cpo_alpha must be >= 0, got {self.cpo_alpha}.")
 
 
-@accept_legacy_arguments
+@posttrain_config
 @dataclass
 class ORPOConfig(_ReferenceFreeConfig):
     """Configuration of `ORPOTrainer`: NLL on chosen completions plus β × the odds-ratio term."""

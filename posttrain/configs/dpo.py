@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from posttrain.compat import accept_legacy_arguments
 from posttrain.configs.anchored import ReferenceAnchoredConfig
-from posttrain.configs.base import check
+from posttrain.configs.base import check, posttrain_config
 from posttrain.losses.preference import DPO_LOSSES, F_DIVERGENCES
 
 
-@accept_legacy_arguments
+@posttrain_config
 @dataclass
 class DPOConfig(ReferenceAnchoredConfig):
     """Configuration of `DPOTrainer` (every `transformers.TrainingArguments` field is accepted too)."""

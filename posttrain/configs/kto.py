@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from posttrain.compat import accept_legacy_arguments
 from posttrain.configs.anchored import ReferenceAnchoredConfig
-from posttrain.configs.base import check
+from posttrain.configs.base import check, posttrain_config
 from posttrain.losses.kto import KTO_LOSSES, USES_KL_BASELINE
 
 
-@accept_legacy_arguments
+@posttrain_config
 @dataclass
 class KTOConfig(ReferenceAnchoredConfig):
     """Configuration of `KTOTrainer` (every `transformers.TrainingArguments` field is accepted too)."""

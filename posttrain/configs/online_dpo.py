@@ -1,11 +1,11 @@
 """`OnlineDPOConfig`: options of Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI
-Feedback"), named as TRL names them. Generation, reward and batching options are GRPOConfig's.
+Feedback"), named as TRL names them. Generation, reward and batching options are the shared rollout part
+(`configs/online.py`).
 
-Differences from GRPOConfig: num_generations is 2 (one pair per prompt) and must stay 2; `loss_type` is a DPO
-loss (sigmoid, ipo); `beta` is DPO's β and may be a list (one value per epoch, the last one reused after it);
-`temperature` defaults to 0.9 as in TRL. GRPO's policy-gradient options (epsilon, epsilon_high, delta,
-importance_sampling_level, sapo_*, scale_rewards, multi_objective_aggregation, top_entropy_quantile) have no
-effect here; `mask_truncated_completions` is refused (use `missing_eos_penalty`).
+num_generations is 2 (one pair per prompt) and must stay 2; `loss_type` is a DPO loss (sigmoid, ipo); `beta` is
+DPO's β and may be a list (one value per epoch, the last one reused after it); `temperature` defaults to 0.9 as in
+TRL. GRPO's policy-gradient options (epsilon, delta, importance_sampling_level, sapo_*, scale_rewards, …) and
+`mask_truncated_completions` are refused (use `missing_eos_penalty`).
 
 Batch sizes count completions, as in every posttrain online trainer: per_device_train_batch_size=8 trains on 4
 pairs per micro-step (TRL's Online DPO counts prompts, so double TRL's value to get the same batch).
@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from posttrain.compat import accept_legacy_arguments
-from posttrain.configs.base import check
-from posttrain.configs.grpo import GRPOConfig, check_vllm
+from posttrain.configs.base import check, posttrain_config
+from posttrain.configs.online import GroupRolloutConfig
 from posttrain.losses.preference import DPO_LOSSES
 
 # Losses that make sense on one sampled pair per prompt, as TRL's Online DPO offers them.
@@ -27,25 +26,11 @@ ONLINE_DPO_LOSS_TYPES = ("sigmoid", "ipo")
 assert set(ONLINE_DPO_LOSS_TYPES) <= set(DPO_LOSSES)
 
 
-class BetaSchedule(list):
-    """β per epoch (epoch e uses entry min(e, last)). It compares like its smallest entry, so code shared with
-    other online trainers that asks `args.beta > 0` ("is a reference model needed?") works unchanged."""
-
-    def __gt__(self, other):
-        return min(self) > other if isinstance(other, (int, float)) else list.__gt__(self, other)
-
-    def __ge__(self, other):
-        return min(self) >= other if isinstance(other, (int, float)) else list.__ge__(self, other)
-
-    def at_epoch(self, epoch: float) -> float:
-        return float(self[min(int(epoch), len(self) - 1)])
-
-
-@accept_legacy_arguments
+@posttrain_config
 @dataclass
-class OnlineDPOConfig(GRPOConfig):
-    """Configuration of `OnlineDPOTrainer` (every `transformers.TrainingArguments` and generation/reward option of
-    `GRPOConfig` is accepted too)."""
+class OnlineDPOConfig(GroupRolloutConfig):
+    """Configuration of `OnlineDPOTrainer` (every `transformers.TrainingArguments` field and the shared rollout
+    options are accepted too)."""
 
     learning_rate: float = field(default=5e-7, metadata={"help": "Initial AdamW learning rate."})
     num_generations: int = field(default=2, metadata={"help": "Completions per prompt: always 2 (one pair)."})
@@ -68,7 +53,7 @@ class OnlineDPOConfig(GRPOConfig):
         if isinstance(self.beta, (list, tuple)):
             values = [float(b) for b in self.beta]
             check(len(values) > 0, "beta is an empty list; give one value (e.g. 0.1) or one per epoch.")
-            self.beta = values[0] if len(values) == 1 else BetaSchedule(values)
+            self.beta = values[0] if len(values) == 1 else values
         if self.max_new_tokens is not None:
             self.max_completion_length = self.max_new_tokens
             self.max_new_tokens = None  # consumed: a saved config then round-trips through max_completion_length
@@ -85,17 +70,11 @@ class OnlineDPOConfig(GRPOConfig):
         check(self.per_device_train_batch_size % 2 == 0,
               f"per_device_train_batch_size counts completions (2 per prompt) and must be even so that a pair is "
               f"never split, got {self.per_device_train_batch_size}; TRL counts prompts: double TRL's value.")
-        check(not self.mask_truncated_completions, "mask_truncated_completions does not apply to Online DPO (a pair "
-                                                   "needs both completions); use missing_eos_penalty=1.0 instead.")
         check(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
               f"missing_eos_penalty must be >= 0 (it is subtracted), got {self.missing_eos_penalty}.")
-        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}.")
-        check(self.max_completion_length > 0, f"max_completion_length must be > 0, got {self.max_completion_length}.")
-        check(self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}.")
-        check_vllm(self)
 
-    def to_flat_dict(self):
-        out = super().to_flat_dict()
-        if isinstance(self.beta, BetaSchedule):
-            out["beta"] = list(self.beta)  # YAML's safe dumper knows plain lists only
-        return out
+    def beta_at_epoch(self, epoch: float) -> float:
+        """β of epoch `epoch` (a list is one value per epoch, the last one reused after it)."""
+        if isinstance(self.beta, list):
+            return float(self.beta[min(int(epoch), len(self.beta) - 1)])
+        return float(self.beta)

@@ -1,11 +1,12 @@
 """`PPOConfig`: options of classic RLHF PPO (the "N implementation details of RLHF with PPO" recipe), named as TRL
-names them. Generation and reward options are GRPO's (`GRPOConfig` is the base); GRPO's loss options do not apply
-and are hidden (`init=False`: not accepted, not listed by --help, not written to config.yaml).
+names them. Generation and reward options are the shared rollout part (`configs/online.py`); GRPO's batching and
+loss options do not apply and are refused.
 
 Batching, as TRL's PPO: one rollout holds per_device_train_batch_size × gradient_accumulation_steps ×
 num_mini_batches completions; it is trained on for num_ppo_epochs passes, each split into num_mini_batches
 optimizer steps. Deprecated names from older guides (model_name, batch_size, mini_batch_size, ppo_epochs,
-response_length, adap_kl_ctrl, init_kl_coef, target, horizon) are accepted with one FutureWarning each.
+response_length, adap_kl_ctrl, init_kl_coef, target, horizon) are translated by `compat/ppo.py`, with one
+FutureWarning each.
 
 Not here: the algorithm (`trainers/ppo.py`), GAE and whitening (`algorithms/advantages.py`), losses
 (`losses/value.py`).
@@ -13,24 +14,22 @@ Not here: the algorithm (`trainers/ppo.py`), GAE and whitening (`algorithms/adva
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 
-from posttrain.compat import accept_legacy_arguments
-from posttrain.configs.base import check
-from posttrain.configs.grpo import GRPOConfig, check_vllm
+from posttrain.compat.ppo import translate_ppo_config_options
+from posttrain.configs.base import check, posttrain_config
+from posttrain.configs.online import OnlineConfig
 
 KL_ESTIMATORS = ("k1", "k3")
 
 
-def _hidden(default):
-    return field(default=default, init=False, metadata={"help": "Not used by PPO."})
-
-
-@accept_legacy_arguments
+@posttrain_config
 @dataclass
-class PPOConfig(GRPOConfig):
-    """Configuration of `PPOTrainer` (every `transformers.TrainingArguments` field is accepted too)."""
+class PPOConfig(OnlineConfig):
+    """Configuration of `PPOTrainer` (every `transformers.TrainingArguments` field and the shared rollout options
+    are accepted too)."""
+
+    translate_legacy_options = staticmethod(translate_ppo_config_options)  # older TRL names (compat/ppo.py)
 
     learning_rate: float = field(default=3e-6, metadata={"help": "Initial AdamW learning rate (policy and critic)."})
     num_generations: int = field(default=1, metadata={"help": "Completions per prompt (the critic is the baseline, "
@@ -64,70 +63,21 @@ class PPOConfig(GRPOConfig):
                                  "GAE."})
     missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the score of a "
                                               "completion that ends without EOS."})
-    # GRPO options PPO does not use (steps_per_generation, generation_batch_size and num_iterations are derived).
-    steps_per_generation: int | None = _hidden(None)
-    generation_batch_size: int | None = _hidden(None)
-    num_iterations: int = _hidden(1)
-    scale_rewards: str = _hidden("group")
-    multi_objective_aggregation: str = _hidden("sum_then_normalize")
-    loss_type: str = _hidden("dapo")
-    beta: float = _hidden(0.0)
-    epsilon: float = _hidden(0.2)
-    epsilon_high: float | None = _hidden(None)
-    delta: float | None = _hidden(None)
-    importance_sampling_level: str = _hidden("token")
-    sapo_temperature_pos: float = _hidden(1.0)
-    sapo_temperature_neg: float = _hidden(1.05)
-    top_entropy_quantile: float = _hidden(1.0)
-    sync_ref_model: bool = _hidden(False)
-    ref_model_sync_steps: int = _hidden(512)
-    ref_model_mixup_alpha: float = _hidden(0.6)
-    # Deprecated names (older TRL PPOConfig): translated in __post_init__, never stored.
-    model_name: InitVar[str | None] = None
-    batch_size: InitVar[int | None] = None
-    mini_batch_size: InitVar[int | None] = None
-    ppo_epochs: InitVar[int | None] = None
-    response_length: InitVar[int | None] = None
-    adap_kl_ctrl: InitVar[bool | None] = None
-    init_kl_coef: InitVar[float | None] = None
-    target: InitVar[float | None] = None
-    horizon: InitVar[float | None] = None
 
-    def __post_init__(self, model_name=None, batch_size=None, mini_batch_size=None, ppo_epochs=None,
-                      response_length=None, adap_kl_ctrl=None, init_kl_coef=None, target=None,
-                      horizon=None) -> None:
-        for old, new, value in (("adap_kl_ctrl", "adaptive_kl", adap_kl_ctrl), ("init_kl_coef", "kl_coef",
-                                init_kl_coef), ("target", "kl_target", target), ("horizon", "kl_horizon", horizon)):
-            if value is not None:
-                _deprecated(old, new)
-                setattr(self, new, value)
-        if model_name is not None:
-            _deprecated("model_name", "PPOTrainer(model=...) (or sft_model_path=...)")
-            self.sft_model_path = self.sft_model_path or model_name
-        if ppo_epochs is not None:
-            _deprecated("ppo_epochs", "num_ppo_epochs")
-            self.num_ppo_epochs = ppo_epochs
-        if response_length is not None:
-            _deprecated("response_length", "max_completion_length")
-            self.max_completion_length = response_length
-        if mini_batch_size is not None:
-            _deprecated("mini_batch_size", "per_device_train_batch_size (× gradient_accumulation_steps per optimizer "
-                                           "step)")
-            self.per_device_train_batch_size = mini_batch_size
-        if batch_size is not None:
-            _deprecated("batch_size", "num_mini_batches (a rollout is per_device_train_batch_size × "
-                                      "gradient_accumulation_steps × num_mini_batches completions)")
-            step = self.per_device_train_batch_size * self.gradient_accumulation_steps
-            check(batch_size % step == 0, f"batch_size ({batch_size}) must be a multiple of mini_batch_size × "
-                                          f"gradient_accumulation_steps ({step}).")
-            self.num_mini_batches = batch_size // step
-        super().__post_init__()
+    @property
+    def num_iterations(self) -> int:  # the shared rollout cycle's name for num_ppo_epochs
+        return self.num_ppo_epochs
 
-    def _resolve_batching(self) -> None:
+    @property
+    def steps_per_generation(self) -> int:  # micro-steps per rollout pass
+        return self.gradient_accumulation_steps * self.num_mini_batches
+
+    @property
+    def generation_batch_size(self) -> int:  # completions per rollout and process
+        return self.per_device_train_batch_size * self.steps_per_generation
+
+    def resolve_batching(self) -> None:
         """A rollout is per_device × GA × num_mini_batches completions, reused for num_ppo_epochs passes."""
-        self.num_iterations = self.num_ppo_epochs
-        self.steps_per_generation = self.gradient_accumulation_steps * self.num_mini_batches
-        self.generation_batch_size = self.per_device_train_batch_size * self.steps_per_generation
         check(self.generation_batch_size % self.num_generations == 0,
               f"The rollout (per_device_train_batch_size × gradient_accumulation_steps × num_mini_batches = "
               f"{self.generation_batch_size}) must be a multiple of num_generations ({self.num_generations}).")
@@ -146,10 +96,4 @@ class PPOConfig(GRPOConfig):
         check(self.vf_coef >= 0, f"vf_coef must be >= 0, got {self.vf_coef}.")
         check(0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma}.")
         check(0 <= self.lam <= 1, f"lam must be in [0, 1], got {self.lam}.")
-        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}.")
-        check(self.max_completion_length > 0, f"max_completion_length must be > 0, got {self.max_completion_length}.")
-        check_vllm(self)
 
-
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(f"PPOConfig({old}=...) is deprecated; use {new}.", FutureWarning, stacklevel=5)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from posttrain.compat import accept_legacy_arguments
-from posttrain.configs.base import PostTrainConfig, check
+from posttrain.configs.base import PostTrainConfig, check, posttrain_config
 
 
-@accept_legacy_arguments
+@posttrain_config
 @dataclass
 class RewardConfig(PostTrainConfig):
     """Configuration of `RewardTrainer` (every `transformers.TrainingArguments` field is accepted too)."""

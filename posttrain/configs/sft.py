@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from posttrain.compat import accept_legacy_arguments
-from posttrain.configs.base import PostTrainConfig, check, warn_deprecated
+from posttrain.configs.base import PostTrainConfig, check, warn_deprecated, posttrain_config
 from posttrain.losses.sft import SFT_LOSSES
 
 PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
 
 
-@accept_legacy_arguments
+@posttrain_config
 @dataclass
 class SFTConfig(PostTrainConfig):
     """Configuration of `SFTTrainer` (every `transformers.TrainingArguments` field is accepted too)."""

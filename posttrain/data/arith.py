@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import datasets
 
+from posttrain.errors import UserError
+
 TRAIN_ROWS, TEST_ROWS = 2000, 1000
 # where each data set's train split starts in the pool (the test split is pool[TRAIN_ROWS:TRAIN_ROWS + TEST_ROWS])
 _TRAIN_START = {"posttrain/arith-lm": 0, "posttrain/arith-sft": 0, "posttrain/arith-pref": 3000,
@@ -239,7 +241,7 @@ def _select_split(dataset_dict: datasets.DatasetDict, split: str) -> datasets.Da
     match = _SLICE.match(split.replace(" ", ""))
     base = match.group(1) if match else split
     if base not in dataset_dict:
-        raise ValueError(f"Unknown split {split!r}; available splits: {', '.join(dataset_dict)} "
+        raise UserError(f"Unknown split {split!r}; available splits: {', '.join(dataset_dict)} "
                          "(optionally sliced, e.g. 'train[:100]').")
     dataset = dataset_dict[base]
     if not match:
@@ -261,9 +263,9 @@ def load_builtin_dataset(name: str, config: str | None = None, split: str | None
     `config` is "standard" (default; plain strings) or "conversational" (lists of {role, content} messages).
     """
     if name not in BUILTIN_DATASETS:
-        raise ValueError(f"Unknown built-in data set {name!r}; available: {', '.join(BUILTIN_DATASETS)}.")
+        raise UserError(f"Unknown built-in data set {name!r}; available: {', '.join(BUILTIN_DATASETS)}.")
     config = config or "standard"
     if config not in _FORMATS:
-        raise ValueError(f"Unknown config {config!r} for {name!r}; available configs: {', '.join(_FORMATS)}.")
+        raise UserError(f"Unknown config {config!r} for {name!r}; available configs: {', '.join(_FORMATS)}.")
     dataset_dict = _build(name, config == "conversational")
     return dataset_dict if split is None else _select_split(dataset_dict, split)

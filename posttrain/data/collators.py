@@ -26,13 +26,15 @@ from typing import Any
 
 import torch
 
+from posttrain.errors import UserError
+
 IGNORE_INDEX = -100
 
 
 def _as_1d(value: Any, key: str) -> torch.Tensor:
     tensor = torch.as_tensor(value, dtype=torch.long)
     if tensor.dim() != 1:
-        raise ValueError(f"'{key}' must be one flat sequence per example, got shape {tuple(tensor.shape)}.")
+        raise UserError(f"'{key}' must be one flat sequence per example, got shape {tuple(tensor.shape)}.")
     return tensor
 
 
@@ -81,15 +83,15 @@ class DataCollatorForLanguageModeling:
 
     def __post_init__(self):
         if self.return_tensors != "pt":
-            raise ValueError(f"Only return_tensors='pt' is supported, got {self.return_tensors!r}.")
+            raise UserError(f"Only return_tensors='pt' is supported, got {self.return_tensors!r}.")
         if self.pad_token_id is None:
-            raise ValueError("pad_token_id is None: set tokenizer.pad_token (e.g. to the eos token) first.")
+            raise UserError("pad_token_id is None: set tokenizer.pad_token (e.g. to the eos token) first.")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}.")
+            raise UserError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}.")
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
-            raise ValueError("Cannot collate an empty list of examples.")
+            raise UserError("Cannot collate an empty list of examples.")
         rows = [self._row(example) for example in examples]
         if self.padding_free:
             return self._flatten(rows)
@@ -102,13 +104,13 @@ class DataCollatorForLanguageModeling:
         if self.completion_only_loss and example.get("completion_mask") is not None:
             mask = _as_1d(example["completion_mask"], "completion_mask")
             if mask.shape != input_ids.shape:
-                raise ValueError(f"completion_mask has {mask.numel()} entries but input_ids has {input_ids.numel()}.")
+                raise UserError(f"completion_mask has {mask.numel()} entries but input_ids has {input_ids.numel()}.")
             labels[mask == 0] = IGNORE_INDEX
         seq_lengths = example.get("seq_lengths")
         if seq_lengths is not None:
             seq_lengths = _as_1d(seq_lengths, "seq_lengths").tolist()
             if sum(seq_lengths) != input_ids.numel() or min(seq_lengths, default=0) < 0:
-                raise ValueError(f"seq_lengths {seq_lengths} must be non-negative and sum to the row length "
+                raise UserError(f"seq_lengths {seq_lengths} must be non-negative and sum to the row length "
                                  f"{input_ids.numel()}.")
         return input_ids, labels, seq_lengths
 
@@ -209,7 +211,7 @@ class DataCollatorForUnpaired:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
-            raise ValueError("Cannot collate an empty list of examples.")
+            raise UserError("Cannot collate an empty list of examples.")
         prompts = [_as_1d(ex["prompt_ids"], "prompt_ids") for ex in examples]
         completions = [_as_1d(ex["completion_ids"], "completion_ids") for ex in examples]
         pairs = list(zip(prompts, completions))

@@ -14,6 +14,8 @@ import difflib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from posttrain.errors import UserError
+
 DATASET_TYPES: dict[str, tuple[str, ...]] = {
     "preference": ("prompt", "chosen", "rejected"),
     "unpaired_preference": ("prompt", "completion", "label"),
@@ -48,7 +50,7 @@ def sharegpt_to_messages(example: dict[str, Any]) -> dict[str, Any]:
     for turn in example["conversations"]:
         role = _SHAREGPT_ROLES.get(turn["from"])
         if role is None:
-            raise ValueError(f"Unknown ShareGPT speaker {turn['from']!r}; expected one of {sorted(_SHAREGPT_ROLES)}.")
+            raise UserError(f"Unknown ShareGPT speaker {turn['from']!r}; expected one of {sorted(_SHAREGPT_ROLES)}.")
         messages.append({"role": role, "content": turn["value"]})
     return {"messages": messages}
 
@@ -81,7 +83,7 @@ def require_type(columns: Sequence[str], accepted: Sequence[str], who: str, text
         if close and close[0] != col:
             hints.append(f"'{col}' → '{close[0]}'?")
     hint = f" Did you mean: {', '.join(hints)}" if hints else ""
-    raise ValueError(f"{who} expects a dataset with columns {' or '.join(expected)}; got columns "
+    raise UserError(f"{who} expects a dataset with columns {' or '.join(expected)}; got columns "
                      f"{list(columns)}.{hint} Rename columns with dataset.rename_column(old, new).")
 
 

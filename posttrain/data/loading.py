@@ -11,6 +11,8 @@ from typing import Any
 
 import datasets
 
+from posttrain.errors import UserError
+
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
                   ".arrow": "arrow"}
 
@@ -32,7 +34,7 @@ def load_any_dataset(name: str, config: str | None = None, split: str | None = N
             return loaded[split] if split and isinstance(loaded, datasets.DatasetDict) else loaded
         return _load_local(name, name, config, split=split, data_files=data_files, streaming=streaming)
     if name.startswith((".", "/")) or ext in _FILE_BUILDERS:
-        raise ValueError(f"Dataset path {name!r} does not exist. Give an existing .json/.jsonl/.csv/.parquet file, "
+        raise UserError(f"Dataset path {name!r} does not exist. Give an existing .json/.jsonl/.csv/.parquet file, "
                          "a directory, a Hub id, or a built-in set such as posttrain/arith-sft.")
     return datasets.load_dataset(name, config, split=split, data_files=data_files, streaming=streaming)
 
@@ -44,7 +46,7 @@ def _load_local(name: str, *args: Any, **kwargs: Any):
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__ or e
         detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        raise ValueError(f"Could not read dataset {name!r}: {detail}. Fix the data file(s) (JSON Lines: one JSON "
+        raise UserError(f"Could not read dataset {name!r}: {detail}. Fix the data file(s) (JSON Lines: one JSON "
                          "object per line; CSV: a header row, then one row per example) or choose another "
                          "--dataset_name.") from e
 
@@ -55,7 +57,7 @@ def load_mixture(specs: list[dict], split: str = "train") -> datasets.Dataset:
     for spec in specs:
         unknown = set(spec) - {"path", "name", "split", "data_files", "columns"}
         if unknown or "path" not in spec:
-            raise ValueError(f"Each entry of `datasets` needs 'path' and may have name, split, data_files, columns; "
+            raise UserError(f"Each entry of `datasets` needs 'path' and may have name, split, data_files, columns; "
                              f"got {sorted(spec)}.")
         part = load_any_dataset(spec["path"], spec.get("name"), spec.get("split", split), spec.get("data_files"))
         if spec.get("columns"):
@@ -69,7 +71,7 @@ def load_train_eval(script_args, want_eval: bool) -> tuple[Any, Any]:
     if script_args.datasets:
         return load_mixture(script_args.datasets, script_args.dataset_train_split), None
     if not script_args.dataset_name:
-        raise ValueError("No data: pass --dataset_name (e.g. posttrain/arith-sft, a local .jsonl file or a Hub id).")
+        raise UserError("No data: pass --dataset_name (e.g. posttrain/arith-sft, a local .jsonl file or a Hub id).")
     name, config = script_args.dataset_name, script_args.dataset_config
     streaming = script_args.dataset_streaming
     try:
@@ -77,13 +79,13 @@ def load_train_eval(script_args, want_eval: bool) -> tuple[Any, Any]:
     except (KeyError, ValueError) as e:
         if "split" not in str(e).lower() or name.startswith("posttrain/"):
             raise
-        raise ValueError(f"Split {script_args.dataset_train_split!r} not found in {name!r} ({e}). Choose one "
+        raise UserError(f"Split {script_args.dataset_train_split!r} not found in {name!r} ({e}). Choose one "
                          "with --dataset_train_split.") from None
     evaluation = None
     if want_eval:
         try:
             evaluation = load_any_dataset(name, config, split=script_args.dataset_test_split, streaming=streaming)
         except (KeyError, ValueError):
-            raise ValueError(f"Evaluation is on but split {script_args.dataset_test_split!r} was not found in "
+            raise UserError(f"Evaluation is on but split {script_args.dataset_test_split!r} was not found in "
                              f"{name!r}; set --dataset_test_split or --eval_strategy no.") from None
     return train, evaluation

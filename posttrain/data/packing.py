@@ -28,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from posttrain.errors import UserError
+
 STRATEGIES = ("bfd", "bfd_split", "wrapped")
 # Streaming datasets cannot be seen whole, so they are packed per batch of this many documents (as TRL does).
 ITERABLE_BATCH_SIZE = 1000
@@ -73,10 +75,10 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     Every length must be in 1..capacity (truncate or split first).
     """
     if capacity < 1:
-        raise ValueError(f"capacity must be >= 1, got {capacity}.")
+        raise UserError(f"capacity must be >= 1, got {capacity}.")
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.size and (lengths.min() < 1 or lengths.max() > capacity):
-        raise ValueError(f"Every length must be in 1..{capacity}; got min {lengths.min()}, max {lengths.max()}.")
+        raise UserError(f"Every length must be in 1..{capacity}; got min {lengths.min()}, max {lengths.max()}.")
     order = np.argsort(-lengths, kind="stable")
     tree = _CapacityTree(capacity)
     tree.set(capacity, capacity)  # an empty bin is always available
@@ -151,7 +153,7 @@ def _document_lengths(table: pa.Table, columns: list[str]) -> np.ndarray:
         current = pc.list_value_length(table.column(name)).fill_null(0).to_numpy(zero_copy_only=False)
         if lengths is not None and not np.array_equal(lengths, current):
             bad = int(np.flatnonzero(lengths != current)[0])
-            raise ValueError(f"Row {bad}: column '{name}' has {current[bad]} entries but '{columns[0]}' has "
+            raise UserError(f"Row {bad}: column '{name}' has {current[bad]} entries but '{columns[0]}' has "
                              f"{lengths[bad]}; packed columns must have equal lengths per row.")
         lengths = current
     return lengths.astype(np.int64)
@@ -183,22 +185,22 @@ def pack_dataset(dataset: datasets.Dataset, max_length: int, strategy: str = "bf
     dropped. A `datasets.IterableDataset` is packed per batch of ITERABLE_BATCH_SIZE documents.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"Unknown packing strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}.")
+        raise UserError(f"Unknown packing strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}.")
     if not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"Packing needs a positive integer max_length (the row length), got {max_length!r}.")
+        raise UserError(f"Packing needs a positive integer max_length (the row length), got {max_length!r}.")
     names = dataset.column_names
     present = [c for c in columns if names is None or c in names]
     if not present:
-        raise ValueError(f"pack_dataset found none of the columns {list(columns)} in the dataset (it has {names}); "
+        raise UserError(f"pack_dataset found none of the columns {list(columns)} in the dataset (it has {names}); "
                          "tokenise it first.")
     if isinstance(dataset, datasets.Dataset):
         if len(dataset) == 0:
-            raise ValueError("Cannot pack an empty dataset; give at least one tokenised example.")
+            raise UserError("Cannot pack an empty dataset; give at least one tokenised example.")
         packed = dataset.with_format("arrow").map(
             _pack_table, batched=True, batch_size=None, remove_columns=names, desc=f"Packing dataset ({strategy})",
             fn_kwargs={"max_length": max_length, "strategy": strategy, "columns": present})
         if len(packed) == 0:
-            raise ValueError("Cannot pack: every example has zero tokens.")
+            raise UserError("Cannot pack: every example has zero tokens.")
         return packed.with_format(dataset.format["type"])
     # Streaming: `remove_columns` would also remove our re-created columns there, so select instead.
     source = dataset.select_columns(present) if names is not None else dataset
@@ -210,7 +212,7 @@ def pack_dataset(dataset: datasets.Dataset, max_length: int, strategy: str = "bf
 def packing_efficiency(dataset, max_length: int, column: str = "input_ids") -> float:
     """Fraction of the rows x max_length grid holding real tokens (rows longer than max_length count max_length)."""
     if len(dataset) == 0:
-        raise ValueError("packing_efficiency of an empty dataset is undefined.")
+        raise UserError("packing_efficiency of an empty dataset is undefined.")
     table = dataset.with_format("arrow")[:]
     lengths = pc.list_value_length(table.column(column)).fill_null(0).to_numpy(zero_copy_only=False)
     return float(np.minimum(lengths, max_length).sum() / (len(lengths) * max_length))

@@ -25,6 +25,7 @@ from typing import Any
 import datasets
 
 from posttrain.data import formats, tokenize
+from posttrain.errors import UserError
 
 logger = logging.getLogger(__name__)
 SFT_TYPES = ("language_modeling", "prompt_completion")
@@ -44,7 +45,7 @@ def prepare_sft_dataset(dataset, tokenizer, args, formatting_func: Callable | No
     if (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
         return dataset
     if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
-        raise ValueError(f"The {name} dataset is empty; give at least one example.")
+        raise UserError(f"The {name} dataset is empty; give at least one example.")
     columns = list(dataset.column_names or [])
     if _is_pretokenized(dataset):
         if "completion_mask" not in columns:
@@ -64,7 +65,7 @@ def prepare_sft_dataset(dataset, tokenizer, args, formatting_func: Callable | No
             logger.warning("%s dataset: dropped %d of %d examples with no trainable token left after truncation.",
                            name, dropped, before)
         if len(dataset) == 0:
-            raise ValueError(f"Every {name} example lost all its trainable tokens (prompt longer than max_length="
+            raise UserError(f"Every {name} example lost all its trainable tokens (prompt longer than max_length="
                              f"{args.max_length}?). Raise max_length or shorten the prompts.")
     if packing:
         from posttrain.data.packing import pack_dataset
@@ -88,7 +89,7 @@ def _tokenize_sft(dataset, tokenizer, args, formatting_func, name):
     conversational = formats.is_conversational(_first_row(dataset))
     completion_only = args.completion_only_loss is not False  # None = auto: on for prompt-completion
     if args.assistant_only_loss and not conversational:
-        raise ValueError("assistant_only_loss=True needs conversational data (a 'messages' column or "
+        raise UserError("assistant_only_loss=True needs conversational data (a 'messages' column or "
                          "conversational prompt/completion).")
     eos = tokenizer.eos_token
 
@@ -124,10 +125,10 @@ def _check_fields(example: dict[str, Any], keys: tuple[str, ...], may_be_empty: 
     for key in keys:
         value = example.get(key)
         if value is None or (key not in may_be_empty and isinstance(value, (str, list)) and len(value) == 0):
-            raise ValueError(f"A row has an empty or missing '{key}' ({example!r:.200}). Remove such rows, e.g. "
+            raise UserError(f"A row has an empty or missing '{key}' ({example!r:.200}). Remove such rows, e.g. "
                              f"dataset.filter(lambda ex: ex['{key}']).")
         if not isinstance(value, (str, list)):
-            raise ValueError(f"Column '{key}' must hold strings or lists of messages, got "
+            raise UserError(f"Column '{key}' must hold strings or lists of messages, got "
                              f"{type(value).__name__} ({value!r:.80}). Convert it, e.g. "
                              f"dataset.map(lambda ex: {{'{key}': str(ex['{key}'])}}).")
 
@@ -147,14 +148,14 @@ def check_prompts(dataset, tokenizer, name: str = "train") -> None:
     elif pa.types.is_list(kind) or pa.types.is_large_list(kind):
         lengths = pc.list_value_length(column)
     elif not pa.types.is_null(kind):
-        raise ValueError(f"Column 'prompt' of the {name} dataset must hold strings or lists of messages, got {kind} "
+        raise UserError(f"Column 'prompt' of the {name} dataset must hold strings or lists of messages, got {kind} "
                          f"values (first: {column[0].as_py()!r:.80}). Convert it, e.g. "
                          "dataset.map(lambda ex: {'prompt': str(ex['prompt'])}).")
     else:
         lengths = column  # all null
     bad = int(pc.index(pc.fill_null(pc.equal(lengths, 0), True), True).as_py())
     if bad >= 0:
-        raise ValueError(f"Row {bad} of the {name} dataset has an empty or missing 'prompt' "
+        raise UserError(f"Row {bad} of the {name} dataset has an empty or missing 'prompt' "
                          f"({dataset[bad]!r:.200}). Remove such rows, e.g. dataset.filter(lambda ex: ex['prompt']).")
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         tokenize.require_chat_template(tokenizer)  # now, rather than at the first rollout
@@ -167,7 +168,7 @@ def _drop_report(before: int, after: int, name: str, why: str, fix: str) -> None
     if after < before:
         logger.warning("%s dataset: dropped %d of %d examples (%s).", name, before - after, before, why)
     if after == 0:
-        raise ValueError(f"Every {name} example was dropped ({why}). {fix}")
+        raise UserError(f"Every {name} example was dropped ({why}). {fix}")
 
 
 def _has_limits(args) -> bool:
@@ -200,7 +201,7 @@ def _typed_rows(dataset, name: str, accepted: tuple[str, ...], who: str):
     """Shared start of the pair pipelines: reject an empty set, pass through already-tokenised rows (None), check
     the columns, and make implicit prompts explicit. Returns (dataset, detected type, original columns)."""
     if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
-        raise ValueError(f"The {name} dataset is empty; give at least one example.")
+        raise UserError(f"The {name} dataset is empty; give at least one example.")
     if "prompt_ids" in (dataset.column_names or []):
         return None
     columns = list(dataset.column_names or _first_row(dataset).keys())
@@ -275,7 +276,7 @@ def prepare_unpaired_dataset(dataset, tokenizer, args, name: str = "train", who:
     def one(example):
         _check_fields(example, ("prompt", "completion"), may_be_empty=("prompt",))
         if not isinstance(example.get("label"), bool) and example.get("label") not in (0, 1):
-            raise ValueError(f"Column 'label' must hold booleans (True = desirable, False = undesirable), got "
+            raise UserError(f"Column 'label' must hold booleans (True = desirable, False = undesirable), got "
                              f"{example.get('label')!r:.80}. Convert it, e.g. dataset.map(lambda ex: "
                              "{'label': ex['label'] == 'good'}).")
         prompt_ids, (completion_ids,) = tokenize.tokenize_prompt_and_completions(

@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from posttrain.errors import UserError
 from posttrain.losses.kl import k3
 
 Tensor = torch.Tensor
@@ -49,7 +50,7 @@ def importance_ratio(logps: Tensor, old_logps: Tensor, mask: Tensor, level: str 
         m = mask.to(log_ratio.dtype)
         mean = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
         return torch.exp(mean)
-    raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {level!r}.")
+    raise UserError(f"importance_sampling_level must be 'token' or 'sequence', got {level!r}.")
 
 
 def _prepare(logps, old_logps, advantages, mask, importance_sampling_level):
@@ -143,60 +144,43 @@ POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, Metrics]]] = {
     "grpo": grpo, "bnpo": grpo, "dr_grpo": grpo, "dapo": grpo, "cispo": cispo, "sapo": sapo,
 }
 
-# ---- aggregation ---------------------------------------------------------------------------------------------
-# loss_type → normaliser. Under gradient accumulation (GA micro-batches per optimizer step) the trainer sums the
-# micro-batch losses; the first three normalisers only see their micro-batch, so the trainer divides them by GA.
-# That is exact for grpo/sapo/dr_grpo when micro-batches hold equal numbers of sequences (the usual case), but bnpo
-# then weighs micro-batches equally whatever their token counts: only approximately the step's token mean.
-# "global" divides by the token count of the whole optimizer step: the summed micro-batches are exactly its token
-# mean, with no ÷GA.
-_AGGREGATION = {
-    "grpo": "sequence_mean",        # mean_i (Σ_t mℓ / Σ_t m): each sequence weighs the same      ÷GA
-    "sapo": "sequence_mean",
-    "bnpo": "local_token_mean",     # Σ mℓ / Σ m over this micro-batch (BNPO, Xiao et al. 2025)   ÷GA
-    "dr_grpo": "constant",          # Σ mℓ / (B · max_completion_length) (Dr. GRPO §3.1)          ÷GA
-    "dapo": "global_token_mean",    # Σ mℓ · P / N_step (DAPO §3.3, token-level loss)              no ÷GA
-    "cispo": "global_token_mean",
+# ---- per-item terms ------------------------------------------------------------------------------------------
+# loss_type → the unit its normaliser counts. The trainer divides Σ terms by the number of such items in everything one
+# optimizer step trains on (all accumulation micro-batches, all processes; `losses/reduce.py`), so every type is
+# exactly invariant to how a step's batch is split.
+LOSS_UNITS = {
+    "grpo": "sequence",     # mean_i (Σ_t mℓ / Σ_t m): each sequence weighs the same (GRPO Eq. 3)
+    "sapo": "sequence",
+    "dr_grpo": "sequence",  # Σ mℓ / (B · max_completion_length) (Dr. GRPO §3.1): constant per-sequence length
+    "bnpo": "token",        # Σ mℓ / Σ m (BNPO, Xiao et al. 2025)
+    "dapo": "token",        # Σ mℓ / N_tokens (DAPO §3.3, token-level loss)
+    "cispo": "token",
 }
+# The types TRL normalises per micro-batch (then averages over accumulation steps): loss_normalization="trl".
+TRL_LOCAL_NORMALIZATION = ("grpo", "sapo", "dr_grpo", "bnpo")
 
 
-def needs_ga_division(loss_type: str) -> bool:
-    """True when `aggregate(..., loss_type)` is local to a micro-batch and the trainer must divide it by the number
-    of gradient-accumulation steps; False for the global-normaliser types (dapo, cispo)."""
-    return _AGGREGATION[loss_type] != "global_token_mean"
+def loss_terms(per_token: Tensor, mask: Tensor, loss_type: str,
+               max_completion_length: int | None = None) -> tuple[Tensor, str]:
+    """ℓ (B, T) → (terms, unit): the items whose sum, divided by the count of `unit` items, is the loss.
 
+    * grpo, sapo: terms (B,) = Σ_t mℓ / Σ_t m per sequence; unit "sequence";
+    * dr_grpo: terms (B,) = Σ_t mℓ / max_completion_length per sequence; unit "sequence" (Σ / B = Dr. GRPO's
+      Σ mℓ / (B · L));
+    * bnpo, dapo, cispo: terms (B, T) = mℓ; unit "token" (one normaliser: the token count).
 
-def aggregate(per_token: Tensor, mask: Tensor, loss_type: str, num_items: Tensor | float | None = None,
-              max_completion_length: int | None = None, num_processes: int = 1) -> Tensor:
-    """Reduce ℓ (B, T) to the scalar a micro-batch contributes, by `loss_type`:
-
-    * grpo, sapo: mean over sequences of per-sequence token means (GRPO Eq. 3; short sequences weigh more per token);
-    * bnpo: token mean over the given tokens;
-    * dr_grpo: Σ m·ℓ / (B · max_completion_length) (a constant normaliser: no length bias);
-    * dapo, cispo: Σ m·ℓ · num_processes / num_items, num_items = active tokens of everything one optimizer step
-      trains on (all accumulation micro-batches on all processes). DDP averages gradients over the processes and
-      the trainer sums the micro-batches, so the step's loss is exactly its global token mean. num_items=None
-      means this micro-batch's count (one process, no accumulation). With steps_per_generation > GA, a
-      generation batch spans several optimizer steps: pass its count × GA / steps_per_generation (as TRL does).
-
-    Which ones the trainer must still divide by GA: `needs_ga_division`. Args: per_token, mask (B, T).
-    Returns: scalar.
-    """
-    if loss_type not in _AGGREGATION:
-        raise ValueError(f"Unknown loss_type {loss_type!r}; choose from: {', '.join(_AGGREGATION)}.")
+    Args: per_token, mask (B, T). Which normaliser makes the sum a mean: `losses.reduce.reduce_terms`."""
+    if loss_type not in LOSS_UNITS:
+        raise UserError(f"Unknown loss_type {loss_type!r}; choose from: {', '.join(LOSS_UNITS)}.")
     m = mask.to(per_token.dtype)
     total = per_token * m
-    kind = _AGGREGATION[loss_type]
-    if kind == "sequence_mean":
-        return (total.sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    if kind == "local_token_mean":
-        return total.sum() / m.sum().clamp(min=1)
-    if kind == "constant":
+    if loss_type == "dr_grpo":
         if max_completion_length is None:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length.")
-        return total.sum() / (per_token.shape[0] * max_completion_length)
-    count = m.sum() if num_items is None else torch.as_tensor(num_items, dtype=per_token.dtype)
-    return total.sum() * num_processes / count.clamp(min=1)
+            raise UserError("loss_type='dr_grpo' needs max_completion_length.")
+        return total.sum(-1) / max_completion_length, "sequence"
+    if LOSS_UNITS[loss_type] == "sequence":
+        return total.sum(-1) / m.sum(-1).clamp(min=1), "sequence"
+    return total, "token"
 
 
 def entropy_mask(entropies: Tensor, mask: Tensor, quantile: float, pool: Tensor | None = None) -> Tensor:

@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from posttrain.errors import UserError
+
 Tensor = torch.Tensor
 Metrics = dict[str, Tensor]
 
@@ -53,7 +55,7 @@ def f_divergence_score(logratios: Tensor, f_divergence_type: str = "reverse_kl",
             return logratios
         bound = math.log(torch.finfo(logratios.dtype).max) - 1.0
         return torch.exp(((alpha - 1.0) * logratios).clamp(-bound, bound)) / (alpha - 1.0)
-    raise ValueError(f"Unknown f_divergence_type {f_divergence_type!r}; choose from: {', '.join(F_DIVERGENCES)}.")
+    raise UserError(f"Unknown f_divergence_type {f_divergence_type!r}; choose from: {', '.join(F_DIVERGENCES)}.")
 
 
 def _smoothed_logistic(z: Tensor, epsilon: float) -> Tensor:
@@ -123,7 +125,7 @@ def robust(*, chosen_scores, rejected_scores, beta, label_smoothing=0.0, **_) ->
     Returns: loss (B,), {}.
     """
     if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}.")
+        raise UserError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}.")
     z = beta * (chosen_scores - rejected_scores)
     loss = (-(1.0 - label_smoothing) * F.logsigmoid(z) + label_smoothing * F.logsigmoid(-z))
     return loss / (1.0 - 2.0 * label_smoothing), {}

@@ -5,7 +5,12 @@ sequences) in the whole accumulated batch on all processes. Summing the contribu
 then gives exactly the loss of one big batch; under data parallelism each process's gradient is multiplied by the
 number of processes because DDP averages gradients across them.
 
-Not here: how N_global is counted (the trainer counts it once per optimizer step from all micro-batches).
+The contract every trainer follows: a loss function returns unreduced per-item terms and their unit (token,
+sequence, pair, example); the trainer counts each unit once per optimizer step over all micro-batches and processes
+and reduces with `reduce_terms`. The one exception is a parity switch that reproduces a TRL normalisation that is
+local to a micro-batch (`local_reduce`).
+
+Not here: how N_global is counted (the trainers' base classes: `count_loss_items`, `trainers/online.py`).
 """
 
 from __future__ import annotations
@@ -20,3 +25,13 @@ def global_sum_reduce(loss: torch.Tensor, num_items: torch.Tensor | float, num_p
     num_processes: data-parallel world size (DDP averages gradients, so this undoes the average).
     """
     return loss.sum() * num_processes / num_items
+
+
+reduce_terms = global_sum_reduce  # the name the online trainers use: Σ terms · P / N_global(unit)
+
+
+def local_reduce(terms: torch.Tensor, local_count: torch.Tensor | float, accumulation_steps: int) -> torch.Tensor:
+    """sum(terms) / local_count / accumulation_steps: a micro-batch normalised by its own item count, the
+    micro-batches of an optimizer step averaged (TRL's bnpo/grpo/dr_grpo/sapo; DDP then averages processes).
+    Not invariant to how the batch is split when micro-batches hold different counts."""
+    return terms.sum() / torch.as_tensor(local_count, dtype=terms.dtype).clamp(min=1) / accumulation_steps

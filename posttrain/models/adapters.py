@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from posttrain.errors import UserError
+
 REFERENCE_ADAPTER = "ref"
 
 
@@ -43,7 +45,7 @@ def load_adapter_model(path: str, auto_class=None, trainable: bool = True, **ini
     with open(os.path.join(path, "adapter_config.json")) as f:
         base_name = json.load(f).get("base_model_name_or_path")
     if not base_name:
-        raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path; load the base model and "
+        raise UserError(f"{path}/adapter_config.json names no base_model_name_or_path; load the base model and "
                          "pass PeftModel.from_pretrained(base, path) instead.")
     base = load_pretrained_model(base_name, auto_class, **init_kwargs)
     return PeftModel.from_pretrained(base, path, is_trainable=trainable)
@@ -54,7 +56,7 @@ def wrap(model: torch.nn.Module, peft_config, gradient_checkpointing: bool = Fal
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if is_peft_model(model):
-        raise ValueError("The model already carries adapters and peft_config= asks for new ones; drop peft_config= "
+        raise UserError("The model already carries adapters and peft_config= asks for new ones; drop peft_config= "
                          "to train the existing adapter, or merge it first (posttrain merge --adapter DIR ...).")
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)

@@ -29,6 +29,8 @@ import os
 import shutil
 import tempfile
 
+from posttrain.errors import UserError
+
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 _TOKENIZER_DIR = os.path.join(ASSETS_DIR, "tokenizer")
 _TOKENIZER_VOCAB = 4096
@@ -149,7 +151,7 @@ def builtin_model_path(name: str) -> str:
     Also takes the benchmark shapes of `SHAPED_MODELS`.
     """
     if name not in BUILTIN_MODELS and name not in SHAPED_MODELS:
-        raise ValueError(f"Unknown built-in model {name!r}; available: {', '.join(BUILTIN_MODELS)}.")
+        raise UserError(f"Unknown built-in model {name!r}; available: {', '.join(BUILTIN_MODELS)}.")
     root = os.path.join(cache_dir(), "models")
     final = os.path.join(root, name.replace("/", "--"))
     fingerprint = _fingerprint(name)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from posttrain import hardware
+from posttrain.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +28,9 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path.startswith("posttrain/"):
         from posttrain.models.builtin import BUILTIN_MODELS
 
-        raise ValueError(f"Unknown built-in model {name_or_path!r}; available: {', '.join(BUILTIN_MODELS)}.")
+        raise UserError(f"Unknown built-in model {name_or_path!r}; available: {', '.join(BUILTIN_MODELS)}.")
     if os.path.sep in name_or_path and not os.path.exists(name_or_path) and name_or_path.startswith((".", "/")):
-        raise ValueError(f"Model path {name_or_path!r} does not exist. Give a local directory with config.json, "
+        raise UserError(f"Model path {name_or_path!r} does not exist. Give a local directory with config.json, "
                          "a Hub id, or a built-in name such as posttrain/tiny.")
     return name_or_path
 
@@ -54,7 +55,7 @@ def load_pretrained_model(name_or_path: str, auto_class=None, **init_kwargs: Any
     path = resolve_model_path(name_or_path)
     if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in
                                        ("config.json", "adapter_config.json")):
-        raise ValueError(f"Model directory {name_or_path!r} has no config.json. Give a directory written by "
+        raise UserError(f"Model directory {name_or_path!r} has no config.json. Give a directory written by "
                          "save_pretrained (config.json and weights), a Hub id, or a built-in name such as "
                          "posttrain/tiny.")
     from posttrain.models import adapters
@@ -64,7 +65,7 @@ def load_pretrained_model(name_or_path: str, auto_class=None, **init_kwargs: Any
     try:
         return auto_class.from_pretrained(path, **_resolve_dtype(init_kwargs))
     except OSError as e:
-        raise ValueError(f"Could not load model {name_or_path!r}: {str(e).splitlines()[0]} "
+        raise UserError(f"Could not load model {name_or_path!r}: {str(e).splitlines()[0]} "
                          "Give a local directory with config.json, a Hub id, or a built-in name "
                          "such as posttrain/tiny.") from e
 
@@ -82,11 +83,11 @@ def prepare_tokenizer(tokenizer, eos_token: str | None = None, pad_token: str | 
     for role, token in (("eos_token", eos_token), ("pad_token", pad_token)):
         if token is not None:
             if tok.convert_tokens_to_ids(token) in (None, tok.unk_token_id):
-                raise ValueError(f"{role}={token!r} is not in the tokenizer's vocabulary; pick an existing token.")
+                raise UserError(f"{role}={token!r} is not in the tokenizer's vocabulary; pick an existing token.")
             setattr(tok, role, token)
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ValueError("The tokenizer has neither a pad nor an EOS token; set pad_token=... in the config.")
+            raise UserError("The tokenizer has neither a pad nor an EOS token; set pad_token=... in the config.")
         tok.pad_token = tok.eos_token
         logger.info("The tokenizer has no pad token; using its EOS token %r for padding.", tok.eos_token)
     if chat_template_path is not None:
@@ -114,12 +115,12 @@ def disable_dropout(model: torch.nn.Module) -> None:
 def quantization_config(load_in_4bit: bool):
     """bitsandbytes quantisation; refused with a clear message where it cannot run."""
     if not hardware.has_cuda():
-        raise ValueError("load_in_4bit/load_in_8bit need a CUDA GPU with bitsandbytes; this machine has none. "
+        raise UserError("load_in_4bit/load_in_8bit need a CUDA GPU with bitsandbytes; this machine has none. "
                          "Drop the flag (LoRA alone still works on CPU).")
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("load_in_4bit/load_in_8bit need the bitsandbytes package: pip install bitsandbytes "
+        raise UserError("load_in_4bit/load_in_8bit need the bitsandbytes package: pip install bitsandbytes "
                          "(or drop the flag).")
     from transformers import BitsAndBytesConfig
 

@@ -27,6 +27,7 @@ import inspect
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from posttrain.errors import UserError
 from posttrain.models.sharding import collective_forwards, max_over_processes
 from posttrain.models.shared_prefix import forward_shared_prefix
 
@@ -314,7 +315,7 @@ def uses_chunked_head(setting: str | bool | None, rows: int, head: torch.nn.Modu
         return vocab is not None and rows * vocab * 4 > HEAD_CHUNK_AUTO_BYTES
     if setting in (True, "true", False, "false"):  # the config spells them as strings
         return setting in (True, "true")
-    raise ValueError(f"chunked_lm_head must be 'auto', True or False, got {setting!r}.")
+    raise UserError(f"chunked_lm_head must be 'auto', True or False, got {setting!r}.")
 
 
 def _head_chunk_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float,

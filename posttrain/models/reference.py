@@ -1,9 +1,12 @@
-"""Reference models for methods anchored to a frozen policy (DPO, KTO, GRPO with β > 0, PPO).
+"""The reference: the frozen policy a method is anchored to (DPO, KTO, GRPO/RLOO with β > 0, online DPO, PPO).
 
-Lives here: creating the reference (a frozen copy; nothing when PEFT adapters are trained, since the base with
-adapters disabled is the reference), the context that switches a PEFT model to its reference, TR-DPO's periodic
-mixing of the policy into the reference, and a fingerprint of weights (for caches of reference log-probs).
-Not here: computing log-probs (`models/logprobs.py`).
+Lives here: `Reference`, the one component every such trainer holds, built once by `Reference.build` from what the
+user gave — a model object, a name or path, or nothing (a frozen copy of the policy; or, when PEFT adapters are
+trained, no second model at all: the base with adapters disabled is the reference) — frozen, dropout off when asked,
+placed like the policy (`models/sharding.py`), with TR-DPO's periodic mixing of the policy into it. Also the
+context that switches a PEFT model to its reference, and a fingerprint of weights (for caches of reference
+log-probs). Whether a run needs a reference at all is the trainer's one question, `holds_reference()`.
+Not here: computing log-probs (`models/logprobs.py`), precomputing them over a dataset (`trainers/anchored.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import hashlib
 import torch
 from transformers import TrainerCallback
 
-from posttrain.models import adapters, loading
+from posttrain.errors import UserError
+from posttrain.models import adapters, loading, sharding
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
@@ -55,7 +59,7 @@ def reference_context(policy: torch.nn.Module, ref_model: torch.nn.Module | None
         return
     base = unwrap(policy)
     if not is_peft_model(base):
-        raise ValueError("No reference model: pass ref_model=..., train PEFT adapters, or precompute reference "
+        raise UserError("No reference model: pass ref_model=..., train PEFT adapters, or precompute reference "
                          "log-probs (precompute_ref_log_probs=True).")
     if adapters.has_reference_adapter(base):
         active = base.active_adapter
@@ -70,6 +74,51 @@ def reference_context(policy: torch.nn.Module, ref_model: torch.nn.Module | None
         yield policy
 
 
+class Reference:
+    """A trainer's reference. `model` is the frozen reference model, or None when the reference is the policy
+    itself with its adapters switched (PEFT) or when log-probs were precomputed; `context(policy)` yields the module
+    that computes reference log-probs either way."""
+
+    def __init__(self, model: torch.nn.Module | None, unwrap=lambda m: m):
+        self.model, self._unwrap = model, unwrap
+
+    @classmethod
+    def build(cls, trainer, ref_model=None, model_id: str | None = None) -> Reference | None:
+        """The reference of `trainer` (after its base constructor), or None when `trainer.holds_reference()` is
+        False. ref_model: a model, a name/path (loaded with the run's model_init_kwargs), or None."""
+        args, policy, name = trainer.args, trainer.model, type(trainer).__name__
+        if not trainer.holds_reference():
+            if ref_model is not None:
+                raise UserError(f"{name} got ref_model=... but this configuration uses no reference "
+                                f"({trainer.no_reference_reason()}); drop ref_model or enable the KL term.")
+            return None
+        if ref_model is policy or (ref_model is not None and ref_model is getattr(policy, "base_model", None)):
+            raise UserError(f"{name} got the policy itself as ref_model: training would move the reference with "
+                            "it. Pass a separate copy (e.g. load the checkpoint twice) or leave ref_model out "
+                            "(a frozen copy is made).")
+        if isinstance(ref_model, str):
+            ref_model = loading.load_pretrained_model(ref_model, None, **(args.model_init_kwargs or {}))
+        elif ref_model is None and not is_peft_model(policy):
+            ref_model = create_reference_model(policy, model_id, args.model_init_kwargs)
+        if ref_model is not None:
+            freeze(ref_model)
+            if args.disable_dropout:
+                loading.disable_dropout(ref_model)
+            ref_model = sharding.prepare_frozen(trainer.accelerator, ref_model, args)
+        reference = cls(ref_model, trainer.accelerator.unwrap_model)
+        if getattr(args, "sync_ref_model", False):
+            if ref_model is None:
+                raise UserError("sync_ref_model needs a separate reference model; it does not work with PEFT "
+                                "adapters (the reference is the base model).")
+            trainer.add_callback(SyncReferenceCallback(reference, policy, args.ref_model_sync_steps,
+                                                       args.ref_model_mixup_alpha))
+        return reference
+
+    def context(self, policy: torch.nn.Module):
+        """The module computing reference log-probs (see `reference_context`)."""
+        return reference_context(policy, self.model, self._unwrap)
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """sha256 of every parameter and buffer, in name order (identifies the weights a cache was computed with)."""
     digest = hashlib.sha256()
@@ -82,11 +131,11 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 class SyncReferenceCallback(TrainerCallback):
     """TR-DPO (Gorbatovski et al. 2024): every `steps` optimizer steps, ref ← α·policy + (1−α)·ref."""
 
-    def __init__(self, ref_model: torch.nn.Module, policy: torch.nn.Module, steps: int, alpha: float):
-        self.ref_model, self.policy, self.steps, self.alpha = ref_model, policy, steps, alpha
+    def __init__(self, reference: Reference, policy: torch.nn.Module, steps: int, alpha: float):
+        self.reference, self.policy, self.steps, self.alpha = reference, policy, steps, alpha
 
     @torch.no_grad()
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.steps == 0:
-            for ref_param, param in zip(self.ref_model.parameters(), self.policy.parameters()):
+        if state.global_step % self.steps == 0 and self.reference.model is not None:
+            for ref_param, param in zip(self.reference.model.parameters(), self.policy.parameters()):
                 ref_param.mul_(1 - self.alpha).add_(param.detach().to(ref_param.dtype), alpha=self.alpha)

@@ -28,6 +28,8 @@ import copy
 
 import torch
 
+from posttrain.errors import UserError
+
 
 def prepare_frozen(accelerator, model: torch.nn.Module, args) -> torch.nn.Module:
     """`model` (frozen, eval mode) ready for inference beside the trained model under this run's accelerator."""
@@ -81,7 +83,7 @@ def fsdp_on_cpu(accelerator) -> bool:
         return False
     plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* environment
     if plugin.fsdp_version != 2:
-        raise ValueError("FSDP on CPU processes needs fsdp_version: 2 (FSDP1 needs CUDA GPUs); use "
+        raise UserError("FSDP on CPU processes needs fsdp_version: 2 (FSDP1 needs CUDA GPUs); use "
                          "--accelerate_config fsdp2")
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)

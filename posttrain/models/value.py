@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from posttrain.errors import UserError
 from posttrain.models import loading
 from posttrain.models.logprobs import _base_model, _forward_accepts_logits_to_keep
 
@@ -43,12 +44,12 @@ def value_model_from_policy(policy: torch.nn.Module, init_kwargs: dict | None = 
     backbone = getattr(base, value.base_model_prefix, None)
     try:
         if backbone is None:
-            raise ValueError(f"{type(base).__name__} has no {value.base_model_prefix!r} backbone")
+            raise UserError(f"{type(base).__name__} has no {value.base_model_prefix!r} backbone")
         getattr(value, value.base_model_prefix).load_state_dict(backbone.state_dict())
     except (ValueError, RuntimeError) as e:
         path = getattr(base.config, "_name_or_path", "")
         if not path:
-            raise ValueError(f"Cannot build a value model from the policy ({e}); pass value_model=... or set "
+            raise UserError(f"Cannot build a value model from the policy ({e}); pass value_model=... or set "
                              "value_model_name_or_path.") from e
         logger.info("Loading the value model from %r (%s).", path, e)
         return load_value_model(path, **(init_kwargs or {}))
@@ -62,7 +63,7 @@ def value_head(value_model: torch.nn.Module) -> torch.nn.Module:
         head = getattr(value_model, name, None)
         if isinstance(head, torch.nn.Module):
             return head
-    raise ValueError(f"{type(value_model).__name__} has no scalar head (score/classifier); give a value model loaded "
+    raise UserError(f"{type(value_model).__name__} has no scalar head (score/classifier); give a value model loaded "
                      "with AutoModelForSequenceClassification.from_pretrained(..., num_labels=1).")
 
 

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from posttrain.data.arith import extract_answer
+from posttrain.errors import UserError
 from posttrain.rewards.protocol import completion_text
 
 # A number: thousands-grouped ("1,234.5") or plain ("-12", "3.75"); grouped first so "1,234" is one number.
@@ -112,7 +113,7 @@ def length_reward(completion_ids: list[list[int]] | None = None, **kwargs: Any) 
     """r_i = −|y_i| / 1000, with |y_i| the number of generated tokens: a mild, unbounded push towards brevity
     (−0.256 for a 256-token completion). Weight it against the task reward with `reward_weights`."""
     if completion_ids is None:
-        raise ValueError("length_reward needs completion_ids (the trainers always pass them).")
+        raise UserError("length_reward needs completion_ids (the trainers always pass them).")
     return [-len(ids) / 1000.0 for ids in completion_ids]
 
 
@@ -125,9 +126,9 @@ class RepetitionPenalty:
 
     def __init__(self, ngram_size: int = 3, max_penalty: float = -1.0):
         if ngram_size < 1:
-            raise ValueError(f"ngram_size must be ≥ 1, got {ngram_size}.")
+            raise UserError(f"ngram_size must be ≥ 1, got {ngram_size}.")
         if max_penalty > 0:
-            raise ValueError(f"max_penalty must be ≤ 0 (it is a penalty), got {max_penalty}.")
+            raise UserError(f"max_penalty must be ≤ 0 (it is a penalty), got {max_penalty}.")
         self.ngram_size, self.max_penalty = ngram_size, max_penalty
         self.__name__ = "repetition_penalty_reward"
 
@@ -175,9 +176,9 @@ class SoftOverlongPunishment:
 
     def __init__(self, max_completion_len: int, soft_punish_cache: int):
         if max_completion_len <= 0:
-            raise ValueError(f"max_completion_len must be > 0, got {max_completion_len}.")
+            raise UserError(f"max_completion_len must be > 0, got {max_completion_len}.")
         if not 0 <= soft_punish_cache <= max_completion_len:
-            raise ValueError(f"soft_punish_cache must be in [0, max_completion_len={max_completion_len}], "
+            raise UserError(f"soft_punish_cache must be in [0, max_completion_len={max_completion_len}], "
                              f"got {soft_punish_cache}.")
         self.max_completion_len, self.soft_punish_cache = max_completion_len, soft_punish_cache
         self.__name__ = "soft_overlong_punishment"
@@ -192,7 +193,7 @@ class SoftOverlongPunishment:
 
     def __call__(self, completion_ids: list[list[int]] | None = None, **kwargs: Any) -> list[float]:
         if completion_ids is None:
-            raise ValueError("soft_overlong_punishment needs completion_ids (the trainers always pass them).")
+            raise UserError("soft_overlong_punishment needs completion_ids (the trainers always pass them).")
         return [self.score(len(ids)) for ids in completion_ids]
 
     def __repr__(self) -> str:

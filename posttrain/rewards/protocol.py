@@ -36,6 +36,8 @@ import math
 import numbers
 from typing import Any, Protocol
 
+from posttrain.errors import UserError
+
 
 class RewardFunction(Protocol):
     """Annotation type for reward functions; see the module docstring for the full contract."""
@@ -73,13 +75,13 @@ def check_rewards(name: str, values: Any, expected: int) -> list[float]:
     """`values` as N floats with None and NaN → NaN; ValueError naming the function for anything off-protocol
     (the runner decides what to do about NaN: see `RewardRunner`)."""
     if values is None:
-        raise ValueError(f"reward function {name!r} returned None instead of a list; return a list with one value "
+        raise UserError(f"reward function {name!r} returned None instead of a list; return a list with one value "
                          f"per completion ([None] * {expected} to mark the whole batch as not applicable).")
     if not isinstance(values, (list, tuple)):
-        raise ValueError(f"reward function {name!r} returned a {type(values).__name__}; it must return a list with "
+        raise UserError(f"reward function {name!r} returned a {type(values).__name__}; it must return a list with "
                          "one float (or None) per completion (call .tolist() on arrays and tensors).")
     if len(values) != expected:
-        raise ValueError(f"reward function {name!r} returned {len(values)} values for {expected} completions; it "
+        raise UserError(f"reward function {name!r} returned {len(values)} values for {expected} completions; it "
                          "must return exactly one value (a float, or None for 'not applicable') per completion.")
     out = []
     for i, value in enumerate(values):
@@ -87,10 +89,10 @@ def check_rewards(name: str, values: Any, expected: int) -> list[float]:
             out.append(math.nan)
             continue
         if not isinstance(value, numbers.Real):
-            raise ValueError(f"reward function {name!r} returned {value!r} ({type(value).__name__}) at index {i}; "
+            raise UserError(f"reward function {name!r} returned {value!r} ({type(value).__name__}) at index {i}; "
                              "each value must be a number, or None for 'not applicable'.")
         value = float(value)
         if math.isinf(value):
-            raise ValueError(f"reward function {name!r} returned {value} at index {i}; rewards must be finite.")
+            raise UserError(f"reward function {name!r} returned {value} at index {i}; rewards must be finite.")
         out.append(value)
     return out

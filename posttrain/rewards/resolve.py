@@ -25,6 +25,7 @@ import re
 import sys
 from typing import Any
 
+from posttrain.errors import UserError
 from posttrain.rewards.builtin import BUILTIN_REWARDS
 from posttrain.rewards.protocol import reward_name
 
@@ -40,7 +41,7 @@ def _check_accepts_kwargs(func: Any, name: str) -> None:
     except (TypeError, ValueError):  # some C callables have no signature; let the call decide
         return
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        raise ValueError(f"reward function {name!r} must accept **kwargs: it is called with prompts=, completions=, "
+        raise UserError(f"reward function {name!r} must accept **kwargs: it is called with prompts=, completions=, "
                          "completion_ids=, trainer_state= and every dataset column as keywords, e.g. "
                          f"`def {name}(completions, **kwargs)`.")
 
@@ -52,7 +53,7 @@ def _import_module(module: str, spec: str):
     if module.endswith(".py"):
         path = os.path.abspath(module)
         if not os.path.isfile(path):
-            raise ValueError(f"Cannot load reward function {spec!r}: file {module!r} does not exist.")
+            raise UserError(f"Cannot load reward function {spec!r}: file {module!r} does not exist.")
         name = "posttrain_user_rewards_" + re.sub(r"\W", "_", path)
         loader_spec = importlib.util.spec_from_file_location(name, path)
         loaded = importlib.util.module_from_spec(loader_spec)
@@ -62,7 +63,7 @@ def _import_module(module: str, spec: str):
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        raise ValueError(f"Cannot load reward function {spec!r}: {e} (looked in the working directory {cwd} and "
+        raise UserError(f"Cannot load reward function {spec!r}: {e} (looked in the working directory {cwd} and "
                          "sys.path).") from e
 
 
@@ -70,15 +71,15 @@ def load_function(spec: str):
     """The callable named by `module:function`, `file.py:function` or `module.function`."""
     match = _COLON_PATH.match(spec) or _DOTTED_PATH.match(spec)
     if match is None:
-        raise ValueError(f"{spec!r} is not a 'module:function' or 'module.function' path.")
+        raise UserError(f"{spec!r} is not a 'module:function' or 'module.function' path.")
     target = _import_module(match["module"], spec)
     for part in match["attr"].split("."):
         if not hasattr(target, part):
-            raise ValueError(f"Cannot load reward function {spec!r}: module {match['module']!r} has no attribute "
+            raise UserError(f"Cannot load reward function {spec!r}: module {match['module']!r} has no attribute "
                              f"{match['attr']!r}.")
         target = getattr(target, part)
     if not callable(target):
-        raise ValueError(f"Reward function {spec!r} is a {type(target).__name__}, not a callable.")
+        raise UserError(f"Reward function {spec!r} is a {type(target).__name__}, not a callable.")
     return target
 
 
@@ -92,7 +93,7 @@ def _load_reward_model(spec: str, tokenizer, batch_size: int, max_length: int | 
         model = load_pretrained_model(spec, AutoModelForSequenceClassification, num_labels=1)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     except (OSError, ValueError) as e:
-        raise ValueError(f"Unknown reward function {spec!r}: not a built-in reward ({', '.join(BUILTIN_REWARDS)}), "
+        raise UserError(f"Unknown reward function {spec!r}: not a built-in reward ({', '.join(BUILTIN_REWARDS)}), "
                          "not a 'module:function' path, and it could not be loaded as a reward model: "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     return RewardModelScorer(model, tokenizer, batch_size, max_length, name=os.path.basename(os.path.normpath(spec)))
@@ -109,7 +110,7 @@ def resolve_reward_func(entry: Any, tokenizer=None, batch_size: int = 32, max_le
         if tokenizer is None:
             source = getattr(entry.config, "_name_or_path", None)
             if not source:
-                raise ValueError("A reward model given as an object needs its tokenizer: pass "
+                raise UserError("A reward model given as an object needs its tokenizer: pass "
                                  "reward_processing_classes=[tokenizer].")
             tokenizer = load_tokenizer(source)
         return RewardModelScorer(entry, tokenizer, batch_size, max_length)
@@ -117,7 +118,7 @@ def resolve_reward_func(entry: Any, tokenizer=None, batch_size: int = 32, max_le
         _check_accepts_kwargs(entry, reward_name(entry))
         return entry
     if not isinstance(entry, str):
-        raise ValueError(f"A reward_funcs entry must be a callable, a name or a reward model; got "
+        raise UserError(f"A reward_funcs entry must be a callable, a name or a reward model; got "
                          f"{type(entry).__name__}.")
     spec = entry.strip()
     for prefix in _TRL_PREFIXES:  # TRL's guides write trl.rewards.accuracy_reward; the built-in is the same reward
@@ -132,6 +133,6 @@ def resolve_reward_func(entry: Any, tokenizer=None, batch_size: int = 32, max_le
     close = difflib.get_close_matches(spec, BUILTIN_REWARDS, n=1, cutoff=0.8)
     if close and "/" not in spec and not os.path.exists(spec):
         # A typo of a built-in name: say so now rather than after a minute of Hub retries.
-        raise ValueError(f"Unknown reward function {spec!r}; did you mean {close[0]!r}? Built-in rewards: "
+        raise UserError(f"Unknown reward function {spec!r}; did you mean {close[0]!r}? Built-in rewards: "
                          f"{', '.join(BUILTIN_REWARDS)}.")
     return _load_reward_model(spec, tokenizer, batch_size, max_length)

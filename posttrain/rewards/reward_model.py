@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from posttrain.data.tokenize import tokenize_prompt_and_completions
+from posttrain.errors import UserError
 from posttrain.models.loading import model_short_name, prepare_tokenizer
 
 
@@ -30,7 +31,7 @@ class RewardModelScorer:
                  name: str | None = None):
         num_labels = getattr(getattr(model, "config", None), "num_labels", 1)
         if num_labels != 1:
-            raise ValueError(f"A reward model needs one output (num_labels=1), {model_short_name(model)!r} has "
+            raise UserError(f"A reward model needs one output (num_labels=1), {model_short_name(model)!r} has "
                              f"{num_labels}. Load it with AutoModelForSequenceClassification.from_pretrained(..., "
                              "num_labels=1).")
         self.model = model.eval()

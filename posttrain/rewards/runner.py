@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from posttrain.errors import RewardFunctionError
+from posttrain.errors import RewardFunctionError, UserError
 from posttrain.rewards.protocol import check_rewards, reward_name
 from posttrain.rewards.resolve import resolve_reward_func
 from posttrain.rewards.reward_model import RewardModelScorer
@@ -115,13 +115,13 @@ class RewardRunner:
                  batch_size: int = 32, max_length: int | None = None):
         entries = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not entries:
-            raise ValueError("reward_funcs is empty; give at least one reward function, name or reward model.")
+            raise UserError("reward_funcs is empty; give at least one reward function, name or reward model.")
         if reward_processing_classes is None or not isinstance(reward_processing_classes, (list, tuple)):
             tokenizers = [reward_processing_classes] * len(entries)
         else:
             tokenizers = list(reward_processing_classes)
             if len(tokenizers) != len(entries):
-                raise ValueError(f"reward_processing_classes has {len(tokenizers)} entries but reward_funcs has "
+                raise UserError(f"reward_processing_classes has {len(tokenizers)} entries but reward_funcs has "
                                  f"{len(entries)}; give one per reward function (None for plain functions).")
         self.funcs = [resolve_reward_func(e, tok, batch_size, max_length) for e, tok in zip(entries, tokenizers)]
         if reward_weights is None:
@@ -129,7 +129,7 @@ class RewardRunner:
         else:
             self.weights = [float(w) for w in reward_weights]
             if len(self.weights) != len(self.funcs):
-                raise ValueError(f"reward_weights has {len(self.weights)} values but there are {len(self.funcs)} "
+                raise UserError(f"reward_weights has {len(self.weights)} values but there are {len(self.funcs)} "
                                  f"reward functions ({', '.join(self.names)}); give one weight per function.")
         self._loop = _BackgroundLoop()
         self.last_nan_counts = [0] * len(self.funcs)  # NaN values (not None) per function in the last batch
@@ -191,7 +191,7 @@ class RewardRunner:
             if not count:
                 continue
             if count == n:
-                raise ValueError(f"reward function {names[k]!r} returned NaN for all {n} completions of this batch; "
+                raise UserError(f"reward function {names[k]!r} returned NaN for all {n} completions of this batch; "
                                  "fix the function, or return None to mark completions as 'not applicable'.")
             if not self.nan_totals[k]:
                 logger.warning("reward function %r returned NaN for %d of %d completions; they are treated like None "
@@ -202,15 +202,15 @@ class RewardRunner:
     def _kwargs(self, prompts, completions, completion_ids, columns, trainer_state, extra) -> dict[str, Any]:
         n = len(completions)
         if len(prompts) != n or (completion_ids is not None and len(completion_ids) != n):
-            raise ValueError(f"prompts ({len(prompts)}), completions ({n}) and completion_ids "
+            raise UserError(f"prompts ({len(prompts)}), completions ({n}) and completion_ids "
                              f"({len(completion_ids) if completion_ids is not None else 'None'}) must align.")
         clash = sorted(set(columns) & set(_RESERVED))
         if clash:
-            raise ValueError(f"Dataset column(s) {clash} clash with reward-function arguments {list(_RESERVED)}; "
+            raise UserError(f"Dataset column(s) {clash} clash with reward-function arguments {list(_RESERVED)}; "
                              "rename them.")
         for name, values in columns.items():
             if len(values) != n:
-                raise ValueError(f"Column {name!r} has {len(values)} values for {n} completions; columns must be "
+                raise UserError(f"Column {name!r} has {len(values)} values for {n} completions; columns must be "
                                  "lists aligned with the completions.")
         return {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns,
                 "trainer_state": trainer_state, **extra}

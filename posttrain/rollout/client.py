@@ -67,7 +67,7 @@ class VLLMServerClient(EngineBackend):
         from posttrain.models.sharding import collective_forwards
 
         if collective_forwards(policy):
-            raise ValueError("vllm_mode='server' cannot send ZeRO-3/FSDP-sharded weights (each process holds a "
+            raise UserError("vllm_mode='server' cannot send ZeRO-3/FSDP-sharded weights (each process holds a "
                              "shard); train with DDP or ZeRO-1/2, or use vllm_mode='colocate'.")
         if self.is_main_process:
             from safetensors.torch import save

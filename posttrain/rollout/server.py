@@ -76,10 +76,10 @@ class TransformersEngine:
         params = self.model.state_dict()  # views of the parameters: copying into them updates the model
         for name, tensor in weights:
             if name not in params:
-                raise ValueError(f"the served model has no parameter {name!r}: is the server running the "
+                raise UserError(f"the served model has no parameter {name!r}: is the server running the "
                                  "trainer's model?")
             if params[name].shape != tensor.shape:
-                raise ValueError(f"{name}: {tuple(tensor.shape)} sent, {tuple(params[name].shape)} served: is the "
+                raise UserError(f"{name}: {tuple(tensor.shape)} sent, {tuple(params[name].shape)} served: is the "
                                  "server running the trainer's model?")
         with torch.no_grad():
             for name, tensor in weights:
@@ -97,7 +97,7 @@ def generation_kwargs_from_options(options: dict[str, Any]) -> dict[str, Any]:
     top_p, top_k = options.pop("top_p", 1.0), options.pop("top_k", -1)
     min_p, penalty = options.pop("min_p", 0.0), options.pop("repetition_penalty", 1.0)
     if options:
-        raise ValueError(f"the transformers backend does not take {', '.join(sorted(options))}; serve with "
+        raise UserError(f"the transformers backend does not take {', '.join(sorted(options))}; serve with "
                          "--backend vllm or leave them out of generation_kwargs")
     if temperature > 0:  # vLLM's 'off' values: top_k -1, min_p 0
         kwargs.update(temperature=temperature, top_p=top_p, top_k=max(int(top_k), 0), repetition_penalty=penalty)
@@ -165,7 +165,7 @@ class GenerationServer(ThreadingHTTPServer):
         try:
             weights = list(load(body).items())
         except SafetensorError as e:
-            raise ValueError(f"the body is not a safetensors file: {e}") from e
+            raise UserError(f"the body is not a safetensors file: {e}") from e
         with self.lock:
             self.engine.load_weights(weights)
             self.engine.reset_prefix_cache()
@@ -182,21 +182,21 @@ def parse_generate_request(body: bytes) -> tuple[list[list[int]], list[int], int
     try:
         request = json.loads(body or b"{}")
     except json.JSONDecodeError as e:
-        raise ValueError(f"the body is not JSON: {e}") from e
+        raise UserError(f"the body is not JSON: {e}") from e
     if not isinstance(request, dict):
-        raise ValueError("the body must be a JSON object")
+        raise UserError("the body must be a JSON object")
     prompt_ids = request.pop("prompt_ids", None)
     if (not isinstance(prompt_ids, list) or not prompt_ids
             or not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt_ids)):
-        raise ValueError("prompt_ids must be a non-empty list of non-empty lists of token ids")
+        raise UserError("prompt_ids must be a non-empty list of non-empty lists of token ids")
     counts = request.pop("n", 1)
     counts = [counts] * len(prompt_ids) if isinstance(counts, int) else counts
     if not isinstance(counts, list) or len(counts) != len(prompt_ids) or not all(
             isinstance(n, int) and n >= 1 for n in counts):
-        raise ValueError("n must be a count >= 1 or one per prompt")
+        raise UserError("n must be a count >= 1 or one per prompt")
     max_tokens = request.pop("max_tokens", None)
     if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        raise UserError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
     return prompt_ids, counts, max_tokens, request
 
 

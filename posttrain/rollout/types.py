@@ -2,6 +2,9 @@
 
 N = number of completions (unique prompts × num_generations, grouped consecutively), P = padded prompt length
 (prompts are LEFT-padded so every completion starts at column P), C = padded completion length (right-padded).
+The online base (`trainers/online.py`) produces one per generation batch: generated, decoded, scored (one column
+per reward function and their weighted sum), with the sampling policy's and the reference's log-probs when the method
+needs them; each method's one hook (`training_batches`) turns it into training micro-batches.
 Not here: how completions are generated (`rollout/hf.py`) or scored (`rewards/`).
 """
 
@@ -20,13 +23,22 @@ class Rollout:
     completion_ids: torch.Tensor  # (N, C) right-padded; tokens after the first EOS are padding
     completion_mask: torch.Tensor  # (N, C) 1 on generated tokens up to and including EOS
     is_truncated: torch.Tensor  # (N,) bool: no EOS within max_completion_length
+    loss_mask: torch.Tensor | None = None  # (N, C) 1 on the tokens trained on (default completion_mask; 0 on a
+    #                                        truncated completion under mask_truncated_completions)
     prompts: list[Any] = field(default_factory=list)  # raw prompts (strings or message lists), one per completion
     completions: list[Any] = field(default_factory=list)  # decoded completions (strings or message lists)
+    columns: dict[str, list] = field(default_factory=dict)  # the prompts' other dataset columns, one entry per row
     rewards: torch.Tensor | None = None  # (N, K) one column per reward function, NaN = not applicable
-    advantages: torch.Tensor | None = None  # (N,) constant over a completion's tokens
-    all_rewards: torch.Tensor | None = None  # (N_all, K) rewards of the whole generation batch, every process
-    old_logps: torch.Tensor | None = None  # (N, C) sampling-policy log-probs (only when reused off-policy)
-    ref_logps: torch.Tensor | None = None  # (N, C) reference log-probs (only when beta > 0)
+    scores: torch.Tensor | None = None  # (N,) weighted sum of the rewards (NaN where no function applied)
+    group_rewards: torch.Tensor | None = None  # (N_all, K) rewards of the whole generation batch, every process
+    #                                            (rows in global order; = rewards with one process)
+    old_logps: torch.Tensor | None = None  # (N, C) sampling-policy log-probs (when the method needs them)
+    ref_logps: torch.Tensor | None = None  # (N, C) reference log-probs (when the method holds a reference)
+    advantages: torch.Tensor | None = None  # (N,) per completion, set by the method's hook (completions table)
+
+    def __post_init__(self) -> None:
+        if self.loss_mask is None:
+            self.loss_mask = self.completion_mask
 
     @property
     def input_ids(self) -> torch.Tensor:  # (N, P + C)

@@ -1,12 +1,11 @@
 """`ReferenceAnchoredMixin`: what trainers anchored to a frozen reference policy share (DPO, KTO).
 
-Lives here: choosing the reference (a name → loaded like the policy; None → a frozen copy, or nothing for a PEFT
-policy, whose adapter-disabled base is the reference; a module → frozen), dropout off in it, precomputing
-reference log-probs once per example (cached on disk by dataset fingerprint and reference weights, after which
-the reference is dropped), and the TR-DPO sync callback.
+Lives here: precomputing reference log-probs once per example (cached on disk by dataset fingerprint and reference
+weights, after which the reference model is dropped).
 
-Not here: a trainer's reference log-probs for one batch (its `reference_columns`), creating copies and the PEFT
-switch (`models/reference.py`).
+Not here: the reference itself — given, loaded, copied or the PEFT base, frozen, placed, TR-DPO sync — which is the
+one `Reference` component every anchored trainer holds (`models/reference.py`); a trainer's reference log-probs
+for one batch (its `reference_columns`).
 """
 
 from __future__ import annotations
@@ -18,7 +17,8 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from posttrain.models import reference, sharding
+from posttrain.errors import UserError
+from posttrain.models import reference
 from posttrain.models.builtin import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -35,32 +35,11 @@ class ReferenceAnchoredMixin:
         return True
 
     def setup_reference(self, ref_model, model_id: str | None) -> None:
-        """Call at the end of __init__: sets self.ref_model (None for PEFT or after precompute)."""
-        args = self.args
-        if isinstance(ref_model, str):
-            ref_model = reference.freeze(self._load_like_policy(ref_model))
-        elif ref_model is None and not reference.is_peft_model(self.model):
-            ref_model = reference.create_reference_model(self.model, model_id, args.model_init_kwargs)
-        elif ref_model is not None:
-            ref_model = reference.freeze(ref_model)
-        if ref_model is not None and args.disable_dropout:
-            from posttrain.models.loading import disable_dropout
-
-            disable_dropout(ref_model)
-        self.ref_model = sharding.prepare_frozen(self.accelerator, ref_model, args) if ref_model is not None else None
-        if args.precompute_ref_log_probs:
+        """Call at the end of __init__: builds `self.reference` (`models/reference.py`), then precomputes reference
+        log-probs when asked (after which the reference model is dropped)."""
+        self.reference = reference.Reference.build(self, ref_model, model_id)
+        if self.args.precompute_ref_log_probs:
             self._precompute_all()
-        if args.sync_ref_model:
-            if self.ref_model is None:
-                raise ValueError("sync_ref_model needs a separate reference model; it does not work with PEFT "
-                                 "adapters (the reference is the base model).")
-            self.add_callback(reference.SyncReferenceCallback(self.ref_model, self.model, args.ref_model_sync_steps,
-                                                              args.ref_model_mixup_alpha))
-
-    def _load_like_policy(self, model_id: str):
-        from posttrain.models.loading import load_pretrained_model
-
-        return load_pretrained_model(model_id, None, **(self.args.model_init_kwargs or {}))
 
     # ---- hooks -----------------------------------------------------------------------------------------------
     def reference_columns(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -82,7 +61,7 @@ class ReferenceAnchoredMixin:
         if dataset is None or self.ref_logp_columns[0] in dataset.column_names:
             return dataset
         if not isinstance(dataset, datasets.Dataset):
-            raise ValueError(f"precompute_ref_log_probs=True needs a map-style {name} dataset, got "
+            raise UserError(f"precompute_ref_log_probs=True needs a map-style {name} dataset, got "
                              f"{type(dataset).__name__}; set precompute_ref_log_probs=False for streamed data.")
         source = self.ref_model if self.ref_model is not None else self.model
         key = f"{dataset._fingerprint}-{reference.weights_fingerprint(source)}-{self.precompute_cache_tag()}"

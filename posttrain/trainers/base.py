@@ -103,9 +103,27 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
             eval_dataset = prepare(eval_dataset, "eval")
         return train_dataset, eval_dataset
 
+    reference = None  # `models.reference.Reference`, built once by trainers that hold one
+
     def holds_reference(self) -> bool:
-        """Whether this run computes reference log-probs (then a given adapter gets a frozen reference copy)."""
+        """The one question "is there a reference": whether this run computes reference log-probs (then a given
+        adapter also gets a frozen reference copy)."""
         return False
+
+    def no_reference_reason(self) -> str:
+        """Why `holds_reference()` is False, for the error when a reference is given anyway."""
+        return f"{type(self).__name__} has no reference"
+
+    @property
+    def ref_model(self):
+        """The frozen reference model (None: none held, the PEFT base is the reference, or log-probs were
+        precomputed)."""
+        return self.reference.model if self.reference is not None else None
+
+    @ref_model.setter
+    def ref_model(self, model) -> None:
+        if self.reference is not None:
+            self.reference.model = model
 
     def default_collator(self, processing_class, args):
         """The collator used when none is given. Default: transformers' default."""

@@ -31,6 +31,8 @@ import torch
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import SaveStrategy, TrainOutput
 
+from posttrain.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -90,7 +92,7 @@ def resolve_resume(value: Any, output_dir: str) -> str | None:
     if value is True or text.lower() in _LATEST + ("auto",):
         found = latest_checkpoint(output_dir)
         if found is None and text.lower() != "auto":
-            raise ValueError(f"resume_from_checkpoint={text!r} but output_dir {output_dir!r} holds no complete "
+            raise UserError(f"resume_from_checkpoint={text!r} but output_dir {output_dir!r} holds no complete "
                              "checkpoint; pass a checkpoint path, 'auto' (resume if one exists), or drop the option "
                              "to start fresh.")
         if found is not None:
@@ -104,7 +106,7 @@ def resolve_resume(value: Any, output_dir: str) -> str | None:
     found = latest_checkpoint(text)
     if found is not None:
         return found
-    raise ValueError(f"resume_from_checkpoint {text!r} is not a complete checkpoint (no {_COMPLETE_MARKER}; a run "
+    raise UserError(f"resume_from_checkpoint {text!r} is not a complete checkpoint (no {_COMPLETE_MARKER}; a run "
                      "killed while writing it leaves such a directory) and holds none; pass a complete "
                      "…/checkpoint-N directory or 'latest'.")
 

@@ -3,9 +3,9 @@ a sampling seed of its own, and the whole batch's rewards for group statistics.
 
 Layout: the sampler walks global generation batches of `generation_batch_size × num_processes` rows (groups of G
 consecutive rows share a prompt); process p holds rows [p·n, (p+1)·n) with n = generation_batch_size, so a group
-may span processes. Each process generates and scores its own rows; rewards (and the completion-aligned tensors
-that advantage hooks read) are gathered in global row order, advantages computed once over the whole batch, and
-each process keeps its rows. With one process every function here is the identity.
+may span processes. Each process generates and scores its own rows; per-row values (rewards, RLOO's KL-penalised
+totals) are gathered in global row order (`OnlineTrainer.gather_rows`), advantages computed once over the whole
+batch, and each process keeps its rows. With one process every function here is the identity.
 
 Not here: the rollout cycle (`trainers/online.py`), the advantage maths (`algorithms/advantages.py`).
 """
@@ -15,10 +15,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-
-# completion-aligned (N, C) tensors an `advantages` hook may read (RLOO's KL term, online DPO's EOS check)
-GATHERED_COLUMNS = ("completion_mask", "old_logps", "ref_logps")
-
 
 def group_runs(offset: int, num_rows: int, group_size: int) -> list[int]:
     """Lengths of the runs of consecutive rows that share a prompt in rows [offset, offset + num_rows) of a batch
@@ -44,26 +40,6 @@ def process_seed(accelerator, seed: int, step: int):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed + 1_000_003 * (accelerator.process_index + 1) + 7919 * step)
         yield
-
-
-def gather_rollout(accelerator, rewards: torch.Tensor, batch: dict[str, torch.Tensor], pad_id: int,
-                   training: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(rewards (N_all, K), context) over every process's rows, in global row order.
-
-    context holds GATHERED_COLUMNS present in `batch` and `input_ids` = the completion ids, all (N_all, C_max),
-    right-padded (mask 0) to the longest completion of any process. Evaluation batches hold whole groups on each
-    process and are not gathered."""
-    if accelerator.num_processes == 1 or not training:
-        return rewards, batch
-    width = batch["completion_mask"].shape[1]
-    local = {k: batch[k] for k in GATHERED_COLUMNS if k in batch}
-    local["input_ids"] = batch["input_ids"][:, batch["input_ids"].shape[1] - width:]
-    context = {}
-    for key, value in local.items():
-        padded = accelerator.pad_across_processes(value.contiguous(), dim=1,
-                                                  pad_index=pad_id if key == "input_ids" else 0)
-        context[key] = accelerator.gather(padded)
-    return accelerator.gather(rewards.contiguous()), context
 
 
 def local_rows(accelerator, values: torch.Tensor, num_rows: int, training: bool) -> torch.Tensor:

@@ -15,7 +15,8 @@ import torch
 
 from posttrain.algorithms.advantages import group_advantages, normalize_then_sum
 from posttrain.configs.grpo import GRPOConfig
-from posttrain.losses.policy import POLICY_LOSSES, aggregate, entropy_mask, kl_penalty, needs_ga_division
+from posttrain.losses.policy import POLICY_LOSSES, TRL_LOCAL_NORMALIZATION, entropy_mask, kl_penalty, loss_terms
+from posttrain.rollout.types import Rollout
 from posttrain.trainers.online import OnlineTrainer
 
 
@@ -26,15 +27,21 @@ class GRPOTrainer(OnlineTrainer):
     config_class = GRPOConfig
     method_name = "GRPO"
 
-    def advantages(self, rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def training_batches(self, rollout: Rollout) -> list[list[dict[str, torch.Tensor]]]:
+        """Group-relative advantages over the whole generation batch (every process's rows), this process's rows
+        shuffled into micro-batches; the same micro-batches serve each of the num_iterations passes."""
         args = self.args
-        weights = torch.tensor(self.reward_runner.weights, dtype=rewards.dtype, device=rewards.device)
         if args.multi_objective_aggregation == "normalize_then_sum":
-            advantages = normalize_then_sum(rewards, weights, args.num_generations)
+            weights = torch.tensor(self.reward_runner.weights, dtype=rollout.rewards.dtype,
+                                   device=rollout.rewards.device)
+            advantages = normalize_then_sum(rollout.group_rewards, weights, args.num_generations)
         else:
-            advantages, _ = group_advantages(self.reward_runner.weighted_sum(rewards), args.num_generations,
-                                             args.scale_rewards)
-        return advantages
+            advantages, _ = group_advantages(self.reward_runner.weighted_sum(rollout.group_rewards),
+                                             args.num_generations, args.scale_rewards)
+        rollout.advantages = self.local_rows(advantages, len(rollout.prompts))
+        batch = {**self.rollout_tensors(rollout), "advantages": rollout.advantages}
+        steps = self.optimizer_steps(self.split(batch))
+        return steps * (args.num_iterations if self.model.training else 1)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         args = self.args
@@ -61,10 +68,8 @@ class GRPOTrainer(OnlineTrainer):
             metrics["entropy"] = (entropies * mask).sum() / mask.sum().clamp(min=1)
         if need_entropy:
             mask = mask & entropy_mask(entropies, mask, args.top_entropy_quantile)
-        loss = aggregate(per_token, mask, args.loss_type, num_items=inputs["num_items"],
-                         max_completion_length=args.max_completion_length,
-                         num_processes=self.accelerator.num_processes)
-        if needs_ga_division(args.loss_type):
-            loss = loss / args.gradient_accumulation_steps
+        terms, unit = loss_terms(per_token, mask, args.loss_type, max_completion_length=args.max_completion_length)
+        local = args.loss_normalization == "trl" and args.loss_type in TRL_LOCAL_NORMALIZATION
+        loss = self.reduce_loss(terms, unit, inputs, local=local)
         self.record_metrics(metrics)
         return (loss, {}) if return_outputs else loss

@@ -33,6 +33,7 @@ import torch
 from posttrain.configs.kto import KTOConfig
 from posttrain.data.collators import DataCollatorForUnpaired, mismatched_partners
 from posttrain.data.prepare import prepare_unpaired_dataset
+from posttrain.errors import UserError
 from posttrain.losses.kto import KTO_LOSSES, USES_KL_BASELINE, kl_baseline
 from posttrain.losses.reduce import global_sum_reduce
 from posttrain.models import reference
@@ -120,7 +121,7 @@ class KTOTrainer(ReferenceAnchoredMixin, PostTrainer):
         n = batch["label"].shape[0]
         if "ref_logps" in batch:
             if self.uses_kl and "ref_kl_logps" not in batch:
-                raise ValueError(f"The data carries precomputed ref_logps but no ref_kl_logps, which loss_type="
+                raise UserError(f"The data carries precomputed ref_logps but no ref_kl_logps, which loss_type="
                                  f"{self.args.loss_type!r} needs; drop the ref_logps column or use "
                                  "loss_type='apo_zero_unpaired'.")
             return batch["ref_logps"], batch.get("ref_kl_logps")

@@ -1,13 +1,20 @@
-"""`OnlineTrainer`: the rollout machinery every online method (GRPO, RLOO, …) shares.
+"""`OnlineTrainer`: the rollout machinery every online method (GRPO, RLOO, online DPO, PPO) shares.
 
 Each dataloader item is a *generation batch* of prompt rows (each prompt repeated num_generations times,
-consecutively). On the first micro-step of a cycle the trainer generates, scores and computes advantages once
-(named, timed phases: generate, score, advantages, old_logps, reference), shuffles the completions and splits them
-into `steps_per_generation` micro-batches; the next micro-steps train on those (for `num_iterations` passes).
+consecutively). On the first micro-step of a cycle the base makes one typed `Rollout` (`rollout/types.py`; named,
+timed phases: generate, score, old_logps, reference): completions, per-function rewards and their weighted sum,
+the group's rewards from every process, and the sampling policy's and reference's log-probs when the method needs
+them. A method then writes exactly one hook, `training_batches(rollout)`, that turns it into the micro-batches of
+each optimizer step of the cycle (GRPO: group advantages; RLOO: leave-one-out with the KL in the reward; online
+DPO: ranked pairs; PPO: values, GAE, whitening, mini-batch epochs), plus its `compute_loss`.
+
+Reduction, one contract: a method's loss is per-item terms and their unit (token, sequence, pair); the base counts
+every unit over each optimizer step's micro-batches on all processes (`num_items`) and `reduce_loss` divides, so
+the loss is exactly invariant to how a step's batch is split across accumulation steps and processes.
 
 Not here: generation (`rollout/hf.py`; vLLM colocated or behind `posttrain vllm-serve`: `rollout/vllm.py`,
-`rollout/client.py`), rewards (`rewards/`), advantage and loss maths (`algorithms/`, `losses/`).
-Subclasses implement `compute_loss`.
+`rollout/client.py`), rewards (`rewards/`), advantage and loss maths (`algorithms/`, `losses/`), the reference
+(`models/reference.py`).
 """
 
 from __future__ import annotations
@@ -25,10 +32,13 @@ from torch.utils.data import DataLoader, Sampler
 from posttrain.data import formats
 from posttrain.data.prepare import check_prompts
 from posttrain.data.tokenize import tokenize_prompt
+from posttrain.losses.reduce import local_reduce, reduce_terms
+from posttrain.errors import UserError
 from posttrain.models import reference, sharding
 from posttrain.models.logprobs import completion_logps, positions_from_mask
 from posttrain.rewards.runner import RewardRunner
 from posttrain.rollout.hf import generate
+from posttrain.rollout.types import Rollout
 from posttrain.trainers import distributed
 from posttrain.trainers.base import PostTrainer
 
@@ -69,7 +79,8 @@ class OnlineTrainer(PostTrainer):
                 "a 'module:function' path, or a reward-model id.")
 
     def __init__(self, model, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, reward_processing_classes=None, peft_config=None, **kwargs: Any):
+                 processing_class=None, reward_processing_classes=None, peft_config=None, ref_model=None,
+                 **kwargs: Any):
         model_id = model if isinstance(model, str) else None
         super().__init__(model=model, args=args, data_collator=_keep_rows, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
@@ -79,23 +90,13 @@ class OnlineTrainer(PostTrainer):
             reward_funcs = args.reward_funcs
         reward_funcs = _with_reward_model(reward_funcs, args.reward_model_name_or_path)
         if not reward_funcs and self.needs_reward_funcs:
-            raise ValueError(self.missing_reward_funcs_message())
+            raise UserError(self.missing_reward_funcs_message())
         self.reward_runner = None
         if reward_funcs:
             self.reward_runner = RewardRunner(reward_funcs, args.reward_weights, reward_processing_classes)
             # reward models sit beside the policy as it is placed: sharded under ZeRO-3/FSDP, else on its device
             self.reward_runner.place(self.prepare_frozen, self.accelerator.device)
-        self.ref_model = None
-        if self.uses_reference():
-            if reference.is_peft_model(self.model):
-                self.ref_model = None  # adapters off = reference
-            else:
-                self.ref_model = self.prepare_frozen(
-                    reference.create_reference_model(self.model, model_id, args.model_init_kwargs))
-            if args.sync_ref_model and self.ref_model is not None:
-                self.add_callback(reference.SyncReferenceCallback(self.ref_model, self.model,
-                                                                  args.ref_model_sync_steps,
-                                                                  args.ref_model_mixup_alpha))
+        self.reference = reference.Reference.build(self, ref_model, model_id)
         self._micro_step = 0
         self.vllm = self._vllm_backend(model_id or self.model.config._name_or_path) if args.use_vllm else None
         self._buffer: list[dict[str, Any]] = []
@@ -129,7 +130,7 @@ class OnlineTrainer(PostTrainer):
             if "prompt" not in columns:
                 formats.require_type(columns, ("prompt_only",), type(self).__name__)
             if hasattr(dataset, "__len__") and len(dataset) == 0:
-                raise ValueError(f"The {name} dataset is empty; give at least one prompt.")
+                raise UserError(f"The {name} dataset is empty; give at least one prompt.")
         # bad prompts (None, "", ints, messages without a chat template) fail here, not at the first rollout
         return self.map_datasets(train_dataset, eval_dataset,
                                  lambda dataset, name: check_prompts(dataset, tokenizer, name) or dataset)
@@ -141,7 +142,7 @@ class OnlineTrainer(PostTrainer):
         # own consecutive slice of generation_batch_size rows, so a group of G may span processes.
         unique = args.generation_batch_size * self.accelerator.num_processes // G
         if len(self.train_dataset) < unique:
-            raise ValueError(f"The train dataset has {len(self.train_dataset)} prompts but one generation batch "
+            raise UserError(f"The train dataset has {len(self.train_dataset)} prompts but one generation batch "
                              f"needs {unique}; add prompts or lower per_device_train_batch_size/steps_per_generation.")
         sampler = RepeatSampler(len(self.train_dataset), G, unique, args.num_iterations * args.steps_per_generation,
                                 args.shuffle_dataset, args.seed)
@@ -192,11 +193,11 @@ class OnlineTrainer(PostTrainer):
         if not isinstance(rows, list):  # already a prepared micro-batch (e.g. called twice)
             return rows
         if not self.model.training:
-            return self._micro_batches(rows)[0]
+            return self._cycle_batches(rows)[0]
         cycle = self.args.steps_per_generation * self.args.num_iterations
         if self._micro_step % cycle == 0:
-            self._buffer = self._micro_batches(rows)
-        batch = self._buffer[self._micro_step % self.args.steps_per_generation]
+            self._buffer = self._cycle_batches(rows)
+        batch = self._buffer[self._micro_step % cycle]
         self._micro_step += 1
         return batch
 
@@ -208,47 +209,149 @@ class OnlineTrainer(PostTrainer):
         kwargs.update(args.generation_kwargs or {})
         return {k: v for k, v in kwargs.items() if v is not None}
 
-    def _micro_batches(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Generate, score, compute advantages (and old/ref log-probs when needed); split into micro-batches."""
+    def _cycle_batches(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One generation batch → the micro-batches of its whole cycle (every pass), each carrying its optimizer
+        step's global item counts."""
+        rollout = self.make_rollout(rows)
+        steps = self.with_item_counts(self.training_batches(rollout))
+        self._record_rollout(rollout)
+        return [part for step in steps for part in step]
+
+    # ---- the rollout ----------------------------------------------------------------------------------------
+    def make_rollout(self, rows: list[dict[str, Any]]) -> Rollout:
+        """Generate, decode, score; the sampling policy's and the reference's log-probs when needed."""
         args, tok = self.args, self.processing_class
         device = args.device
         if self.reward_runner is None:
-            raise ValueError(self.missing_reward_funcs_message())
+            raise UserError(self.missing_reward_funcs_message())
         with self.phase("generate"):
             rollout = self.sample(rows)
         length = int(rollout.completion_mask.sum(1).max().clamp(min=1))
-        rollout.completion_ids = rollout.completion_ids[:, :length]
-        rollout.completion_mask = rollout.completion_mask[:, :length]
+        rollout.completion_ids = rollout.completion_ids[:, :length].to(device)
+        rollout.completion_mask = rollout.completion_mask[:, :length].to(device)
+        rollout.prompt_ids, rollout.prompt_mask = rollout.prompt_ids.to(device), rollout.prompt_mask.to(device)
+        rollout.is_truncated = rollout.is_truncated.to(device)
+        rollout.loss_mask = rollout.completion_mask
+        if getattr(args, "mask_truncated_completions", False):  # GRPO and RLOO take this option
+            rollout.loss_mask = rollout.completion_mask * (~rollout.is_truncated).unsqueeze(1)
         rollout.prompts = [r["prompt"] for r in rows]
+        rollout.columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
         texts = tok.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         conversational = isinstance(rows[0]["prompt"], list)
         rollout.completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
         ids_lists = [ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
         with self.phase("score"):
-            columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
-            rollout.rewards = self.reward_runner(rollout.prompts, rollout.completions, ids_lists, columns,
+            rollout.rewards = self.reward_runner(rollout.prompts, rollout.completions, ids_lists, rollout.columns,
                                                  trainer_state=self.state).to(device)
-        completion_mask = rollout.completion_mask.clone()
-        if args.mask_truncated_completions:
-            completion_mask[rollout.is_truncated.to(completion_mask.device)] = 0
-        batch = {"input_ids": rollout.input_ids.to(device), "attention_mask": rollout.attention_mask.to(device),
-                 "completion_mask": completion_mask.to(device)}
+            rollout.scores = self.reward_runner.weighted_sum(rollout.rewards)
+            # group statistics need every member of a group, which may sit on another process
+            rollout.group_rewards = self.gather_rows(rollout.rewards)
+        self.add_logps(rollout)
+        return rollout
+
+    def add_logps(self, rollout: Rollout) -> None:
+        """The sampling policy's log-probs (when the method needs them) and the reference's (when it holds one)."""
+        batch = self.rollout_tensors(rollout)
         if self.needs_old_logps():
             with self.phase("old_logps"):
-                batch["old_logps"] = self._batched_logps(self.model, batch)
-        if self.uses_reference():
-            with self.phase("reference"), reference.reference_context(self.model, self.ref_model,
-                                                                        self.accelerator.unwrap_model) as ref:
-                batch["ref_logps"] = self._batched_logps(ref, batch)
-        with self.phase("advantages"):
-            # group statistics need every member of a group: gather the whole generation batch, keep our rows
-            rollout.all_rewards, context = distributed.gather_rollout(self.accelerator, rollout.rewards, batch,
-                                                                      tok.pad_token_id, self.model.training)
-            advantages = self.advantages(rollout.all_rewards, context)
-            rollout.advantages = distributed.local_rows(self.accelerator, advantages, len(rows), self.model.training)
-        batch["advantages"] = rollout.advantages.to(device)
-        self._record_rollout(rollout, completion_mask)
-        return self._split(batch)
+                rollout.old_logps = self._batched_logps(self.model, batch)
+        if self.reference is not None:
+            with self.phase("reference"), self.reference.context(self.language_model()) as ref:
+                rollout.ref_logps = self._batched_logps(ref, batch)
+
+    def language_model(self) -> torch.nn.Module:
+        """The causal LM that samples and has a reference (PPO's is inside its policy-and-critic container)."""
+        return self.model
+
+    @staticmethod
+    def rollout_tensors(rollout: Rollout) -> dict[str, torch.Tensor]:
+        """The rollout as one training batch: input_ids, attention_mask (N, P + C), completion_mask (N, C; the
+        trained tokens) and old_logps / ref_logps (N, C) when present."""
+        batch = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
+                 "completion_mask": rollout.loss_mask}
+        for key in ("old_logps", "ref_logps"):
+            if getattr(rollout, key) is not None:
+                batch[key] = getattr(rollout, key)
+        return batch
+
+    def training_batches(self, rollout: Rollout) -> list[list[dict[str, torch.Tensor]]]:
+        """The method's one hook: a scored rollout → the micro-batches of each optimizer step of the cycle (every
+        pass over the rollout), as a list of steps, each a list of micro-batches (dicts of (B, …) tensors).
+        Set `rollout.advantages` (N,) for the completions table."""
+        raise NotImplementedError
+
+    def gather_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """(N, …) per-row values of this process → (N_all, …) of the whole generation batch in global row order
+        (training with several processes; else unchanged)."""
+        if self.accelerator.num_processes == 1 or not self.model.training:
+            return values
+        return self.accelerator.gather(values.contiguous())
+
+    def local_rows(self, values: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """This process's rows of values computed over the gathered batch."""
+        return distributed.local_rows(self.accelerator, values, num_rows, self.model.training)
+
+    def split(self, batch: dict[str, torch.Tensor], group: int = 1) -> list[dict[str, torch.Tensor]]:
+        """One pass over a batch in micro-batches of per_device_train_batch_size rows, shuffled in units of `group`
+        consecutive rows (training), or one micro-batch of every row (evaluation)."""
+        n = batch["input_ids"].shape[0]
+        if not self.model.training:
+            return [dict(batch)]
+        device = batch["input_ids"].device
+        order = torch.randperm(n // group, device=device)
+        order = (order.unsqueeze(1) * group + torch.arange(group, device=device)).reshape(-1)
+        size = self.args.per_device_train_batch_size
+        return [{k: v[order[start:start + size]] for k, v in batch.items()} for start in range(0, n, size)]
+
+    def optimizer_steps(self, parts: list[dict[str, torch.Tensor]]) -> list[list[dict[str, torch.Tensor]]]:
+        """The micro-batches of one pass, grouped into optimizer steps of gradient_accumulation_steps each."""
+        ga = self.args.gradient_accumulation_steps
+        if not self.model.training:
+            return [parts]
+        return [parts[i:i + ga] for i in range(0, len(parts), ga)]
+
+    # ---- item counts and the reduction --------------------------------------------------------------------
+    @staticmethod
+    def count_items(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss items of one micro-batch by unit: trained tokens, sequences (rows), ranked pairs."""
+        counts = {"token": part["completion_mask"].sum().float(),
+                  "sequence": torch.tensor(float(part["completion_mask"].shape[0]),
+                                           device=part["completion_mask"].device)}
+        if "pair_weight" in part:
+            counts["pair"] = part["pair_weight"].sum().float()
+        return counts
+
+    def with_item_counts(self, steps: list[list[dict[str, torch.Tensor]]]) -> list[list[dict[str, torch.Tensor]]]:
+        """Each micro-batch gets `local_items` (its own counts) and `num_items` (its optimizer step's counts over
+        every micro-batch and process: one collective per cycle); the steps are returned. A step of a generation batch
+        whose steps_per_generation is not a multiple of gradient_accumulation_steps straddles two cycles: there
+        the cycle's count × GA / steps_per_generation stands in for the step's (TRL's normaliser)."""
+        args = self.args
+        units = sorted(self.count_items(steps[0][0]))
+        local = [[self.count_items(part) for part in step] for step in steps]
+        totals = torch.stack([torch.stack([sum(c[u] for c in step) for u in units]) for step in local])
+        if args.world_size > 1 and self.model.training:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        straddles = self.model.training and args.steps_per_generation % args.gradient_accumulation_steps != 0
+        if straddles:
+            cycle = args.steps_per_generation * args.num_iterations
+            totals = totals.sum(0, keepdim=True).expand(len(steps), -1) * args.gradient_accumulation_steps / cycle
+        for step, counts, total in zip(steps, local, totals):
+            for part, own in zip(step, counts):
+                part["local_items"] = own
+                part["num_items"] = dict(zip(units, total))
+        return steps
+
+    def reduce_loss(self, terms: torch.Tensor, unit: str, inputs: dict[str, Any], local: bool = False):
+        """The micro-batch's share of its optimizer step's loss: Σ terms · processes / (the step's `unit` items,
+        all micro-batches and processes). local=True: Σ terms / (this micro-batch's items) / GA (TRL's
+        per-micro-batch normalisation, for the parity switch). Called directly on one batch (no counts): its own."""
+        counts = inputs.get("num_items") or self.count_items(inputs)
+        if local:
+            own = inputs.get("local_items") or self.count_items(inputs)
+            return local_reduce(terms, own[unit], self.args.gradient_accumulation_steps)
+        processes = self.accelerator.num_processes if "num_items" in inputs else 1
+        return reduce_terms(terms, counts[unit].clamp(min=1), processes)
 
     def sample(self, rows: list[dict[str, Any]]):
         """This process's completions for its rows of the generation batch (a `Rollout`, rows in order).
@@ -277,7 +380,7 @@ class OnlineTrainer(PostTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         was_training = policy.training
         policy.eval()
-        language_model = getattr(policy, "policy", policy)  # PPO's PolicyAndValue samples from its policy
+        language_model = self.accelerator.unwrap_model(self.language_model())
         with distributed.process_seed(self.accelerator, args.seed, seed_step):
             if self.vllm is not None:  # the engine gets the policy's weights once per optimizer step
                 rollout = self.vllm.generate(language_model, self.processing_class, prompt_ids, per_prompt,
@@ -293,38 +396,17 @@ class OnlineTrainer(PostTrainer):
         limit = self.args.max_prompt_length
         return ids[-limit:] if limit else ids
 
-    def advantages(self, rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(N,) advantages from (N, K) rewards; `batch` holds the rollout tensors (old/ref log-probs if computed)."""
-        raise NotImplementedError
-
-    def uses_reference(self) -> bool:
-        """Whether reference log-probs are needed (and so a reference model is held)."""
+    def holds_reference(self) -> bool:
+        """Whether reference log-probs are computed (and so a reference is held): the KL weight is > 0."""
         return self.args.beta > 0
 
-    def holds_reference(self) -> bool:
-        return self.uses_reference() or getattr(self.args, "kl_coef", 0) > 0  # PPO's KL penalty is kl_coef
+    def no_reference_reason(self) -> str:
+        return "beta is 0"
 
     def needs_old_logps(self) -> bool:
         """Sampling-policy log-probs are needed when the policy moves before a rollout is fully used."""
         args = self.args
         return args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
-
-    def _split(self, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-        n = batch["input_ids"].shape[0]
-        order = torch.randperm(n, device=batch["input_ids"].device) if self.model.training else torch.arange(n)
-        num_items = batch["completion_mask"].sum().float()
-        if self.args.world_size > 1:
-            num_items = self.accelerator.gather(num_items.reshape(1)).sum()
-        # One optimizer step sees GA of the steps_per_generation micro-batches: normalise by its share of tokens.
-        num_items = num_items * self.args.gradient_accumulation_steps / self.args.steps_per_generation
-        size = self.args.per_device_train_batch_size if self.model.training else n
-        parts = []
-        for start in range(0, n, size):
-            idx = order[start:start + size]
-            part = {k: v[idx] for k, v in batch.items()}
-            part["num_items"] = num_items
-            parts.append(part)
-        return parts
 
     # ---- log-probs ------------------------------------------------------------------------------------------
     logps_at_sampling_temperature = True  # False: at temperature 1 (online DPO)
@@ -359,11 +441,11 @@ class OnlineTrainer(PostTrainer):
         return torch.cat(chunks)
 
     # ---- metrics ------------------------------------------------------------------------------------------------
-    def _record_rollout(self, rollout, completion_mask: torch.Tensor) -> None:
+    def _record_rollout(self, rollout: Rollout) -> None:
         lengths = rollout.completion_mask.sum(1).float()
-        terminated = lengths[~rollout.is_truncated.to(lengths.device)]
+        terminated = lengths[~rollout.is_truncated]
         rewards = rollout.rewards
-        total = self.reward_runner.weighted_sum(rewards)
+        total = rollout.scores
         metrics = {
             "completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
             "completions/max_length": lengths.max(),
@@ -373,8 +455,7 @@ class OnlineTrainer(PostTrainer):
         }
         G = self.args.num_generations
         if G > 1:  # group statistics need siblings (PPO samples one completion per prompt); groups may span processes
-            group_rewards = rewards if rollout.all_rewards is None else rollout.all_rewards
-            stds = _nanstd(self.reward_runner.weighted_sum(group_rewards).view(-1, G))
+            stds = _nanstd(self.reward_runner.weighted_sum(rollout.group_rewards).view(-1, G))
             metrics["reward_std"] = stds.nanmean()
             metrics["frac_reward_zero_std"] = (stds < 1e-6).float().mean()
         for k, name in enumerate(self.reward_runner.names):
@@ -390,9 +471,10 @@ class OnlineTrainer(PostTrainer):
         self.record_metrics(metrics)
         self.add_tokens_seen(rollout.attention_mask.sum())
         if self.args.log_completions:
+            advantages = rollout.advantages if rollout.advantages is not None else torch.full_like(total, math.nan)
             self._last_table = [{"step": self.state.global_step, "prompt": p, "completion": c,
                                  **{name: float(rewards[i, k]) for k, name in enumerate(self.reward_runner.names)},
-                                 "advantage": float(rollout.advantages[i])}
+                                 "advantage": float(advantages[i])}
                                 for i, (p, c) in enumerate(zip(rollout.prompts, rollout.completions))]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from posttrain.configs.online_dpo import BetaSchedule, OnlineDPOConfig
+from posttrain.configs.online_dpo import OnlineDPOConfig
+from posttrain.errors import UserError
 from posttrain.losses.preference import DPO_LOSSES
-from posttrain.losses.reduce import global_sum_reduce
-from posttrain.models import reference
+from posttrain.rollout.types import Rollout
 from posttrain.trainers.online import OnlineTrainer
 
 
@@ -48,7 +48,7 @@ class OnlineDPOTrainer(OnlineTrainer):
                  train_dataset=None, eval_dataset=None, processing_class=None, reward_processing_classes=None,
                  peft_config=None, **kwargs: Any):
         if kwargs.pop("judge", None) is not None:
-            raise ValueError("OnlineDPOTrainer does not support judges (judge=...); score completions with "
+            raise UserError("OnlineDPOTrainer does not support judges (judge=...); score completions with "
                              "reward_funcs=... (a function, a built-in reward name or a reward model).")
         reward_model = kwargs.pop("reward_model", None)
         if reward_model is not None:
@@ -60,40 +60,41 @@ class OnlineDPOTrainer(OnlineTrainer):
                 reward_processing_classes = [legacy_tokenizer] + [None] * (len(reward_funcs) - 1)
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
-                         reward_processing_classes=reward_processing_classes, peft_config=peft_config, **kwargs)
-        if ref_model is not None:
-            self._use_given_reference(ref_model)
+                         reward_processing_classes=reward_processing_classes, peft_config=peft_config,
+                         ref_model=ref_model, **kwargs)
 
-    def _use_given_reference(self, ref_model) -> None:
-        """Replace the reference the shared base made (a copy, or none for PEFT) by the one the user passed."""
-        if isinstance(ref_model, str):
-            from posttrain.models.loading import load_pretrained_model
-
-            ref_model = load_pretrained_model(ref_model, None, **(self.args.model_init_kwargs or {}))
-        if self.args.disable_dropout:
-            from posttrain.models.loading import disable_dropout
-
-            disable_dropout(ref_model)
-        self.ref_model = self.prepare_frozen(reference.freeze(ref_model))
-        for callback in self.callback_handler.callbacks:  # TR-DPO sync must mix into the reference in use
-            if isinstance(callback, reference.SyncReferenceCallback):
-                callback.ref_model = self.ref_model
+    def holds_reference(self) -> bool:
+        return True  # β > 0 always: DPO's implicit reward is the log-ratio to the reference
 
     @property
     def beta(self) -> float:
         """β of the current epoch (a list in the config is a per-epoch schedule)."""
-        beta = self.args.beta
-        return beta.at_epoch(self.state.epoch or 0) if isinstance(beta, BetaSchedule) else float(beta)
+        return self.args.beta_at_epoch(self.state.epoch or 0)
 
-    # ---- rollout hooks -------------------------------------------------------------------------------------------
+    # ---- the rollout hook ----------------------------------------------------------------------------------------
     def needs_old_logps(self) -> bool:
         return False  # the DPO loss has no importance ratio
 
-    def advantages(self, rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Online DPO has no advantages: this returns each completion's score (N,), the weighted reward sum minus
-        `missing_eos_penalty` when it has no EOS. `_split` ranks each pair by it (the completions table shows it)."""
-        scores = self.reward_runner.weighted_sum(rewards)
-        contains_eos = self._contains_eos(batch)
+    def training_batches(self, rollout: Rollout) -> list[list[dict[str, torch.Tensor]]]:
+        """Rank each pair by its scores (the weighted reward sum, minus `missing_eos_penalty` without EOS), then
+        shuffle whole pairs into micro-batches laid out [chosen rows; rejected rows], each with `pair_weight` on its
+        chosen rows (1 for a pair that enters the loss, 0 when tied; 0 on rejected rows, so it sums to the pairs)."""
+        scores = self._scores(rollout)
+        rollout.advantages = scores  # the completions table shows the score
+        batch = {**self.rollout_tensors(rollout), "scores": scores}
+        pairs = scores.view(-1, 2)
+        second_wins = (pairs[:, 1] > pairs[:, 0]).long()
+        first = torch.arange(pairs.shape[0], device=scores.device) * 2
+        chosen, rejected = first + second_wins, first + 1 - second_wins
+        ranked = {**{k: v[torch.stack([chosen, rejected], 1).reshape(-1)] for k, v in batch.items()},
+                  "pair_weight": torch.stack([_decided(pairs).float(), torch.zeros_like(scores[0::2])], 1).reshape(-1)}
+        parts = [_chosen_first(part) for part in self.split(ranked, group=2)]
+        return self.optimizer_steps(parts) * (self.args.num_iterations if self.model.training else 1)
+
+    def _scores(self, rollout: Rollout) -> torch.Tensor:
+        """(N,) each completion's score, with the objective/* metrics of the rollout."""
+        scores = rollout.scores
+        contains_eos = self._contains_eos(rollout)
         if self.args.missing_eos_penalty is not None:
             scores = scores - self.args.missing_eos_penalty * (~contains_eos).to(scores.dtype)
         pairs = scores.view(-1, 2)
@@ -107,10 +108,10 @@ class OnlineDPOTrainer(OnlineTrainer):
         })
         return scores
 
-    def _contains_eos(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _contains_eos(self, rollout: Rollout) -> torch.Tensor:
         """(N,) bool: the completion ended with an EOS token (of the tokenizer or the model's generation config)."""
-        mask = batch["completion_mask"].bool()
-        completion_ids = batch["input_ids"][:, -mask.shape[1]:]
+        mask = rollout.completion_mask.bool()
+        completion_ids = rollout.completion_ids
         eos_ids = set(_as_list(self.processing_class.eos_token_id))
         config = getattr(self.accelerator.unwrap_model(self.model), "generation_config", None)
         eos_ids |= set(_as_list(getattr(config, "eos_token_id", None)))
@@ -118,34 +119,6 @@ class OnlineDPOTrainer(OnlineTrainer):
         for eos in eos_ids - {None}:
             is_eos |= completion_ids == eos
         return (is_eos & mask).any(-1)
-
-    def _split(self, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-        """Micro-batches of whole pairs, each laid out [chosen rows; rejected rows], with `pair_weight` (P,) 1 for
-        a pair that enters the loss (0 when tied) and `num_items` = such pairs per optimizer step, all processes."""
-        scores = batch["advantages"].view(-1, 2)
-        num_pairs = scores.shape[0]
-        device = scores.device
-        second_wins = (scores[:, 1] > scores[:, 0]).long()
-        first = torch.arange(num_pairs, device=device) * 2
-        chosen, rejected = first + second_wins, first + 1 - second_wins
-        decided = _decided(scores).float()
-        num_items = decided.sum()
-        if self.model.training:
-            if self.args.world_size > 1:
-                num_items = self.accelerator.gather(num_items.reshape(1)).sum()
-            num_items = num_items * self.args.gradient_accumulation_steps / self.args.steps_per_generation
-            order = torch.randperm(num_pairs, device=device)
-            size = self.args.per_device_train_batch_size // 2
-        else:
-            order, size = torch.arange(num_pairs, device=device), num_pairs
-        parts = []
-        for start in range(0, num_pairs, size):
-            idx = order[start:start + size]
-            rows = torch.cat([chosen[idx], rejected[idx]])
-            part = {k: v[rows] for k, v in batch.items()}
-            part["pair_weight"], part["num_items"] = decided[idx], num_items
-            parts.append(part)
-        return parts
 
     # ---- loss ------------------------------------------------------------------------------------------------
     logps_at_sampling_temperature = False  # DPO's implicit reward compares the model's own (T = 1) distributions
@@ -164,9 +137,9 @@ class OnlineDPOTrainer(OnlineTrainer):
             chosen_logratios=chosen_logratios, rejected_logratios=rejected_logratios,
             policy_chosen_logps=policy[:half], policy_rejected_logps=policy[half:], ref_chosen_logps=ref[:half],
             ref_rejected_logps=ref[half:], chosen_lengths=lengths[:half], rejected_lengths=lengths[half:], beta=beta)
-        weight = inputs["pair_weight"]
+        weight = inputs["pair_weight"][:half]
         per_pair = torch.where(weight > 0, per_pair * weight, torch.zeros_like(per_pair))
-        loss = global_sum_reduce(per_pair, inputs["num_items"].clamp(min=1), self.accelerator.num_processes)
+        loss = self.reduce_loss(per_pair, "pair", inputs)
         self._record_step_metrics(policy.detach(), ref, inputs, beta, weight, extra)
         return (loss, {}) if return_outputs else loss
 
@@ -175,7 +148,7 @@ class OnlineDPOTrainer(OnlineTrainer):
         """TRL's Online DPO metrics: objective/* over every completion, rewards/* and logps/* over ranked pairs."""
         kl = policy - ref  # Σ_t (log π − log π_ref) per completion
         non_score = -beta * kl
-        scores = inputs["advantages"]
+        scores = inputs["scores"]
         self.record_metrics({"objective/kl": kl.mean(), "objective/entropy": -policy.mean(),
                              "objective/non_score_reward": non_score.mean(),
                              "objective/rlhf_reward": (scores + non_score).nanmean(), "beta": beta},
@@ -191,6 +164,11 @@ class OnlineDPOTrainer(OnlineTrainer):
                              "logps/chosen": policy[:half][ranked].mean(),
                              "logps/rejected": policy[half:][ranked].mean(), **extra},
                             weight=float(ranked.sum()))
+
+
+def _chosen_first(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rows laid out (chosen, rejected) per pair → [every chosen row; every rejected row], as offline DPO's."""
+    return {k: torch.cat([v[0::2], v[1::2]]) for k, v in part.items()}
 
 
 def _decided(pairs: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """`PPOTrainer`: classic RLHF PPO with a learned critic (Schulman et al. 2017; Ziegler et al. 2019; the "N
 implementation details of RLHF with PPO" recipe that TRL's PPOTrainer follows).
 
-One rollout (per_device × GA × num_mini_batches completions) is generated and scored by the shared online
-machinery (`trainers/online.py`); this module then turns it into per-token targets:
+One rollout (per_device × GA × num_mini_batches completions) is generated, scored and given its old and reference
+log-probs by the shared online machinery (`trainers/online.py`); this module's one hook, `training_batches`, turns
+it into per-token targets:
   r_t = −β·kl_t (policy vs reference log-probs, k1 or k3; β = kl_coef, or adapted after every rollout
   towards kl_target when adaptive_kl), plus the score (reward functions / reward model,
   minus missing_eos_penalty without EOS) on the last completion token; optionally whitened (scale only);
@@ -19,8 +20,10 @@ Deviations from TRL: the score sits on the last completion token (TRL: one posit
 widened by one); losses are token means over the whole mini-batch, not means of micro-batch means; `global_step`
 counts optimizer steps (TRL counts rollouts); `val/ratio_var` is the per-token variance of the ratio.
 
-TRL's older loop API (`generate`, `step`, `log_stats` called from a user's loop) is `trainers/ppo_loop.py`: `step`
-trains through the same `ppo_targets`, `mini_batch_groups` and `compute_loss` as `train()`.
+TRL's older call forms live in `compat/`: the constructor's `config=`/`dataset=` and the `query`/`input_ids` data
+forms (`compat/ppo.py`), and the loop API (`dataloader`, `generate`, `step`, `log_stats`: `compat/ppo_loop.py`, an
+adapter reached through `__getattr__`, whose `step` trains through the same `training_batches` and `compute_loss`
+as `train()`).
 
 Not here: generation, reward calls and rollout metrics (`trainers/online.py`), GAE and whitening
 (`algorithms/advantages.py`), the per-token losses (`losses/value.py`), the critic (`models/value.py`).
@@ -31,31 +34,32 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from typing import Any
 
 import torch
 
 from posttrain import compat
 from posttrain.algorithms.advantages import AdaptiveKLController, FixedKLController, gae, whiten
+from posttrain.compat.ppo import prompts_from_older_columns, translate_ppo_trainer_arguments
 from posttrain.configs.ppo import PPOConfig
+from posttrain.errors import UserError
 from posttrain.losses.kl import KL_ESTIMATORS
 from posttrain.losses.value import clipped_value_loss, ppo_policy_loss
-from posttrain.models import loading, reference
+from posttrain.models import loading
 from posttrain.models.logprobs import IGNORE_INDEX, forward_target_rows, positions_from_mask, token_logps
 from posttrain.models.value import PolicyAndValue, load_value_model, token_values, value_model_from_policy
+from posttrain.rollout.types import Rollout
 from posttrain.trainers.online import OnlineTrainer, reward_list
-from posttrain.trainers.ppo_loop import PPOLoopAPI
 
 _TRAINER_ARGUMENTS = ("compute_metrics", "callbacks", "optimizers", "preprocess_logits_for_metrics")
 
 
-class PPOTrainer(PPOLoopAPI, OnlineTrainer):
+class PPOTrainer(OnlineTrainer):
     """`PPOTrainer(model, reward_funcs=..., args=PPOConfig(...), train_dataset=..., value_model=None,
     ref_model=None, processing_class=None, peft_config=None)`; `reward_model=` (TRL's name) is a reward function
     too. The older form `PPOTrainer(config=..., model=..., ref_model=..., tokenizer=..., dataset=...,
     data_collator=...)` still works, with one FutureWarning per renamed argument, and so does the older loop
-    (`dataloader`, `generate`, `step`, `log_stats`; `trainers/ppo_loop.py`), where reward_funcs may be omitted."""
+    (`dataloader`, `generate`, `step`, `log_stats`; `compat/ppo_loop.py`), where reward_funcs may be omitted."""
 
     config_class = PPOConfig
     method_name = "PPO"
@@ -66,30 +70,44 @@ class PPOTrainer(PPOLoopAPI, OnlineTrainer):
                  value_model=None, ref_model=None, processing_class=None, reward_processing_classes=None,
                  peft_config=None, reward_model=None, **kwargs: Any):
         name = type(self).__name__
-        args, train_dataset = _legacy_arguments(name, args, train_dataset, kwargs)
+        args, train_dataset = translate_ppo_trainer_arguments(name, args, train_dataset, kwargs)
         trainer_kwargs = {k: kwargs.pop(k) for k in _TRAINER_ARGUMENTS if k in kwargs}
         args, processing_class = compat.resolve_trainer_arguments(name, PPOConfig, args, processing_class, kwargs)
         model = model if model is not None else args.sft_model_path
         if model is None:
-            raise ValueError(f"{name} needs a model: PPOTrainer(model='name or path' or a loaded causal LM).")
+            raise UserError(f"{name} needs a model: PPOTrainer(model='name or path' or a loaded causal LM).")
         reward_funcs = _reward_entries(reward_funcs, reward_model, args)
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, reward_processing_classes=reward_processing_classes,
-                         peft_config=peft_config, **trainer_kwargs)
+                         peft_config=peft_config, ref_model=ref_model, **trainer_kwargs)
         args, policy = self.args, self.model
-        if ref_model is not None:
-            self.ref_model = self.prepare_frozen(reference.freeze(ref_model))
-        elif args.kl_coef > 0 and not reference.is_peft_model(policy):
-            self.ref_model = self.prepare_frozen(reference.create_reference_model(
-                policy, model if isinstance(model, str) else None, args.model_init_kwargs))
         # the critic is trained: it joins the policy in the one container the Trainer prepares (DDP/ZeRO/FSDP)
         self.model = self.model_wrapped = PolicyAndValue(policy, self._value_model(value_model)).to(args.device)
         self.callback_handler.model = self.model
-        self._rollout: dict[str, Any] = {}
-        self._truncated: torch.Tensor | None = None
         self._episodes, self._start_time = 0, None
         self.kl_controller = (AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
                               if args.adaptive_kl else FixedKLController(args.kl_coef))
+
+    def holds_reference(self) -> bool:
+        return self.args.kl_coef > 0
+
+    def no_reference_reason(self) -> str:
+        return "kl_coef is 0"
+
+    def language_model(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model).policy if isinstance(
+            self.accelerator.unwrap_model(self.model), PolicyAndValue) else self.model
+
+    def __getattr__(self, name: str):
+        """TRL's older loop API (`dataloader`, `generate`, `step`, `log_stats`) through its adapter."""
+        from posttrain.compat.ppo_loop import LOOP_API, PPOLoopAdapter
+
+        if name not in LOOP_API:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        adapter = self.__dict__.get("_loop_adapter")
+        if adapter is None:
+            adapter = self.__dict__["_loop_adapter"] = PPOLoopAdapter(self)
+        return getattr(adapter, name)
 
     def missing_reward_funcs_message(self) -> str:
         return ("PPOTrainer.train() needs reward_funcs (functions, built-in names or reward models; reward_model= "
@@ -98,7 +116,7 @@ class PPOTrainer(PPOLoopAPI, OnlineTrainer):
 
     def train(self, *args: Any, **kwargs: Any):
         if self.reward_runner is None:  # before any setup, as construction does for the other online trainers
-            raise ValueError(self.missing_reward_funcs_message())
+            raise UserError(self.missing_reward_funcs_message())
         return super().train(*args, **kwargs)
 
     def _value_model(self, value_model) -> torch.nn.Module:
@@ -118,64 +136,42 @@ class PPOTrainer(PPOLoopAPI, OnlineTrainer):
 
     # ---- data ---------------------------------------------------------------------------------------------------
     def prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args):
-        """Prompt-only data; also TRL's PPO forms: a `query` text column, or prompts already tokenised as
-        `input_ids` (decoded here, then re-tokenised with the rest of the rollout machinery)."""
-        def to_prompts(dataset, name):
-            columns = list(getattr(dataset, "column_names", None) or [])
-            if "prompt" in columns or not columns:
-                return dataset
-            if "query" in columns:
-                return dataset.rename_column("query", "prompt")
-            if "input_ids" in columns:
-                tok = getattr(tokenizer, "tokenizer", tokenizer)
-                return dataset.map(lambda row: {"prompt": _decode_prompt(tok, row["input_ids"])})
-            return dataset
-
-        train_dataset, eval_dataset = self.map_datasets(train_dataset, eval_dataset, to_prompts)
+        train_dataset, eval_dataset = self.map_datasets(
+            train_dataset, eval_dataset, lambda dataset, name: prompts_from_older_columns(dataset, tokenizer))
         return super().prepare_datasets(train_dataset, eval_dataset, tokenizer, args)
 
     # ---- rollout ------------------------------------------------------------------------------------------------
     def needs_old_logps(self) -> bool:
         return True  # the KL penalty in the reward and the ratio of the first pass both use them
 
-    def advantages(self, rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The scalar score of each completion (weighted sum of the reward functions; unscorable → 0). PPO's
-        advantages are per token and need the values, the reference and whether each completion ended with EOS:
-        `_split`, which runs after the rollout is recorded, computes them."""
-        return torch.nan_to_num(self.reward_runner.weighted_sum(rewards), nan=0.0)
-
-    def _record_rollout(self, rollout, completion_mask: torch.Tensor) -> None:
-        self._truncated = rollout.is_truncated
-        super()._record_rollout(rollout, completion_mask)
-
-    def _split(self, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-        """The scored rollout (OnlineTrainer calls this last) → PPO's per-token targets, as one batch; the
-        mini-batches of each PPO epoch are cut from it in `_prepare_inputs`."""
-        return [self.ppo_targets(batch, self._truncated)]
+    def training_batches(self, rollout: Rollout) -> list[list[dict[str, torch.Tensor]]]:
+        """PPO's targets (`ppo_targets`), then num_ppo_epochs passes, each reshuffled into num_mini_batches
+        optimizer steps (one step of every row in evaluation)."""
+        scores = torch.nan_to_num(rollout.scores, nan=0.0)  # unscorable → 0
+        batch = self.ppo_targets(self.rollout_tensors(rollout), scores, rollout.is_truncated)
+        m = batch["completion_mask"].float()
+        rollout.advantages = (batch["advantages"] * m).sum(1) / m.sum(1).clamp(min=1)  # completions table
+        if not self.model.training:
+            return [[batch]]
+        return [step for _ in range(self.args.num_ppo_epochs) for step in self.mini_batch_groups(batch)]
 
     @torch.no_grad()
-    def ppo_targets(self, batch: dict[str, torch.Tensor], truncated: torch.Tensor) -> dict[str, Any]:
-        """A scored rollout → PPO's training batch; `train()` (through `_split`) and the loop API's `step`
-        (`trainers/ppo_loop.py`) both come here.
+    def ppo_targets(self, batch: dict[str, torch.Tensor], scores: torch.Tensor,
+                    truncated: torch.Tensor) -> dict[str, Any]:
+        """The rollout batch → PPO's training batch.
 
-        batch: input_ids, attention_mask (N, P + C), completion_mask (N, C), old_logps (N, C) and, under
-        "advantages", the score of each completion (N,); truncated (N,) bool: no EOS. Adds scores (N,) (after
-        missing_eos_penalty), old_values, advantages (whitened) and returns (N, C), and num_items (the rollout's
-        completion tokens, all processes); records the objective/* metrics and, in training, adapts the KL
-        coefficient."""
+        batch: input_ids, attention_mask (N, P + C), completion_mask (N, C), old_logps (N, C), ref_logps (N, C)
+        when kl_coef > 0; scores (N,); truncated (N,) bool: no EOS. Adds scores (after missing_eos_penalty),
+        old_values, advantages (whitened) and returns (N, C); records the objective/* metrics and, in training,
+        adapts the KL coefficient."""
         args = self.args
         container = self.accelerator.unwrap_model(self.model)
         mask = batch["completion_mask"]
         m = mask.float()
-        scores = batch.pop("advantages")  # what `advantages` returned
-        truncated = truncated.to(scores.device)
         if args.missing_eos_penalty is not None:
             scores = scores - args.missing_eos_penalty * truncated.float()
         logps = batch["old_logps"]
-        ref_logps = logps
-        if self.ref_model is not None or reference.is_peft_model(container.policy):
-            with self.phase("reference"), reference.reference_context(container.policy, self.ref_model) as ref:
-                ref_logps = self._batched_logps(ref, batch)
+        ref_logps = batch.get("ref_logps", logps)
         with self.phase("values"):
             values = self._batched_values(container.value_model, batch)
         with self.phase("gae"):
@@ -190,17 +186,12 @@ class PPOTrainer(PPOLoopAPI, OnlineTrainer):
             advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
             advantages = whiten(advantages, mask)
         batch.update(scores=scores, old_values=values, advantages=advantages, returns=returns)
-        batch["num_items"] = self._global_count(mask)
         self._record_objective(kl, logps, non_score, scores, truncated, m)
         if self.model.training:  # adaptive KL: the coefficient of the next rollout follows this one's KL
             mean_kl = kl.sum(1).mean()
             if args.world_size > 1:
                 mean_kl = self.accelerator.reduce(mean_kl, reduction="mean")
             self.kl_controller.update(float(mean_kl), scores.shape[0] * self.accelerator.num_processes)
-        if self._last_table:  # the completions table: mean advantage per completion
-            per_row = (advantages * m).sum(1) / m.sum(1).clamp(min=1)
-            for row, value in zip(self._last_table, per_row.tolist()):
-                row["advantage"] = value
         return batch
 
     def _batched_values(self, value_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -227,64 +218,31 @@ class PPOTrainer(PPOLoopAPI, OnlineTrainer):
         if self._start_time is None:
             self._start_time = time.perf_counter()
 
-    def _global_count(self, mask: torch.Tensor) -> torch.Tensor:
-        count = mask.sum().float()
-        if self.args.world_size > 1:
-            count = self.accelerator.gather(count.reshape(1)).sum()
-        return count
-
-    def _prepare_inputs(self, rows):
-        """Roll out at the start of each cycle; at the start of each PPO epoch, reshuffle the rollout into
-        num_mini_batches mini-batches of GA micro-batches (each carrying its mini-batch's global token count)."""
-        if not isinstance(rows, list):
-            return rows
-        if not self.model.training:
-            return self._micro_batches(rows)[0]
-        spg = self.args.steps_per_generation
-        if self._micro_step % (spg * self.args.num_iterations) == 0:
-            self._rollout = self._micro_batches(rows)[0]
-        if self._micro_step % spg == 0:
-            self._buffer = self._mini_batches(self._rollout)
-        batch = self._buffer[self._micro_step % spg]
-        self._micro_step += 1
-        return batch
-
     def checkpoint_state(self) -> dict[str, Any]:
-        """Adds the whole rollout (each PPO epoch reshuffles it), the KL coefficient, the episode count and time."""
+        """Adds the KL coefficient, the episode count and the training time."""
         elapsed = time.perf_counter() - self._start_time if self._start_time is not None else 0.0
-        return {**super().checkpoint_state(), "rollout": self._rollout, "kl_coef": self.kl_controller.value,
-                "episodes": self._episodes, "elapsed": elapsed}
+        return {**super().checkpoint_state(), "kl_coef": self.kl_controller.value, "episodes": self._episodes,
+                "elapsed": elapsed}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         super().load_checkpoint_state(state)
-        self._rollout = state.get("rollout", {})
         self.kl_controller.value = state.get("kl_coef", self.kl_controller.value)
         self._episodes = state.get("episodes", self._episodes)
         if self._episodes:  # `eps` keeps counting training time, not the time the run was down
             self._start_time = time.perf_counter() - float(state.get("elapsed", 0.0))
 
-    def _mini_batches(self, rollout: dict[str, Any]) -> list[dict[str, Any]]:
-        return [part for group in self.mini_batch_groups(rollout) for part in group]
-
     def mini_batch_groups(self, rollout: dict[str, Any]) -> list[list[dict[str, Any]]]:
         """One PPO epoch: the rollout reshuffled into num_mini_batches mini-batches (one optimizer step each) of
-        micro-batches of per_device_train_batch_size rows, each carrying its mini-batch's global token count. (A
-        rollout from the loop API's `step` may hold a number of rows that num_mini_batches does not divide: the
-        mini-batches then differ by one row.)"""
+        micro-batches of per_device_train_batch_size rows. (A rollout from the loop API's `step` may hold a number
+        of rows that num_mini_batches does not divide: the mini-batches then differ by one row.)"""
         args = self.args
         n = rollout["input_ids"].shape[0]
         order = torch.randperm(n, device=rollout["input_ids"].device)
         micro = args.per_device_train_batch_size
         groups = []
         for indices in order.tensor_split(min(args.num_mini_batches, n)):
-            num_items = self._global_count(rollout["completion_mask"][indices])
-            parts = []
-            for offset in range(0, len(indices), micro):
-                part = {k: v[indices[offset:offset + micro]] for k, v in rollout.items()
-                        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n}
-                part["num_items"] = num_items
-                parts.append(part)
-            groups.append(parts)
+            groups.append([{k: v[indices[offset:offset + micro]] for k, v in rollout.items()}
+                           for offset in range(0, len(indices), micro)])
         return groups
 
     # ---- loss ---------------------------------------------------------------------------------------------------
@@ -296,8 +254,7 @@ class PPOTrainer(PPOLoopAPI, OnlineTrainer):
         vf, vf_metrics = clipped_value_loss(values, inputs["old_values"], inputs["returns"], mask,
                                             args.cliprange_value)
         m = mask.float()
-        # Σ over this micro-batch ÷ tokens of the whole mini-batch (all processes; DDP averages, hence × processes)
-        loss = ((pg + args.vf_coef * vf) * m).sum() * self.accelerator.num_processes / inputs["num_items"].clamp(min=1)
+        loss = self.reduce_loss((pg + args.vf_coef * vf) * m, "token", inputs)  # token mean of the mini-batch
         with torch.no_grad():
             count = m.sum().clamp(min=1)
             ratio = torch.exp(logps - inputs["old_logps"])
@@ -370,23 +327,6 @@ class PPOTrainer(PPOLoopAPI, OnlineTrainer):
         super().log(logs, start_time)
 
 
-def _legacy_arguments(name: str, args, train_dataset, kwargs: dict[str, Any]):
-    """Older TRL forms: config= → args=, dataset= → train_dataset=, data_collator= (ignored)."""
-    if "config" in kwargs:
-        warnings.warn(f"{name}(config=...) is deprecated; use {name}(args=...).", FutureWarning, stacklevel=3)
-        config = kwargs.pop("config")
-        args = args if args is not None else config
-    if "dataset" in kwargs:
-        warnings.warn(f"{name}(dataset=...) is deprecated; use {name}(train_dataset=...).", FutureWarning,
-                      stacklevel=3)
-        dataset = kwargs.pop("dataset")
-        train_dataset = train_dataset if train_dataset is not None else dataset
-    if kwargs.pop("data_collator", None) is not None:
-        warnings.warn(f"{name} builds its batches from the prompts it samples; data_collator is ignored.",
-                      FutureWarning, stacklevel=3)
-    return args, train_dataset
-
-
 def _reward_entries(reward_funcs, reward_model, args: PPOConfig):
     """reward_funcs, plus `reward_model=` (TRL's name); else the config's reward_funcs or reward_model_path."""
     entries = reward_list(reward_funcs)
@@ -396,8 +336,3 @@ def _reward_entries(reward_funcs, reward_model, args: PPOConfig):
         entries = [args.reward_model_path]
     return entries or None
 
-
-def _decode_prompt(tokenizer, input_ids: list[int]) -> str:
-    text = tokenizer.decode(input_ids, skip_special_tokens=False)
-    bos = getattr(tokenizer, "bos_token", None)
-    return text[len(bos):] if bos and text.startswith(bos) else text  # re-tokenising adds BOS again

@@ -15,6 +15,7 @@ import torch
 
 from posttrain.configs.reward import RewardConfig
 from posttrain.data.prepare import _drop_report
+from posttrain.errors import UserError
 from posttrain.losses.reward_model import bradley_terry
 from posttrain.trainers.preference import PreferenceTrainer
 
@@ -43,7 +44,7 @@ class RewardTrainer(PreferenceTrainer):
                          **kwargs)
         num_labels = getattr(self.accelerator.unwrap_model(self.model).config, "num_labels", None)
         if num_labels != 1:
-            raise ValueError(f"A reward model needs one output (num_labels=1), this one has {num_labels}. Load it "
+            raise UserError(f"A reward model needs one output (num_labels=1), this one has {num_labels}. Load it "
                              "with AutoModelForSequenceClassification.from_pretrained(..., num_labels=1).")
 
     def prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args):

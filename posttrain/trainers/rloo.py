@@ -15,6 +15,7 @@ from posttrain.algorithms.advantages import rloo_advantages
 from posttrain.configs.rloo import RLOOConfig
 from posttrain.losses.kl import k1
 from posttrain.losses.policy import rloo_sequence_loss
+from posttrain.rollout.types import Rollout
 from posttrain.trainers.online import OnlineTrainer
 
 
@@ -27,17 +28,23 @@ class RLOOTrainer(OnlineTrainer):
     def needs_old_logps(self) -> bool:
         return True  # the KL term of the reward and the ratio both use the sampling policy's log-probs
 
-    def advantages(self, rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def training_batches(self, rollout: Rollout) -> list[list[dict[str, torch.Tensor]]]:
+        """R = clamp(Σ_k w_k r_k) − β·Σ_t (log π_old − log π_ref) per completion, gathered over every process;
+        leave-one-out advantages; this process's rows shuffled into micro-batches, reused each pass."""
         args = self.args
-        total = self.reward_runner.weighted_sum(rewards)
+        total = rollout.scores
         if args.reward_clip_range is not None:
             total = total.clamp(*args.reward_clip_range)
         if args.beta > 0:
-            mask = batch["completion_mask"]
-            kl = (k1(batch["old_logps"], batch["ref_logps"]) * mask).sum(-1)
+            mask = rollout.loss_mask
+            kl = (k1(rollout.old_logps, rollout.ref_logps) * mask).sum(-1)
             total = total - args.beta * kl
             self.record_metrics({"kl": (kl.sum() / mask.sum().clamp(min=1)).detach()})
-        return rloo_advantages(total, args.num_generations, normalize=args.normalize_advantages)
+        advantages = rloo_advantages(self.gather_rows(total), args.num_generations, normalize=args.normalize_advantages)
+        rollout.advantages = self.local_rows(advantages, len(rollout.prompts))
+        batch = {**self.rollout_tensors(rollout), "advantages": rollout.advantages}
+        steps = self.optimizer_steps(self.split(batch))
+        return steps * (args.num_iterations if self.model.training else 1)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         args = self.args
@@ -48,6 +55,6 @@ class RLOOTrainer(OnlineTrainer):
         per_sequence, metrics = rloo_sequence_loss(seq_logps=seq_logps, old_seq_logps=old_seq_logps,
                                                    advantages=inputs["advantages"], epsilon_low=args.epsilon,
                                                    epsilon_high=args.epsilon_high)
-        loss = per_sequence.mean() / args.gradient_accumulation_steps
+        loss = self.reduce_loss(per_sequence, "sequence", inputs)
         self.record_metrics(metrics)
         return (loss, {}) if return_outputs else loss

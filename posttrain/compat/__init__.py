@@ -1,4 +1,6 @@
-"""Older call forms that published guides still show, kept working with one deprecation message each.
+"""Older call forms that published guides still show, kept working with one deprecation message each. Nothing in
+the training path imports from here except the trainer constructor (`resolve_trainer_arguments`) and the config
+decorator (`translate_legacy_arguments`); each older form is translated at the door into the modern one.
 
 - `Trainer(tokenizer=…)` → `processing_class=`;
 - config options passed straight to a trainer (`max_seq_length=`, `packing=`, `learning_rate=`, `max_steps=`, …)
@@ -7,7 +9,15 @@
 - TrainingArguments options that transformers 5 removed (`evaluation_strategy`, `warmup_ratio`, `no_cuda`, …) →
   accepted by `TrainingArguments` and every posttrain config, renamed to the current option or dropped.
 
-Not here: deprecated config field names (each config maps its own aliases in `__post_init__`).
+- TRL's older PPO: `PPOConfig(batch_size=…, ppo_epochs=…, …)` and `PPOTrainer(config=…, dataset=…)` (`ppo.py`),
+  and its loop API `dataloader` / `generate` / `step` / `log_stats` (`ppo_loop.py`, an adapter over the trainer).
+
+`transformers.TrainingArguments` itself is patched (`install_training_arguments_aliases`) when the public API is
+first used (`posttrain.__getattr__`): the guides build `TrainingArguments(evaluation_strategy=…)` before any posttrain
+object exists, so there is no later moment to translate it. The patched constructor only renames the removed names;
+a call without them runs transformers' own constructor unchanged.
+
+Not here: renamed options of one config (e.g. SFT's max_seq_length, in its `__post_init__`).
 """
 
 from __future__ import annotations
@@ -18,9 +28,15 @@ import warnings
 from dataclasses import fields
 from typing import Any
 
+from posttrain.errors import UserTypeError
 
-def _warn(message: str) -> None:
-    warnings.warn(message, FutureWarning, stacklevel=4)
+
+def deprecated(message: str, stacklevel: int = 4) -> None:
+    """The one deprecation warning: a FutureWarning whose message names the modern form."""
+    warnings.warn(message, FutureWarning, stacklevel=stacklevel)
+
+
+_warn = deprecated
 
 
 def resolve_trainer_arguments(trainer_name: str, config_cls, args, processing_class, kwargs: dict[str, Any]):
@@ -37,7 +53,7 @@ def resolve_trainer_arguments(trainer_name: str, config_cls, args, processing_cl
         bad = next(iter(kwargs))
         close = difflib.get_close_matches(bad, sorted(names) + ["processing_class", "peft_config", "tokenizer"], n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise TypeError(f"{trainer_name} got an unexpected keyword argument '{bad}'.{hint}")
+        raise UserTypeError(f"{trainer_name} got an unexpected keyword argument '{bad}'.{hint}")
     config_name = config_cls.__name__
     if moved:
         listed = ", ".join(f"{k}=..." for k in moved)

@@ -1,4 +1,4 @@
-"""TRL's older PPO loop API on `PPOTrainer`: `dataloader`, `generate`, `step` and `log_stats`.
+"""TRL's older PPO loop API, an adapter over `PPOTrainer`: `dataloader`, `generate`, `step` and `log_stats`.
 
 Guides written for older TRL releases drive PPO from a loop of their own:
 
@@ -10,10 +10,10 @@ Guides written for older TRL releases drive PPO from a loop of their own:
         ppo_trainer.log_stats(stats, batch, rewards)
 
 Each piece is a thin adapter over what `trainer.train()` runs, so the two cannot drift apart: sampling is
-`OnlineTrainer.generate_completions`; a step's training batch (reference log-probs, values, KL-penalised rewards,
-GAE, whitening) is `PPOTrainer.ppo_targets`; each PPO epoch's mini-batches are `PPOTrainer.mini_batch_groups`;
-every micro-batch's loss and backward is the Trainer's `training_step` (→ `PPOTrainer.compute_loss`: clipped
-policy and value losses); logging is the trainer's `log`. The first use prints one FutureWarning that names the
+`OnlineTrainer.generate_completions`; a step's rollout gets its log-probs from `OnlineTrainer.add_logps` and its
+training batches (values, KL-penalised rewards, GAE, whitening, the mini-batches of every PPO epoch) from the
+trainer's one hook, `PPOTrainer.training_batches`; every micro-batch's loss and backward is the Trainer's
+`training_step` (→ `PPOTrainer.compute_loss`: clipped policy and value losses); logging is the trainer's `log`. The first use prints one FutureWarning that names the
 modern form.
 
 The trainer may be built without reward functions, as the guides build it (`PPOTrainer(config=..., model=...,
@@ -28,7 +28,7 @@ reduces across processes as every log does). `step` runs in one process or under
 (use `train()`); only the one-process path is tested.
 
 Not here: the PPO maths (`trainers/ppo.py`, `algorithms/advantages.py`, `losses/value.py`), generation
-(`rollout/`), the older constructor arguments (`trainers/ppo.py`'s `_legacy_arguments`).
+(`rollout/`), the older constructor arguments (`compat/ppo.py`).
 """
 
 from __future__ import annotations
@@ -40,22 +40,30 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from posttrain.errors import UserError
 from posttrain.rollout.hf import _eos_ids, left_pad
+from posttrain.rollout.types import Rollout
 
 
-class PPOLoopAPI:
-    """Mixed into `PPOTrainer` (which provides the rollout, target, mini-batch and loss code it calls)."""
+LOOP_API = ("dataloader", "generate", "step", "log_stats")
 
-    _loop_warned = False
-    _loop_ready = False
-    _loop_dataloader: DataLoader | None = None
-    _loop_generations = 0  # generate() calls: the step of the per-process sampling seed (several processes)
+
+class PPOLoopAdapter:
+    """The loop API over one `PPOTrainer` (which provides the rollout, target, mini-batch and loss code it calls);
+    `PPOTrainer.__getattr__` creates it on first use of a LOOP_API name."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self._loop_warned = False
+        self._loop_ready = False
+        self._loop_dataloader: DataLoader | None = None
+        self._loop_generations = 0  # generate() calls: the step of the per-process sampling seed
 
     def _warn_loop(self) -> None:
         if self._loop_warned:
             return
         self._loop_warned = True
-        name = type(self).__name__
+        name = type(self.trainer).__name__
         warnings.warn(f"{name}'s loop API (dataloader, generate, step, log_stats) is deprecated; use "
                       f"{name}(model, reward_funcs=..., args=PPOConfig(...), train_dataset=...).train(), which "
                       "generates, scores and updates by itself (reward_funcs: reward functions or reward models).",
@@ -69,20 +77,20 @@ class PPOLoopAPI:
         `query` (the prompt) and every dataset column."""
         self._warn_loop()
         if self._loop_dataloader is None:
-            dataset, size = self.train_dataset, self.args.generation_batch_size
+            dataset, size = self.trainer.train_dataset, self.trainer.args.generation_batch_size
             if dataset is None or len(dataset) < size:
                 have = "no train dataset" if dataset is None else f"{len(dataset)} prompts"
-                raise ValueError(f"{type(self).__name__}.dataloader yields batches of {size} prompts (batch_size) "
+                raise UserError(f"{type(self.trainer).__name__}.dataloader yields batches of {size} prompts (batch_size) "
                                  f"but there are {have}; pass dataset=... with at least {size} prompts.")
             loader = DataLoader(dataset, batch_size=size, shuffle=True, drop_last=True, collate_fn=self._queries,
-                                generator=torch.Generator().manual_seed(self.args.seed))
-            self._loop_dataloader = self.accelerator.prepare(loader)
+                                generator=torch.Generator().manual_seed(self.trainer.args.seed))
+            self._loop_dataloader = self.trainer.accelerator.prepare(loader)
         return self._loop_dataloader
 
     def _queries(self, rows: list[dict[str, Any]]) -> dict[str, list]:
         batch = {key: [row[key] for row in rows] for key in rows[0]}
         batch["input_ids"] = [torch.as_tensor(row["input_ids"], dtype=torch.long) if "input_ids" in row
-                              else torch.tensor(self._prompt_ids(row["prompt"]), dtype=torch.long) for row in rows]
+                              else torch.tensor(self.trainer._prompt_ids(row["prompt"]), dtype=torch.long) for row in rows]
         batch.setdefault("query", batch["prompt"])
         return batch
 
@@ -99,12 +107,12 @@ class PPOLoopAPI:
         self._warn_loop()
         single = isinstance(query_tensor, torch.Tensor)
         if single and query_tensor.dim() != 1:
-            raise ValueError(f"generate() takes a 1-D tensor of token ids or a list of them, got a tensor of shape "
+            raise UserError(f"generate() takes a 1-D tensor of token ids or a list of them, got a tensor of shape "
                              f"{tuple(query_tensor.shape)}; pass list(query_tensor) for a padded batch.")
         queries = [query_tensor] if single else list(query_tensor)
         _check_token_tensors("generate", "query_tensor", queries)
-        kwargs = {**self.generation_kwargs(), **generation_kwargs}
-        max_new_tokens = kwargs.pop("max_new_tokens", None) or self.args.max_completion_length
+        kwargs = {**self.trainer.generation_kwargs(), **generation_kwargs}
+        max_new_tokens = kwargs.pop("max_new_tokens", None) or self.trainer.args.max_completion_length
         if length_sampler is not None:
             max_new_tokens = int(length_sampler())
         kwargs.pop("pad_token_id", None)  # completions are padded with the tokenizer's pad token, masked after EOS
@@ -117,7 +125,7 @@ class PPOLoopAPI:
         for start in range(0, len(queries), size):
             chunk = queries[start:start + size]
             self._loop_generations += 1
-            rollout = self.generate_completions([q.tolist() for q in chunk], 1, kwargs, max_new_tokens,
+            rollout = self.trainer.generate_completions([q.tolist() for q in chunk], 1, kwargs, max_new_tokens,
                                                 seed_step=self._loop_generations)
             for query, ids, mask in zip(chunk, rollout.completion_ids, rollout.completion_mask):
                 response = ids[mask.bool()].to(query.device)
@@ -134,56 +142,56 @@ class PPOLoopAPI:
         self._warn_loop()
         scores = self._check_step(queries, responses, scores)
         start = time.perf_counter()
-        args = self.args
+        args = self.trainer.args
         model = self._loop_model()
-        self.model.train()
-        before = {key: list(value) for key, value in self._metrics["train"].items()}
-        batch, truncated = self._loop_batch(queries, responses)
-        with self.phase("old_logps"):
-            batch["old_logps"] = self._batched_logps(self.model, batch)
-        batch["advantages"] = scores.to(batch["input_ids"].device)  # where `ppo_targets` reads the scores
-        rollout = self.ppo_targets(batch, truncated)
-        self.add_tokens_seen(batch["attention_mask"].sum())
-        learning_rate = self._get_learning_rate()
-        for _ in range(args.num_ppo_epochs):
-            for group in self.mini_batch_groups(rollout):
-                for part in group:
-                    self.training_step(model, part)
-                self._loop_optimizer_step(model)
-        return self._step_stats(before, rollout, scores, queries, responses, learning_rate,
+        self.trainer.model.train()
+        before = {key: list(value) for key, value in self.trainer._metrics["train"].items()}
+        rollout = self._loop_rollout(queries, responses)
+        rollout.scores = scores.to(rollout.completion_ids.device)
+        self.trainer.add_logps(rollout)
+        steps = self.trainer.with_item_counts(self.trainer.training_batches(rollout))
+        self.trainer.add_tokens_seen(rollout.attention_mask.sum())
+        learning_rate = self.trainer._get_learning_rate()
+        for step in steps:
+            for part in step:
+                self.trainer.training_step(model, part)
+            self._loop_optimizer_step(model)
+        first_pass = [part for step in steps[:len(steps) // args.num_ppo_epochs] for part in step]  # every row once
+        targets = {k: torch.cat([part[k] for part in first_pass]) for k in ("completion_mask", "old_values", "returns")}
+        return self._step_stats(before, targets, scores, queries, responses, learning_rate,
                                 time.perf_counter() - start)
 
     def _check_step(self, queries, responses, scores) -> torch.Tensor:
         """Validate step()'s inputs (one line each); the scores as an (N,) float32 tensor."""
         for name, value in (("queries", queries), ("responses", responses), ("scores", scores)):
             if not isinstance(value, (list, tuple)):
-                raise ValueError(f"step() takes {name} as a list (one entry per completion), got "
+                raise UserError(f"step() takes {name} as a list (one entry per completion), got "
                                  f"{type(value).__name__}.")
         if not (len(queries) == len(responses) == len(scores)):
-            raise ValueError(f"step() got {len(queries)} queries, {len(responses)} responses and {len(scores)} "
+            raise UserError(f"step() got {len(queries)} queries, {len(responses)} responses and {len(scores)} "
                              "scores; give one response and one score per query.")
-        if len(queries) < self.args.num_mini_batches:
-            raise ValueError(f"step() got {len(queries)} queries but num_mini_batches is "
-                             f"{self.args.num_mini_batches}; give at least one query per mini-batch.")
+        if len(queries) < self.trainer.args.num_mini_batches:
+            raise UserError(f"step() got {len(queries)} queries but num_mini_batches is "
+                             f"{self.trainer.args.num_mini_batches}; give at least one query per mini-batch.")
         _check_token_tensors("step", "queries", queries)
         _check_token_tensors("step", "responses", responses)
         values = []
         for i, score in enumerate(scores):
             score = torch.as_tensor(score, dtype=torch.float32).detach().cpu()
             if score.numel() != 1:
-                raise ValueError(f"step(): scores[{i}] must be a scalar (a 0-d tensor or a number), got shape "
+                raise UserError(f"step(): scores[{i}] must be a scalar (a 0-d tensor or a number), got shape "
                                  f"{tuple(score.shape)}.")
             if not torch.isfinite(score).all():
-                raise ValueError(f"step(): scores[{i}] is {score.item()}; scores must be finite.")
+                raise UserError(f"step(): scores[{i}] is {score.item()}; scores must be finite.")
             values.append(score.reshape(()))
         return torch.stack(values)
 
-    def _loop_batch(self, queries, responses) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The rollout batch laid out as generation lays it out: prompts left-padded (N, P), completions
-        right-padded (N, C) and cut after their first EOS; truncated (N,): no EOS."""
-        tok, device = self.processing_class, self.args.device
+    def _loop_rollout(self, queries, responses) -> Rollout:
+        """The rollout laid out as generation lays it out: prompts left-padded (N, P), completions right-padded
+        (N, C) and cut after their first EOS; is_truncated (N,): no EOS."""
+        tok, device = self.trainer.processing_class, self.trainer.args.device
         pad = tok.pad_token_id
-        eos = torch.tensor(sorted(_eos_ids(self.accelerator.unwrap_model(self.model), tok)), dtype=torch.long)
+        eos = torch.tensor(sorted(_eos_ids(self.trainer.accelerator.unwrap_model(self.trainer.model), tok)), dtype=torch.long)
         prompt_ids, prompt_mask = left_pad([q.tolist() for q in queries], pad)
         kept, truncated = [], []
         for response in responses:
@@ -197,50 +205,50 @@ class PPOLoopAPI:
         for i, response in enumerate(kept):
             completion_ids[i, :len(response)] = response
             completion_mask[i, :len(response)] = 1
-        batch = {"input_ids": torch.cat([prompt_ids, completion_ids], 1),
-                 "attention_mask": torch.cat([prompt_mask, completion_mask], 1), "completion_mask": completion_mask}
-        return {k: v.to(device) for k, v in batch.items()}, torch.tensor(truncated, device=device)
+        return Rollout(prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device),
+                       completion_ids=completion_ids.to(device), completion_mask=completion_mask.to(device),
+                       is_truncated=torch.tensor(truncated, device=device), prompts=[None] * len(kept))
 
     def _loop_model(self) -> torch.nn.Module:
         """The model to train on; the optimizer (and, with several processes, DDP) on first use."""
         if self._loop_ready:
-            return self.model_wrapped
+            return self.trainer.model_wrapped
         from accelerate.utils import DistributedType
 
-        kind = self.accelerator.distributed_type
+        kind = self.trainer.accelerator.distributed_type
         if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            raise NotImplementedError(f"{type(self).__name__}.step() does not run under {kind.value}; use "
+            raise NotImplementedError(f"{type(self.trainer).__name__}.step() does not run under {kind.value}; use "
                                       "trainer.train() with reward_funcs=..., which does.")
-        if self.optimizer is None:
-            self.create_optimizer()
-        if self.accelerator.num_processes > 1:
-            self.model_wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        if self.lr_scheduler is None:
-            if self.args.max_steps > 0:
-                self.create_scheduler(num_training_steps=self.args.max_steps, optimizer=self.optimizer)
+        if self.trainer.optimizer is None:
+            self.trainer.create_optimizer()
+        if self.trainer.accelerator.num_processes > 1:
+            self.trainer.model_wrapped, self.trainer.optimizer = self.trainer.accelerator.prepare(self.trainer.model, self.trainer.optimizer)
+        if self.trainer.lr_scheduler is None:
+            if self.trainer.args.max_steps > 0:
+                self.trainer.create_scheduler(num_training_steps=self.trainer.args.max_steps, optimizer=self.trainer.optimizer)
             else:  # TRL's loop keeps the learning rate constant
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+                self.trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.trainer.optimizer, lambda _: 1.0)
         self._loop_ready = True
-        return self.model_wrapped
+        return self.trainer.model_wrapped
 
     def _loop_optimizer_step(self, model: torch.nn.Module) -> None:
         """What the Trainer's loop does at the end of an accumulated step (clip, guard, step, schedule)."""
-        args = self.args
+        args = self.trainer.args
         if args.max_grad_norm is not None and args.max_grad_norm > 0:
-            self._clip_grad_norm(model)
-        self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
-        self.optimizer.step()
-        self.control = self.callback_handler.on_optimizer_step(args, self.state, self.control)
-        if not self.accelerator.optimizer_step_was_skipped:
-            self.lr_scheduler.step()
+            self.trainer._clip_grad_norm(model)
+        self.trainer.control = self.trainer.callback_handler.on_pre_optimizer_step(args, self.trainer.state, self.trainer.control)
+        self.trainer.optimizer.step()
+        self.trainer.control = self.trainer.callback_handler.on_optimizer_step(args, self.trainer.state, self.trainer.control)
+        if not self.trainer.accelerator.optimizer_step_was_skipped:
+            self.trainer.lr_scheduler.step()
         model.zero_grad()
-        self.state.global_step += 1
+        self.trainer.state.global_step += 1
 
     def _step_stats(self, before, rollout, scores, queries, responses, learning_rate, seconds) -> dict[str, float]:
         """TRL's names for what this update computed: the metrics `ppo_targets` and `compute_loss` recorded during
         it (means over its micro-batches), and statistics of the rollout and of the inputs."""
         recorded = {}
-        for key, (total, weight) in self._metrics["train"].items():
+        for key, (total, weight) in self.trainer._metrics["train"].items():
             old_total, old_weight = before.get(key, (0.0, 0.0))
             if weight > old_weight:
                 recorded[key] = (total - old_total) / (weight - old_weight)
@@ -254,7 +262,7 @@ class PPOLoopAPI:
             "ppo/mean_non_score_reward": recorded["objective/non_score_reward"],
             "ppo/mean_scores": scores.mean(), "ppo/std_scores": scores.std() if len(scores) > 1 else 0.0,
             "ppo/loss/policy": recorded["loss/policy_avg"], "ppo/loss/value": recorded["loss/value_avg"],
-            "ppo/loss/total": recorded["loss/policy_avg"] + self.args.vf_coef * recorded["loss/value_avg"],
+            "ppo/loss/total": recorded["loss/policy_avg"] + self.trainer.args.vf_coef * recorded["loss/value_avg"],
             "ppo/policy/entropy": recorded["policy/entropy_avg"],
             "ppo/policy/approxkl": recorded["policy/approxkl_avg"],
             "ppo/policy/clipfrac": recorded["policy/clipfrac_avg"], "ppo/val/clipfrac": recorded["val/clipfrac_avg"],
@@ -279,19 +287,19 @@ class PPOLoopAPI:
         logs["env/reward_mean"] = float(rewards.mean())
         logs["env/reward_std"] = float(rewards.std()) if len(rewards) > 1 else 0.0
         query_key, response_key = (tuple(columns_to_log) + ("query", "response"))[:2]
-        if self.args.log_completions and query_key in batch and response_key in batch:
-            self._last_table = [{"step": self.state.global_step, "prompt": q, "completion": c, "reward": float(r)}
+        if self.trainer.args.log_completions and query_key in batch and response_key in batch:
+            self.trainer._last_table = [{"step": self.trainer.state.global_step, "prompt": q, "completion": c, "reward": float(r)}
                                 for q, c, r in zip(batch[query_key], batch[response_key], rewards.tolist())]
-        self.log(logs)
+        self.trainer.log(logs)
 
 
 def _check_token_tensors(method: str, name: str, tensors: list) -> None:
     if not tensors:
-        raise ValueError(f"{method}() got no {name}; give a list of 1-D token-id tensors.")
+        raise UserError(f"{method}() got no {name}; give a list of 1-D token-id tensors.")
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
             what = f"a tensor of shape {tuple(t.shape)} and dtype {t.dtype}" if isinstance(t, torch.Tensor) \
                 else type(t).__name__
-            raise ValueError(f"{method}(): {name}[{i}] must be a 1-D tensor of token ids, got {what}.")
+            raise UserError(f"{method}(): {name}[{i}] must be a 1-D tensor of token ids, got {what}.")
         if t.numel() == 0:
-            raise ValueError(f"{method}(): {name}[{i}] is empty; every entry needs at least one token.")
+            raise UserError(f"{method}(): {name}[{i}] is empty; every entry needs at least one token.")
