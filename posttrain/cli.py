@@ -123,7 +123,7 @@ def parse_command_args(command: str, argv: list[str]) -> tuple[Any, Any, Any]:
     known = sorted({f.name for c in classes for f in dataclasses.fields(c) if f.init})
     for key in yaml_values:
         if key not in known and key not in _ALIASES_ONLY:
-            raise CLIError(f"unknown key '{key}' in {config_path}{did_you_mean(key, known)}")
+            raise CLIError(f"unknown key '{key}' in {config_path}{_elsewhere(command, key) or did_you_mean(key, known)}")
     for name, value in (yaml_values.pop("env", None) or {}).items():
         os.environ[str(name)] = str(value)
     mixture = yaml_values.pop("datasets", None)
@@ -138,9 +138,21 @@ def parse_command_args(command: str, argv: list[str]) -> tuple[Any, Any, Any]:
             raise CLIError(f"unexpected argument '{flag}' (flags take the form --name value)")
         name = flag.lstrip("-").split("=")[0]
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        raise CLIError(f"unknown flag '{flag}'" + (f"; did you mean '--{close[0]}'?" if close else ""))
+        raise CLIError(f"unknown flag '{flag}'" + (_elsewhere(command, name)
+                                                   or (f"; did you mean '--{close[0]}'?" if close else "")))
     script_args.datasets = mixture
     return script_args, model_args, training_args
+
+
+def _elsewhere(command: str, name: str) -> str:
+    """"; it is used by grpo, online_dpo only" when other commands take option `name` (else "")."""
+    from posttrain.configs.base import configs_taking
+
+    owners = {c.__name__ for c in configs_taking(name)}
+    commands = [other for other, (config, _, _) in COMMANDS.items()
+                if other != command and config.split(":")[1] in owners]
+    return f" for {command}: it is used by {', '.join(commands)} only (it would have no effect here)" \
+        if commands else ""
 
 
 def _raise_cli_error(message: str) -> None:

@@ -145,3 +145,50 @@ def test_saved_config_reloads(tmp_path):
     assert saved["generation_batch_size"] and saved["steps_per_generation"]
     _, _, args = parse_command_args("grpo", ["--config", path])
     assert args.generation_batch_size == trainer.args.generation_batch_size
+
+
+class _VaryingLengths(GRPOTrainer):
+    """Completions cut to 1, 3, 5, … tokens by row, so micro-batches hold different numbers of tokens."""
+
+    def sample(self, rows):
+        rollout = super().sample(rows)
+        keep = torch.tensor([1 + 2 * (i % 5) for i in range(len(rows))])
+        cut = torch.arange(rollout.completion_mask.shape[1])[None, :] < keep[:, None]
+        rollout.completion_mask = rollout.completion_mask * cut.to(rollout.completion_mask.dtype)
+        rollout.completion_ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0,
+                                                                    self.processing_class.pad_token_id)
+        return rollout
+
+
+def _one_sgd_step(tmp_path, name, loss_type, per_device, accumulation, normalization="global"):
+    """The policy after one plain-SGD step (the update is then the gradient itself) on the same generation batch of
+    8 completions (2 prompts × 4), split into `accumulation` micro-batches of `per_device` rows."""
+    args = _args(tmp_path / name, loss_type=loss_type, max_steps=1, per_device_train_batch_size=per_device,
+                 gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
+                 max_completion_length=10, loss_normalization=normalization)
+    trainer = _VaryingLengths(MODEL, reward_funcs=unique_chars, args=args, train_dataset=_prompts(n=2))
+    assert trainer.args.generation_batch_size == 8
+    trainer.train()
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo"])
+def test_loss_is_invariant_to_accumulation(tmp_path, loss_type):
+    """1 micro-batch of 8 = 4 accumulation steps of 2, for every loss type: the same rollout, the same update
+    (the reduction counts tokens/sequences over the whole optimizer step; tests/test_distributed.py covers
+    processes, tests/test_losses_policy.py the pure 1×4 = 2×2 = 4×1 identity)."""
+    whole = _one_sgd_step(tmp_path, "whole", loss_type, 8, 1)
+    split = _one_sgd_step(tmp_path, "split", loss_type, 2, 4)
+    worst = max(float((whole[n] - split[n]).abs().max()) for n in whole)
+    assert worst < 1e-5, worst
+
+
+def test_trl_normalisation_switch_takes_effect(tmp_path):
+    """loss_normalization='trl' reproduces TRL's per-micro-batch bnpo: under accumulation the update differs
+    from the global token mean; without accumulation both are the same."""
+    split_trl = _one_sgd_step(tmp_path, "trl", "bnpo", 2, 4, "trl")
+    split = _one_sgd_step(tmp_path, "global", "bnpo", 2, 4)
+    assert max(float((split_trl[n] - split[n]).abs().max()) for n in split) > 1e-5
+    whole_trl = _one_sgd_step(tmp_path, "whole-trl", "bnpo", 8, 1, "trl")
+    whole = _one_sgd_step(tmp_path, "whole-global", "bnpo", 8, 1)
+    assert max(float((whole_trl[n] - whole[n]).abs().max()) for n in whole) < 1e-6

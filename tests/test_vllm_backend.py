@@ -96,9 +96,10 @@ def test_without_vllm_the_error_says_how_to_install(monkeypatch):
 
 
 def test_config_checks_vllm_modes(monkeypatch):
+    from posttrain.configs import online
     from posttrain.configs import grpo
 
-    monkeypatch.setattr(grpo, "_has_vllm", lambda: False)
+    monkeypatch.setattr(online, "_has_vllm", lambda: False)
     with pytest.raises(ValueError, match="use_vllm=True needs the vllm package .*vllm_mode='server'"):
         grpo.GRPOConfig(output_dir="x", use_vllm=True)
     # server mode needs no vllm in the training process
@@ -111,7 +112,7 @@ def test_config_checks_vllm_modes(monkeypatch):
                            ({"vllm_mode": "remote"}, "vllm_mode must be one of colocate, server")]:
         with pytest.raises(ValueError, match=needle):
             grpo.GRPOConfig(output_dir="x", use_vllm=True, **{"vllm_mode": "server", **kwargs})
-    monkeypatch.setattr(grpo, "_has_vllm", lambda: True)
+    monkeypatch.setattr(online, "_has_vllm", lambda: True)
     with pytest.raises(ValueError, match=r"vllm_gpu_memory_utilization must be in \(0, 1\)"):
         grpo.GRPOConfig(output_dir="x", use_vllm=True, vllm_gpu_memory_utilization=1.5)
     assert grpo.GRPOConfig(output_dir="x", use_vllm=True).vllm_mode == "colocate"
@@ -130,11 +131,12 @@ def test_server_flags_reach_the_config(tmp_path):
 
 def test_grpo_trains_on_vllm_rollouts(fake_vllm, monkeypatch, tmp_path):
     """use_vllm=True: the trainer samples through the engine (n=G per prompt) and pushes weights every step."""
+    from posttrain.configs import online
     from posttrain.configs import grpo
     from posttrain.data.arith import load_builtin_dataset
     from posttrain.trainers.grpo import GRPOTrainer
 
-    monkeypatch.setattr(grpo, "_has_vllm", lambda: True)
+    monkeypatch.setattr(online, "_has_vllm", lambda: True)
     args = grpo.GRPOConfig(output_dir=str(tmp_path), use_vllm=True, num_generations=4, per_device_train_batch_size=8,
                            max_completion_length=6, max_steps=2, learning_rate=1e-3, report_to="none",
                            save_strategy="no", disable_tqdm=True, logging_steps=1)
