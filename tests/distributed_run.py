@@ -28,7 +28,10 @@ import torch
 
 MODEL = "posttrain/tiny"
 STEPS = 3
-GLOBAL_BATCH = {"sft": 4, "dpo": 4, "grpo": 12, "rloo": 12}
+GLOBAL_BATCH = {"sft": 4, "dpo": 4, "grpo": 12, "rloo": 12, "grpo_bnpo": 12}
+# grpo_bnpo: 2 processes × 2 accumulation steps of 3 rows against 1 process × 1 micro-batch of 12, with a loss type
+# whose token normaliser used to be local to a micro-batch (one reduction contract: trainers/online.py)
+ACCUMULATION = {"grpo_bnpo": 2}
 G = 4  # a 6-row slice per process holds one whole group and half of another: groups span processes
 
 
@@ -37,8 +40,10 @@ def _world() -> int:
 
 
 def _common(output_dir: str, method: str) -> dict:
+    accumulation = ACCUMULATION.get(method, 1) if _world() > 1 else 1
     return dict(output_dir=os.path.join(output_dir, method), max_steps=STEPS, learning_rate=1e-3, logging_steps=1,
-                per_device_train_batch_size=GLOBAL_BATCH[method] // _world(), gradient_accumulation_steps=1,
+                per_device_train_batch_size=GLOBAL_BATCH[method] // _world() // accumulation,
+                gradient_accumulation_steps=accumulation,
                 report_to="none", save_strategy="no", disable_dropout=True, seed=0, use_cpu=True)
 
 
@@ -88,11 +93,12 @@ def build(method: str, output_dir: str):
                           train_dataset=load_builtin_dataset("posttrain/arith-pref", split="train"))
     online = dict(num_generations=G, max_completion_length=8, top_k=1, beta=0.1)
     prompts = load_builtin_dataset("posttrain/arith-prompts", split="train")
-    if method == "grpo":
+    if method in ("grpo", "grpo_bnpo"):
         from posttrain import GRPOConfig, GRPOTrainer
 
-        return _truncating(GRPOTrainer)(MODEL, reward_funcs="length_reward", args=GRPOConfig(**common, **online),
-                                        train_dataset=prompts)
+        loss = {"loss_type": "bnpo"} if method == "grpo_bnpo" else {}
+        return _truncating(GRPOTrainer)(MODEL, reward_funcs="length_reward",
+                                        args=GRPOConfig(**common, **online, **loss), train_dataset=prompts)
     if method == "rloo":
         from posttrain import RLOOConfig, RLOOTrainer
 

@@ -1,7 +1,7 @@
 """Two processes (gloo on CPU, started by torchrun) train like one process with the same global batch.
 
-One 1-process and one 2-process run of tests/distributed_run.py (SFT, DPO, GRPO, RLOO; 3 steps each); the per-step
-losses must agree to 1e-5. GRPO/RLOO use greedy rollouts cut to a length set by each row's place in its group, so
+One 1-process and one 2-process run of tests/distributed_run.py (SFT, DPO, GRPO, RLOO, and GRPO-bnpo with 2
+accumulation steps per process: 2 × 2 against 1 × 1; 3 steps each); the per-step losses must agree to 1e-5. GRPO/RLOO use greedy rollouts cut to a length set by each row's place in its group, so
 the rollouts are the same in both layouts while groups span processes (see distributed_run.py)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("sft", "dpo", "grpo", "rloo")
+METHODS = ("sft", "dpo", "grpo", "rloo", "grpo_bnpo")
 
 
 def free_port() -> int:
