@@ -123,7 +123,8 @@ def parse_command_args(command: str, argv: list[str]) -> tuple[Any, Any, Any]:
     known = sorted({f.name for c in classes for f in dataclasses.fields(c) if f.init})
     for key in yaml_values:
         if key not in known and key not in _ALIASES_ONLY:
-            raise CLIError(f"unknown key '{key}' in {config_path}{_elsewhere(command, key) or did_you_mean(key, known)}")
+            hint = _elsewhere(command, key) or did_you_mean(key, known)
+            raise CLIError(f"unknown key '{key}' in {config_path}{hint}")
     for name, value in (yaml_values.pop("env", None) or {}).items():
         os.environ[str(name)] = str(value)
     mixture = yaml_values.pop("datasets", None)

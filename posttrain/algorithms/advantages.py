@@ -39,7 +39,7 @@ def _nan_mean_std(x: Tensor, dim: int | None = None, keepdim: bool = False) -> t
 def _grouped(rewards: Tensor, num_generations: int) -> Tensor:
     if num_generations < 1 or rewards.shape[0] % num_generations:
         raise UserError(f"{rewards.shape[0]} rewards cannot be split into groups of num_generations="
-                         f"{num_generations}.")
+                        f"{num_generations}.")
     return rewards.view(-1, num_generations, *rewards.shape[1:])
 
 

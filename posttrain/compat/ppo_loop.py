@@ -13,7 +13,8 @@ Each piece is a thin adapter over what `trainer.train()` runs, so the two cannot
 `OnlineTrainer.generate_completions`; a step's rollout gets its log-probs from `OnlineTrainer.add_logps` and its
 training batches (values, KL-penalised rewards, GAE, whitening, the mini-batches of every PPO epoch) from the
 trainer's one hook, `PPOTrainer.training_batches`; every micro-batch's loss and backward is the Trainer's
-`training_step` (→ `PPOTrainer.compute_loss`: clipped policy and value losses); logging is the trainer's `log`. The first use prints one FutureWarning that names the
+`training_step` (→ `PPOTrainer.compute_loss`: clipped policy and value losses); logging is the trainer's `log`.
+The first use prints one FutureWarning that names the
 modern form.
 
 The trainer may be built without reward functions, as the guides build it (`PPOTrainer(config=..., model=...,
@@ -80,8 +81,9 @@ class PPOLoopAdapter:
             dataset, size = self.trainer.train_dataset, self.trainer.args.generation_batch_size
             if dataset is None or len(dataset) < size:
                 have = "no train dataset" if dataset is None else f"{len(dataset)} prompts"
-                raise UserError(f"{type(self.trainer).__name__}.dataloader yields batches of {size} prompts (batch_size) "
-                                 f"but there are {have}; pass dataset=... with at least {size} prompts.")
+                raise UserError(f"{type(self.trainer).__name__}.dataloader yields batches of {size} prompts "
+                                f"(batch_size) "
+                                f"but there are {have}; pass dataset=... with at least {size} prompts.")
             loader = DataLoader(dataset, batch_size=size, shuffle=True, drop_last=True, collate_fn=self._queries,
                                 generator=torch.Generator().manual_seed(self.trainer.args.seed))
             self._loop_dataloader = self.trainer.accelerator.prepare(loader)
@@ -90,7 +92,8 @@ class PPOLoopAdapter:
     def _queries(self, rows: list[dict[str, Any]]) -> dict[str, list]:
         batch = {key: [row[key] for row in rows] for key in rows[0]}
         batch["input_ids"] = [torch.as_tensor(row["input_ids"], dtype=torch.long) if "input_ids" in row
-                              else torch.tensor(self.trainer._prompt_ids(row["prompt"]), dtype=torch.long) for row in rows]
+                              else torch.tensor(self.trainer._prompt_ids(row["prompt"]), dtype=torch.long)
+                              for row in rows]
         batch.setdefault("query", batch["prompt"])
         return batch
 
@@ -108,7 +111,7 @@ class PPOLoopAdapter:
         single = isinstance(query_tensor, torch.Tensor)
         if single and query_tensor.dim() != 1:
             raise UserError(f"generate() takes a 1-D tensor of token ids or a list of them, got a tensor of shape "
-                             f"{tuple(query_tensor.shape)}; pass list(query_tensor) for a padded batch.")
+                            f"{tuple(query_tensor.shape)}; pass list(query_tensor) for a padded batch.")
         queries = [query_tensor] if single else list(query_tensor)
         _check_token_tensors("generate", "query_tensor", queries)
         kwargs = {**self.trainer.generation_kwargs(), **generation_kwargs}
@@ -166,13 +169,13 @@ class PPOLoopAdapter:
         for name, value in (("queries", queries), ("responses", responses), ("scores", scores)):
             if not isinstance(value, (list, tuple)):
                 raise UserError(f"step() takes {name} as a list (one entry per completion), got "
-                                 f"{type(value).__name__}.")
+                                f"{type(value).__name__}.")
         if not (len(queries) == len(responses) == len(scores)):
             raise UserError(f"step() got {len(queries)} queries, {len(responses)} responses and {len(scores)} "
-                             "scores; give one response and one score per query.")
+                            "scores; give one response and one score per query.")
         if len(queries) < self.trainer.args.num_mini_batches:
             raise UserError(f"step() got {len(queries)} queries but num_mini_batches is "
-                             f"{self.trainer.args.num_mini_batches}; give at least one query per mini-batch.")
+                            f"{self.trainer.args.num_mini_batches}; give at least one query per mini-batch.")
         _check_token_tensors("step", "queries", queries)
         _check_token_tensors("step", "responses", responses)
         values = []
@@ -180,7 +183,7 @@ class PPOLoopAdapter:
             score = torch.as_tensor(score, dtype=torch.float32).detach().cpu()
             if score.numel() != 1:
                 raise UserError(f"step(): scores[{i}] must be a scalar (a 0-d tensor or a number), got shape "
-                                 f"{tuple(score.shape)}.")
+                                f"{tuple(score.shape)}.")
             if not torch.isfinite(score).all():
                 raise UserError(f"step(): scores[{i}] is {score.item()}; scores must be finite.")
             values.append(score.reshape(()))
@@ -191,7 +194,8 @@ class PPOLoopAdapter:
         (N, C) and cut after their first EOS; is_truncated (N,): no EOS."""
         tok, device = self.trainer.processing_class, self.trainer.args.device
         pad = tok.pad_token_id
-        eos = torch.tensor(sorted(_eos_ids(self.trainer.accelerator.unwrap_model(self.trainer.model), tok)), dtype=torch.long)
+        policy = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        eos = torch.tensor(sorted(_eos_ids(policy, tok)), dtype=torch.long)
         prompt_ids, prompt_mask = left_pad([q.tolist() for q in queries], pad)
         kept, truncated = [], []
         for response in responses:
@@ -222,10 +226,12 @@ class PPOLoopAdapter:
         if self.trainer.optimizer is None:
             self.trainer.create_optimizer()
         if self.trainer.accelerator.num_processes > 1:
-            self.trainer.model_wrapped, self.trainer.optimizer = self.trainer.accelerator.prepare(self.trainer.model, self.trainer.optimizer)
+            trainer = self.trainer
+            trainer.model_wrapped, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
         if self.trainer.lr_scheduler is None:
             if self.trainer.args.max_steps > 0:
-                self.trainer.create_scheduler(num_training_steps=self.trainer.args.max_steps, optimizer=self.trainer.optimizer)
+                self.trainer.create_scheduler(num_training_steps=self.trainer.args.max_steps,
+                                              optimizer=self.trainer.optimizer)
             else:  # TRL's loop keeps the learning rate constant
                 self.trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.trainer.optimizer, lambda _: 1.0)
         self._loop_ready = True
@@ -233,16 +239,17 @@ class PPOLoopAdapter:
 
     def _loop_optimizer_step(self, model: torch.nn.Module) -> None:
         """What the Trainer's loop does at the end of an accumulated step (clip, guard, step, schedule)."""
-        args = self.trainer.args
+        trainer = self.trainer
+        args = trainer.args
         if args.max_grad_norm is not None and args.max_grad_norm > 0:
-            self.trainer._clip_grad_norm(model)
-        self.trainer.control = self.trainer.callback_handler.on_pre_optimizer_step(args, self.trainer.state, self.trainer.control)
-        self.trainer.optimizer.step()
-        self.trainer.control = self.trainer.callback_handler.on_optimizer_step(args, self.trainer.state, self.trainer.control)
-        if not self.trainer.accelerator.optimizer_step_was_skipped:
-            self.trainer.lr_scheduler.step()
+            trainer._clip_grad_norm(model)
+        trainer.control = trainer.callback_handler.on_pre_optimizer_step(args, trainer.state, trainer.control)
+        trainer.optimizer.step()
+        trainer.control = trainer.callback_handler.on_optimizer_step(args, trainer.state, trainer.control)
+        if not trainer.accelerator.optimizer_step_was_skipped:
+            trainer.lr_scheduler.step()
         model.zero_grad()
-        self.trainer.state.global_step += 1
+        trainer.state.global_step += 1
 
     def _step_stats(self, before, rollout, scores, queries, responses, learning_rate, seconds) -> dict[str, float]:
         """TRL's names for what this update computed: the metrics `ppo_targets` and `compute_loss` recorded during
@@ -288,8 +295,9 @@ class PPOLoopAdapter:
         logs["env/reward_std"] = float(rewards.std()) if len(rewards) > 1 else 0.0
         query_key, response_key = (tuple(columns_to_log) + ("query", "response"))[:2]
         if self.trainer.args.log_completions and query_key in batch and response_key in batch:
-            self.trainer._last_table = [{"step": self.trainer.state.global_step, "prompt": q, "completion": c, "reward": float(r)}
-                                for q, c, r in zip(batch[query_key], batch[response_key], rewards.tolist())]
+            step = self.trainer.state.global_step
+            self.trainer._last_table = [{"step": step, "prompt": q, "completion": c, "reward": float(r)}
+                                        for q, c, r in zip(batch[query_key], batch[response_key], rewards.tolist())]
         self.trainer.log(logs)
 
 

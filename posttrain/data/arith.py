@@ -242,7 +242,7 @@ def _select_split(dataset_dict: datasets.DatasetDict, split: str) -> datasets.Da
     base = match.group(1) if match else split
     if base not in dataset_dict:
         raise UserError(f"Unknown split {split!r}; available splits: {', '.join(dataset_dict)} "
-                         "(optionally sliced, e.g. 'train[:100]').")
+                        "(optionally sliced, e.g. 'train[:100]').")
     dataset = dataset_dict[base]
     if not match:
         return dataset

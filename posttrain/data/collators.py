@@ -111,7 +111,7 @@ class DataCollatorForLanguageModeling:
             seq_lengths = _as_1d(seq_lengths, "seq_lengths").tolist()
             if sum(seq_lengths) != input_ids.numel() or min(seq_lengths, default=0) < 0:
                 raise UserError(f"seq_lengths {seq_lengths} must be non-negative and sum to the row length "
-                                 f"{input_ids.numel()}.")
+                                f"{input_ids.numel()}.")
         return input_ids, labels, seq_lengths
 
     def _pad(self, rows, packed: bool) -> dict[str, torch.Tensor]:

@@ -84,7 +84,7 @@ def require_type(columns: Sequence[str], accepted: Sequence[str], who: str, text
             hints.append(f"'{col}' → '{close[0]}'?")
     hint = f" Did you mean: {', '.join(hints)}" if hints else ""
     raise UserError(f"{who} expects a dataset with columns {' or '.join(expected)}; got columns "
-                     f"{list(columns)}.{hint} Rename columns with dataset.rename_column(old, new).")
+                    f"{list(columns)}.{hint} Rename columns with dataset.rename_column(old, new).")
 
 
 def extract_prompt(example: dict[str, Any]) -> dict[str, Any]:

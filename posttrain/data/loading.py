@@ -35,7 +35,7 @@ def load_any_dataset(name: str, config: str | None = None, split: str | None = N
         return _load_local(name, name, config, split=split, data_files=data_files, streaming=streaming)
     if name.startswith((".", "/")) or ext in _FILE_BUILDERS:
         raise UserError(f"Dataset path {name!r} does not exist. Give an existing .json/.jsonl/.csv/.parquet file, "
-                         "a directory, a Hub id, or a built-in set such as posttrain/arith-sft.")
+                        "a directory, a Hub id, or a built-in set such as posttrain/arith-sft.")
     return datasets.load_dataset(name, config, split=split, data_files=data_files, streaming=streaming)
 
 
@@ -47,8 +47,8 @@ def _load_local(name: str, *args: Any, **kwargs: Any):
         cause = e.__cause__ or e
         detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise UserError(f"Could not read dataset {name!r}: {detail}. Fix the data file(s) (JSON Lines: one JSON "
-                         "object per line; CSV: a header row, then one row per example) or choose another "
-                         "--dataset_name.") from e
+                        "object per line; CSV: a header row, then one row per example) or choose another "
+                        "--dataset_name.") from e
 
 
 def load_mixture(specs: list[dict], split: str = "train") -> datasets.Dataset:
@@ -58,7 +58,7 @@ def load_mixture(specs: list[dict], split: str = "train") -> datasets.Dataset:
         unknown = set(spec) - {"path", "name", "split", "data_files", "columns"}
         if unknown or "path" not in spec:
             raise UserError(f"Each entry of `datasets` needs 'path' and may have name, split, data_files, columns; "
-                             f"got {sorted(spec)}.")
+                            f"got {sorted(spec)}.")
         part = load_any_dataset(spec["path"], spec.get("name"), spec.get("split", split), spec.get("data_files"))
         if spec.get("columns"):
             part = part.select_columns(spec["columns"])
@@ -80,12 +80,12 @@ def load_train_eval(script_args, want_eval: bool) -> tuple[Any, Any]:
         if "split" not in str(e).lower() or name.startswith("posttrain/"):
             raise
         raise UserError(f"Split {script_args.dataset_train_split!r} not found in {name!r} ({e}). Choose one "
-                         "with --dataset_train_split.") from None
+                        "with --dataset_train_split.") from None
     evaluation = None
     if want_eval:
         try:
             evaluation = load_any_dataset(name, config, split=script_args.dataset_test_split, streaming=streaming)
         except (KeyError, ValueError):
             raise UserError(f"Evaluation is on but split {script_args.dataset_test_split!r} was not found in "
-                             f"{name!r}; set --dataset_test_split or --eval_strategy no.") from None
+                            f"{name!r}; set --dataset_test_split or --eval_strategy no.") from None
     return train, evaluation

@@ -154,7 +154,7 @@ def _document_lengths(table: pa.Table, columns: list[str]) -> np.ndarray:
         if lengths is not None and not np.array_equal(lengths, current):
             bad = int(np.flatnonzero(lengths != current)[0])
             raise UserError(f"Row {bad}: column '{name}' has {current[bad]} entries but '{columns[0]}' has "
-                             f"{lengths[bad]}; packed columns must have equal lengths per row.")
+                            f"{lengths[bad]}; packed columns must have equal lengths per row.")
         lengths = current
     return lengths.astype(np.int64)
 
@@ -192,7 +192,7 @@ def pack_dataset(dataset: datasets.Dataset, max_length: int, strategy: str = "bf
     present = [c for c in columns if names is None or c in names]
     if not present:
         raise UserError(f"pack_dataset found none of the columns {list(columns)} in the dataset (it has {names}); "
-                         "tokenise it first.")
+                        "tokenise it first.")
     if isinstance(dataset, datasets.Dataset):
         if len(dataset) == 0:
             raise UserError("Cannot pack an empty dataset; give at least one tokenised example.")

@@ -66,7 +66,7 @@ def prepare_sft_dataset(dataset, tokenizer, args, formatting_func: Callable | No
                            name, dropped, before)
         if len(dataset) == 0:
             raise UserError(f"Every {name} example lost all its trainable tokens (prompt longer than max_length="
-                             f"{args.max_length}?). Raise max_length or shorten the prompts.")
+                            f"{args.max_length}?). Raise max_length or shorten the prompts.")
     if packing:
         from posttrain.data.packing import pack_dataset
 
@@ -90,7 +90,7 @@ def _tokenize_sft(dataset, tokenizer, args, formatting_func, name):
     completion_only = args.completion_only_loss is not False  # None = auto: on for prompt-completion
     if args.assistant_only_loss and not conversational:
         raise UserError("assistant_only_loss=True needs conversational data (a 'messages' column or "
-                         "conversational prompt/completion).")
+                        "conversational prompt/completion).")
     eos = tokenizer.eos_token
 
     def one(example):
@@ -126,11 +126,11 @@ def _check_fields(example: dict[str, Any], keys: tuple[str, ...], may_be_empty: 
         value = example.get(key)
         if value is None or (key not in may_be_empty and isinstance(value, (str, list)) and len(value) == 0):
             raise UserError(f"A row has an empty or missing '{key}' ({example!r:.200}). Remove such rows, e.g. "
-                             f"dataset.filter(lambda ex: ex['{key}']).")
+                            f"dataset.filter(lambda ex: ex['{key}']).")
         if not isinstance(value, (str, list)):
             raise UserError(f"Column '{key}' must hold strings or lists of messages, got "
-                             f"{type(value).__name__} ({value!r:.80}). Convert it, e.g. "
-                             f"dataset.map(lambda ex: {{'{key}': str(ex['{key}'])}}).")
+                            f"{type(value).__name__} ({value!r:.80}). Convert it, e.g. "
+                            f"dataset.map(lambda ex: {{'{key}': str(ex['{key}'])}}).")
 
 
 def check_prompts(dataset, tokenizer, name: str = "train") -> None:
@@ -149,14 +149,14 @@ def check_prompts(dataset, tokenizer, name: str = "train") -> None:
         lengths = pc.list_value_length(column)
     elif not pa.types.is_null(kind):
         raise UserError(f"Column 'prompt' of the {name} dataset must hold strings or lists of messages, got {kind} "
-                         f"values (first: {column[0].as_py()!r:.80}). Convert it, e.g. "
-                         "dataset.map(lambda ex: {'prompt': str(ex['prompt'])}).")
+                        f"values (first: {column[0].as_py()!r:.80}). Convert it, e.g. "
+                        "dataset.map(lambda ex: {'prompt': str(ex['prompt'])}).")
     else:
         lengths = column  # all null
     bad = int(pc.index(pc.fill_null(pc.equal(lengths, 0), True), True).as_py())
     if bad >= 0:
         raise UserError(f"Row {bad} of the {name} dataset has an empty or missing 'prompt' "
-                         f"({dataset[bad]!r:.200}). Remove such rows, e.g. dataset.filter(lambda ex: ex['prompt']).")
+                        f"({dataset[bad]!r:.200}). Remove such rows, e.g. dataset.filter(lambda ex: ex['prompt']).")
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         tokenize.require_chat_template(tokenizer)  # now, rather than at the first rollout
 
@@ -277,8 +277,8 @@ def prepare_unpaired_dataset(dataset, tokenizer, args, name: str = "train", who:
         _check_fields(example, ("prompt", "completion"), may_be_empty=("prompt",))
         if not isinstance(example.get("label"), bool) and example.get("label") not in (0, 1):
             raise UserError(f"Column 'label' must hold booleans (True = desirable, False = undesirable), got "
-                             f"{example.get('label')!r:.80}. Convert it, e.g. dataset.map(lambda ex: "
-                             "{'label': ex['label'] == 'good'}).")
+                            f"{example.get('label')!r:.80}. Convert it, e.g. dataset.map(lambda ex: "
+                            "{'label': ex['label'] == 'good'}).")
         prompt_ids, (completion_ids,) = tokenize.tokenize_prompt_and_completions(
             tokenizer, example["prompt"], [example["completion"]], eos, tools=example.get("tools"))
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": bool(example["label"])}

@@ -46,7 +46,7 @@ def load_adapter_model(path: str, auto_class=None, trainable: bool = True, **ini
         base_name = json.load(f).get("base_model_name_or_path")
     if not base_name:
         raise UserError(f"{path}/adapter_config.json names no base_model_name_or_path; load the base model and "
-                         "pass PeftModel.from_pretrained(base, path) instead.")
+                        "pass PeftModel.from_pretrained(base, path) instead.")
     base = load_pretrained_model(base_name, auto_class, **init_kwargs)
     return PeftModel.from_pretrained(base, path, is_trainable=trainable)
 
@@ -57,7 +57,7 @@ def wrap(model: torch.nn.Module, peft_config, gradient_checkpointing: bool = Fal
 
     if is_peft_model(model):
         raise UserError("The model already carries adapters and peft_config= asks for new ones; drop peft_config= "
-                         "to train the existing adapter, or merge it first (posttrain merge --adapter DIR ...).")
+                        "to train the existing adapter, or merge it first (posttrain merge --adapter DIR ...).")
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return get_peft_model(model, peft_config)

@@ -31,7 +31,7 @@ def resolve_model_path(name_or_path: str) -> str:
         raise UserError(f"Unknown built-in model {name_or_path!r}; available: {', '.join(BUILTIN_MODELS)}.")
     if os.path.sep in name_or_path and not os.path.exists(name_or_path) and name_or_path.startswith((".", "/")):
         raise UserError(f"Model path {name_or_path!r} does not exist. Give a local directory with config.json, "
-                         "a Hub id, or a built-in name such as posttrain/tiny.")
+                        "a Hub id, or a built-in name such as posttrain/tiny.")
     return name_or_path
 
 
@@ -56,8 +56,8 @@ def load_pretrained_model(name_or_path: str, auto_class=None, **init_kwargs: Any
     if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in
                                        ("config.json", "adapter_config.json")):
         raise UserError(f"Model directory {name_or_path!r} has no config.json. Give a directory written by "
-                         "save_pretrained (config.json and weights), a Hub id, or a built-in name such as "
-                         "posttrain/tiny.")
+                        "save_pretrained (config.json and weights), a Hub id, or a built-in name such as "
+                        "posttrain/tiny.")
     from posttrain.models import adapters
 
     if adapters.is_adapter_dir(path):  # a saved LoRA adapter: its base model with the adapter, trainable
@@ -66,8 +66,8 @@ def load_pretrained_model(name_or_path: str, auto_class=None, **init_kwargs: Any
         return auto_class.from_pretrained(path, **_resolve_dtype(init_kwargs))
     except OSError as e:
         raise UserError(f"Could not load model {name_or_path!r}: {str(e).splitlines()[0]} "
-                         "Give a local directory with config.json, a Hub id, or a built-in name "
-                         "such as posttrain/tiny.") from e
+                        "Give a local directory with config.json, a Hub id, or a built-in name "
+                        "such as posttrain/tiny.") from e
 
 
 def load_tokenizer(name_or_path: str, **kwargs: Any):
@@ -116,12 +116,12 @@ def quantization_config(load_in_4bit: bool):
     """bitsandbytes quantisation; refused with a clear message where it cannot run."""
     if not hardware.has_cuda():
         raise UserError("load_in_4bit/load_in_8bit need a CUDA GPU with bitsandbytes; this machine has none. "
-                         "Drop the flag (LoRA alone still works on CPU).")
+                        "Drop the flag (LoRA alone still works on CPU).")
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("load_in_4bit/load_in_8bit need the bitsandbytes package: pip install bitsandbytes "
-                         "(or drop the flag).")
+                        "(or drop the flag).")
     from transformers import BitsAndBytesConfig
 
     if load_in_4bit:

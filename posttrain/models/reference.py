@@ -60,7 +60,7 @@ def reference_context(policy: torch.nn.Module, ref_model: torch.nn.Module | None
     base = unwrap(policy)
     if not is_peft_model(base):
         raise UserError("No reference model: pass ref_model=..., train PEFT adapters, or precompute reference "
-                         "log-probs (precompute_ref_log_probs=True).")
+                        "log-probs (precompute_ref_log_probs=True).")
     if adapters.has_reference_adapter(base):
         active = base.active_adapter
         base.set_adapter(adapters.REFERENCE_ADAPTER)

@@ -84,7 +84,7 @@ def fsdp_on_cpu(accelerator) -> bool:
     plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* environment
     if plugin.fsdp_version != 2:
         raise UserError("FSDP on CPU processes needs fsdp_version: 2 (FSDP1 needs CUDA GPUs); use "
-                         "--accelerate_config fsdp2")
+                        "--accelerate_config fsdp2")
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin

@@ -50,7 +50,7 @@ def value_model_from_policy(policy: torch.nn.Module, init_kwargs: dict | None = 
         path = getattr(base.config, "_name_or_path", "")
         if not path:
             raise UserError(f"Cannot build a value model from the policy ({e}); pass value_model=... or set "
-                             "value_model_name_or_path.") from e
+                            "value_model_name_or_path.") from e
         logger.info("Loading the value model from %r (%s).", path, e)
         return load_value_model(path, **(init_kwargs or {}))
     parameter = next(base.parameters())
@@ -64,7 +64,7 @@ def value_head(value_model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(head, torch.nn.Module):
             return head
     raise UserError(f"{type(value_model).__name__} has no scalar head (score/classifier); give a value model loaded "
-                     "with AutoModelForSequenceClassification.from_pretrained(..., num_labels=1).")
+                    "with AutoModelForSequenceClassification.from_pretrained(..., num_labels=1).")
 
 
 def token_values(value_model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -6,6 +6,7 @@
 - `html.py`       the self-contained report.html (and a pipeline's top-level page)
 - `model_card.py` README.md next to the saved weights
 - `report.py`     the callback tying them to a trainer, and `write_report` / `write_model_card`
+- `rollouts.py`   an online rollout's metrics and completions table
 
 `attach(trainer)` is the one call a trainer makes. Not here: the metrics themselves (trainers and losses).
 """

@@ -179,7 +179,7 @@ class SoftOverlongPunishment:
             raise UserError(f"max_completion_len must be > 0, got {max_completion_len}.")
         if not 0 <= soft_punish_cache <= max_completion_len:
             raise UserError(f"soft_punish_cache must be in [0, max_completion_len={max_completion_len}], "
-                             f"got {soft_punish_cache}.")
+                            f"got {soft_punish_cache}.")
         self.max_completion_len, self.soft_punish_cache = max_completion_len, soft_punish_cache
         self.__name__ = "soft_overlong_punishment"
 

@@ -76,13 +76,13 @@ def check_rewards(name: str, values: Any, expected: int) -> list[float]:
     (the runner decides what to do about NaN: see `RewardRunner`)."""
     if values is None:
         raise UserError(f"reward function {name!r} returned None instead of a list; return a list with one value "
-                         f"per completion ([None] * {expected} to mark the whole batch as not applicable).")
+                        f"per completion ([None] * {expected} to mark the whole batch as not applicable).")
     if not isinstance(values, (list, tuple)):
         raise UserError(f"reward function {name!r} returned a {type(values).__name__}; it must return a list with "
-                         "one float (or None) per completion (call .tolist() on arrays and tensors).")
+                        "one float (or None) per completion (call .tolist() on arrays and tensors).")
     if len(values) != expected:
         raise UserError(f"reward function {name!r} returned {len(values)} values for {expected} completions; it "
-                         "must return exactly one value (a float, or None for 'not applicable') per completion.")
+                        "must return exactly one value (a float, or None for 'not applicable') per completion.")
     out = []
     for i, value in enumerate(values):
         if value is None:
@@ -90,7 +90,7 @@ def check_rewards(name: str, values: Any, expected: int) -> list[float]:
             continue
         if not isinstance(value, numbers.Real):
             raise UserError(f"reward function {name!r} returned {value!r} ({type(value).__name__}) at index {i}; "
-                             "each value must be a number, or None for 'not applicable'.")
+                            "each value must be a number, or None for 'not applicable'.")
         value = float(value)
         if math.isinf(value):
             raise UserError(f"reward function {name!r} returned {value} at index {i}; rewards must be finite.")

@@ -42,8 +42,8 @@ def _check_accepts_kwargs(func: Any, name: str) -> None:
         return
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         raise UserError(f"reward function {name!r} must accept **kwargs: it is called with prompts=, completions=, "
-                         "completion_ids=, trainer_state= and every dataset column as keywords, e.g. "
-                         f"`def {name}(completions, **kwargs)`.")
+                        "completion_ids=, trainer_state= and every dataset column as keywords, e.g. "
+                        f"`def {name}(completions, **kwargs)`.")
 
 
 def _import_module(module: str, spec: str):
@@ -64,7 +64,7 @@ def _import_module(module: str, spec: str):
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
         raise UserError(f"Cannot load reward function {spec!r}: {e} (looked in the working directory {cwd} and "
-                         "sys.path).") from e
+                        "sys.path).") from e
 
 
 def load_function(spec: str):
@@ -76,7 +76,7 @@ def load_function(spec: str):
     for part in match["attr"].split("."):
         if not hasattr(target, part):
             raise UserError(f"Cannot load reward function {spec!r}: module {match['module']!r} has no attribute "
-                             f"{match['attr']!r}.")
+                            f"{match['attr']!r}.")
         target = getattr(target, part)
     if not callable(target):
         raise UserError(f"Reward function {spec!r} is a {type(target).__name__}, not a callable.")
@@ -94,8 +94,8 @@ def _load_reward_model(spec: str, tokenizer, batch_size: int, max_length: int | 
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     except (OSError, ValueError) as e:
         raise UserError(f"Unknown reward function {spec!r}: not a built-in reward ({', '.join(BUILTIN_REWARDS)}), "
-                         "not a 'module:function' path, and it could not be loaded as a reward model: "
-                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+                        "not a 'module:function' path, and it could not be loaded as a reward model: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     return RewardModelScorer(model, tokenizer, batch_size, max_length, name=os.path.basename(os.path.normpath(spec)))
 
 
@@ -111,7 +111,7 @@ def resolve_reward_func(entry: Any, tokenizer=None, batch_size: int = 32, max_le
             source = getattr(entry.config, "_name_or_path", None)
             if not source:
                 raise UserError("A reward model given as an object needs its tokenizer: pass "
-                                 "reward_processing_classes=[tokenizer].")
+                                "reward_processing_classes=[tokenizer].")
             tokenizer = load_tokenizer(source)
         return RewardModelScorer(entry, tokenizer, batch_size, max_length)
     if callable(entry):
@@ -119,7 +119,7 @@ def resolve_reward_func(entry: Any, tokenizer=None, batch_size: int = 32, max_le
         return entry
     if not isinstance(entry, str):
         raise UserError(f"A reward_funcs entry must be a callable, a name or a reward model; got "
-                         f"{type(entry).__name__}.")
+                        f"{type(entry).__name__}.")
     spec = entry.strip()
     for prefix in _TRL_PREFIXES:  # TRL's guides write trl.rewards.accuracy_reward; the built-in is the same reward
         if spec.startswith(prefix) and spec[len(prefix):] in BUILTIN_REWARDS:
@@ -134,5 +134,5 @@ def resolve_reward_func(entry: Any, tokenizer=None, batch_size: int = 32, max_le
     if close and "/" not in spec and not os.path.exists(spec):
         # A typo of a built-in name: say so now rather than after a minute of Hub retries.
         raise UserError(f"Unknown reward function {spec!r}; did you mean {close[0]!r}? Built-in rewards: "
-                         f"{', '.join(BUILTIN_REWARDS)}.")
+                        f"{', '.join(BUILTIN_REWARDS)}.")
     return _load_reward_model(spec, tokenizer, batch_size, max_length)

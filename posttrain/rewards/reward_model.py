@@ -32,8 +32,8 @@ class RewardModelScorer:
         num_labels = getattr(getattr(model, "config", None), "num_labels", 1)
         if num_labels != 1:
             raise UserError(f"A reward model needs one output (num_labels=1), {model_short_name(model)!r} has "
-                             f"{num_labels}. Load it with AutoModelForSequenceClassification.from_pretrained(..., "
-                             "num_labels=1).")
+                            f"{num_labels}. Load it with AutoModelForSequenceClassification.from_pretrained(..., "
+                            "num_labels=1).")
         self.model = model.eval()
         self.tokenizer = prepare_tokenizer(tokenizer)
         tok = getattr(self.tokenizer, "tokenizer", self.tokenizer)

@@ -122,7 +122,7 @@ class RewardRunner:
             tokenizers = list(reward_processing_classes)
             if len(tokenizers) != len(entries):
                 raise UserError(f"reward_processing_classes has {len(tokenizers)} entries but reward_funcs has "
-                                 f"{len(entries)}; give one per reward function (None for plain functions).")
+                                f"{len(entries)}; give one per reward function (None for plain functions).")
         self.funcs = [resolve_reward_func(e, tok, batch_size, max_length) for e, tok in zip(entries, tokenizers)]
         if reward_weights is None:
             self.weights = [1.0] * len(self.funcs)
@@ -130,7 +130,7 @@ class RewardRunner:
             self.weights = [float(w) for w in reward_weights]
             if len(self.weights) != len(self.funcs):
                 raise UserError(f"reward_weights has {len(self.weights)} values but there are {len(self.funcs)} "
-                                 f"reward functions ({', '.join(self.names)}); give one weight per function.")
+                                f"reward functions ({', '.join(self.names)}); give one weight per function.")
         self._loop = _BackgroundLoop()
         self.last_nan_counts = [0] * len(self.funcs)  # NaN values (not None) per function in the last batch
         self.nan_totals = [0] * len(self.funcs)
@@ -192,7 +192,7 @@ class RewardRunner:
                 continue
             if count == n:
                 raise UserError(f"reward function {names[k]!r} returned NaN for all {n} completions of this batch; "
-                                 "fix the function, or return None to mark completions as 'not applicable'.")
+                                "fix the function, or return None to mark completions as 'not applicable'.")
             if not self.nan_totals[k]:
                 logger.warning("reward function %r returned NaN for %d of %d completions; they are treated like None "
                                "(left out of the reward statistics) and counted in rewards/%s/nan_frac. This "
@@ -203,15 +203,15 @@ class RewardRunner:
         n = len(completions)
         if len(prompts) != n or (completion_ids is not None and len(completion_ids) != n):
             raise UserError(f"prompts ({len(prompts)}), completions ({n}) and completion_ids "
-                             f"({len(completion_ids) if completion_ids is not None else 'None'}) must align.")
+                            f"({len(completion_ids) if completion_ids is not None else 'None'}) must align.")
         clash = sorted(set(columns) & set(_RESERVED))
         if clash:
             raise UserError(f"Dataset column(s) {clash} clash with reward-function arguments {list(_RESERVED)}; "
-                             "rename them.")
+                            "rename them.")
         for name, values in columns.items():
             if len(values) != n:
                 raise UserError(f"Column {name!r} has {len(values)} values for {n} completions; columns must be "
-                                 "lists aligned with the completions.")
+                                "lists aligned with the completions.")
         return {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns,
                 "trainer_state": trainer_state, **extra}
 

@@ -68,7 +68,7 @@ class VLLMServerClient(EngineBackend):
 
         if collective_forwards(policy):
             raise UserError("vllm_mode='server' cannot send ZeRO-3/FSDP-sharded weights (each process holds a "
-                             "shard); train with DDP or ZeRO-1/2, or use vllm_mode='colocate'.")
+                            "shard); train with DDP or ZeRO-1/2, or use vllm_mode='colocate'.")
         if self.is_main_process:
             from safetensors.torch import save
 

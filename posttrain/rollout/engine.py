@@ -7,6 +7,8 @@ engine for each prompt's completions as token lists, and turns those into the sa
 path — EOS masking and left padding are `rollout/hf.py`'s. `sampling_options` translates transformers-style
 generation options into vLLM's `SamplingParams` keywords, which are also the generation server's wire format.
 
+`vllm_backend` picks the one a trainer's config asks for.
+
 Not here: any engine (vLLM, the server, its transformers backend) or any import of vllm.
 """
 
@@ -22,6 +24,21 @@ from posttrain.rollout.hf import completion_mask_after_eos, left_pad
 from posttrain.rollout.types import Rollout
 
 Weights = list[tuple[str, torch.Tensor]]
+
+
+def vllm_backend(args, accelerator, model_name: str):
+    """colocate: a vLLM engine in this process (vllm is imported there and nowhere else); server: a client of
+    `posttrain vllm-serve`, whose main process sends the weights (the trainer needs no vllm then)."""
+    if args.vllm_mode == "server":
+        from posttrain.rollout.client import VLLMServerClient, server_url
+
+        return VLLMServerClient(server_url(args.vllm_server_base_url, args.vllm_server_host, args.vllm_server_port),
+                                args.vllm_server_timeout, accelerator.is_main_process, accelerator.wait_for_everyone,
+                                model_name)
+    from posttrain.rollout.vllm import VLLMColocate
+
+    return VLLMColocate(model_name, args.vllm_gpu_memory_utilization, args.vllm_max_model_length, args.seed,
+                        multi_process=args.world_size > 1)
 
 
 def sampling_options(generation_kwargs: dict[str, Any]) -> dict[str, Any]:

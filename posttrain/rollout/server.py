@@ -77,10 +77,10 @@ class TransformersEngine:
         for name, tensor in weights:
             if name not in params:
                 raise UserError(f"the served model has no parameter {name!r}: is the server running the "
-                                 "trainer's model?")
+                                "trainer's model?")
             if params[name].shape != tensor.shape:
                 raise UserError(f"{name}: {tuple(tensor.shape)} sent, {tuple(params[name].shape)} served: is the "
-                                 "server running the trainer's model?")
+                                "server running the trainer's model?")
         with torch.no_grad():
             for name, tensor in weights:
                 params[name].copy_(tensor)
@@ -98,7 +98,7 @@ def generation_kwargs_from_options(options: dict[str, Any]) -> dict[str, Any]:
     min_p, penalty = options.pop("min_p", 0.0), options.pop("repetition_penalty", 1.0)
     if options:
         raise UserError(f"the transformers backend does not take {', '.join(sorted(options))}; serve with "
-                         "--backend vllm or leave them out of generation_kwargs")
+                        "--backend vllm or leave them out of generation_kwargs")
     if temperature > 0:  # vLLM's 'off' values: top_k -1, min_p 0
         kwargs.update(temperature=temperature, top_p=top_p, top_k=max(int(top_k), 0), repetition_penalty=penalty)
         if min_p:

@@ -62,7 +62,7 @@ class ReferenceAnchoredMixin:
             return dataset
         if not isinstance(dataset, datasets.Dataset):
             raise UserError(f"precompute_ref_log_probs=True needs a map-style {name} dataset, got "
-                             f"{type(dataset).__name__}; set precompute_ref_log_probs=False for streamed data.")
+                            f"{type(dataset).__name__}; set precompute_ref_log_probs=False for streamed data.")
         source = self.ref_model if self.ref_model is not None else self.model
         key = f"{dataset._fingerprint}-{reference.weights_fingerprint(source)}-{self.precompute_cache_tag()}"
         path = os.path.join(cache_dir(), "ref_logps", f"{key}.pt")

@@ -93,8 +93,8 @@ def resolve_resume(value: Any, output_dir: str) -> str | None:
         found = latest_checkpoint(output_dir)
         if found is None and text.lower() != "auto":
             raise UserError(f"resume_from_checkpoint={text!r} but output_dir {output_dir!r} holds no complete "
-                             "checkpoint; pass a checkpoint path, 'auto' (resume if one exists), or drop the option "
-                             "to start fresh.")
+                            "checkpoint; pass a checkpoint path, 'auto' (resume if one exists), or drop the option "
+                            "to start fresh.")
         if found is not None:
             logger.info("Resuming from the newest complete checkpoint: %s", found)
         return found
@@ -107,8 +107,8 @@ def resolve_resume(value: Any, output_dir: str) -> str | None:
     if found is not None:
         return found
     raise UserError(f"resume_from_checkpoint {text!r} is not a complete checkpoint (no {_COMPLETE_MARKER}; a run "
-                     "killed while writing it leaves such a directory) and holds none; pass a complete "
-                     "…/checkpoint-N directory or 'latest'.")
+                    "killed while writing it leaves such a directory) and holds none; pass a complete "
+                    "…/checkpoint-N directory or 'latest'.")
 
 
 def _fsync_tree(path: str) -> None:

@@ -1,5 +1,6 @@
-"""What online trainers need to run on several processes: which rows of a generation batch this process holds,
-a sampling seed of its own, and the whole batch's rewards for group statistics.
+"""What online trainers need to lay out generation batches and run on several processes: the sampler of generation
+batches (each prompt repeated G times), which rows of a generation batch this process holds, and a sampling seed of
+its own.
 
 Layout: the sampler walks global generation batches of `generation_batch_size × num_processes` rows (groups of G
 consecutive rows share a prompt); process p holds rows [p·n, (p+1)·n) with n = generation_batch_size, so a group
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.utils.data import Sampler
 
 def group_runs(offset: int, num_rows: int, group_size: int) -> list[int]:
     """Lengths of the runs of consecutive rows that share a prompt in rows [offset, offset + num_rows) of a batch
@@ -42,9 +44,28 @@ def process_seed(accelerator, seed: int, step: int):
         yield
 
 
-def local_rows(accelerator, values: torch.Tensor, num_rows: int, training: bool) -> torch.Tensor:
-    """This process's rows of a tensor computed over the gathered batch (the identity when nothing was gathered)."""
-    if accelerator.num_processes == 1 or not training:
-        return values
-    start = accelerator.process_index * num_rows
-    return values[start:start + num_rows]
+class RepeatSampler(Sampler):
+    """Indices for generation batches: `unique` prompts per batch, each repeated `mini_repeat` (= G) times in a
+    row; every batch is yielded `repeat` times (num_iterations × steps_per_generation micro-steps use it)."""
+
+    def __init__(self, num_rows: int, mini_repeat: int, unique: int, repeat: int, shuffle: bool, seed: int):
+        self.num_rows, self.mini_repeat, self.unique, self.repeat = num_rows, mini_repeat, unique, repeat
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.num_rows)
+        order = order.tolist()
+        for start in range(0, self.num_rows - self.unique + 1, self.unique):
+            chunk = order[start:start + self.unique]
+            for _ in range(self.repeat):
+                for index in chunk:
+                    yield from [index] * self.mini_repeat
+
+    def __len__(self) -> int:
+        return (self.num_rows // self.unique) * self.unique * self.mini_repeat * self.repeat

@@ -28,8 +28,7 @@ class GRPOTrainer(OnlineTrainer):
     method_name = "GRPO"
 
     def training_batches(self, rollout: Rollout) -> list[list[dict[str, torch.Tensor]]]:
-        """Group-relative advantages over the whole generation batch (every process's rows), this process's rows
-        shuffled into micro-batches; the same micro-batches serve each of the num_iterations passes."""
+        """Group-relative advantages over the whole generation batch (every process's rows)."""
         args = self.args
         if args.multi_objective_aggregation == "normalize_then_sum":
             weights = torch.tensor(self.reward_runner.weights, dtype=rollout.rewards.dtype,
@@ -38,10 +37,7 @@ class GRPOTrainer(OnlineTrainer):
         else:
             advantages, _ = group_advantages(self.reward_runner.weighted_sum(rollout.group_rewards),
                                              args.num_generations, args.scale_rewards)
-        rollout.advantages = self.local_rows(advantages, len(rollout.prompts))
-        batch = {**self.rollout_tensors(rollout), "advantages": rollout.advantages}
-        steps = self.optimizer_steps(self.split(batch))
-        return steps * (args.num_iterations if self.model.training else 1)
+        return self.advantage_batches(rollout, advantages)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         args = self.args

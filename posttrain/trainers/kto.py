@@ -122,8 +122,8 @@ class KTOTrainer(ReferenceAnchoredMixin, PostTrainer):
         if "ref_logps" in batch:
             if self.uses_kl and "ref_kl_logps" not in batch:
                 raise UserError(f"The data carries precomputed ref_logps but no ref_kl_logps, which loss_type="
-                                 f"{self.args.loss_type!r} needs; drop the ref_logps column or use "
-                                 "loss_type='apo_zero_unpaired'.")
+                                f"{self.args.loss_type!r} needs; drop the ref_logps column or use "
+                                "loss_type='apo_zero_unpaired'.")
             return batch["ref_logps"], batch.get("ref_kl_logps")
         with reference.reference_context(model, self.ref_model, self.accelerator.unwrap_model) as ref:
             seq = completion_logps(ref, batch)["logps"].sum(-1)

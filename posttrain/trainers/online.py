@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from posttrain.data import formats
 from posttrain.data.prepare import check_prompts
@@ -36,38 +36,13 @@ from posttrain.losses.reduce import local_reduce, reduce_terms
 from posttrain.errors import UserError
 from posttrain.models import reference, sharding
 from posttrain.models.logprobs import completion_logps, positions_from_mask
+from posttrain.reporting.rollouts import completions_table, rollout_metrics
 from posttrain.rewards.runner import RewardRunner
+from posttrain.rollout.engine import vllm_backend
 from posttrain.rollout.hf import generate
 from posttrain.rollout.types import Rollout
 from posttrain.trainers import distributed
 from posttrain.trainers.base import PostTrainer
-
-
-class RepeatSampler(Sampler):
-    """Indices for generation batches: `unique` prompts per batch, each repeated `mini_repeat` (= G) times in a
-    row; every batch is yielded `repeat` times (num_iterations × steps_per_generation micro-steps use it)."""
-
-    def __init__(self, num_rows: int, mini_repeat: int, unique: int, repeat: int, shuffle: bool, seed: int):
-        self.num_rows, self.mini_repeat, self.unique, self.repeat = num_rows, mini_repeat, unique, repeat
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        else:
-            order = torch.arange(self.num_rows)
-        order = order.tolist()
-        for start in range(0, self.num_rows - self.unique + 1, self.unique):
-            chunk = order[start:start + self.unique]
-            for _ in range(self.repeat):
-                for index in chunk:
-                    yield from [index] * self.mini_repeat
-
-    def __len__(self) -> int:
-        return (self.num_rows // self.unique) * self.unique * self.mini_repeat * self.repeat
 
 
 class OnlineTrainer(PostTrainer):
@@ -98,24 +73,10 @@ class OnlineTrainer(PostTrainer):
             self.reward_runner.place(self.prepare_frozen, self.accelerator.device)
         self.reference = reference.Reference.build(self, ref_model, model_id)
         self._micro_step = 0
-        self.vllm = self._vllm_backend(model_id or self.model.config._name_or_path) if args.use_vllm else None
+        self.vllm = vllm_backend(args, self.accelerator, model_id or self.model.config._name_or_path) \
+            if args.use_vllm else None
         self._buffer: list[dict[str, Any]] = []
         self._last_table: list[dict[str, Any]] = []
-
-    def _vllm_backend(self, model_name: str):
-        """colocate: a vLLM engine in this process (vllm is imported there and nowhere else); server: a client of
-        `posttrain vllm-serve`, whose main process sends the weights (the trainer needs no vllm then)."""
-        args = self.args
-        if args.vllm_mode == "server":
-            from posttrain.rollout.client import VLLMServerClient, server_url
-
-            return VLLMServerClient(server_url(args.vllm_server_base_url, args.vllm_server_host, args.vllm_server_port),
-                                    args.vllm_server_timeout, self.accelerator.is_main_process,
-                                    self.accelerator.wait_for_everyone, model_name)
-        from posttrain.rollout.vllm import VLLMColocate
-
-        return VLLMColocate(model_name, args.vllm_gpu_memory_utilization, args.vllm_max_model_length, args.seed,
-                            multi_process=args.world_size > 1)
 
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """A frozen model (reference, reward model) placed the way the policy is (`models/sharding.py`)."""
@@ -143,9 +104,10 @@ class OnlineTrainer(PostTrainer):
         unique = args.generation_batch_size * self.accelerator.num_processes // G
         if len(self.train_dataset) < unique:
             raise UserError(f"The train dataset has {len(self.train_dataset)} prompts but one generation batch "
-                             f"needs {unique}; add prompts or lower per_device_train_batch_size/steps_per_generation.")
-        sampler = RepeatSampler(len(self.train_dataset), G, unique, args.num_iterations * args.steps_per_generation,
-                                args.shuffle_dataset, args.seed)
+                            f"needs {unique}; add prompts or lower per_device_train_batch_size/steps_per_generation.")
+        sampler = distributed.RepeatSampler(len(self.train_dataset), G, unique,
+                                            args.num_iterations * args.steps_per_generation, args.shuffle_dataset,
+                                            args.seed)
         loader = DataLoader(self.train_dataset, batch_size=args.generation_batch_size, sampler=sampler,
                             collate_fn=_keep_rows, num_workers=0)
         return self.accelerator.prepare(loader)
@@ -157,7 +119,7 @@ class OnlineTrainer(PostTrainer):
             dataset = self.eval_dataset[dataset]
         G = self.args.num_generations
         unique = max(self.args.per_device_eval_batch_size // G, 1)
-        sampler = RepeatSampler(len(dataset), G, 1, 1, shuffle=False, seed=self.args.seed)
+        sampler = distributed.RepeatSampler(len(dataset), G, 1, 1, shuffle=False, seed=self.args.seed)
         loader = DataLoader(dataset, batch_size=unique * G, sampler=sampler, collate_fn=_keep_rows, num_workers=0)
         return self.accelerator.prepare(loader)
 
@@ -287,9 +249,14 @@ class OnlineTrainer(PostTrainer):
             return values
         return self.accelerator.gather(values.contiguous())
 
-    def local_rows(self, values: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """This process's rows of values computed over the gathered batch."""
-        return distributed.local_rows(self.accelerator, values, num_rows, self.model.training)
+    def advantage_batches(self, rollout: Rollout, advantages: torch.Tensor) -> list[list[dict[str, torch.Tensor]]]:
+        """Per-completion advantages (N_all,) over the gathered generation batch → this process's rows, shuffled into
+        micro-batches grouped into optimizer steps, the same micro-batches for each of the num_iterations passes."""
+        if self.accelerator.num_processes > 1 and self.model.training:
+            n = len(rollout.prompts)
+            advantages = advantages[self.accelerator.process_index * n:(self.accelerator.process_index + 1) * n]
+        rollout.advantages = advantages
+        return self.cycle(self.split({**self.rollout_tensors(rollout), "advantages": advantages}))
 
     def split(self, batch: dict[str, torch.Tensor], group: int = 1) -> list[dict[str, torch.Tensor]]:
         """One pass over a batch in micro-batches of per_device_train_batch_size rows, shuffled in units of `group`
@@ -303,12 +270,13 @@ class OnlineTrainer(PostTrainer):
         size = self.args.per_device_train_batch_size
         return [{k: v[order[start:start + size]] for k, v in batch.items()} for start in range(0, n, size)]
 
-    def optimizer_steps(self, parts: list[dict[str, torch.Tensor]]) -> list[list[dict[str, torch.Tensor]]]:
-        """The micro-batches of one pass, grouped into optimizer steps of gradient_accumulation_steps each."""
-        ga = self.args.gradient_accumulation_steps
+    def cycle(self, parts: list[dict[str, torch.Tensor]]) -> list[list[dict[str, torch.Tensor]]]:
+        """The micro-batches of one pass, grouped into optimizer steps of gradient_accumulation_steps each and
+        repeated for num_iterations passes (one step, one pass in evaluation)."""
         if not self.model.training:
             return [parts]
-        return [parts[i:i + ga] for i in range(0, len(parts), ga)]
+        ga = self.args.gradient_accumulation_steps
+        return [parts[i:i + ga] for i in range(0, len(parts), ga)] * self.args.num_iterations
 
     # ---- item counts and the reduction --------------------------------------------------------------------
     @staticmethod
@@ -396,12 +364,14 @@ class OnlineTrainer(PostTrainer):
         limit = self.args.max_prompt_length
         return ids[-limit:] if limit else ids
 
+    kl_weight = "beta"  # the config option weighing the KL to the reference (PPO: kl_coef)
+
     def holds_reference(self) -> bool:
         """Whether reference log-probs are computed (and so a reference is held): the KL weight is > 0."""
-        return self.args.beta > 0
+        return getattr(self.args, self.kl_weight) > 0
 
     def no_reference_reason(self) -> str:
-        return "beta is 0"
+        return f"{self.kl_weight} is 0"
 
     def needs_old_logps(self) -> bool:
         """Sampling-policy log-probs are needed when the policy moves before a rollout is fully used."""
@@ -442,40 +412,10 @@ class OnlineTrainer(PostTrainer):
 
     # ---- metrics ------------------------------------------------------------------------------------------------
     def _record_rollout(self, rollout: Rollout) -> None:
-        lengths = rollout.completion_mask.sum(1).float()
-        terminated = lengths[~rollout.is_truncated]
-        rewards = rollout.rewards
-        total = rollout.scores
-        metrics = {
-            "completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
-            "completions/max_length": lengths.max(),
-            "completions/clipped_ratio": rollout.is_truncated.float().mean(),
-            "completions/mean_terminated_length": terminated.mean() if len(terminated) else torch.tensor(0.0),
-            "reward": total.nanmean(),
-        }
-        G = self.args.num_generations
-        if G > 1:  # group statistics need siblings (PPO samples one completion per prompt); groups may span processes
-            stds = _nanstd(self.reward_runner.weighted_sum(rollout.group_rewards).view(-1, G))
-            metrics["reward_std"] = stds.nanmean()
-            metrics["frac_reward_zero_std"] = (stds < 1e-6).float().mean()
-        for k, name in enumerate(self.reward_runner.names):
-            column = rewards[:, k]
-            if torch.isnan(column).all():
-                continue
-            metrics[f"rewards/{name}/mean"] = column.nanmean()
-            metrics[f"rewards/{name}/std"] = _nanstd(column.view(1, -1))[0]
-        runner = self.reward_runner
-        for k, name in enumerate(runner.names):  # NaN returned by a function (not None): see rewards/runner.py
-            if runner.nan_totals[k]:
-                metrics[f"rewards/{name}/nan_frac"] = runner.last_nan_counts[k] / max(len(rewards), 1)
-        self.record_metrics(metrics)
+        self.record_metrics(rollout_metrics(rollout, self.reward_runner, self.args.num_generations))
         self.add_tokens_seen(rollout.attention_mask.sum())
         if self.args.log_completions:
-            advantages = rollout.advantages if rollout.advantages is not None else torch.full_like(total, math.nan)
-            self._last_table = [{"step": self.state.global_step, "prompt": p, "completion": c,
-                                 **{name: float(rewards[i, k]) for k, name in enumerate(self.reward_runner.names)},
-                                 "advantage": float(advantages[i])}
-                                for i, (p, c) in enumerate(zip(rollout.prompts, rollout.completions))]
+            self._last_table = completions_table(rollout, self.reward_runner.names, self.state.global_step)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         super().log(logs, start_time)
@@ -491,25 +431,17 @@ def _keep_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def reward_list(reward_funcs) -> list:
-    """reward_funcs (None, one entry, or a list/tuple of them) as a new list."""
-    if reward_funcs is None:
+def as_list(value) -> list:
+    """None, one entry, or a list/tuple of entries (reward functions, EOS ids) as a new list."""
+    if value is None:
         return []
-    return list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _with_reward_model(reward_funcs, reward_model: str | None) -> list:
     """reward_funcs as a list, with the config's reward model (the CLI's --reward_model_name_or_path) appended."""
-    funcs = reward_list(reward_funcs)
+    funcs = as_list(reward_funcs)
     if reward_model and reward_model not in funcs:
         funcs.append(reward_model)
     return funcs
 
-
-def _nanstd(values: torch.Tensor) -> torch.Tensor:
-    """Unbiased std over the last dim, ignoring NaN; NaN where fewer than 2 values."""
-    valid = ~torch.isnan(values)
-    count = valid.sum(-1).float()
-    mean = torch.where(valid, values, 0.0).sum(-1) / count.clamp(min=1)
-    sq = torch.where(valid, (values - mean.unsqueeze(-1)) ** 2, 0.0).sum(-1)
-    return torch.where(count > 1, (sq / (count - 1).clamp(min=1)).sqrt(), torch.full_like(count, math.nan))

@@ -33,7 +33,7 @@ from posttrain.configs.online_dpo import OnlineDPOConfig
 from posttrain.errors import UserError
 from posttrain.losses.preference import DPO_LOSSES
 from posttrain.rollout.types import Rollout
-from posttrain.trainers.online import OnlineTrainer
+from posttrain.trainers.online import OnlineTrainer, as_list
 
 
 class OnlineDPOTrainer(OnlineTrainer):
@@ -49,12 +49,12 @@ class OnlineDPOTrainer(OnlineTrainer):
                  peft_config=None, **kwargs: Any):
         if kwargs.pop("judge", None) is not None:
             raise UserError("OnlineDPOTrainer does not support judges (judge=...); score completions with "
-                             "reward_funcs=... (a function, a built-in reward name or a reward model).")
+                            "reward_funcs=... (a function, a built-in reward name or a reward model).")
         reward_model = kwargs.pop("reward_model", None)
         if reward_model is not None:
             warnings.warn("OnlineDPOTrainer(reward_model=...) is deprecated; use reward_funcs=... (it takes reward "
                           "models too).", FutureWarning, stacklevel=2)
-            reward_funcs = [reward_model] + _as_list(reward_funcs)
+            reward_funcs = [reward_model] + as_list(reward_funcs)
             legacy_tokenizer = kwargs.pop("reward_processing_class", None)
             if legacy_tokenizer is not None and reward_processing_classes is None:
                 reward_processing_classes = [legacy_tokenizer] + [None] * (len(reward_funcs) - 1)
@@ -88,8 +88,7 @@ class OnlineDPOTrainer(OnlineTrainer):
         chosen, rejected = first + second_wins, first + 1 - second_wins
         ranked = {**{k: v[torch.stack([chosen, rejected], 1).reshape(-1)] for k, v in batch.items()},
                   "pair_weight": torch.stack([_decided(pairs).float(), torch.zeros_like(scores[0::2])], 1).reshape(-1)}
-        parts = [_chosen_first(part) for part in self.split(ranked, group=2)]
-        return self.optimizer_steps(parts) * (self.args.num_iterations if self.model.training else 1)
+        return self.cycle([_chosen_first(part) for part in self.split(ranked, group=2)])
 
     def _scores(self, rollout: Rollout) -> torch.Tensor:
         """(N,) each completion's score, with the objective/* metrics of the rollout."""
@@ -112,9 +111,9 @@ class OnlineDPOTrainer(OnlineTrainer):
         """(N,) bool: the completion ended with an EOS token (of the tokenizer or the model's generation config)."""
         mask = rollout.completion_mask.bool()
         completion_ids = rollout.completion_ids
-        eos_ids = set(_as_list(self.processing_class.eos_token_id))
+        eos_ids = set(as_list(self.processing_class.eos_token_id))
         config = getattr(self.accelerator.unwrap_model(self.model), "generation_config", None)
-        eos_ids |= set(_as_list(getattr(config, "eos_token_id", None)))
+        eos_ids |= set(as_list(getattr(config, "eos_token_id", None)))
         is_eos = torch.zeros_like(mask)
         for eos in eos_ids - {None}:
             is_eos |= completion_ids == eos
@@ -175,8 +174,3 @@ def _decided(pairs: torch.Tensor) -> torch.Tensor:
     """(P,) bool: the pair (P, 2) of scores has a preference (different, neither NaN)."""
     return (pairs[:, 0] != pairs[:, 1]) & ~pairs.isnan().any(-1)
 
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]

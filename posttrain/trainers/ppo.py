@@ -49,7 +49,7 @@ from posttrain.models import loading
 from posttrain.models.logprobs import IGNORE_INDEX, forward_target_rows, positions_from_mask, token_logps
 from posttrain.models.value import PolicyAndValue, load_value_model, token_values, value_model_from_policy
 from posttrain.rollout.types import Rollout
-from posttrain.trainers.online import OnlineTrainer, reward_list
+from posttrain.trainers.online import OnlineTrainer, as_list
 
 _TRAINER_ARGUMENTS = ("compute_metrics", "callbacks", "optimizers", "preprocess_logits_for_metrics")
 
@@ -64,6 +64,7 @@ class PPOTrainer(OnlineTrainer):
     config_class = PPOConfig
     method_name = "PPO"
     summary_metrics = (("objective/scores", "score"), ("objective/kl", "kl"), ("loss/value_avg", "value loss"))
+    kl_weight = "kl_coef"
     needs_reward_funcs = False  # the older loop API passes scores to `step`; `train()` asks for them
 
     def __init__(self, model=None, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None,
@@ -88,15 +89,9 @@ class PPOTrainer(OnlineTrainer):
         self.kl_controller = (AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
                               if args.adaptive_kl else FixedKLController(args.kl_coef))
 
-    def holds_reference(self) -> bool:
-        return self.args.kl_coef > 0
-
-    def no_reference_reason(self) -> str:
-        return "kl_coef is 0"
-
     def language_model(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model).policy if isinstance(
-            self.accelerator.unwrap_model(self.model), PolicyAndValue) else self.model
+        container = self.accelerator.unwrap_model(self.model)  # a plain policy while the base constructor runs
+        return container.policy if isinstance(container, PolicyAndValue) else self.model
 
     def __getattr__(self, name: str):
         """TRL's older loop API (`dataloader`, `generate`, `step`, `log_stats`) through its adapter."""
@@ -329,7 +324,7 @@ class PPOTrainer(OnlineTrainer):
 
 def _reward_entries(reward_funcs, reward_model, args: PPOConfig):
     """reward_funcs, plus `reward_model=` (TRL's name); else the config's reward_funcs or reward_model_path."""
-    entries = reward_list(reward_funcs)
+    entries = as_list(reward_funcs)
     if reward_model is not None:
         entries.append(reward_model)
     if not entries and args.reward_model_path:

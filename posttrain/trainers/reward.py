@@ -45,7 +45,7 @@ class RewardTrainer(PreferenceTrainer):
         num_labels = getattr(self.accelerator.unwrap_model(self.model).config, "num_labels", None)
         if num_labels != 1:
             raise UserError(f"A reward model needs one output (num_labels=1), this one has {num_labels}. Load it "
-                             "with AutoModelForSequenceClassification.from_pretrained(..., num_labels=1).")
+                            "with AutoModelForSequenceClassification.from_pretrained(..., num_labels=1).")
 
     def prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args):
         # Tokenise whole pairs (no truncation: a reward model must see the full answer), then filter by length.

@@ -30,7 +30,7 @@ class RLOOTrainer(OnlineTrainer):
 
     def training_batches(self, rollout: Rollout) -> list[list[dict[str, torch.Tensor]]]:
         """R = clamp(Σ_k w_k r_k) − β·Σ_t (log π_old − log π_ref) per completion, gathered over every process;
-        leave-one-out advantages; this process's rows shuffled into micro-batches, reused each pass."""
+        leave-one-out advantages."""
         args = self.args
         total = rollout.scores
         if args.reward_clip_range is not None:
@@ -41,10 +41,7 @@ class RLOOTrainer(OnlineTrainer):
             total = total - args.beta * kl
             self.record_metrics({"kl": (kl.sum() / mask.sum().clamp(min=1)).detach()})
         advantages = rloo_advantages(self.gather_rows(total), args.num_generations, normalize=args.normalize_advantages)
-        rollout.advantages = self.local_rows(advantages, len(rollout.prompts))
-        batch = {**self.rollout_tensors(rollout), "advantages": rollout.advantages}
-        steps = self.optimizer_steps(self.split(batch))
-        return steps * (args.num_iterations if self.model.training else 1)
+        return self.advantage_batches(rollout, advantages)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         args = self.args

@@ -1,0 +1,57 @@
+"""What an online rollout reports: the metrics TRL logs for a generation batch, and the completions table.
+
+Pure functions of a scored `Rollout` (`rollout/types.py`); the online base (`trainers/online.py`) records them.
+Not here: the metrics a method's loss records (its trainer), writing completions.jsonl (`OnlineTrainer.log`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from posttrain.rollout.types import Rollout
+
+
+def rollout_metrics(rollout: Rollout, runner, num_generations: int) -> dict[str, torch.Tensor | float]:
+    """Completion lengths, clipped ratio, reward (and its group std when G > 1; groups may span processes, so it
+    uses the gathered `group_rewards`), each function's mean/std, and the share of NaN a function returned."""
+    lengths = rollout.completion_mask.sum(1).float()
+    terminated = lengths[~rollout.is_truncated]
+    rewards = rollout.rewards
+    metrics = {
+        "completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
+        "completions/max_length": lengths.max(), "completions/clipped_ratio": rollout.is_truncated.float().mean(),
+        "completions/mean_terminated_length": terminated.mean() if len(terminated) else torch.tensor(0.0),
+        "reward": rollout.scores.nanmean(),
+    }
+    if num_generations > 1:  # group statistics need siblings (PPO samples one completion per prompt)
+        stds = nanstd(runner.weighted_sum(rollout.group_rewards).view(-1, num_generations))
+        metrics["reward_std"] = stds.nanmean()
+        metrics["frac_reward_zero_std"] = (stds < 1e-6).float().mean()
+    for k, name in enumerate(runner.names):
+        column = rewards[:, k]
+        if not torch.isnan(column).all():
+            metrics[f"rewards/{name}/mean"] = column.nanmean()
+            metrics[f"rewards/{name}/std"] = nanstd(column.view(1, -1))[0]
+        if runner.nan_totals[k]:  # NaN returned by a function (not None): see rewards/runner.py
+            metrics[f"rewards/{name}/nan_frac"] = runner.last_nan_counts[k] / max(len(rewards), 1)
+    return metrics
+
+
+def completions_table(rollout: Rollout, names: list[str], step: int) -> list[dict[str, Any]]:
+    """One row per completion: step, prompt, completion, each reward function's value and the advantage."""
+    advantages = rollout.advantages if rollout.advantages is not None else torch.full_like(rollout.scores, math.nan)
+    return [{"step": step, "prompt": prompt, "completion": completion,
+             **{name: float(rollout.rewards[i, k]) for k, name in enumerate(names)}, "advantage": float(advantages[i])}
+            for i, (prompt, completion) in enumerate(zip(rollout.prompts, rollout.completions))]
+
+
+def nanstd(values: torch.Tensor) -> torch.Tensor:
+    """Unbiased std over the last dim, ignoring NaN; NaN where fewer than 2 values."""
+    valid = ~torch.isnan(values)
+    count = valid.sum(-1).float()
+    mean = torch.where(valid, values, 0.0).sum(-1) / count.clamp(min=1)
+    sq = torch.where(valid, (values - mean.unsqueeze(-1)) ** 2, 0.0).sum(-1)
+    return torch.where(count > 1, (sq / (count - 1).clamp(min=1)).sqrt(), torch.full_like(count, math.nan))
