@@ -36,7 +36,6 @@ def deprecated(message: str, stacklevel: int = 4) -> None:
     warnings.warn(message, FutureWarning, stacklevel=stacklevel)
 
 
-_warn = deprecated
 
 
 def resolve_trainer_arguments(trainer_name: str, config_cls, args, processing_class, kwargs: dict[str, Any]):
@@ -45,7 +44,7 @@ def resolve_trainer_arguments(trainer_name: str, config_cls, args, processing_cl
         tokenizer = kwargs.pop("tokenizer")
         if processing_class is None:
             processing_class = tokenizer
-        _warn(f"{trainer_name}(tokenizer=...) is deprecated; use {trainer_name}(processing_class=...).")
+        deprecated(f"{trainer_name}(tokenizer=...) is deprecated; use {trainer_name}(processing_class=...).")
     translate_legacy_arguments(kwargs, trainer_name)
     names = {f.name for f in fields(config_cls) if f.init}
     moved = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
@@ -57,12 +56,12 @@ def resolve_trainer_arguments(trainer_name: str, config_cls, args, processing_cl
     config_name = config_cls.__name__
     if moved:
         listed = ", ".join(f"{k}=..." for k in moved)
-        _warn(f"Passing {listed} straight to {trainer_name} is deprecated; pass them in "
+        deprecated(f"Passing {listed} straight to {trainer_name} is deprecated; pass them in "
               f"args={config_name}({listed}).")
     if args is None:
         return config_cls(**moved), processing_class
     if not isinstance(args, config_cls):
-        _warn(f"args= as a {type(args).__name__} is deprecated for {trainer_name}; use args={config_name}(...) "
+        deprecated(f"args= as a {type(args).__name__} is deprecated for {trainer_name}; use args={config_name}(...) "
               "(it accepts every TrainingArguments field).")
     elif not moved:
         return args, processing_class
@@ -93,11 +92,11 @@ def translate_legacy_arguments(kwargs: dict[str, Any], owner: str = "TrainingArg
         new, note = LEGACY_TRAINING_ARGUMENTS[old]
         value = kwargs.pop(old)
         if new is None:
-            warnings.warn(f"{owner}({old}=...) no longer exists{note}; it is ignored.", FutureWarning, stacklevel=4)
+            deprecated(f"{owner}({old}=...) no longer exists{note}; it is ignored.")
             continue
         if old == "group_by_length":
             value = "group_by_length" if value else "random"
-        warnings.warn(f"`{old}` is deprecated; use `{new}`{note}.", FutureWarning, stacklevel=4)
+        deprecated(f"`{old}` is deprecated; use `{new}`{note}.")
         kwargs.setdefault(new, value)
     return kwargs
 

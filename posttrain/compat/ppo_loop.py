@@ -35,16 +35,15 @@ Not here: the PPO maths (`trainers/ppo.py`, `algorithms/advantages.py`, `losses/
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from posttrain.compat import deprecated
 from posttrain.errors import UserError
 from posttrain.rollout.hf import _eos_ids, left_pad
 from posttrain.rollout.types import Rollout
-
 
 LOOP_API = ("dataloader", "generate", "step", "log_stats")
 
@@ -65,10 +64,10 @@ class PPOLoopAdapter:
             return
         self._loop_warned = True
         name = type(self.trainer).__name__
-        warnings.warn(f"{name}'s loop API (dataloader, generate, step, log_stats) is deprecated; use "
-                      f"{name}(model, reward_funcs=..., args=PPOConfig(...), train_dataset=...).train(), which "
-                      "generates, scores and updates by itself (reward_funcs: reward functions or reward models).",
-                      FutureWarning, stacklevel=3)
+        deprecated(f"{name}'s loop API (dataloader, generate, step, log_stats) is deprecated; use "
+                   f"{name}(model, reward_funcs=..., args=PPOConfig(...), train_dataset=...).train(), which "
+                   "generates, scores and updates by itself (reward_funcs: reward functions or reward models).",
+                   stacklevel=4)
 
     # ---- data ---------------------------------------------------------------------------------------------------
     @property

@@ -88,10 +88,6 @@ def posttrain_config(cls):
     return cls
 
 
-def warn_deprecated(old: str, new: str) -> None:
-    warnings.warn(f"`{old}` is deprecated and will be removed; use `{new}` instead.", FutureWarning, stacklevel=4)
-
-
 @posttrain_config
 @dataclass
 class PostTrainConfig(TrainingArguments):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from posttrain.configs.base import PostTrainConfig, check, warn_deprecated, posttrain_config
+from posttrain.compat import deprecated
+from posttrain.configs.base import PostTrainConfig, check, posttrain_config
 from posttrain.losses.sft import SFT_LOSSES
 
 PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
@@ -53,7 +54,7 @@ class SFTConfig(PostTrainConfig):
 
     def __post_init__(self) -> None:
         if self.max_seq_length is not None:
-            warn_deprecated("max_seq_length", "max_length")
+            deprecated("`max_seq_length` is deprecated and will be removed; use `max_length` instead.")
             self.max_length, self.max_seq_length = self.max_seq_length, None
         if isinstance(self.dataset_kwargs, str):
             import json

@@ -23,8 +23,16 @@ import functools
 from typing import Any
 
 import torch
-from transformers import (Cache, DynamicCache, GenerationConfig, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (
+    Cache,
+    DynamicCache,
+    GenerationConfig,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.cache_utils import DynamicLayer
 
 from posttrain.models.logprobs import _base_model, _forward_accepts_logits_to_keep, positions_from_mask

@@ -18,6 +18,7 @@ import contextlib
 import torch
 from torch.utils.data import Sampler
 
+
 def group_runs(offset: int, num_rows: int, group_size: int) -> list[int]:
     """Lengths of the runs of consecutive rows that share a prompt in rows [offset, offset + num_rows) of a batch
     grouped by `group_size`: e.g. offset 2, 6 rows, G 4 → [2, 4]."""

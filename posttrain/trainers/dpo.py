@@ -18,11 +18,9 @@ import torch
 
 from posttrain.configs.dpo import DPOConfig
 from posttrain.losses.preference import DPO_LOSSES, f_divergence_score, ld_sequence_logps, wpo_weights
-from posttrain.models import reference
 from posttrain.models.logprobs import completion_logps
 from posttrain.trainers.anchored import ReferenceAnchoredMixin
 from posttrain.trainers.preference import PreferenceTrainer
-
 
 # A pair's chosen and rejected rows begin with the same prompt: the columns before the batch's first completion
 # token run once per pair (`models/shared_prefix.py`; right-padded rows share up to the shortest prompt).
@@ -62,7 +60,7 @@ class DPOTrainer(ReferenceAnchoredMixin, PreferenceTrainer):
     def _reference_logps(self, model, batch) -> torch.Tensor:
         if "ref_chosen_logps" in batch:
             return torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).to(batch["input_ids"].device)
-        with reference.reference_context(model, self.ref_model, self.accelerator.unwrap_model) as ref:
+        with self.reference.context(model) as ref:
             return self._sequence_logps(completion_logps(ref, batch, shared_prefix=_SHARED))
 
     def reference_columns(self, batch) -> torch.Tensor:

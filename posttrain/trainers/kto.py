@@ -36,7 +36,6 @@ from posttrain.data.prepare import prepare_unpaired_dataset
 from posttrain.errors import UserError
 from posttrain.losses.kto import KTO_LOSSES, USES_KL_BASELINE, kl_baseline
 from posttrain.losses.reduce import global_sum_reduce
-from posttrain.models import reference
 from posttrain.models.logprobs import completion_logps
 from posttrain.trainers.anchored import ReferenceAnchoredMixin
 from posttrain.trainers.base import PostTrainer
@@ -125,7 +124,7 @@ class KTOTrainer(ReferenceAnchoredMixin, PostTrainer):
                                 f"{self.args.loss_type!r} needs; drop the ref_logps column or use "
                                 "loss_type='apo_zero_unpaired'.")
             return batch["ref_logps"], batch.get("ref_kl_logps")
-        with reference.reference_context(model, self.ref_model, self.accelerator.unwrap_model) as ref:
+        with self.reference.context(model) as ref:
             seq = completion_logps(ref, batch)["logps"].sum(-1)
         return seq[:n], (seq[n:] if self.uses_kl else None)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from typing import Any
@@ -32,8 +31,8 @@ from torch.utils.data import DataLoader
 from posttrain.data import formats
 from posttrain.data.prepare import check_prompts
 from posttrain.data.tokenize import tokenize_prompt
-from posttrain.losses.reduce import local_reduce, reduce_terms
 from posttrain.errors import UserError
+from posttrain.losses.reduce import local_reduce, reduce_terms
 from posttrain.models import reference, sharding
 from posttrain.models.logprobs import completion_logps, positions_from_mask
 from posttrain.reporting.rollouts import completions_table, rollout_metrics

@@ -24,11 +24,11 @@ reference creation and the PEFT adapter-off switch (`models/reference.py`).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 
+from posttrain.compat import deprecated
 from posttrain.configs.online_dpo import OnlineDPOConfig
 from posttrain.errors import UserError
 from posttrain.losses.preference import DPO_LOSSES
@@ -52,8 +52,8 @@ class OnlineDPOTrainer(OnlineTrainer):
                             "reward_funcs=... (a function, a built-in reward name or a reward model).")
         reward_model = kwargs.pop("reward_model", None)
         if reward_model is not None:
-            warnings.warn("OnlineDPOTrainer(reward_model=...) is deprecated; use reward_funcs=... (it takes reward "
-                          "models too).", FutureWarning, stacklevel=2)
+            deprecated("OnlineDPOTrainer(reward_model=...) is deprecated; use reward_funcs=... (it takes reward "
+                       "models too).", stacklevel=3)
             reward_funcs = [reward_model] + as_list(reward_funcs)
             legacy_tokenizer = kwargs.pop("reward_processing_class", None)
             if legacy_tokenizer is not None and reward_processing_classes is None:

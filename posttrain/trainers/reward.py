@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import datasets
-import torch
 
 from posttrain.configs.reward import RewardConfig
 from posttrain.data.prepare import _drop_report
