@@ -15,7 +15,6 @@ GGUF files (`models/gguf_export.py`), the packaged SmolLM2 model (`models/packag
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from typing import Any
@@ -44,8 +43,10 @@ def split_source(name_or_path: str, init_kwargs: dict | None = None) -> tuple[st
 
 
 def require_gguf_package() -> None:
-    if importlib.util.find_spec("gguf") is None:
-        raise ValueError(f"Reading or writing GGUF files needs the gguf package: {INSTALL_HINT}.")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ValueError(f"Reading or writing GGUF files needs the gguf package: {INSTALL_HINT}.") from None
 
 
 def _architecture_error(path: str, error: ValueError) -> ValueError:
@@ -54,8 +55,9 @@ def _architecture_error(path: str, error: ValueError) -> ValueError:
 
     match = re.search(r"architecture '?([\w.\-]+)'? is not supported", str(error))
     arch = match.group(1) if match else "?"
+    readable = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})  # mapping keys, not archs
     return ValueError(f"GGUF architecture {arch!r} ({os.path.basename(path)}) cannot be read by transformers "
-                      f"{_transformers_version()}; readable: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}. "
+                      f"{_transformers_version()}; readable: {', '.join(readable)}. "
                       "Use the original checkpoint instead, or a newer transformers.")
 
 
@@ -100,7 +102,8 @@ def load_gguf_model(name_or_path: str, auto_class, **init_kwargs: Any):
     if missing:
         raise ValueError(f"GGUF file {path!r} has no weights for {missing[0]} (and {len(missing) - 1} more); "
                          "the file does not match its stated architecture.")
-    model.generation_config = loaded.generation_config
+    if getattr(loaded, "generation_config", None) is not None:  # causal LMs only
+        model.generation_config = loaded.generation_config
     model.eval()  # as from_pretrained leaves it
     return model
 

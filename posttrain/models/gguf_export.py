@@ -116,12 +116,13 @@ def export_gguf(model, tokenizer, out_path: str, outtype: str = "f16", name: str
 
     Returns {"path", "bytes", "tensors", "types": {ggml type: count}, "pre"}.
     """
-    import gguf
-
     from posttrain.models.gguf import require_gguf_package
-    from posttrain.models.gguf_vocab import gguf_vocab, write_vocab
 
     require_gguf_package()
+    import gguf
+
+    from posttrain.models.gguf_vocab import gguf_vocab, write_vocab
+
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}.")
     arch = check_exportable(model.config)
