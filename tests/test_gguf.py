@@ -167,3 +167,20 @@ def test_one_line_errors(tiny_gguf, tmp_path, monkeypatch, capsys):
     assert cli_main(["export", "posttrain/tiny", "--gguf", str(tmp_path / "y.gguf")]) == 2
     assert "pip install 'posttrain[gguf]'" in capsys.readouterr().err
     assert not any(p.name.endswith((".tmp",)) for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["dpo", "reward", "ppo"])
+def test_trainers_that_load_more_models_from_the_gguf(tiny_gguf, tmp_path, command):
+    """DPO reloads its reference, reward adds a score head, PPO builds a critic and a reference: all from the file."""
+    from posttrain.cli import COMMANDS, _load
+    from posttrain.data.arith import load_builtin_dataset
+
+    data = {"dpo": "posttrain/arith-pref", "reward": "posttrain/arith-pref", "ppo": "posttrain/arith-prompts"}
+    options = dict(max_completion_length=8) if command == "ppo" else dict(max_length=96)
+    args = _load(COMMANDS[command][0])(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
+                                       report_to="none", save_strategy="no", **options)
+    extra = {"reward_funcs": lambda completions, **kw: [float(len(c)) for c in completions]} if command == "ppo" else {}
+    trainer = _load(COMMANDS[command][1])(tiny_gguf(), args=args, train_dataset=load_builtin_dataset(
+        data[command], "conversational", split="train[:4]"), **extra)
+    trainer.train()
+    assert all(np.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
