@@ -13,11 +13,11 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from posttrain.cli import main as cli_main  # noqa: E402
-from posttrain.models import gguf as gguf_in  # noqa: E402
-from posttrain.models import loading  # noqa: E402
-from posttrain.models.gguf_export import export_gguf, interleave_rotary_rows  # noqa: E402
-from posttrain.models.gguf_vocab import pre_tokenizer_name  # noqa: E402
+from posttrain.cli import main as cli_main
+from posttrain.models import gguf as gguf_in
+from posttrain.models import loading
+from posttrain.models.gguf_export import export_gguf, interleave_rotary_rows
+from posttrain.models.gguf_vocab import pre_tokenizer_name
 
 TEXT = "Question: Mia has 17 apples and buys 5 more. How many apples does Mia have now?\nAnswer: 17 + 5 = 22"
 # max |Δ logit| / max |logit| after a round trip; measured 0 / 3.8e-4 / 6.8e-3 (tiny) and 0 / 3.5e-4 / 9.9e-3

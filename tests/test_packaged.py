@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("gguf")
 
-from posttrain.models import loading, packaged  # noqa: E402
+from posttrain.models import loading, packaged
 
 NAME = "posttrain/smollm2-135m-instruct"
 
