@@ -45,6 +45,8 @@ def _error(message: str) -> None:
 
 
 def check_options(args: argparse.Namespace) -> None:
+    if args.prompt is not None and not args.prompt.strip():
+        raise GenerateError("--prompt is empty; give the text to complete, or leave --prompt out for a chat loop")
     if args.max_new_tokens < 1:
         raise GenerateError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:

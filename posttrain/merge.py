@@ -31,6 +31,9 @@ def main(argv: list[str]) -> str:
     args = parser.parse_args(argv)
     from posttrain.models import adapters, loading
 
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise MergeError(f"--output_dir {args.output_dir!r} is a file, not a directory; choose a directory for the "
+                         "merged model")
     if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         raise MergeError(f"{args.adapter!r} holds no adapter_config.json; give the output_dir of a run trained "
                          "with --use_peft True")

@@ -23,7 +23,8 @@ from posttrain.configs.kto import KTOConfig
 from posttrain.configs.sft import SFTConfig
 from posttrain.data.arith import load_builtin_dataset
 from posttrain.errors import RewardFunctionError
-from posttrain.models.loading import load_tokenizer
+from posttrain.data.loading import load_any_dataset
+from posttrain.models.loading import load_pretrained_model, load_tokenizer
 from posttrain.trainers.dpo import DPOTrainer
 from posttrain.trainers.grpo import GRPOTrainer
 from posttrain.trainers.kto import KTOTrainer
@@ -94,6 +95,23 @@ def _short(completions, **kwargs):
 
 def _nan(completions, **kwargs):
     return [float("nan")] * len(completions)
+
+
+def _none(completions, **kwargs):
+    return [None] * len(completions)
+
+
+def _mixed_folder(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "a"}\n')
+    (folder / "b.csv").write_text("text\nb\n")
+    return str(folder)
+
+
+def _self_reference(tmp_path):
+    policy = load_pretrained_model(MODEL)  # the same object as policy and reference would train nothing
+    return DPOTrainer(policy, ref_model=policy, args=DPOConfig(**_kw(tmp_path)), train_dataset=_data("arith-pref"))
 
 
 def _file(tmp_path):
@@ -209,6 +227,23 @@ API_CASES = [
     ("output-dir-is-file", lambda p: DPOTrainer(MODEL, args=DPOConfig(**{**_kw(p), "output_dir": str(_file(p))}),
                                                 train_dataset=_data("arith-pref")), NotADirectoryError,
      r"output_dir '.*a_file' cannot be used: it is a file\. Choose another output_dir"),
+    # settings that would be accepted and ignored, or run and do nothing
+    ("max-steps-zero", lambda p: SFTConfig(**{**_kw(p), "max_steps": 0}), ValueError,
+     r"max_steps is 0: nothing would be trained\. Give a positive number .* or -1"),
+    ("accumulation-zero", lambda p: SFTConfig(**_kw(p, gradient_accumulation_steps=0)), ValueError,
+     r"gradient_accumulation_steps must be >= 1, got 0"),
+    ("fp16-on-cpu", lambda p: DPOConfig(**_kw(p, fp16=True)), ValueError, r"fp16=True needs a CUDA GPU"),
+    ("report-to-not-installed", lambda p: SFTConfig(**{**_kw(p), "report_to": "comet_ml"}), ValueError,
+     r"report_to='comet_ml' needs the comet_ml package, which is not installed"),
+    ("warmup-ratio-above-one", lambda p: SFTConfig(**_kw(p, warmup_ratio=5)), ValueError,
+     r"warmup_ratio must be in \[0, 1\) .* got 5; for a number of steps use warmup_steps"),
+    ("sibling-option", lambda p: GRPOConfig(**_kw(p, kl_coef=0.1)), TypeError,
+     r"GRPOConfig has no option 'kl_coef': it is used by PPOTrainer only"),
+    ("policy-as-its-own-reference", _self_reference, ValueError, r"got the policy itself as ref_model"),
+    ("rewards-all-none", lambda p: _grpo(p, _data("arith-prompts"), _none).train(), ValueError,
+     r"No reward function scored any of the \d+ completions of this batch \(every one returned None or NaN: _none\)"),
+    ("mixed-format-data-folder", lambda p: load_any_dataset(_mixed_folder(p), split="train"), ValueError,
+     r"Dataset folder '.*data' holds files of several formats \(\.csv, \.jsonl\); only one would be read"),
 ]
 
 
@@ -307,6 +342,22 @@ CLI_CASES = [
      r"'completion'"),
     ("output-dir-not-writable-cli", lambda p: ["sft", *_base(p), "--output_dir", str(_file(p) / "out")],
      r"output_dir '.*a_file/out' cannot be used: '.*a_file' is a file, not a directory"),
+    ("lora-option-without-use-peft", lambda p: ["sft", *_base(p), "--lora_r", "8"],
+     r"--lora_r is set but use_peft is off, so it would have no effect .* add --use_peft True"),
+    ("duplicate-yaml-key", lambda p: ["sft", "--config", _write(p, "d.yaml", "learning_rate: 1e-4\nlearning_rate: 2e-4\n")],
+     r"d\.yaml is not valid YAML \(line 2, column 1\): key 'learning_rate' appears twice; keep one"),
+    ("sibling-option-flag", lambda p: ["rloo", "--loss_type", "sapo"],
+     r"unknown flag '--loss_type' for rloo: it is used by .*grpo.* only \(it would have no effect here\)"),
+    ("max-steps-zero-flag", lambda p: ["sft", *_base(p), "--max_steps", "0"], r"max_steps is 0: nothing would be"),
+    ("accumulation-zero-flag", lambda p: ["sft", *_base(p), "--gradient_accumulation_steps", "0"],
+     r"gradient_accumulation_steps must be >= 1, got 0"),
+    ("warmup-ratio-flag", lambda p: ["sft", *_base(p), "--warmup_ratio", "5"], r"warmup_ratio must be in \[0, 1\)"),
+    ("generate-empty-prompt", lambda p: ["generate", "--model", MODEL, "--prompt", ""], r"--prompt is empty"),
+    ("merge-into-a-file", lambda p: ["merge", "--adapter", str(p), "--output_dir", str(_file(p))],
+     r"--output_dir '.*a_file' is a file, not a directory"),
+    ("reward-model-is-a-language-model", lambda p: ["grpo", *_base(p, "posttrain/arith-prompts"), "--num_generations",
+                                                    "2", "--max_completion_length", "4", "--reward_funcs", MODEL],
+     r"'posttrain/tiny' is a language model \(Qwen2ForCausalLM\), not a reward model"),
     ("reward-function-raises-cli", lambda p: ["grpo", *_base(p, "posttrain/arith-prompts"), "--num_generations", "2",
                                               "--max_completion_length", "4",
                                               "--reward_funcs", _reward_file(p) + ":boom"],

@@ -9,6 +9,8 @@ import time
 import pytest
 import torch
 
+from posttrain.errors import UserError
+
 from posttrain.rewards import (
     BUILTIN_REWARDS,
     RewardRunner,
@@ -326,9 +328,13 @@ def test_reward_model_standard_and_conversational(reward_model):
     assert not torch.allclose(conv_rewards[0, 0], rewards[0, 0])  # the chat template changes the text scored
 
 
-def test_reward_model_by_builtin_name():
-    runner = RewardRunner("posttrain/tiny", max_length=8)
-    assert runner.names == ["tiny"]
+def test_a_language_model_is_refused_as_reward_model(reward_model, tmp_path):
+    # posttrain/tiny is a causal LM: loaded as a classifier its score head would be random (random rewards)
+    with pytest.raises(UserError, match=r"'posttrain/tiny' is a language model \(Qwen2ForCausalLM\), not a reward"):
+        RewardRunner("posttrain/tiny", max_length=8)
+    reward_model.save_pretrained(tmp_path / "rm")  # a sequence classifier saved by path is a reward model
+    runner = RewardRunner(str(tmp_path / "rm"), max_length=8)
+    assert runner.names == ["rm"]
     rewards = runner(["a", "b"], [" long completion " * 5, "x"], [[1], [2]])
     assert rewards.shape == (2, 1) and torch.isfinite(rewards).all()
 

@@ -28,7 +28,7 @@ import warnings
 from dataclasses import fields
 from typing import Any
 
-from posttrain.errors import UserTypeError
+from posttrain.errors import UserError, UserTypeError
 
 
 def deprecated(message: str, stacklevel: int = 4) -> None:
@@ -96,6 +96,9 @@ def translate_legacy_arguments(kwargs: dict[str, Any], owner: str = "TrainingArg
             continue
         if old == "group_by_length":
             value = "group_by_length" if value else "random"
+        if old == "warmup_ratio" and not 0 <= float(value) < 1:
+            raise UserError(f"warmup_ratio must be in [0, 1) (a share of the training steps), got {value}; for a "
+                            "number of steps use warmup_steps.")
         deprecated(f"`{old}` is deprecated; use `{new}`{note}.")
         kwargs.setdefault(new, value)
     return kwargs

@@ -34,6 +34,24 @@ def check(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
+# report_to integration → the package it needs (transformers fails deep inside Trainer without it)
+_INTEGRATION_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                         "clearml": "clearml", "neptune": "neptune", "trackio": "trackio", "swanlab": "swanlab",
+                         "dvclive": "dvclive", "aim": "aim"}
+
+
+def _check_report_to(report_to) -> None:
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        package = _INTEGRATION_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            extra = f"'posttrain[{name}]'" if name in ("wandb", "tensorboard") else package
+            raise UserError(f"report_to={name!r} needs the {package} package, which is not installed: pip install "
+                            f"{extra}, or choose another report_to (e.g. none).")
+
+
 # Every config module, so that an option refused by one config can name the configs that take it.
 CONFIG_MODULES = ("sft", "dpo", "reward", "kto", "cpo", "grpo", "rloo", "online_dpo", "ppo")
 
@@ -132,6 +150,13 @@ class PostTrainConfig(TrainingArguments):
         self.chunked_lm_head = str(self.chunked_lm_head).lower()
         check(self.chunked_lm_head in CHUNKED_LM_HEAD, f"chunked_lm_head must be auto, true or false, got "
               f"{self.chunked_lm_head!r}.")
+        check(self.gradient_accumulation_steps >= 1, f"gradient_accumulation_steps must be >= 1, got "
+                                                      f"{self.gradient_accumulation_steps}.")
+        check(self.max_steps != 0, "max_steps is 0: nothing would be trained. Give a positive number of optimizer "
+                                   "steps, or -1 to train for num_train_epochs.")
+        check(not self.fp16 or hardware.has_cuda(), "fp16=True needs a CUDA GPU (this machine has none; CPU "
+                                                    "training runs in float32). Remove --fp16.")
+        _check_report_to(self.report_to)
         if self.bf16 is None:
             self.bf16 = False if self.fp16 else hardware.default_bf16(self.use_cpu)
         elif self.bf16 and hardware.bf16_is_slow_here(self.use_cpu):

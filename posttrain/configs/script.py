@@ -6,7 +6,10 @@ Not here: training options (`configs/base.py` and one module per trainer).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+
+from posttrain.errors import UserError
 
 
 @dataclass
@@ -38,8 +41,15 @@ class ModelConfig:
     load_in_4bit: bool = field(default=False, metadata={"help": "4-bit base weights (bitsandbytes, GPU only)."})
 
     def peft_config(self):
-        """A `peft.LoraConfig` when `use_peft`, else None."""
+        """A `peft.LoraConfig` when `use_peft`, else None (and a LoRA option set without use_peft is an error: it
+        would silently run a full fine-tune)."""
         if not self.use_peft:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            lora = [name for name in defaults if name.startswith(("lora_", "use_rslora", "use_dora"))
+                    and getattr(self, name) != defaults[name]]
+            if lora:
+                raise UserError(f"--{lora[0]} is set but use_peft is off, so it would have no effect (a full "
+                                "fine-tune would run); add --use_peft True, or drop the LoRA options.")
             return None
         from peft import LoraConfig
 

@@ -32,6 +32,10 @@ def load_any_dataset(name: str, config: str | None = None, split: str | None = N
                 os.path.join(name, "dataset_info.json")):
             loaded = datasets.load_from_disk(name)
             return loaded[split] if split and isinstance(loaded, datasets.DatasetDict) else loaded
+        kinds = sorted({os.path.splitext(f)[1].lower() for f in os.listdir(name)} & set(_FILE_BUILDERS))
+        if data_files is None and len({_FILE_BUILDERS[k] for k in kinds}) > 1:
+            raise UserError(f"Dataset folder {name!r} holds files of several formats ({', '.join(kinds)}); only one "
+                            "would be read. Keep one format in the folder, or give the file itself.")
         return _load_local(name, name, config, split=split, data_files=data_files, streaming=streaming)
     if name.startswith((".", "/")) or ext in _FILE_BUILDERS:
         raise UserError(f"Dataset path {name!r} does not exist. Give an existing .json/.jsonl/.csv/.parquet file, "

@@ -83,12 +83,31 @@ def load_function(spec: str):
     return target
 
 
+def _refuse_language_model(spec: str) -> None:
+    """A checkpoint saved as a causal LM has no trained score head: loaded as a reward model its head would be
+    random, and training would run on random rewards. Refuse it (reward models are sequence classifiers)."""
+    from transformers import AutoConfig
+
+    from posttrain.models.loading import resolve_model_path
+
+    try:
+        architectures = AutoConfig.from_pretrained(resolve_model_path(spec)).architectures or []
+    except (OSError, ValueError):
+        return  # not a checkpoint we can read here: the load below says what is wrong
+    if architectures and not any(a.endswith(("ForSequenceClassification", "ForTokenClassification"))
+                                 for a in architectures):
+        raise UserError(f"{spec!r} is a language model ({architectures[0]}), not a reward model: its score head "
+                        "would be random and training would run on random rewards. Give a checkpoint trained with "
+                        "`posttrain reward` (a sequence classifier), or a reward function.")
+
+
 def _load_reward_model(spec: str, tokenizer, batch_size: int, max_length: int | None):
     from transformers import AutoModelForSequenceClassification
 
     from posttrain.models.loading import load_pretrained_model, load_tokenizer
     from posttrain.rewards.reward_model import RewardModelScorer
 
+    _refuse_language_model(spec)
     try:
         model = load_pretrained_model(spec, AutoModelForSequenceClassification, num_labels=1)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)

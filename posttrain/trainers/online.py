@@ -205,6 +205,10 @@ class OnlineTrainer(PostTrainer):
             rollout.rewards = self.reward_runner(rollout.prompts, rollout.completions, ids_lists, rollout.columns,
                                                  trainer_state=self.state).to(device)
             rollout.scores = self.reward_runner.weighted_sum(rollout.rewards)
+            if torch.isnan(rollout.scores).all():
+                raise UserError(f"No reward function scored any of the {len(rows)} completions of this batch (every "
+                                f"one returned None or NaN: {', '.join(self.reward_runner.names)}); check that they "
+                                "read the dataset's columns, or add a reward function that applies to this data.")
             # group statistics need every member of a group, which may sit on another process
             rollout.group_rewards = self.gather_rows(rollout.rewards)
         self.add_logps(rollout)
