@@ -273,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if command == "env":
+            if rest and rest[0] in ("-h", "--help"):
+                print("usage: posttrain env\n\nPrint the versions of posttrain and its libraries, and the hardware "
+                      "(for bug reports).")
+                return 0
             print_env()
         elif command in _OTHER_COMMANDS:
             _load(_OTHER_COMMANDS[command])(rest)

@@ -358,6 +358,12 @@ CLI_CASES = [
     ("reward-model-is-a-language-model", lambda p: ["grpo", *_base(p, "posttrain/arith-prompts"), "--num_generations",
                                                     "2", "--max_completion_length", "4", "--reward_funcs", MODEL],
      r"'posttrain/tiny' is a language model \(Qwen2ForCausalLM\), not a reward model"),
+    ("empty-data-file", lambda p: ["sft", *_base(p, _write(p, "empty.jsonl", ""))],
+     r"Dataset file '.*empty\.jsonl' holds no examples \(it is empty or only blank lines\)"),
+    ("blank-lines-data-file", lambda p: ["sft", *_base(p, _write(p, "blank.jsonl", "\n\n  \n"))],
+     r"Dataset file '.*blank\.jsonl' holds no examples"),
+    ("missing-relative-model-path", lambda p: ["generate", "--model", "outputs/not-trained-yet", "--prompt", "hi"],
+     r"Model path 'outputs/not-trained-yet' does not exist\. Give a local directory"),
     ("reward-function-raises-cli", lambda p: ["grpo", *_base(p, "posttrain/arith-prompts"), "--num_generations", "2",
                                               "--max_completion_length", "4",
                                               "--reward_funcs", _reward_file(p) + ":boom"],
@@ -381,6 +387,11 @@ def test_cli_bad_input(tmp_path, capsys, make_argv, pattern):
     command = argv[0]
     assert lines[0].startswith(f"posttrain {command}: error: "), lines[0]
     assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_env_help_prints_help(capsys):
+    assert main(["env", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: posttrain env")
 
 
 def test_debug_shows_the_traceback(tmp_path):

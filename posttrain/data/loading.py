@@ -25,6 +25,9 @@ def load_any_dataset(name: str, config: str | None = None, split: str | None = N
     if is_builtin_dataset(name) or name.startswith("posttrain/"):
         return load_builtin_dataset(name, config, split)
     ext = os.path.splitext(name)[1].lower()
+    if os.path.isfile(name) and ext in _FILE_BUILDERS and ext != ".parquet" and not _has_content(name):
+        raise UserError(f"Dataset file {name!r} holds no examples (it is empty or only blank lines); add rows, or "
+                        "choose another --dataset_name.")
     if os.path.isfile(name) and ext in _FILE_BUILDERS:
         return _load_local(name, _FILE_BUILDERS[ext], data_files=name, split=split or "train", streaming=streaming)
     if os.path.isdir(name):
@@ -41,6 +44,11 @@ def load_any_dataset(name: str, config: str | None = None, split: str | None = N
         raise UserError(f"Dataset path {name!r} does not exist. Give an existing .json/.jsonl/.csv/.parquet file, "
                         "a directory, a Hub id, or a built-in set such as posttrain/arith-sft.")
     return datasets.load_dataset(name, config, split=split, data_files=data_files, streaming=streaming)
+
+
+def _has_content(path: str) -> bool:
+    with open(path, "rb") as f:
+        return any(line.strip() for line in f)
 
 
 def _load_local(name: str, *args: Any, **kwargs: Any):

@@ -33,10 +33,24 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path.startswith("posttrain/"):
         raise UserError(f"Unknown built-in model {name_or_path!r}; available: "
                         f"{', '.join([*BUILTIN_MODELS, *packaged.PACKAGED_MODELS])}.")
-    if os.path.sep in name_or_path and not os.path.exists(name_or_path) and name_or_path.startswith((".", "/")):
+    if os.path.sep in name_or_path and not os.path.exists(name_or_path) and _is_missing_local(name_or_path):
         raise UserError(f"Model path {name_or_path!r} does not exist. Give a local directory with config.json, "
                         "a Hub id, or a built-in name such as posttrain/tiny.")
     return name_or_path
+
+
+def _is_missing_local(name: str) -> bool:
+    """A path that is not there but is surely meant as a local one — it starts with '.' or '/', its first folder
+    exists here (`outputs/sft-arith` run from the wrong directory), it has more than two parts, or the Hub is
+    offline and its cache holds no such id — so that no minute is spent on Hub retries before saying so."""
+    parts = name.strip("/").split("/")
+    if name.startswith((".", "/", "~")) or len(parts) > 2 or os.path.isdir(parts[0]):
+        return True
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+
+        return not isinstance(try_to_load_from_cache(name, "config.json"), str)
+    return False
 
 
 def _resolve_dtype(kwargs: dict[str, Any]) -> dict[str, Any]:
