@@ -439,3 +439,40 @@ def test_no_traceback_reaches_the_terminal(tmp_path, argv, needle):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and needle in result.stderr, result.stderr
     assert [line for line in result.stderr.splitlines() if line.strip()][-1].startswith(needle)
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory):
+    """checkpoint-1 of a one-step SFT run on posttrain/tiny."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    args = SFTConfig(output_dir=str(out), report_to="none", max_steps=1, per_device_train_batch_size=2,
+                     save_strategy="steps", save_steps=1)
+    SFTTrainer(MODEL, args=args, train_dataset=_data("arith-sft")).train()
+    return out / "checkpoint-1"
+
+
+def _resume(tmp_path, checkpoint, model=MODEL):
+    args = SFTConfig(**{**_kw(tmp_path), "max_steps": 2})
+    return SFTTrainer(model, args=args, train_dataset=_data("arith-sft")).train(resume_from_checkpoint=checkpoint)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "trainer_state.json"])
+def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path, saved_checkpoint, name):
+    import shutil
+
+    from posttrain.errors import UserError
+
+    checkpoint = tmp_path / "copy" / "checkpoint-1"
+    shutil.copytree(saved_checkpoint, checkpoint)
+    data = (checkpoint / name).read_bytes()
+    (checkpoint / name).write_bytes(data[: len(data) // 2])  # a copy cut short, a disk that filled up
+    with pytest.raises(UserError, match=rf"checkpoint-1/{re.escape(name)} is .*the checkpoint is damaged") as info:
+        _resume(tmp_path, str(checkpoint))
+    assert "\n" not in str(info.value)
+
+
+def test_resume_with_a_model_of_another_shape(tmp_path, saved_checkpoint):
+    from posttrain.errors import UserError
+
+    with pytest.raises(UserError, match=r"was saved from a model of another shape than this run's"):
+        _resume(tmp_path, str(saved_checkpoint), model="posttrain/tiny-4m")

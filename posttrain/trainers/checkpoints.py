@@ -111,6 +111,50 @@ def resolve_resume(value: Any, output_dir: str) -> str | None:
                     "…/checkpoint-N directory or 'latest'.")
 
 
+def check_checkpoint_files(checkpoint: str) -> None:
+    """One line naming the file when a checkpoint's state, weights or optimizer file is truncated or corrupt (a disk
+    that filled up, a copy cut short), instead of a JSON, safetensors or zip error deep inside transformers."""
+    import json
+    import zipfile
+
+    def bad(name: str, why: str) -> UserError:
+        return UserError(f"{os.path.join(checkpoint, name)} is {why}; the checkpoint is damaged: resume from an "
+                         "earlier checkpoint (…/checkpoint-N) or start fresh.")
+
+    try:
+        with open(os.path.join(checkpoint, _COMPLETE_MARKER)) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        raise bad(_COMPLETE_MARKER, f"not readable JSON ({e})") from None
+    for name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, name)
+        if name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        f.get_slice(key)  # reads headers only; a cut file fails on offsets past its end
+                if os.path.getsize(path) < _safetensors_end(path):
+                    raise ValueError("shorter than its header says")
+            except Exception as e:  # safetensors raises its own error types
+                raise bad(name, f"truncated or corrupt ({str(e).splitlines()[0][:80]})") from None
+        elif name.endswith((".pt", ".bin")) and os.path.isfile(path) and not zipfile.is_zipfile(path):
+            raise bad(name, "truncated or corrupt (not a complete torch archive)")
+
+
+def _safetensors_end(path: str) -> int:
+    """The byte length a safetensors file's header says it has."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + size + max(ends, default=0)
+
+
 def _fsync_tree(path: str) -> None:
     """Flush every file under path and the directories themselves to disk (so a power cut after the rename cannot
     leave a complete-looking checkpoint with empty files)."""
@@ -226,11 +270,19 @@ class CrashSafeCheckpoints:
         if self.args.should_save:
             remove_stale(self.args.output_dir)
         if checkpoint is not None:
+            check_checkpoint_files(checkpoint)
             self._load_extra_state(checkpoint)
             if self._already_finished(checkpoint):
                 return self._restore_finished(checkpoint)
-        return super().train(resume_from_checkpoint=checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=checkpoint, trial=trial,
+                                 ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        except RuntimeError as e:
+            if checkpoint is not None and "size mismatch" in str(e):
+                raise UserError(f"{checkpoint} was saved from a model of another shape than this run's "
+                                f"({str(e).splitlines()[-1].strip()[:160]}); resume with the model it was trained "
+                                "from, or start fresh in another output_dir.") from e
+            raise
 
     def _already_finished(self, checkpoint: str) -> bool:
         saved = TrainerState.load_from_json(os.path.join(checkpoint, _COMPLETE_MARKER))
