@@ -364,6 +364,16 @@ CLI_CASES = [
      r"Dataset file '.*blank\.jsonl' holds no examples"),
     ("missing-relative-model-path", lambda p: ["generate", "--model", "outputs/not-trained-yet", "--prompt", "hi"],
      r"Model path 'outputs/not-trained-yet' does not exist\. Give a local directory"),
+    ("message-content-null", lambda p: ["sft", *_base(p, _write(p, "m.jsonl", '{"messages": [{"role": "user", '
+                                                                  '"content": null}, {"role": "assistant", '
+                                                                  '"content": "4"}]}\n'))],
+     r"Column 'messages': message 0 \(user\) has no content \(null or missing\)"),
+    ("message-unknown-role", lambda p: ["sft", *_base(p, _write(p, "r.jsonl", '{"messages": [{"role": "robot", '
+                                                                  '"content": "x"}]}\n'))],
+     r"Column 'messages': message 0 has role 'robot'; use one of system, user, assistant"),
+    ("list-of-strings-as-prompt", lambda p: ["sft", *_base(p, _write(p, "l.jsonl", '{"prompt": ["a", "b"], '
+                                                                       '"completion": "x"}\n'))],
+     r"Column 'prompt' holds a list whose entry 0 is a str \('a'\), not a \{'role', 'content'\} message"),
     ("reward-function-raises-cli", lambda p: ["grpo", *_base(p, "posttrain/arith-prompts"), "--num_generations", "2",
                                               "--max_completion_length", "4",
                                               "--reward_funcs", _reward_file(p) + ":boom"],

@@ -131,6 +131,28 @@ def _check_fields(example: dict[str, Any], keys: tuple[str, ...], may_be_empty: 
             raise UserError(f"Column '{key}' must hold strings or lists of messages, got "
                             f"{type(value).__name__} ({value!r:.80}). Convert it, e.g. "
                             f"dataset.map(lambda ex: {{'{key}': str(ex['{key}'])}}).")
+        if isinstance(value, list):
+            _check_messages(key, value)
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer", "function", "ipython")
+
+
+def _check_messages(key: str, messages: list) -> None:
+    """Every entry of a conversational column is a {role, content} message with a known role and text (or content
+    blocks) as content; else one line naming the column and the message (not a chat template's jinja2 error)."""
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise UserError(f"Column '{key}' holds a list whose entry {i} is a {type(message).__name__} "
+                            f"({message!r:.60}), not a {{'role', 'content'}} message; give a string, or a list of "
+                            "messages.")
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise UserError(f"Column '{key}': message {i} has role {role!r}; use one of {', '.join(CHAT_ROLES)} "
+                            "(ShareGPT's human/gpt are converted only in a 'conversations' column).")
+        if content is None and not message.get("tool_calls"):
+            raise UserError(f"Column '{key}': message {i} ({role}) has no content (null or missing); give it "
+                            "text, or drop the message.")
 
 
 def check_prompts(dataset, tokenizer, name: str = "train") -> None:
