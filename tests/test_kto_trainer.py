@@ -239,6 +239,8 @@ def test_desirable_balance_warning():
     message = desirable_balance_warning([True] * 2 + [False] * 8, 1.0, 1.0)
     assert "outside the KTO paper's recommended [1, 4/3]" in message and "desirable_weight in [4, 5.33]" in message
     assert desirable_balance_warning([True] * 2 + [False] * 8, 4.5, 1.0) is None
+    # one label only: nothing to contrast (was "n_undesirable = 1", a count the data does not have)
+    assert "every one of the 6 examples is desirable (label True)" in desirable_balance_warning([True] * 6, 1.0, 1.0)
 
 
 def test_bad_config_values():

@@ -53,7 +53,11 @@ def _rows(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, to
 def desirable_balance_warning(labels: list[bool], desirable_weight: float, undesirable_weight: float) -> str | None:
     """The KTO paper's advice (Eq. 8): λ_D·n_D / (λ_U·n_U) in [1, 4/3]. A warning when outside it, else None."""
     desirable = sum(bool(v) for v in labels)
-    n_d, n_u = max(desirable, 1), max(len(labels) - desirable, 1)
+    if desirable in (0, len(labels)):
+        which = "desirable (label True)" if desirable else "undesirable (label False)"
+        return (f"every one of the {len(labels)} examples is {which}: KTO then only pushes one way, with nothing "
+                "to contrast; add examples of the other label (with paired data, give chosen and rejected).")
+    n_d, n_u = desirable, len(labels) - desirable
     ratio = desirable_weight * n_d / (undesirable_weight * n_u)
     if 1 - 1e-9 <= ratio <= 4 / 3 + 1e-9:
         return None
