@@ -486,3 +486,23 @@ def test_resume_with_a_model_of_another_shape(tmp_path, saved_checkpoint):
 
     with pytest.raises(UserError, match=r"was saved from a model of another shape than this run's"):
         _resume(tmp_path, str(saved_checkpoint), model="posttrain/tiny-4m")
+
+
+def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path, saved_checkpoint):
+    import shutil
+
+    from posttrain.errors import UserError
+
+    out = tmp_path / "out"
+    shutil.copytree(saved_checkpoint, out / "checkpoint-1")
+
+    def fresh(**kw):
+        args = SFTConfig(**{**_kw(tmp_path), "max_steps": 2, "save_strategy": "steps", "save_steps": 2, **kw})
+        return SFTTrainer(MODEL, args=args, train_dataset=_data("arith-sft"))
+
+    with pytest.raises(UserError, match=r"already holds checkpoints of an earlier run \(checkpoint-1\); continue it "
+                                        r"with --resume_from_checkpoint latest.*--overwrite_output_dir True"):
+        fresh().train()
+    assert (out / "checkpoint-1").is_dir()  # refused before anything was touched
+    fresh(overwrite_output_dir=True).train()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]

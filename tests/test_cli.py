@@ -104,6 +104,7 @@ def test_removed_training_arguments_are_translated(tmp_path):
         _, _, args = parse_command_args("sft", ["--config", path, "--warmup_ratio", "0.1", "--overwrite_output_dir",
                                                 "True", "--max_steps", "3"])
     assert args.warmup_steps == 0.1 and str(args.eval_strategy.value) == "steps" and args.max_steps == 3
+    assert args.overwrite_output_dir  # an option again: it deletes an earlier run's checkpoints (test_resume)
 
 
 def test_dataset_mixture_in_yaml(tmp_path):

@@ -79,7 +79,6 @@ LEGACY_TRAINING_ARGUMENTS: dict[str, tuple[str | None, str]] = {
     "per_gpu_train_batch_size": ("per_device_train_batch_size", ""),
     "per_gpu_eval_batch_size": ("per_device_eval_batch_size", ""),
     "group_by_length": ("train_sampling_strategy", " (='group_by_length')"),
-    "overwrite_output_dir": (None, ": output_dir is reused as is"),
     "logging_dir": (None, ": set TENSORBOARD_LOGGING_DIR or the integration's own option"),
     "save_safetensors": (None, ": checkpoints are always safetensors"),
     "include_tokens_per_second": (None, ": use include_num_input_tokens_seen"),

@@ -130,6 +130,10 @@ class PostTrainConfig(TrainingArguments):
                                                "directory, a run directory (its newest complete checkpoint), "
                                                "'latest' (the newest in output_dir; error if none) or 'auto' "
                                                "(the same, or a fresh start)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete the checkpoints an earlier run left "
+                                       "in output_dir before training. Without it a fresh run refuses an output_dir "
+                                       "that holds checkpoints (resume it, or choose another output_dir), so two "
+                                       "runs' checkpoints never mix."})
     max_nonfinite_steps: int = field(default=5, metadata={"help": "A step whose loss or gradient is NaN/inf is "
                                      "skipped (no weight changes; counted as `nonfinite_skipped`); after this many "
                                      "in a row the run stops with an error. 0 = skip but never stop."})

@@ -269,6 +269,8 @@ class CrashSafeCheckpoints:
         checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         if self.args.should_save:
             remove_stale(self.args.output_dir)
+        if checkpoint is None:
+            self._claim_output_dir()
         if checkpoint is not None:
             check_checkpoint_files(checkpoint)
             self._load_extra_state(checkpoint)
@@ -283,6 +285,26 @@ class CrashSafeCheckpoints:
                                 f"({str(e).splitlines()[-1].strip()[:160]}); resume with the model it was trained "
                                 "from, or start fresh in another output_dir.") from e
             raise
+
+    def _claim_output_dir(self) -> None:
+        """A fresh run: refuse an output_dir holding an earlier run's checkpoints (they would mix with this run's,
+        and `latest` could pick theirs), unless overwrite_output_dir, which deletes them first. An output_dir the
+        user did not choose (the default '<model>-<Method>', which the guides' snippets share) is overwritten, with a
+        warning: its final model is replaced by this run's anyway."""
+        earlier = complete_checkpoints(self.args.output_dir)
+        if not earlier:
+            return
+        names = ", ".join(os.path.basename(c) for c in earlier[-3:])
+        chosen = not getattr(self.args, "_output_dir_was_default", False)
+        if chosen and not getattr(self.args, "overwrite_output_dir", False):
+            raise UserError(f"output_dir {self.args.output_dir!r} already holds checkpoints of an earlier run "
+                            f"({names}); continue it with --resume_from_checkpoint latest, choose another "
+                            "output_dir, or pass --overwrite_output_dir True to delete them first.")
+        if self.args.should_save:
+            for path in earlier:
+                delete_checkpoint(path)
+            logger.warning("overwrite_output_dir: deleted %d checkpoint(s) of an earlier run in %s (%s).",
+                           len(earlier), self.args.output_dir, names)
 
     def _already_finished(self, checkpoint: str) -> bool:
         saved = TrainerState.load_from_json(os.path.join(checkpoint, _COMPLETE_MARKER))
