@@ -73,10 +73,10 @@ def tokenizer():
 
 
 def _call(expr: str) -> str:
-    return '<tool_call>{"name": "calculator", "arguments": {"expression": "%s"}}</tool_call>' % expr
+    return '<tool_call>{"name": "calculator", "arguments": {"expression": "' + expr + '"}}</tool_call>'
 
 
-def scripted(tokenizer, first: str = None, then: str = "#### 12"):
+def scripted(tokenizer, first: str | None = None, then: str = "#### 12"):
     """A `generate` for AgentLoop: the first turn writes `first` (a tool call by default), later turns `then`."""
     first = _call("7 + 5") if first is None else first
     eos = tokenizer.eos_token_id
@@ -108,7 +108,8 @@ def test_schemas_and_parsing():
     assert calls[0] == ToolCall("calculator", {"expression": "2*3"})
     assert calls[1].error is not None and "JSON" in calls[1].error
     assert parse_tool_calls("no calls here") == []
-    assert parse_tool_calls('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>')[0].arguments == {"a": 1}
+    string_arguments = '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>'
+    assert parse_tool_calls(string_arguments)[0].arguments == {"a": 1}
 
 
 def test_faults_become_messages_and_async_tools_run_concurrently(capsys):
@@ -250,7 +251,8 @@ def test_tool_results_get_no_gradient_and_loss_is_the_sum_over_turns(tmp_path):
                 s, e = int(starts[starts[:, 0] == i][k, 1]), int(ends[ends[:, 0] == i][k, 1])
                 turn_mask[i, s:e] = 1
             P = batch["input_ids"].shape[1] - C
-            part = {"input_ids": batch["input_ids"][:, :P + end], "attention_mask": batch["attention_mask"][:, :P + end],
+            part = {"input_ids": batch["input_ids"][:, :P + end],
+                    "attention_mask": batch["attention_mask"][:, :P + end],
                     "completion_mask": turn_mask[:, :end], "advantages": batch["advantages"], "num_items": counts}
             turns = turns + trainer.compute_loss(model, part)
     assert whole.item() == pytest.approx(turns.item(), rel=1e-5, abs=1e-7)

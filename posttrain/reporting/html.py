@@ -71,7 +71,8 @@ def run_page(title: str, facts: dict[str, Any], summary: list[dict[str, Any]], p
         sections.append(f'<p class="muted">{_e(plots_note or "No plots.")}</p>')
     if completions:
         keys = [k for k in completions[0] if k not in ("prompt", "completion")]
-        rows = [[_prompt_text(c.get("prompt")), _completion_text(c.get("completion", ""))] + [_cell(c.get(k)) for k in keys]
+        rows = [[_prompt_text(c.get("prompt")), _completion_text(c.get("completion", ""))]
+                + [_cell(c.get(k)) for k in keys]
                 for c in completions]
         sections.append(f"<h2>Last {len(completions)} completions</h2>")
         sections.append(_table(["prompt", "completion"] + keys, rows, numeric_from=2))

@@ -2,7 +2,7 @@
 
 Lives here: `tool_schemas` (transformers' own `get_json_schema`: type hints + Google-style docstring),
 `environment_tools` (an environment's public methods), `parse_tool_calls` (transformers' `parse_response` where the
-tokenizer declares a response template, else the Hermes/Qwen form `<tool_call>{"name": …, "arguments": {…}}</tool_call>`)
+tokenizer declares a response template, else the Hermes/Qwen form `<tool_call>{"name": …, "arguments": …}</tool_call>`)
 and `ToolRunner`, which runs one batch of calls — `async def` tools concurrently on a background event loop, plain
 functions on a thread pool, each under a timeout — and turns every fault (an exception, a hang, malformed JSON, an
 unknown name, wrong arguments) into an error message for the model, counted, instead of an exception. What tools

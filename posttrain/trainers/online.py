@@ -205,7 +205,7 @@ class OnlineTrainer(PostTrainer):
         rollout.prompt_ids, rollout.prompt_mask = rollout.prompt_ids.to(device), rollout.prompt_mask.to(device)
         rollout.is_truncated = rollout.is_truncated.to(device)
         # the trained tokens: every completion token, or (multi-turn) the model's own, never a tool result
-        rollout.loss_mask = rollout.loss_mask[:, :length].to(device)
+        rollout.loss_mask = rollout.loss_mask[:, :length].to(device) * rollout.completion_mask  # ⊆ the completion
         if getattr(args, "mask_truncated_completions", False):  # GRPO and RLOO take this option
             rollout.loss_mask = rollout.loss_mask * (~rollout.is_truncated).unsqueeze(1)
         if not rollout.prompts:  # a multi-turn rollout keeps the prompts its environments extended
@@ -376,8 +376,8 @@ class OnlineTrainer(PostTrainer):
         was_training = policy.training
         policy.eval()
         language_model = self.accelerator.unwrap_model(self.language_model())
-        seeding = distributed.process_seed(self.accelerator, args.seed, seed_step) if seeded else contextlib.nullcontext()
-        with seeding:  # seeded=False: the caller holds the seed (a multi-turn rollout: one stream for all turns)
+        seeding = distributed.process_seed(self.accelerator, args.seed, seed_step) if seeded else None
+        with seeding or contextlib.nullcontext():  # seeded=False: the caller holds the seed (a multi-turn rollout: one stream for all turns)
             if self.vllm is not None:  # the engine gets the policy's weights once per optimizer step
                 rollout = self.vllm.generate(language_model, self.processing_class, prompt_ids, per_prompt,
                                              max_new_tokens, kwargs, step=self.state.global_step)
