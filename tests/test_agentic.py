@@ -341,11 +341,15 @@ class Echo(Counter):
 
 def test_environment_factory_reward_and_selection(tmp_path):
     call = '<tool_call>{"name": "increment", "arguments": {"step": 2}}</tool_call>'
-    trainer = _scripted_trainer(GRPOTrainer(MODEL, args=_args(tmp_path), train_dataset=_dataset(start=[3] * 4),
-                                            environment_factory=Counter), first=call, then="done")
+    def doubled(environments, **kwargs):  # TRL's form: a reward function reading the rollouts' environments
+        return [2.0 * env.count for env in environments]
+
+    trainer = _scripted_trainer(GRPOTrainer(MODEL, reward_funcs=doubled, args=_args(tmp_path),
+                                            train_dataset=_dataset(start=[3] * 4), environment_factory=Counter),
+                                first=call, then="done")
     rollout = trainer.make_rollout([dict(r) for r in _dataset(4, start=[3] * 4)])
-    assert trainer.reward_runner.names == ["Counter"]
-    assert rollout.rewards[:, 0].tolist() == [5.0] * 4  # reset to 3, the model added 2
+    assert trainer.reward_runner.names == ["doubled", "Counter"]
+    assert rollout.rewards.tolist() == [[10.0, 5.0]] * 4  # reset to 3, the model added 2
     assert rollout.prompts[0][-1]["content"].endswith("(the counter starts at 3)")
     trainer = _scripted_trainer(GRPOTrainer(MODEL, args=_args(tmp_path), environment_factory={"c": Counter, "e": Echo},
                                             train_dataset=_dataset(environment=["c", "c", "e", "e"])),

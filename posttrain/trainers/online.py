@@ -8,6 +8,10 @@ them. A method then writes exactly one hook, `training_batches(rollout)`, that t
 each optimizer step of the cycle (GRPO: group advantages; RLOO: leave-one-out with the KL in the reward; online
 DPO: ranked pairs; PPO: values, GAE, whitening, mini-batch epochs), plus its `compute_loss`.
 
+Tool-calling rollouts (`tools=`, `environment_factory=`, `rollout_func=`; trainers with `supports_tools`: GRPO, RLOO)
+come from `rollout/agentic.py` as the same `Rollout`, tool results in the context but outside `loss_mask`, so no
+method needs a case of its own; every log-prob, ratio, KL and loss reads the loss mask.
+
 Reduction, one contract: a method's loss is per-item terms and their unit (token, sequence, pair); the base counts
 every unit over each optimizer step's micro-batches on all processes (`num_items`) and `reduce_loss` divides, so
 the loss is exactly invariant to how a step's batch is split across accumulation steps and processes.
