@@ -380,8 +380,9 @@ class OnlineTrainer(PostTrainer):
         was_training = policy.training
         policy.eval()
         language_model = self.accelerator.unwrap_model(self.language_model())
+        # seeded=False: the caller holds the seed (a multi-turn rollout: one random stream for all its turns)
         seeding = distributed.process_seed(self.accelerator, args.seed, seed_step) if seeded else None
-        with seeding or contextlib.nullcontext():  # seeded=False: the caller holds the seed (a multi-turn rollout: one stream for all turns)
+        with seeding or contextlib.nullcontext():
             if self.vllm is not None:  # the engine gets the policy's weights once per optimizer step
                 rollout = self.vllm.generate(language_model, self.processing_class, prompt_ids, per_prompt,
                                              max_new_tokens, kwargs, step=self.state.global_step)
