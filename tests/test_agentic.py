@@ -389,3 +389,19 @@ def test_rollout_func_and_refusals(tmp_path):
         OnlineDPOConfig(max_tool_calling_iterations=2)
     with pytest.raises(ValueError, match="needs reward_funcs"):
         GRPOTrainer(MODEL, args=_args(tmp_path), train_dataset=_dataset(), tools=[calculator])
+
+
+def test_cli_tools_and_environment_flags(tmp_path):
+    from posttrain.cli import main
+
+    common = ["--model_name_or_path", MODEL, "--dataset_name", "posttrain/arith-prompts", "--dataset_config",
+              "conversational", "--dataset_train_split", "train[:4]", "--max_steps", "1",
+              "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "8",
+              "--chat_template_path", TOOLS_TEMPLATE, "--report_to", "none", "--save_strategy", "no"]
+    assert main(["grpo", *common, "--reward_funcs", "accuracy_reward", "--tools",
+                 "examples/agentic_tools.py:calculator", "--output_dir", str(tmp_path / "tools")]) == 0
+    assert main(["rloo", *common, "--environment_factory", "examples/agentic_tools.py:ArithmeticEnv",
+                 "--output_dir", str(tmp_path / "env")]) == 0
+    with open(tmp_path / "env" / "metrics.jsonl") as f:
+        logged = [json.loads(line) for line in f]
+    assert any("rewards/ArithmeticEnv/mean" in row for row in logged)
