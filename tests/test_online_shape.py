@@ -8,7 +8,7 @@ import pytest
 
 from posttrain import GRPOConfig, OnlineDPOConfig, PPOConfig, RLOOConfig
 from posttrain.cli import is_user_error, main
-from posttrain.configs.online import GroupRolloutConfig, OnlineConfig
+from posttrain.configs.online import GroupRolloutConfig, OnlineConfig, ToolRolloutConfig
 from posttrain.errors import UserError, UserTypeError
 
 MODEL = "posttrain/tiny"
@@ -19,8 +19,9 @@ def _fields(cls):
 
 
 def test_configs_are_siblings_declaring_only_what_they_use():
-    for cls in (GRPOConfig, RLOOConfig, OnlineDPOConfig):
-        assert cls.__bases__ == (GroupRolloutConfig,)
+    for cls in (GRPOConfig, RLOOConfig):  # the trainers that take tools=, environment_factory=, rollout_func=
+        assert cls.__bases__ == (ToolRolloutConfig,)
+    assert ToolRolloutConfig.__bases__ == (GroupRolloutConfig,) and OnlineDPOConfig.__bases__ == (GroupRolloutConfig,)
     assert PPOConfig.__bases__ == (OnlineConfig,)
     shared = _fields(OnlineConfig)
     assert {"num_generations", "temperature", "use_vllm", "reward_funcs", "reward_weights"} <= shared
@@ -41,6 +42,8 @@ def test_configs_are_siblings_declaring_only_what_they_use():
     (PPOConfig, "steps_per_generation", 2, "RLOOTrainer"),
     (GRPOConfig, "kl_coef", 0.1, "PPOTrainer"),
     (GRPOConfig, "normalize_advantages", True, "RLOOTrainer"),
+    (OnlineDPOConfig, "max_tool_calling_iterations", 2, "GRPOTrainer, RLOOTrainer"),
+    (PPOConfig, "tools", ["m:f"], "GRPOTrainer, RLOOTrainer"),
 ])
 def test_a_sibling_knob_is_refused_naming_its_trainers(tmp_path, cls, option, value, owners):
     with pytest.raises(UserTypeError, match=f"has no option '{option}': it is used by .*{owners}") as error:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.configs.base import check, posttrain_config
-from posttrain.configs.online import GroupRolloutConfig
+from posttrain.configs.online import ToolRolloutConfig
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -17,7 +17,7 @@ LOSS_NORMALIZATIONS = ("global", "trl")
 
 @posttrain_config
 @dataclass
-class GRPOConfig(GroupRolloutConfig):
+class GRPOConfig(ToolRolloutConfig):
     """Configuration of `GRPOTrainer`: the shared rollout options (`configs/online.py`: generation, vLLM, rewards,
     batching), every `transformers.TrainingArguments` field, and GRPO's advantage and loss options below."""
 

@@ -6,6 +6,8 @@ uses: an option of a sibling is refused in one line naming the trainers that tak
 `GroupRolloutConfig` adds what the methods that sample a group per prompt and reuse a generation batch share
 (GRPO, RLOO, online DPO): steps_per_generation / generation_batch_size, num_iterations, and TR-DPO reference sync.
 PPO derives its batching from num_mini_batches and num_ppo_epochs instead (`configs/ppo.py`).
+`ToolRolloutConfig` adds the options of multi-turn tool-calling rollouts (`rollout/agentic.py`), for the trainers that
+take `tools=` / `environment_factory=` / `rollout_func=` (GRPO, RLOO); online DPO and PPO refuse them.
 
 Not here: the options of one method (its own module), the rollout machinery (`trainers/online.py`).
 """
@@ -134,6 +136,36 @@ class GroupRolloutConfig(OnlineConfig):
         check(self.generation_batch_size * world % self.num_generations == 0,
               f"The generation batch (per_device_train_batch_size × steps_per_generation{processes} = "
               f"{self.generation_batch_size * world}) must be a multiple of num_generations ({self.num_generations}).")
+
+
+@posttrain_config
+@dataclass
+class ToolRolloutConfig(GroupRolloutConfig):
+    """Options of tool-calling (agentic) rollouts: the tools and environments by import path (the trainer's `tools=`
+    and `environment_factory=` take the objects themselves), how many tool rounds, and how long a tool may run."""
+
+    tools: list[str] | None = field(default=None, metadata={"help": "Tools the model may call, as "
+                                    "'module:function' paths (the trainer's tools= takes the functions)."})
+    environment_factory: str | None = field(default=None, metadata={"help": "An environment class or factory as a "
+                                            "'module:Class' path: one instance per rollout, its public methods "
+                                            "are tools."})
+    max_tool_calling_iterations: int | None = field(default=None, metadata={"help": "Most tool-calling rounds per "
+                                                    "rollout (None: until the model stops calling tools or "
+                                                    "max_completion_length is reached)."})
+    tool_call_timeout: float | None = field(default=30.0, metadata={"help": "Seconds a tool call may run before "
+                                            "the model is told it timed out (None: no limit)."})
+    chat_template_path: str | None = field(default=None, metadata={"help": "A .jinja file, a tokenizer directory or "
+                                           "'posttrain/chatml-tools' (ChatML with Hermes-form tool calls) whose "
+                                           "chat template replaces the tokenizer's."})
+
+    def validate_rollout(self) -> None:
+        super().validate_rollout()
+        check(self.max_tool_calling_iterations is None or self.max_tool_calling_iterations >= 0,
+              f"max_tool_calling_iterations must be >= 0, got {self.max_tool_calling_iterations}.")
+        check(self.tool_call_timeout is None or self.tool_call_timeout > 0,
+              f"tool_call_timeout must be > 0 seconds, got {self.tool_call_timeout}.")
+        if isinstance(self.tools, str):
+            self.tools = [self.tools]
 
 
 def check_vllm(config: OnlineConfig) -> None:

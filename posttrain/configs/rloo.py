@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.configs.base import check, posttrain_config
-from posttrain.configs.online import GroupRolloutConfig
+from posttrain.configs.online import ToolRolloutConfig
 
 
 @posttrain_config
 @dataclass
-class RLOOConfig(GroupRolloutConfig):
+class RLOOConfig(ToolRolloutConfig):
     """Configuration of `RLOOTrainer`. The KL to the reference is folded into the reward (k1, summed over the
     completion) with weight `beta`; the loss is a sequence-level clipped objective."""
 

@@ -118,12 +118,27 @@ def prepare_tokenizer(tokenizer, eos_token: str | None = None, pad_token: str | 
         tok.pad_token = tok.eos_token
         logger.info("The tokenizer has no pad token; using its EOS token %r for padding.", tok.eos_token)
     if chat_template_path is not None:
+        chat_template_path = builtin_chat_template_path(chat_template_path)
         if os.path.isfile(chat_template_path):
             with open(chat_template_path) as f:
                 tok.chat_template = f.read()
         else:
             tok.chat_template = load_tokenizer(chat_template_path).chat_template
     return tokenizer
+
+
+# chat templates shipped with posttrain, by name (chat_template_path: "posttrain/chatml-tools")
+BUILTIN_CHAT_TEMPLATES = {"posttrain/chatml-tools": "chatml_tools.jinja"}
+
+
+def builtin_chat_template_path(name: str) -> str:
+    """The file of a shipped chat template named like `posttrain/chatml-tools` (ChatML with Hermes-form tool calls);
+    any other value unchanged."""
+    if name not in BUILTIN_CHAT_TEMPLATES:
+        return name
+    from posttrain.models.builtin import ASSETS_DIR
+
+    return os.path.join(ASSETS_DIR, "chat_templates", BUILTIN_CHAT_TEMPLATES[name])
 
 
 def model_short_name(model: torch.nn.Module | str) -> str:

@@ -71,7 +71,8 @@ def run_page(title: str, facts: dict[str, Any], summary: list[dict[str, Any]], p
         sections.append(f'<p class="muted">{_e(plots_note or "No plots.")}</p>')
     if completions:
         keys = [k for k in completions[0] if k not in ("prompt", "completion")]
-        rows = [[_prompt_text(c.get("prompt")), c.get("completion", "")] + [_cell(c.get(k)) for k in keys]
+        rows = [[_prompt_text(c.get("prompt")), _completion_text(c.get("completion", ""))]
+                + [_cell(c.get(k)) for k in keys]
                 for c in completions]
         sections.append(f"<h2>Last {len(completions)} completions</h2>")
         sections.append(_table(["prompt", "completion"] + keys, rows, numeric_from=2))
@@ -102,6 +103,21 @@ def _prompt_text(prompt: Any) -> str:
     if isinstance(prompt, list):  # conversational: the last message is what was asked
         return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt if isinstance(m, dict))
     return "" if prompt is None else str(prompt)
+
+
+def _completion_text(completion: Any) -> str:
+    """A completion as text; a multi-turn one shows every turn, tool turns marked `[tool name] …`."""
+    if not isinstance(completion, list):
+        return "" if completion is None else str(completion)
+    lines = []
+    for m in completion:
+        if not isinstance(m, dict):
+            continue
+        if m.get("role") == "tool":
+            lines.append(f"[tool {m.get('name', '')}] {m.get('content', '')}")
+        else:
+            lines.append(str(m.get("content") or ""))
+    return "\n".join(lines)
 
 
 def _cell(value: Any) -> str:

@@ -28,6 +28,7 @@ PANELS = (
     ("kl", "KL to the reference", ("kl", "objective/kl")),
     ("completion_length", "completions/mean_length (tokens)", ("completions/mean_length",)),
     ("entropy", "entropy", ("entropy", "objective/entropy")),
+    ("tools", "tool calls per completion and turns per rollout", ("tools/call_frequency", "turns/mean")),
     ("learning_rate", "learning rate", ("learning_rate",)),
 )
 PLOTS_DIR = "plots"

@@ -20,7 +20,9 @@ from posttrain.reporting.summary import fmt
 KEY_METRICS = (("loss", "loss"), ("rewards/accuracies", "acc"), ("accuracy", "acc"), ("mean_token_accuracy", "acc"),
                ("rewards/margins", "margin"), ("margin", "margin"), ("reward", "reward"),
                ("objective/scores", "score"), ("kl", "kl"), ("objective/kl", "kl"),
-               ("completions/mean_length", "len"), ("entropy", "entropy"), ("learning_rate", "lr"))
+               ("completions/mean_length", "len"), ("tools/call_frequency", "tools"),
+               ("tools/failures", "tool errors"), ("turns/mean", "turns"), ("entropy", "entropy"),
+               ("learning_rate", "lr"))
 
 
 def key_metrics_line(logs: dict[str, Any], prefix: str = "") -> str:

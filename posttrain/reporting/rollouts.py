@@ -30,6 +30,13 @@ def rollout_metrics(rollout: Rollout, runner, num_generations: int) -> dict[str,
         stds = nanstd(runner.weighted_sum(rollout.group_rewards).view(-1, num_generations))
         metrics["reward_std"] = stds.nanmean()
         metrics["frac_reward_zero_std"] = (stds < 1e-6).float().mean()
+    if rollout.tool_calls is not None:  # multi-turn rollouts (`rollout/agentic.py`)
+        calls = rollout.tool_calls.sum()
+        metrics["tools/call_frequency"] = rollout.tool_calls.mean()  # tool calls per completion
+        metrics["tools/failure_frequency"] = rollout.tool_failures.sum() / calls.clamp(min=1)  # failed / calls
+        metrics["tools/failures"] = rollout.tool_failures.sum()  # failed calls in this rollout batch
+        metrics["turns/mean"] = rollout.turns.mean()  # model turns per rollout
+        metrics["turns/max"] = rollout.turns.max()
     for k, name in enumerate(runner.names):
         column = rewards[:, k]
         if not torch.isnan(column).all():
@@ -41,11 +48,17 @@ def rollout_metrics(rollout: Rollout, runner, num_generations: int) -> dict[str,
 
 
 def completions_table(rollout: Rollout, names: list[str], step: int) -> list[dict[str, Any]]:
-    """One row per completion: step, prompt, completion, each reward function's value and the advantage."""
+    """One row per completion: step, prompt, completion, each reward function's value and the advantage (and, for
+    multi-turn rollouts, the tool calls, failed calls and model turns)."""
     advantages = rollout.advantages if rollout.advantages is not None else torch.full_like(rollout.scores, math.nan)
-    return [{"step": step, "prompt": prompt, "completion": completion,
+    rows = [{"step": step, "prompt": prompt, "completion": completion,
              **{name: float(rollout.rewards[i, k]) for k, name in enumerate(names)}, "advantage": float(advantages[i])}
             for i, (prompt, completion) in enumerate(zip(rollout.prompts, rollout.completions))]
+    if rollout.tool_calls is not None:  # the whole interaction is in "completion" (messages, tool turns included)
+        for i, row in enumerate(rows):
+            row["tool_calls"], row["tool_failures"] = int(rollout.tool_calls[i]), int(rollout.tool_failures[i])
+            row["turns"] = int(rollout.turns[i])
+    return rows
 
 
 def nanstd(values: torch.Tensor) -> torch.Tensor:

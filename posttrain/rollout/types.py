@@ -24,7 +24,8 @@ class Rollout:
     completion_mask: torch.Tensor  # (N, C) 1 on generated tokens up to and including EOS
     is_truncated: torch.Tensor  # (N,) bool: no EOS within max_completion_length
     loss_mask: torch.Tensor | None = None  # (N, C) 1 on the tokens trained on (default completion_mask; 0 on a
-    #                                        truncated completion under mask_truncated_completions)
+    #                                        truncated completion under mask_truncated_completions, and on tool
+    #                                        results inside a multi-turn completion)
     prompts: list[Any] = field(default_factory=list)  # raw prompts (strings or message lists), one per completion
     completions: list[Any] = field(default_factory=list)  # decoded completions (strings or message lists)
     columns: dict[str, list] = field(default_factory=dict)  # the prompts' other dataset columns, one entry per row
@@ -35,6 +36,13 @@ class Rollout:
     old_logps: torch.Tensor | None = None  # (N, C) sampling-policy log-probs (when the method needs them)
     ref_logps: torch.Tensor | None = None  # (N, C) reference log-probs (when the method holds a reference)
     advantages: torch.Tensor | None = None  # (N,) per completion, set by the method's hook (completions table)
+    # multi-turn rollouts (`rollout/agentic.py`): completion_mask covers model turns and tool results alike (context),
+    # loss_mask the model's own tokens only; completions are message lists with the tool turns
+    tool_calls: torch.Tensor | None = None  # (N,) tool calls made by each rollout
+    tool_failures: torch.Tensor | None = None  # (N,) of them, those answered with an error
+    turns: torch.Tensor | None = None  # (N,) model turns
+    reward_kwargs: dict[str, list] = field(default_factory=dict)  # extra per-row keywords for the reward functions
+    #                                                               (environments, a rollout_func's extra fields)
 
     def __post_init__(self) -> None:
         if self.loss_mask is None:

@@ -26,6 +26,7 @@ class GRPOTrainer(OnlineTrainer):
 
     config_class = GRPOConfig
     method_name = "GRPO"
+    supports_tools = True
 
     def training_batches(self, rollout: Rollout) -> list[list[dict[str, torch.Tensor]]]:
         """Group-relative advantages over the whole generation batch (every process's rows)."""
@@ -57,10 +58,7 @@ class GRPOTrainer(OnlineTrainer):
             per_token = per_token + args.beta * kl
             metrics["kl"] = kl.sum().detach() / mask.sum().clamp(min=1)  # kl_penalty is 0 off the mask
         with torch.no_grad():
-            entropies = torch.zeros_like(logps)
-            valid = out["mask"]
-            entropies[:, : valid.shape[1]] = entropies[:, : valid.shape[1]].masked_scatter(
-                valid, out["entropy"])
+            entropies = out["entropy_columns"]
             metrics["entropy"] = (entropies * mask).sum() / mask.sum().clamp(min=1)
         if need_entropy:
             mask = mask & entropy_mask(entropies, mask, args.top_entropy_quantile)

@@ -8,6 +8,10 @@ them. A method then writes exactly one hook, `training_batches(rollout)`, that t
 each optimizer step of the cycle (GRPO: group advantages; RLOO: leave-one-out with the KL in the reward; online
 DPO: ranked pairs; PPO: values, GAE, whitening, mini-batch epochs), plus its `compute_loss`.
 
+Tool-calling rollouts (`tools=`, `environment_factory=`, `rollout_func=`; trainers with `supports_tools`: GRPO, RLOO)
+come from `rollout/agentic.py` as the same `Rollout`, tool results in the context but outside `loss_mask`, so no
+method needs a case of its own; every log-prob, ratio, KL and loss reads the loss mask.
+
 Reduction, one contract: a method's loss is per-item terms and their unit (token, sequence, pair); the base counts
 every unit over each optimizer step's micro-batches on all processes (`num_items`) and `reduce_loss` divides, so
 the loss is exactly invariant to how a step's batch is split across accumulation steps and processes.
@@ -31,14 +35,15 @@ from torch.utils.data import DataLoader
 from posttrain.data import formats
 from posttrain.data.prepare import check_prompts
 from posttrain.data.tokenize import tokenize_prompt
-from posttrain.errors import UserError
+from posttrain.errors import UserError, UserTypeError
 from posttrain.losses.reduce import local_reduce, reduce_terms
 from posttrain.models import reference, sharding
-from posttrain.models.logprobs import completion_logps, positions_from_mask
+from posttrain.models.logprobs import completion_logps, positions_from_mask, target_positions
 from posttrain.reporting.rollouts import completions_table, rollout_metrics
 from posttrain.rewards.runner import RewardRunner
+from posttrain.rollout.agentic import AGENTIC_ARGUMENTS, agentic_rollouts, custom_rollout
 from posttrain.rollout.engine import vllm_backend
-from posttrain.rollout.hf import generate
+from posttrain.rollout.hf import _eos_ids, generate
 from posttrain.rollout.types import Rollout
 from posttrain.trainers import distributed
 from posttrain.trainers.base import PostTrainer
@@ -52,22 +57,33 @@ class OnlineTrainer(PostTrainer):
         return (f"{type(self).__name__} needs reward_funcs: a function, a built-in name such as 'accuracy_reward', "
                 "a 'module:function' path, or a reward-model id.")
 
+    supports_tools = False  # True: the trainer takes tools=, environment_factory= and rollout_func= (GRPO, RLOO)
+
     def __init__(self, model, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, reward_processing_classes=None, peft_config=None, ref_model=None,
                  **kwargs: Any):
         model_id = model if isinstance(model, str) else None
+        agentic = {k: kwargs.pop(k) for k in AGENTIC_ARGUMENTS if k in kwargs}
+        if not self.supports_tools and any(v is not None for v in agentic.values()):
+            raise UserTypeError(f"{type(self).__name__} does not take {next(iter(agentic))}=: tool-calling rollouts "
+                                "are trained by GRPOTrainer and RLOOTrainer.")
         super().__init__(model=model, args=args, data_collator=_keep_rows, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
                          **kwargs)
         args = self.args
+        self.agent, self.rollout_func = agentic_rollouts(self.processing_class, args, **agentic)
         if reward_funcs is None:
             reward_funcs = args.reward_funcs
         reward_funcs = _with_reward_model(reward_funcs, args.reward_model_name_or_path)
+        reward_weights = args.reward_weights
+        if self.agent is not None and self.agent.reward_classes:  # environments that score themselves
+            reward_weights = reward_weights and list(reward_weights) + [1.0] * len(self.agent.reward_classes)
+            reward_funcs = reward_funcs + self.agent.environment_rewards()
         if not reward_funcs and self.needs_reward_funcs:
             raise UserError(self.missing_reward_funcs_message())
         self.reward_runner = None
         if reward_funcs:
-            self.reward_runner = RewardRunner(reward_funcs, args.reward_weights, reward_processing_classes)
+            self.reward_runner = RewardRunner(reward_funcs, reward_weights, reward_processing_classes)
             # reward models sit beside the policy as it is placed: sharded under ZeRO-3/FSDP, else on its device
             self.reward_runner.place(self.prepare_frozen, self.accelerator.device)
         self.reference = reference.Reference.build(self, ref_model, model_id)
@@ -192,18 +208,21 @@ class OnlineTrainer(PostTrainer):
         rollout.completion_mask = rollout.completion_mask[:, :length].to(device)
         rollout.prompt_ids, rollout.prompt_mask = rollout.prompt_ids.to(device), rollout.prompt_mask.to(device)
         rollout.is_truncated = rollout.is_truncated.to(device)
-        rollout.loss_mask = rollout.completion_mask
+        # the trained tokens: every completion token, or (multi-turn) the model's own, never a tool result
+        rollout.loss_mask = rollout.loss_mask[:, :length].to(device) * rollout.completion_mask  # ⊆ the completion
         if getattr(args, "mask_truncated_completions", False):  # GRPO and RLOO take this option
-            rollout.loss_mask = rollout.completion_mask * (~rollout.is_truncated).unsqueeze(1)
-        rollout.prompts = [r["prompt"] for r in rows]
+            rollout.loss_mask = rollout.loss_mask * (~rollout.is_truncated).unsqueeze(1)
+        if not rollout.prompts:  # a multi-turn rollout keeps the prompts its environments extended
+            rollout.prompts = [r["prompt"] for r in rows]
         rollout.columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
-        texts = tok.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        conversational = isinstance(rows[0]["prompt"], list)
-        rollout.completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        if not rollout.completions:  # a multi-turn rollout's are message lists with the tool turns already
+            texts = tok.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+            conversational = isinstance(rows[0]["prompt"], list)
+            rollout.completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
         ids_lists = [ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
         with self.phase("score"):
             rollout.rewards = self.reward_runner(rollout.prompts, rollout.completions, ids_lists, rollout.columns,
-                                                 trainer_state=self.state).to(device)
+                                                 trainer_state=self.state, **rollout.reward_kwargs).to(device)
             rollout.scores = self.reward_runner.weighted_sum(rollout.rewards)
             if torch.isnan(rollout.scores).all():
                 raise UserError(f"No reward function scored any of the {len(rows)} completions of this batch (every "
@@ -333,17 +352,30 @@ class OnlineTrainer(PostTrainer):
         offset = self.accelerator.process_index * len(rows) if self.model.training else 0
         counts = distributed.group_runs(offset, len(rows), args.num_generations)
         starts = [sum(counts[:i]) for i in range(len(counts))]
+        if self.rollout_func is not None:  # user code generates (TRL's rollout_func contract)
+            return custom_rollout(self.rollout_func, [rows[i]["prompt"] for i in starts], self, counts,
+                                  self.processing_class.pad_token_id, _eos_ids(self.model, self.processing_class))
+        if self.agent is not None:  # multi-turn: the model calls tools between turns (`rollout/agentic.py`)
+            with distributed.process_seed(self.accelerator, args.seed, self._micro_step):
+                return self.agent.run(rows, self._generate_turn, args.max_completion_length, args.max_prompt_length)
         prompt_ids = [self._prompt_ids(rows[i]["prompt"]) for i in starts]
         per_prompt = counts[0] if len(set(counts)) == 1 else counts
         return self.generate_completions(prompt_ids, per_prompt)
 
+    def _generate_turn(self, prompt_ids: list[list[int]], per_prompt, max_new_tokens: int):
+        """One turn of a multi-turn rollout: (token ids up to and including EOS, ended with EOS) per row."""
+        rollout = self.generate_completions(prompt_ids, per_prompt, max_new_tokens=max_new_tokens, seeded=False)
+        lengths = rollout.completion_mask.sum(1).tolist()
+        return [(ids[:n].tolist(), not truncated)
+                for ids, n, truncated in zip(rollout.completion_ids, lengths, rollout.is_truncated.tolist())]
+
     def generate_completions(self, prompt_ids: list[list[int]], per_prompt: int | list[int],
                              generation_kwargs: dict[str, Any] | None = None, max_new_tokens: int | None = None,
-                             seed_step: int | None = None):
+                             seed_step: int | None = None, seeded: bool = True):
         """A `Rollout` of the policy's completions of tokenised prompts (`per_prompt` each, or one count per
         prompt), sampled in eval mode through the vLLM engine (colocated or a server) when configured, else
         `rollout/hf.py`. Defaults: `generation_kwargs()`, max_completion_length, and the micro-step as the step of
-        the per-process seed."""
+        the per-process seed (seeded=False: no seed of its own)."""
         args = self.args
         kwargs = self.generation_kwargs() if generation_kwargs is None else generation_kwargs
         max_new_tokens = args.max_completion_length if max_new_tokens is None else max_new_tokens
@@ -352,7 +384,9 @@ class OnlineTrainer(PostTrainer):
         was_training = policy.training
         policy.eval()
         language_model = self.accelerator.unwrap_model(self.language_model())
-        with distributed.process_seed(self.accelerator, args.seed, seed_step):
+        # seeded=False: the caller holds the seed (a multi-turn rollout: one random stream for all its turns)
+        seeding = distributed.process_seed(self.accelerator, args.seed, seed_step) if seeded else None
+        with seeding or contextlib.nullcontext():
             if self.vllm is not None:  # the engine gets the policy's weights once per optimizer step
                 rollout = self.vllm.generate(language_model, self.processing_class, prompt_ids, per_prompt,
                                              max_new_tokens, kwargs, step=self.state.global_step)
@@ -385,12 +419,17 @@ class OnlineTrainer(PostTrainer):
     logps_at_sampling_temperature = True  # False: at temperature 1 (online DPO)
 
     def completion_logps(self, model, batch: dict[str, torch.Tensor], with_entropy: bool = False):
-        """(logps (B, C), model output dict) of the completion tokens at the sampling temperature (or at 1 where a
-        trainer sets `logps_at_sampling_temperature = False`).
+        """(logps (B, C), model output dict) of the trained completion tokens (`completion_mask` of the batch: the
+        rollout's loss mask) at the sampling temperature (or at 1 where a trainer sets
+        `logps_at_sampling_temperature = False`); 0 on every other column. With `with_entropy`, out["entropy_columns"]
+        (B, C) holds the entropy at the same columns (0 elsewhere).
 
+        Columns that carry no target (tool results of a multi-turn rollout, padding) may sit anywhere in the
+        completion: the log-prob pass returns the kept positions only, and they are put back at their columns.
         position_ids follow the attention mask so left-padded prompts see the positions generation gave them."""
         completion_mask = batch["completion_mask"]
-        prompt_len = batch["input_ids"].shape[1] - completion_mask.shape[1]
+        B, C = completion_mask.shape
+        prompt_len = batch["input_ids"].shape[1] - C
         labels = batch["input_ids"].clone()
         labels[:, :prompt_len] = -100
         labels[:, prompt_len:][completion_mask == 0] = -100
@@ -399,9 +438,14 @@ class OnlineTrainer(PostTrainer):
                                        "position_ids": position_ids, "labels": labels},
                                temperature=self.args.temperature if self.logps_at_sampling_temperature else 1.0,
                                with_entropy=with_entropy, shared_prefix=prompt_len)
-        logps = out["logps"]
-        if logps.shape[1] < completion_mask.shape[1]:  # masks are prefix-contiguous: only trailing columns lack
-            logps = torch.nn.functional.pad(logps, (0, completion_mask.shape[1] - logps.shape[1]))
+        columns = target_positions(labels) + 1 - prompt_len  # the completion column of each kept position
+        logps = out["logps"].new_zeros(B, C)
+        logps[:, columns] = out["logps"]
+        if with_entropy:
+            entropy = out["logps"].new_zeros(out["mask"].shape, dtype=torch.float32)
+            entropy = entropy.masked_scatter(out["mask"], out["entropy"].float())
+            out["entropy_columns"] = entropy.new_zeros(B, C)
+            out["entropy_columns"][:, columns] = entropy
         return logps, out
 
     @torch.no_grad()

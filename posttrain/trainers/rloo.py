@@ -24,6 +24,7 @@ class RLOOTrainer(OnlineTrainer):
 
     config_class = RLOOConfig
     method_name = "RLOO"
+    supports_tools = True
 
     def needs_old_logps(self) -> bool:
         return True  # the KL term of the reward and the ratio both use the sampling policy's log-probs
