@@ -162,7 +162,7 @@ API_CASES = [
      r"Row 1 of the train dataset has an empty or missing 'prompt' .*Remove such rows"),
     # every example longer than max_length
     ("sft-all-too-long", lambda p: _sft(p, _data("arith-sft"), max_length=2), ValueError,
-     r"Every train example lost all its trainable tokens .*max_length=2.*Raise max_length"),
+     r"Every train example was dropped \(no trainable token left after truncation to max_length=2\)\. Raise max_length"),
     ("dpo-all-too-long", lambda p: _dpo(p, _data("arith-pref"), max_length=3), ValueError,
      r"Every train example was dropped \(prompt fills max_length=3\)\. Raise max_length"),
     # an unknown loss_type: the valid ones are listed
@@ -374,6 +374,13 @@ CLI_CASES = [
     ("list-of-strings-as-prompt", lambda p: ["sft", *_base(p, _write(p, "l.jsonl", '{"prompt": ["a", "b"], '
                                                                        '"completion": "x"}\n'))],
      r"Column 'prompt' holds a list whose entry 0 is a str \('a'\), not a \{'role', 'content'\} message"),
+    ("completion-only-loss-on-plain-text", lambda p: ["sft", *_base(p, "posttrain/arith-lm"),
+                                                      "--completion_only_loss", "True"],
+     r"completion_only_loss=True needs prompt-completion data .*this train dataset is language modeling data"),
+    ("assistant-only-loss-without-assistant-turns", lambda p: ["sft", *_base(p, _write(
+        p, "u.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n')), "--assistant_only_loss", "True"],
+     r"Every train example was dropped \(no assistant turn to train on \(assistant_only_loss=True\)\)\. Give every "
+     r"row an assistant turn"),
     ("reward-function-raises-cli", lambda p: ["grpo", *_base(p, "posttrain/arith-prompts"), "--num_generations", "2",
                                               "--max_completion_length", "4",
                                               "--reward_funcs", _reward_file(p) + ":boom"],

@@ -115,7 +115,7 @@ def test_over_long_examples_are_dropped_and_all_dropped_is_an_error(tmp_path, ca
         trainer = SFTTrainer(MODEL, args=_args(tmp_path, max_length=26), train_dataset=data)
     assert len(trainer.train_dataset) < len(data)
     assert "dropped" in caplog.text
-    with pytest.raises(ValueError, match="lost all its trainable tokens"):
+    with pytest.raises(ValueError, match="no trainable token left after truncation"):
         SFTTrainer(MODEL, args=_args(tmp_path, max_length=2), train_dataset=data)
 
 

@@ -53,24 +53,30 @@ def prepare_sft_dataset(dataset, tokenizer, args, formatting_func: Callable | No
     else:
         dataset = _tokenize_sft(dataset, tokenizer, args, formatting_func, name)
     num_proc = args.dataset_num_proc
+    # rows with nothing to train on before any truncation: no assistant turn (assistant_only_loss), empty completions
+    why = ("no assistant turn to train on (assistant_only_loss=True)" if args.assistant_only_loss
+           else "no token to train on")
+    dataset = _drop_untrained(dataset, name, why, "Give every row an assistant turn, or set assistant_only_loss="
+                              "False." if args.assistant_only_loss else "Remove rows with empty completions.")
     if args.max_length is not None and not (packing and args.packing_strategy != "bfd"):
         dataset = dataset.map(tokenize.truncate, fn_kwargs={"max_length": args.max_length,
                                                           "mode": args.truncation_mode}, num_proc=num_proc,
                               desc=f"Truncating {name} dataset" if isinstance(dataset, datasets.Dataset) else None)
-    before = len(dataset) if isinstance(dataset, datasets.Dataset) else None
-    dataset = dataset.filter(lambda ex: any(ex["completion_mask"]), num_proc=num_proc)
-    if before is not None:
-        dropped = before - len(dataset)
-        if dropped:
-            logger.warning("%s dataset: dropped %d of %d examples with no trainable token left after truncation.",
-                           name, dropped, before)
-        if len(dataset) == 0:
-            raise UserError(f"Every {name} example lost all its trainable tokens (prompt longer than max_length="
-                            f"{args.max_length}?). Raise max_length or shorten the prompts.")
+    dataset = _drop_untrained(dataset, name, f"no trainable token left after truncation to max_length="
+                              f"{args.max_length}", "Raise max_length or shorten the prompts.")
     if packing:
         from posttrain.data.packing import pack_dataset
 
         dataset = pack_dataset(dataset, args.max_length, strategy=args.packing_strategy)
+    return dataset
+
+
+def _drop_untrained(dataset, name: str, why: str, fix: str):
+    """Drop rows without a trained token, with one warning saying why (an error when none is left)."""
+    before = len(dataset) if isinstance(dataset, datasets.Dataset) else None
+    dataset = dataset.filter(lambda ex: any(ex["completion_mask"]))
+    if before is not None:
+        _drop_report(before, len(dataset), name, why, fix)
     return dataset
 
 
@@ -88,6 +94,10 @@ def _tokenize_sft(dataset, tokenizer, args, formatting_func, name):
     kind = formats.require_type(columns, SFT_TYPES, "SFTTrainer", text_field)
     conversational = formats.is_conversational(_first_row(dataset))
     completion_only = args.completion_only_loss is not False  # None = auto: on for prompt-completion
+    if args.completion_only_loss is True and kind != "prompt_completion":
+        raise UserError(f"completion_only_loss=True needs prompt-completion data (columns 'prompt' and "
+                        f"'completion'); this {name} dataset is {kind.replace('_', ' ')} data, with no completion to "
+                        "restrict the loss to. Drop the option (or use assistant_only_loss for messages).")
     if args.assistant_only_loss and not conversational:
         raise UserError("assistant_only_loss=True needs conversational data (a 'messages' column or "
                         "conversational prompt/completion).")
