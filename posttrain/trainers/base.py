@@ -141,6 +141,19 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
         stack.enter_context(lm_head_chunking(getattr(self.args, "chunked_lm_head", "auto")))
         return stack
 
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """transformers' warnings after loading a checkpoint, without the expected one: a tied LM head is not saved
+        (it is the embedding), so "missing keys ['lm_head.weight']" on every resume said nothing; re-tie instead."""
+        model = self.accelerator.unwrap_model(self.model)
+        config = getattr(model, "config", None)
+        tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+        missing = [k for k in load_result.missing_keys if k.split("base_model.model.")[-1] not in tied]
+        if tied and len(missing) < len(load_result.missing_keys) and hasattr(model, "tie_weights"):
+            model.tie_weights()
+        load_result = type("LoadResult", (), {"missing_keys": missing,
+                                              "unexpected_keys": list(load_result.unexpected_keys)})()
+        super()._issue_warnings_after_load(load_result)
+
     # ---- loss normalisation ------------------------------------------------------------------------------------
     def count_loss_items(self, batch: dict[str, Any]) -> torch.Tensor:
         """Loss items in one micro-batch (default: trained target tokens). Subclasses count pairs, sequences…"""
