@@ -20,6 +20,9 @@ from posttrain.configs.cpo import CPOConfig
 from posttrain.configs.dpo import DPOConfig
 from posttrain.configs.grpo import GRPOConfig
 from posttrain.configs.kto import KTOConfig
+from posttrain.configs.online_dpo import OnlineDPOConfig
+from posttrain.configs.ppo import PPOConfig
+from posttrain.configs.rloo import RLOOConfig
 from posttrain.configs.sft import SFTConfig
 from posttrain.data.arith import load_builtin_dataset
 from posttrain.errors import RewardFunctionError
@@ -244,6 +247,41 @@ API_CASES = [
      r"No reward function scored any of the \d+ completions of this batch \(every one returned None or NaN: _none\)"),
     ("mixed-format-data-folder", lambda p: load_any_dataset(_mixed_folder(p), split="train"), ValueError,
      r"Dataset folder '.*data' holds files of several formats \(\.csv, \.jsonl\); only one would be read"),
+    # the online configs' own checks (one line each, raised when the config is built)
+    ("grpo-one-generation", lambda p: GRPOConfig(**_kw(p, num_generations=1)), ValueError,
+     r"num_generations must be >= 2 \(a group needs siblings to compare\), got 1"),
+    ("grpo-temperature-zero", lambda p: GRPOConfig(**_kw(p, temperature=0)), ValueError,
+     r"temperature must be > 0, got 0"),
+    ("grpo-entropy-quantile-zero", lambda p: GRPOConfig(**_kw(p, top_entropy_quantile=0)), ValueError,
+     r"top_entropy_quantile must be in \(0, 1\], got 0"),
+    ("grpo-loss-normalization", lambda p: GRPOConfig(**_kw(p, loss_normalization="local")), ValueError,
+     r"loss_normalization must be one of global, trl, got 'local'"),
+    ("grpo-epsilon-zero", lambda p: GRPOConfig(**_kw(p, epsilon=0)), ValueError, r"epsilon must be > 0, got 0"),
+    ("grpo-generation-kwargs-not-json", lambda p: GRPOConfig(**_kw(p, generation_kwargs="{bad")), ValueError,
+     r"generation_kwargs must be a JSON object, got '\{bad'"),
+    ("grpo-server-url-scheme", lambda p: GRPOConfig(**_kw(p, use_vllm=True, vllm_mode="server",
+                                                          vllm_server_base_url="ftp://x")), ValueError,
+     r"vllm_server_base_url must start with http:// or https://, got 'ftp://x'"),
+    ("grpo-generation-batch-and-steps", lambda p: GRPOConfig(**{**_kw(p), "per_device_train_batch_size": 4,
+                                                              "generation_batch_size": 16, "steps_per_generation": 3}),
+     ValueError, r"Set generation_batch_size or steps_per_generation, not both"),
+    ("rloo-clip-range-one-number", lambda p: RLOOConfig(**_kw(p, reward_clip_range=[1.0])), ValueError,
+     r"reward_clip_range needs two numbers \[low, high\], got \[1\.0\]"),
+    ("rloo-one-generation", lambda p: RLOOConfig(**_kw(p, num_generations=1)), ValueError,
+     r"num_generations must be >= 2 \(the baseline is the other completions of the prompt\)"),
+    ("ppo-kl-estimator", lambda p: PPOConfig(**_kw(p, kl_estimator="k9")), ValueError,
+     r"kl_estimator must be one of k1, k3, got 'k9'"),
+    ("ppo-gamma-above-one", lambda p: PPOConfig(**_kw(p, gamma=2.0)), ValueError, r"gamma must be in \[0, 1\], got 2"),
+    ("ppo-adaptive-kl-target-zero", lambda p: PPOConfig(**_kw(p, adaptive_kl=True, kl_target=0)), ValueError,
+     r"adaptive_kl needs kl_target > 0 and kl_horizon > 0"),
+    ("ppo-older-batch-size", lambda p: PPOConfig(**{**_kw(p), "per_device_train_batch_size": 2, "batch_size": 7}),
+     ValueError, r"batch_size \(7\) must be a multiple of mini_batch_size × gradient_accumulation_steps \(2\)"),
+    ("online-dpo-odd-batch", lambda p: OnlineDPOConfig(**{**_kw(p), "per_device_train_batch_size": 3}), ValueError,
+     r"per_device_train_batch_size counts completions \(2 per prompt\) and must be even"),
+    ("online-dpo-empty-beta", lambda p: OnlineDPOConfig(**_kw(p, beta=[])), ValueError,
+     r"beta is an empty list; give one value"),
+    ("model-init-kwargs-not-json", lambda p: SFTConfig(**_kw(p, model_init_kwargs="{bad")), ValueError,
+     r"model_init_kwargs must be a JSON object, got '\{bad'"),
 ]
 
 
