@@ -420,6 +420,8 @@ CLI_CASES = [
         p, "u.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n')), "--assistant_only_loss", "True"],
      r"Every train example was dropped \(no assistant turn to train on \(assistant_only_loss=True\)\)\. Give every "
      r"row an assistant turn"),
+    ("missing-chat-template-file", lambda p: ["sft", *_base(p), "--chat_template_path", str(p / "nothere.jinja")],
+     r"chat_template_path '.*nothere\.jinja' does not exist; give a \.jinja file"),
     ("reward-function-raises-cli", lambda p: ["grpo", *_base(p, "posttrain/arith-prompts"), "--num_generations", "2",
                                               "--max_completion_length", "4",
                                               "--reward_funcs", _reward_file(p) + ":boom"],
@@ -552,3 +554,23 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path, save
     assert (out / "checkpoint-1").is_dir()  # refused before anything was touched
     fresh(overwrite_output_dir=True).train()
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
+
+
+def test_a_model_id_the_hub_cannot_serve_fails_at_once(monkeypatch):
+    """Not a local path, not cached, and the Hub unreachable (or without it): one line after one short probe, not
+    a minute of retries inside from_pretrained."""
+    import huggingface_hub
+
+    from posttrain.errors import UserError
+    from posttrain.models import loading
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def unreachable(name, timeout=None):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    loading._hub_problem.cache_clear()
+    with pytest.raises(UserError, match=r"'someone/some-model' is not a local path .* the Hub cannot be reached"):
+        loading.resolve_model_path("someone/some-model")
+    loading._hub_problem.cache_clear()

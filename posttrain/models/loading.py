@@ -9,6 +9,7 @@ the GGUF reader itself (`models/gguf.py`), building built-in models (`models/bui
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -33,10 +34,35 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path.startswith("posttrain/"):
         raise UserError(f"Unknown built-in model {name_or_path!r}; available: "
                         f"{', '.join([*BUILTIN_MODELS, *packaged.PACKAGED_MODELS])}.")
-    if os.path.sep in name_or_path and not os.path.exists(name_or_path) and _is_missing_local(name_or_path):
-        raise UserError(f"Model path {name_or_path!r} does not exist. Give a local directory with config.json, "
-                        "a Hub id, or a built-in name such as posttrain/tiny.")
+    if os.path.sep in name_or_path and not os.path.exists(name_or_path):
+        if _is_missing_local(name_or_path):
+            raise UserError(f"Model path {name_or_path!r} does not exist. Give a local directory with config.json, "
+                            "a Hub id, or a built-in name such as posttrain/tiny.")
+        problem = _hub_problem(name_or_path)
+        if problem:
+            raise UserError(f"Model {name_or_path!r} is not a local path (no such directory here) and {problem}. Give "
+                            "a local directory with config.json, a reachable Hub id, or a built-in name.")
     return name_or_path
+
+
+@functools.lru_cache(maxsize=64)
+def _hub_problem(name: str) -> str:
+    """Why `name` cannot come from the Hub — "" when it can (or is cached, or we cannot tell). One probe with a short
+    timeout instead of the minute of retries `from_pretrained` spends when the Hub is unreachable."""
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return ""
+    try:
+        model_info(name, timeout=5)
+    except RepositoryNotFoundError:
+        return "the Hub has no model of that name"
+    except Exception as e:  # connection errors differ between huggingface_hub's HTTP backends
+        kind = type(e).__name__
+        if isinstance(e, OSError) or any(w in kind for w in ("Connect", "Timeout", "Network", "Offline")):
+            return f"the Hub cannot be reached from here ({kind})"
+    return ""
 
 
 def _is_missing_local(name: str) -> bool:
@@ -119,6 +145,9 @@ def prepare_tokenizer(tokenizer, eos_token: str | None = None, pad_token: str | 
         logger.info("The tokenizer has no pad token; using its EOS token %r for padding.", tok.eos_token)
     if chat_template_path is not None:
         chat_template_path = builtin_chat_template_path(chat_template_path)
+        if not os.path.exists(chat_template_path) and chat_template_path.endswith((".jinja", ".j2", ".json")):
+            raise UserError(f"chat_template_path {chat_template_path!r} does not exist; give a .jinja file, a "
+                            "tokenizer directory or id, or a built-in template such as posttrain/chatml-tools.")
         if os.path.isfile(chat_template_path):
             with open(chat_template_path) as f:
                 tok.chat_template = f.read()
