@@ -46,14 +46,14 @@ def _check_accepts_kwargs(func: Any, name: str) -> None:
                         f"`def {name}(completions, **kwargs)`.")
 
 
-def _import_module(module: str, spec: str):
+def _import_module(module: str, spec: str, what: str = "reward function"):
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)  # as `python -m` does, so a rewards.py beside the config is found
     if module.endswith(".py"):
         path = os.path.abspath(module)
         if not os.path.isfile(path):
-            raise UserError(f"Cannot load reward function {spec!r}: file {module!r} does not exist.")
+            raise UserError(f"Cannot load {what} {spec!r}: file {module!r} does not exist.")
         name = "posttrain_user_rewards_" + re.sub(r"\W", "_", path)
         loader_spec = importlib.util.spec_from_file_location(name, path)
         loaded = importlib.util.module_from_spec(loader_spec)
@@ -63,19 +63,20 @@ def _import_module(module: str, spec: str):
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        raise UserError(f"Cannot load reward function {spec!r}: {e} (looked in the working directory {cwd} and "
+        raise UserError(f"Cannot load {what} {spec!r}: {e} (looked in the working directory {cwd} and "
                         "sys.path).") from e
 
 
-def load_function(spec: str):
-    """The callable named by `module:function`, `file.py:function` or `module.function`."""
+def load_function(spec: str, what: str = "reward function"):
+    """The callable named by `module:function`, `file.py:function` or `module.function` (`what` names it in
+    errors: a reward function, a tool, an environment factory)."""
     match = _COLON_PATH.match(spec) or _DOTTED_PATH.match(spec)
     if match is None:
         raise UserError(f"{spec!r} is not a 'module:function' or 'module.function' path.")
-    target = _import_module(match["module"], spec)
+    target = _import_module(match["module"], spec, what)
     for part in match["attr"].split("."):
         if not hasattr(target, part):
-            raise UserError(f"Cannot load reward function {spec!r}: module {match['module']!r} has no attribute "
+            raise UserError(f"Cannot load {what} {spec!r}: module {match['module']!r} has no attribute "
                             f"{match['attr']!r}.")
         target = getattr(target, part)
     if not callable(target):

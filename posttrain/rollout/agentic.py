@@ -283,9 +283,9 @@ def agentic_rollouts(tokenizer, args, tools=None, environment_factory=None, roll
     `args.environment_factory` ('module:function' paths, the CLI's flags) stand in for arguments not given."""
     from posttrain.rewards.resolve import load_function
 
-    tools = tools if tools is not None else [load_function(spec) for spec in getattr(args, "tools", None) or []]
+    tools = tools if tools is not None else [load_function(spec, "tool") for spec in getattr(args, "tools", None) or []]
     if environment_factory is None and getattr(args, "environment_factory", None):
-        environment_factory = load_function(args.environment_factory)
+        environment_factory = load_function(args.environment_factory, "environment factory")
     tools = list(tools) if isinstance(tools, (list, tuple)) else [tools] if tools else []
     for tool in tools:
         if not callable(tool):
