@@ -89,9 +89,9 @@ def model_params(name: str) -> dict:
     import torch
     import transformers
 
-    from posttrain.models.builtin import builtin_model_path
+    from posttrain.models.loading import resolve_model_path
 
-    config = transformers.AutoConfig.from_pretrained(builtin_model_path(name))
+    config = transformers.AutoConfig.from_pretrained(resolve_model_path(name))
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())

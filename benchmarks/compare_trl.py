@@ -72,6 +72,27 @@ CPU_ONLY_VARIANTS = ("posttrain-bf16", "trl-best-fp32")  # on a GPU: posttrain's
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# Workload presets: flag values (explicit flags win) and what the shape stands for.
+WORKLOADS = {
+    "grpo-small-groups": ({"generations": 4, "grpo_prompts": 2, "max_new_tokens": 64},
+                          "GRPO with small groups and short completions: 8 completions = 2 prompts × 4, "
+                          "≤ 64 new tokens"),
+    "smollm2": ({"min_tokens": 32, "max_tokens": 128, "grpo_prompts": 2, "generations": 4, "max_new_tokens": 64},
+                "sizes that keep a 135M-parameter model's steps to seconds on one core: prompts and completions "
+                "32–128 tokens, GRPO 8 completions = 2 prompts × 4, ≤ 64 new tokens"),
+}
+
+
+def apply_workload(parser, opts) -> None:
+    """Fill the flags a --workload preset sets, unless given on the command line."""
+    if not getattr(opts, "workload", None):
+        return
+    given = {a.split("=")[0].lstrip("-") for a in sys.argv[1:] if a.startswith("--")}
+    for key, value in WORKLOADS[opts.workload][0].items():
+        if key not in given:
+            setattr(opts, key, value)
+
+
 def workload_args(opts) -> list[str]:
     """The flags that fix the workload, as a worker's command line takes them."""
     return ["--device", opts.device, "--model", opts.model, "--batch", str(opts.batch), "--steps", str(opts.steps),
@@ -130,9 +151,10 @@ def _memory_peak() -> float:
 
 
 def _model_path(name: str) -> str:
-    from posttrain.models.builtin import builtin_model_path
+    """The local directory of a built-in or packaged model (TRL takes paths, not posttrain's names)."""
+    from posttrain.models.loading import resolve_model_path
 
-    return builtin_model_path(name)
+    return resolve_model_path(name)
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -230,6 +252,8 @@ def _config_kwargs(task: str, variant: str, out: str) -> dict:
         kw.update(gradient_checkpointing=False, bf16=variant.endswith("bf16"))
     if variant == "posttrain-bf16":
         kw["bf16"] = True
+    if variant.startswith("posttrain") and os.environ.get("POSTTRAIN_BENCH_OPTIONS"):  # A/B runs of one option
+        kw.update(json.loads(os.environ["POSTTRAIN_BENCH_OPTIONS"]))
     return kw
 
 
@@ -428,6 +452,7 @@ def spawn(task: str, variant: str, args: list[str] = (), timeout: float | None =
 
 def main() -> None:
     from posttrain.models.builtin import BUILTIN_MODELS, SHAPED_MODELS
+    from posttrain.models.packaged import PACKAGED_MODELS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
@@ -436,9 +461,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="Where models, the plain loop and the matmul peak run (auto: cuda when torch sees one).")
-    parser.add_argument("--model", default=MODEL, choices=list(BUILTIN_MODELS) + list(SHAPED_MODELS),
-                        help="A built-in model (random weights, built locally); posttrain/shape-qwen2-0.5b is "
-                        "Qwen2-0.5B's shape.")
+    parser.add_argument("--model", default=MODEL,
+                        choices=list(BUILTIN_MODELS) + list(SHAPED_MODELS) + list(PACKAGED_MODELS),
+                        help="A built-in model (random weights, built locally; posttrain/shape-qwen2-0.5b is "
+                        "Qwen2-0.5B's shape) or a packaged real one (posttrain/smollm2-135m-instruct).")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS),
+                        help="A preset of the workload flags (flags given explicitly still win): "
+                        + "; ".join(f"{k}: {v[1]}" for k, v in sorted(WORKLOADS.items())) + ".")
     parser.add_argument("--batch", type=int, default=BATCH, help="Rows per step (SFT, DPO, reward, KTO).")
     parser.add_argument("--steps", type=int, default=STEPS, help="Optimizer steps per run (the first is warm-up).")
     parser.add_argument("--min_tokens", type=int, default=MIN_TOKENS, help="Shortest prompt / completion window.")
@@ -458,6 +487,7 @@ def main() -> None:
     parser.add_argument("--report_only", action="store_true", help="Rewrite OUT from OUT's .json without running.")
     parser.add_argument("--worker", nargs=2, metavar=("TASK", "VARIANT"), help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    apply_workload(parser, opts)
     if opts.steps < 2:
         parser.error("--steps must be at least 2 (the first step is warm-up and not timed)")
     configure(opts)

@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 
 from posttrain.errors import UserError
 from posttrain.models import adapters, loading, sharding
+from posttrain.models.packed_attention import use_packed_attention
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
@@ -104,6 +105,8 @@ class Reference:
             freeze(ref_model)
             if args.disable_dropout:
                 loading.disable_dropout(ref_model)
+            if getattr(args, "packed_attention", False):
+                use_packed_attention(ref_model)  # its padded log-prob passes run as packed rows
             ref_model = sharding.prepare_frozen(trainer.accelerator, ref_model, args)
         reference = cls(ref_model, trainer.accelerator.unwrap_model)
         if getattr(args, "sync_ref_model", False):

@@ -147,7 +147,8 @@ class OnlineTrainer(PostTrainer):
     @contextlib.contextmanager
     def phase(self, name: str):
         start = time.perf_counter()
-        yield
+        with torch.profiler.record_function(f"phase:{name}"):  # names the phase in a profile (profile_step.py)
+            yield
         self.record_metrics({f"timing/{name}": time.perf_counter() - start})
 
     def _prepare_inputs(self, rows):
