@@ -5,6 +5,15 @@
     python benchmarks/compare_trl.py --worker dpo posttrain  # one run in this process, prints one JSON line
     python benchmarks/compare_trl.py --device cuda --model posttrain/shape-qwen2-0.5b --batch 16 \
         --min_tokens 128 --max_tokens 384 --grpo_prompts 4 --out /tmp/RESULTS-gpu.md   # a GPU (benchmarks/gpu_run.sh)
+    taskset -c 0 python benchmarks/compare_trl.py --model posttrain/smollm2-135m-instruct --workload smollm2 \
+        --threads 1 --out benchmarks/RESULTS-smollm2.md      # the real model (benchmarks/RESULTS-smollm2.md)
+    python benchmarks/compare_trl.py --tasks grpo --model posttrain/tiny-15m --workload grpo-small-groups
+
+`--model` takes the built-in models and the packaged real one (`posttrain/smollm2-135m-instruct`, SmolLM2-135M-
+Instruct: TRL gets its converted checkpoint directory). `--workload NAME` fills the workload flags from a preset
+(flags given explicitly still win): `smollm2` (prompts and completions 32–128 tokens, GRPO 2 prompts × 4
+completions of ≤ 64 tokens: a 135M model's steps stay at seconds on one core) and `grpo-small-groups` (GRPO with
+4 completions per prompt, ≤ 64 new tokens, 8 completions per step).
 
 Every run is a fresh process (so peak memory is that run's alone) and the same call form for both libraries —
 `from posttrain import DPOTrainer` or `from trl import DPOTrainer`, the same config keys — on the same model, rows,
@@ -56,7 +65,8 @@ import subprocess
 import sys
 import time
 
-from compare_report import TASKS, VARIANTS, describe_machine, measure_peaks, write_report
+from compare_report import (TASKS, VARIANTS, WORKLOADS, apply_workload, describe_machine, measure_peaks,
+                            write_report)
 
 MODEL = "posttrain/tiny-15m"
 BATCH = 8
@@ -70,27 +80,6 @@ BF16_VARIANTS = ("posttrain-bf16", "trl-best-bf16")  # run only where bf16 is na
 PLAIN_TASKS = ("sft", "dpo", "reward")
 CPU_ONLY_VARIANTS = ("posttrain-bf16", "trl-best-fp32")  # on a GPU: posttrain's default is bf16; fp32 is not TRL's best
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-# Workload presets: flag values (explicit flags win) and what the shape stands for.
-WORKLOADS = {
-    "grpo-small-groups": ({"generations": 4, "grpo_prompts": 2, "max_new_tokens": 64},
-                          "GRPO with small groups and short completions: 8 completions = 2 prompts × 4, "
-                          "≤ 64 new tokens"),
-    "smollm2": ({"min_tokens": 32, "max_tokens": 128, "grpo_prompts": 2, "generations": 4, "max_new_tokens": 64},
-                "sizes that keep a 135M-parameter model's steps to seconds on one core: prompts and completions "
-                "32–128 tokens, GRPO 8 completions = 2 prompts × 4, ≤ 64 new tokens"),
-}
-
-
-def apply_workload(parser, opts) -> None:
-    """Fill the flags a --workload preset sets, unless given on the command line."""
-    if not getattr(opts, "workload", None):
-        return
-    given = {a.split("=")[0].lstrip("-") for a in sys.argv[1:] if a.startswith("--")}
-    for key, value in WORKLOADS[opts.workload][0].items():
-        if key not in given:
-            setattr(opts, key, value)
 
 
 def workload_args(opts) -> list[str]:

@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import compare_trl  # noqa: E402
+import compare_trl
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv", "aten::dot")
 MEMORY = ("aten::copy_", "aten::fill_", "aten::zero_", "aten::empty", "aten::empty_strided", "aten::cat",
@@ -43,7 +43,7 @@ def _category(event, vocab: int, ancestor: str | None) -> str:
         return "LM head element-wise (log-softmax, its gradient)"
     if name in MEMORY:
         return "memory (copies, fills, new tensors)"
-    if name.startswith("aten::") or name.startswith("torch::autograd") or "Backward" in name:
+    if name.startswith(("aten::", "torch::autograd")) or "Backward" in name:
         return "norms, activations, other element-wise"
     return "other"
 
@@ -61,9 +61,9 @@ def _ancestor(event) -> str | None:
 
 
 def profile(task: str, steps: int) -> dict:
-    import torch
     import transformers
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     import posttrain as lib
 

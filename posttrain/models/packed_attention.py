@@ -16,6 +16,8 @@ Not here: building packed rows (`data/collators.py`, `data/packing.py`).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -52,13 +54,16 @@ def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     out = torch.cat([F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
                                                     is_causal=True, scale=scaling)
-                     for a, b in zip(bounds[:-1], bounds[1:])], dim=2)
+                     for a, b in itertools.pairwise(bounds)], dim=2)
     return out.transpose(1, 2).contiguous(), None
 
 
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
 
     if NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(NAME, packed_sdpa)
