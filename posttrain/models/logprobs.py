@@ -207,11 +207,13 @@ def forward_target_rows(model: torch.nn.Module, input_ids: torch.Tensor, labels:
 
 def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,
                      with_log_sum_p2: bool = False, with_entropy: bool = False, with_metrics: bool = False,
-                     chunked_lm_head: str | bool | None = None, shared_prefix: int = 0) -> dict[str, torch.Tensor]:
+                     chunked_lm_head: str | bool | None = None, shared_prefix: int = 0,
+                     pack_rows: bool = True) -> dict[str, torch.Tensor]:
     """Per-token log-probs of each row's trained tokens (completions), laid out per row.
 
     Args: batch with input_ids, labels (R, T), optional attention_mask/position_ids; `chunked_lm_head` as in
-    `token_logps`; `shared_prefix` as in `forward_target_rows` (equal prompts run once).
+    `token_logps`; `shared_prefix` and `pack_rows` as in `forward_target_rows` (equal prompts run once, padded
+    rows may run as one packed row).
     Returns: {"logps": (R, K) log-probs (0 where not trained), "mask": (R, K) bool, "targets": (N,)}, plus
     "log_sum_p2": (R, K) log Σ_v p_v² when asked (WPO), "entropy": (N,) entropy at `temperature` when asked, and
     with `with_metrics` "logits_mean": (N,) mean raw logit per trained token (for the logits/* metrics) and
@@ -222,7 +224,7 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], tem
     hidden, head, logits, targets, valid, _ = forward_target_rows(model, batch["input_ids"], batch["labels"],
                                                                   batch.get("attention_mask"),
                                                                   batch.get("position_ids"), shared_prefix,
-                                                                  pack_rows=True)
+                                                                  pack_rows=pack_rows)
     stats = token_logps(logits, targets, temperature, with_entropy=with_entropy, with_metrics=with_metrics,
                         with_log_sum_p2=with_log_sum_p2, hidden=hidden, head=head, chunked_lm_head=chunked_lm_head)
     flat = stats.pop("logps")

@@ -380,6 +380,7 @@ class OnlineTrainer(PostTrainer):
 
     # ---- log-probs ------------------------------------------------------------------------------------------
     logps_at_sampling_temperature = True  # False: at temperature 1 (online DPO)
+    pack_log_prob_rows = True  # False where the policy's own pass runs padded (PPO): both sides the same arithmetic
 
     def completion_logps(self, model, batch: dict[str, torch.Tensor], with_entropy: bool = False):
         """(logps (B, C), model output dict) of the completion tokens at the sampling temperature (or at 1 where a
@@ -395,7 +396,8 @@ class OnlineTrainer(PostTrainer):
         out = completion_logps(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                                        "position_ids": position_ids, "labels": labels},
                                temperature=self.args.temperature if self.logps_at_sampling_temperature else 1.0,
-                               with_entropy=with_entropy, shared_prefix=prompt_len)
+                               with_entropy=with_entropy, shared_prefix=prompt_len,
+                               pack_rows=self.pack_log_prob_rows)
         logps = out["logps"]
         if logps.shape[1] < completion_mask.shape[1]:  # masks are prefix-contiguous: only trailing columns lack
             logps = torch.nn.functional.pad(logps, (0, completion_mask.shape[1] - logps.shape[1]))
