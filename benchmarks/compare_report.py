@@ -1,5 +1,6 @@
-"""The report side of `compare_trl.py`: workload presets, the machine's matmul ceilings, model FLOPs per token, and
-RESULTS.md written from the runs' figures (also alone: `compare_trl.py --report_only` rewrites RESULTS.md from RESULTS.json).
+"""The report side of `compare_trl.py`: workload presets, the machine's matmul ceilings, model FLOPs per token,
+and RESULTS.md written from the runs' figures (also alone: `compare_trl.py --report_only` rewrites RESULTS.md
+from RESULTS.json).
 
 Not here: running the variants and measuring them (`compare_trl.py`).
 """

@@ -124,8 +124,8 @@ class PostTrainConfig(TrainingArguments):
     lean_layers: bool = field(default=True, metadata={"help": "Run the RMSNorm and SwiGLU MLP layers of "
                               "Llama/Qwen2/Mistral-style models through functions that keep fewer activations for "
                               "the backward and recompute their element-wise parts (no matmul is recomputed): the "
-                              "same results with less memory (SmolLM2-135M: ~38% fewer saved floats per token). "
-                              "Off under DeepSpeed/FSDP."})
+                              "same results with less memory (SmolLM2-135M: ~4,200 of ~11,000 saved floats per "
+                              "token fewer). Off under DeepSpeed/FSDP."})
 
     packed_attention: bool = field(default=True, metadata={"help": "Give a model under sdpa attention the "
                                    "packed attention (one causal SDPA call per document of a packed row), and run "

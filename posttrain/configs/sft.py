@@ -43,8 +43,9 @@ class SFTConfig(PostTrainConfig):
                                   "choices": list(PACKING_STRATEGIES)})
     padding_free: bool | None = field(default=None, metadata={"help": "Flatten each batch into one row with "
                                       "restarting position_ids instead of padding; each document then runs its own "
-                                      "SDPA call (models/packed_attention.py). Default: on with packed_attention, unless "
-                                      "model_init_kwargs asks for another attention implementation than sdpa."})
+                                      "SDPA call (models/packed_attention.py). Default: on with packed_attention, "
+                                      "unless model_init_kwargs asks for another attention implementation than "
+                                      "sdpa."})
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple of this."})
     eval_packing: bool | None = field(default=None, metadata={"help": "Pack the eval set (default: as `packing`)."})
     completion_only_loss: bool | None = field(default=None, metadata={"help": "Train only on completions of "

@@ -1,5 +1,5 @@
-"""Lean layers: the RMSNorm and SwiGLU MLP of Llama/Qwen2/Mistral-style models as autograd functions that keep
-fewer activations for the backward and recompute the element-wise rest there (selective activation
+"""Lean layers: the RMSNorm and SwiGLU MLP of Llama/Qwen2/Mistral-style models as autograd functions that
+keep fewer activations for the backward and recompute the element-wise rest there (selective activation
 checkpointing of the cheap parts: no matmul is recomputed).
 
 Per token and layer, transformers' modules keep for the backward: each RMSNorm its input, its normalised output
@@ -12,8 +12,9 @@ tests/test_lean_layers.py).
 `apply_lean_layers(model)` patches the `forward` of the modules it recognises in place (instance attributes, so
 saving, loading and `state_dict` are unchanged); anything else — LoRA-wrapped or biased projections, other
 activations, Gemma's (1 + weight) norm — keeps its own forward. Under autocast the MLP casts its input and
-weights to the autocast dtype itself, as autocast would for the three linears. Not under ZeRO-3/FSDP: they gather weights in the Linear
-modules' hooks, which the fused MLP bypasses (`trainers/base.py` does not call it there).
+weights to the autocast dtype itself, as autocast would for the three linears. Not under ZeRO-3/FSDP: they
+gather weights in the Linear modules' hooks, which the fused MLP bypasses (`trainers/base.py` does not call it
+there).
 
 Not here: the LM head and log-softmax (`models/logprobs.py`), full gradient checkpointing (transformers).
 """
