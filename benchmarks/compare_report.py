@@ -1,5 +1,6 @@
-"""The report side of `compare_trl.py`: the machine's matmul ceilings, model FLOPs per token, and RESULTS.md written
-from the runs' figures (also alone: `compare_trl.py --report_only` rewrites RESULTS.md from RESULTS.json).
+"""The report side of `compare_trl.py`: workload presets, the machine's matmul ceilings, model FLOPs per token,
+and RESULTS.md written from the runs' figures (also alone: `compare_trl.py --report_only` rewrites RESULTS.md
+from RESULTS.json).
 
 Not here: running the variants and measuring them (`compare_trl.py`).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 
 TASKS = ("sft", "dpo", "grpo", "reward", "kto")
@@ -21,6 +23,27 @@ KEPT_SECTION = "## Techniques"
 # Runs stored before these options existed: the defaults above, on a CPU.
 DEFAULT_WORKLOAD = {"model": "posttrain/tiny-15m", "device": "cpu", "batch": 8, "steps": 6, "tokens": [64, 256],
                     "grpo_batch": 16, "generations": 8, "max_new_tokens": 128}
+
+
+# Workload presets: flag values (explicit flags win) and what the shape stands for.
+WORKLOADS = {
+    "grpo-small-groups": ({"generations": 4, "grpo_prompts": 2, "max_new_tokens": 64},
+                          "GRPO with small groups and short completions: 8 completions = 2 prompts × 4, "
+                          "≤ 64 new tokens"),
+    "smollm2": ({"min_tokens": 32, "max_tokens": 128, "grpo_prompts": 2, "generations": 4, "max_new_tokens": 64},
+                "sizes that keep a 135M-parameter model's steps to seconds on one core: prompts and completions "
+                "32–128 tokens, GRPO 8 completions = 2 prompts × 4, ≤ 64 new tokens"),
+}
+
+
+def apply_workload(parser, opts) -> None:
+    """Fill the flags a --workload preset sets, unless given on the command line."""
+    if not getattr(opts, "workload", None):
+        return
+    given = {a.split("=")[0].lstrip("-") for a in sys.argv[1:] if a.startswith("--")}
+    for key, value in WORKLOADS[opts.workload][0].items():
+        if key not in given:
+            setattr(opts, key, value)
 
 
 # ---- machine ceilings ---------------------------------------------------------------------------------------
@@ -89,9 +112,9 @@ def model_params(name: str) -> dict:
     import torch
     import transformers
 
-    from posttrain.models.builtin import builtin_model_path
+    from posttrain.models.loading import resolve_model_path
 
-    config = transformers.AutoConfig.from_pretrained(builtin_model_path(name))
+    config = transformers.AutoConfig.from_pretrained(resolve_model_path(name))
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())

@@ -5,6 +5,15 @@
     python benchmarks/compare_trl.py --worker dpo posttrain  # one run in this process, prints one JSON line
     python benchmarks/compare_trl.py --device cuda --model posttrain/shape-qwen2-0.5b --batch 16 \
         --min_tokens 128 --max_tokens 384 --grpo_prompts 4 --out /tmp/RESULTS-gpu.md   # a GPU (benchmarks/gpu_run.sh)
+    taskset -c 0 python benchmarks/compare_trl.py --model posttrain/smollm2-135m-instruct --workload smollm2 \
+        --threads 1 --out benchmarks/RESULTS-smollm2.md      # the real model (benchmarks/RESULTS-smollm2.md)
+    python benchmarks/compare_trl.py --tasks grpo --model posttrain/tiny-15m --workload grpo-small-groups
+
+`--model` takes the built-in models and the packaged real one (`posttrain/smollm2-135m-instruct`, SmolLM2-135M-
+Instruct: TRL gets its converted checkpoint directory). `--workload NAME` fills the workload flags from a preset
+(flags given explicitly still win): `smollm2` (prompts and completions 32–128 tokens, GRPO 2 prompts × 4
+completions of ≤ 64 tokens: a 135M model's steps stay at seconds on one core) and `grpo-small-groups` (GRPO with
+4 completions per prompt, ≤ 64 new tokens, 8 completions per step).
 
 Every run is a fresh process (so peak memory is that run's alone) and the same call form for both libraries —
 `from posttrain import DPOTrainer` or `from trl import DPOTrainer`, the same config keys — on the same model, rows,
@@ -56,7 +65,8 @@ import subprocess
 import sys
 import time
 
-from compare_report import TASKS, VARIANTS, describe_machine, measure_peaks, write_report
+from compare_report import (TASKS, VARIANTS, WORKLOADS, apply_workload, describe_machine, measure_peaks,
+                            write_report)
 
 MODEL = "posttrain/tiny-15m"
 BATCH = 8
@@ -130,9 +140,10 @@ def _memory_peak() -> float:
 
 
 def _model_path(name: str) -> str:
-    from posttrain.models.builtin import builtin_model_path
+    """The local directory of a built-in or packaged model (TRL takes paths, not posttrain's names)."""
+    from posttrain.models.loading import resolve_model_path
 
-    return builtin_model_path(name)
+    return resolve_model_path(name)
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -230,6 +241,8 @@ def _config_kwargs(task: str, variant: str, out: str) -> dict:
         kw.update(gradient_checkpointing=False, bf16=variant.endswith("bf16"))
     if variant == "posttrain-bf16":
         kw["bf16"] = True
+    if variant.startswith("posttrain") and os.environ.get("POSTTRAIN_BENCH_OPTIONS"):  # A/B runs of one option
+        kw.update(json.loads(os.environ["POSTTRAIN_BENCH_OPTIONS"]))
     return kw
 
 
@@ -428,6 +441,7 @@ def spawn(task: str, variant: str, args: list[str] = (), timeout: float | None =
 
 def main() -> None:
     from posttrain.models.builtin import BUILTIN_MODELS, SHAPED_MODELS
+    from posttrain.models.packaged import PACKAGED_MODELS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
@@ -436,9 +450,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="Where models, the plain loop and the matmul peak run (auto: cuda when torch sees one).")
-    parser.add_argument("--model", default=MODEL, choices=list(BUILTIN_MODELS) + list(SHAPED_MODELS),
-                        help="A built-in model (random weights, built locally); posttrain/shape-qwen2-0.5b is "
-                        "Qwen2-0.5B's shape.")
+    parser.add_argument("--model", default=MODEL,
+                        choices=list(BUILTIN_MODELS) + list(SHAPED_MODELS) + list(PACKAGED_MODELS),
+                        help="A built-in model (random weights, built locally; posttrain/shape-qwen2-0.5b is "
+                        "Qwen2-0.5B's shape) or a packaged real one (posttrain/smollm2-135m-instruct).")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS),
+                        help="A preset of the workload flags (flags given explicitly still win): "
+                        + "; ".join(f"{k}: {v[1]}" for k, v in sorted(WORKLOADS.items())) + ".")
     parser.add_argument("--batch", type=int, default=BATCH, help="Rows per step (SFT, DPO, reward, KTO).")
     parser.add_argument("--steps", type=int, default=STEPS, help="Optimizer steps per run (the first is warm-up).")
     parser.add_argument("--min_tokens", type=int, default=MIN_TOKENS, help="Shortest prompt / completion window.")
@@ -458,6 +476,7 @@ def main() -> None:
     parser.add_argument("--report_only", action="store_true", help="Rewrite OUT from OUT's .json without running.")
     parser.add_argument("--worker", nargs=2, metavar=("TASK", "VARIANT"), help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    apply_workload(parser, opts)
     if opts.steps < 2:
         parser.error("--steps must be at least 2 (the first step is warm-up and not timed)")
     configure(opts)

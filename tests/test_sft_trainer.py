@@ -70,7 +70,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 
 def test_padding_free_matches_padded(tmp_path):
-    loss_a, params_a = _one_sgd_step(tmp_path, "a", per_device_train_batch_size=8)
+    loss_a, params_a = _one_sgd_step(tmp_path, "a", per_device_train_batch_size=8, padding_free=False)
     loss_b, params_b = _one_sgd_step(tmp_path, "b", per_device_train_batch_size=8, padding_free=True)
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     for name in params_a:

@@ -41,8 +41,11 @@ class SFTConfig(PostTrainConfig):
     packing_strategy: str = field(default="bfd", metadata={"help": "bfd (best-fit decreasing, truncates over-long "
                                   "examples), bfd_split (splits them) or wrapped (concatenate and cut).",
                                   "choices": list(PACKING_STRATEGIES)})
-    padding_free: bool = field(default=False, metadata={"help": "Flatten each batch into one row with restarting "
-                               "position_ids instead of padding."})
+    padding_free: bool | None = field(default=None, metadata={"help": "Flatten each batch into one row with "
+                                      "restarting position_ids instead of padding; each document then runs its own "
+                                      "SDPA call (models/packed_attention.py). Default: on with packed_attention, "
+                                      "unless model_init_kwargs asks for another attention implementation than "
+                                      "sdpa."})
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple of this."})
     eval_packing: bool | None = field(default=None, metadata={"help": "Pack the eval set (default: as `packing`)."})
     completion_only_loss: bool | None = field(default=None, metadata={"help": "Train only on completions of "
@@ -65,6 +68,9 @@ class SFTConfig(PostTrainConfig):
         super().__post_init__()
 
     def validate(self) -> None:
+        if self.padding_free is None:  # measured: 1.36x the padded step on SmolLM2 (benchmarks/RESULTS-smollm2.md)
+            attention = (self.model_init_kwargs or {}).get("attn_implementation") or "sdpa"
+            self.padding_free = attention == "sdpa" and self.packed_attention
         check(self.loss_type in SFT_LOSSES,
               f"Unknown loss_type {self.loss_type!r} for SFT; choose one of: {', '.join(SFT_LOSSES)}.")
         check(self.packing_strategy in PACKING_STRATEGIES,

@@ -101,9 +101,40 @@ def forward_target_logits(model: torch.nn.Module, input_ids: torch.Tensor, label
     return (head(hidden) if logits is None else logits), targets, valid, output
 
 
+def _pack_instead(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  position_ids: torch.Tensor | None, prefix: int, model_kwargs: dict) -> bool:
+    """Whether to run the batch as one packed row (`pack_rows`): the model runs the packed attention, the batch
+    has padding, and dropping the padding saves more tokens than running the shared prefix once would."""
+    from posttrain.models.packed_attention import NAME
+
+    config = getattr(_base_model(model), "config", None)
+    if (model_kwargs or attention_mask is None or attention_mask.dim() != 2 or input_ids.shape[0] < 2
+            or getattr(config, "_attn_implementation", None) != NAME or collective_forwards(model)
+            or (position_ids is not None and position_ids.dim() != 2)):
+        return False
+    pads = int(attention_mask.numel() - attention_mask.sum())
+    if pads == 0:
+        return False
+    if prefix > 0:
+        key = torch.cat([input_ids[:, :prefix], attention_mask[:, :prefix].to(input_ids.dtype)], dim=1)
+        shared = (input_ids.shape[0] - torch.unique(key, dim=0).shape[0]) * prefix
+        return pads > shared
+    return True
+
+
+def _packed_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor | None) -> tuple[object, torch.Tensor]:
+    """Run the real tokens of a padded (B, T) batch as one row (1, S) whose positions restart per row (the
+    packed attention gives each row its own causal attention). Returns the output and (B, T) → packed index."""
+    real = attention_mask.bool()
+    positions = positions_from_mask(attention_mask) if position_ids is None else position_ids
+    output = model(input_ids=input_ids[real][None], position_ids=positions[real][None], use_cache=False)
+    return output, real.reshape(-1).long().cumsum(0).sub_(1).view_as(real)
+
+
 def forward_target_rows(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                         attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                        shared_prefix: int = 0, **model_kwargs):
+                        shared_prefix: int = 0, pack_rows: bool = False, **model_kwargs):
     """`forward_target_logits` that may stop before the LM head: returns (hidden (N, H), head, None, targets,
     valid, output) when the head can run apart from the model, else (None, None, logits (N, V), targets, valid,
     output).
@@ -118,6 +149,9 @@ def forward_target_rows(model: torch.nn.Module, input_ids: torch.Tensor, labels:
     `shared_prefix` > 0 (left-padded prompts followed by completions, e.g. a GRPO group): rows whose first
     columns — up to `shared_prefix` and before the first trained target — are equal run them once
     (`models/shared_prefix.py`); the results are those of the plain forward.
+    `pack_rows` (callers that use only the returned hidden states): a padded batch runs as one packed row
+    without its padding when the model runs the packed attention (`models/packed_attention.py`) and that saves
+    more than the shared prefix; the output then covers the packed row.
     """
     keep = target_positions(labels)
     targets = labels[:, keep + 1]
@@ -136,9 +170,18 @@ def forward_target_rows(model: torch.nn.Module, input_ids: torch.Tensor, labels:
 
         handle = head.register_forward_pre_hook(take_hidden)
         prefix = min(shared_prefix, int(keep[0])) if keep.numel() else 0
+        packed = (pack_rows and keep.numel() > 0
+                  and _pack_instead(model, input_ids, attention_mask, position_ids, prefix, model_kwargs)
+                  and bool(attention_mask[:, keep][valid].all()))  # every target is predicted by a real token
         try:
             output = None
-            if prefix > 0:
+            if packed:
+                output, index = _packed_forward(model, input_ids, attention_mask, position_ids)
+                if len(captured) == 1 and captured[0].shape[:2] == (1, int(index.max()) + 1):
+                    return captured[0][0, index[:, keep][valid]], head, None, targets[valid], valid, output
+                captured.clear()  # the head ran otherwise than expected: run the plain forward instead
+                prefix, output = 0, None
+            elif prefix > 0:
                 positions = position_ids
                 if positions is None and attention_mask is not None:
                     positions = positions_from_mask(attention_mask)
@@ -164,11 +207,13 @@ def forward_target_rows(model: torch.nn.Module, input_ids: torch.Tensor, labels:
 
 def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,
                      with_log_sum_p2: bool = False, with_entropy: bool = False, with_metrics: bool = False,
-                     chunked_lm_head: str | bool | None = None, shared_prefix: int = 0) -> dict[str, torch.Tensor]:
+                     chunked_lm_head: str | bool | None = None, shared_prefix: int = 0,
+                     pack_rows: bool = True) -> dict[str, torch.Tensor]:
     """Per-token log-probs of each row's trained tokens (completions), laid out per row.
 
     Args: batch with input_ids, labels (R, T), optional attention_mask/position_ids; `chunked_lm_head` as in
-    `token_logps`; `shared_prefix` as in `forward_target_rows` (equal prompts run once).
+    `token_logps`; `shared_prefix` and `pack_rows` as in `forward_target_rows` (equal prompts run once, padded
+    rows may run as one packed row).
     Returns: {"logps": (R, K) log-probs (0 where not trained), "mask": (R, K) bool, "targets": (N,)}, plus
     "log_sum_p2": (R, K) log Σ_v p_v² when asked (WPO), "entropy": (N,) entropy at `temperature` when asked, and
     with `with_metrics` "logits_mean": (N,) mean raw logit per trained token (for the logits/* metrics) and
@@ -178,7 +223,8 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], tem
     """
     hidden, head, logits, targets, valid, _ = forward_target_rows(model, batch["input_ids"], batch["labels"],
                                                                   batch.get("attention_mask"),
-                                                                  batch.get("position_ids"), shared_prefix)
+                                                                  batch.get("position_ids"), shared_prefix,
+                                                                  pack_rows=pack_rows)
     stats = token_logps(logits, targets, temperature, with_entropy=with_entropy, with_metrics=with_metrics,
                         with_log_sum_p2=with_log_sum_p2, hidden=hidden, head=head, chunked_lm_head=chunked_lm_head)
     flat = stats.pop("logps")

@@ -20,6 +20,8 @@ from transformers import TrainerCallback
 
 from posttrain.errors import UserError
 from posttrain.models import adapters, loading, sharding
+from posttrain.models.lean_layers import apply_lean_layers
+from posttrain.models.packed_attention import use_packed_attention
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
@@ -104,6 +106,10 @@ class Reference:
             freeze(ref_model)
             if args.disable_dropout:
                 loading.disable_dropout(ref_model)
+            if getattr(args, "packed_attention", False):
+                use_packed_attention(ref_model)  # its padded log-prob passes run as packed rows
+            if getattr(args, "lean_layers", False) and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
+                apply_lean_layers(ref_model)  # the policy's arithmetic: policy = reference gives KL 0 exactly
             ref_model = sharding.prepare_frozen(trainer.accelerator, ref_model, args)
         reference = cls(ref_model, trainer.accelerator.unwrap_model)
         if getattr(args, "sync_ref_model", False):

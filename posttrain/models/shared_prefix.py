@@ -34,7 +34,7 @@ def full_attention_model(model: torch.nn.Module) -> bool:
     if layer_types is None:  # older configs: a sliding window is on when set (and not switched off)
         sliding = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True) is not False
         layer_types = ["sliding_attention" if sliding else "full_attention"]
-    return (getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+    return (getattr(config, "_attn_implementation", None) in ("sdpa", "eager", "posttrain_packed")
             and all(t == "full_attention" for t in layer_types))
 
 

@@ -27,8 +27,9 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from posttrain import compat, reporting
 from posttrain.configs.base import PostTrainConfig
-from posttrain.models import adapters, loading, sharding
+from posttrain.models import adapters, lean_layers, loading, sharding
 from posttrain.models.logprobs import lm_head_chunking
+from posttrain.models.packed_attention import use_packed_attention
 from posttrain.trainers.checkpoints import CrashSafeCheckpoints
 from posttrain.trainers.interrupt import GracefulInterrupt
 from posttrain.trainers.numerics import NonFiniteGuard
@@ -81,6 +82,10 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
                          eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+        if getattr(args, "lean_layers", False) and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            lean_layers.apply_lean_layers(self.model)  # fewer saved activations (models/lean_layers.py)
+        if getattr(args, "packed_attention", False):
+            use_packed_attention(self.model)  # packed rows without a dense mask (models/packed_attention.py)
         self.run_config_extra: dict[str, Any] = {}  # the CLI adds model/data options here
         self.add_callback(_RunConfigWriter(self))
         if given_adapter and self.holds_reference():

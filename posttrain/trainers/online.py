@@ -163,7 +163,8 @@ class OnlineTrainer(PostTrainer):
     @contextlib.contextmanager
     def phase(self, name: str):
         start = time.perf_counter()
-        yield
+        with torch.profiler.record_function(f"phase:{name}"):  # names the phase in a profile (profile_step.py)
+            yield
         self.record_metrics({f"timing/{name}": time.perf_counter() - start})
 
     def _prepare_inputs(self, rows):
@@ -417,6 +418,7 @@ class OnlineTrainer(PostTrainer):
 
     # ---- log-probs ------------------------------------------------------------------------------------------
     logps_at_sampling_temperature = True  # False: at temperature 1 (online DPO)
+    pack_log_prob_rows = True  # False where the policy's own pass runs padded (PPO): both sides the same arithmetic
 
     def completion_logps(self, model, batch: dict[str, torch.Tensor], with_entropy: bool = False):
         """(logps (B, C), model output dict) of the trained completion tokens (`completion_mask` of the batch: the
@@ -437,7 +439,8 @@ class OnlineTrainer(PostTrainer):
         out = completion_logps(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                                        "position_ids": position_ids, "labels": labels},
                                temperature=self.args.temperature if self.logps_at_sampling_temperature else 1.0,
-                               with_entropy=with_entropy, shared_prefix=prompt_len)
+                               with_entropy=with_entropy, shared_prefix=prompt_len,
+                               pack_rows=self.pack_log_prob_rows)
         columns = target_positions(labels) + 1 - prompt_len  # the completion column of each kept position
         logps = out["logps"].new_zeros(B, C)
         logps[:, columns] = out["logps"]

@@ -61,6 +61,8 @@ class PPOTrainer(OnlineTrainer):
     data_collator=...)` still works, with one FutureWarning per renamed argument, and so does the older loop
     (`dataloader`, `generate`, `step`, `log_stats`; `compat/ppo_loop.py`), where reward_funcs may be omitted."""
 
+    pack_log_prob_rows = False  # its policy/value pass runs padded (forward_target_rows with values)
+
     config_class = PPOConfig
     method_name = "PPO"
     summary_metrics = (("objective/scores", "score"), ("objective/kl", "kl"), ("loss/value_avg", "value loss"))

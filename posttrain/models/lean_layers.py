@@ -1,0 +1,157 @@
+"""Lean layers: the RMSNorm and SwiGLU MLP of Llama/Qwen2/Mistral-style models as autograd functions that
+keep fewer activations for the backward and recompute the element-wise rest there (selective activation
+checkpointing of the cheap parts: no matmul is recomputed).
+
+Per token and layer, transformers' modules keep for the backward: each RMSNorm its input, its normalised output
+before the weight, and the output (the next matmuls' input); the MLP its input, gate, silu(gate), up and
+silu(gate)·up. The functions here keep the norm's input and output only, and the MLP's input, gate and up: on a
+576-wide, 1,536-intermediate layer (SmolLM2-135M) that is ~4,200 of ~11,000 saved floats per token less, for a
+few element-wise passes in the backward. Results and gradients are those of the modules (same formulas;
+tests/test_lean_layers.py).
+
+`apply_lean_layers(model)` patches the `forward` of the modules it recognises in place (instance attributes, so
+saving, loading and `state_dict` are unchanged); anything else — LoRA-wrapped or biased projections, other
+activations, Gemma's (1 + weight) norm — keeps its own forward. Under autocast the MLP casts its input and
+weights to the autocast dtype itself, as autocast would for the three linears. Not under ZeRO-3/FSDP: they
+gather weights in the Linear modules' hooks, which the fused MLP bypasses (`trainers/base.py` does not call it
+there).
+
+Not here: the LM head and log-softmax (`models/logprobs.py`), full gradient checkpointing (transformers).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+# Norms with exactly LlamaRMSNorm's formula: weight * (x / sqrt(mean(x²) + eps)), computed in float32.
+RMS_NORMS = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "Qwen3MoeRMSNorm",
+                       "Qwen2MoeRMSNorm", "OlmoRMSNorm", "SmolLM3RMSNorm", "Phi3RMSNorm", "GraniteRMSNorm"})
+_SILU_NAMES = ("SiLU", "SiLUActivation")
+
+
+class _RMSNorm(torch.autograd.Function):
+    """y = w · (x · r), r = 1/sqrt(mean(x²) + eps) in float32; keeps x and r, recomputes x · r in the backward.
+
+    Backward (n = x·r): dw = Σ dy·n, dx = r · (dn − n · mean(dn·n)) with dn = dy·w.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        x32 = x.float()
+        r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        return weight * (x32 * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, r = ctx.saved_tensors
+        n = x.float() * r
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (dy * n.to(x.dtype)).reshape(-1, dy.shape[-1]).sum(0).to(weight.dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dn = (dy * weight).float()
+            dx = dn.sub_(n * (dn * n).mean(-1, keepdim=True)).mul_(r).to(x.dtype)
+        return dx, dw, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """y = down(silu(gate(x)) · up(x)) for bias-free projections; keeps x, gate(x) and up(x) (not silu(gate),
+    nor the product) and recomputes those two in the backward.
+
+    Backward (s = σ(g), a = g·s, h = a·u): dh = dy·W_down, dW_down = dyᵀh, du = dh·a,
+    dg = dh·u·s·(1 + g·(1 − s)), dx = dg·W_gate + du·W_up, dW_gate = dgᵀx, dW_up = duᵀx.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, w_down):
+        g, u = F.linear(x, w_gate), F.linear(x, w_up)
+        ctx.save_for_backward(x, g, u, w_gate, w_up, w_down)
+        return F.linear(F.silu(g) * u, w_down)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, g, u, w_gate, w_up, w_down = ctx.saved_tensors
+        need_x, need_gate, need_up, need_down = ctx.needs_input_grad
+        s = torch.sigmoid(g)
+        a = g * s
+        flat_dy = dy.reshape(-1, dy.shape[-1])
+        d_down = flat_dy.t().mm((a * u).reshape(-1, u.shape[-1])) if need_down else None
+        dh = F.linear(dy, w_down.t())
+        du = dh * a
+        del a
+        dg = s.neg().add_(1).mul_(g).add_(1).mul_(s).mul_(u).mul_(dh)  # dh·u·s·(1 + g(1 − s))
+        del s, dh
+        flat_x = x.reshape(-1, x.shape[-1])
+        d_gate = dg.reshape(-1, dg.shape[-1]).t().mm(flat_x) if need_gate else None
+        d_up = du.reshape(-1, du.shape[-1]).t().mm(flat_x) if need_up else None
+        dx = torch.matmul(dg, w_gate).add_(torch.matmul(du, w_up)) if need_x else None
+        return dx, d_gate, d_up, d_down
+
+
+def _autocasting(x: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(x.device.type)
+
+
+def _lean_norm_forward(self, hidden_states):
+    # no matmul inside: under autocast these ops run in the dtypes they have in the module's own forward
+    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _lean_mlp_forward(self, x):
+    weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+    if not _autocasting(x):
+        return _SwiGLU.apply(x, *weights)
+    # What autocast does to the module's three linears, made explicit: inputs and weights cast to the autocast
+    # dtype (the casts are differentiable, so the float32 weights get float32 gradients), everything in it.
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device)
+    with torch.autocast(device, enabled=False):
+        return _SwiGLU.apply(x.to(dtype), *(w.to(dtype) for w in weights))
+
+
+def _plain_linear(module) -> bool:
+    return type(module) is torch.nn.Linear and module.bias is None
+
+
+def _is_swiglu_mlp(module: torch.nn.Module) -> bool:
+    parts = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    act = getattr(module, "act_fn", None)
+    return (all(p is not None and _plain_linear(p) for p in parts) and type(act).__name__ in _SILU_NAMES
+            and type(module).__name__.endswith("MLP"))
+
+
+def _is_rms_norm(module: torch.nn.Module) -> bool:
+    return (type(module).__name__ in RMS_NORMS and isinstance(getattr(module, "weight", None), torch.Tensor)
+            and isinstance(getattr(module, "variance_epsilon", None), float))
+
+
+def apply_lean_layers(model: torch.nn.Module) -> dict[str, int]:
+    """Route every recognised RMSNorm and SwiGLU MLP of `model` through the lean functions (idempotent).
+    Returns how many of each were patched."""
+    counts = {"rms_norm": 0, "swiglu_mlp": 0}
+    for module in model.modules():
+        if getattr(module, "_posttrain_lean", False):
+            continue
+        if _is_rms_norm(module):
+            module.forward = types.MethodType(_lean_norm_forward, module)
+            counts["rms_norm"] += 1
+        elif _is_swiglu_mlp(module):
+            module.forward = types.MethodType(_lean_mlp_forward, module)
+            counts["swiglu_mlp"] += 1
+        else:
+            continue
+        module._posttrain_lean = True
+    return counts
+
+
+def remove_lean_layers(model: torch.nn.Module) -> None:
+    """Give every patched module its own forward back."""
+    for module in model.modules():
+        if getattr(module, "_posttrain_lean", False):
+            del module.forward
+            del module._posttrain_lean

@@ -1,0 +1,110 @@
+"""Lean layers (models/lean_layers.py): the patched RMSNorm and SwiGLU MLP give the modules' outputs and gradients,
+patching is idempotent and undoable, modules it does not recognise keep their forward, and the trainer option
+`lean_layers` switches it on and off."""
+
+import copy
+
+import pytest
+import torch
+
+from posttrain.models.lean_layers import (
+    _RMSNorm,
+    _SwiGLU,
+    apply_lean_layers,
+    remove_lean_layers,
+)
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["posttrain/tiny", "posttrain/tiny-llama"])
+def test_same_loss_and_gradients(name):
+    from posttrain.models.loading import load_pretrained_model
+
+    model = load_pretrained_model(name).double()
+    ids = torch.randint(0, model.config.vocab_size, (3, 17))
+    loss, grads = _loss_and_grads(model, ids)
+    counts = apply_lean_layers(model)
+    layers = model.config.num_hidden_layers
+    assert counts == {"rms_norm": 2 * layers + 1, "swiglu_mlp": layers}
+    lean_loss, lean_grads = _loss_and_grads(model, ids)
+    assert torch.allclose(lean_loss, loss, rtol=1e-12, atol=0)
+    assert grads.keys() == lean_grads.keys()
+    for key in grads:  # the norms compute in float32 (as transformers' do): equal to float32 rounding
+        scale = grads[key].abs().max()
+        assert (lean_grads[key] - grads[key]).abs().max() <= 1e-6 * scale, key
+    assert apply_lean_layers(model) == {"rms_norm": 0, "swiglu_mlp": 0}  # idempotent
+    remove_lean_layers(model)
+    assert "forward" not in vars(model.model.norm)
+
+
+def test_functions_against_autograd_float32():
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    w = torch.randn(8, requires_grad=True)
+    y = _RMSNorm.apply(x, w, 1e-6)
+    ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert torch.allclose(y, ref, atol=1e-6)
+    g = torch.randn_like(y)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(torch.autograd.grad(y, (x, w), g),
+                                                                 torch.autograd.grad(ref, (x, w), g)))
+    wg, wu, wd = (torch.randn(12, 8, requires_grad=True), torch.randn(12, 8, requires_grad=True),
+                  torch.randn(8, 12, requires_grad=True))
+    y = _SwiGLU.apply(x, wg, wu, wd)
+    ref = torch.nn.functional.silu(x @ wg.t()) * (x @ wu.t()) @ wd.t()
+    assert torch.allclose(y, ref, atol=1e-5)
+    got, want = torch.autograd.grad(y, (x, wg, wu, wd), g), torch.autograd.grad(ref, (x, wg, wu, wd), g)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(got, want))
+
+
+def test_under_autocast():
+    from posttrain.models.loading import load_pretrained_model
+
+    model = load_pretrained_model("posttrain/tiny-llama")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(model, ids)
+        apply_lean_layers(model)
+        lean_loss, lean_grads = _loss_and_grads(model, ids)
+    assert torch.allclose(lean_loss, loss, rtol=1e-2)
+    for key in grads:
+        assert lean_grads[key].dtype == torch.float32
+        assert (lean_grads[key] - grads[key]).norm() <= 0.05 * grads[key].norm(), key
+
+
+def test_frozen_weights_and_unrecognised_modules():
+    from posttrain.models.loading import load_pretrained_model
+
+    model = load_pretrained_model("posttrain/tiny")
+    mlp = model.model.layers[0].mlp
+    mlp.up_proj = torch.nn.Linear(mlp.up_proj.in_features, mlp.up_proj.out_features, bias=True)  # biased: left
+    counts = apply_lean_layers(model)
+    assert counts["swiglu_mlp"] == model.config.num_hidden_layers - 1
+    assert "forward" not in vars(mlp)
+    model.requires_grad_(False)
+    model.model.embed_tokens.weight.requires_grad_(True)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()  # frozen weights: no gradient asked of them
+    assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_trainer_option(tmp_path):
+    from posttrain import SFTConfig, SFTTrainer
+    from posttrain.data.arith import load_builtin_dataset
+
+    data = load_builtin_dataset("posttrain/arith-sft", split="train").select(range(2))
+    losses = {}
+    for lean in (True, False):
+        args = SFTConfig(output_dir=str(tmp_path / str(lean)), max_steps=1, per_device_train_batch_size=2,
+                         report_to="none", lean_layers=lean, seed=0, logging_steps=1, save_strategy="no")
+        trainer = SFTTrainer(model="posttrain/tiny", args=args, train_dataset=copy.deepcopy(data))
+        patched = "forward" in vars(trainer.model.model.norm)
+        assert patched is lean
+        trainer.train()
+        losses[lean] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
