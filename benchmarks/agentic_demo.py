@@ -24,7 +24,9 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "examples"))  # the calculator tool is the example's (examples/agentic_tools.py)
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
@@ -35,20 +37,10 @@ from posttrain.models.loading import load_pretrained_model, load_tokenizer, prep
 from posttrain.rollout.agentic import AgentLoop  # noqa: E402
 from posttrain.rollout.hf import generate  # noqa: E402
 
+from agentic_tools import calculator  # noqa: E402
+
 OUT = "outputs/agentic"
 TEMPLATE = "posttrain/chatml-tools"
-
-
-def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression with +, -, * and /.
-
-    Args:
-        expression: The expression, e.g. "7 + 5".
-    """
-    if not set(expression) <= set("0123456789+-*/(). "):
-        raise ValueError("only numbers and + - * / ( ) are allowed")
-    value = eval(expression, {"__builtins__": {}})  # noqa: S307 — characters checked above
-    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 def tool_traces(split: str) -> datasets.Dataset:
