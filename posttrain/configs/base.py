@@ -28,6 +28,16 @@ from posttrain.errors import UserError, UserTypeError, did_you_mean
 CHUNKED_LM_HEAD = ("auto", "true", "false")
 
 
+def json_option(value, name: str):
+    """A mapping option given as a JSON string (the command line's form) parsed; other values unchanged."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{name} must be a JSON object, got {value!r} ({e}).") from None
+
+
 def check(condition: bool, message: str) -> None:
     """Raise a one-line `UserError` (a ValueError) when a config value is invalid (message says what and how to fix)."""
     if not condition:
@@ -156,11 +166,7 @@ class PostTrainConfig(TrainingArguments):
                                    "(SFT: padding_free is on by default with it)."})
 
     def __post_init__(self) -> None:
-        if isinstance(self.model_init_kwargs, str):
-            try:
-                self.model_init_kwargs = json.loads(self.model_init_kwargs)
-            except json.JSONDecodeError as e:
-                raise UserError(f"model_init_kwargs must be a JSON object, got {self.model_init_kwargs!r} ({e}).")
+        self.model_init_kwargs = json_option(self.model_init_kwargs, "model_init_kwargs")
         if isinstance(self.chunked_lm_head, bool):  # Python and YAML callers may pass a bool
             self.chunked_lm_head = "true" if self.chunked_lm_head else "false"
         self.chunked_lm_head = str(self.chunked_lm_head).lower()

@@ -14,11 +14,10 @@ Not here: the options of one method (its own module), the rollout machinery (`tr
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
-from posttrain.configs.base import PostTrainConfig, check, posttrain_config
+from posttrain.configs.base import PostTrainConfig, check, json_option, posttrain_config
 
 VLLM_MODES = ("colocate", "server")
 
@@ -71,11 +70,7 @@ class OnlineConfig(PostTrainConfig):
                                   "rewards at every logging step (output_dir/completions.jsonl)."})
 
     def __post_init__(self) -> None:
-        if isinstance(self.generation_kwargs, str):
-            try:
-                self.generation_kwargs = json.loads(self.generation_kwargs)
-            except json.JSONDecodeError as e:
-                check(False, f"generation_kwargs must be a JSON object, got {self.generation_kwargs!r} ({e}).")
+        self.generation_kwargs = json_option(self.generation_kwargs, "generation_kwargs")
         super().__post_init__()
         self.resolve_batching()
         self.validate_rollout()
