@@ -115,3 +115,34 @@ def test_no_global_patch_until_the_public_api_is_used():
             "print(getattr(transformers.TrainingArguments.__init__, '_posttrain_legacy', False))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"  # importing trainers and configs leaves transformers as it is
+
+
+def _run_python(code: str, **env: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env=full_env).stdout.strip()
+
+
+def test_training_arguments_wrapper_acts_only_on_removed_names_and_can_be_refused():
+    # With the wrapper: a modern call gives exactly what transformers gives; the removed name is renamed.
+    code = ("import warnings, transformers; orig = transformers.TrainingArguments.__init__\n"
+            "from posttrain import SFTConfig\n"
+            "from posttrain.compat import uninstall_training_arguments_aliases as un\n"
+            "T = transformers.TrainingArguments; wrapped = T.__init__ is not orig\n"
+            "a = T(output_dir='o', eval_strategy='steps', eval_steps=5).to_dict()\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always'); b = T(output_dir='o', evaluation_strategy='steps', eval_steps=5)\n"
+            "un(); restored = T.__init__ is orig\n"
+            "print(wrapped, b.eval_strategy == 'steps', len(w), restored)")
+    assert _run_python(code) == "True True 1 True"
+    # Turned off: transformers is untouched and the removed name fails as transformers makes it fail.
+    code = ("import transformers; orig = transformers.TrainingArguments.__init__\n"
+            "from posttrain import SFTConfig\n"
+            "print(transformers.TrainingArguments.__init__ is orig)\n"
+            "try:\n    transformers.TrainingArguments(output_dir='o', evaluation_strategy='steps')\n"
+            "except TypeError:\n    print('TypeError')")
+    assert _run_python(code, POSTTRAIN_LEGACY_TRAINING_ARGUMENTS="0").splitlines() == ["True", "TypeError"]

@@ -12,10 +12,13 @@ decorator (`translate_legacy_arguments`); each older form is translated at the d
 - TRL's older PPO: `PPOConfig(batch_size=…, ppo_epochs=…, …)` and `PPOTrainer(config=…, dataset=…)` (`ppo.py`),
   and its loop API `dataloader` / `generate` / `step` / `log_stats` (`ppo_loop.py`, an adapter over the trainer).
 
-`transformers.TrainingArguments` itself is patched (`install_training_arguments_aliases`) when the public API is
-first used (`posttrain.__getattr__`): the guides build `TrainingArguments(evaluation_strategy=…)` before any posttrain
-object exists, so there is no later moment to translate it. The patched constructor only renames the removed names;
-a call without them runs transformers' own constructor unchanged.
+`transformers.TrainingArguments` itself gets a thin constructor wrapper (`install_training_arguments_aliases`) when
+a trainer or config is first taken from `posttrain` (`posttrain.__getattr__`; importing `posttrain` or any of its
+modules patches nothing): the guides build `TrainingArguments(evaluation_strategy=…)` before any posttrain object
+exists, so there is no later moment to translate it. The wrapper acts only when a removed name is passed (it renames
+it, with one FutureWarning saying so); any other call runs transformers' own constructor with the same arguments.
+`POSTTRAIN_LEGACY_TRAINING_ARGUMENTS=0` leaves transformers untouched, and
+`uninstall_training_arguments_aliases()` restores the original constructor.
 
 Not here: renamed options of one config (e.g. SFT's max_seq_length, in its `__post_init__`).
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 import warnings
 from dataclasses import fields
 from typing import Any
@@ -139,8 +143,22 @@ def accept_legacy_arguments(cls):
     return cls
 
 
-def install_training_arguments_aliases() -> None:
-    """Let `transformers.TrainingArguments(evaluation_strategy=…, warmup_ratio=…)` work, as the guides write it."""
+def install_training_arguments_aliases() -> bool:
+    """Let `transformers.TrainingArguments(evaluation_strategy=…, warmup_ratio=…)` work, as the guides write it.
+
+    Returns whether the wrapper is in place (False when POSTTRAIN_LEGACY_TRAINING_ARGUMENTS=0 turns it off)."""
+    if os.environ.get("POSTTRAIN_LEGACY_TRAINING_ARGUMENTS", "1").strip().lower() in {"0", "false", "no", "off"}:
+        return False
     from transformers import TrainingArguments
 
     accept_legacy_arguments(TrainingArguments)
+    return True
+
+
+def uninstall_training_arguments_aliases() -> None:
+    """Give `transformers.TrainingArguments` its own constructor back (posttrain's configs keep the aliases)."""
+    from transformers import TrainingArguments
+
+    init = TrainingArguments.__init__
+    if getattr(init, "_posttrain_legacy", False):
+        TrainingArguments.__init__ = init.__wrapped__
