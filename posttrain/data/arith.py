@@ -26,6 +26,8 @@ earlier stages never saw, as real preference and RL data differ from the SFT set
 SFT questions gets no learning signal from RL on those same prompts). Arithmetic facts themselves (7 + 5) do recur
 across slices, by design: the table is small and learning it is part of the task.
 
+The registry below also serves `posttrain/wordmath-*` and `posttrain/chat-prompts` (`data/wordmath.py`).
+
 Not here: loading local files or Hub ids (`data/loading.py`), reward functions (`rewards/`).
 """
 
@@ -211,8 +213,14 @@ BUILTIN_DATASETS: dict[str, str] = {
 }
 
 
+def _all_builtin() -> dict[str, str]:
+    from posttrain.data import wordmath
+
+    return {**BUILTIN_DATASETS, **wordmath.BUILTIN_DATASETS}
+
+
 def is_builtin_dataset(name: str) -> bool:
-    return name in BUILTIN_DATASETS
+    return name in _all_builtin()
 
 
 def _build(name: str, conv: bool) -> datasets.DatasetDict:
@@ -262,8 +270,16 @@ def load_builtin_dataset(name: str, config: str | None = None, split: str | None
 
     `config` is "standard" (default; plain strings) or "conversational" (lists of {role, content} messages).
     """
-    if name not in BUILTIN_DATASETS:
-        raise UserError(f"Unknown built-in data set {name!r}; available: {', '.join(BUILTIN_DATASETS)}.")
+    if name not in _all_builtin():
+        raise UserError(f"Unknown built-in data set {name!r}; available: {', '.join(_all_builtin())}.")
+    if name not in BUILTIN_DATASETS:  # posttrain/wordmath-* and posttrain/chat-prompts: conversational only
+        from posttrain.data import wordmath
+
+        if config not in (None, "conversational"):
+            raise UserError(f"{name!r} is conversational only (a chat model's data set); drop config {config!r} "
+                            "or set it to 'conversational'.")
+        dataset_dict = wordmath.build(name)
+        return dataset_dict if split is None else _select_split(dataset_dict, split)
     config = config or "standard"
     if config not in _FORMATS:
         raise UserError(f"Unknown config {config!r} for {name!r}; available configs: {', '.join(_FORMATS)}.")
