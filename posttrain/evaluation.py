@@ -96,3 +96,104 @@ def paired_comparison(before: list[float], after: list[float]) -> dict[str, Any]
     n, k = fixed + broken, min(fixed, broken)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n if n else 1.0
     return {"fixed": fixed, "broken": broken, "p_value": min(1.0, 2 * tail)}
+
+
+# ---- drift: how far a trained model moved from its start, on prompts outside the task -----------------------------
+
+def _rows_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int):
+    """Left-padded prompts + right-padded completions as one batch with labels on the completion tokens only."""
+    from posttrain.models.logprobs import positions_from_mask
+    from posttrain.rollout.hf import left_pad
+
+    ids, mask = left_pad(prompt_ids, pad_id)
+    width = max(len(c) for c in completion_ids)
+    completion = torch.full((len(completion_ids), width), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros_like(completion)
+    for i, c in enumerate(completion_ids):
+        completion[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        completion_mask[i, :len(c)] = 1
+    input_ids = torch.cat([ids, completion], 1)
+    attention_mask = torch.cat([mask, completion_mask], 1)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :ids.shape[1]] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "position_ids": positions_from_mask(attention_mask)}
+
+
+@torch.no_grad()
+def sequence_logps(model, tokenizer, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                   batch_size: int = 16) -> list[float]:
+    """log p_model(completion | prompt), summed over the completion's tokens, one float per row."""
+    from posttrain.models.logprobs import completion_logps
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[float] = []
+    try:
+        for start in range(0, len(prompt_ids), batch_size):
+            batch = _rows_batch(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size],
+                                tokenizer.pad_token_id)
+            logps = completion_logps(model, {k: v.to(device) for k, v in batch.items()})["logps"]
+            out += logps.double().sum(1).tolist()
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def reference_samples(model, tokenizer, dataset, max_new_tokens: int = 64, batch_size: int = 25,
+                      seed: int = 0) -> dict[str, Any]:
+    """The start model's own answers to `dataset["prompt"]`, sampled at T=1 from its full distribution (no top-k or
+    top-p, so they are draws from p_start itself), with their log-probs: what `drift_from_reference` needs later,
+    without keeping the start model. Returns {"prompt_ids", "completion_ids" (lists of token ids, EOS included when
+    reached), "seq_logps" (log p_start per answer), "greedy_examples" (the first 3 prompts' greedy answers)}."""
+    rows = list(dataset)
+    if not rows or "prompt" not in rows[0]:
+        raise UserError("the drift check needs a non-empty data set with a 'prompt' column.")
+    prompt_ids = [tokenize_prompt(tokenizer, r["prompt"]) for r in rows]
+    rng_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    completions: list[list[int]] = []
+    try:
+        for start in range(0, len(prompt_ids), batch_size):
+            rollout = generate(model, tokenizer, prompt_ids[start:start + batch_size], 1, max_new_tokens,
+                               {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0})
+            for ids, mask in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist()):
+                completions.append([t for t, m in zip(ids, mask) if m] or [tokenizer.eos_token_id])
+    finally:
+        torch.set_rng_state(rng_state)
+        model.train(was_training)
+    return {"prompt_ids": prompt_ids, "completion_ids": completions,
+            "seq_logps": sequence_logps(model, tokenizer, prompt_ids, completions),
+            "greedy_examples": chat_examples(model, tokenizer, rows[:3], max_new_tokens)}
+
+
+@torch.no_grad()
+def chat_examples(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens: int = 64) -> list[list[str]]:
+    """[prompt text, greedy answer] for a few prompts: the side-by-side generations of a report."""
+    prompt_ids = [tokenize_prompt(tokenizer, r["prompt"]) for r in rows]
+    rollout = generate(model, tokenizer, prompt_ids, 1, max_new_tokens, {"do_sample": False})
+    texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+    return [[completion_text(r["prompt"]), t] for r, t in zip(rows, texts)]
+
+
+def drift_from_reference(model, tokenizer, reference: dict[str, Any], batch_size: int = 16) -> dict[str, Any]:
+    """KL(p_start ‖ p_model) over whole answers, estimated on the start model's own samples y_i ~ p_start(·|x_i):
+
+        KL ≈ (1/N) Σ_i [log p_start(y_i|x_i) − log p_model(y_i|x_i)]
+
+    an unbiased Monte-Carlo estimate (Schulman's k1) of the sequence-level KL, in nats per answer; also per token
+    (the sum over all answers divided by their tokens) and the estimate's standard error. 0 for the start model
+    itself; a model that kept its behaviour outside the task stays near 0. Answers cut at max_new_tokens make this
+    the KL between the two models' distributions over answer prefixes of that length.
+    """
+    after = sequence_logps(model, tokenizer, reference["prompt_ids"], reference["completion_ids"], batch_size)
+    diffs = [b - a for b, a in zip(reference["seq_logps"], after)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1)
+    tokens = sum(len(c) for c in reference["completion_ids"])
+    return {"kl": mean, "kl_stderr": math.sqrt(var / n), "kl_per_token": sum(diffs) / tokens, "num_prompts": n}

@@ -96,7 +96,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 TINY = """
 output_dir: {out}
-evaluation: {{num_prompts: 4, max_new_tokens: 4, batch_size: 4, samples_per_prompt: 2}}
+evaluation: {{num_prompts: 4, max_new_tokens: 4, batch_size: 4, samples_per_prompt: 2,
+             drift_dataset: posttrain/chat-prompts, drift_prompts: 6, drift_max_new_tokens: 5}}
 defaults: {{report_to: none, save_strategy: "no", logging_steps: 1, per_device_train_batch_size: 4}}
 stages:
   - name: sft
@@ -128,18 +129,22 @@ def _check_outputs(out, names, capsys_out):
     assert versus["stage"] == "sft" and len(by_name["dpo"]["answer_correct"]) == 4
     assert versus["fixed"] + versus["broken"] <= 4 and 0.0 < versus["p_value"] <= 1.0
     assert by_name["sft"]["versus"]["stage"] == "base"
+    assert by_name["base"]["drift_kl"] == 0.0 and by_name["dpo"]["drift_prompts"] == 6  # KL from the start model
+    assert by_name["sft"]["drift_kl"] > 0 and by_name["sft"]["drift_kl_stderr"] >= 0
+    assert len(by_name["dpo"]["chat_examples"]) == 3 and (out / "drift-reference.json").is_file()
     card = (out / "dpo" / "README.md").read_text()
     assert "held-out answer accuracy (4 prompts, greedy)" in card
     assert "held-out answer accuracy (sampled, T=1, 2 per prompt)" in card
     page = (out / "report.html").read_text()
     assert all(f'href="{name}/report.html"' in page for name in names)
+    assert "Other chat prompts, answered after each stage" in page and "Held-out questions, answered" in page
     if plots.matplotlib_available():
         assert (out / "answer_accuracy.png").read_bytes()[:4] == b"\x89PNG" and "data:image/png;base64," in page
         assert (out / "sampled_accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert "pipeline [1/" in capsys_out and "held-out answer accuracy" in capsys_out
     assert "stage" in capsys_out and "answer acc" in capsys_out and "key metric" in capsys_out  # closing table
     assert "sampled acc" in capsys_out and "sampled (T=1, 2 per prompt)" in capsys_out
-    assert "vs sft: +" in capsys_out and "McNemar p" in capsys_out
+    assert "vs sft: +" in capsys_out and "McNemar p" in capsys_out and "KL from start" in capsys_out
     return by_name
 
 

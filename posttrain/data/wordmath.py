@@ -184,17 +184,21 @@ def _rows(kind: str, problems, rng: random.Random) -> list[dict]:
 # ---- everyday chat requests (the drift check) -------------------------------------------------------------------
 
 _CHAT_TEMPLATES = (
-    "Write a short poem about {topic}.", "Give me three tips for {activity}.", "Explain what {thing} is to a child.",
-    "Suggest a name for a {pet} that loves {topic}.", "Write one friendly sentence inviting a friend to {activity}.",
-    "What should I pack for {activity}?", "Describe {topic} in two sentences.",
-    "Write a short thank-you note to a neighbour who helped with {chore}.", "Why do people enjoy {activity}?",
-    "Give me a simple recipe idea with {food}.")
+    "Write a short poem about {topic} for {person}.", "Give me {count} tips for {activity}.",
+    "Explain what {thing} is to {audience}.", "Suggest a name for a {pet} that loves {topic}.",
+    "Write one friendly sentence inviting {person} to {activity}.", "What should I pack for {activity} in {season}?",
+    "Describe {topic} in {count} sentences.", "Write a short thank-you note to {person} who helped with {chore}.",
+    "Why do people enjoy {activity}?", "Give me a simple recipe idea with {food} and {food2}.")
 _TOPICS = ("the ocean", "autumn leaves", "a rainy morning", "the moon", "a quiet library", "mountains", "a city park",
            "winter", "a lighthouse", "the desert")
 _ACTIVITIES = ("hiking", "learning to cook", "a picnic", "camping", "studying for exams", "gardening",
                "a long train trip", "painting", "visiting a museum", "running a first race")
 _THINGS = ("a rainbow", "a volcano", "the internet", "a library card", "gravity", "a battery", "a compass",
            "photosynthesis", "a calendar", "a map")
+_PEOPLE = ("my grandmother", "a new colleague", "my best friend", "a neighbour", "my teacher", "my little brother")
+_AUDIENCES = ("a child", "a teenager", "my grandfather", "a tourist")
+_COUNTS = ("two", "three", "four", "five")
+_SEASONS = ("spring", "summer", "autumn", "winter")
 _PETS = ("cat", "dog", "parrot", "hamster", "goldfish")
 _CHORES = ("moving boxes", "watering the plants", "fixing a bike", "carrying groceries", "painting a fence")
 _FOODS = ("rice", "tomatoes", "eggs", "lentils", "potatoes", "spinach", "apples", "bread")
@@ -202,16 +206,20 @@ _FOODS = ("rice", "tomatoes", "eggs", "lentils", "potatoes", "spinach", "apples"
 
 @functools.cache
 def chat_prompts() -> tuple[str, ...]:
-    """300 distinct everyday requests, always the same ones in the same order."""
+    """300 distinct everyday requests (from ~450 possible), always the same ones in the same order."""
     rng, seen, out = random.Random(_SEED + 7), set(), []
-    while len(out) < 300:
+    for _ in range(100_000):
+        if len(out) == 300:
+            return tuple(out)
+        food, food2 = rng.sample(_FOODS, 2)
         text = rng.choice(_CHAT_TEMPLATES).format(
             topic=rng.choice(_TOPICS), activity=rng.choice(_ACTIVITIES), thing=rng.choice(_THINGS),
-            pet=rng.choice(_PETS), chore=rng.choice(_CHORES), food=rng.choice(_FOODS))
+            person=rng.choice(_PEOPLE), audience=rng.choice(_AUDIENCES), count=rng.choice(_COUNTS),
+            season=rng.choice(_SEASONS), pet=rng.choice(_PETS), chore=rng.choice(_CHORES), food=food, food2=food2)
         if text not in seen:
             seen.add(text)
             out.append(text)
-    return tuple(out)
+    raise RuntimeError("the chat templates give fewer than 300 distinct prompts")  # a bug in this module, not input
 
 
 # ---- the registry ---------------------------------------------------------------------------------------------

@@ -87,6 +87,49 @@ def evaluate_base(model_name: str, prompts, evaluation: dict[str, Any]) -> dict[
     return record
 
 
+def drift_reference(pipeline: spec.Pipeline, model_name: str) -> dict[str, Any] | None:
+    """The starting model's sampled answers to the drift prompts, with their log-probs: made once per pipeline and
+    kept in OUTPUT_DIR/drift-reference.json (a `--from` rerun reuses it), so no stage needs the start model loaded."""
+    evaluation = pipeline.evaluation
+    if not evaluation.get("drift_dataset"):
+        return None
+    path = os.path.join(pipeline.output_dir, "drift-reference.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            reference = json.load(f)
+        if reference.get("model") == model_name and reference.get("dataset") == evaluation["drift_dataset"]:
+            return reference
+    from posttrain.data.loading import load_any_dataset
+    from posttrain.evaluation import reference_samples
+    from posttrain.models import loading
+    from posttrain.reporting.atomic import write_text
+
+    dataset = load_any_dataset(evaluation["drift_dataset"], None, evaluation["drift_split"])
+    dataset = dataset.select(range(min(int(evaluation["drift_prompts"]), len(dataset))))
+    model = loading.load_pretrained_model(model_name)
+    tokenizer = loading.load_tokenizer(model_name)
+    loading.prepare_tokenizer(tokenizer)
+    reference = {"model": model_name, "dataset": evaluation["drift_dataset"],
+                 "prompts": [row["prompt"] for row in dataset],
+                 **reference_samples(model, tokenizer, dataset, int(evaluation["drift_max_new_tokens"]))}
+    write_text(path, json.dumps(reference))
+    del model
+    gc.collect()
+    return reference
+
+
+def measure_drift(model, tokenizer, reference: dict[str, Any] | None) -> dict[str, Any]:
+    """The stage's drift from the starting model on the drift prompts, and its answers to the first three."""
+    if reference is None:
+        return {}
+    from posttrain.evaluation import chat_examples, drift_from_reference
+
+    drift = drift_from_reference(model, tokenizer, reference)
+    rows = [{"prompt": p} for p in reference["prompts"][:3]]
+    return {"drift_kl": drift["kl"], "drift_kl_stderr": drift["kl_stderr"], "drift_kl_per_token": drift["kl_per_token"],
+            "drift_prompts": drift["num_prompts"], "chat_examples": chat_examples(model, tokenizer, rows)}
+
+
 def compare_with_start(record: dict[str, Any], records: list[dict[str, Any]]) -> None:
     """Add "versus": the stage's greedy results question by question against the model it started from (fixed,
     broken, McNemar p), when that model was evaluated on the same questions earlier in this pipeline."""
@@ -122,7 +165,7 @@ def check_stages(stages: list[Stage], pipeline: spec.Pipeline) -> None:
             raise PipelineError(f"stage '{stage.name}': {str(e).splitlines()[0] if str(e) else e}") from e
 
 
-def run_stage(stage: Stage, pipeline: spec.Pipeline, prompts) -> dict[str, Any]:
+def run_stage(stage: Stage, pipeline: spec.Pipeline, prompts, reference=None) -> dict[str, Any]:
     """Train one stage through its CLI command, then measure it; returns the stage's record."""
     from posttrain import reporting
     from posttrain.cli import run_training
@@ -142,12 +185,16 @@ def run_stage(stage: Stage, pipeline: spec.Pipeline, prompts) -> dict[str, Any]:
     if stage.evaluate and stage.is_policy and prompts is not None:
         eval_start = time.time()
         record.update(answer_accuracy(trainer.model, trainer.processing_class, prompts, pipeline.evaluation))
+        record.update(measure_drift(trainer.model, trainer.processing_class, reference))
         record["eval_seconds"] = round(time.time() - eval_start, 1)
         if trainer.is_world_process_zero():
             figures = {f"held-out answer accuracy ({record['num_prompts']} prompts, greedy)": record["answer_accuracy"]}
             if record.get("sampled_accuracy") is not None:
                 figures[f"held-out answer accuracy (sampled, T={record['sampling_temperature']:g}, "
                         f"{record['samples_per_prompt']} per prompt)"] = record["sampled_accuracy"]
+            if record.get("drift_kl") is not None:
+                figures[f"KL from the starting model on {record['drift_prompts']} other chat prompts (nats per "
+                        "answer)"] = record["drift_kl"]
             reporting.write_model_card(trainer, stage.output_dir, extra=figures)
             reporting.write_report(trainer, extra={k: f"{v:.3f}" for k, v in figures.items()})
     del trainer
@@ -180,10 +227,14 @@ def run(path: str, output_dir: str | None = None, start_at: str | None = None) -
     previous = _previous_records(pipeline.output_dir)
     records: list[dict[str, Any]] = []
     clock = time.time()
+    first = pipeline.stages[0].options["model_name_or_path"]
+    reference = drift_reference(pipeline, first) if prompts is not None else None
     if evaluation.get("base") and prompts is not None:
-        first = pipeline.stages[0].options["model_name_or_path"]
         records.append(previous["base"] if begin and "base" in previous else evaluate_base(first, prompts,
                                                                                             evaluation))
+        if reference is not None:
+            records[-1].update(drift_kl=0.0, drift_kl_stderr=0.0, drift_kl_per_token=0.0,
+                               drift_prompts=len(reference["prompt_ids"]), chat_examples=reference["greedy_examples"])
         print(f"pipeline: starting model {first}: {summary.describe(records[-1])}", flush=True)
     for i, stage in enumerate(pipeline.stages):
         if i < begin:
@@ -192,7 +243,7 @@ def run(path: str, output_dir: str | None = None, start_at: str | None = None) -
             continue
         print(f"pipeline [{i + 1}/{len(names)}] {stage.name}: posttrain {stage.command} from "
               f"{stage.options.get('model_name_or_path')} → {stage.output_dir}", flush=True)
-        record = run_stage(stage, pipeline, prompts)
+        record = run_stage(stage, pipeline, prompts, reference)
         compare_with_start(record, records)
         records.append(record)
         print(f"pipeline [{i + 1}/{len(names)}] {stage.name} done in {record['seconds']:.0f}s: "

@@ -8,6 +8,7 @@
       max_new_tokens: 32
       base: true
       samples_per_prompt: 4                    # also sampled accuracy (4 per prompt at sampling_temperature)
+      drift_dataset: posttrain/chat-prompts    # also KL(starting model ‖ stage) on 200 prompts outside the task
     defaults: {report_to: none}                # applied to every stage (a stage's own keys win)
     stages:
       - name: sft                              # also the command when no `command` is given
@@ -37,7 +38,9 @@ STAGE_KEYS = {"name", "command", "config", "evaluate"}  # everything else in a s
 TOP_KEYS = {"output_dir", "evaluation", "defaults", "stages"}
 EVALUATION_DEFAULTS = {"dataset_name": "posttrain/arith-prompts", "dataset_config": None, "split": "test",
                        "num_prompts": 200, "max_new_tokens": 32, "batch_size": 64, "base": True,
-                       "samples_per_prompt": 0, "sampling_temperature": 1.0}  # samples_per_prompt > 0: also sampled
+                       "samples_per_prompt": 0, "sampling_temperature": 1.0,  # samples_per_prompt > 0: also sampled
+                       # drift_dataset (e.g. posttrain/chat-prompts): also KL(start ‖ stage) on prompts outside the task
+                       "drift_dataset": None, "drift_split": "test", "drift_prompts": 200, "drift_max_new_tokens": 64}
 _REFERENCE = re.compile(r"\{([^{}]+)\}")
 REWARD_COMMANDS = {"reward"}  # stages whose output scores text rather than generating it
 

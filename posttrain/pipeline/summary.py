@@ -52,6 +52,9 @@ def describe(record: dict[str, Any]) -> str:
                      f"{record['samples_per_prompt']} per prompt)")
     if record.get("versus"):
         parts.append(f"vs {versus(record['versus'])}")
+    if record.get("drift_kl") is not None:
+        parts.append(f"KL from start {record['drift_kl']:.2f} ± {record['drift_kl_stderr']:.2f} nats/answer "
+                     f"({record['drift_prompts']} other chat prompts)")
     key = record.get("key_metric")
     if key:
         parts.append(f"{key['label']} {fmt(key['first'])} → {fmt(key['last'])}")
@@ -64,7 +67,8 @@ def versus(comparison: dict[str, Any]) -> str:
             f"(p={comparison['p_value']:.2g})")
 
 
-COLUMNS = ("stage", "command", "time", "answer acc", "sampled acc", "vs start (greedy, McNemar p)", "key metric")
+COLUMNS = ("stage", "command", "time", "answer acc", "sampled acc", "vs start (greedy, McNemar p)", "KL from start",
+           "key metric")
 
 
 def _row(record: dict[str, Any]) -> list[str]:
@@ -74,6 +78,7 @@ def _row(record: dict[str, Any]) -> list[str]:
             f"{record['answer_accuracy']:.3f}" if record.get("answer_accuracy") is not None else "—",
             f"{record['sampled_accuracy']:.3f}" if record.get("sampled_accuracy") is not None else "—",
             versus(record["versus"]) if record.get("versus") else "—",
+            f"{record['drift_kl']:.2f}" if record.get("drift_kl") is not None else "—",
             f"{key['label']} {fmt(key['first'])} → {fmt(key['last'])}" if key else "—"]
 
 
@@ -84,6 +89,26 @@ def table(records: list[dict[str, Any]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def side_by_side(records: list[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The same prompts answered by each evaluated stage: held-out task questions (the evaluation's first three,
+    with their reward) and, when the drift check ran, three chat prompts outside the task."""
+    tables = []
+    for key, title, scored in (("examples", "Held-out questions, answered after each stage", True),
+                               ("chat_examples", "Other chat prompts, answered after each stage (greedy)", False)):
+        shown = [r for r in records if r.get(key)]
+        if not shown:
+            continue
+        rows = []
+        for i, first in enumerate(shown[0][key]):
+            cells = [str(first[0])]
+            for record in shown:
+                example = record[key][i] if i < len(record[key]) else ["", "—", ""]
+                cells.append(f"{example[1]}" + (f"\n(reward {example[2]})" if scored else ""))
+            rows.append(cells)
+        tables.append((title, ["prompt"] + [r["name"] for r in shown], rows))
+    return tables
 
 
 def write(output_dir: str, pipeline_path: str, records: list[dict[str, Any]], seconds: float) -> dict[str, str]:
@@ -100,7 +125,9 @@ def write(output_dir: str, pipeline_path: str, records: list[dict[str, Any]], se
         stages.append({"name": record["name"], **cells})
     facts = {"pipeline": pipeline_path, "output_dir": output_dir, "total time": f"{seconds:.0f} s",
              "answer accuracy": "greedy decoding on held-out prompts, scored by accuracy_reward",
-             "sampled accuracy": "mean over samples at the evaluation's sampling temperature (when asked)"}
+             "sampled accuracy": "mean over samples at the evaluation's sampling temperature (when asked)",
+             "KL from start": "KL(starting model ‖ stage) in nats per answer, estimated on the starting model's own "
+                              "sampled answers to prompts outside the task (when drift_dataset is set)"}
     charts = []
     for key, what in (("answer_accuracy", "greedy"), ("sampled_accuracy", "sampled")):
         scored = [r for r in records if r.get(key) is not None]
@@ -109,6 +136,6 @@ def write(output_dir: str, pipeline_path: str, records: list[dict[str, Any]], se
                                              f"held-out answer accuracy ({what}) after each stage")
         charts += [chart] if chart else []
     page = html.pipeline_page(f"posttrain pipeline — {os.path.basename(pipeline_path)}", facts, stages,
-                              list(COLUMNS[1:]), charts)
+                              list(COLUMNS[1:]), charts, side_by_side(records))
     html_path = write_text(os.path.join(output_dir, REPORT), page)
     return {"json": json_path, "html": html_path}

@@ -82,8 +82,9 @@ def run_page(title: str, facts: dict[str, Any], summary: list[dict[str, Any]], p
 
 
 def pipeline_page(title: str, facts: dict[str, Any], stages: list[dict[str, Any]], columns: list[str],
-                  plot_paths: list[str] = ()) -> str:
-    """A pipeline's page: one row per stage (its figures and a link to its own report.html, relative)."""
+                  plot_paths: list[str] = (), side_by_side: list[tuple[str, list[str], list[list[str]]]] = ()) -> str:
+    """A pipeline's page: one row per stage (its figures and a link to its own report.html, relative), then
+    `side_by_side` tables (title, header, rows): the same prompts answered by each stage's model."""
     head = "".join(f"<th>{_e(c)}</th>" for c in ["stage"] + columns + ["report"])
     rows = []
     for stage in stages:
@@ -96,6 +97,10 @@ def pipeline_page(title: str, facts: dict[str, Any], stages: list[dict[str, Any]
     if plot_paths:
         sections.append('<h2>Across stages</h2><div class="plots">' + "".join(_image(p) for p in plot_paths)
                         + "</div>")
+    for heading, header, table_rows in side_by_side:
+        cells = "".join(f"<th>{_e(c)}</th>" for c in header)
+        body = "".join("<tr>" + "".join(f'<td><pre>{_e(c)}</pre></td>' for c in row) + "</tr>" for row in table_rows)
+        sections.append(f"<h2>{_e(heading)}</h2><table><tr>{cells}</tr>{body}</table>")
     return _page(title, sections)
 
 
