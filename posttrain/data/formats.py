@@ -108,11 +108,69 @@ def extract_prompt(example: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 
-def unpair_preference(batch: dict[str, list]) -> dict[str, list]:
-    """Batched map: each (prompt, chosen, rejected) row → a desirable and an undesirable (prompt, completion, label)."""
-    out: dict[str, list] = {"prompt": [], "completion": [], "label": []}
-    for prompt, chosen, rejected in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
-        out["prompt"] += [prompt, prompt]
+def maybe_extract_prompt(example: dict[str, Any]) -> dict[str, Any]:
+    """`extract_prompt` for implicit-prompt preference rows; other rows unchanged. A row that has a `prompt` but
+    whose chosen/rejected are conversations while the prompt is text (or the reverse) has its prompt inside
+    chosen/rejected: that prompt column is replaced by the extracted one."""
+    if "chosen" not in example or "rejected" not in example:
+        return example
+    if "prompt" in example and (is_conversational({"chosen": example["chosen"]})
+                                == is_conversational({"prompt": example["prompt"]})):
+        return example
+    return extract_prompt({"chosen": example["chosen"], "rejected": example["rejected"]})
+
+
+def unpair_preference(batch: dict[str, list], keep_other_columns: bool = False) -> dict[str, list]:
+    """Batched map: each (prompt, chosen, rejected) row → a desirable and an undesirable (prompt, completion, label),
+    next to each other. Without a `prompt` column (implicit prompt) the rows have no prompt either;
+    keep_other_columns repeats every other column's value on both rows."""
+    keys = (["prompt"] if "prompt" in batch else []) + ["completion", "label"]
+    others = [k for k in batch if k not in ("prompt", "chosen", "rejected")] if keep_other_columns else []
+    out: dict[str, list] = {k: [] for k in keys + others}
+    for i, (chosen, rejected) in enumerate(zip(batch["chosen"], batch["rejected"])):
+        if "prompt" in batch:
+            out["prompt"] += [batch["prompt"][i]] * 2
         out["completion"] += [chosen, rejected]
         out["label"] += [True, False]
+        for k in others:
+            out[k] += [batch[k][i]] * 2
     return out
+
+
+def prepare_multimodal_messages(messages: list[dict[str, Any]], images: list | None = None) -> list[dict[str, Any]]:
+    """Messages with string contents → structured contents ([{"type": "text", "text": …}]), with one
+    {"type": "image", "image": img} block per image placed before the text of the first user message with string
+    content. Already-structured contents are kept; image blocks without an "image" get the images in order. The
+    number of unfilled image blocks must equal len(images). The input messages are not modified."""
+    images = list(images or [])
+    out, placed = [], False
+    for message in messages:
+        role, content = message.get("role"), message.get("content")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"Invalid role in message: {role!r}; expected 'system', 'user', 'assistant' or 'tool'.")
+        if isinstance(content, str):
+            blocks = [{"type": "text", "text": content}]
+            if role == "user" and not placed:
+                blocks = [{"type": "image"} for _ in images] + blocks
+                placed = True
+            message = {**message, "content": blocks}
+        out.append(message)
+    slots = [(i, j) for i, m in enumerate(out) if m["role"] != "tool" and isinstance(m.get("content"), list)
+             for j, block in enumerate(m["content"]) if block.get("type") == "image" and "image" not in block]
+    if len(slots) != len(images):
+        raise ValueError(f"Number of images provided ({len(images)}) does not match number of image placeholders "
+                         f"({len(slots)}).")
+    for (i, j), image in zip(slots, images):
+        content = list(out[i]["content"])
+        content[j] = {**content[j], "image": image}
+        out[i] = {**out[i], "content": content}
+    return out
+
+
+def maybe_convert_to_chatml(example: dict[str, Any]) -> dict[str, Any]:
+    """A ShareGPT row (`conversations` of {from, value}) → `messages` of {role, content} (speakers mapped to
+    user/assistant/system/tool); other rows unchanged."""
+    if not is_sharegpt(example):
+        return example
+    rest = {k: v for k, v in example.items() if k != "conversations"}
+    return {**rest, **sharegpt_to_messages(example)}
