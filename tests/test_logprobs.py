@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from posttrain.models.logprobs import IGNORE_INDEX, forward_target_logits, selective_logps, target_positions
+from posttrain.models.logprobs import (IGNORE_INDEX, forward_target_logits, selective_logps,
+                                       target_positions)
 
 
 def _model():
