@@ -61,7 +61,8 @@ class LogCompletionsCallback(TrainerCallback):
     the trainer's eval dataset (its first `num_prompts`) with `generation_config` (default: the model's), and add
     (step, prompt, completion) rows to `self.table`. Rows are appended to output_dir/logged_completions.jsonl and,
     with report_to wandb, logged as the W&B table "completions". The eval dataset needs a `prompt` column (text
-    or messages) or a tokenised `prompt_ids` column."""
+    or messages), a tokenised `prompt_ids` column (preference trainers), or SFT's tokenised prompt-completion rows
+    (the prompt is the untrained prefix)."""
 
     def __init__(self, trainer, generation_config=None, num_prompts: int | None = None, freq: int | None = None):
         if trainer.eval_dataset is None:
@@ -71,9 +72,9 @@ class LogCompletionsCallback(TrainerCallback):
         if num_prompts is not None:
             dataset = dataset.select(range(min(num_prompts, len(dataset))))
         names = dataset.column_names
-        if "prompt" not in names and "prompt_ids" not in names:
-            raise UserError(f"LogCompletionsCallback needs a 'prompt' or 'prompt_ids' column in the eval dataset; "
-                            f"it has {names}.")
+        if "prompt" not in names and "prompt_ids" not in names and not {"input_ids", "completion_mask"} <= set(names):
+            raise UserError(f"LogCompletionsCallback needs prompts in the eval dataset: a 'prompt' or 'prompt_ids' "
+                            f"column, or SFT's tokenised prompt-completion rows; it has {names}.")
         self.eval_dataset = dataset
         self.table: list[tuple[str, str, str]] = []
         self._last_logged_step = -1
@@ -81,9 +82,19 @@ class LogCompletionsCallback(TrainerCallback):
     def _prompt_ids(self, tokenizer) -> list[list[int]]:
         from posttrain.data.tokenize import tokenize_prompt
 
-        if "prompt_ids" in self.eval_dataset.column_names:
+        names = self.eval_dataset.column_names
+        if "prompt_ids" in names:
             return [list(ids) for ids in self.eval_dataset["prompt_ids"]]
-        return [tokenize_prompt(tokenizer, prompt) for prompt in self.eval_dataset["prompt"]]
+        if "prompt" in names:
+            return [tokenize_prompt(tokenizer, prompt) for prompt in self.eval_dataset["prompt"]]
+        prompts = []  # SFT rows: the prompt is the untrained prefix (completion_mask 0) of input_ids
+        for ids, mask in zip(self.eval_dataset["input_ids"], self.eval_dataset["completion_mask"]):
+            start = list(mask).index(1) if 1 in mask else 0
+            if start == 0:
+                raise UserError("LogCompletionsCallback: an eval row has no prompt (language-modelling text trains "
+                                "every token); give prompt-completion eval data.")
+            prompts.append(list(ids[:start]))
+        return prompts
 
     @torch.no_grad()
     def _generate(self, model, tokenizer, prompt_ids: list[list[int]], batch_size: int) -> list[str]:
