@@ -56,8 +56,12 @@ def test_apply_chat_template_every_row_type(tokenizer):
 
 
 def test_prompt_extraction_and_conversational_checks():
-    from posttrain.data_utils import extract_prompt, is_conversational, is_conversational_from_value, \
-        maybe_extract_prompt
+    from posttrain.data_utils import (
+        extract_prompt,
+        is_conversational,
+        is_conversational_from_value,
+        maybe_extract_prompt,
+    )
 
     chosen = _conv("user", "What color is the sky?") + _conv("assistant", "It is blue.")
     rejected = _conv("user", "What color is the sky?") + _conv("assistant", "It is green.")
@@ -145,8 +149,15 @@ def test_clone_chat_template(tmp_path, tokenizer):
 # ---- script helpers --------------------------------------------------------------------------------------------
 
 def test_trl_parser_yaml_env_and_flags(tmp_path, monkeypatch):
-    from posttrain import ModelConfig, ScriptArguments, SFTConfig, TrlParser, get_kbit_device_map, \
-        get_peft_config, get_quantization_config
+    from posttrain import (
+        ModelConfig,
+        ScriptArguments,
+        SFTConfig,
+        TrlParser,
+        get_kbit_device_map,
+        get_peft_config,
+        get_quantization_config,
+    )
 
     monkeypatch.delenv("POSTTRAIN_TEST27", raising=False)
     config = tmp_path / "c.yaml"
