@@ -49,7 +49,9 @@ TRAINERS = {
                      "posttrain.trainers.distillation:DistillationTrainer"),
 }
 SCRIPT_CONFIGS = {"ModelConfig": ("trl:ModelConfig", "posttrain:ModelConfig"),
-                  "ScriptArguments": ("trl:ScriptArguments", "posttrain:ScriptArguments")}
+                  "ScriptArguments": ("trl:ScriptArguments", "posttrain:ScriptArguments"),
+                  "DatasetMixtureConfig": ("trl:DatasetMixtureConfig", "posttrain:DatasetMixtureConfig"),
+                  "DatasetConfig": ("trl.scripts.utils:DatasetConfig", "posttrain.configs.script:DatasetConfig")}
 EXTRA_NAMES = {  # names TRL users import from elsewhere than `trl`: TRL module → (posttrain module, names)
     "trl.rewards": ("posttrain.rewards", ["accuracy_reward", "get_cosine_scaled_reward",
                                           "get_repetition_penalty_reward", "get_soft_overlong_punishment",
@@ -65,9 +67,6 @@ REASONS: dict[str, tuple[str, str]] = {
     "RichProgressCallback": ("n/a", "posttrain shows its own progress line and writes report.html"),
     "WeaveCallback": ("n/a", "W&B Weave tracing is not integrated; report_to=wandb logs metrics and tables"),
     "init_zero_verbose": ("n/a", "logging setup of TRL's own CLI; `posttrain` prints one-line errors itself"),
-    "DatasetMixtureConfig": ("n/a", "mixtures are ScriptArguments.datasets (a YAML list of {path, name, split, "
-                                    "data_files, columns}), read by posttrain.data.loading.load_mixture"),
-    "get_dataset": ("n/a", "posttrain.data.loading.load_mixture / load_train_eval"),
     "extract_prompt": ("different", "standard rows split at whitespace so no word is cut (TRL moves one space)"),
     "unpair_preference_dataset": ("different", "a pair's two rows are adjacent (TRL: chosen rows of a batch first)"),
     "pack_dataset": ("different", "packs the whole dataset at once; wrapped rows keep seq_lengths; map_kwargs: desc"),

@@ -43,8 +43,9 @@ _LAZY = {
                      "is_conversational_from_value", "maybe_convert_to_chatml", "pack_dataset", "truncate_dataset",
                      "prepare_multimodal_messages", "clone_chat_template"], "posttrain.data_utils"),
     # TRL's script helpers (trl.scripts.utils, trl.trainer.utils)
-    **dict.fromkeys(["TrlParser", "get_peft_config", "get_quantization_config", "get_kbit_device_map"],
-                    "posttrain.scripts"),
+    **dict.fromkeys(["TrlParser", "get_peft_config", "get_quantization_config", "get_kbit_device_map",
+                     "get_dataset"], "posttrain.scripts"),
+    "DatasetMixtureConfig": "posttrain.configs.script",
     # callbacks users attach
     **dict.fromkeys(["LogCompletionsCallback", "SyncRefModelCallback", "BEMACallback", "MergeModelCallback",
                      "MergeConfig"], "posttrain.callbacks"),

@@ -183,6 +183,41 @@ def test_trl_parser_yaml_env_and_flags(tmp_path, monkeypatch):
         ModelConfig(use_bnb_nested_quant=True)
 
 
+def test_trl_style_sft_script_with_dataset_mixture(tmp_path):
+    """TRL 1.16's scripts/sft.py flow with `trl` → `posttrain` (quantization_config= left out: another branch adds
+    that constructor argument)."""
+    from posttrain import (
+        DatasetMixtureConfig,
+        ModelConfig,
+        ScriptArguments,
+        SFTConfig,
+        SFTTrainer,
+        TrlParser,
+        get_dataset,
+        get_peft_config,
+    )
+
+    config = tmp_path / "sft.yaml"
+    config.write_text("model_name_or_path: posttrain/tiny\nmax_steps: 1\nper_device_train_batch_size: 4\n"
+                      "report_to: none\nsave_strategy: 'no'\nmax_length: 64\n"
+                      "datasets:\n  - path: posttrain/arith-sft\n    split: train[:12]\n    columns: [prompt, completion]\n"
+                      "    fraction: 0.5\n  - path: posttrain/arith-sft\n    split: train[12:20]\n    fraction: 0.5\n"
+                      "test_split_size: 0.25\n")
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig))
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(
+        ["--config", str(config), "--output_dir", str(tmp_path / "out")])
+    assert script_args.datasets is None and dataset_args.datasets[0].columns == ["prompt", "completion"]
+    training_args.model_init_kwargs = dict(revision=model_args.model_revision, dtype=model_args.dtype,
+                                           trust_remote_code=model_args.trust_remote_code,
+                                           attn_implementation=model_args.attn_implementation)
+    dataset = get_dataset(dataset_args)
+    assert len(dataset["train"]) + len(dataset["test"]) == 16  # 8 rows each: the smaller dataset caps the mixture
+    trainer = SFTTrainer(model=model_args.model_name_or_path, args=training_args, train_dataset=dataset["train"],
+                         eval_dataset=dataset["test"], peft_config=get_peft_config(model_args))
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
 # ---- rewards ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("completion,gold,expected", [

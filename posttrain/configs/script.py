@@ -111,3 +111,31 @@ class ScriptArguments:
     dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (if eval is enabled)."})
     dataset_streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading."})
     datasets: list[dict] | None = field(default=None, metadata={"help": "Mixture of datasets (YAML only)."})
+
+
+@dataclass
+class DatasetConfig:
+    """One dataset of a mixture, as `datasets.load_dataset` takes it (TRL's DatasetConfig). `fraction`: this
+    dataset's target share of the mixture (set for all datasets or none; see `scripts.get_dataset`)."""
+
+    path: str
+    name: str | None = None
+    data_dir: str | None = None
+    data_files: str | list[str] | dict[str, str] | None = None
+    split: str = "train"
+    columns: list[str] | None = None
+    fraction: float | None = None
+
+
+@dataclass
+class DatasetMixtureConfig:
+    """A mixture of datasets for TRL-style scripts (`get_dataset(mixture)`); in YAML, a `datasets:` list of
+    DatasetConfig mappings, `streaming:` and `test_split_size:` (a fraction or a row count for the test split)."""
+
+    datasets: list[DatasetConfig] = field(default_factory=list, metadata={"help": "Datasets of the mixture (YAML)."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the datasets instead of downloading them."})
+    test_split_size: float | None = field(default=None, metadata={"help": "Size of a test split cut from the "
+                                          "mixture (datasets.train_test_split's test_size); none when unset."})
+
+    def __post_init__(self):
+        self.datasets = [DatasetConfig(**d) if isinstance(d, dict) else d for d in self.datasets]

@@ -1,5 +1,6 @@
 """What TRL's training scripts import besides trainers and configs: `TrlParser` (dataclass arguments from the
-command line and a `--config` YAML file), `get_peft_config`, `get_quantization_config`, `get_kbit_device_map`.
+command line and a `--config` YAML file), `get_dataset` (a `DatasetMixtureConfig` loaded), `get_peft_config`,
+`get_quantization_config`, `get_kbit_device_map`.
 
     parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config()
@@ -7,6 +8,7 @@ command line and a `--config` YAML file), `get_peft_config`, `get_quantization_c
 Precedence: dataclass defaults < YAML values < command-line flags. The YAML's `env` mapping is exported to the
 environment. Unknown YAML keys are an error naming the closest field (`fail_with_unknown_args=False` hands them
 back instead). Older option names (`max_seq_length`, `evaluation_strategy`, …) are translated as everywhere else.
+Parsed beside a `DatasetMixtureConfig` (as TRL's scripts do), `ScriptArguments` leaves the `datasets` key to it.
 
 Not here: the `posttrain` command line itself (`cli.py`, which parses the same way with one-line errors).
 """
@@ -16,11 +18,20 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import HfArgumentParser
 
+from posttrain.configs.script import ScriptArguments
 from posttrain.errors import UserError, did_you_mean
+
+
+@dataclass
+class _ScriptArgumentsBesideMixture(ScriptArguments):
+    """ScriptArguments whose `datasets` key belongs to the DatasetMixtureConfig parsed beside it."""
+
+    datasets: list[dict] | None = field(default=None, init=False)
 
 
 class TrlParser(HfArgumentParser):
@@ -31,6 +42,11 @@ class TrlParser(HfArgumentParser):
             dataclass_types = []
         elif not isinstance(dataclass_types, Iterable):
             dataclass_types = [dataclass_types]
+        from posttrain.configs.script import DatasetMixtureConfig
+
+        dataclass_types = list(dataclass_types)
+        if DatasetMixtureConfig in dataclass_types and ScriptArguments in dataclass_types:
+            dataclass_types[dataclass_types.index(ScriptArguments)] = _ScriptArgumentsBesideMixture
         for cls in dataclass_types:
             if "config" in getattr(cls, "__dataclass_fields__", {}):
                 raise ValueError(f"Dataclass {cls.__name__} has a field named 'config', which TrlParser reserves for "
@@ -99,6 +115,44 @@ class TrlParser(HfArgumentParser):
 
         used = apply(self)
         return [item for key, value in values.items() if key not in used for item in (f"--{key}", str(value))]
+
+
+def get_dataset(mixture):
+    """A DatasetDict ("train", plus "test" when mixture.test_split_size is set) from a `DatasetMixtureConfig`: each
+    dataset loaded (built-in names, local files and Hub ids, as everywhere in posttrain), its `columns` selected,
+    then concatenated. With `fraction`s (all or none), the shares are normalised to w_i and the mixture is the
+    largest N with round(w_i·N) ≤ len_i for every dataset; each contributes its first round(w_i·N) rows."""
+    import datasets
+
+    from posttrain.data.loading import load_any_dataset
+
+    if not mixture.datasets:
+        raise UserError("get_dataset: the mixture has no datasets; add a `datasets:` list to the YAML file.")
+    parts = []
+    for spec in mixture.datasets:
+        if spec.data_dir is not None:
+            part = datasets.load_dataset(spec.path, spec.name, data_dir=spec.data_dir, data_files=spec.data_files,
+                                         split=spec.split, streaming=mixture.streaming)
+        else:
+            part = load_any_dataset(spec.path, spec.name, split=spec.split, data_files=spec.data_files,
+                                    streaming=mixture.streaming)
+        parts.append(part.select_columns(spec.columns) if spec.columns else part)
+    fractions = [spec.fraction for spec in mixture.datasets]
+    if any(f is not None for f in fractions):
+        if any(f is None for f in fractions) or any(f <= 0 for f in fractions):
+            raise UserError("get_dataset: set a positive `fraction` for every dataset of the mixture, or for none.")
+        if mixture.streaming:
+            raise UserError("get_dataset: `fraction` needs the datasets' lengths, so it cannot be used with "
+                            "streaming; drop one of them.")
+        weights = [f / sum(fractions) for f in fractions]
+        total = min(len(part) / w for part, w in zip(parts, weights))
+        parts = [part.select(range(min(len(part), round(w * total)))) for part, w in zip(parts, weights)]
+    combined = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if mixture.test_split_size is not None:
+        if mixture.streaming:
+            raise UserError("get_dataset: test_split_size cannot split a streamed mixture; drop one of them.")
+        return combined.train_test_split(test_size=mixture.test_split_size)
+    return (datasets.IterableDatasetDict if mixture.streaming else datasets.DatasetDict)({"train": combined})
 
 
 def get_peft_config(model_args):
