@@ -434,3 +434,14 @@ def test_trl_compat_checklist_is_up_to_date():
     committed = open(os.path.join(ROOT, "docs", "TRL-COMPAT.md")).read()
     assert surface.render() == committed, ("docs/TRL-COMPAT.md is out of date: run "
                                            "`python benchmarks/trl_surface.py` and commit the result.")
+
+
+def test_cli_ignore_bias_buffers(tmp_path):
+    from posttrain.cli import run_training
+
+    trainer = run_training("sft", ["--model_name_or_path", MODEL, "--dataset_name", "posttrain/arith-sft",
+                                   "--dataset_train_split", "train[:8]", "--max_steps", "1", "--report_to", "none",
+                                   "--save_strategy", "no", "--output_dir", str(tmp_path / "cli"),
+                                   "--ignore_bias_buffers", "True"])
+    bool_buffers = [n for n, b in trainer.model.named_buffers() if b.dtype == torch.bool]
+    assert trainer.model._ddp_params_and_buffers_to_ignore == bool_buffers

@@ -111,6 +111,8 @@ class ScriptArguments:
     dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (if eval is enabled)."})
     dataset_streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading."})
     datasets: list[dict] | None = field(default=None, metadata={"help": "Mixture of datasets (YAML only)."})
+    ignore_bias_buffers: bool = field(default=False, metadata={"help": "Multi-process (DDP): do not broadcast the "
+                                      "model's boolean buffers (causal masks), which some models cannot sync."})
 
 
 @dataclass
