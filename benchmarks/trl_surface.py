@@ -68,8 +68,7 @@ REASONS: dict[str, tuple[str, str]] = {
     "WeaveCallback": ("n/a", "W&B Weave tracing is not integrated; report_to=wandb logs metrics and tables"),
     "init_zero_verbose": ("n/a", "logging setup of TRL's own CLI; `posttrain` prints one-line errors itself"),
     "extract_prompt": ("different", "standard rows split at whitespace so no word is cut (TRL moves one space)"),
-    "unpair_preference_dataset": ("different", "a pair's two rows are adjacent (TRL: chosen rows of a batch first)"),
-    "pack_dataset": ("different", "packs the whole dataset at once; wrapped rows keep seq_lengths; map_kwargs: desc"),
+    "pack_dataset": ("different", "bfd packs the whole dataset at once (TRL: per 1000 rows); map_kwargs: desc only"),
     "maybe_convert_to_chatml": ("different", "ShareGPT speakers become roles (human → user, gpt → assistant)"),
     "accuracy_reward": ("different", "plain numeric gold answers keep number matching for plain-text completions "
                                      "(TRL scores '#### 12' 0); bare-LaTeX gold retried as $…$ (TRL: None)"),

@@ -198,10 +198,10 @@ class BEMACallback(TrainerCallback):
                 self.theta0[name].copy_(param.detach())
                 self.ema[name].copy_(param.detach())
         elif (step - self.update_after) % self.update_freq == 0:
-            self.update(step)
+            self._update_bema_weights(step)
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
+    def _update_bema_weights(self, step: int) -> None:
         beta, alpha = self.ema_beta(step), self.bema_alpha(step)
         running = dict(self.running_model.named_parameters())
         for name, param in self._params.items():

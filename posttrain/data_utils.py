@@ -6,10 +6,8 @@ differs from TRL's on purpose, the function says so:
 
 - `extract_prompt` on standard (string) rows backs the split off to a whitespace character, so no word is cut
   (TRL moves at most one space): "Answer: 45" / "Answer: 47" gives prompt "Answer:", not "Answer: 4".
-- `unpair_preference_dataset` puts each pair's desirable and undesirable rows next to each other (TRL lists the
-  chosen rows of a map batch, then the rejected ones); the rows themselves are the same.
-- `pack_dataset` packs the whole dataset at once (TRL: per map batch of 1000 rows) and its "wrapped" rows also
-  carry `seq_lengths`, so packed documents never attend to each other (see `data/packing.py`).
+- `pack_dataset` packs the whole dataset at once with "bfd"/"bfd_split" (TRL: per map batch of 1000 rows, which
+  wastes more room; results agree on datasets of up to 1000 rows).
 - `maybe_convert_to_chatml` maps ShareGPT speakers to roles (human → user, gpt → assistant); TRL keeps the names.
 
 Not here: the per-trainer pipelines (`data/prepare.py`), tokenisation (`data/tokenize.py`).
@@ -31,7 +29,7 @@ from posttrain.data.formats import (
     prepare_multimodal_messages,
     unpair_preference,
 )
-from posttrain.data.packing import truncate_dataset
+from posttrain.data.packing import keep_format, truncate_dataset
 from posttrain.data.templates import apply_chat_template, clone_chat_template, maybe_apply_chat_template
 from posttrain.errors import UserError
 
@@ -62,7 +60,8 @@ def _column_names(dataset) -> list[str]:
 def unpair_preference_dataset(dataset, **map_kwargs: Any):
     """Preference rows (chosen, rejected, and prompt if explicit) → unpaired rows (prompt, completion, label):
     each pair gives a desirable (label True, the chosen completion) and an undesirable row (label False, the
-    rejected one); every other column is repeated on both. Dataset, DatasetDict or IterableDataset."""
+    rejected one); every other column is repeated on both. Per map batch, the desirable rows come first (TRL's
+    order). Dataset, DatasetDict or IterableDataset."""
     names = _column_names(dataset)
     missing = [c for c in ("chosen", "rejected") if c not in names]
     if missing:
@@ -82,9 +81,11 @@ def maybe_unpair_preference_dataset(dataset, num_proc: int | None = None, desc: 
 
 def pack_dataset(dataset, seq_length: int, strategy: str = "bfd", map_kwargs: dict[str, Any] | None = None):
     """Pack every column of a tokenised dataset (all must be lists of equal lengths per row: input_ids,
-    attention_mask, …) into rows of at most `seq_length`, adding `seq_lengths`. Strategies "bfd", "bfd_split",
-    "wrapped" as in `data/packing.py`. A DatasetDict is packed split by split. `map_kwargs` may only hold `desc`:
-    packing sees the whole dataset in one pass, so batch and process options cannot apply."""
+    attention_mask, …) into rows of at most `seq_length`. "bfd" and "bfd_split" (see `data/packing.py`) add
+    `seq_lengths`, the document lengths in each row; "wrapped" concatenates everything and cuts every seq_length
+    tokens, without document boundaries (as TRL; posttrain's own SFT packing keeps them). The output format
+    (numpy, torch, selected columns) is the input's. A DatasetDict is packed split by split. `map_kwargs` may
+    only hold `desc`: packing sees the whole dataset in one pass, so batch and process options cannot apply."""
     unknown = sorted(set(map_kwargs or {}) - {"desc"})
     if unknown:
         raise UserError(f"pack_dataset packs the whole dataset in one pass, so map_kwargs {unknown} cannot apply; "
@@ -98,4 +99,7 @@ def pack_dataset(dataset, seq_length: int, strategy: str = "bfd", map_kwargs: di
         if flat:
             raise TypeError(f"Packing requires all columns to be lists of lists; {flat} are not (remove them with "
                             "dataset.remove_columns).")
-    return packing.pack_dataset(dataset, seq_length, strategy, columns=names)
+    packed = packing.pack_dataset(dataset, seq_length, strategy, columns=names)
+    if strategy == "wrapped":
+        packed = packed.remove_columns("seq_lengths")
+    return keep_format(packed, dataset, added=() if strategy == "wrapped" else ("seq_lengths",))

@@ -60,6 +60,7 @@ def test_prompt_extraction_and_conversational_checks():
         extract_prompt,
         is_conversational,
         is_conversational_from_value,
+        maybe_convert_to_chatml,
         maybe_extract_prompt,
     )
 
@@ -75,6 +76,10 @@ def test_prompt_extraction_and_conversational_checks():
         "prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
     assert is_conversational({"prompt": _conv("user", "x")}) and not is_conversational({"prompt": "x"})
     assert is_conversational_from_value({"conversations": [{"from": "human", "value": "hi"}]})
+    assert maybe_convert_to_chatml({"prompt": [{"from": "human", "value": "hi"}], "x": 1}) == {
+        "prompt": [{"role": "user", "content": "hi"}], "x": 1}
+    assert maybe_convert_to_chatml({"conversations": [{"from": "gpt", "value": "yo"}]}) == {
+        "messages": [{"role": "assistant", "content": "yo"}]}
     assert not is_conversational_from_value({"conversations": _conv("user", "hi")})
 
 
@@ -86,7 +91,8 @@ def test_unpair_preference_dataset_keeps_extra_columns():
     out = unpair_preference_dataset(data)
     assert len(out) == 4 and sorted(out.column_names) == ["completion", "id", "label", "prompt"]
     assert out[0] == {"prompt": "The sky is", "id": 7, "completion": " blue.", "label": True}
-    assert out[1] == {"prompt": "The sky is", "id": 7, "completion": " green.", "label": False}
+    assert out[2] == {"prompt": "The sky is", "id": 7, "completion": " green.", "label": False}  # TRL's order
+    assert out["label"] == [True, True, False, False] and out["id"] == [7, 8, 7, 8]
     assert maybe_unpair_preference_dataset(out) is out
     implicit = unpair_preference_dataset(data.remove_columns("prompt"))
     assert "prompt" not in implicit.column_names and len(implicit) == 4
@@ -106,6 +112,12 @@ def test_pack_and_truncate_dataset_match_trl_examples():
     assert pack_dataset(data, seq_length=4, strategy="bfd_split")[:] == {
         "input_ids": [[1, 2, 3, 4], [8, 9, 10, 5], [6, 7, 11]],
         "attention_mask": [[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 1]], "seq_lengths": [[4], [3, 1], [2, 1]]}
+    assert pack_dataset(data, seq_length=3, strategy="wrapped")[:] == {  # no document boundaries, as TRL
+        "input_ids": [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11]],
+        "attention_mask": [[1, 1, 1], [0, 0, 1], [0, 1, 1], [0, 1]]}
+    numpy = pack_dataset(data.with_format("numpy", dtype="float32"), seq_length=4)
+    assert numpy.format["type"] == "numpy" and numpy.format["format_kwargs"] == {"dtype": "float32"}
+    assert numpy.format["columns"] == ["input_ids", "attention_mask", "seq_lengths"]
     with pytest.raises(TypeError, match="lists"):
         pack_dataset(data.add_column("n", [1, 2, 3, 4]), 4)
     with pytest.raises(UserError, match="num_proc"):
@@ -252,6 +264,16 @@ def test_accuracy_reward_log_extra():
     assert logged["answer_parsed"][1] == "[skipped]" and len(logged["gold_parsed"]) == 2
 
 
+def test_repetition_penalty_counts_token_ngrams():
+    from posttrain.rewards import get_repetition_penalty_reward, repetition_penalty_reward
+
+    reward = get_repetition_penalty_reward(ngram_size=2, max_penalty=-1.0)
+    # [5]*5 has 4 bigrams, 1 unique: −(1 − 1/4); TRL 1.16's documented example
+    assert reward([[1, 2, 3, 4], [5, 5, 5, 5, 5]]) == [0.0, -0.75]
+    # the trainers pass both: the token ids decide (the text has no repetition here)
+    assert repetition_penalty_reward(completion_ids=[[1, 2, 3, 1, 2, 3]], completions=["one two three"]) == [-0.25]
+
+
 def test_reasoning_accuracy_and_cosine_scaled_rewards():
     from posttrain.rewards import BUILTIN_REWARDS, get_cosine_scaled_reward, reasoning_accuracy_reward
 
@@ -298,7 +320,7 @@ def test_bema_formula_by_hand():
     cb.running_model, cb._params = model, {"weight": param}
     cb.theta0, cb.ema = {"weight": torch.tensor([1.0])}, {"weight": torch.tensor([1.0])}
     param.data.fill_(3.0)
-    cb.update(6)  # EMA = (1 − β)·1 + β·3; θ' = EMA + α·(3 − 1)
+    cb._update_bema_weights(6)  # EMA = (1 − β)·1 + β·3; θ' = EMA + α·(3 − 1)
     beta, alpha = 16 ** -0.5, 16 ** -0.2
     assert model.weight.item() == pytest.approx((1 - beta) + 3 * beta + 2 * alpha)
 

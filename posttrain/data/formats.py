@@ -121,19 +121,24 @@ def maybe_extract_prompt(example: dict[str, Any]) -> dict[str, Any]:
 
 
 def unpair_preference(batch: dict[str, list], keep_other_columns: bool = False) -> dict[str, list]:
-    """Batched map: each (prompt, chosen, rejected) row → a desirable and an undesirable (prompt, completion, label),
-    next to each other. Without a `prompt` column (implicit prompt) the rows have no prompt either;
-    keep_other_columns repeats every other column's value on both rows."""
+    """Batched map: each (prompt, chosen, rejected) row → a desirable and an undesirable (prompt, completion, label).
+    Without a `prompt` column (implicit prompt) the rows have no prompt either.
+
+    keep_other_columns=False (the KTO pipeline): each pair's two rows are adjacent and other columns are dropped.
+    keep_other_columns=True (`data_utils.unpair_preference_dataset`, TRL's order): the batch's desirable rows, then
+    its undesirable rows, every other column repeated on both."""
     keys = (["prompt"] if "prompt" in batch else []) + ["completion", "label"]
-    others = [k for k in batch if k not in ("prompt", "chosen", "rejected")] if keep_other_columns else []
-    out: dict[str, list] = {k: [] for k in keys + others}
+    n = len(batch["chosen"])
+    if keep_other_columns:
+        out = {k: list(v) + list(v) for k, v in batch.items() if k not in ("chosen", "rejected")}
+        out.update(completion=list(batch["chosen"]) + list(batch["rejected"]), label=[True] * n + [False] * n)
+        return out
+    out: dict[str, list] = {k: [] for k in keys}
     for i, (chosen, rejected) in enumerate(zip(batch["chosen"], batch["rejected"])):
         if "prompt" in batch:
             out["prompt"] += [batch["prompt"][i]] * 2
         out["completion"] += [chosen, rejected]
         out["label"] += [True, False]
-        for k in others:
-            out[k] += [batch[k][i]] * 2
     return out
 
 
@@ -168,9 +173,23 @@ def prepare_multimodal_messages(messages: list[dict[str, Any]], images: list | N
 
 
 def maybe_convert_to_chatml(example: dict[str, Any]) -> dict[str, Any]:
-    """A ShareGPT row (`conversations` of {from, value}) → `messages` of {role, content} (speakers mapped to
-    user/assistant/system/tool); other rows unchanged."""
-    if not is_sharegpt(example):
-        return example
-    rest = {k: v for k, v in example.items() if k != "conversations"}
-    return {**rest, **sharegpt_to_messages(example)}
+    """Messages of {from, value} (ShareGPT) in prompt/completion/chosen/rejected/messages/conversations → {role,
+    content}, speakers mapped to roles (human → user, gpt → assistant; others kept), and `conversations` renamed
+    `messages`; other rows unchanged. Returns a new row."""
+    out = dict(example)
+    for key in ("prompt", "completion", "chosen", "rejected", "messages", "conversations"):
+        if isinstance(out.get(key), list):
+            out[key] = [_chatml_message(m) if isinstance(m, dict) else m for m in out[key]]
+    if "conversations" in out:
+        out["messages"] = out.pop("conversations")
+    return out
+
+
+def _chatml_message(message: dict[str, Any]) -> dict[str, Any]:
+    message = dict(message)
+    if "from" in message:
+        speaker = message.pop("from")
+        message["role"] = _SHAREGPT_ROLES.get(speaker, speaker)
+    if "value" in message:
+        message["content"] = message.pop("value")
+    return message

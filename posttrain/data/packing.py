@@ -231,7 +231,19 @@ def truncate_dataset(dataset, max_length: int, map_kwargs: dict | None = None):
         raise UserError(f"truncate_dataset needs a positive integer max_length, got {max_length!r}.")
     if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         return type(dataset)({k: truncate_dataset(v, max_length, map_kwargs) for k, v in dataset.items()})
-    format_type = dataset.format["type"] if isinstance(dataset, datasets.Dataset) else None
     truncated = dataset.with_format("arrow").map(_truncate_table, batched=True, fn_kwargs={"max_length": max_length},
                                                  **(map_kwargs or {}))
-    return truncated.with_format(format_type)
+    return keep_format(truncated, dataset)
+
+
+def keep_format(result, source, added: Sequence[str] = ()):
+    """`result` in `source`'s output format (type, its options, selected columns plus the `added` ones)."""
+    if isinstance(source, datasets.Dataset):
+        fmt = source.format
+        columns = fmt["columns"]
+        if columns is not None:
+            columns = [c for c in [*columns, *added] if c in result.column_names]
+        return result.with_format(fmt["type"], columns=columns, output_all_columns=fmt["output_all_columns"],
+                                  **fmt["format_kwargs"])
+    formatting = getattr(source, "_formatting", None)
+    return result.with_format(formatting.format_type if formatting is not None else None)

@@ -10,7 +10,7 @@ of module-level classes, so they pickle (for worker processes).
     format_reward              1 / 0 for a `#### N` answer line (the built-in arithmetic task's format)
     think_format_reward        1 / 0 for `<think>…</think>` followed by an answer
     length_reward              −(completion tokens) / 1000
-    repetition_penalty_reward  −(fraction of repeated word 3-grams), in [−1, 0]
+    repetition_penalty_reward  −(fraction of repeated token 3-grams), in [−1, 0]
     soft_overlong_punishment   DAPO's soft overlong punishment with L_max = 256 (GRPOConfig's default
                                max_completion_length) and L_cache = 64; for other lengths build one with
                                `get_soft_overlong_punishment(L_max, L_cache)`
@@ -110,11 +110,17 @@ def length_reward(completion_ids: list[list[int]] | None = None, **kwargs: Any) 
     return [-len(ids) / 1000.0 for ids in completion_ids]
 
 
-class RepetitionPenalty:
-    """r_i = p · (1 − |unique n-grams of y_i| / |n-grams of y_i|), in [p, 0]; 0 when y_i has fewer than n words.
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and (not value or isinstance(value[0], int)) or hasattr(value, "tolist")
 
-    Word n-grams of the lower-cased, whitespace-split completion. The n-gram repetition penalty of Yeo et al.,
-    2025, "Demystifying Long Chain-of-Thought Reasoning in LLMs" (§4), with p = `max_penalty` (≤ 0).
+
+class RepetitionPenalty:
+    """r_i = p · (1 − |unique n-grams of y_i| / |n-grams of y_i|), in [p, 0]; 0 when y_i is shorter than n.
+
+    The n-gram repetition penalty of Yeo et al., 2025, "Demystifying Long Chain-of-Thought Reasoning in LLMs"
+    (App. C.2), with p = `max_penalty` (≤ 0). The n-grams are over the completion's token ids (`completion_ids`,
+    which the trainers pass; as in the paper and TRL 1.16). Called with texts only (`completions`, or texts as the
+    first argument), it counts lower-cased whitespace-split words instead.
     """
 
     def __init__(self, ngram_size: int = 3, max_penalty: float = -1.0):
@@ -125,15 +131,24 @@ class RepetitionPenalty:
         self.ngram_size, self.max_penalty = ngram_size, max_penalty
         self.__name__ = "repetition_penalty_reward"
 
-    def score(self, text: str) -> float:
-        words = text.lower().split()
+    def score_units(self, units: list) -> float:
         n = self.ngram_size
-        ngrams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        ngrams = [tuple(units[i:i + n]) for i in range(len(units) - n + 1)]
         if not ngrams:
             return 0.0
         return self.max_penalty * (1.0 - len(set(ngrams)) / len(ngrams)) + 0.0  # + 0.0: no -0.0 in logs
 
-    def __call__(self, completions: list, **kwargs: Any) -> list[float]:
+    def score(self, text: str) -> float:
+        return self.score_units(text.lower().split())
+
+    def __call__(self, completion_ids: list | None = None, completions: list | None = None,
+                 **kwargs: Any) -> list[float]:
+        if completion_ids is not None and completion_ids and not _is_token_ids(completion_ids[0]):
+            completion_ids, completions = None, completion_ids  # texts given first: repetition_penalty(texts)
+        if completion_ids is not None:
+            return [self.score_units(list(ids.tolist() if hasattr(ids, "tolist") else ids)) for ids in completion_ids]
+        if completions is None:
+            raise UserError("repetition_penalty_reward needs completion_ids or completions.")
         return [self.score(completion_text(c)) for c in completions]
 
     def __repr__(self) -> str:
@@ -141,19 +156,22 @@ class RepetitionPenalty:
 
 
 def get_repetition_penalty_reward(ngram_size: int = 3, max_penalty: float = -1.0) -> RepetitionPenalty:
-    """A repetition penalty over word `ngram_size`-grams, scaled to [max_penalty, 0] (see `RepetitionPenalty`)."""
+    """A repetition penalty over token (or word) `ngram_size`-grams, scaled to [max_penalty, 0]
+    (see `RepetitionPenalty`)."""
     return RepetitionPenalty(ngram_size, max_penalty)
 
 
 _DEFAULT_REPETITION = RepetitionPenalty(3, -1.0)
 
 
-def repetition_penalty_reward(completions: list, **kwargs: Any) -> list[float]:
-    """−(fraction of repeated word 3-grams), in [−1, 0]: `RepetitionPenalty(ngram_size=3, max_penalty=-1.0)`.
+def repetition_penalty_reward(completion_ids: list | None = None, completions: list | None = None,
+                              **kwargs: Any) -> list[float]:
+    """−(fraction of repeated token 3-grams), in [−1, 0]: `RepetitionPenalty(ngram_size=3, max_penalty=-1.0)`.
 
-    "a b c a b c" has 3-grams (a b c)(b c a)(c a b)(a b c): 3 unique of 4, so r = −(1 − 3/4) = −0.25.
+    Token ids [1, 2, 3, 1, 2, 3] (or words "a b c a b c") have 3-grams (1 2 3)(2 3 1)(3 1 2)(1 2 3): 3 unique of
+    4, so r = −(1 − 3/4) = −0.25.
     """
-    return _DEFAULT_REPETITION(completions)
+    return _DEFAULT_REPETITION(completion_ids, completions)
 
 
 class SoftOverlongPunishment:
