@@ -25,7 +25,7 @@ from posttrain.rewards.protocol import RewardFunction, completion_text
 from posttrain.rewards.runner import RewardRunner, weighted_sum
 
 __all__ = [
-    "BUILTIN_REWARDS", "CosineScaledReward", "RewardFunction", "RewardRunner", "accuracy_reward", "completion_text", "format_reward",
-    "get_cosine_scaled_reward", "get_repetition_penalty_reward", "get_soft_overlong_punishment", "length_reward", "reasoning_accuracy_reward", "repetition_penalty_reward",
-    "think_format_reward", "weighted_sum",
+    "BUILTIN_REWARDS", "CosineScaledReward", "RewardFunction", "RewardRunner", "accuracy_reward", "completion_text",
+    "format_reward", "get_cosine_scaled_reward", "get_repetition_penalty_reward", "get_soft_overlong_punishment",
+    "length_reward", "reasoning_accuracy_reward", "repetition_penalty_reward", "think_format_reward", "weighted_sum",
 ]
