@@ -36,12 +36,26 @@ _LAZY = {
     "PostTrainConfig": "posttrain.configs.base",
     "PostTrainer": "posttrain.trainers.base",
     "DataCollatorForLanguageModeling": "posttrain.data.collators",
-    "pack_dataset": "posttrain.data.packing",
     "load_any_dataset": "posttrain.data.loading",
-    "is_conversational": "posttrain.data.formats",
-    "extract_prompt": "posttrain.data.formats",
+    # TRL's data helpers (trl.data_utils, trl.chat_template_utils)
+    **dict.fromkeys(["apply_chat_template", "maybe_apply_chat_template", "extract_prompt", "maybe_extract_prompt",
+                     "unpair_preference_dataset", "maybe_unpair_preference_dataset", "is_conversational",
+                     "is_conversational_from_value", "maybe_convert_to_chatml", "pack_dataset", "truncate_dataset",
+                     "prepare_multimodal_messages", "clone_chat_template"], "posttrain.data_utils"),
+    # TRL's script helpers (trl.scripts.utils, trl.trainer.utils)
+    **dict.fromkeys(["TrlParser", "get_peft_config", "get_quantization_config", "get_kbit_device_map",
+                     "get_dataset"], "posttrain.scripts"),
+    "DatasetMixtureConfig": "posttrain.configs.script",
+    # callbacks users attach
+    **dict.fromkeys(["LogCompletionsCallback", "SyncRefModelCallback", "BEMACallback", "MergeModelCallback",
+                     "MergeConfig"], "posttrain.callbacks"),
 }
 __all__ = sorted(_LAZY)
+
+# TRL's module paths (posttrain.trainer.sft_trainer, posttrain.experimental.orpo, …) as lazy aliases.
+from posttrain.compat.module_aliases import install as _install_module_aliases  # noqa: E402
+
+_install_module_aliases()
 
 if TYPE_CHECKING:  # pragma: no cover
     from posttrain.configs.sft import SFTConfig

@@ -186,6 +186,11 @@ def run_training(command: str, argv: list[str]):
     trainer_cls = _load(COMMANDS[command][1])
     trainer = trainer_cls(model=model_args.model_name_or_path, args=training_args, train_dataset=train_dataset,
                           eval_dataset=eval_dataset, peft_config=model_args.peft_config())
+    if script_args.ignore_bias_buffers:  # DDP would broadcast these bool mask buffers and fail on some models
+        import torch
+
+        trainer.model._ddp_params_and_buffers_to_ignore = [name for name, buffer in trainer.model.named_buffers()
+                                                           if buffer.dtype == torch.bool]
     trainer.run_config_extra = {k: v for k, v in {**dataclasses.asdict(script_args),
                                                   **dataclasses.asdict(model_args)}.items() if v is not None}
     start = time.time()

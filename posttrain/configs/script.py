@@ -31,6 +31,8 @@ class ModelConfig:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Modules to adapt (default: "
                                                   "all linear layers)."})
+    lora_target_parameters: list[str] | None = field(default=None, metadata={"help": "Parameters to adapt directly "
+                                                     "(PEFT >= 0.17 target_parameters, e.g. MoE expert weights)."})
     lora_modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained in full."})
     lora_task_type: str = field(default="CAUSAL_LM", metadata={"help": "PEFT task type."})
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling."})
@@ -39,6 +41,20 @@ class ModelConfig:
                                  "into full weights, in output_dir/merged."})
     load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base weights (bitsandbytes, GPU only)."})
     load_in_4bit: bool = field(default=False, metadata={"help": "4-bit base weights (bitsandbytes, GPU only)."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit quantisation type.",
+                                                              "choices": ["fp4", "nf4"]})
+    use_bnb_nested_quant: bool = field(default=False, metadata={"help": "4-bit: also quantise the quantisation "
+                                       "constants (double quantisation)."})
+    bnb_4bit_quant_storage: str | None = field(default=None, metadata={"help": "4-bit: dtype the packed weights "
+                                               "are stored in (e.g. bfloat16 for FSDP)."})
+
+    def __post_init__(self):
+        if self.load_in_8bit and self.load_in_4bit:
+            raise UserError("load_in_8bit and load_in_4bit are both set; choose one.")
+        four_bit = [name for name, default in (("bnb_4bit_quant_type", "nf4"), ("use_bnb_nested_quant", False),
+                                               ("bnb_4bit_quant_storage", None)) if getattr(self, name) != default]
+        if four_bit and not self.load_in_4bit:
+            raise UserError(f"--{four_bit[0]} only applies to 4-bit loading; add --load_in_4bit True or drop it.")
 
     def peft_config(self):
         """A `peft.LoraConfig` when `use_peft`, else None (and a LoRA option set without use_peft is an error: it
@@ -56,7 +72,9 @@ class ModelConfig:
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=self.lora_target_modules or "all-linear",
                           modules_to_save=self.lora_modules_to_save, task_type=self.lora_task_type,
-                          use_rslora=self.use_rslora, use_dora=self.use_dora)
+                          use_rslora=self.use_rslora, use_dora=self.use_dora,
+                          **({"target_parameters": self.lora_target_parameters}
+                             if self.lora_target_parameters is not None else {}))
 
     def init_kwargs(self) -> dict:
         """`from_pretrained` keyword arguments implied by these options."""
@@ -66,10 +84,19 @@ class ModelConfig:
         if self.attn_implementation is not None:
             kwargs["attn_implementation"] = self.attn_implementation
         if self.load_in_8bit or self.load_in_4bit:
-            from posttrain.models.loading import quantization_config
-
-            kwargs["quantization_config"] = quantization_config(self.load_in_4bit)
+            kwargs["quantization_config"] = self.quantization_config()
         return kwargs
+
+    def quantization_config(self):
+        """A `transformers.BitsAndBytesConfig` for load_in_4bit / load_in_8bit (4-bit computes in `dtype`), else
+        None; refused with a one-line error where bitsandbytes cannot run."""
+        if not (self.load_in_8bit or self.load_in_4bit):
+            return None
+        from posttrain.models.loading import quantization_config
+
+        return quantization_config(self.load_in_4bit, quant_type=self.bnb_4bit_quant_type,
+                                   compute_dtype=self.dtype if self.dtype not in (None, "auto") else None,
+                                   double_quant=self.use_bnb_nested_quant, quant_storage=self.bnb_4bit_quant_storage)
 
 
 @dataclass
@@ -84,3 +111,33 @@ class ScriptArguments:
     dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (if eval is enabled)."})
     dataset_streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading."})
     datasets: list[dict] | None = field(default=None, metadata={"help": "Mixture of datasets (YAML only)."})
+    ignore_bias_buffers: bool = field(default=False, metadata={"help": "Multi-process (DDP): do not broadcast the "
+                                      "model's boolean buffers (causal masks), which some models cannot sync."})
+
+
+@dataclass
+class DatasetConfig:
+    """One dataset of a mixture, as `datasets.load_dataset` takes it (TRL's DatasetConfig). `fraction`: this
+    dataset's target share of the mixture (set for all datasets or none; see `scripts.get_dataset`)."""
+
+    path: str
+    name: str | None = None
+    data_dir: str | None = None
+    data_files: str | list[str] | dict[str, str] | None = None
+    split: str = "train"
+    columns: list[str] | None = None
+    fraction: float | None = None
+
+
+@dataclass
+class DatasetMixtureConfig:
+    """A mixture of datasets for TRL-style scripts (`get_dataset(mixture)`); in YAML, a `datasets:` list of
+    DatasetConfig mappings, `streaming:` and `test_split_size:` (a fraction or a row count for the test split)."""
+
+    datasets: list[DatasetConfig] = field(default_factory=list, metadata={"help": "Datasets of the mixture (YAML)."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the datasets instead of downloading them."})
+    test_split_size: float | None = field(default=None, metadata={"help": "Size of a test split cut from the "
+                                          "mixture (datasets.train_test_split's test_size); none when unset."})
+
+    def __post_init__(self):
+        self.datasets = [DatasetConfig(**d) if isinstance(d, dict) else d for d in self.datasets]

@@ -108,11 +108,88 @@ def extract_prompt(example: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 
-def unpair_preference(batch: dict[str, list]) -> dict[str, list]:
-    """Batched map: each (prompt, chosen, rejected) row → a desirable and an undesirable (prompt, completion, label)."""
-    out: dict[str, list] = {"prompt": [], "completion": [], "label": []}
-    for prompt, chosen, rejected in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
-        out["prompt"] += [prompt, prompt]
+def maybe_extract_prompt(example: dict[str, Any]) -> dict[str, Any]:
+    """`extract_prompt` for implicit-prompt preference rows; other rows unchanged. A row that has a `prompt` but
+    whose chosen/rejected are conversations while the prompt is text (or the reverse) has its prompt inside
+    chosen/rejected: that prompt column is replaced by the extracted one."""
+    if "chosen" not in example or "rejected" not in example:
+        return example
+    if "prompt" in example and (is_conversational({"chosen": example["chosen"]})
+                                == is_conversational({"prompt": example["prompt"]})):
+        return example
+    return extract_prompt({"chosen": example["chosen"], "rejected": example["rejected"]})
+
+
+def unpair_preference(batch: dict[str, list], keep_other_columns: bool = False) -> dict[str, list]:
+    """Batched map: each (prompt, chosen, rejected) row → a desirable and an undesirable (prompt, completion, label).
+    Without a `prompt` column (implicit prompt) the rows have no prompt either.
+
+    keep_other_columns=False (the KTO pipeline): each pair's two rows are adjacent and other columns are dropped.
+    keep_other_columns=True (`data_utils.unpair_preference_dataset`, TRL's order): the batch's desirable rows, then
+    its undesirable rows, every other column repeated on both."""
+    keys = (["prompt"] if "prompt" in batch else []) + ["completion", "label"]
+    n = len(batch["chosen"])
+    if keep_other_columns:
+        out = {k: list(v) + list(v) for k, v in batch.items() if k not in ("chosen", "rejected")}
+        out.update(completion=list(batch["chosen"]) + list(batch["rejected"]), label=[True] * n + [False] * n)
+        return out
+    out: dict[str, list] = {k: [] for k in keys}
+    for i, (chosen, rejected) in enumerate(zip(batch["chosen"], batch["rejected"])):
+        if "prompt" in batch:
+            out["prompt"] += [batch["prompt"][i]] * 2
         out["completion"] += [chosen, rejected]
         out["label"] += [True, False]
     return out
+
+
+def prepare_multimodal_messages(messages: list[dict[str, Any]], images: list | None = None) -> list[dict[str, Any]]:
+    """Messages with string contents → structured contents ([{"type": "text", "text": …}]), with one
+    {"type": "image", "image": img} block per image placed before the text of the first user message with string
+    content. Already-structured contents are kept; image blocks without an "image" get the images in order. The
+    number of unfilled image blocks must equal len(images). The input messages are not modified."""
+    images = list(images or [])
+    out, placed = [], False
+    for message in messages:
+        role, content = message.get("role"), message.get("content")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"Invalid role in message: {role!r}; expected 'system', 'user', 'assistant' or 'tool'.")
+        if isinstance(content, str):
+            blocks = [{"type": "text", "text": content}]
+            if role == "user" and not placed:
+                blocks = [{"type": "image"} for _ in images] + blocks
+                placed = True
+            message = {**message, "content": blocks}
+        out.append(message)
+    slots = [(i, j) for i, m in enumerate(out) if m["role"] != "tool" and isinstance(m.get("content"), list)
+             for j, block in enumerate(m["content"]) if block.get("type") == "image" and "image" not in block]
+    if len(slots) != len(images):
+        raise ValueError(f"Number of images provided ({len(images)}) does not match number of image placeholders "
+                         f"({len(slots)}).")
+    for (i, j), image in zip(slots, images):
+        content = list(out[i]["content"])
+        content[j] = {**content[j], "image": image}
+        out[i] = {**out[i], "content": content}
+    return out
+
+
+def maybe_convert_to_chatml(example: dict[str, Any]) -> dict[str, Any]:
+    """Messages of {from, value} (ShareGPT) in prompt/completion/chosen/rejected/messages/conversations → {role,
+    content}, speakers mapped to roles (human → user, gpt → assistant; others kept), and `conversations` renamed
+    `messages`; other rows unchanged. Returns a new row."""
+    out = dict(example)
+    for key in ("prompt", "completion", "chosen", "rejected", "messages", "conversations"):
+        if isinstance(out.get(key), list):
+            out[key] = [_chatml_message(m) if isinstance(m, dict) else m for m in out[key]]
+    if "conversations" in out:
+        out["messages"] = out.pop("conversations")
+    return out
+
+
+def _chatml_message(message: dict[str, Any]) -> dict[str, Any]:
+    message = dict(message)
+    if "from" in message:
+        speaker = message.pop("from")
+        message["role"] = _SHAREGPT_ROLES.get(speaker, speaker)
+    if "value" in message:
+        message["content"] = message.pop("value")
+    return message

@@ -216,3 +216,34 @@ def packing_efficiency(dataset, max_length: int, column: str = "input_ids") -> f
     table = dataset.with_format("arrow")[:]
     lengths = pc.list_value_length(table.column(column)).fill_null(0).to_numpy(zero_copy_only=False)
     return float(np.minimum(lengths, max_length).sum() / (len(lengths) * max_length))
+
+
+def _truncate_table(table: pa.Table, max_length: int) -> pa.Table:
+    columns = [pc.list_slice(col, 0, max_length) if pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+               else col for col in table.columns]
+    return pa.Table.from_arrays(columns, names=table.column_names)
+
+
+def truncate_dataset(dataset, max_length: int, map_kwargs: dict | None = None):
+    """Every list column (input_ids, attention_mask, …) cut to its first `max_length` items; other columns kept.
+    Works on a Dataset, DatasetDict or IterableDataset and keeps its output format; `map_kwargs` go to `map`."""
+    if not isinstance(max_length, int) or max_length < 1:
+        raise UserError(f"truncate_dataset needs a positive integer max_length, got {max_length!r}.")
+    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return type(dataset)({k: truncate_dataset(v, max_length, map_kwargs) for k, v in dataset.items()})
+    truncated = dataset.with_format("arrow").map(_truncate_table, batched=True, fn_kwargs={"max_length": max_length},
+                                                 **(map_kwargs or {}))
+    return keep_format(truncated, dataset)
+
+
+def keep_format(result, source, added: Sequence[str] = ()):
+    """`result` in `source`'s output format (type, its options, selected columns plus the `added` ones)."""
+    if isinstance(source, datasets.Dataset):
+        fmt = source.format
+        columns = fmt["columns"]
+        if columns is not None:
+            columns = [c for c in [*columns, *added] if c in result.column_names]
+        return result.with_format(fmt["type"], columns=columns, output_all_columns=fmt["output_all_columns"],
+                                  **fmt["format_kwargs"])
+    formatting = getattr(source, "_formatting", None)
+    return result.with_format(formatting.format_type if formatting is not None else None)

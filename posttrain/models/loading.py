@@ -182,8 +182,10 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def quantization_config(load_in_4bit: bool):
-    """bitsandbytes quantisation; refused with a clear message where it cannot run."""
+def quantization_config(load_in_4bit: bool, quant_type: str = "nf4", compute_dtype=None, double_quant: bool = False,
+                        quant_storage: str | None = None):
+    """bitsandbytes quantisation (4-bit computes in `compute_dtype`, bfloat16 by default); refused with a clear
+    message where it cannot run."""
     if not hardware.has_cuda():
         raise UserError("load_in_4bit/load_in_8bit need a CUDA GPU with bitsandbytes; this machine has none. "
                         "Drop the flag (LoRA alone still works on CPU).")
@@ -195,6 +197,7 @@ def quantization_config(load_in_4bit: bool):
     from transformers import BitsAndBytesConfig
 
     if load_in_4bit:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_compute_dtype=torch.bfloat16)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                  bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
+                                  bnb_4bit_use_double_quant=double_quant, bnb_4bit_quant_storage=quant_storage)
     return BitsAndBytesConfig(load_in_8bit=True)

@@ -140,8 +140,13 @@ class SyncReferenceCallback(TrainerCallback):
     def __init__(self, reference: Reference, policy: torch.nn.Module, steps: int, alpha: float):
         self.reference, self.policy, self.steps, self.alpha = reference, policy, steps, alpha
 
-    @torch.no_grad()
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.steps == 0 and self.reference.model is not None:
-            for ref_param, param in zip(self.reference.model.parameters(), self.policy.parameters()):
-                ref_param.mul_(1 - self.alpha).add_(param.detach().to(ref_param.dtype), alpha=self.alpha)
+            mix_into(self.reference.model, self.policy, self.alpha)
+
+
+@torch.no_grad()
+def mix_into(target: torch.nn.Module, source: torch.nn.Module, alpha: float) -> None:
+    """TR-DPO's soft update, in place: target ← α·source + (1−α)·target, parameter by parameter (same order)."""
+    for target_param, param in zip(target.parameters(), source.parameters(), strict=True):
+        target_param.mul_(1 - alpha).add_(param.detach().to(target_param.dtype), alpha=alpha)

@@ -4,12 +4,13 @@ All follow `rewards/protocol.py` (keyword arguments, `**kwargs`, one value or No
 standard (string) and conversational (message list) completions. All are module-level functions or instances
 of module-level classes, so they pickle (for worker processes).
 
-    accuracy_reward            1 / 0 for the right final number (`#### N`, `\\boxed{N}` or the last number);
-                               None without a gold answer
+    accuracy_reward            1 / 0 for the right final answer: plain numbers compared, LaTeX answers verified
+                               with math-verify (`rewards/math_answers.py`); None without a readable gold answer
+    reasoning_accuracy_reward  accuracy_reward of the text after `</think>`; 0 when the reasoning never ends
     format_reward              1 / 0 for a `#### N` answer line (the built-in arithmetic task's format)
     think_format_reward        1 / 0 for `<think>…</think>` followed by an answer
     length_reward              −(completion tokens) / 1000
-    repetition_penalty_reward  −(fraction of repeated word 3-grams), in [−1, 0]
+    repetition_penalty_reward  −(fraction of repeated token 3-grams), in [−1, 0]
     soft_overlong_punishment   DAPO's soft overlong punishment with L_max = 256 (GRPOConfig's default
                                max_completion_length) and L_cache = 64; for other lengths build one with
                                `get_soft_overlong_punishment(L_max, L_cache)`
@@ -20,13 +21,13 @@ Not here: calling rewards and reward models (`rewards/runner.py`), answer extrac
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from typing import Any
 
 from posttrain.data.arith import extract_answer
 from posttrain.errors import UserError
+from posttrain.rewards.math_answers import reasoning_accuracy_reward
 from posttrain.rewards.protocol import completion_text
 
 # A number: thousands-grouped ("1,234.5") or plain ("-12", "3.75"); grouped first so "1,234" is one number.
@@ -49,37 +50,29 @@ def parse_final_number(text: str | None) -> float | None:
         return None
 
 
-def _gold_number(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return None if math.isnan(value) else float(value)
-    return parse_final_number(str(value))
-
-
 def accuracy_reward(completions: list, answer: list | None = None, solution: list | None = None,
-                    **kwargs: Any) -> list[float | None]:
-    """Rule-based correctness, as in DeepSeek-R1 (DeepSeek-AI, 2025, §2.2.2 "accuracy rewards").
+                    log_extra: Callable | None = None, **kwargs: Any) -> list[float | None]:
+    """Rule-based correctness, as in DeepSeek-R1 (DeepSeek-AI, 2025, §2.2.2 "accuracy rewards"): 1.0 when the
+    completion's final answer equals the gold answer, 0.0 when not, None when there is no readable gold answer.
 
-        r_i = 1  if |ŷ_i − y_i| ≤ 1e-6 · max(1, |y_i|)      ŷ_i = final number of completion i
-              0  otherwise (including no number in the completion)
-              None when there is no gold y_i
-
-    ŷ_i is read by `parse_final_number` (`#### N`, then `\\boxed{N}`, then the last number). The gold y_i is the
-    `answer` column (a number, or text parsed the same way), else the `solution` column parsed the same way (e.g.
-    GSM8K's "… #### 72"). Only plain decimal numbers are compared; fractions and expressions are not evaluated.
+    The gold answer is the `answer` column, else the `solution` column. Graded by `math_answers.grade`: plain
+    numeric gold answers (our arithmetic data, GSM8K's "… #### 72") compare the final number of completions
+    without LaTeX (`#### N`, `\\boxed{N}` or the last number, tolerance 1e-6 · max(1, |y|)); LaTeX completions and
+    every other gold answer (fractions, roots, expressions) go through math-verify as in TRL, so `\\boxed{3}` is
+    wrong against `\\frac{1}{3}` and `1+x^2` right against `x^2+1`. `log_extra` (given by the trainers) gets the
+    solution and both parsed answers for the completions table.
     """
+    from posttrain.rewards import math_answers
+
+    golds = math_answers.gold_column(answer, solution, len(completions))
+    trace: list = []
     out: list[float | None] = []
-    for i, completion in enumerate(completions):
-        gold = _gold_number(answer[i]) if answer is not None else None
-        if gold is None and solution is not None:
-            gold = _gold_number(solution[i])
-        if gold is None:
-            out.append(None)
-            continue
-        predicted = parse_final_number(completion_text(completion))
-        right = predicted is not None and abs(predicted - gold) <= 1e-6 * max(1.0, abs(gold))
-        out.append(1.0 if right else 0.0)
+    for completion, gold in zip(completions, golds):
+        before = len(trace)
+        out.append(math_answers.grade(completion_text(completion), gold, trace))
+        if len(trace) == before:
+            trace.append(("[missing]", "[skipped]"))
+    math_answers.log_trace(log_extra, golds, trace)
     return out
 
 
@@ -117,11 +110,17 @@ def length_reward(completion_ids: list[list[int]] | None = None, **kwargs: Any) 
     return [-len(ids) / 1000.0 for ids in completion_ids]
 
 
-class RepetitionPenalty:
-    """r_i = p · (1 − |unique n-grams of y_i| / |n-grams of y_i|), in [p, 0]; 0 when y_i has fewer than n words.
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and (not value or isinstance(value[0], int)) or hasattr(value, "tolist")
 
-    Word n-grams of the lower-cased, whitespace-split completion. The n-gram repetition penalty of Yeo et al.,
-    2025, "Demystifying Long Chain-of-Thought Reasoning in LLMs" (§4), with p = `max_penalty` (≤ 0).
+
+class RepetitionPenalty:
+    """r_i = p · (1 − |unique n-grams of y_i| / |n-grams of y_i|), in [p, 0]; 0 when y_i is shorter than n.
+
+    The n-gram repetition penalty of Yeo et al., 2025, "Demystifying Long Chain-of-Thought Reasoning in LLMs"
+    (App. C.2), with p = `max_penalty` (≤ 0). The n-grams are over the completion's token ids (`completion_ids`,
+    which the trainers pass; as in the paper and TRL 1.16). Called with texts only (`completions`, or texts as the
+    first argument), it counts lower-cased whitespace-split words instead.
     """
 
     def __init__(self, ngram_size: int = 3, max_penalty: float = -1.0):
@@ -132,15 +131,24 @@ class RepetitionPenalty:
         self.ngram_size, self.max_penalty = ngram_size, max_penalty
         self.__name__ = "repetition_penalty_reward"
 
-    def score(self, text: str) -> float:
-        words = text.lower().split()
+    def score_units(self, units: list) -> float:
         n = self.ngram_size
-        ngrams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        ngrams = [tuple(units[i:i + n]) for i in range(len(units) - n + 1)]
         if not ngrams:
             return 0.0
         return self.max_penalty * (1.0 - len(set(ngrams)) / len(ngrams)) + 0.0  # + 0.0: no -0.0 in logs
 
-    def __call__(self, completions: list, **kwargs: Any) -> list[float]:
+    def score(self, text: str) -> float:
+        return self.score_units(text.lower().split())
+
+    def __call__(self, completion_ids: list | None = None, completions: list | None = None,
+                 **kwargs: Any) -> list[float]:
+        if completion_ids is not None and completion_ids and not _is_token_ids(completion_ids[0]):
+            completion_ids, completions = None, completion_ids  # texts given first: repetition_penalty(texts)
+        if completion_ids is not None:
+            return [self.score_units(list(ids.tolist() if hasattr(ids, "tolist") else ids)) for ids in completion_ids]
+        if completions is None:
+            raise UserError("repetition_penalty_reward needs completion_ids or completions.")
         return [self.score(completion_text(c)) for c in completions]
 
     def __repr__(self) -> str:
@@ -148,19 +156,22 @@ class RepetitionPenalty:
 
 
 def get_repetition_penalty_reward(ngram_size: int = 3, max_penalty: float = -1.0) -> RepetitionPenalty:
-    """A repetition penalty over word `ngram_size`-grams, scaled to [max_penalty, 0] (see `RepetitionPenalty`)."""
+    """A repetition penalty over token (or word) `ngram_size`-grams, scaled to [max_penalty, 0]
+    (see `RepetitionPenalty`)."""
     return RepetitionPenalty(ngram_size, max_penalty)
 
 
 _DEFAULT_REPETITION = RepetitionPenalty(3, -1.0)
 
 
-def repetition_penalty_reward(completions: list, **kwargs: Any) -> list[float]:
-    """−(fraction of repeated word 3-grams), in [−1, 0]: `RepetitionPenalty(ngram_size=3, max_penalty=-1.0)`.
+def repetition_penalty_reward(completion_ids: list | None = None, completions: list | None = None,
+                              **kwargs: Any) -> list[float]:
+    """−(fraction of repeated token 3-grams), in [−1, 0]: `RepetitionPenalty(ngram_size=3, max_penalty=-1.0)`.
 
-    "a b c a b c" has 3-grams (a b c)(b c a)(c a b)(a b c): 3 unique of 4, so r = −(1 − 3/4) = −0.25.
+    Token ids [1, 2, 3, 1, 2, 3] (or words "a b c a b c") have 3-grams (1 2 3)(2 3 1)(3 1 2)(1 2 3): 3 unique of
+    4, so r = −(1 − 3/4) = −0.25.
     """
-    return _DEFAULT_REPETITION(completions)
+    return _DEFAULT_REPETITION(completion_ids, completions)
 
 
 class SoftOverlongPunishment:
@@ -212,6 +223,7 @@ BUILTIN_REWARDS: dict[str, Callable[..., list]] = {
     "format_reward": format_reward,
     "think_format_reward": think_format_reward,
     "length_reward": length_reward,
+    "reasoning_accuracy_reward": reasoning_accuracy_reward,
     "repetition_penalty_reward": repetition_penalty_reward,
     # Defaults match GRPOConfig.max_completion_length = 256; other lengths need get_soft_overlong_punishment.
     "soft_overlong_punishment": SoftOverlongPunishment(256, 64),
