@@ -139,3 +139,32 @@ def test_llama_cpp_generates_from_exports(tmp_path):
 def _no_repack(params):
     params.use_extra_bufts = False
     return params
+
+
+def test_smollm2_pipeline_smoke(tmp_path):
+    """examples/smollm2-pipeline.yaml with every stage cut to 2 steps and the evaluation to a few prompts: the
+    recipe's stages, held-out accuracy, McNemar against the start model and the drift check all run on the real
+    model (the full recipe is a benchmark: benchmarks/LEARNING-smollm2.md)."""
+    import json
+
+    import yaml
+
+    from posttrain import cli
+
+    root = os.path.join(os.path.dirname(__file__), "..", "examples")
+    with open(os.path.join(root, "smollm2-pipeline.yaml")) as f:
+        spec = yaml.safe_load(f)
+    spec["output_dir"] = str(tmp_path / "out")
+    spec["evaluation"].update(num_prompts=4, max_new_tokens=16, batch_size=4, drift_prompts=4, drift_max_new_tokens=8)
+    for stage in spec["stages"]:
+        stage.update(max_steps=2, per_device_train_batch_size=4)
+        if stage["command"] == "grpo":
+            stage.update(num_generations=2, max_completion_length=16)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert cli.main(["pipeline", str(path)]) == 0
+    stages = {s["name"]: s for s in json.loads((tmp_path / "out" / "pipeline_summary.json").read_text())["stages"]}
+    assert set(stages) == {"base", "sft", "grpo"} and stages["base"]["drift_kl"] == 0.0
+    for name in ("sft", "grpo"):
+        assert stages[name]["num_prompts"] == 4 and math.isfinite(stages[name]["drift_kl"])
+        assert stages[name]["versus"]["p_value"] > 0
