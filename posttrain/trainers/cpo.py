@@ -48,6 +48,7 @@ class CPOTrainer(_ReferenceFreeTrainer):
 
     config_class = CPOConfig
     method_name = "CPO"
+    _tag_names = ["posttrain", "cpo"]
 
     def pair_loss(self, terms):
         args = self.args
@@ -61,6 +62,7 @@ class ORPOTrainer(_ReferenceFreeTrainer):
 
     config_class = ORPOConfig
     method_name = "ORPO"
+    _tag_names = ["posttrain", "orpo"]
 
     def pair_loss(self, terms):
         beta = self.args.beta

@@ -32,16 +32,19 @@ class DPOTrainer(ReferenceAnchoredMixin, PreferenceTrainer):
 
     config_class = DPOConfig
     method_name = "DPO"
+    _tag_names = ["posttrain", "dpo"]
     signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
     ref_logp_columns = ("ref_chosen_logps", "ref_rejected_logps")
     precompute_input_columns = ("prompt_ids", "chosen_ids", "rejected_ids")
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, peft_config=None, **kwargs: Any):
+                 eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
+                 optimizers=(None, None), quantization_config=None, peft_config=None, **kwargs: Any):
         model_id = model if isinstance(model, str) else None
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
-                         **kwargs)
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                         quantization_config=quantization_config, peft_config=peft_config, **kwargs)
         self.loss_weights = self.args.loss_weights or [1.0] * len(self.args.loss_type)
         self.setup_reference(ref_model, model_id)
 

@@ -77,16 +77,20 @@ class KTOTrainer(ReferenceAnchoredMixin, PostTrainer):
 
     config_class = KTOConfig
     method_name = "KTO"
+    _tag_names = ["posttrain", "kto"]
+    requires_train_dataset = True
     summary_metrics = (("loss", "loss"), ("kl", "kl"), ("rewards/margins", "margin"))
     signature_columns = ["prompt_ids", "completion_ids", "label", "kl_completion_ids", "ref_logps", "ref_kl_logps"]
     precompute_input_columns = ("prompt_ids", "completion_ids", "label", "kl_completion_ids")
 
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, peft_config=None, **kwargs: Any):
+                 eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
+                 optimizers=(None, None), quantization_config=None, peft_config=None, **kwargs: Any):
         model_id = model if isinstance(model, str) else None
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
-                         **kwargs)
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                         quantization_config=quantization_config, peft_config=peft_config, **kwargs)
         self._signature_columns = list(self.signature_columns)
         self.setup_reference(ref_model, model_id)
 

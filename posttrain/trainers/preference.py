@@ -19,6 +19,7 @@ class PreferenceTrainer(PostTrainer):
     summary_metrics = (("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "margin"))
     signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
     tokenize_jointly = False  # reward models tokenise prompt + completion as one text
+    requires_train_dataset = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -30,17 +30,23 @@ class RewardTrainer(PreferenceTrainer):
 
     config_class = RewardConfig
     method_name = "Reward"
+    _tag_names = ["posttrain", "reward-trainer"]
     default_model_init_kwargs = {"num_labels": 1}
     summary_metrics = (("loss", "loss"), ("accuracy", "accuracy"), ("margin", "margin"))
     signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "margin"]
     tokenize_jointly = True
 
     def __init__(self, model, args: RewardConfig | None = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, peft_config=None, **kwargs: Any):
+                 eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
+                 optimizers=(None, None), optimizer_cls_and_kwargs=None, preprocess_logits_for_metrics=None,
+                 quantization_config=None, peft_config=None, **kwargs: Any):
         self.auto_model_class = _sequence_classifier()
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
-                         **kwargs)
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                         quantization_config=quantization_config, peft_config=peft_config, **kwargs)
         num_labels = getattr(self.accelerator.unwrap_model(self.model).config, "num_labels", None)
         if num_labels != 1:
             raise UserError(f"A reward model needs one output (num_labels=1), this one has {num_labels}. Load it "
