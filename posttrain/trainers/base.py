@@ -194,6 +194,13 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
         if "compute_loss" in cls.__dict__:
             cls.compute_loss = router_loss.with_router_loss(cls.__dict__["compute_loss"])
 
+    def _remove_unused_columns(self, dataset, description: str | None = None):
+        """transformers' column pruning, except for a `with_transform` dataset: its rows are what the transform
+        returns, so the stored columns it reads must stay."""
+        if isinstance(dataset, datasets.Dataset) and dataset.format["type"] == "custom":
+            return dataset
+        return super()._remove_unused_columns(dataset, description)
+
     # ---- evaluation on a dataset given late ------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """transformers' evaluate; an `eval_dataset` given here is prepared (tokenised, truncated, …) as the one

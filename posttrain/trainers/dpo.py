@@ -64,7 +64,8 @@ class DPOTrainer(ReferenceAnchoredMixin, PreferenceTrainer):
         if "ref_chosen_logps" in batch:
             return torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).to(batch["input_ids"].device)
         with self.reference.context(model) as ref:
-            return self._sequence_logps(completion_logps(ref, batch, shared_prefix=_SHARED))
+            pack = self.args.padding_free is not False
+            return self._sequence_logps(completion_logps(ref, batch, shared_prefix=_SHARED, pack_rows=pack))
 
     def reference_columns(self, batch) -> torch.Tensor:
         return self._reference_logps(self.model, batch).view(2, -1).T  # (2B,) chosen then rejected → (B, 2)
@@ -76,7 +77,7 @@ class DPOTrainer(ReferenceAnchoredMixin, PreferenceTrainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         args = self.args
         out = completion_logps(model, inputs, with_log_sum_p2=args.use_weighting, with_metrics=True,
-                               shared_prefix=_SHARED)
+                               shared_prefix=_SHARED, pack_rows=args.padding_free is not False)
         policy = self._sequence_logps(out)
         ref = self._reference_logps(model, inputs)
         half = policy.shape[0] // 2

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import datasets
-
 from posttrain.configs.reward import RewardConfig
-from posttrain.data.prepare import _drop_report
+from posttrain.data.prepare import filter_counted
 from posttrain.errors import UserError
 from posttrain.losses.reward_model import bradley_terry
 from posttrain.trainers.preference import PreferenceTrainer
@@ -63,13 +61,9 @@ class RewardTrainer(PreferenceTrainer):
             return train_dataset, eval_dataset
 
         def keep_short(dataset, name):
-            if not isinstance(dataset, datasets.Dataset):
-                return dataset
-            before = len(dataset)
-            dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]),
-                                                                            len(ex["rejected_ids"])) <= max_length)
-            _drop_report(before, len(dataset), name, f"longer than max_length={max_length}", "Raise max_length.")
-            return dataset
+            return filter_counted(dataset, lambda ex: len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]),
+                                                                                  len(ex["rejected_ids"])) <= max_length,
+                                  name, f"longer than max_length={max_length}", "Raise max_length.")
 
         return self.map_datasets(train_dataset, eval_dataset, keep_short)
 
