@@ -378,3 +378,51 @@ def test_model_tags_and_card(tmp_path):
     card = open(os.path.join(trainer.args.output_dir, "README.md")).read()
     assert "- posttrain" in card and "- sft" in card and "- mine" in card
     assert set(RewardTrainer._tag_names) == {"posttrain", "reward-trainer"}
+
+
+# ---- 5. collators: TRL's names and batch keys ------------------------------------------------------------------
+def test_language_modeling_collator_takes_prebuilt_labels_and_returns_trl_keys():
+    from posttrain.trainers.sft import DataCollatorForLanguageModeling
+
+    examples = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [-100, 5]}]
+    batch = DataCollatorForLanguageModeling(pad_token_id=0)(examples)
+    assert batch["labels"].tolist() == [[-100, 2, 3], [-100, 5, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    flat = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1]] and flat["labels"].tolist() == [[-100, 2, 3, -100, 5]]
+    assert flat["cu_seq_lens_q"].tolist() == [0, 3, 5] and flat["max_length_k"] == 3
+    assert flat["seq_idx"].tolist() == [[0, 0, 0, 1, 1]]
+    with_positions = DataCollatorForLanguageModeling(0, return_position_ids=True)(examples)
+    assert with_positions["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
+
+
+def test_preference_collator_returns_completion_mask_and_truncates():
+    from posttrain.trainers.dpo import DataCollatorForPreference
+
+    examples = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},
+                {"prompt_ids": [7, 8], "chosen_ids": [9], "rejected_ids": [10, 11]}]
+    batch = DataCollatorForPreference(pad_token_id=0)(examples)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 0, 0], [1, 2, 3, 6, 0], [7, 8, 10, 11, 0]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0],
+                                                 [0, 0, 1, 1, 0]]
+    cut = DataCollatorForPreference(pad_token_id=0, max_length=3, truncation_mode="keep_end")(examples)
+    assert cut["input_ids"][0].tolist() == [3, 4, 5]
+    reward = DataCollatorForPreference(pad_token_id=0)([{"chosen_ids": [1, 2], "rejected_ids": [3], "margin": 0.5}])
+    assert reward["input_ids"].tolist() == [[1, 2], [3, 0]] and reward["margin"].tolist() == [0.5]
+
+
+def test_unpaired_preference_collator_and_kto_takes_it(tmp_path):
+    from posttrain.trainers.kto import DataCollatorForUnpairedPreference
+
+    examples = [{"prompt_ids": [1, 2, 3], "completion_ids": [4, 5], "label": True, "KL_completion_ids": [6]},
+                {"prompt_ids": [7, 8], "completion_ids": [9], "label": False, "KL_completion_ids": [4, 5]}]
+    batch = DataCollatorForUnpairedPreference(pad_token_id=0)(examples)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 0, 0]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 0, 0]]
+    assert batch["KL_input_ids"].tolist() == [[1, 2, 3, 6], [7, 8, 4, 5]]
+    assert batch["label"].tolist() == [True, False]
+    data = _data("posttrain/arith-kto", n=8)
+    trainer = KTOTrainer(MODEL, args=_args(KTOConfig, tmp_path, loss_type="apo_zero_unpaired"), train_dataset=data,
+                         data_collator=DataCollatorForUnpairedPreference(pad_token_id=0))
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from posttrain.configs.dpo import DPOConfig
+from posttrain.data.collators import DataCollatorForPreference  # noqa: F401  (TRL's import path)
 from posttrain.losses.preference import DPO_LOSSES, f_divergence_score, ld_sequence_logps, wpo_weights
 from posttrain.models.logprobs import completion_logps
 from posttrain.trainers.anchored import ReferenceAnchoredMixin

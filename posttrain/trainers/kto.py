@@ -31,7 +31,12 @@ import datasets
 import torch
 
 from posttrain.configs.kto import KTOConfig
-from posttrain.data.collators import DataCollatorForUnpaired, mismatched_partners
+from posttrain.data.collators import (
+    DataCollatorForUnpaired,
+    DataCollatorForUnpairedPreference,
+    as_unpaired_rows,
+    mismatched_partners,
+)
 from posttrain.data.prepare import prepare_unpaired_dataset
 from posttrain.errors import UserError
 from posttrain.losses.kto import KTO_LOSSES, USES_KL_BASELINE, kl_baseline
@@ -68,6 +73,20 @@ def desirable_balance_warning(labels: list[bool], desirable_weight: float, undes
             f"[{u_high * 3 / 4:.3g}, {u_high:.3g}].")
 
 
+class _TrlLayout:
+    """A `DataCollatorForUnpairedPreference` given to KTOTrainer: its batches in the layout compute_loss reads."""
+
+    def __init__(self, collator: DataCollatorForUnpairedPreference, uses_kl: bool):
+        self.collator, self.uses_kl = collator, uses_kl
+
+    def __call__(self, examples):
+        if self.uses_kl and "KL_completion_ids" not in examples[0]:
+            raise UserError("DataCollatorForUnpairedPreference builds KL rows only from a 'KL_completion_ids' column, "
+                            "which this dataset lacks; add it, or leave data_collator out (the default collator "
+                            "pairs each prompt with another completion of its batch).")
+        return as_unpaired_rows(self.collator(examples), self.collator.pad_token_id)
+
+
 class KTOTrainer(ReferenceAnchoredMixin, PostTrainer):
     """Same call form as TRL's: `KTOTrainer(model, ref_model=None, args=KTOConfig(...), train_dataset=...)`.
 
@@ -80,7 +99,8 @@ class KTOTrainer(ReferenceAnchoredMixin, PostTrainer):
     _tag_names = ["posttrain", "kto"]
     requires_train_dataset = True
     summary_metrics = (("loss", "loss"), ("kl", "kl"), ("rewards/margins", "margin"))
-    signature_columns = ["prompt_ids", "completion_ids", "label", "kl_completion_ids", "ref_logps", "ref_kl_logps"]
+    signature_columns = ["prompt_ids", "completion_ids", "label", "kl_completion_ids", "ref_logps", "ref_kl_logps",
+                         "KL_completion_ids", "ref_KL_logps"]  # the last two: TRL's names (its collator's input)
     precompute_input_columns = ("prompt_ids", "completion_ids", "label", "kl_completion_ids")
 
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator=None, train_dataset=None,
@@ -92,6 +112,8 @@ class KTOTrainer(ReferenceAnchoredMixin, PostTrainer):
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
                          quantization_config=quantization_config, peft_config=peft_config, **kwargs)
         self._signature_columns = list(self.signature_columns)
+        if isinstance(self.data_collator, DataCollatorForUnpairedPreference):  # TRL's collator: its keys → ours
+            self.data_collator = _TrlLayout(self.data_collator, self.uses_kl)
         self.setup_reference(ref_model, model_id)
 
     @property

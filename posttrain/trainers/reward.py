@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from posttrain.configs.reward import RewardConfig
+from posttrain.data.collators import DataCollatorForPreference  # noqa: F401  (TRL's import path)
 from posttrain.data.prepare import filter_counted
 from posttrain.errors import UserError
 from posttrain.losses.reward_model import bradley_terry
