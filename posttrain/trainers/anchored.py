@@ -50,6 +50,25 @@ class ReferenceAnchoredMixin:
         """Whatever else, beside the data and the reference weights, the precomputed values depend on."""
         return ""
 
+    def prepare_eval_dataset(self, eval_dataset):
+        """An eval set given to evaluate() late: prepared as usual; with precomputed reference log-probs it must
+        carry them already (the reference model was dropped after the precompute)."""
+        prepared = super().prepare_eval_dataset(eval_dataset)
+        if self.args.precompute_ref_log_probs and self.ref_model is None and not self.reference_is_base_model():
+            for dataset in (prepared.values() if isinstance(prepared, dict) else [prepared]):
+                if self.ref_logp_columns[0] not in (dataset.column_names or []):
+                    raise UserError("precompute_ref_log_probs=True dropped the reference model after precomputing, so "
+                                    "a new eval dataset has no reference log-probs: give it to the trainer as "
+                                    "eval_dataset=... (it is precomputed with the train set), or set "
+                                    "precompute_ref_log_probs=False.")
+        return prepared
+
+    def reference_is_base_model(self) -> bool:
+        """Whether the reference is the PEFT policy with its adapters off (then it can still be computed)."""
+        from posttrain.models.adapters import is_peft_model
+
+        return is_peft_model(self.model)
+
     # ---- precompute ------------------------------------------------------------------------------------------
     def _precompute_all(self) -> None:
         self.train_dataset, self.eval_dataset = self.map_datasets(self.train_dataset, self.eval_dataset,

@@ -40,6 +40,12 @@ from posttrain.trainers.numerics import NonFiniteGuard
 logger = logging.getLogger(__name__)
 
 
+GRADIENT_CHECKPOINTING_NOTE = (
+    "gradient_checkpointing is off (TRL turns it on by default): posttrain keeps activations and recomputes no "
+    "layer, which is faster per step; set gradient_checkpointing=True to trade step time for activation memory "
+    "(figures: benchmarks/GRADIENT-CHECKPOINTING.md).")
+
+
 class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Trainer):
     config_class: type[PostTrainConfig] = PostTrainConfig
     method_name = "PostTrain"  # used for the default output dir and the model card
@@ -60,8 +66,6 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
         name = type(self).__name__
         args, processing_class = compat.resolve_trainer_arguments(name, self.config_class, args, processing_class,
                                                                   kwargs)
-        if train_dataset is None and self.requires_train_dataset:
-            raise UserError(f"`train_dataset` is required: {name} needs a training dataset.")
         if compute_loss_func is not None and not self.accepts_compute_loss_func:
             raise UserError(f"{name} does not take compute_loss_func (its loss is not a function of the model "
                             f"outputs and labels alone); subclass {name} and override compute_loss instead.")
@@ -86,6 +90,8 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
                             "quantization_config.")
         elif args.model_init_kwargs:
             logger.warning("model_init_kwargs is ignored because the model is already loaded.")
+        if train_dataset is None and self.requires_train_dataset:  # after the model/output checks of older forms
+            raise UserError(f"`train_dataset` is required: {name} needs a training dataset.")
         if processing_class is None:
             remote = {"trust_remote_code": True} if args.trust_remote_code else {}
             processing_class = loading.load_tokenizer(model.config._name_or_path, **remote)
@@ -118,6 +124,8 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
         if args.activation_offloading and self.args.device.type == "cpu":
             raise UserError("activation_offloading moves saved activations from the GPU to CPU memory; this run "
                             "trains on the CPU, where they already are. Remove activation_offloading.")
+        if not args.gradient_checkpointing:
+            note_trl_difference("gradient_checkpointing", GRADIENT_CHECKPOINTING_NOTE)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)  # pushed to the Hub with the model, as TRL's are
         if getattr(args, "lean_layers", False) and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
@@ -329,6 +337,16 @@ class _RunConfigWriter(TrainerCallback):
         if self._pending and trainer is not None and trainer.is_world_process_zero():
             trainer.save_run_config()
         self._pending = False
+
+
+_NOTED: set[str] = set()
+
+
+def note_trl_difference(key: str, message: str) -> None:
+    """Log `message` (a default that differs from TRL's, and why) once per process, at info level."""
+    if key not in _NOTED:
+        _NOTED.add(key)
+        logger.info(message)
 
 
 def _ids_of(dataset) -> set[int]:

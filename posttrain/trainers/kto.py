@@ -43,7 +43,7 @@ from posttrain.losses.kto import KTO_LOSSES, USES_KL_BASELINE, kl_baseline
 from posttrain.losses.reduce import global_sum_reduce
 from posttrain.models.logprobs import completion_logps
 from posttrain.trainers.anchored import ReferenceAnchoredMixin
-from posttrain.trainers.base import PostTrainer
+from posttrain.trainers.base import PostTrainer, note_trl_difference
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,11 @@ class KTOTrainer(ReferenceAnchoredMixin, PostTrainer):
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
                          quantization_config=quantization_config, peft_config=peft_config, **kwargs)
         self._signature_columns = list(self.signature_columns)
+        if self.args.train_sampling_strategy == "random":
+            note_trl_difference("kto_sampling", "KTOTrainer shuffles batches (train_sampling_strategy='random'; TRL's "
+                                "KTO default is 'sequential'): the KL baseline's mismatched pairs are built from each "
+                                "collated batch, so order does not matter. train_sampling_strategy='sequential' "
+                                "reproduces TRL's pairs.")
         if isinstance(self.data_collator, DataCollatorForUnpairedPreference):  # TRL's collator: its keys → ours
             self.data_collator = _TrlLayout(self.data_collator, self.uses_kl)
         self.setup_reference(ref_model, model_id)

@@ -80,24 +80,23 @@ def with_router_loss(compute_loss):
     calling `super().compute_loss` does not add it twice)."""
 
     @functools.wraps(compute_loss)
-    def wrapped(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None, **kwargs):
+    def wrapped(self, model, inputs, *args, **kwargs):
         losses = getattr(self, "_router_losses", None)
         if losses is None or getattr(self, "_in_router_loss", False):
-            return compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                num_items_in_batch=num_items_in_batch, **kwargs)
+            return compute_loss(self, model, inputs, *args, **kwargs)  # the call as made (older signatures too)
         self._in_router_loss = True
         losses.values.clear()
         try:
-            result = compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                  num_items_in_batch=num_items_in_batch, **kwargs)
+            result = compute_loss(self, model, inputs, *args, **kwargs)
         finally:
             self._in_router_loss = False
         aux = losses.take(self.model.training)
         if aux is None:
             return result
         loss, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, None)
+        num_items = kwargs.get("num_items_in_batch", args[1] if len(args) > 1 else None)
         steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
-        scale = 1.0 / steps if (self.model.training and num_items_in_batch is not None) else 1.0
+        scale = 1.0 / steps if (self.model.training and num_items is not None) else 1.0
         loss = loss + self.router_aux_loss_coef * aux.to(loss.dtype) * scale
         self.record_metrics({"aux_loss": aux.detach().float()})
         return (loss, *rest) if rest is not None else loss
