@@ -332,7 +332,7 @@ def test_sft_formatting_func_with_extra_columns(tmp_path):
     trainer = SFTTrainer(MODEL, args=_args(SFTConfig, tmp_path), train_dataset=data,
                          formatting_func=lambda ex: f"Q: {ex['prompt']} A: {ex['completion']}")
     row = trainer.train_dataset[0]
-    assert all(row["completion_mask"])  # formatted text is language modelling: every token trained
+    assert row["labels"] == row["input_ids"]  # formatted text is language modelling: every token trained
     assert trainer.processing_class.decode(row["input_ids"]).startswith("Q: ")
     trainer.train()
 
@@ -426,3 +426,20 @@ def test_unpaired_preference_collator_and_kto_takes_it(tmp_path):
                          data_collator=DataCollatorForUnpairedPreference(pad_token_id=0))
     trainer.train()
     assert math.isfinite(trainer.state.log_history[0]["loss"])
+
+
+def test_sft_prepared_rows_carry_labels_as_trl(tmp_path):
+    given = datasets.Dataset.from_list([{"input_ids": [1, 2, 3, 4], "labels": [1, -100, 3, -100]},
+                                        {"input_ids": [5, 6], "labels": [-100, 6]}])
+    trainer = SFTTrainer(MODEL, args=_args(SFTConfig, tmp_path), train_dataset=given)
+    assert trainer.train_dataset[:]["labels"] == [[1, -100, 3, -100], [-100, 6]]
+    masked = datasets.Dataset.from_list([{"input_ids": [1, 2, 3, 4, 5], "assistant_masks": [0, 0, 0, 1, 1]},
+                                         {"input_ids": [6, 7, 8], "assistant_masks": [1, 1, 1]}])
+    trainer = SFTTrainer(MODEL, args=_args(SFTConfig, tmp_path, max_length=3), train_dataset=masked)
+    assert trainer.train_dataset[:]["labels"] == [[6, 7, 8]]  # the first row has nothing trained left
+    packed = SFTTrainer(MODEL, args=_args(SFTConfig, tmp_path, packing=True, max_length=64),
+                        train_dataset=_data("posttrain/arith-sft")).train_dataset
+    assert set(packed.column_names) == {"input_ids", "labels", "seq_lengths"}
+    with pytest.raises(ValueError, match="Add a 'labels' column"):
+        SFTTrainer(MODEL, args=_args(SFTConfig, tmp_path, dataset_kwargs={"skip_prepare_dataset": True}),
+                   train_dataset=masked)

@@ -106,6 +106,11 @@ class DataCollatorForLanguageModeling:
             return self._flatten(rows)
         return self._pad(rows, packed=any(example.get("seq_lengths") is not None for example in examples))
 
+    @staticmethod
+    def get_position_ids_from_packed_seq_lengths(batch_seq_lengths: list[list[int]]) -> list[torch.Tensor]:
+        """TRL's helper: for each example's document lengths, its position ids restarting at 0 per document."""
+        return [_positions(lengths) for lengths in batch_seq_lengths]
+
     def _row(self, example: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
         """(input_ids, labels, seq_lengths or None) of one example; labels not yet masked at document starts."""
         input_ids = _as_1d(example["input_ids"], "input_ids")

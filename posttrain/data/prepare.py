@@ -25,6 +25,7 @@ from typing import Any
 import datasets
 
 from posttrain.data import formats, tokenize
+from posttrain.data.collators import IGNORE_INDEX
 from posttrain.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -39,31 +40,39 @@ def _is_pretokenized(dataset) -> bool:
     return "input_ids" in (dataset.column_names or [])
 
 
+MASK_COLUMNS = ("completion_mask", "assistant_masks")  # pre-tokenised rows may mark trained tokens with these
+
+
 def prepare_sft_dataset(dataset, tokenizer, args, formatting_func: Callable | None = None,
                         packing: bool | None = None, name: str = "train"):
-    """Tokenise an SFT dataset into input_ids + completion_mask rows (packed rows also carry seq_lengths)."""
+    """Tokenise an SFT dataset into TRL 1.16's rows: `input_ids` and `labels` (the token where it is trained, -100
+    elsewhere); packed rows also carry `seq_lengths`.
+
+    Pre-tokenised rows (`input_ids`) keep a `labels` column as it is; else `labels` are built from a
+    `completion_mask` or `assistant_masks` column (1 = trained), else every token is trained.
+    """
     if (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
-        return dataset
+        return _check_unprepared(dataset, name)
     if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
         raise UserError(f"The {name} dataset is empty; give at least one example.")
     if isinstance(dataset, datasets.Dataset) and dataset.format["type"] == "custom":
         raise UserError(f"The {name} dataset uses Dataset.with_transform(), which preparation would read through "
-                        "once and bake into the rows (a random transform would be frozen). Make the transform return "
-                        "input_ids (and completion_mask) and pass dataset_kwargs={'skip_prepare_dataset': True}, or "
-                        "apply a fixed transform with dataset.map() first.")
-    columns = list(dataset.column_names or [])
+                        "once and bake into the rows (a random transform would be frozen): pass dataset_kwargs="
+                        "{'skip_prepare_dataset': True} and make the transform return trainer-ready rows (input_ids, "
+                        "and labels with -100 on untrained tokens), or apply a fixed transform with dataset.map() "
+                        "first.")
     if _is_pretokenized(dataset):
-        if "completion_mask" not in columns:
-            dataset = dataset.map(lambda ex: {"completion_mask": [1] * len(ex["input_ids"])})
+        dataset = _labelled(dataset)
     else:
         dataset = _tokenize_sft(dataset, tokenizer, args, formatting_func, name)
+        dataset = dataset.map(_labels_from_mask, remove_columns=["completion_mask"])
     # rows with nothing to train on before any truncation: no assistant turn (assistant_only_loss), empty completions
     why = ("no assistant turn to train on (assistant_only_loss=True)" if args.assistant_only_loss
            else "no token to train on")
     dataset = _drop_untrained(dataset, name, why, "Give every row an assistant turn, or set assistant_only_loss="
                               "False." if args.assistant_only_loss else "Remove rows with empty completions.")
     if args.max_length is not None and not (packing and args.packing_strategy != "bfd"):
-        dataset = dataset.map(tokenize.truncate, fn_kwargs={"max_length": args.max_length,
+        dataset = dataset.map(tokenize.truncate, fn_kwargs={"max_length": args.max_length, "keys": SFT_COLUMNS,
                                                           "mode": args.truncation_mode},
                               **_desc(dataset, f"Truncating {name} dataset", args.dataset_num_proc))
     dataset = _drop_untrained(dataset, name, f"no trainable token left after truncation to max_length="
@@ -74,8 +83,39 @@ def prepare_sft_dataset(dataset, tokenizer, args, formatting_func: Callable | No
 
         if shuffle:  # before packing too: neighbours in the source would otherwise share packed rows
             dataset = shuffled(dataset, args.seed)
-        dataset = pack_dataset(dataset, args.max_length, strategy=args.packing_strategy)
+        dataset = pack_dataset(dataset, args.max_length, strategy=args.packing_strategy, columns=SFT_COLUMNS)
     return shuffled(dataset, args.seed) if shuffle else dataset
+
+
+SFT_COLUMNS = ("input_ids", "labels")
+
+
+def _labels_from_mask(example: dict[str, Any], mask_column: str = "completion_mask") -> dict[str, list[int]]:
+    return {"labels": [t if m else IGNORE_INDEX for t, m in zip(example["input_ids"], example[mask_column])]}
+
+
+def _labelled(dataset):
+    """Pre-tokenised rows with a `labels` column: given labels kept, else built from a mask column, else every
+    token; the mask columns removed."""
+    names = list(dataset.column_names or _first_row(dataset).keys())
+    masks = [c for c in MASK_COLUMNS if c in names]
+    if "labels" not in names:
+        if masks:
+            dataset = dataset.map(_labels_from_mask, fn_kwargs={"mask_column": masks[0]})
+        else:
+            dataset = dataset.map(lambda ex: {"labels": list(ex["input_ids"])})
+    return dataset.remove_columns(masks) if masks else dataset
+
+
+def _check_unprepared(dataset, name: str):
+    """skip_prepare_dataset: rows go to the collator as they are, which reads `labels` or `completion_mask` but no
+    other mask column; one carrying only such a mask would silently train on every token."""
+    names = list(dataset.column_names or [])
+    if "assistant_masks" in names and not {"labels", "completion_mask"} & set(names):
+        raise UserError(f"The {name} dataset has an 'assistant_masks' column but no 'labels', and "
+                        "skip_prepare_dataset=True skips building them, so every token would be trained. Add a "
+                        "'labels' column (-100 on untrained tokens), or drop skip_prepare_dataset.")
+    return dataset
 
 
 def shuffled(dataset, seed: int):
@@ -87,7 +127,7 @@ def shuffled(dataset, seed: int):
 
 def _drop_untrained(dataset, name: str, why: str, fix: str):
     """Drop rows without a trained token, with one warning saying why (an error when none is left)."""
-    return filter_counted(dataset, lambda ex: any(ex["completion_mask"]), name, why, fix)
+    return filter_counted(dataset, lambda ex: any(t != IGNORE_INDEX for t in ex["labels"]), name, why, fix)
 
 
 def _tokenize_sft(dataset, tokenizer, args, formatting_func, name):

@@ -52,8 +52,8 @@ class SFTTrainer(PostTrainer):
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics,
                          quantization_config=quantization_config, peft_config=peft_config, **kwargs)
         if self.args.remove_unused_columns:
-            # prepared rows carry exactly what the collator needs (completion_mask, seq_lengths are not model inputs)
-            self._signature_columns = ["input_ids", "completion_mask", "seq_lengths", "labels", "attention_mask",
+            # prepared rows carry what the collator needs (seq_lengths and completion_mask are not model inputs)
+            self._signature_columns = ["input_ids", "labels", "seq_lengths", "completion_mask", "attention_mask",
                                        "position_ids"]
         self.loss_fn = SFT_LOSSES[self.args.loss_type]
 
