@@ -321,7 +321,11 @@ def test_reward_takes_pretokenized_pairs(tmp_path, columns):
     data = raw.map(lambda ex: {columns[0]: tok(ex["prompt"] + ex["chosen"])["input_ids"],
                                columns[1]: tok(ex["prompt"] + ex["rejected"])["input_ids"]},
                    remove_columns=raw.column_names)
-    trainer = RewardTrainer(MODEL, args=_args(RewardConfig, tmp_path), train_dataset=data)
+    if columns[0] == "chosen_ids":
+        trainer = RewardTrainer(MODEL, args=_args(RewardConfig, tmp_path), train_dataset=data)
+    else:
+        with pytest.warns(FutureWarning, match="will not be supported in v1"):
+            trainer = RewardTrainer(MODEL, args=_args(RewardConfig, tmp_path), train_dataset=data)
     assert trainer.train_dataset[0]["prompt_ids"] == []
     trainer.train()
     assert math.isfinite(trainer.state.log_history[0]["loss"])
@@ -443,3 +447,17 @@ def test_sft_prepared_rows_carry_labels_as_trl(tmp_path):
     with pytest.raises(ValueError, match="Add a 'labels' column"):
         SFTTrainer(MODEL, args=_args(SFTConfig, tmp_path, dataset_kwargs={"skip_prepare_dataset": True}),
                    train_dataset=masked)
+
+
+def test_dpo_precompute_with_late_eval_and_streams(tmp_path):
+    train, late = _data("posttrain/arith-pref", n=8), load_builtin_dataset("posttrain/arith-pref", "standard",
+                                                                              split="test[:4]")
+    trainer = DPOTrainer(MODEL, args=_args(DPOConfig, tmp_path, max_steps=1, precompute_ref_log_probs=True),
+                         train_dataset=train)
+    assert math.isfinite(trainer.evaluate(eval_dataset=late)["eval_loss"])  # untrained: the policy is the reference
+    trainer.train()
+    with pytest.raises(ValueError, match="Cannot compute reference log-probs for a dataset passed to"):
+        trainer.evaluate(eval_dataset=late)
+    with pytest.raises(ValueError, match="precompute_ref_log_probs.*not supported with IterableDataset"):
+        DPOTrainer(MODEL, args=_args(DPOConfig, tmp_path, precompute_ref_log_probs=True), train_dataset=train,
+                   eval_dataset={"s": late.to_iterable_dataset()})

@@ -19,6 +19,7 @@ Not here: per-example tokenisation (`data/tokenize.py`), packing algorithms (`da
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -363,6 +364,9 @@ def _pretokenized_pairs(dataset, joint: bool, who: str):
     if "chosen_ids" not in names:
         for chosen, rejected in _TOKENIZED_PAIR_NAMES:
             if chosen in names and rejected in names:
+                warnings.warn(f"Columns {chosen!r} / {rejected!r} are older names (deprecated in TRL, and will not be "
+                              "supported in v1); rename them 'chosen_ids' / 'rejected_ids'.", FutureWarning,
+                              stacklevel=2)
                 dataset = dataset.rename_columns({chosen: "chosen_ids", rejected: "rejected_ids"})
                 names = [{chosen: "chosen_ids", rejected: "rejected_ids"}.get(c, c) for c in names]
                 break

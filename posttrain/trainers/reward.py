@@ -48,7 +48,8 @@ class RewardTrainer(PreferenceTrainer):
                          quantization_config=quantization_config, peft_config=peft_config, **kwargs)
         num_labels = getattr(self.accelerator.unwrap_model(self.model).config, "num_labels", None)
         if num_labels != 1:
-            raise UserError(f"A reward model needs one output (num_labels=1), this one has {num_labels}. Load it "
+            raise UserError(f"A reward model scores with one output: reward models require `num_labels=1`, this one "
+                            f"has {num_labels}. Load it "
                             "with AutoModelForSequenceClassification.from_pretrained(..., num_labels=1).")
 
     def prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args):
