@@ -4,6 +4,7 @@ TRL turns `gradient_checkpointing` on by default; posttrain leaves it off (trans
 both on the built-in tiny model and on SmolLM2-135M (`posttrain/smollm2-135m-instruct`), one process per setting
 (peak RSS is per process). Usage:
     taskset -c 0 nice env OMP_NUM_THREADS=1 python benchmarks/gradient_checkpointing.py [--model M] [--steps N]
+Peak RSS minus RSS after the trainer was built is `training_rss_mib` (gradients, optimizer state, activations).
 Results: benchmarks/GRADIENT-CHECKPOINTING.md.
 """
 
@@ -34,9 +35,11 @@ class Clock(TrainerCallback):
 args = SFTConfig(output_dir="/tmp/gc-bench", max_steps=steps + 1, per_device_train_batch_size=batch, report_to="none",
                  save_strategy="no", max_length=length, gradient_checkpointing=gc, padding_free=False, logging_steps=100)
 trainer = SFTTrainer(model, args=args, train_dataset=data, callbacks=[Clock()])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # model, data, libraries
 trainer.train()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"s_per_step": sum(times[1:]) / len(times[1:]), "peak_rss_mib": peak}))
+print(json.dumps({"s_per_step": sum(times[1:]) / len(times[1:]), "peak_rss_mib": peak,
+                  "training_rss_mib": peak - before}))
 """
 
 
@@ -46,9 +49,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=1)
     a = parser.parse_args()
     for model in a.model or ["posttrain/tiny", "posttrain/smollm2-135m-instruct"]:
-        for gc in (0, 1):
+        for gc in (0, 1) * a.repeats:  # alternated: load on a shared machine drifts
             out = subprocess.run([sys.executable, "-c", CHILD, model, str(gc), str(a.steps), str(a.batch),
                                   str(a.length)], capture_output=True, text=True, check=True).stdout
             row = json.loads(out.strip().splitlines()[-1])

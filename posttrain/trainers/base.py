@@ -51,7 +51,7 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
     method_name = "PostTrain"  # used for the default output dir and the model card
     # Model card / Hub tags: "posttrain" and the method tag TRL writes ("sft", "dpo", "reward-trainer", …), not
     # "trl": the model was not trained with TRL, and the Hub's "trl" tag says it was.
-    _tag_names: list[str] = ["posttrain"]
+    _tag_names: list[str] | None = None  # None: ["posttrain", method_name.lower()]
     requires_train_dataset = False  # True: train_dataset=None is an error at once (as in TRL), not at train()
     accepts_compute_loss_func = False  # True: compute_loss applies `compute_loss_func(outputs, labels, ...)`
     auto_model_class = None  # None = AutoModelForCausalLM
@@ -127,7 +127,7 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
         if not args.gradient_checkpointing:
             note_trl_difference("gradient_checkpointing", GRADIENT_CHECKPOINTING_NOTE)
         if hasattr(self.model, "add_model_tags"):
-            self.model.add_model_tags(self._tag_names)  # pushed to the Hub with the model, as TRL's are
+            self.model.add_model_tags(self.tag_names())  # pushed to the Hub with the model, as TRL's are
         if getattr(args, "lean_layers", False) and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             lean_layers.apply_lean_layers(self.model)  # fewer saved activations (models/lean_layers.py)
         if getattr(args, "packed_attention", False):
@@ -233,7 +233,11 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
         """TRL's call form: write the model card (README.md in output_dir), with `tags` added to this trainer's."""
         if self.is_world_process_zero():
             extra = [tags] if isinstance(tags, str) else list(tags or [])
-            reporting.write_model_card(self, self.args.output_dir, tags=[*self._tag_names, *extra])
+            reporting.write_model_card(self, self.args.output_dir, tags=[*self.tag_names(), *extra])
+
+    def tag_names(self) -> list[str]:
+        """The model card and Hub tags of this trainer's models."""
+        return list(self._tag_names or ["posttrain", self.method_name.lower()])
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         """transformers' warnings after loading a checkpoint, without the expected one: a tied LM head is not saved
