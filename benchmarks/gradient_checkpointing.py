@@ -4,7 +4,8 @@ TRL turns `gradient_checkpointing` on by default; posttrain leaves it off (trans
 both on the built-in tiny model and on SmolLM2-135M (`posttrain/smollm2-135m-instruct`), one process per setting
 (peak RSS is per process). Usage:
     taskset -c 0 nice env OMP_NUM_THREADS=1 python benchmarks/gradient_checkpointing.py [--model M] [--steps N]
-Peak RSS minus RSS after the trainer was built is `training_rss_mib` (gradients, optimizer state, activations).
+`training_rss_mib`: the highest RSS sampled every 5 ms during train() minus the RSS after the trainer was built
+(gradients, optimizer state, activations; a model loader's transient peak does not count).
 Results: benchmarks/GRADIENT-CHECKPOINTING.md.
 """
 
@@ -16,7 +17,7 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 from transformers import TrainerCallback
 from posttrain import SFTConfig, SFTTrainer
@@ -35,11 +36,22 @@ class Clock(TrainerCallback):
 args = SFTConfig(output_dir="/tmp/gc-bench", max_steps=steps + 1, per_device_train_batch_size=batch, report_to="none",
                  save_strategy="no", max_length=length, gradient_checkpointing=gc, padding_free=False, logging_steps=100)
 trainer = SFTTrainer(model, args=args, train_dataset=data, callbacks=[Clock()])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # model, data, libraries
+import gc as collector, threading, psutil
+collector.collect()
+process, samples, done = psutil.Process(), [], threading.Event()
+before = process.memory_info().rss / 2**20  # model, data, libraries (after any load-time peak has gone)
+
+def sample():
+    while not done.wait(0.005):
+        samples.append(process.memory_info().rss / 2**20)
+
+thread = threading.Thread(target=sample, daemon=True)
+thread.start()
 trainer.train()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"s_per_step": sum(times[1:]) / len(times[1:]), "peak_rss_mib": peak,
-                  "training_rss_mib": peak - before}))
+done.set()
+thread.join()
+print(json.dumps({"s_per_step": sum(times[1:]) / len(times[1:]), "rss_before_mib": before,
+                  "training_peak_rss_mib": max(samples), "training_rss_mib": max(samples) - before}))
 """
 
 

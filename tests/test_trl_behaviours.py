@@ -461,3 +461,14 @@ def test_dpo_precompute_with_late_eval_and_streams(tmp_path):
     with pytest.raises(ValueError, match="precompute_ref_log_probs.*not supported with IterableDataset"):
         DPOTrainer(MODEL, args=_args(DPOConfig, tmp_path, precompute_ref_log_probs=True), train_dataset=train,
                    eval_dataset={"s": late.to_iterable_dataset()})
+
+
+def test_kto_unpairing_keeps_chat_template_kwargs(tmp_path):
+    tok = _flag_template(tmp_path)
+    data = _data("posttrain/arith-pref", "conversational", n=4)
+    data = data.add_column("chat_template_kwargs", [{"think": bool(i % 2)} for i in range(4)])
+    trainer = KTOTrainer(MODEL, args=_args(KTOConfig, tmp_path), processing_class=tok, train_dataset=data)
+    prompts = [tok.decode(row["prompt_ids"]) for row in trainer.train_dataset]
+    assert len(prompts) == 8 and sum("<think>" in p for p in prompts) == 4
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    assert (batch["completion_mask"] == (batch["labels"] != -100)).all()

@@ -287,6 +287,7 @@ class DataCollatorForUnpaired:
         batch = {"input_ids": _pad_rows(ids, self.pad_token_id, length),
                  "attention_mask": _pad_rows([torch.ones_like(r) for r in ids], 0, length),
                  "labels": _pad_rows(labels, IGNORE_INDEX, length),
+                 "completion_mask": _pad_rows([(r != IGNORE_INDEX).long() for r in labels], 0, length),
                  "label": torch.tensor([bool(ex["label"]) for ex in examples], dtype=torch.bool)}
         for key in ("ref_logps", "ref_kl_logps"):
             if key in examples[0]:

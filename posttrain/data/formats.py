@@ -109,10 +109,14 @@ def extract_prompt(example: dict[str, Any]) -> dict[str, Any]:
 
 
 def unpair_preference(batch: dict[str, list]) -> dict[str, list]:
-    """Batched map: each (prompt, chosen, rejected) row → a desirable and an undesirable (prompt, completion, label)."""
-    out: dict[str, list] = {"prompt": [], "completion": [], "label": []}
-    for prompt, chosen, rejected in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
+    """Batched map: each (prompt, chosen, rejected) row → a desirable and an undesirable (prompt, completion, label).
+    Other columns (tools, chat_template_kwargs, …) are copied to both rows."""
+    extra = [k for k in batch if k not in ("prompt", "chosen", "rejected", "completion", "label")]
+    out: dict[str, list] = {"prompt": [], "completion": [], "label": [], **{k: [] for k in extra}}
+    for i, (prompt, chosen, rejected) in enumerate(zip(batch["prompt"], batch["chosen"], batch["rejected"])):
         out["prompt"] += [prompt, prompt]
         out["completion"] += [chosen, rejected]
         out["label"] += [True, False]
+        for key in extra:
+            out[key] += [batch[key][i], batch[key][i]]
     return out

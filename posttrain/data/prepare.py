@@ -403,7 +403,7 @@ def prepare_unpaired_dataset(dataset, tokenizer, args, name: str = "train", who:
                               **_desc(dataset, f"Unpairing {name} dataset"))
         logger.info("%s dataset: %s preference pairs unpaired into one desirable (chosen) and one undesirable "
                     "(rejected) example each.", name, pairs if pairs is not None else "streamed")
-        columns = ["prompt", "completion", "label"]
+        columns = ["prompt", "completion", "label", *[c for c in columns if c not in ("prompt", "chosen", "rejected")]]
     eos = tokenizer.eos_token
     extra = [c for c in ("ref_logps", "ref_kl_logps") if c in columns]
 
