@@ -71,8 +71,7 @@ def test_sharegpt_rows_are_converted(tmp_path):
     trainer = SFTTrainer(builtin_model_path("posttrain/tiny"), args=_args(tmp_path, assistant_only_loss=True),
                          train_dataset=datasets.Dataset.from_list(rows))
     row = trainer.train_dataset[0]
-    assert trainer.processing_class.decode([i for i, m in zip(row["input_ids"], row["completion_mask"]) if m]) \
-        == "2<|im_end|>"
+    assert trainer.processing_class.decode([i for i in row["labels"] if i != -100]) == "2<|im_end|>"
 
 
 def test_formatting_func_and_pretokenized(tmp_path):
@@ -82,7 +81,7 @@ def test_formatting_func_and_pretokenized(tmp_path):
     assert trainer.processing_class.decode(trainer.train_dataset[0]["input_ids"]) == "1 + 1 = 2<|im_end|>"
     pretokenized = datasets.Dataset.from_list([{"input_ids": [5, 6, 7, 8]}] * 4)
     trainer = SFTTrainer("posttrain/tiny", args=_args(tmp_path), train_dataset=pretokenized)
-    assert trainer.train_dataset[0]["completion_mask"] == [1, 1, 1, 1]
+    assert trainer.train_dataset[0]["labels"] == [5, 6, 7, 8]
     trainer.train()
     assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
 

@@ -94,12 +94,13 @@ def test_completion_only_and_assistant_only_masks(tmp_path):
     off = SFTTrainer(MODEL, args=_args(tmp_path / "off", completion_only_loss=False), train_dataset=data)
     row_on, row_off = on.train_dataset[0], off.train_dataset[0]
     assert row_on["input_ids"] == row_off["input_ids"]
-    assert 0 < sum(row_on["completion_mask"]) < sum(row_off["completion_mask"]) == len(row_off["input_ids"])
+    trained_on, trained_off = (sum(t != -100 for t in row["labels"]) for row in (row_on, row_off))
+    assert 0 < trained_on < trained_off == len(row_off["input_ids"])  # TRL's prepared form: labels, -100 untrained
     chat = SFTTrainer(MODEL, args=_args(tmp_path / "chat", assistant_only_loss=True),
                       train_dataset=_data("posttrain/arith-lm", "conversational"))
     row = chat.train_dataset[0]
     tok = chat.processing_class
-    trained = tok.decode([t for t, m in zip(row["input_ids"], row["completion_mask"]) if m])
+    trained = tok.decode([t for t in row["labels"] if t != -100])
     assert "####" in trained and "<|im_start|>" not in trained and trained.endswith("<|im_end|>")
 
 

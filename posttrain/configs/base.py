@@ -134,7 +134,18 @@ class PostTrainConfig(TrainingArguments):
     model_init_kwargs: dict | str | None = field(default=None, metadata={"help": "Keyword arguments for "
                                                  "`from_pretrained` when the model is given as a name or path "
                                                  "(JSON string on the command line), e.g. '{\"dtype\": \"bfloat16\"}'."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Let a model or tokenizer loaded by name run "
+                                    "the code its repository ships (passed to `from_pretrained`)."})
     disable_dropout: bool = field(default=False, metadata={"help": "Set every dropout probability in the model to 0."})
+    activation_offloading: bool = field(default=False, metadata={"help": "Keep the activations saved for the "
+                                        "backward in (pinned) CPU memory instead of GPU memory during the training "
+                                        "forward. GPU only: refused when the run trains on the CPU, where they "
+                                        "already are."})
+    router_aux_loss_coef: float | None = field(default=None, metadata={"help": "Mixture-of-Experts models: weight of "
+                                               "the router load-balancing loss added to the training loss (the "
+                                               "model returns it when its config has output_router_logits). "
+                                               "Default: the model config's own coefficient; 0 turns it off. "
+                                               "Refused for a model without a router."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset preparation."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "Continue a run: a checkpoint "
                                                "directory, a run directory (its newest complete checkpoint), "
@@ -196,6 +207,8 @@ class PostTrainConfig(TrainingArguments):
         super().__post_init__()
         self._output_dir_was_default = output_dir is None
         check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}.")
+        check(self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,
+              f"router_aux_loss_coef must be >= 0 (0 turns the router loss off), got {self.router_aux_loss_coef}.")
         check(self.max_nonfinite_steps >= 0, f"max_nonfinite_steps must be >= 0 (0 = never stop), got "
               f"{self.max_nonfinite_steps}.")
         self.validate()
@@ -225,6 +238,24 @@ class PostTrainConfig(TrainingArguments):
             value = getattr(self, f.name)
             if hasattr(value, "value"):
                 value = value.value
+            value = plain_value(value)
             if isinstance(value, (str, int, float, bool, type(None), list, dict)):
                 out[f.name] = value
         return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """TrainingArguments' dict (what `to_json_string`, checkpoints and loggers write), with objects inside
+        mappings such as `model_init_kwargs={"dtype": torch.float16}` written as their names."""
+        return {k: plain_value(v) for k, v in super().to_dict().items()}
+
+
+def plain_value(value):
+    """`value` with torch dtypes (anywhere inside lists and dicts) as their names ("float16"), so JSON and YAML
+    can write it; other values unchanged."""
+    if isinstance(value, dict):
+        return {k: plain_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_value(v) for v in value)
+    if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
+        return str(value).removeprefix("torch.")
+    return value

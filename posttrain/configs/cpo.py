@@ -24,8 +24,16 @@ class _ReferenceFreeConfig(PostTrainConfig):
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple of this."})
     pad_token: str | None = field(default=None, metadata={"help": "Padding token (default: the tokenizer's, "
                                   "else its EOS)."})
+    generate_during_eval: bool = field(default=False, metadata={"help": "At each evaluation, sample completions for "
+                                       "eval_batch_size random eval prompts and log them: a table in wandb / comet "
+                                       "when report_to has them, and always lines in output_dir/"
+                                       "eval_generations.jsonl (TRL logs to wandb or comet only)."})
+    is_encoder_decoder: bool | None = field(default=None, metadata={"help": "TRL's switch for encoder-decoder "
+                                            "models, which posttrain does not train: only None or False."})
 
     def validate(self) -> None:
+        check(not self.is_encoder_decoder, "is_encoder_decoder=True: posttrain trains decoder-only (causal) models "
+              "only; drop the option.")
         check(self.beta > 0, f"beta must be > 0, got {self.beta}.")
         check(self.max_length is None or self.max_prompt_length is None or self.max_prompt_length < self.max_length,
               f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}) "
@@ -62,3 +70,6 @@ class CPOConfig(_ReferenceFreeConfig):
 @dataclass
 class ORPOConfig(_ReferenceFreeConfig):
     """Configuration of `ORPOTrainer`: NLL on chosen completions plus β × the odds-ratio term."""
+
+    padding_value: int | None = field(default=None, metadata={"help": "Token id that pads input_ids (default: the "
+                                      "tokenizer's pad token). Padding is masked out, so it changes no result."})

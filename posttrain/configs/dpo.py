@@ -33,6 +33,12 @@ class DPOConfig(ReferenceAnchoredConfig):
     ld_alpha: float | None = field(default=None, metadata={"help": "LD-DPO: weight of tokens past the shorter "
                                    "completion's length (1 = plain DPO)."})
     discopop_tau: float = field(default=0.05, metadata={"help": "Temperature of the discopop loss."})
+    padding_free: bool | None = field(default=None, metadata={"help": "Run each padded batch as one row without its "
+                                      "padding (documents separated by restarting position_ids; same results). "
+                                      "None (default): when the model runs posttrain's packed attention and it "
+                                      "saves tokens; False: always padded (TRL's default); True: as None, and "
+                                      "refused when the model cannot run packed rows (packed_attention off, or "
+                                      "another attention implementation than sdpa)."})
     truncation_mode: str = field(default="keep_start", metadata={"help": "keep_start (completions are cut at "
                                  "the end).", "choices": ["keep_start", "keep_end"]})
 
@@ -54,6 +60,10 @@ class DPOConfig(ReferenceAnchoredConfig):
               "use_weighting cannot be combined with aot losses (sorting breaks the pairing).")
         check(not (self.precompute_ref_log_probs and self.sync_ref_model),
               "precompute_ref_log_probs and sync_ref_model exclude each other (a synced reference changes).")
+        attention = (self.model_init_kwargs or {}).get("attn_implementation") or "sdpa"
+        check(not self.padding_free or (self.packed_attention and attention == "sdpa"),
+              "padding_free=True runs batches as packed rows, which needs packed_attention=True and sdpa attention "
+              f"(attn_implementation={attention!r}, packed_attention={self.packed_attention}); drop padding_free.")
         check(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, f"ld_alpha must be in [0, 1], got {self.ld_alpha}.")
         check(self.max_length is None or self.max_prompt_length is None or self.max_prompt_length < self.max_length,
               f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}) "

@@ -19,6 +19,10 @@ class RewardConfig(PostTrainConfig):
                                                      "(r_chosen + r_rejected)² that keeps rewards centred on 0."})
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in the model."})
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple of this."})
+    chat_template_path: str | None = field(default=None, metadata={"help": "A .jinja file or a tokenizer directory "
+                                           "whose chat template replaces the tokenizer's."})
+    eos_token: str | None = field(default=None, metadata={"help": "Token that ends each standard (non-chat) text, "
+                                  "appended when missing (default: the tokenizer's EOS)."})
     pad_token: str | None = field(default=None, metadata={"help": "Padding token (default: the tokenizer's, "
                                   "else its EOS)."})
 

@@ -24,7 +24,6 @@ class ModelConfig:
                               "or auto.", "choices": ["auto", "float32", "bfloat16", "float16"]})
     attn_implementation: str | None = field(default=None, metadata={"help": "Attention kernel, e.g. sdpa, eager, "
                                             "flash_attention_2."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -78,7 +77,7 @@ class ModelConfig:
 
     def init_kwargs(self) -> dict:
         """`from_pretrained` keyword arguments implied by these options."""
-        kwargs = {"revision": self.model_revision, "trust_remote_code": self.trust_remote_code}
+        kwargs = {"revision": self.model_revision}  # trust_remote_code is a training option (as in TRL 1.16)
         if self.dtype is not None:
             kwargs["dtype"] = self.dtype
         if self.attn_implementation is not None:

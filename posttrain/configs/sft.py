@@ -47,6 +47,10 @@ class SFTConfig(PostTrainConfig):
                                       "unless model_init_kwargs asks for another attention implementation than "
                                       "sdpa."})
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple of this."})
+    shuffle_dataset: bool = field(default=False, metadata={"help": "Shuffle the prepared dataset (seed: `seed`) — "
+                                  "before packing too, so a packed row mixes unrelated examples; a streamed "
+                                  "dataset is shuffled through a buffer. The sampler shuffles map-style data "
+                                  "every epoch anyway."})
     eval_packing: bool | None = field(default=None, metadata={"help": "Pack the eval set (default: as `packing`)."})
     completion_only_loss: bool | None = field(default=None, metadata={"help": "Train only on completions of "
                                               "prompt-completion data (default: on for such data)."})

@@ -61,7 +61,8 @@ class DataCollatorForLanguageModeling:
     """Pads (or flattens) tokenised examples into a causal-LM batch.
 
     Examples are dicts with `input_ids` (list or 1-D tensor), optional `completion_mask` (1 = trained token; all
-    ones when absent) and optional `seq_lengths` (packed rows: document lengths summing to len(input_ids)).
+    ones when absent) or ready-made `labels` (TRL's form: -100 on untrained tokens, used as they are), and optional
+    `seq_lengths` (packed rows: document lengths summing to len(input_ids)).
 
     Padded mode, plain rows: right-pads to the longest row (rounded up to pad_to_multiple_of) and returns
     `input_ids`, `attention_mask`, `labels`, all (B, T).
@@ -72,14 +73,22 @@ class DataCollatorForLanguageModeling:
     later pad tokens anyway, so dropping the mask loses nothing.
     Padding-free mode: the whole batch becomes ONE row (1, N): `input_ids`, `position_ids` restarting per document
     (per `seq_lengths`, else per example), `labels`, no attention_mask. pad_to_multiple_of pads that row with pad
-    tokens forming their own trailing document (positions from 0, labels -100).
+    tokens forming their own trailing document (positions from 0, labels -100). As TRL's collator, it also returns
+    the document boundaries the varlen kernels take (flash attention, linear-attention layers): `cu_seq_lens_q` /
+    `cu_seq_lens_k` (int32 starts + total), `max_length_q` / `max_length_k` (longest document) and `seq_idx`
+    (1, N) (document index of each token).
+    `return_position_ids` (padded mode): `position_ids` (0..n-1 per row) beside the attention_mask.
+
+    Fields in TRL's order (pad_token_id, padding_free, return_position_ids, pad_to_multiple_of, return_tensors), then
+    posttrain's `completion_only_loss` (False: train every real token despite a completion_mask).
     """
 
     pad_token_id: int
-    completion_only_loss: bool = True
     padding_free: bool = False
+    return_position_ids: bool = False
     pad_to_multiple_of: int | None = None
     return_tensors: str = "pt"
+    completion_only_loss: bool = True
 
     def __post_init__(self):
         if self.return_tensors != "pt":
@@ -97,11 +106,20 @@ class DataCollatorForLanguageModeling:
             return self._flatten(rows)
         return self._pad(rows, packed=any(example.get("seq_lengths") is not None for example in examples))
 
+    @staticmethod
+    def get_position_ids_from_packed_seq_lengths(batch_seq_lengths: list[list[int]]) -> list[torch.Tensor]:
+        """TRL's helper: for each example's document lengths, its position ids restarting at 0 per document."""
+        return [_positions(lengths) for lengths in batch_seq_lengths]
+
     def _row(self, example: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
         """(input_ids, labels, seq_lengths or None) of one example; labels not yet masked at document starts."""
         input_ids = _as_1d(example["input_ids"], "input_ids")
         labels = input_ids.clone()
-        if self.completion_only_loss and example.get("completion_mask") is not None:
+        if example.get("labels") is not None:  # prebuilt labels (TRL's form)
+            labels = _as_1d(example["labels"], "labels")
+            if labels.shape != input_ids.shape:
+                raise UserError(f"labels has {labels.numel()} entries but input_ids has {input_ids.numel()}.")
+        elif self.completion_only_loss and example.get("completion_mask") is not None:
             mask = _as_1d(example["completion_mask"], "completion_mask")
             if mask.shape != input_ids.shape:
                 raise UserError(f"completion_mask has {mask.numel()} entries but input_ids has {input_ids.numel()}.")
@@ -130,6 +148,8 @@ class DataCollatorForLanguageModeling:
                 out["position_ids"][i] = _positions(seq_lengths + [width - n])
             else:
                 out["attention_mask"][i, :n] = 1
+        if self.return_position_ids and not packed:  # 0..n-1 on each row's tokens, 0 on its padding
+            out["position_ids"] = torch.arange(width).expand(batch, width) * out["attention_mask"]
         return out
 
     def _flatten(self, rows) -> dict[str, torch.Tensor]:
@@ -143,7 +163,18 @@ class DataCollatorForLanguageModeling:
             input_ids = torch.cat([input_ids, torch.full((pad,), self.pad_token_id, dtype=torch.long)])
             labels = torch.cat([labels, torch.full((pad,), IGNORE_INDEX, dtype=torch.long)])
             seq_lengths = seq_lengths + [pad]
-        return {"input_ids": input_ids[None], "position_ids": _positions(seq_lengths)[None], "labels": labels[None]}
+        out = {"input_ids": input_ids[None], "position_ids": _positions(seq_lengths)[None], "labels": labels[None]}
+        return {**out, **_varlen_boundaries(seq_lengths)}
+
+
+def _varlen_boundaries(seq_lengths: Sequence[int]) -> dict[str, Any]:
+    """The document boundaries of one flattened row, in the form transformers' varlen attention kernels take."""
+    lengths = torch.as_tensor([n for n in seq_lengths if n > 0], dtype=torch.long)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]).to(torch.int32)
+    longest = int(lengths.max()) if lengths.numel() else 0
+    seq_idx = torch.repeat_interleave(torch.arange(lengths.numel(), dtype=torch.int32), lengths)[None]
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
+            "seq_idx": seq_idx}
 
 
 def _pad_rows(rows: list[torch.Tensor], value: int, length: int) -> torch.Tensor:
@@ -153,27 +184,50 @@ def _pad_rows(rows: list[torch.Tensor], value: int, length: int) -> torch.Tensor
     return out
 
 
+def _truncated(row: torch.Tensor, max_length: int | None, mode: str) -> torch.Tensor:
+    if max_length is None or len(row) <= max_length:
+        return row
+    return row[:max_length] if mode == "keep_start" else row[-max_length:]
+
+
 @dataclass
 class DataCollatorForPreference:
-    """Rows with `prompt_ids`, `chosen_ids`, `rejected_ids` (completion ids only) → a (2B, T) batch:
-    rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected, right-padded; `labels` hold the completion
-    tokens (-100 elsewhere). Precomputed `ref_chosen_logps` / `ref_rejected_logps` and reward `margin` columns
-    pass through as (B,).
+    """Rows with `prompt_ids`, `chosen_ids`, `rejected_ids` (completion ids only; reward data may omit prompt_ids
+    and give whole sequences) → a (2B, T) batch: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected,
+    right-padded. Keys: `input_ids`, `attention_mask`, `completion_mask` (1 on completion tokens: TRL's keys) and
+    `labels` (the completion tokens, -100 elsewhere: what posttrain's log-prob code reads). Precomputed
+    `ref_chosen_logps` / `ref_rejected_logps` and reward `margin` columns pass through as (B,).
+
+    `max_length` cuts each row before padding (keep_start: its first tokens; keep_end: its last), as TRL's.
     """
 
     pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
     pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def __post_init__(self):
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise UserError(f"truncation_mode must be keep_start or keep_end, got {self.truncation_mode!r}.")
+        if self.return_tensors != "pt":
+            raise UserError(f"Only return_tensors='pt' is supported, got {self.return_tensors!r}.")
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise UserError("Cannot collate an empty list of examples.")
         ids, labels = [], []
         for key in ("chosen_ids", "rejected_ids"):
             for ex in examples:
-                prompt, completion = _as_1d(ex["prompt_ids"], "prompt_ids"), _as_1d(ex[key], key)
-                ids.append(torch.cat([prompt, completion]))
-                labels.append(torch.cat([torch.full_like(prompt, IGNORE_INDEX), completion]))
+                prompt = _as_1d(ex.get("prompt_ids", []), "prompt_ids")
+                completion = _as_1d(ex[key], key)
+                ids.append(_truncated(torch.cat([prompt, completion]), self.max_length, self.truncation_mode))
+                label = torch.cat([torch.full_like(prompt, IGNORE_INDEX), completion])
+                labels.append(_truncated(label, self.max_length, self.truncation_mode))
         length = _round_up(max(len(r) for r in ids), self.pad_to_multiple_of)
         batch = {"input_ids": _pad_rows(ids, self.pad_token_id, length),
                  "attention_mask": _pad_rows([torch.ones_like(r) for r in ids], 0, length),
+                 "completion_mask": _pad_rows([(r != IGNORE_INDEX).long() for r in labels], 0, length),
                  "labels": _pad_rows(labels, IGNORE_INDEX, length)}
         for key in ("ref_chosen_logps", "ref_rejected_logps", "margin"):
             if key in examples[0]:
@@ -233,6 +287,7 @@ class DataCollatorForUnpaired:
         batch = {"input_ids": _pad_rows(ids, self.pad_token_id, length),
                  "attention_mask": _pad_rows([torch.ones_like(r) for r in ids], 0, length),
                  "labels": _pad_rows(labels, IGNORE_INDEX, length),
+                 "completion_mask": _pad_rows([(r != IGNORE_INDEX).long() for r in labels], 0, length),
                  "label": torch.tensor([bool(ex["label"]) for ex in examples], dtype=torch.bool)}
         for key in ("ref_logps", "ref_kl_logps"):
             if key in examples[0]:
@@ -257,3 +312,75 @@ def mismatched_partners(prompts: Sequence[Any]) -> list[int]:
         if all(keys[i] != keys[(i - shift) % n] for i in range(n)):
             return [(i - shift) % n for i in range(n)]
     return [(i - 1) % n for i in range(n)]
+
+
+@dataclass
+class DataCollatorForUnpairedPreference:
+    """TRL's unpaired-preference collator: rows with `prompt_ids`, `completion_ids`, `label` (and optionally a fixed
+    mismatched `KL_completion_ids`) → `input_ids`, `attention_mask`, `completion_mask` (B, T) of prompt +
+    completion, right-padded, `label` (B,) bool, and, when examples carry `KL_completion_ids`, the same three for
+    prompt + KL completion as `KL_input_ids`, `KL_attention_mask`, `KL_completion_mask`. Precomputed `ref_logps` /
+    `ref_KL_logps` pass through as (B,). Also `labels` (completion tokens, -100 elsewhere) for posttrain's code.
+
+    KTOTrainer takes such batches as they are (`as_unpaired_rows`). Its default collator is
+    `DataCollatorForUnpaired`, which builds the mismatched pairs from each batch instead (see there).
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise UserError("Cannot collate an empty list of examples.")
+        out = self._rows(examples, "completion_ids", "")
+        if "KL_completion_ids" in examples[0]:
+            out.update(self._rows(examples, "KL_completion_ids", "KL_"))
+        out["label"] = torch.tensor([bool(ex["label"]) for ex in examples], dtype=torch.bool)
+        for key in ("ref_logps", "ref_KL_logps"):
+            if key in examples[0]:
+                out[key] = torch.tensor([float(ex[key]) for ex in examples])
+        return out
+
+    def _rows(self, examples, key: str, prefix: str) -> dict[str, torch.Tensor]:
+        ids, labels = [], []
+        for ex in examples:
+            prompt, completion = _as_1d(ex["prompt_ids"], "prompt_ids"), _as_1d(ex[key], key)
+            ids.append(_truncated(torch.cat([prompt, completion]), self.max_length, "keep_start"))
+            labels.append(_truncated(torch.cat([torch.full_like(prompt, IGNORE_INDEX), completion]), self.max_length,
+                                     "keep_start"))
+        length = _round_up(max(len(r) for r in ids), self.pad_to_multiple_of)
+        out = {"input_ids": _pad_rows(ids, self.pad_token_id, length),
+               "attention_mask": _pad_rows([torch.ones_like(r) for r in ids], 0, length),
+               "completion_mask": _pad_rows([(r != IGNORE_INDEX).long() for r in labels], 0, length)}
+        out = {prefix + k: v for k, v in out.items()}
+        if not prefix:
+            out["labels"] = _pad_rows(labels, IGNORE_INDEX, length)
+        return out
+
+
+def as_unpaired_rows(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A `DataCollatorForUnpairedPreference` batch in `DataCollatorForUnpaired`'s layout: the KL rows (when given)
+    appended below the real ones as rows B..2B-1, `labels` rebuilt from the completion masks, and `ref_KL_logps`
+    renamed `ref_kl_logps`. Batches already in that layout are returned unchanged."""
+    if "KL_input_ids" not in batch and "labels" in batch:
+        return batch
+    parts = [("input_ids", "attention_mask", "completion_mask")]
+    if "KL_input_ids" in batch:
+        parts.append(("KL_input_ids", "KL_attention_mask", "KL_completion_mask"))
+    width = max(batch[ids].shape[1] for ids, _, _ in parts)
+
+    def widen(t, value):
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    ids = torch.cat([widen(batch[i], pad_token_id) for i, _, _ in parts])
+    mask = torch.cat([widen(batch[m], 0) for _, m, _ in parts])
+    completion = torch.cat([widen(batch[c], 0) for _, _, c in parts])
+    out = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(completion == 0, IGNORE_INDEX),
+           "label": batch["label"]}
+    if "ref_logps" in batch:
+        out["ref_logps"] = batch["ref_logps"]
+    if "ref_KL_logps" in batch:
+        out["ref_kl_logps"] = batch["ref_KL_logps"]
+    return out

@@ -122,23 +122,24 @@ def maybe_extract_prompt(example: dict[str, Any]) -> dict[str, Any]:
 
 def unpair_preference(batch: dict[str, list], keep_other_columns: bool = False) -> dict[str, list]:
     """Batched map: each (prompt, chosen, rejected) row → a desirable and an undesirable (prompt, completion, label).
-    Without a `prompt` column (implicit prompt) the rows have no prompt either.
+    Without a `prompt` column (implicit prompt) the rows have no prompt either. Other columns (tools,
+    chat_template_kwargs, …) are copied to both rows.
 
-    keep_other_columns=False (the KTO pipeline): each pair's two rows are adjacent and other columns are dropped.
+    keep_other_columns=False (the KTO pipeline): each pair's two rows are adjacent.
     keep_other_columns=True (`data_utils.unpair_preference_dataset`, TRL's order): the batch's desirable rows, then
-    its undesirable rows, every other column repeated on both."""
-    keys = (["prompt"] if "prompt" in batch else []) + ["completion", "label"]
+    its undesirable rows."""
     n = len(batch["chosen"])
+    extra = [k for k in batch if k not in ("chosen", "rejected", "completion", "label")]  # prompt included
     if keep_other_columns:
-        out = {k: list(v) + list(v) for k, v in batch.items() if k not in ("chosen", "rejected")}
+        out = {k: list(batch[k]) + list(batch[k]) for k in extra}
         out.update(completion=list(batch["chosen"]) + list(batch["rejected"]), label=[True] * n + [False] * n)
         return out
-    out: dict[str, list] = {k: [] for k in keys}
+    out: dict[str, list] = {"completion": [], "label": [], **{k: [] for k in extra}}
     for i, (chosen, rejected) in enumerate(zip(batch["chosen"], batch["rejected"])):
-        if "prompt" in batch:
-            out["prompt"] += [batch["prompt"][i]] * 2
         out["completion"] += [chosen, rejected]
         out["label"] += [True, False]
+        for key in extra:
+            out[key] += [batch[key][i], batch[key][i]]
     return out
 
 

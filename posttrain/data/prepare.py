@@ -19,12 +19,14 @@ Not here: per-example tokenisation (`data/tokenize.py`), packing algorithms (`da
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import datasets
 
 from posttrain.data import formats, tokenize
+from posttrain.data.collators import IGNORE_INDEX
 from posttrain.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -39,45 +41,94 @@ def _is_pretokenized(dataset) -> bool:
     return "input_ids" in (dataset.column_names or [])
 
 
+MASK_COLUMNS = ("completion_mask", "assistant_masks")  # pre-tokenised rows may mark trained tokens with these
+
+
 def prepare_sft_dataset(dataset, tokenizer, args, formatting_func: Callable | None = None,
                         packing: bool | None = None, name: str = "train"):
-    """Tokenise an SFT dataset into input_ids + completion_mask rows (packed rows also carry seq_lengths)."""
+    """Tokenise an SFT dataset into TRL 1.16's rows: `input_ids` and `labels` (the token where it is trained, -100
+    elsewhere); packed rows also carry `seq_lengths`.
+
+    Pre-tokenised rows (`input_ids`) keep a `labels` column as it is; else `labels` are built from a
+    `completion_mask` or `assistant_masks` column (1 = trained), else every token is trained.
+    """
     if (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
-        return dataset
+        return _check_unprepared(dataset, name)
     if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
         raise UserError(f"The {name} dataset is empty; give at least one example.")
-    columns = list(dataset.column_names or [])
+    if isinstance(dataset, datasets.Dataset) and dataset.format["type"] == "custom":
+        raise UserError(f"The {name} dataset uses Dataset.with_transform(), which preparation would read through "
+                        "once and bake into the rows (a random transform would be frozen): pass dataset_kwargs="
+                        "{'skip_prepare_dataset': True} and make the transform return trainer-ready rows (input_ids, "
+                        "and labels with -100 on untrained tokens), or apply a fixed transform with dataset.map() "
+                        "first.")
     if _is_pretokenized(dataset):
-        if "completion_mask" not in columns:
-            dataset = dataset.map(lambda ex: {"completion_mask": [1] * len(ex["input_ids"])})
+        dataset = _labelled(dataset)
     else:
         dataset = _tokenize_sft(dataset, tokenizer, args, formatting_func, name)
-    num_proc = args.dataset_num_proc
+        dataset = dataset.map(_labels_from_mask, remove_columns=["completion_mask"])
     # rows with nothing to train on before any truncation: no assistant turn (assistant_only_loss), empty completions
     why = ("no assistant turn to train on (assistant_only_loss=True)" if args.assistant_only_loss
            else "no token to train on")
     dataset = _drop_untrained(dataset, name, why, "Give every row an assistant turn, or set assistant_only_loss="
                               "False." if args.assistant_only_loss else "Remove rows with empty completions.")
     if args.max_length is not None and not (packing and args.packing_strategy != "bfd"):
-        dataset = dataset.map(tokenize.truncate, fn_kwargs={"max_length": args.max_length,
-                                                          "mode": args.truncation_mode}, num_proc=num_proc,
-                              desc=f"Truncating {name} dataset" if isinstance(dataset, datasets.Dataset) else None)
+        dataset = dataset.map(tokenize.truncate, fn_kwargs={"max_length": args.max_length, "keys": SFT_COLUMNS,
+                                                          "mode": args.truncation_mode},
+                              **_desc(dataset, f"Truncating {name} dataset", args.dataset_num_proc))
     dataset = _drop_untrained(dataset, name, f"no trainable token left after truncation to max_length="
                               f"{args.max_length}", "Raise max_length or shorten the prompts.")
+    shuffle = getattr(args, "shuffle_dataset", False)
     if packing:
         from posttrain.data.packing import pack_dataset
 
-        dataset = pack_dataset(dataset, args.max_length, strategy=args.packing_strategy)
+        if shuffle:  # before packing too: neighbours in the source would otherwise share packed rows
+            dataset = shuffled(dataset, args.seed)
+        dataset = pack_dataset(dataset, args.max_length, strategy=args.packing_strategy, columns=SFT_COLUMNS)
+    return shuffled(dataset, args.seed) if shuffle else dataset
+
+
+SFT_COLUMNS = ("input_ids", "labels")
+
+
+def _labels_from_mask(example: dict[str, Any], mask_column: str = "completion_mask") -> dict[str, list[int]]:
+    return {"labels": [t if m else IGNORE_INDEX for t, m in zip(example["input_ids"], example[mask_column])]}
+
+
+def _labelled(dataset):
+    """Pre-tokenised rows with a `labels` column: given labels kept, else built from a mask column, else every
+    token; the mask columns removed."""
+    names = list(dataset.column_names or _first_row(dataset).keys())
+    masks = [c for c in MASK_COLUMNS if c in names]
+    if "labels" not in names:
+        if masks:
+            dataset = dataset.map(_labels_from_mask, fn_kwargs={"mask_column": masks[0]})
+        else:
+            dataset = dataset.map(lambda ex: {"labels": list(ex["input_ids"])})
+    return dataset.remove_columns(masks) if masks else dataset
+
+
+def _check_unprepared(dataset, name: str):
+    """skip_prepare_dataset: rows go to the collator as they are, which reads `labels` or `completion_mask` but no
+    other mask column; one carrying only such a mask would silently train on every token."""
+    names = list(dataset.column_names or [])
+    if "assistant_masks" in names and not {"labels", "completion_mask"} & set(names):
+        raise UserError(f"The {name} dataset has an 'assistant_masks' column but no 'labels', and "
+                        "skip_prepare_dataset=True skips building them, so every token would be trained. Add a "
+                        "'labels' column (-100 on untrained tokens), or drop skip_prepare_dataset.")
     return dataset
+
+
+def shuffled(dataset, seed: int):
+    """The dataset in a seeded random order (a streamed one through datasets' shuffle buffer)."""
+    if isinstance(dataset, datasets.Dataset):
+        return dataset.shuffle(seed=seed).flatten_indices()  # later maps then read rows in order
+    return dataset.shuffle(seed=seed)
 
 
 def _drop_untrained(dataset, name: str, why: str, fix: str):
     """Drop rows without a trained token, with one warning saying why (an error when none is left)."""
-    before = len(dataset) if isinstance(dataset, datasets.Dataset) else None
-    dataset = dataset.filter(lambda ex: any(ex["completion_mask"]))
-    if before is not None:
-        _drop_report(before, len(dataset), name, why, fix)
-    return dataset
+    return filter_counted(dataset, lambda ex: any(t != IGNORE_INDEX for t in ex["labels"]), name, why, fix)
 
 
 def _tokenize_sft(dataset, tokenizer, args, formatting_func, name):
@@ -86,8 +137,12 @@ def _tokenize_sft(dataset, tokenizer, args, formatting_func, name):
         dataset = dataset.map(formats.sharegpt_to_messages, remove_columns=["conversations"])
         first = _first_row(dataset)
     if formatting_func is not None:
-        dataset = dataset.map(lambda ex: {"text": _formatted(formatting_func, ex)})
+        # the formatted text is the whole example: other columns (prompt, messages, labels…) must not change
+        # what the row is detected as
+        dataset = dataset.map(lambda ex: {"text": _formatted(formatting_func, ex)},
+                              remove_columns=[c for c in dataset.column_names or first.keys() if c != "text"])
         text_field = "text"
+        first = _first_row(dataset)
     else:
         text_field = args.dataset_text_field
     columns = list(dataset.column_names or first.keys())
@@ -107,14 +162,25 @@ def _tokenize_sft(dataset, tokenizer, args, formatting_func, name):
         _check_row(example, kind, text_field)
         if kind == "prompt_completion":
             return tokenize.tokenize_prompt_completion(tokenizer, example["prompt"], example["completion"], eos,
-                                                       completion_only, tools=example.get("tools"))
+                                                       completion_only, **_template_options(example))
         if conversational or "messages" in example and text_field not in example:
             return tokenize.tokenize_messages(tokenizer, example["messages"], args.assistant_only_loss,
-                                              tools=example.get("tools"))
+                                              **_template_options(example))
         return tokenize.tokenize_text(tokenizer, example[text_field], eos)
 
-    return dataset.map(one, remove_columns=columns, num_proc=args.dataset_num_proc,
-                       desc=f"Tokenizing {name} dataset" if isinstance(dataset, datasets.Dataset) else None)
+    return dataset.map(one, remove_columns=columns, **_desc(dataset, f"Tokenizing {name} dataset",
+                                                            args.dataset_num_proc))
+
+
+def _template_options(example: dict[str, Any]) -> dict[str, Any]:
+    """A row's own chat-template options: its `tools` and `chat_template_kwargs` columns (None when absent)."""
+    kwargs = example.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise UserError(f"Column 'chat_template_kwargs' must hold mappings (e.g. {{'enable_thinking': False}}), got "
+                        f"{type(kwargs).__name__} ({kwargs!r:.80}).")
+    # Arrow stores a column of mappings as one struct type: keys some rows lack come back as None
+    kwargs = {k: v for k, v in (kwargs or {}).items() if v is not None} or None
+    return {"tools": example.get("tools"), "chat_template_kwargs": kwargs}
 
 
 def _formatted(formatting_func, example):
@@ -246,7 +312,12 @@ def _typed_rows(dataset, name: str, accepted: tuple[str, ...], who: str):
 def prepare_preference_dataset(dataset, tokenizer, args, name: str = "train", who: str = "DPOTrainer",
                                joint: bool = False):
     """Tokenise (prompt, chosen, rejected) rows into prompt_ids / chosen_ids / rejected_ids (joint: prompt + each
-    completion tokenised as one text, prompt_ids empty — for reward models)."""
+    completion tokenised as one text, prompt_ids empty — for reward models).
+
+    Already-tokenised pairs pass through: prompt_ids + chosen_ids + rejected_ids; for reward models also whole
+    sequences without prompt_ids, under TRL's names (chosen_ids / rejected_ids, the deprecated chosen_input_ids /
+    rejected_input_ids, and the older input_ids_chosen / input_ids_rejected)."""
+    dataset = _pretokenized_pairs(dataset, joint, who)
     prepared = _typed_rows(dataset, name, PREFERENCE_TYPES, who)
     if prepared is None:
         return dataset
@@ -257,22 +328,53 @@ def prepare_preference_dataset(dataset, tokenizer, args, name: str = "train", wh
     def one(example):
         _check_fields(example, ("prompt", "chosen", "rejected"), may_be_empty=("prompt",))
         prompt_ids, (chosen_ids, rejected_ids) = tokenize.tokenize_prompt_and_completions(
-            tokenizer, example["prompt"], [example["chosen"], example["rejected"]], eos, tools=example.get("tools"),
-            joint=joint)
+            tokenizer, example["prompt"], [example["chosen"], example["rejected"]], eos, joint=joint,
+            **_template_options(example))
         return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
 
     remove = [c for c in dataset.column_names or columns if c not in extra]
-    dataset = dataset.map(one, remove_columns=remove, num_proc=args.dataset_num_proc,
-                          desc=f"Tokenizing {name} dataset" if isinstance(dataset, datasets.Dataset) else None)
+    dataset = dataset.map(one, remove_columns=remove, **_desc(dataset, f"Tokenizing {name} dataset",
+                                                              args.dataset_num_proc))
     if _has_limits(args):
-        dataset = dataset.map(_truncate_pair_row, num_proc=args.dataset_num_proc,
-                              fn_kwargs={"keys": ("chosen_ids", "rejected_ids"), **_limits(args)})
-    if isinstance(dataset, datasets.Dataset):
-        before = len(dataset)
-        dataset = dataset.filter(lambda ex: len(ex["chosen_ids"]) > 0 and len(ex["rejected_ids"]) > 0,
-                                 num_proc=args.dataset_num_proc)
-        _drop_report(before, len(dataset), name, f"prompt fills max_length={args.max_length}",
-                     "Raise max_length or set max_prompt_length below it.")
+        dataset = dataset.map(_truncate_pair_row, fn_kwargs={"keys": ("chosen_ids", "rejected_ids"), **_limits(args)},
+                              **_desc(dataset, None, args.dataset_num_proc))
+    return filter_counted(dataset, lambda ex: len(ex["chosen_ids"]) > 0 and len(ex["rejected_ids"]) > 0, name,
+                          f"prompt fills max_length={args.max_length}",
+                          "Raise max_length or set max_prompt_length below it.", args.dataset_num_proc)
+
+
+def filter_counted(dataset, keep, name: str, why: str, fix: str, num_proc: int | None = None):
+    """`dataset.filter(keep)`, with one warning counting the dropped rows (an error when none is left) for a
+    map-style dataset; a streamed one is filtered lazily as it is read."""
+    if not isinstance(dataset, datasets.Dataset):
+        return dataset.filter(keep)
+    before = len(dataset)
+    dataset = dataset.filter(keep, num_proc=num_proc)
+    _drop_report(before, len(dataset), name, why, fix)
+    return dataset
+
+
+_TOKENIZED_PAIR_NAMES = (("chosen_input_ids", "rejected_input_ids"), ("input_ids_chosen", "input_ids_rejected"))
+
+
+def _pretokenized_pairs(dataset, joint: bool, who: str):
+    """Tokenised whole pairs under TRL's older column names renamed to chosen_ids / rejected_ids, with empty
+    prompt_ids added (reward models score whole sequences); other datasets unchanged."""
+    names = list(dataset.column_names or _first_row(dataset).keys())
+    if "chosen_ids" not in names:
+        for chosen, rejected in _TOKENIZED_PAIR_NAMES:
+            if chosen in names and rejected in names:
+                warnings.warn(f"Columns {chosen!r} / {rejected!r} are older names (deprecated in TRL, and will not be "
+                              "supported in v1); rename them 'chosen_ids' / 'rejected_ids'.", FutureWarning,
+                              stacklevel=2)
+                dataset = dataset.rename_columns({chosen: "chosen_ids", rejected: "rejected_ids"})
+                names = [{chosen: "chosen_ids", rejected: "rejected_ids"}.get(c, c) for c in names]
+                break
+    if "chosen_ids" in names and "rejected_ids" in names and "prompt_ids" not in names:
+        if not joint:
+            raise UserError(f"{who} got tokenised chosen_ids / rejected_ids without prompt_ids: give prompt_ids too "
+                            "(the completion columns hold the completion tokens only), or give text columns.")
+        dataset = dataset.map(lambda ex: {"prompt_ids": []})
     return dataset
 
 
@@ -301,7 +403,7 @@ def prepare_unpaired_dataset(dataset, tokenizer, args, name: str = "train", who:
                               **_desc(dataset, f"Unpairing {name} dataset"))
         logger.info("%s dataset: %s preference pairs unpaired into one desirable (chosen) and one undesirable "
                     "(rejected) example each.", name, pairs if pairs is not None else "streamed")
-        columns = ["prompt", "completion", "label"]
+        columns = ["prompt", "completion", "label", *[c for c in columns if c not in ("prompt", "chosen", "rejected")]]
     eos = tokenizer.eos_token
     extra = [c for c in ("ref_logps", "ref_kl_logps") if c in columns]
 
@@ -312,7 +414,7 @@ def prepare_unpaired_dataset(dataset, tokenizer, args, name: str = "train", who:
                             f"{example.get('label')!r:.80}. Convert it, e.g. dataset.map(lambda ex: "
                             "{'label': ex['label'] == 'good'}).")
         prompt_ids, (completion_ids,) = tokenize.tokenize_prompt_and_completions(
-            tokenizer, example["prompt"], [example["completion"]], eos, tools=example.get("tools"))
+            tokenizer, example["prompt"], [example["completion"]], eos, **_template_options(example))
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": bool(example["label"])}
 
     remove = [c for c in dataset.column_names or columns if c not in extra]
@@ -322,12 +424,9 @@ def prepare_unpaired_dataset(dataset, tokenizer, args, name: str = "train", who:
     if _has_limits(args):
         dataset = dataset.map(_truncate_pair_row, fn_kwargs={"keys": ("completion_ids",), **_limits(args)},
                               **_desc(dataset, None, args.dataset_num_proc))
-    if isinstance(dataset, datasets.Dataset):
-        before = len(dataset)
-        dataset = dataset.filter(lambda ex: len(ex["completion_ids"]) > 0, num_proc=args.dataset_num_proc)
-        _drop_report(before, len(dataset), name, f"prompt fills max_length={max_length}",
-                     "Raise max_length or set max_prompt_length below it.")
-    return dataset
+    return filter_counted(dataset, lambda ex: len(ex["completion_ids"]) > 0, name,
+                          f"prompt fills max_length={max_length}", "Raise max_length or set max_prompt_length below it.",
+                          args.dataset_num_proc)
 
 
 def _desc(dataset, text: str | None, num_proc: int | None = None) -> dict[str, Any]:

@@ -182,6 +182,23 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
+def check_quantization_config(config):
+    """A `quantization_config=` given to a trainer, checked where it can be: a bitsandbytes config needs a CUDA GPU
+    and the bitsandbytes package (one line saying so, instead of an error deep inside from_pretrained)."""
+    method = getattr(config, "quant_method", None)
+    method = getattr(method, "value", method)
+    if method == "bitsandbytes":
+        import importlib.util
+
+        if not hardware.has_cuda():
+            raise UserError("quantization_config is a bitsandbytes config, which needs a CUDA GPU; this machine has "
+                            "none. Drop quantization_config (LoRA alone still works on CPU).")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("quantization_config is a bitsandbytes config, which needs the bitsandbytes package: "
+                            "pip install bitsandbytes (or drop quantization_config).")
+    return config
+
+
 def quantization_config(load_in_4bit: bool, quant_type: str = "nf4", compute_dtype=None, double_quant: bool = False,
                         quant_storage: str | None = None):
     """bitsandbytes quantisation (4-bit computes in `compute_dtype`, bfloat16 by default); refused with a clear

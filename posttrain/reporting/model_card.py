@@ -34,10 +34,13 @@ METHODS = {
 
 
 def render(*, method: str, model_name: str, base_model: str | None, dataset: str | None,
-           final: dict[str, float], facts: dict[str, Any], is_classifier: bool = False) -> str:
-    """The README.md text. `final` = metric → last value; `facts` = extra "how it was trained" lines."""
+           final: dict[str, float], facts: dict[str, Any], is_classifier: bool = False,
+           tags: list[str] | None = None) -> str:
+    """The README.md text. `final` = metric → last value; `facts` = extra "how it was trained" lines; `tags` the
+    Hub tags (default: posttrain and the method)."""
     what, reference = METHODS.get(method, (method, None))
-    front: dict[str, Any] = {"library_name": "transformers", "tags": ["posttrain", method.lower()]}
+    tags = list(dict.fromkeys(tags or ["posttrain", method.lower()]))
+    front: dict[str, Any] = {"library_name": "transformers", "tags": tags}
     if base_model:
         front["base_model"] = base_model
     if dataset:

@@ -21,15 +21,18 @@ import weakref
 from collections import defaultdict
 from typing import Any
 
+import datasets
 import torch
 import yaml
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from posttrain import compat, reporting
 from posttrain.configs.base import PostTrainConfig
+from posttrain.errors import UserError
 from posttrain.models import adapters, lean_layers, loading, sharding
 from posttrain.models.logprobs import lm_head_chunking
 from posttrain.models.packed_attention import use_packed_attention
+from posttrain.trainers import router_loss
 from posttrain.trainers.checkpoints import CrashSafeCheckpoints
 from posttrain.trainers.interrupt import GracefulInterrupt
 from posttrain.trainers.numerics import NonFiniteGuard
@@ -37,9 +40,20 @@ from posttrain.trainers.numerics import NonFiniteGuard
 logger = logging.getLogger(__name__)
 
 
+GRADIENT_CHECKPOINTING_NOTE = (
+    "gradient_checkpointing is off (TRL turns it on by default): posttrain keeps activations and recomputes no "
+    "layer, which is faster per step; set gradient_checkpointing=True to trade step time for activation memory "
+    "(figures: benchmarks/GRADIENT-CHECKPOINTING.md).")
+
+
 class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Trainer):
     config_class: type[PostTrainConfig] = PostTrainConfig
     method_name = "PostTrain"  # used for the default output dir and the model card
+    # Model card / Hub tags: "posttrain" and the method tag TRL writes ("sft", "dpo", "reward-trainer", …), not
+    # "trl": the model was not trained with TRL, and the Hub's "trl" tag says it was.
+    _tag_names: list[str] | None = None  # None: ["posttrain", method_name.lower()]
+    requires_train_dataset = False  # True: train_dataset=None is an error at once (as in TRL), not at train()
+    accepts_compute_loss_func = False  # True: compute_loss applies `compute_loss_func(outputs, labels, ...)`
     auto_model_class = None  # None = AutoModelForCausalLM
     default_model_init_kwargs: dict[str, Any] = {}  # e.g. num_labels=1 for reward models
     summary_metrics = (("loss", "loss"), ("mean_token_accuracy", "token accuracy"))  # CLI's closing line
@@ -47,19 +61,40 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
 
     def __init__(self, model: PreTrainedModel | str, args=None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
-                 optimizers=(None, None), preprocess_logits_for_metrics=None, peft_config=None, **kwargs: Any):
+                 optimizers=(None, None), preprocess_logits_for_metrics=None, peft_config=None,
+                 compute_loss_func=None, optimizer_cls_and_kwargs=None, quantization_config=None, **kwargs: Any):
         name = type(self).__name__
         args, processing_class = compat.resolve_trainer_arguments(name, self.config_class, args, processing_class,
                                                                   kwargs)
+        if compute_loss_func is not None and not self.accepts_compute_loss_func:
+            raise UserError(f"{name} does not take compute_loss_func (its loss is not a function of the model "
+                            f"outputs and labels alone); subclass {name} and override compute_loss instead.")
+        if isinstance(train_dataset, datasets.IterableDataset):
+            # accelerate's dispatching would concatenate batches of every process from process 0's stream
+            args.accelerator_config.dispatch_batches = False
         if not getattr(args, "_output_dir_was_default", False):
             check_output_dir(args.output_dir)  # before loading the model: fail in seconds, not minutes
         if isinstance(model, str):
             init_kwargs = {**self.default_model_init_kwargs, **(args.model_init_kwargs or {})}
+            if args.trust_remote_code:
+                init_kwargs.setdefault("trust_remote_code", True)
+            if quantization_config is not None:
+                if "quantization_config" in init_kwargs:
+                    raise UserError("quantization_config is given both to the trainer and in "
+                                    "args.model_init_kwargs; give it once (preferably to the trainer).")
+                init_kwargs["quantization_config"] = loading.check_quantization_config(quantization_config)
             model = loading.load_pretrained_model(model, self.auto_model_class, **init_kwargs)
+        elif quantization_config is not None:
+            raise UserError("quantization_config applies when the model is given by name; this model is already "
+                            "loaded. Pass its name instead, or load it quantized yourself and drop "
+                            "quantization_config.")
         elif args.model_init_kwargs:
             logger.warning("model_init_kwargs is ignored because the model is already loaded.")
+        if train_dataset is None and self.requires_train_dataset:  # after the model/output checks of older forms
+            raise UserError(f"`train_dataset` is required: {name} needs a training dataset.")
         if processing_class is None:
-            processing_class = loading.load_tokenizer(model.config._name_or_path)
+            remote = {"trust_remote_code": True} if args.trust_remote_code else {}
+            processing_class = loading.load_tokenizer(model.config._name_or_path, **remote)
         loading.prepare_tokenizer(processing_class, getattr(args, "eos_token", None),
                                   getattr(args, "pad_token", None), getattr(args, "chat_template_path", None))
         if getattr(model.config, "pad_token_id", None) is None:
@@ -80,8 +115,19 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
         self._num_tokens, self._new_tokens = 0.0, 0.0
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
-                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                         compute_loss_func=compute_loss_func, compute_metrics=compute_metrics, callbacks=callbacks,
+                         optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+        self._prepared_eval = _ids_of(self.eval_dataset)  # evaluate(eval_dataset=raw) prepares anything else
+        self.router_aux_loss_coef, self.aux_loss_enabled = router_loss.setup(self.model, args)
+        self._router_losses = router_loss.RouterLosses(self.model) if self.aux_loss_enabled else None
+        if args.activation_offloading and self.args.device.type == "cpu":
+            raise UserError("activation_offloading moves saved activations from the GPU to CPU memory; this run "
+                            "trains on the CPU, where they already are. Remove activation_offloading.")
+        if not args.gradient_checkpointing:
+            note_trl_difference("gradient_checkpointing", GRADIENT_CHECKPOINTING_NOTE)
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self.tag_names())  # pushed to the Hub with the model, as TRL's are
         if getattr(args, "lean_layers", False) and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             lean_layers.apply_lean_layers(self.model)  # fewer saved activations (models/lean_layers.py)
         if getattr(args, "packed_attention", False):
@@ -144,7 +190,54 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
         passes inside it (`models/logprobs.py`), so no trainer threads it through its own calls."""
         stack = super().compute_loss_context_manager()
         stack.enter_context(lm_head_chunking(getattr(self.args, "chunked_lm_head", "auto")))
+        if self.args.activation_offloading and self.model.training:
+            # tensors saved for the backward go to (pinned) CPU memory and come back when the backward needs them
+            stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()))
         return stack
+
+    def __init_subclass__(cls, **kwargs):
+        """Every subclass's own `compute_loss` gets the MoE router loss added (`router_loss.py`): trainers write
+        their method's loss only."""
+        super().__init_subclass__(**kwargs)
+        if "compute_loss" in cls.__dict__:
+            cls.compute_loss = router_loss.with_router_loss(cls.__dict__["compute_loss"])
+
+    def _remove_unused_columns(self, dataset, description: str | None = None):
+        """transformers' column pruning, except for a `with_transform` dataset: its rows are what the transform
+        returns, so the stored columns it reads must stay."""
+        if isinstance(dataset, datasets.Dataset) and dataset.format["type"] == "custom":
+            return dataset
+        return super()._remove_unused_columns(dataset, description)
+
+    # ---- evaluation on a dataset given late ------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """transformers' evaluate; an `eval_dataset` given here is prepared (tokenised, truncated, …) as the one
+        given to the constructor was."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self.prepare_eval_dataset(eval_dataset)
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def prepare_eval_dataset(self, eval_dataset):
+        """A raw eval dataset (or dict of them) given after construction, prepared like the constructor's; datasets
+        already prepared by this trainer unchanged."""
+        if isinstance(eval_dataset, dict):
+            return {k: self.prepare_eval_dataset(v) for k, v in eval_dataset.items()}
+        if id(eval_dataset) in self._prepared_eval:
+            return eval_dataset
+        _, prepared = self.prepare_datasets(None, eval_dataset, self.processing_class, self.args)
+        self._prepared_eval |= _ids_of(prepared)
+        return prepared
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None, **kwargs: Any) -> None:
+        """TRL's call form: write the model card (README.md in output_dir), with `tags` added to this trainer's."""
+        if self.is_world_process_zero():
+            extra = [tags] if isinstance(tags, str) else list(tags or [])
+            reporting.write_model_card(self, self.args.output_dir, tags=[*self.tag_names(), *extra])
+
+    def tag_names(self) -> list[str]:
+        """The model card and Hub tags of this trainer's models."""
+        return list(self._tag_names or ["posttrain", self.method_name.lower()])
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         """transformers' warnings after loading a checkpoint, without the expected one: a tied LM head is not saved
@@ -248,6 +341,23 @@ class _RunConfigWriter(TrainerCallback):
         if self._pending and trainer is not None and trainer.is_world_process_zero():
             trainer.save_run_config()
         self._pending = False
+
+
+_NOTED: set[str] = set()
+
+
+def note_trl_difference(key: str, message: str) -> None:
+    """Log `message` (a default that differs from TRL's, and why) once per process, at info level."""
+    if key not in _NOTED:
+        _NOTED.add(key)
+        logger.info(message)
+
+
+def _ids_of(dataset) -> set[int]:
+    """Identities of a dataset or of the values of a dict of datasets (which ones a trainer has prepared)."""
+    if dataset is None:
+        return set()
+    return {id(d) for d in dataset.values()} if isinstance(dataset, dict) else {id(dataset)}
 
 
 def check_output_dir(path: str) -> None:

@@ -17,11 +17,16 @@ from posttrain.configs.cpo import CPOConfig, ORPOConfig
 from posttrain.losses.preference import sft as chosen_nll
 from posttrain.losses.reference_free import CPO_LOSSES, orpo
 from posttrain.models.logprobs import completion_logps
-from posttrain.trainers.preference import PreferenceTrainer
+from posttrain.trainers.preference import PreferenceTrainer, log_eval_generations
 
 
 class _ReferenceFreeTrainer(PreferenceTrainer):
     """Shared forward: summed completion log-probs and lengths of chosen (rows :B) and rejected (rows B:)."""
+
+    def evaluation_loop(self, dataloader, *args, **kwargs):
+        if self.args.generate_during_eval:
+            log_eval_generations(self, dataloader.dataset)
+        return super().evaluation_loop(dataloader, *args, **kwargs)
 
     def pair_loss(self, terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
         """(per-pair preference loss, metrics, weight of the chosen NLL)."""
@@ -48,6 +53,7 @@ class CPOTrainer(_ReferenceFreeTrainer):
 
     config_class = CPOConfig
     method_name = "CPO"
+    _tag_names = ["posttrain", "cpo"]
 
     def pair_loss(self, terms):
         args = self.args
@@ -61,6 +67,7 @@ class ORPOTrainer(_ReferenceFreeTrainer):
 
     config_class = ORPOConfig
     method_name = "ORPO"
+    _tag_names = ["posttrain", "orpo"]
 
     def pair_loss(self, terms):
         beta = self.args.beta

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from posttrain.configs.dpo import DPOConfig
+from posttrain.data.collators import DataCollatorForPreference  # noqa: F401  (TRL's import path)
 from posttrain.losses.preference import DPO_LOSSES, f_divergence_score, ld_sequence_logps, wpo_weights
 from posttrain.models.logprobs import completion_logps
 from posttrain.trainers.anchored import ReferenceAnchoredMixin
@@ -32,16 +33,19 @@ class DPOTrainer(ReferenceAnchoredMixin, PreferenceTrainer):
 
     config_class = DPOConfig
     method_name = "DPO"
+    _tag_names = ["posttrain", "dpo"]
     signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
     ref_logp_columns = ("ref_chosen_logps", "ref_rejected_logps")
     precompute_input_columns = ("prompt_ids", "chosen_ids", "rejected_ids")
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, peft_config=None, **kwargs: Any):
+                 eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
+                 optimizers=(None, None), quantization_config=None, peft_config=None, **kwargs: Any):
         model_id = model if isinstance(model, str) else None
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
-                         **kwargs)
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                         quantization_config=quantization_config, peft_config=peft_config, **kwargs)
         self.loss_weights = self.args.loss_weights or [1.0] * len(self.args.loss_type)
         self.setup_reference(ref_model, model_id)
 
@@ -61,7 +65,8 @@ class DPOTrainer(ReferenceAnchoredMixin, PreferenceTrainer):
         if "ref_chosen_logps" in batch:
             return torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).to(batch["input_ids"].device)
         with self.reference.context(model) as ref:
-            return self._sequence_logps(completion_logps(ref, batch, shared_prefix=_SHARED))
+            pack = self.args.padding_free is not False
+            return self._sequence_logps(completion_logps(ref, batch, shared_prefix=_SHARED, pack_rows=pack))
 
     def reference_columns(self, batch) -> torch.Tensor:
         return self._reference_logps(self.model, batch).view(2, -1).T  # (2B,) chosen then rejected → (B, 2)
@@ -73,7 +78,7 @@ class DPOTrainer(ReferenceAnchoredMixin, PreferenceTrainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         args = self.args
         out = completion_logps(model, inputs, with_log_sum_p2=args.use_weighting, with_metrics=True,
-                               shared_prefix=_SHARED)
+                               shared_prefix=_SHARED, pack_rows=args.padding_free is not False)
         policy = self._sequence_logps(out)
         ref = self._reference_logps(model, inputs)
         half = policy.shape[0] // 2

@@ -31,14 +31,19 @@ import datasets
 import torch
 
 from posttrain.configs.kto import KTOConfig
-from posttrain.data.collators import DataCollatorForUnpaired, mismatched_partners
+from posttrain.data.collators import (
+    DataCollatorForUnpaired,
+    DataCollatorForUnpairedPreference,
+    as_unpaired_rows,
+    mismatched_partners,
+)
 from posttrain.data.prepare import prepare_unpaired_dataset
 from posttrain.errors import UserError
 from posttrain.losses.kto import KTO_LOSSES, USES_KL_BASELINE, kl_baseline
 from posttrain.losses.reduce import global_sum_reduce
 from posttrain.models.logprobs import completion_logps
 from posttrain.trainers.anchored import ReferenceAnchoredMixin
-from posttrain.trainers.base import PostTrainer
+from posttrain.trainers.base import PostTrainer, note_trl_difference
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +73,20 @@ def desirable_balance_warning(labels: list[bool], desirable_weight: float, undes
             f"[{u_high * 3 / 4:.3g}, {u_high:.3g}].")
 
 
+class _TrlLayout:
+    """A `DataCollatorForUnpairedPreference` given to KTOTrainer: its batches in the layout compute_loss reads."""
+
+    def __init__(self, collator: DataCollatorForUnpairedPreference, uses_kl: bool):
+        self.collator, self.uses_kl = collator, uses_kl
+
+    def __call__(self, examples):
+        if self.uses_kl and "KL_completion_ids" not in examples[0]:
+            raise UserError("DataCollatorForUnpairedPreference builds KL rows only from a 'KL_completion_ids' column, "
+                            "which this dataset lacks; add it, or leave data_collator out (the default collator "
+                            "pairs each prompt with another completion of its batch).")
+        return as_unpaired_rows(self.collator(examples), self.collator.pad_token_id)
+
+
 class KTOTrainer(ReferenceAnchoredMixin, PostTrainer):
     """Same call form as TRL's: `KTOTrainer(model, ref_model=None, args=KTOConfig(...), train_dataset=...)`.
 
@@ -77,17 +96,29 @@ class KTOTrainer(ReferenceAnchoredMixin, PostTrainer):
 
     config_class = KTOConfig
     method_name = "KTO"
+    _tag_names = ["posttrain", "kto"]
+    requires_train_dataset = True
     summary_metrics = (("loss", "loss"), ("kl", "kl"), ("rewards/margins", "margin"))
-    signature_columns = ["prompt_ids", "completion_ids", "label", "kl_completion_ids", "ref_logps", "ref_kl_logps"]
+    signature_columns = ["prompt_ids", "completion_ids", "label", "kl_completion_ids", "ref_logps", "ref_kl_logps",
+                         "KL_completion_ids", "ref_KL_logps"]  # the last two: TRL's names (its collator's input)
     precompute_input_columns = ("prompt_ids", "completion_ids", "label", "kl_completion_ids")
 
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, peft_config=None, **kwargs: Any):
+                 eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
+                 optimizers=(None, None), quantization_config=None, peft_config=None, **kwargs: Any):
         model_id = model if isinstance(model, str) else None
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
-                         **kwargs)
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                         quantization_config=quantization_config, peft_config=peft_config, **kwargs)
         self._signature_columns = list(self.signature_columns)
+        if self.args.train_sampling_strategy == "random":
+            note_trl_difference("kto_sampling", "KTOTrainer shuffles batches (train_sampling_strategy='random'; TRL's "
+                                "KTO default is 'sequential'): the KL baseline's mismatched pairs are built from each "
+                                "collated batch, so order does not matter. train_sampling_strategy='sequential' "
+                                "reproduces TRL's pairs.")
+        if isinstance(self.data_collator, DataCollatorForUnpairedPreference):  # TRL's collator: its keys → ours
+            self.data_collator = _TrlLayout(self.data_collator, self.uses_kl)
         self.setup_reference(ref_model, model_id)
 
     @property

@@ -7,6 +7,10 @@ Not here: the losses (`losses/`), reference models (DPO only: `trainers/dpo.py`)
 
 from __future__ import annotations
 
+import json
+import os
+import random
+
 import torch
 
 from posttrain.data.collators import DataCollatorForPreference
@@ -19,6 +23,7 @@ class PreferenceTrainer(PostTrainer):
     summary_metrics = (("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "margin"))
     signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
     tokenize_jointly = False  # reward models tokenise prompt + completion as one text
+    requires_train_dataset = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -32,7 +37,8 @@ class PreferenceTrainer(PostTrainer):
         return self.map_datasets(train_dataset, eval_dataset, prepare)
 
     def default_collator(self, tokenizer, args):
-        return DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id,
+        pad = getattr(args, "padding_value", None)  # ORPO's explicit pad id
+        return DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id if pad is None else pad,
                                          pad_to_multiple_of=args.pad_to_multiple_of)
 
     def count_loss_items(self, batch):
@@ -69,3 +75,47 @@ class PreferenceTrainer(PostTrainer):
                                 weight=float(len(chosen_correct)))
         if self.model.training:
             self.add_tokens_seen(inputs["attention_mask"].sum())
+
+
+@torch.no_grad()
+def log_eval_generations(trainer, dataset) -> list[dict[str, str]]:
+    """`generate_during_eval`: sample completions for `eval_batch_size` random prompts of the (prepared) eval set,
+    append them to output_dir/eval_generations.jsonl (one line per prompt, with the step), and log them as a
+    "game_log" table to wandb / comet when report_to has them. Returns the rows."""
+    if not hasattr(dataset, "__len__") or len(dataset) == 0:
+        return []
+    tokenizer, model = trainer.processing_class, trainer.model
+    picks = random.Random(trainer.args.seed + trainer.state.global_step).sample(
+        range(len(dataset)), k=min(trainer.args.eval_batch_size, len(dataset)))
+    prompts = [list(dataset[i]["prompt_ids"]) for i in picks]
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=trainer.args.device)  # left-padded
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=trainer.args.device)
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    new_tokens = max((trainer.args.max_length or width + 64) - width, 1)
+    out = unwrapped.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=True,
+                             pad_token_id=pad)
+    unwrapped.train(was_training)
+    rows = [{"step": trainer.state.global_step, "prompt": tokenizer.decode(p, skip_special_tokens=True),
+             "policy": tokenizer.decode(o[width:], skip_special_tokens=True)} for p, o in zip(prompts, out)]
+    if trainer.is_world_process_zero():
+        os.makedirs(trainer.args.output_dir, exist_ok=True)
+        with open(os.path.join(trainer.args.output_dir, "eval_generations.jsonl"), "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        report_to = trainer.args.report_to or []
+        table = [[r["prompt"], r["policy"]] for r in rows]
+        if "wandb" in report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({"game_log": wandb.Table(columns=["Prompt", "Policy"], data=table)})
+        if "comet_ml" in report_to:
+            import comet_ml
+
+            experiment = comet_ml.get_running_experiment()
+            if experiment is not None:
+                experiment.log_table("game_log.csv", tabular_data=table, headers=["Prompt", "Policy"])
+    return rows

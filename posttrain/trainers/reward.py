@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import datasets
-
 from posttrain.configs.reward import RewardConfig
-from posttrain.data.prepare import _drop_report
+from posttrain.data.collators import DataCollatorForPreference  # noqa: F401  (TRL's import path)
+from posttrain.data.prepare import filter_counted
 from posttrain.errors import UserError
 from posttrain.losses.reward_model import bradley_terry
 from posttrain.trainers.preference import PreferenceTrainer
@@ -30,20 +29,27 @@ class RewardTrainer(PreferenceTrainer):
 
     config_class = RewardConfig
     method_name = "Reward"
+    _tag_names = ["posttrain", "reward-trainer"]
     default_model_init_kwargs = {"num_labels": 1}
     summary_metrics = (("loss", "loss"), ("accuracy", "accuracy"), ("margin", "margin"))
     signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "margin"]
     tokenize_jointly = True
 
     def __init__(self, model, args: RewardConfig | None = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, peft_config=None, **kwargs: Any):
+                 eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
+                 optimizers=(None, None), optimizer_cls_and_kwargs=None, preprocess_logits_for_metrics=None,
+                 quantization_config=None, peft_config=None, **kwargs: Any):
         self.auto_model_class = _sequence_classifier()
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
-                         **kwargs)
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                         quantization_config=quantization_config, peft_config=peft_config, **kwargs)
         num_labels = getattr(self.accelerator.unwrap_model(self.model).config, "num_labels", None)
         if num_labels != 1:
-            raise UserError(f"A reward model needs one output (num_labels=1), this one has {num_labels}. Load it "
+            raise UserError(f"A reward model scores with one output: reward models require `num_labels=1`, this one "
+                            f"has {num_labels}. Load it "
                             "with AutoModelForSequenceClassification.from_pretrained(..., num_labels=1).")
 
     def prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args):
@@ -57,13 +63,9 @@ class RewardTrainer(PreferenceTrainer):
             return train_dataset, eval_dataset
 
         def keep_short(dataset, name):
-            if not isinstance(dataset, datasets.Dataset):
-                return dataset
-            before = len(dataset)
-            dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]),
-                                                                            len(ex["rejected_ids"])) <= max_length)
-            _drop_report(before, len(dataset), name, f"longer than max_length={max_length}", "Raise max_length.")
-            return dataset
+            return filter_counted(dataset, lambda ex: len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]),
+                                                                                  len(ex["rejected_ids"])) <= max_length,
+                                  name, f"longer than max_length={max_length}", "Raise max_length.")
 
         return self.map_datasets(train_dataset, eval_dataset, keep_short)
 
