@@ -26,11 +26,13 @@ def _ids(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools: Any = None,
-           continue_final_message: bool = False) -> str:
-    """The chat template applied to `messages`, as text."""
+           continue_final_message: bool = False, **template_kwargs: Any) -> str:
+    """The chat template applied to `messages`, as text (`template_kwargs`: TRL's chat_template_kwargs, e.g.
+    enable_thinking=False, passed to the template)."""
     require_chat_template(tokenizer)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         continue_final_message=continue_final_message, tools=tools)
+                                         continue_final_message=continue_final_message, tools=tools,
+                                         **template_kwargs)
 
 
 def require_chat_template(tokenizer) -> None:
@@ -65,7 +67,8 @@ def tokenize_prompt_completion(tokenizer, prompt: str | list[dict], completion: 
 
 
 def tokenize_prompt_and_completions(tokenizer, prompt: str | list[dict], completions: list, eos_token: str | None,
-                                    tools: Any = None, joint: bool = False) -> tuple[list[int], list[list[int]]]:
+                                    tools: Any = None, joint: bool = False,
+                                    **template_kwargs: Any) -> tuple[list[int], list[list[int]]]:
     """(prompt ids, [completion ids, …]) for one prompt and several completions (chosen/rejected, samples).
 
     joint=True tokenises each prompt + completion as one text and returns empty prompt ids — what a reward model
@@ -77,15 +80,17 @@ def tokenize_prompt_and_completions(tokenizer, prompt: str | list[dict], complet
     """
     if joint:
         if isinstance(prompt, list):
-            return [], [_ids(tokenizer, render(tokenizer, prompt + c, tools=tools)) for c in completions]
+            return [], [_ids(tokenizer, render(tokenizer, prompt + c, tools=tools, **template_kwargs))
+                        for c in completions]
         return [], [_ids(tokenizer, with_eos(prompt + c, eos_token), add_special_tokens=True) for c in completions]
     if isinstance(prompt, list):
         last_role = prompt[-1]["role"] if prompt else "user"
         prompt_text = render(tokenizer, prompt, add_generation_prompt=last_role in ("user", "tool", "system"),
-                             continue_final_message=last_role == "assistant", tools=tools) if prompt else ""
+                             continue_final_message=last_role == "assistant", tools=tools,
+                             **template_kwargs) if prompt else ""
         out = []
         for completion in completions:
-            full_text = render(tokenizer, prompt + completion, tools=tools)
+            full_text = render(tokenizer, prompt + completion, tools=tools, **template_kwargs)
             if not full_text.startswith(prompt_text):
                 raise ChatTemplateError("The chat template renders the prompt differently alone and followed by "
                                         "the completion, so the completion cannot be located.")
@@ -95,10 +100,11 @@ def tokenize_prompt_and_completions(tokenizer, prompt: str | list[dict], complet
     return prompt_ids, [_ids(tokenizer, with_eos(c, eos_token)) for c in completions]
 
 
-def tokenize_prompt(tokenizer, prompt: str | list[dict], tools: Any = None) -> list[int]:
+def tokenize_prompt(tokenizer, prompt: str | list[dict], tools: Any = None, **template_kwargs: Any) -> list[int]:
     """The ids a model continues from: standard text as is (with the tokenizer's special tokens), conversational
-    prompts rendered with the generation prompt (or continuing a final assistant message)."""
-    prompt_ids, _ = tokenize_prompt_and_completions(tokenizer, prompt, [], None, tools)
+    prompts rendered with the generation prompt (or continuing a final assistant message; `template_kwargs` go to
+    the chat template)."""
+    prompt_ids, _ = tokenize_prompt_and_completions(tokenizer, prompt, [], None, tools, **template_kwargs)
     return prompt_ids
 
 

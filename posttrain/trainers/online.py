@@ -27,11 +27,13 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from posttrain.configs.online import check_vllm_use
 from posttrain.data import formats
 from posttrain.data.prepare import check_prompts
 from posttrain.data.tokenize import tokenize_prompt
@@ -58,6 +60,7 @@ class OnlineTrainer(PostTrainer):
                 "a 'module:function' path, or a reward-model id.")
 
     supports_tools = False  # True: the trainer takes tools=, environment_factory= and rollout_func= (GRPO, RLOO)
+    requires_train_dataset = True  # False where a trainer has another source of prompts (PPO's loop API)
 
     def __init__(self, model, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, reward_processing_classes=None, peft_config=None, ref_model=None,
@@ -67,6 +70,12 @@ class OnlineTrainer(PostTrainer):
         if not self.supports_tools and any(v is not None for v in agentic.values()):
             raise UserTypeError(f"{type(self).__name__} does not take {next(iter(agentic))}=: tool-calling rollouts "
                                 "are trained by GRPOTrainer and RLOOTrainer.")
+        # TRL's early errors, before any model is loaded
+        if train_dataset is None and self.requires_train_dataset and agentic.get("environment_factory") is None:
+            raise UserError(f"{type(self).__name__} needs train_dataset= (the prompts to sample completions for).")
+        if ref_model is not None and ref_model is model:
+            raise UserError("model and ref_model are the same object; leave ref_model out (None) and the reference "
+                            "is a frozen copy of the model as it starts.")
         super().__init__(model=model, args=args, data_collator=_keep_rows, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
                          **kwargs)
@@ -88,10 +97,32 @@ class OnlineTrainer(PostTrainer):
             self.reward_runner.place(self.prepare_frozen, self.accelerator.device)
         self.reference = reference.Reference.build(self, ref_model, model_id)
         self._micro_step = 0
+        check_vllm_use(args)
+        self.use_vllm = args.use_vllm
         self.vllm = vllm_backend(args, self.accelerator, model_id or self.model.config._name_or_path) \
             if args.use_vllm else None
+        if not hasattr(self, "aux_loss_enabled"):  # the shared base may have set it (router_aux_loss_coef)
+            self.aux_loss_enabled = moe_aux_loss_enabled(self.accelerator.unwrap_model(self.model), args)
+        tags = [tag for tag in ("trl", self.method_name.lower().replace("onlinedpo", "online-dpo"))]
+        if hasattr(self.model, "add_model_tags"):  # TRL's model-card tags, on the model as TRL puts them
+            self.model.add_model_tags(tags)
         self._buffer: list[dict[str, Any]] = []
         self._last_table: list[dict[str, Any]] = []
+
+    # ---- what code inspecting a TRL trainer reads --------------------------------------------------------------
+    @property
+    def reward_funcs(self) -> list:
+        """The reward functions and reward models (as TRL's trainers hold them; resolved names included)."""
+        return [] if self.reward_runner is None else self.reward_runner.entries
+
+    @property
+    def reward_processing_classes(self) -> list:
+        """Aligned with reward_funcs: each reward model's tokenizer, None for plain functions."""
+        return [] if self.reward_runner is None else self.reward_runner.tokenizers
+
+    @property
+    def reward_func_names(self) -> list[str]:
+        return [] if self.reward_runner is None else self.reward_runner.names
 
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """A frozen model (reference, reward model) placed the way the policy is (`models/sharding.py`)."""
@@ -127,12 +158,22 @@ class OnlineTrainer(PostTrainer):
                             collate_fn=_keep_rows, num_workers=0)
         return self.accelerator.prepare(loader)
 
+    @property
+    def num_generations(self) -> int:
+        """The group size of the rollout being made: num_generations in training, num_generations_eval (where the
+        config has it and it is set) in evaluation."""
+        args = self.args
+        if self.model is not None and not self.model.training:
+            return getattr(args, "num_generations_eval", None) or args.num_generations
+        return args.num_generations
+
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
-        """Eval prompts, each repeated num_generations times, in order; one rollout per eval batch."""
+        """Eval prompts, each repeated num_generations_eval (default num_generations) times, in order; one rollout
+        per eval batch."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if isinstance(dataset, str):
             dataset = self.eval_dataset[dataset]
-        G = self.args.num_generations
+        G = getattr(self.args, "num_generations_eval", None) or self.args.num_generations
         unique = max(self.args.per_device_eval_batch_size // G, 1)
         sampler = distributed.RepeatSampler(len(dataset), G, 1, 1, shuffle=False, seed=self.args.seed)
         loader = DataLoader(dataset, batch_size=unique * G, sampler=sampler, collate_fn=_keep_rows, num_workers=0)
@@ -184,7 +225,13 @@ class OnlineTrainer(PostTrainer):
         # top_k 0 is passed as such: transformers' `generate` fills an unset top_k with 50
         kwargs = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0,
                       min_p=args.min_p, repetition_penalty=args.repetition_penalty)
+        if args.cache_implementation is not None and not args.use_vllm:
+            kwargs["cache_implementation"] = args.cache_implementation
         kwargs.update(args.generation_kwargs or {})
+        if kwargs.get("num_beams", 1) > 1:
+            raise UserError(f"generation_kwargs num_beams={kwargs['num_beams']}: online training samples its "
+                            "completions (the policy-gradient needs samples of the policy), and beam search does not; "
+                            "remove num_beams.")
         return {k: v for k, v in kwargs.items() if v is not None}
 
     def _cycle_batches(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -211,6 +258,9 @@ class OnlineTrainer(PostTrainer):
         rollout.is_truncated = rollout.is_truncated.to(device)
         # the trained tokens: every completion token, or (multi-turn) the model's own, never a tool result
         rollout.loss_mask = rollout.loss_mask[:, :length].to(device) * rollout.completion_mask  # ⊆ the completion
+        if rollout.sampler_logps is not None:
+            rollout.sampler_logps = rollout.sampler_logps[:, :length].to(device)
+        pad_to_multiple(rollout, getattr(args, "pad_to_multiple_of", None), tok.pad_token_id)
         if getattr(args, "mask_truncated_completions", False):  # GRPO and RLOO take this option
             rollout.loss_mask = rollout.loss_mask * (~rollout.is_truncated).unsqueeze(1)
         if not rollout.prompts:  # a multi-turn rollout keeps the prompts its environments extended
@@ -225,6 +275,9 @@ class OnlineTrainer(PostTrainer):
             rollout.rewards = self.reward_runner(rollout.prompts, rollout.completions, ids_lists, rollout.columns,
                                                  trainer_state=self.state, **rollout.reward_kwargs).to(device)
             rollout.scores = self.reward_runner.weighted_sum(rollout.rewards)
+            rollout.logged_columns = dict(self.reward_runner.logged_columns)  # log_extra: completions table
+            self.record_metrics({name: sum(values) / len(values)  # log_metric: the functions' own metrics
+                                 for name, values in self.reward_runner.logged_metrics.items() if values})
             if torch.isnan(rollout.scores).all():
                 raise UserError(f"No reward function scored any of the {len(rows)} completions of this batch (every "
                                 f"one returned None or NaN: {', '.join(self.reward_runner.names)}); check that they "
@@ -251,10 +304,10 @@ class OnlineTrainer(PostTrainer):
     @staticmethod
     def rollout_tensors(rollout: Rollout) -> dict[str, torch.Tensor]:
         """The rollout as one training batch: input_ids, attention_mask (N, P + C), completion_mask (N, C; the
-        trained tokens) and old_logps / ref_logps (N, C) when present."""
+        trained tokens) and old_logps / ref_logps / sampler_logps (N, C) when present."""
         batch = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
                  "completion_mask": rollout.loss_mask}
-        for key in ("old_logps", "ref_logps"):
+        for key in ("old_logps", "ref_logps", "sampler_logps"):
             if getattr(rollout, key) is not None:
                 batch[key] = getattr(rollout, key)
         return batch
@@ -272,14 +325,16 @@ class OnlineTrainer(PostTrainer):
             return values
         return self.accelerator.gather(values.contiguous())
 
-    def advantage_batches(self, rollout: Rollout, advantages: torch.Tensor) -> list[list[dict[str, torch.Tensor]]]:
+    def advantage_batches(self, rollout: Rollout, advantages: torch.Tensor,
+                          **extra: torch.Tensor) -> list[list[dict[str, torch.Tensor]]]:
         """Per-completion advantages (N_all,) over the gathered generation batch → this process's rows, shuffled into
-        micro-batches grouped into optimizer steps, the same micro-batches for each of the num_iterations passes."""
+        micro-batches grouped into optimizer steps, the same micro-batches for each of the num_iterations passes.
+        `extra`: more per-row tensors (N, …) of this process's rows to carry along (e.g. GRPO's sampler weights)."""
         if self.accelerator.num_processes > 1 and self.model.training:
             n = len(rollout.prompts)
             advantages = advantages[self.accelerator.process_index * n:(self.accelerator.process_index + 1) * n]
         rollout.advantages = advantages
-        return self.cycle(self.split({**self.rollout_tensors(rollout), "advantages": advantages}))
+        return self.cycle(self.split({**self.rollout_tensors(rollout), "advantages": advantages, **extra}))
 
     def split(self, batch: dict[str, torch.Tensor], group: int = 1) -> list[dict[str, torch.Tensor]]:
         """One pass over a batch in micro-batches of per_device_train_batch_size rows, shuffled in units of `group`
@@ -351,7 +406,7 @@ class OnlineTrainer(PostTrainer):
         seed of its own (else a group split across processes would get the same samples twice)."""
         args = self.args
         offset = self.accelerator.process_index * len(rows) if self.model.training else 0
-        counts = distributed.group_runs(offset, len(rows), args.num_generations)
+        counts = distributed.group_runs(offset, len(rows), self.num_generations)
         starts = [sum(counts[:i]) for i in range(len(counts))]
         if self.rollout_func is not None:  # user code generates (TRL's rollout_func contract)
             return custom_rollout(self.rollout_func, [rows[i]["prompt"] for i in starts], self, counts,
@@ -359,7 +414,7 @@ class OnlineTrainer(PostTrainer):
         if self.agent is not None:  # multi-turn: the model calls tools between turns (`rollout/agentic.py`)
             with distributed.process_seed(self.accelerator, args.seed, self._micro_step):
                 return self.agent.run(rows, self._generate_turn, args.max_completion_length, args.max_prompt_length)
-        prompt_ids = [self._prompt_ids(rows[i]["prompt"]) for i in starts]
+        prompt_ids = [self._prompt_ids(rows[i]["prompt"], rows[i].get("chat_template_kwargs")) for i in starts]
         per_prompt = counts[0] if len(set(counts)) == 1 else counts
         return self.generate_completions(prompt_ids, per_prompt)
 
@@ -397,8 +452,11 @@ class OnlineTrainer(PostTrainer):
         policy.train(was_training)
         return rollout
 
-    def _prompt_ids(self, prompt) -> list[int]:
-        ids = tokenize_prompt(self.processing_class, prompt)
+    def _prompt_ids(self, prompt, row_template_kwargs: dict | None = None) -> list[int]:
+        """A prompt's ids: conversational prompts rendered with chat_template_kwargs (the config's, updated by the
+        row's own `chat_template_kwargs` column, as TRL), then kept to their last max_prompt_length tokens."""
+        template_kwargs = {**(getattr(self.args, "chat_template_kwargs", None) or {}), **(row_template_kwargs or {})}
+        ids = tokenize_prompt(self.processing_class, prompt, **template_kwargs)
         limit = self.args.max_prompt_length
         return ids[-limit:] if limit else ids
 
@@ -462,7 +520,7 @@ class OnlineTrainer(PostTrainer):
 
     # ---- metrics ------------------------------------------------------------------------------------------------
     def _record_rollout(self, rollout: Rollout) -> None:
-        self.record_metrics(rollout_metrics(rollout, self.reward_runner, self.args.num_generations))
+        self.record_metrics(rollout_metrics(rollout, self.reward_runner, self.num_generations))
         self.add_tokens_seen(rollout.attention_mask.sum())
         if self.args.log_completions:
             self._last_table = completions_table(rollout, self.reward_runner.names, self.state.global_step)
@@ -475,6 +533,49 @@ class OnlineTrainer(PostTrainer):
                 for row in self._last_table:
                     f.write(json.dumps(row, default=str) + "\n")
             self._last_table = []
+
+
+def pad_to_multiple(rollout: Rollout, multiple: int | None, pad_id: int) -> None:
+    """pad_to_multiple_of: prompt columns padded on the left and completion columns on the right (masks 0) to a
+    multiple of `multiple`, so compiled kernels see few distinct shapes. In place; nothing when None."""
+    if not multiple:
+        return
+    extra_prompt = -rollout.prompt_ids.shape[1] % multiple
+    extra_completion = -rollout.completion_ids.shape[1] % multiple
+    pad = torch.nn.functional.pad
+    if extra_prompt:
+        rollout.prompt_ids = pad(rollout.prompt_ids, (extra_prompt, 0), value=pad_id)
+        rollout.prompt_mask = pad(rollout.prompt_mask, (extra_prompt, 0), value=0)
+    if extra_completion:
+        rollout.completion_ids = pad(rollout.completion_ids, (0, extra_completion), value=pad_id)
+        rollout.completion_mask = pad(rollout.completion_mask, (0, extra_completion), value=0)
+        rollout.loss_mask = pad(rollout.loss_mask, (0, extra_completion), value=0)
+        if rollout.sampler_logps is not None:
+            rollout.sampler_logps = pad(rollout.sampler_logps, (0, extra_completion), value=float("nan"))
+
+
+def moe_aux_loss_enabled(model: torch.nn.Module, args) -> bool:
+    """TRL's rule: a model whose config has `output_router_logits` (Mixture-of-Experts) gets the router load-balancing
+    loss with router_aux_loss_coef (None: the model config's own coefficient). The online trainers' log-prob pass
+    runs the decoder without the router loss: an explicit coefficient is refused in one line, the model config's
+    default is warned about (training without it, as before), and `aux_loss_enabled` is False."""
+    coef = getattr(args, "router_aux_loss_coef", None)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    moe = hasattr(config, "output_router_logits")
+    if coef and not moe:
+        raise UserError(f"router_aux_loss_coef={coef} but {type(model).__name__} is not a Mixture-of-Experts model "
+                        "with a router: there is no auxiliary loss to weigh; remove it.")
+    if not moe:
+        return False
+    if coef:
+        raise UserError(f"router_aux_loss_coef={coef}: the online trainers do not add the Mixture-of-Experts router "
+                        "load-balancing loss yet (their log-prob pass runs without it); remove it, or set 0.")
+    if coef is None and getattr(config, "router_aux_loss_coef", 0.0):
+        warnings.warn(f"{type(model).__name__} is a Mixture-of-Experts model: TRL adds its router load-balancing "
+                      f"loss (coefficient {config.router_aux_loss_coef} from the model config); posttrain's online "
+                      "trainers train without it. Set router_aux_loss_coef=0 to acknowledge.", UserWarning,
+                      stacklevel=4)
+    return False
 
 
 def _keep_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
