@@ -25,8 +25,8 @@ from posttrain.configs.ppo import PPOConfig
 from posttrain.configs.rloo import RLOOConfig
 from posttrain.configs.sft import SFTConfig
 from posttrain.data.arith import load_builtin_dataset
-from posttrain.data.loading import load_any_dataset
 from posttrain.errors import RewardFunctionError
+from posttrain.data.loading import load_any_dataset
 from posttrain.models.loading import load_pretrained_model, load_tokenizer
 from posttrain.trainers.dpo import DPOTrainer
 from posttrain.trainers.grpo import GRPOTrainer

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from posttrain.errors import UserError
+
 from posttrain.rewards import (
     BUILTIN_REWARDS,
     RewardRunner,
