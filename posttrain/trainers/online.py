@@ -70,12 +70,9 @@ class OnlineTrainer(PostTrainer):
         if not self.supports_tools and any(v is not None for v in agentic.values()):
             raise UserTypeError(f"{type(self).__name__} does not take {next(iter(agentic))}=: tool-calling rollouts "
                                 "are trained by GRPOTrainer and RLOOTrainer.")
-        # TRL's early errors, before any model is loaded
+        # TRL's early error, before any model is loaded (ref_model is model: `models/reference.py`)
         if train_dataset is None and self.requires_train_dataset and agentic.get("environment_factory") is None:
             raise UserError(f"{type(self).__name__} needs train_dataset= (the prompts to sample completions for).")
-        if ref_model is not None and ref_model is model:
-            raise UserError("model and ref_model are the same object; leave ref_model out (None) and the reference "
-                            "is a frozen copy of the model as it starts.")
         super().__init__(model=model, args=args, data_collator=_keep_rows, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
                          **kwargs)
