@@ -104,8 +104,7 @@ def test_without_vllm_the_error_says_how_to_install(monkeypatch):
 
 
 def test_config_checks_vllm_modes(monkeypatch):
-    from posttrain.configs import online
-    from posttrain.configs import grpo
+    from posttrain.configs import grpo, online
 
     monkeypatch.setattr(online, "_has_vllm", lambda: False)
     config = grpo.GRPOConfig(output_dir="x", use_vllm=True)  # a config may be written without vLLM …
@@ -147,8 +146,7 @@ def test_server_flags_reach_the_config(tmp_path):
 
 def test_grpo_trains_on_vllm_rollouts(fake_vllm, monkeypatch, tmp_path):
     """use_vllm=True: the trainer samples through the engine (n=G per prompt) and pushes weights every step."""
-    from posttrain.configs import online
-    from posttrain.configs import grpo
+    from posttrain.configs import grpo, online
     from posttrain.data.arith import load_builtin_dataset
     from posttrain.trainers.grpo import GRPOTrainer
 

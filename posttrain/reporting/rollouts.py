@@ -48,12 +48,16 @@ def rollout_metrics(rollout: Rollout, runner, num_generations: int) -> dict[str,
 
 
 def completions_table(rollout: Rollout, names: list[str], step: int) -> list[dict[str, Any]]:
-    """One row per completion: step, prompt, completion, each reward function's value and the advantage (and, for
-    multi-turn rollouts, the tool calls, failed calls and model turns)."""
+    """One row per completion: step, prompt, completion, each reward function's value and the advantage, the
+    columns reward functions logged with `log_extra` (and, for multi-turn rollouts, the tool calls, failed calls and
+    model turns)."""
     advantages = rollout.advantages if rollout.advantages is not None else torch.full_like(rollout.scores, math.nan)
     rows = [{"step": step, "prompt": prompt, "completion": completion,
              **{name: float(rollout.rewards[i, k]) for k, name in enumerate(names)}, "advantage": float(advantages[i])}
             for i, (prompt, completion) in enumerate(zip(rollout.prompts, rollout.completions))]
+    for column, values in rollout.logged_columns.items():  # what reward functions gave TRL's `log_extra`
+        for row, value in zip(rows, values):
+            row[column] = value
     if rollout.tool_calls is not None:  # the whole interaction is in "completion" (messages, tool turns included)
         for i, row in enumerate(rows):
             row["tool_calls"], row["tool_failures"] = int(rollout.tool_calls[i]), int(rollout.tool_failures[i])
