@@ -203,11 +203,12 @@ class ScoredGroupConfig(ToolRolloutConfig):
                                                  "to a multiple of this (fewer distinct shapes for compiled "
                                                  "kernels). auto: 128 on Neuron devices, else no padding."})
     num_completions_to_print: int | None = field(default=None, metadata={"help": "With log_completions: how many "
-                                                 "completions of the last rollout to print at each logging step "
-                                                 "(None: all of them)."})
+                                                 "completions of the last rollout are printed (a table) at each "
+                                                 "logging step, as TRL (None: all of them; 0: none). "
+                                                 "output_dir/completions.jsonl keeps every one."})
     log_unique_prompts: bool = field(default=False, metadata={"help": "With log_completions: one row per distinct "
                                      "prompt in the printed sample (its first completion), instead of every "
-                                     "completion."})
+                                     "completion (completions.jsonl keeps every one)."})
     log_multimodal: bool = field(default=True, metadata={"help": "Log images with completions (posttrain's rollouts "
                                  "are text-only: nothing to log either way)."})
     use_transformers_continuous_batching: bool = field(default=False, metadata={"help": "TRL: generate with "

@@ -41,7 +41,7 @@ from posttrain.errors import UserError, UserTypeError
 from posttrain.losses.reduce import local_reduce, reduce_terms
 from posttrain.models import reference, sharding
 from posttrain.models.logprobs import completion_logps, positions_from_mask, target_positions
-from posttrain.reporting.rollouts import completions_table, rollout_metrics
+from posttrain.reporting.rollouts import completions_sample, completions_table, print_completions, rollout_metrics
 from posttrain.rewards.runner import RewardRunner
 from posttrain.rollout.agentic import AGENTIC_ARGUMENTS, agentic_rollouts, custom_rollout
 from posttrain.rollout.engine import vllm_backend
@@ -439,7 +439,7 @@ class OnlineTrainer(PostTrainer):
         language_model = self.accelerator.unwrap_model(self.language_model())
         # seeded=False: the caller holds the seed (a multi-turn rollout: one random stream for all its turns)
         seeding = distributed.process_seed(self.accelerator, args.seed, seed_step) if seeded else None
-        with seeding or contextlib.nullcontext():
+        with seeding or contextlib.nullcontext(), self._gathered_for_generation(language_model):
             if self.vllm is not None:  # the engine gets the policy's weights once per optimizer step
                 rollout = self.vllm.generate(language_model, self.processing_class, prompt_ids, per_prompt,
                                              max_new_tokens, kwargs, step=self.state.global_step)
@@ -448,6 +448,17 @@ class OnlineTrainer(PostTrainer):
                                    kwargs)
         policy.train(was_training)
         return rollout
+
+    def _gathered_for_generation(self, model: torch.nn.Module):
+        """ds3_gather_for_generation (DeepSpeed ZeRO-3, transformers generation): the whole weights gathered on
+        every process for the rollout (fast decoding); False, or any other setup: generate as placed (ZeRO-3 then
+        gathers layer by layer in every forward: slower, less memory)."""
+        if (not self.args.ds3_gather_for_generation or self.vllm is not None
+                or not any(hasattr(p, "ds_id") for p in model.parameters())):
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
     def _prompt_ids(self, prompt, row_template_kwargs: dict | None = None) -> list[int]:
         """A prompt's ids: conversational prompts rendered with chat_template_kwargs (the config's, updated by the
@@ -524,6 +535,10 @@ class OnlineTrainer(PostTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         super().log(logs, start_time)
+        if self._last_table and self.is_world_process_zero() and hasattr(self.args, "num_completions_to_print"):
+            # TRL prints a sample of the last rollout at each logging step (GRPO, RLOO)
+            print_completions(completions_sample(self._last_table, self.args.num_completions_to_print,
+                                                 self.args.log_unique_prompts), self.state.global_step)
         if self._last_table and self.is_world_process_zero():
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, "completions.jsonl"), "a") as f:
