@@ -119,3 +119,27 @@ def test_online_dpo_max_length_cuts_prompt_columns(tmp_path):
                       completion_mask=torch.ones(2, 4, dtype=torch.long), is_truncated=torch.zeros(2).bool())
     batch = trainer.rollout_tensors(rollout)
     assert batch["input_ids"].shape == (2, 6) and batch["attention_mask"].shape == (2, 6)  # 2 prompt + 4 completion
+
+
+def test_streamed_dataset_trains_with_max_steps(tmp_path):
+    stream = _prompts(16).to_iterable_dataset()
+    trainer = GRPOTrainer(MODEL, reward_funcs="length_reward", train_dataset=stream,
+                          args=_args(tmp_path, max_steps=2, per_device_train_batch_size=8))
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert len(batch) == 8 and len({b["prompt"] for b in batch[:4]}) == 1 and batch[0]["prompt"] != batch[4]["prompt"]
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
+def test_completions_sample_is_printed(tmp_path, capsys):
+    trainer = GRPOTrainer(MODEL, reward_funcs="length_reward", train_dataset=_prompts(),
+                          args=_args(tmp_path, log_completions=True, num_completions_to_print=1,
+                                     log_unique_prompts=True))
+    trainer.train()
+    out = capsys.readouterr().out
+    assert "completions at step" in out
+    from posttrain.reporting.rollouts import completions_sample
+
+    rows = [{"prompt": "a", "x": 1}, {"prompt": "a", "x": 2}, {"prompt": "b", "x": 3}]
+    assert completions_sample(rows, None, True) == [rows[0], rows[2]]  # log_unique_prompts: first of each prompt
+    assert completions_sample(rows, 1, False) == [rows[0]]  # num_completions_to_print

@@ -145,6 +145,11 @@ class OnlineTrainer(PostTrainer):
         # The sampler walks *global* generation batches (every process's rows); accelerate deals each process its
         # own consecutive slice of generation_batch_size rows, so a group of G may span processes.
         unique = args.generation_batch_size * self.accelerator.num_processes // G
+        if not hasattr(self.train_dataset, "__len__"):  # a streamed dataset (datasets.IterableDataset)
+            batches = StreamedGenerationBatches(self.train_dataset, G, unique, args.generation_batch_size,
+                                                args.num_iterations * args.steps_per_generation,
+                                                self.accelerator.process_index)
+            return DataLoader(batches, batch_size=None, collate_fn=_keep_rows, num_workers=0)
         if len(self.train_dataset) < unique:
             raise UserError(f"The train dataset has {len(self.train_dataset)} prompts but one generation batch "
                             f"needs {unique}; add prompts or lower per_device_train_batch_size/steps_per_generation.")
@@ -588,6 +593,38 @@ def moe_aux_loss_enabled(model: torch.nn.Module, args) -> bool:
                       "trainers train without it. Set router_aux_loss_coef=0 to acknowledge.", UserWarning,
                       stacklevel=4)
     return False
+
+
+class StreamedGenerationBatches(torch.utils.data.IterableDataset):
+    """Generation batches read from a stream (TRL users stream large prompt sets with max_steps): `unique` prompts
+    at a time in stream order, each repeated G times (groups consecutive), this process's slice of
+    `per_process` rows, yielded once per micro-step of the cycle (`repeats`), as the map-style sampler does. A
+    partial last batch is dropped. Shuffling is the stream's own (e.g. `dataset.shuffle(buffer_size=...)`); each
+    process reads the whole stream and keeps its slice, so a group is never split by sharding."""
+
+    def __init__(self, dataset, num_generations: int, unique: int, per_process: int, repeats: int,
+                 process_index: int = 0):
+        self.dataset, self.num_generations, self.unique = dataset, num_generations, unique
+        self.per_process, self.repeats, self.process_index = per_process, repeats, process_index
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):  # a shuffled stream reshuffles per epoch
+            self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        prompts = []
+        for row in self.dataset:
+            prompts.append(row)
+            if len(prompts) < self.unique:
+                continue
+            rows = [dict(row) for row in prompts for _ in range(self.num_generations)]
+            start = self.process_index * self.per_process
+            mine = rows[start:start + self.per_process]
+            for _ in range(self.repeats):
+                yield mine
+            prompts = []
 
 
 def _keep_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
