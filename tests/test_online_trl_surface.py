@@ -47,6 +47,7 @@ def test_attributes_and_logging_hooks(tmp_path):
     assert seen["called"] and trainer.state.log_history[0]["my_metric"] == pytest.approx(4.0)
     rows = [line for line in open(tmp_path / "out" / "completions.jsonl")]
     assert '"length"' in rows[0]  # the log_extra column is in the completions table
+    assert "length" in trainer._logs["extra"] and len(trainer._logs["completion"]) == 4  # TRL's _logs view
     tags = trainer.model.model_tags if hasattr(trainer.model, "model_tags") else None
     assert tags is None or {"trl", "grpo"} <= set(tags)
 

@@ -94,6 +94,9 @@ class OnlineTrainer(PostTrainer):
             self.reward_runner.place(self.prepare_frozen, self.accelerator.device)
         self.reference = reference.Reference.build(self, ref_model, model_id)
         self._micro_step = 0
+        if train_dataset is not None and not hasattr(train_dataset, "__len__"):
+            # a stream is read by `StreamedGenerationBatches`, never dispatched by accelerate (as TRL requires)
+            args.accelerator_config.dispatch_batches = False
         check_vllm_use(args)
         self.use_vllm = args.use_vllm
         self.vllm = vllm_backend(args, self.accelerator, model_id or self.model.config._name_or_path) \
@@ -537,6 +540,18 @@ class OnlineTrainer(PostTrainer):
         self.add_tokens_seen(rollout.attention_mask.sum())
         if self.args.log_completions:
             self._last_table = completions_table(rollout, self.reward_runner.names, self.state.global_step)
+        self._last_rollout_log = {"prompt": list(rollout.prompts), "completion": list(rollout.completions),
+                                  "rewards": {name: rollout.rewards[:, k].tolist()
+                                              for k, name in enumerate(self.reward_runner.names)},
+                                  "advantages": [] if rollout.advantages is None else rollout.advantages.tolist(),
+                                  "extra": dict(rollout.logged_columns), "images": []}
+
+    @property
+    def _logs(self) -> dict[str, Any]:
+        """The last rollout as TRL's trainers keep it in `_logs` (prompt, completion, rewards per function,
+        advantages, the reward functions' `log_extra` columns, images), for code that reads it."""
+        return getattr(self, "_last_rollout_log", None) or {"prompt": [], "completion": [], "rewards": {},
+                                                            "advantages": [], "extra": {}, "images": []}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         super().log(logs, start_time)
