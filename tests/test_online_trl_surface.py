@@ -144,3 +144,19 @@ def test_completions_sample_is_printed(tmp_path, capsys):
     rows = [{"prompt": "a", "x": 1}, {"prompt": "a", "x": 2}, {"prompt": "b", "x": 3}]
     assert completions_sample(rows, None, True) == [rows[0], rows[2]]  # log_unique_prompts: first of each prompt
     assert completions_sample(rows, 1, False) == [rows[0]]  # num_completions_to_print
+
+
+def test_entropy_bonus_logs_policy_loss_and_streamed_eval(tmp_path):
+    # loss = policy_loss − coef × mean entropy (GA 1, one micro-batch per step): (policy_loss − loss) / entropy = coef
+    trainer = GRPOTrainer(MODEL, reward_funcs="length_reward", train_dataset=_prompts(),
+                          args=_args(tmp_path, entropy_coef=0.5, cast_lm_head_to_fp32=True))
+    assert trainer._entropy_bonus_enabled
+    assert trainer.model.get_output_embeddings().weight.dtype == torch.float32
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert (log["policy_loss"] - log["loss"]) / log["entropy"] == pytest.approx(0.5, rel=1e-4)
+    metrics = trainer.evaluate(eval_dataset=_prompts(5).to_iterable_dataset())  # 5 prompts: 1 batch + a partial one
+    assert "eval_reward" in metrics
+    keep = GRPOTrainer.get_off_policy_mask(torch.tensor([[-1.0], [1.0]]), torch.zeros(2, 2), torch.ones(2, 2),
+                                           torch.ones(2, 2), 0.5)
+    assert keep.tolist() == [[0.0], [1.0]]  # TRL's static name: KL 1 > 0.5 drops the negative-advantage row only

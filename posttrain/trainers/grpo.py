@@ -47,6 +47,7 @@ class GRPOTrainer(OnlineTrainer):
         super().__init__(*args, **kwargs)
         config = self.args
         self.entropy_coef = config.entropy_coef  # moves under use_adaptive_entropy (one value per optimizer step)
+        self._entropy_bonus_enabled = config.entropy_coef != 0.0 or config.use_adaptive_entropy  # TRL's name
         self._last_step_entropy = math.inf  # no bonus before the first measured step (adaptive)
         self._entropy_window = None  # Σ entropy and token count of the current step's micro-batches
         if config.cast_lm_head_to_fp32:
@@ -56,9 +57,13 @@ class GRPOTrainer(OnlineTrainer):
             for model in models:
                 cast_lm_head_to_fp32(model)
 
-    @property
-    def _entropy_bonus(self) -> bool:
-        return self.args.entropy_coef != 0.0 or self.args.use_adaptive_entropy
+    @staticmethod
+    def get_off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold):
+        """TRL's name for `losses.policy.off_policy_sequence_mask` ((B, 1) float, 1 = keep)."""
+        return off_policy_sequence_mask(logps=per_token_logps, sampler_logps=sampling_per_token_logps,
+                                        advantages=advantages.squeeze(-1) if advantages.dim() == 2
+                                        and advantages.shape[1] == 1 else advantages, mask=mask,
+                                        threshold=off_policy_threshold)
 
     def needs_old_logps(self) -> bool:
         # vLLM rollouts: the trainer's own log-probs of the sampled tokens are what the sampler's are compared with
@@ -139,7 +144,8 @@ class GRPOTrainer(OnlineTrainer):
         terms, unit = loss_terms(per_token, mask, args.loss_type, max_completion_length=args.max_completion_length)
         local = args.loss_normalization == "trl" and args.loss_type in TRL_LOCAL_NORMALIZATION
         loss = self.reduce_loss(terms, unit, inputs, local=local)
-        if self._entropy_bonus:
+        if self._entropy_bonus_enabled:
+            metrics["policy_loss"] = loss.detach()
             loss = loss - self._entropy_term(entropies, trained, metrics)
         self.record_metrics(metrics)
         return (loss, {}) if return_outputs else loss
@@ -181,15 +187,20 @@ class GRPOTrainer(OnlineTrainer):
 
 
 def cast_lm_head_to_fp32(model: torch.nn.Module) -> None:
-    """ScaleRL's float32 LM head: the head's weights in float32, its input cast up by a pre-hook (so a bf16 decoder
-    feeds it). Needs an untied head (a tied one shares its weight with the input embeddings)."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text, "tie_word_embeddings", False):
-        raise UserError("cast_lm_head_to_fp32=True needs untied input embeddings and LM head (the model config has "
-                        "tie_word_embeddings=True); remove the option.")
+    """ScaleRL's float32 LM head: the head's weights in float32 and its input cast up by a pre-hook (so a bf16 decoder
+    feeds it). A head tied to the input embeddings shares that float32 weight: the embeddings' output is then cast
+    back to the model's dtype (a hook), so only the logits are computed in float32, as TRL."""
     head = model.get_output_embeddings()
     if head is None:
         raise UserError(f"cast_lm_head_to_fp32=True: {type(model).__name__} has no LM head to cast.")
+    if hasattr(head, "base_layer"):  # a PEFT adapter on the head
+        raise UserError("cast_lm_head_to_fp32=True does not work with a PEFT adapter on lm_head: remove 'lm_head' "
+                        "from the adapter's target_modules, or remove cast_lm_head_to_fp32.")
+    dtype = head.weight.dtype
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     head.float()
     head.register_forward_pre_hook(lambda module, args: tuple(a.float() if torch.is_tensor(a) else a for a in args))
+    embeddings = model.get_input_embeddings()
+    if getattr(text, "tie_word_embeddings", False) and embeddings is not None and dtype != torch.float32:
+        embeddings.register_forward_hook(lambda module, args, output: output.to(dtype))

@@ -180,6 +180,9 @@ class OnlineTrainer(PostTrainer):
             dataset = self.eval_dataset[dataset]
         G = getattr(self.args, "num_generations_eval", None) or self.args.num_generations
         unique = max(self.args.per_device_eval_batch_size // G, 1)
+        if not hasattr(dataset, "__len__"):  # a streamed eval set: every prompt once, in stream order
+            batches = StreamedGenerationBatches(dataset, G, unique, unique * G, 1, keep_partial=True)
+            return DataLoader(batches, batch_size=None, collate_fn=_keep_rows, num_workers=0)
         sampler = distributed.RepeatSampler(len(dataset), G, 1, 1, shuffle=False, seed=self.args.seed)
         loader = DataLoader(dataset, batch_size=unique * G, sampler=sampler, collate_fn=_keep_rows, num_workers=0)
         return self.accelerator.prepare(loader)
@@ -612,15 +615,17 @@ def moe_aux_loss_enabled(model: torch.nn.Module, args) -> bool:
 
 class StreamedGenerationBatches(torch.utils.data.IterableDataset):
     """Generation batches read from a stream (TRL users stream large prompt sets with max_steps): `unique` prompts
-    at a time in stream order, each repeated G times (groups consecutive), this process's slice of
-    `per_process` rows, yielded once per micro-step of the cycle (`repeats`), as the map-style sampler does. A
-    partial last batch is dropped. Shuffling is the stream's own (e.g. `dataset.shuffle(buffer_size=...)`); each
-    process reads the whole stream and keeps its slice, so a group is never split by sharding."""
+    at a time in stream order, each repeated G times (groups consecutive), this process's slice of `per_process`
+    rows, yielded once per micro-step of the cycle (`repeats`), as the map-style sampler does. A partial last
+    batch is dropped (kept with `keep_partial`, for evaluation). Shuffling is the stream's own (e.g.
+    `dataset.shuffle(buffer_size=...)`); each process reads the whole stream and keeps its slice, so a group is
+    never split by sharding."""
 
     def __init__(self, dataset, num_generations: int, unique: int, per_process: int, repeats: int,
-                 process_index: int = 0):
+                 process_index: int = 0, keep_partial: bool = False):
         self.dataset, self.num_generations, self.unique = dataset, num_generations, unique
         self.per_process, self.repeats, self.process_index = per_process, repeats, process_index
+        self.keep_partial = keep_partial  # evaluation: the last, smaller batch too
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -640,6 +645,8 @@ class StreamedGenerationBatches(torch.utils.data.IterableDataset):
             for _ in range(self.repeats):
                 yield mine
             prompts = []
+        if prompts and self.keep_partial:
+            yield [dict(row) for row in prompts for _ in range(self.num_generations)]
 
 
 def _keep_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
