@@ -1,6 +1,6 @@
 """What TRL users' code reads and sets on the online trainers (issue 27): the trainer attributes code inspects,
 the reward-function logging hooks, chat_template_kwargs (config and per-row column), num_generations_eval,
-pad_to_multiple_of, beam search refused in one line, train_dataset=None refused early, PPO's total_episodes and
+pad_to_multiple_of, beam-search sampling (vLLM: refused in one line), train_dataset=None refused early, PPO's total_episodes and
 Online DPO's max_length / reward_model_path."""
 
 import pytest
@@ -52,13 +52,19 @@ def test_attributes_and_logging_hooks(tmp_path):
     assert tags is None or {"trl", "grpo"} <= set(tags)
 
 
-def test_train_dataset_is_required_and_beam_search_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="needs train_dataset="):
+def test_train_dataset_is_required_and_beam_search_samples(tmp_path):
+    from posttrain.rollout.engine import sampling_options
+
+    with pytest.raises(ValueError, match="`train_dataset` is required"):
         RLOOTrainer(MODEL, reward_funcs="length_reward", args=_args(tmp_path))
+    # as TRL: beam-search sampling through transformers' generate (one completion per row), trained on
     trainer = GRPOTrainer(MODEL, reward_funcs="length_reward", train_dataset=_prompts(),
-                          args=_args(tmp_path, generation_kwargs={"num_beams": 2}))
-    with pytest.raises(ValueError, match="num_beams=2.*beam search"):
-        trainer.generation_kwargs()
+                          args=_args(tmp_path, generation_kwargs={"do_sample": True, "num_beams": 2,
+                                                                  "length_penalty": -0.1}))
+    trainer.train()
+    assert trainer.state.global_step == 1
+    with pytest.raises(ValueError, match="num_beams=2: vLLM's sampling has no beam search"):
+        sampling_options({"num_beams": 2})
 
 
 def test_chat_template_kwargs_reach_the_template(tmp_path):

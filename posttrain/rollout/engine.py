@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from posttrain.errors import UserError
 from posttrain.rollout.hf import completion_mask_after_eos, left_pad
 from posttrain.rollout.types import Rollout
 
@@ -54,6 +55,9 @@ def vllm_backend(args, accelerator, model_name: str):
 
 def sampling_options(generation_kwargs: dict[str, Any]) -> dict[str, Any]:
     """transformers-style sampling options → `vllm.SamplingParams` keywords (vLLM's 'off' values where unset)."""
+    if generation_kwargs.get("num_beams", 1) > 1:
+        raise UserError(f"generation_kwargs num_beams={generation_kwargs['num_beams']}: vLLM's sampling has no beam "
+                        "search; remove num_beams, or generate with transformers (use_vllm=False).")
     if not generation_kwargs.get("do_sample", True):
         return {"temperature": 0.0}
     options = {"temperature": generation_kwargs.get("temperature", 1.0),

@@ -14,6 +14,7 @@ Not here: rollouts and the generation-batch cycle (`trainers/online.py`).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -34,6 +35,8 @@ from posttrain.losses.reduce import local_reduce
 from posttrain.rollout.types import Rollout
 from posttrain.trainers.online import OnlineTrainer
 
+logger = logging.getLogger(__name__)
+
 
 class GRPOTrainer(OnlineTrainer):
     """Same call form as TRL's: `GRPOTrainer(model, reward_funcs, args=GRPOConfig(...), train_dataset=...)`;
@@ -46,6 +49,7 @@ class GRPOTrainer(OnlineTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         config = self.args
+        _warn_unusual_combinations(config)
         self.entropy_coef = config.entropy_coef  # moves under use_adaptive_entropy (one value per optimizer step)
         self._entropy_bonus_enabled = config.entropy_coef != 0.0 or config.use_adaptive_entropy  # TRL's name
         self._last_step_entropy = math.inf  # no bonus before the first measured step (adaptive)
@@ -184,6 +188,21 @@ class GRPOTrainer(OnlineTrainer):
             self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
         else:
             self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+
+
+def _warn_unusual_combinations(config: GRPOConfig) -> None:
+    """TRL's warnings for loss types used outside the setup of their paper."""
+    level, loss_type = config.importance_sampling_level, config.loss_type
+    if loss_type == "luspo" and level != "sequence":
+        logger.warning("loss_type='luspo' is defined with importance_sampling_level='sequence' (LUSPO = GSPO with "
+                       "length-weighted sequences); set it to mirror the paper's setup.")
+    if loss_type == "vespo" and level != "token":
+        logger.warning("loss_type='vespo' computes its sequence weight itself; importance_sampling_level should be "
+                       "'token' (the default).")
+    if level == "sequence" and loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
+        logger.warning(f"importance_sampling_level='sequence' with loss_type={loss_type!r}: the loss sums per-token "
+                       "terms, which weights each sequence by its completion length instead of optimizing the "
+                       "per-sequence objective; loss_type='grpo' reproduces the GSPO paper's setup.")
 
 
 def cast_lm_head_to_fp32(model: torch.nn.Module) -> None:

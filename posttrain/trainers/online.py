@@ -72,7 +72,8 @@ class OnlineTrainer(PostTrainer):
                                 "are trained by GRPOTrainer and RLOOTrainer.")
         # TRL's early error, before any model is loaded (ref_model is model: `models/reference.py`)
         if train_dataset is None and self.requires_train_dataset and agentic.get("environment_factory") is None:
-            raise UserError(f"{type(self).__name__} needs train_dataset= (the prompts to sample completions for).")
+            raise UserError(f"`train_dataset` is required: {type(self).__name__} needs the prompts to sample "
+                            "completions for (train_dataset=...).")
         super().__init__(model=model, args=args, data_collator=_keep_rows, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
                          **kwargs)
@@ -236,10 +237,6 @@ class OnlineTrainer(PostTrainer):
         if args.cache_implementation is not None and not args.use_vllm:
             kwargs["cache_implementation"] = args.cache_implementation
         kwargs.update(args.generation_kwargs or {})
-        if kwargs.get("num_beams", 1) > 1:
-            raise UserError(f"generation_kwargs num_beams={kwargs['num_beams']}: online training samples its "
-                            "completions (the policy-gradient needs samples of the policy), and beam search does not; "
-                            "remove num_beams.")
         return {k: v for k, v in kwargs.items() if v is not None}
 
     def _cycle_batches(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
