@@ -96,8 +96,15 @@ class OnlineTrainer(PostTrainer):
         self.reference = reference.Reference.build(self, ref_model, model_id)
         self._micro_step = 0
         if train_dataset is not None and not hasattr(train_dataset, "__len__"):
-            # a stream is read by `StreamedGenerationBatches`, never dispatched by accelerate (as TRL requires)
+            # a stream is read by `StreamedGenerationBatches` in this process, in order (as TRL requires)
+            if args.accelerator_config.dispatch_batches:
+                raise UserError("Iterable datasets require `dispatch_batches=False` (each process reads the stream "
+                                "and keeps its slice of every group); remove dispatch_batches from accelerator_config.")
             args.accelerator_config.dispatch_batches = False
+            if args.dataloader_num_workers:
+                warnings.warn(f"A streamed train dataset is read by one worker to keep its groups together: "
+                              f"dataloader_num_workers {args.dataloader_num_workers} → 0.", UserWarning, stacklevel=3)
+                args.dataloader_num_workers = 0
         check_vllm_use(args)
         self.use_vllm = args.use_vllm
         self.vllm = vllm_backend(args, self.accelerator, model_id or self.model.config._name_or_path) \
@@ -161,7 +168,7 @@ class OnlineTrainer(PostTrainer):
                                             args.num_iterations * args.steps_per_generation, args.shuffle_dataset,
                                             args.seed)
         loader = DataLoader(self.train_dataset, batch_size=args.generation_batch_size, sampler=sampler,
-                            collate_fn=_keep_rows, num_workers=0)
+                            collate_fn=_keep_rows, num_workers=args.dataloader_num_workers)
         return self.accelerator.prepare(loader)
 
     @property
