@@ -166,3 +166,15 @@ def test_entropy_bonus_logs_policy_loss_and_streamed_eval(tmp_path):
     keep = GRPOTrainer.get_off_policy_mask(torch.tensor([[-1.0], [1.0]]), torch.zeros(2, 2), torch.ones(2, 2),
                                            torch.ones(2, 2), 0.5)
     assert keep.tolist() == [[0.0], [1.0]]  # TRL's static name: KL 1 > 0.5 drops the negative-advantage row only
+
+
+def test_generation_config_mirrors_the_options(tmp_path):
+    from posttrain.trainers.online_dpo import OnlineDPOTrainer
+
+    trainer = OnlineDPOTrainer(MODEL, reward_funcs="length_reward", train_dataset=_prompts(),
+                               args=OnlineDPOConfig(output_dir=str(tmp_path), temperature=0.8, top_p=0.9, top_k=40,
+                                                    repetition_penalty=1.2, max_new_tokens=64, report_to="none",
+                                                    generation_kwargs={"do_sample": False}))
+    config = trainer.generation_config
+    assert (config.temperature, config.top_p, config.top_k, config.repetition_penalty, config.max_new_tokens,
+            config.do_sample) == (0.8, 0.9, 40, 1.2, 64, False)

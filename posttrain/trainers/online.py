@@ -236,6 +236,14 @@ class OnlineTrainer(PostTrainer):
         self._micro_step += 1
         return batch
 
+    @property
+    def generation_config(self):
+        """The transformers `GenerationConfig` of the rollouts (the sampling options, generation_kwargs applied,
+        max_new_tokens = max_completion_length), as TRL's trainers expose it."""
+        from transformers import GenerationConfig
+
+        return GenerationConfig(**self.generation_kwargs(), max_new_tokens=self.args.max_completion_length)
+
     def generation_kwargs(self) -> dict[str, Any]:
         args = self.args
         # top_k 0 is passed as such: transformers' `generate` fills an unset top_k with 50
