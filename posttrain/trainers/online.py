@@ -16,9 +16,10 @@ Reduction, one contract: a method's loss is per-item terms and their unit (token
 every unit over each optimizer step's micro-batches on all processes (`num_items`) and `reduce_loss` divides, so
 the loss is exactly invariant to how a step's batch is split across accumulation steps and processes.
 
-Not here: generation (`rollout/hf.py`; vLLM colocated or behind `posttrain vllm-serve`: `rollout/vllm.py`,
-`rollout/client.py`), rewards (`rewards/`), advantage and loss maths (`algorithms/`, `losses/`), the reference
-(`models/reference.py`).
+Not here: what code written for TRL reads on a trainer (`trainers/online_inspection.py`), streamed generation
+batches and padding (`rollout/batching.py`), generation (`rollout/hf.py`; vLLM colocated or behind
+`posttrain vllm-serve`: `rollout/vllm.py`, `rollout/client.py`), rewards (`rewards/`), advantage and loss maths
+(`algorithms/`, `losses/`), the reference (`models/reference.py`).
 """
 
 from __future__ import annotations
@@ -44,14 +45,16 @@ from posttrain.models.logprobs import completion_logps, positions_from_mask, tar
 from posttrain.reporting.rollouts import completions_sample, completions_table, print_completions, rollout_metrics
 from posttrain.rewards.runner import RewardRunner
 from posttrain.rollout.agentic import AGENTIC_ARGUMENTS, agentic_rollouts, custom_rollout
+from posttrain.rollout.batching import StreamedGenerationBatches, pad_to_multiple
 from posttrain.rollout.engine import vllm_backend
 from posttrain.rollout.hf import _eos_ids, generate
 from posttrain.rollout.types import Rollout
 from posttrain.trainers import distributed
 from posttrain.trainers.base import PostTrainer
+from posttrain.trainers.online_inspection import TRLInspection, moe_aux_loss_enabled
 
 
-class OnlineTrainer(PostTrainer):
+class OnlineTrainer(TRLInspection, PostTrainer):
     summary_metrics = (("reward", "reward"), ("completions/mean_length", "completion length"))
     needs_reward_funcs = True  # False: reward_funcs may be left out at construction (PPO's loop API scores itself)
 
@@ -116,21 +119,6 @@ class OnlineTrainer(PostTrainer):
             self.model.add_model_tags(tags)
         self._buffer: list[dict[str, Any]] = []
         self._last_table: list[dict[str, Any]] = []
-
-    # ---- what code inspecting a TRL trainer reads --------------------------------------------------------------
-    @property
-    def reward_funcs(self) -> list:
-        """The reward functions and reward models (as TRL's trainers hold them; resolved names included)."""
-        return [] if self.reward_runner is None else self.reward_runner.entries
-
-    @property
-    def reward_processing_classes(self) -> list:
-        """Aligned with reward_funcs: each reward model's tokenizer, None for plain functions."""
-        return [] if self.reward_runner is None else self.reward_runner.tokenizers
-
-    @property
-    def reward_func_names(self) -> list[str]:
-        return [] if self.reward_runner is None else self.reward_runner.names
 
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """A frozen model (reference, reward model) placed the way the policy is (`models/sharding.py`)."""
@@ -235,14 +223,6 @@ class OnlineTrainer(PostTrainer):
         batch = self._buffer[self._micro_step % cycle]
         self._micro_step += 1
         return batch
-
-    @property
-    def generation_config(self):
-        """The transformers `GenerationConfig` of the rollouts (the sampling options, generation_kwargs applied,
-        max_new_tokens = max_completion_length), as TRL's trainers expose it."""
-        from transformers import GenerationConfig
-
-        return GenerationConfig(**self.generation_kwargs(), max_new_tokens=self.args.max_completion_length)
 
     def generation_kwargs(self) -> dict[str, Any]:
         args = self.args
@@ -561,13 +541,6 @@ class OnlineTrainer(PostTrainer):
                                   "advantages": [] if rollout.advantages is None else rollout.advantages.tolist(),
                                   "extra": dict(rollout.logged_columns), "images": []}
 
-    @property
-    def _logs(self) -> dict[str, Any]:
-        """The last rollout as TRL's trainers keep it in `_logs` (prompt, completion, rewards per function,
-        advantages, the reward functions' `log_extra` columns, images), for code that reads it."""
-        return getattr(self, "_last_rollout_log", None) or {"prompt": [], "completion": [], "rewards": {},
-                                                            "advantages": [], "extra": {}, "images": []}
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         super().log(logs, start_time)
         if self._last_table and self.is_world_process_zero() and hasattr(self.args, "num_completions_to_print"):
@@ -580,85 +553,6 @@ class OnlineTrainer(PostTrainer):
                 for row in self._last_table:
                     f.write(json.dumps(row, default=str) + "\n")
             self._last_table = []
-
-
-def pad_to_multiple(rollout: Rollout, multiple: int | None, pad_id: int) -> None:
-    """pad_to_multiple_of: prompt columns padded on the left and completion columns on the right (masks 0) to a
-    multiple of `multiple`, so compiled kernels see few distinct shapes. In place; nothing when None."""
-    if not multiple:
-        return
-    extra_prompt = -rollout.prompt_ids.shape[1] % multiple
-    extra_completion = -rollout.completion_ids.shape[1] % multiple
-    pad = torch.nn.functional.pad
-    if extra_prompt:
-        rollout.prompt_ids = pad(rollout.prompt_ids, (extra_prompt, 0), value=pad_id)
-        rollout.prompt_mask = pad(rollout.prompt_mask, (extra_prompt, 0), value=0)
-    if extra_completion:
-        rollout.completion_ids = pad(rollout.completion_ids, (0, extra_completion), value=pad_id)
-        rollout.completion_mask = pad(rollout.completion_mask, (0, extra_completion), value=0)
-        rollout.loss_mask = pad(rollout.loss_mask, (0, extra_completion), value=0)
-        if rollout.sampler_logps is not None:
-            rollout.sampler_logps = pad(rollout.sampler_logps, (0, extra_completion), value=float("nan"))
-
-
-def moe_aux_loss_enabled(model: torch.nn.Module, args) -> bool:
-    """TRL's rule: a model whose config has `output_router_logits` (Mixture-of-Experts) gets the router load-balancing
-    loss with router_aux_loss_coef (None: the model config's own coefficient). The online trainers' log-prob pass
-    runs the decoder without the router loss: an explicit coefficient is refused in one line, the model config's
-    default is warned about (training without it, as before), and `aux_loss_enabled` is False."""
-    coef = getattr(args, "router_aux_loss_coef", None)
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    moe = hasattr(config, "output_router_logits")
-    if coef and not moe:
-        raise UserError(f"router_aux_loss_coef={coef} but {type(model).__name__} is not a Mixture-of-Experts model "
-                        "with a router: there is no auxiliary loss to weigh; remove it.")
-    if not moe:
-        return False
-    if coef:
-        raise UserError(f"router_aux_loss_coef={coef}: the online trainers do not add the Mixture-of-Experts router "
-                        "load-balancing loss yet (their log-prob pass runs without it); remove it, or set 0.")
-    if coef is None and getattr(config, "router_aux_loss_coef", 0.0):
-        warnings.warn(f"{type(model).__name__} is a Mixture-of-Experts model: TRL adds its router load-balancing "
-                      f"loss (coefficient {config.router_aux_loss_coef} from the model config); posttrain's online "
-                      "trainers train without it. Set router_aux_loss_coef=0 to acknowledge.", UserWarning,
-                      stacklevel=4)
-    return False
-
-
-class StreamedGenerationBatches(torch.utils.data.IterableDataset):
-    """Generation batches read from a stream (TRL users stream large prompt sets with max_steps): `unique` prompts
-    at a time in stream order, each repeated G times (groups consecutive), this process's slice of `per_process`
-    rows, yielded once per micro-step of the cycle (`repeats`), as the map-style sampler does. A partial last
-    batch is dropped (kept with `keep_partial`, for evaluation). Shuffling is the stream's own (e.g.
-    `dataset.shuffle(buffer_size=...)`); each process reads the whole stream and keeps its slice, so a group is
-    never split by sharding."""
-
-    def __init__(self, dataset, num_generations: int, unique: int, per_process: int, repeats: int,
-                 process_index: int = 0, keep_partial: bool = False):
-        self.dataset, self.num_generations, self.unique = dataset, num_generations, unique
-        self.per_process, self.repeats, self.process_index = per_process, repeats, process_index
-        self.keep_partial = keep_partial  # evaluation: the last, smaller batch too
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if hasattr(self.dataset, "set_epoch"):  # a shuffled stream reshuffles per epoch
-            self.dataset.set_epoch(epoch)
-
-    def __iter__(self):
-        prompts = []
-        for row in self.dataset:
-            prompts.append(row)
-            if len(prompts) < self.unique:
-                continue
-            rows = [dict(row) for row in prompts for _ in range(self.num_generations)]
-            start = self.process_index * self.per_process
-            mine = rows[start:start + self.per_process]
-            for _ in range(self.repeats):
-                yield mine
-            prompts = []
-        if prompts and self.keep_partial:
-            yield [dict(row) for row in prompts for _ in range(self.num_generations)]
 
 
 def _keep_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
