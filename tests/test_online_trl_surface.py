@@ -42,6 +42,7 @@ def test_attributes_and_logging_hooks(tmp_path):
                           args=_args(tmp_path, log_completions=True), train_dataset=_prompts())
     assert trainer.reward_funcs[0] is scored and trainer.reward_processing_classes == [None, None]
     assert trainer.use_vllm is False and trainer.aux_loss_enabled is False
+    assert trainer.reward_weights.tolist() == [1.0, 1.0]
     assert trainer.reward_func_names[0] == "scored"
     trainer.train()
     assert seen["called"] and trainer.state.log_history[0]["my_metric"] == pytest.approx(4.0)

@@ -1,6 +1,6 @@
 """What code written against TRL's online trainers reads on a trainer, as a mixin of `OnlineTrainer`: the reward
-functions and their tokenizers (`reward_funcs`, `reward_processing_classes`, `reward_func_names`), the rollouts'
-`generation_config`, the last rollout as TRL's `_logs`, and whether a Mixture-of-Experts router loss is added
+functions, their weights and tokenizers (`reward_funcs`, `reward_weights`, `reward_processing_classes`,
+`reward_func_names`), the rollouts' `generation_config`, the last rollout as TRL's `_logs`, and whether a Mixture-of-Experts router loss is added
 (`moe_aux_loss_enabled` → `aux_loss_enabled`).
 
 Not here: anything that changes what is trained (`trainers/online.py` and the methods).
@@ -28,6 +28,11 @@ class TRLInspection:
     def reward_processing_classes(self) -> list:
         """Aligned with reward_funcs: each reward model's tokenizer, None for plain functions."""
         return [] if self.reward_runner is None else self.reward_runner.tokenizers
+
+    @property
+    def reward_weights(self) -> torch.Tensor | None:
+        """(K,) float32 weights of the reward functions, as TRL's trainers hold them."""
+        return None if self.reward_runner is None else torch.tensor(self.reward_runner.weights, dtype=torch.float32)
 
     @property
     def reward_func_names(self) -> list[str]:
