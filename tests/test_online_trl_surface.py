@@ -9,6 +9,7 @@ import torch
 from posttrain.configs.grpo import GRPOConfig
 from posttrain.configs.online_dpo import OnlineDPOConfig
 from posttrain.configs.ppo import PPOConfig
+from posttrain.configs.rloo import RLOOConfig
 from posttrain.data.arith import load_builtin_dataset
 from posttrain.trainers.grpo import GRPOTrainer
 from posttrain.trainers.rloo import RLOOTrainer
@@ -179,3 +180,10 @@ def test_generation_config_mirrors_the_options(tmp_path):
     config = trainer.generation_config
     assert (config.temperature, config.top_p, config.top_k, config.repetition_penalty, config.max_new_tokens,
             config.do_sample) == (0.8, 0.9, 40, 1.2, 64, False)
+
+
+def test_streamed_dataset_refuses_dispatched_batches(tmp_path):
+    with pytest.raises(ValueError, match="Iterable datasets require `dispatch_batches=False`"):
+        RLOOTrainer(MODEL, reward_funcs="length_reward", train_dataset=_prompts().to_iterable_dataset(),
+                    args=RLOOConfig(output_dir=str(tmp_path), accelerator_config={"dispatch_batches": True},
+                                    report_to="none"))

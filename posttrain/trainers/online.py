@@ -73,6 +73,13 @@ class OnlineTrainer(TRLInspection, PostTrainer):
         if not self.supports_tools and any(v is not None for v in agentic.values()):
             raise UserTypeError(f"{type(self).__name__} does not take {next(iter(agentic))}=: tool-calling rollouts "
                                 "are trained by GRPOTrainer and RLOOTrainer.")
+        streamed = train_dataset is not None and not hasattr(train_dataset, "__len__")
+        accelerator_config = getattr(args, "accelerator_config", None)
+        dispatch = (accelerator_config.get("dispatch_batches") if isinstance(accelerator_config, dict)
+                    else getattr(accelerator_config, "dispatch_batches", None))
+        if streamed and dispatch:
+            raise UserError("Iterable datasets require `dispatch_batches=False` (each process reads the stream and "
+                            "keeps its slice of every group); remove dispatch_batches from accelerator_config.")
         # TRL's early error, before any model is loaded (ref_model is model: `models/reference.py`)
         if train_dataset is None and self.requires_train_dataset and agentic.get("environment_factory") is None:
             raise UserError(f"`train_dataset` is required: {type(self).__name__} needs the prompts to sample "
@@ -100,9 +107,6 @@ class OnlineTrainer(TRLInspection, PostTrainer):
         self._micro_step = 0
         if train_dataset is not None and not hasattr(train_dataset, "__len__"):
             # a stream is read by `StreamedGenerationBatches` in this process, in order (as TRL requires)
-            if args.accelerator_config.dispatch_batches:
-                raise UserError("Iterable datasets require `dispatch_batches=False` (each process reads the stream "
-                                "and keeps its slice of every group); remove dispatch_batches from accelerator_config.")
             args.accelerator_config.dispatch_batches = False
             if args.dataloader_num_workers:
                 warnings.warn(f"A streamed train dataset is read by one worker to keep its groups together: "
