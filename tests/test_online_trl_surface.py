@@ -187,3 +187,17 @@ def test_streamed_dataset_refuses_dispatched_batches(tmp_path):
         RLOOTrainer(MODEL, reward_funcs="length_reward", train_dataset=_prompts().to_iterable_dataset(),
                     args=RLOOConfig(output_dir=str(tmp_path), accelerator_config={"dispatch_batches": True},
                                     report_to="none"))
+
+
+def test_one_reward_tokenizer_for_several_functions_is_refused():
+    from posttrain.rewards.runner import RewardRunner
+
+    def first(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    def second(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    with pytest.raises(ValueError, match=r"reward_processing_classes \(1\) must match .* \(2\)"):
+        RewardRunner([first, second], reward_processing_classes=object())  # TRL: a single one is a list of one
+    assert RewardRunner([first], reward_processing_classes=object()).tokenizers == [None]  # functions take none

@@ -108,8 +108,8 @@ class RewardRunner:
     reward_funcs: a callable, a string (built-in name, module:function path, reward-model id) or a reward model,
         or a list mixing them; K = number of entries.
     reward_weights: K floats (default all 1.0), used by `weighted_sum`.
-    reward_processing_classes: tokenizer(s) for the reward models: one for all, or a list aligned with
-        reward_funcs (entries for plain functions are ignored; None = load the model's own).
+    reward_processing_classes: tokenizers for the reward models, a list aligned with reward_funcs (entries for plain
+        functions are ignored; None = load the model's own); a single tokenizer = a list of one (TRL's rule).
     device: where reward models are moved (default: left where they are). batch_size / max_length: reward-model
         scoring batch size and left-truncation length.
     """
@@ -120,13 +120,15 @@ class RewardRunner:
         entries = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not entries:
             raise UserError("reward_funcs is empty; give at least one reward function, name or reward model.")
-        if reward_processing_classes is None or not isinstance(reward_processing_classes, (list, tuple)):
-            tokenizers = [reward_processing_classes] * len(entries)
-        else:
-            tokenizers = list(reward_processing_classes)
+        if reward_processing_classes is None:
+            tokenizers = [None] * len(entries)
+        else:  # one tokenizer stands for a list of one, as in TRL: it must then serve the only reward function
+            tokenizers = list(reward_processing_classes) if isinstance(reward_processing_classes, (list, tuple)) \
+                else [reward_processing_classes]
             if len(tokenizers) != len(entries):
-                raise UserError(f"reward_processing_classes has {len(tokenizers)} entries but reward_funcs has "
-                                f"{len(entries)}; give one per reward function (None for plain functions).")
+                raise UserError(f"The number of reward_processing_classes ({len(tokenizers)}) must match the number "
+                                f"of reward functions ({len(entries)}); give a list with one per reward function "
+                                "(None for plain functions).")
         self.funcs = [resolve_reward_func(e, tok, batch_size, max_length) for e, tok in zip(entries, tokenizers)]
         if reward_weights is None:
             self.weights = [1.0] * len(self.funcs)
