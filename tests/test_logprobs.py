@@ -5,8 +5,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from posttrain.models.logprobs import (IGNORE_INDEX, forward_target_logits, selective_logps,
-                                       target_positions)
+from posttrain.models.logprobs import IGNORE_INDEX, forward_target_logits, selective_logps, target_positions
 
 
 def _model():
@@ -110,7 +109,7 @@ def test_token_logps_gradient_entropy_and_mean_match_autograd_at_a_temperature()
     assert torch.allclose(fused_grad, logits.grad, atol=1e-6)
     assert torch.allclose(out["entropy"], -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1), atol=1e-5)
     assert torch.allclose(out["logits_mean"], logits.detach().mean(-1), atol=1e-6)
-    assert not out["entropy"].requires_grad
+    assert out["entropy"].requires_grad and not out["logits_mean"].requires_grad  # the entropy bonus differentiates H
     assert set(token_logps(logits, targets)) == {"logps"}  # reference passes compute nothing else
     with torch.no_grad():  # the no-grad path (reference passes) gives the same values
         again = token_logps(logits, targets, temperature=0.7, with_entropy=True, with_metrics=True)
@@ -141,14 +140,14 @@ def test_chunked_head_gives_the_same_values_and_gradients(monkeypatch, kind):
     monkeypatch.setattr(logprobs, "HEAD_CHUNK_ROWS", 16)  # 53 rows: 3 full chunks and a partial one
     head, make_hidden, params, vocab = _head_and_hidden(kind)
     targets = torch.randint(0, vocab, (53,))
-    upstream = torch.randn(53)
+    upstream, upstream_entropy = torch.randn(53), torch.randn(53)
     results = {}
     for chunked in (False, True):
         hidden = make_hidden()
         hidden.retain_grad()
         out = token_logps(None, targets, temperature=0.7, with_entropy=True, with_metrics=True, with_log_sum_p2=True,
                           chunk_size=5, hidden=hidden, head=head, chunked_lm_head=chunked)
-        (out["logps"] * upstream).sum().backward()
+        (out["logps"] * upstream + out["entropy"] * upstream_entropy).sum().backward()  # entropy bonus: its grad
         results[chunked] = out, hidden.grad.clone(), [p.grad.clone() for p in params]
         for p in params:
             p.grad = None
@@ -156,7 +155,7 @@ def test_chunked_head_gives_the_same_values_and_gradients(monkeypatch, kind):
     assert set(chunk) == set(plain) == {"logps", "entropy", "logits_mean", "correct", "log_sum_p2"}
     for key in plain:
         assert torch.allclose(chunk[key].float(), plain[key].float(), atol=1e-6), key
-    assert chunk["logps"].requires_grad and not chunk["entropy"].requires_grad
+    assert chunk["logps"].requires_grad and chunk["entropy"].requires_grad and not chunk["log_sum_p2"].requires_grad
     assert torch.allclose(chunk_hidden_grad, plain_hidden_grad, atol=1e-6)
     for g_chunk, g_plain in zip(chunk_grads, plain_grads):
         assert torch.allclose(g_chunk, g_plain, atol=1e-6)
@@ -301,3 +300,20 @@ def test_head_chunk_rows_keep_a_chunk_under_the_byte_budget():
             for vocab in (4096, 32768, 131072, 1 << 20)}
     assert rows == {4096: 1024, 32768: 1024, 131072: 256, 1 << 20: 32}
     assert all(r * v * 8 <= HEAD_CHUNK_BYTES for v, r in rows.items())
+
+
+def test_entropy_gradient_matches_autograd():
+    # H(softmax(z/T)) differentiated by the fused backward (∂H/∂z_j = −p_j(log p_j + H)/T) against plain autograd.
+    from posttrain.models.logprobs import token_logps
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 11, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 11, (6,), generator=g)
+    weights = torch.randn(6, generator=g, dtype=torch.float64)
+    fused = logits.clone().requires_grad_()
+    out = token_logps(fused, targets, temperature=0.7, with_entropy=True)
+    (out["entropy"].double() * weights).sum().backward()
+    plain = logits.clone().requires_grad_()
+    logp = torch.log_softmax(plain / 0.7, -1)
+    (-(logp.exp() * logp).sum(-1) * weights).sum().backward()
+    torch.testing.assert_close(fused.grad, plain.grad, rtol=1e-5, atol=1e-6)

@@ -16,7 +16,11 @@ from posttrain.losses.policy import (
     grpo,
     kl_penalty,
     loss_terms,
+    off_policy_sequence_mask,
     rloo_sequence_loss,
+    sampler_importance_weights,
+    vespo,
+    vespo_weights,
 )
 from posttrain.losses.reduce import local_reduce, reduce_terms
 from posttrain.losses.value import clipped_value_loss, ppo_policy_loss
@@ -201,7 +205,7 @@ def test_loss_terms_hand_values():
     with pytest.raises(ValueError, match="max_completion_length"):
         loss_terms(PER_TOKEN, MASK, "dr_grpo")
     with pytest.raises(ValueError, match="Unknown loss_type"):
-        loss_terms(PER_TOKEN, MASK, "luspo")
+        loss_terms(PER_TOKEN, MASK, "gpg")
 
 
 def _split_loss(x, mask, loss_type, processes, accumulation, local=False):
@@ -354,3 +358,92 @@ def test_kl_penalty_bias_correction_hand_values_and_gradient():
     seq = kl_penalty(logps=logps, ref_logps=ref, old_logps=old, mask=mask, importance_sampling_level="sequence")
     r_seq = math.exp((0.2 - 0.5) / 2)  # GSPO: one length-normalised ratio per sequence
     close(seq, [[r_seq * k for k in k3s] + [0.0]])
+
+
+def test_luspo_sums_each_sequence_then_averages_sequences():
+    # LUSPO = GSPO's clipped objective, each sequence's loss summed over its tokens (not divided by its length):
+    # rows of 3 and 1 masked tokens with per-token loss 2 and 4 ⇒ terms (6, 4), unit "sequence" ⇒ loss (6+4)/2 = 5.
+    per_token = t(2.0, 2.0, 2.0, 9.0, 4.0, 9.0, 9.0, 9.0).reshape(2, 4)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]]).bool()
+    terms, unit = loss_terms(per_token, mask, "luspo")
+    close(terms, [6.0, 4.0])
+    assert unit == "sequence"
+    close(reduce_terms(terms, 2), 5.0)
+    assert POLICY_LOSSES["luspo"] is grpo
+    # on-policy with the sequence ratio: ℓ_t = −A on each token ⇒ term −n·A; gradient ∂/∂logπ_s = −A (n tokens,
+    # each ∂r/∂logπ_s = 1/n, times n rows' worth of −A·r summed): −A·n·(1/n) = −A per token
+    logps = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)
+    loss, _ = grpo(logps=logps, old_logps=logps.detach(), advantages=t(2.0), mask=torch.ones(1, 3).bool(),
+                   importance_sampling_level="sequence")
+    terms, _ = loss_terms(loss, torch.ones(1, 3).bool(), "luspo")
+    close(terms, [-6.0])
+    close(grad_of(terms, logps), [[-2.0, -2.0, -2.0]])
+
+
+def test_vespo_weight_hand_values():
+    # φ(w) = e^λ·w^k·e^(−λw): φ(1) = 1 for every (k, λ). Summed log-ratio over the mask: tokens log r = (0.2, 0.3,
+    # [0.9 unmasked]) ⇒ log w = 0.5, w = e^0.5. A ≥ 0 ⇒ k = 2, λ = 3: log φ = 3 + 2·0.5 − 3·e^0.5;
+    # A < 0 ⇒ k = 3, λ = 2: log φ = 2 + 3·0.5 − 2·e^0.5.
+    log_ratio = t(0.2, 0.3, 0.9, 0.2, 0.3, 0.9).reshape(2, 3)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]]).bool()
+    phi = vespo_weights(log_ratio=log_ratio, advantages=t(1.0, -1.0).unsqueeze(1), mask=mask)
+    w = math.exp(0.5)
+    close(phi, [[math.exp(3 + 1.0 - 3 * w)], [math.exp(2 + 1.5 - 2 * w)]])
+    close(vespo_weights(log_ratio=torch.zeros(2, 3, dtype=torch.float64), advantages=t(1.0, -1.0).unsqueeze(1),
+                        mask=mask), [[1.0], [1.0]])
+    # the sampler correction multiplies w: ρ = e^−0.5 on both masked tokens ⇒ log w = 0.5 − 1.0 = −0.5
+    rho = torch.full((2, 3), math.exp(-0.5), dtype=torch.float64)
+    phi = vespo_weights(log_ratio=log_ratio, advantages=t(1.0, -1.0).unsqueeze(1), mask=mask, sampler_ratio=rho)
+    w = math.exp(-0.5)
+    close(phi, [[math.exp(3 - 1.0 - 3 * w)], [math.exp(2 - 1.5 - 2 * w)]])
+
+
+def test_vespo_loss_is_weighted_reinforce():
+    # ℓ_t = −sg(φ)·A·log π_t; φ detached ⇒ ∂ℓ_t/∂logπ_t = −φ·A. On-policy φ = 1: gradient −A, loss −A·logπ.
+    old = t(-1.0, -2.0, -0.5).reshape(1, 3)
+    logps = old.clone().requires_grad_()
+    mask = torch.tensor([[1, 1, 0]]).bool()
+    loss, metrics = vespo(logps=logps, old_logps=old, advantages=t(1.5), mask=mask)
+    close(loss, [[1.5, 3.0, 0.0]])
+    close(grad_of(loss, logps), [[-1.5, -1.5, 0.0]])
+    close(metrics["vespo/phi_seq_mean"], 1.0)
+    # off-policy: summed log-ratio 0.4 ⇒ φ = exp(3 + 2·0.4 − 3·e^0.4) for A > 0; gradient −φ·A
+    logps = (old + t(0.1, 0.3, 5.0).reshape(1, 3)).requires_grad_()
+    loss, _ = vespo(logps=logps, old_logps=old, advantages=t(1.5), mask=mask)
+    phi = math.exp(3 + 0.8 - 3 * math.exp(0.4))
+    close(grad_of(loss, logps), [[-1.5 * phi, -1.5 * phi, 0.0]])
+
+
+def test_sampler_importance_weights_modes():
+    # d_t = old − sampler on the mask: row 0: (0.5, −0.2, [pad]), row 1: (NaN → 0, 1.5, [pad]).
+    old = t(-1.0, -1.0, -1.0, -1.0, -1.0, -1.0).reshape(2, 3)
+    sampler = t(-1.5, -0.8, 7.0, math.nan, -2.5, 7.0).reshape(2, 3)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    token = sampler_importance_weights(old_logps=old, sampler_logps=sampler, mask=mask, mode="token_truncate",
+                                       clip_max=3.0)
+    close(token, [[math.exp(0.5), math.exp(-0.2), 1.0], [1.0, 3.0, 1.0]])  # e^1.5 = 4.48 truncated at 3
+    token = sampler_importance_weights(old_logps=old, sampler_logps=sampler, mask=mask, mode="token_mask",
+                                       clip_min=0.9, clip_max=3.0)
+    close(token, [[math.exp(0.5), 0.0, 1.0], [1.0, 0.0, 1.0]])  # e^−0.2 = 0.82 < 0.9 and 4.48 > 3: masked
+    seq = sampler_importance_weights(old_logps=old, sampler_logps=sampler, mask=mask, mode="sequence_truncate",
+                                     clip_min=0.5, clip_max=1.2)
+    close(seq, [[1.2], [1.2]])  # e^0.3 = 1.35, e^1.5: both truncated at 1.2
+    seq = sampler_importance_weights(old_logps=old, sampler_logps=sampler, mask=mask, mode="sequence_mask",
+                                     clip_max=3.0)
+    close(seq, [[math.exp(0.3)], [0.0]])  # e^1.5 > 3: the sequence is dropped
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode"):
+        sampler_importance_weights(old_logps=old, sampler_logps=sampler, mask=mask, mode="token")
+
+
+def test_off_policy_sequence_mask():
+    # mean KL (sampler − πθ) over the mask: row 0 (0.8, 0.4) → 0.6, row 1 (0.1, 0.1) → 0.1. δ = 0.5: row 0 is
+    # dropped when A < 0, kept when A ≥ 0; row 1 always kept.
+    logps = torch.full((2, 3), -1.0, dtype=torch.float64)
+    sampler = t(-0.2, -0.6, 9.0, -0.9, -0.9, 9.0).reshape(2, 3)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    keep = off_policy_sequence_mask(logps=logps, sampler_logps=sampler, advantages=t(-1.0, -1.0), mask=mask,
+                                    threshold=0.5)
+    close(keep, [[0.0], [1.0]])
+    keep = off_policy_sequence_mask(logps=logps, sampler_logps=sampler, advantages=t(0.0, -1.0), mask=mask,
+                                    threshold=0.5)
+    close(keep, [[1.0], [1.0]])

@@ -8,7 +8,7 @@ import pytest
 
 from posttrain import GRPOConfig, OnlineDPOConfig, PPOConfig, RLOOConfig
 from posttrain.cli import is_user_error, main
-from posttrain.configs.online import GroupRolloutConfig, OnlineConfig, ToolRolloutConfig
+from posttrain.configs.online import GroupRolloutConfig, OnlineConfig, ScoredGroupConfig, ToolRolloutConfig
 from posttrain.errors import UserError, UserTypeError
 
 MODEL = "posttrain/tiny"
@@ -20,7 +20,8 @@ def _fields(cls):
 
 def test_configs_are_siblings_declaring_only_what_they_use():
     for cls in (GRPOConfig, RLOOConfig):  # the trainers that take tools=, environment_factory=, rollout_func=
-        assert cls.__bases__ == (ToolRolloutConfig,)
+        assert cls.__bases__ == (ScoredGroupConfig,)
+    assert ScoredGroupConfig.__bases__ == (ToolRolloutConfig,)  # prompt rendering, eval groups, completion printing
     assert ToolRolloutConfig.__bases__ == (GroupRolloutConfig,) and OnlineDPOConfig.__bases__ == (GroupRolloutConfig,)
     assert PPOConfig.__bases__ == (OnlineConfig,)
     shared = _fields(OnlineConfig)

@@ -201,6 +201,15 @@ GRPO_CASES = {  # id: GRPOConfig options shared by both libraries
     "dapo+kl, no bias correction": dict(loss_type="dapo", beta=0.04, use_bias_correction_kl=False),
     "grpo+delta": dict(loss_type="grpo", delta=1.3),
     "dapo+entropy_mask": dict(loss_type="dapo", top_entropy_quantile=0.5),
+    "grpo+entropy_mask+kl": dict(loss_type="grpo", top_entropy_quantile=0.5, beta=0.04),
+    "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    "luspo token level": dict(loss_type="luspo"),
+    "vespo": dict(loss_type="vespo"),
+    "vespo asymmetric": dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=4.0,
+                             vespo_lambda_neg=1.0),
+    "dapo+off_policy_mask": dict(loss_type="dapo", off_policy_mask_threshold=0.02),
+    "dapo+entropy_coef": dict(loss_type="dapo", entropy_coef=0.1),
+    "grpo+entropy_coef+mask": dict(loss_type="grpo", entropy_coef=0.1, top_entropy_quantile=0.5),
 }
 
 

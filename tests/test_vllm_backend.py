@@ -6,6 +6,7 @@ import sys
 import types
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.models.builtin import builtin_model_path
@@ -26,8 +27,11 @@ class _FakeLLM:
         outs = []
         for i, p in enumerate(prompts):
             n = params[i].n if isinstance(params, list) else params.n
-            seqs = [types.SimpleNamespace(token_ids=[7] * (k + 1) + ([eos] if k % 2 == 0 else []))
-                    for k in range(n)]
+            seqs = []
+            for k in range(n):  # vLLM's logprobs=0 form: per position {sampled id: Logprob}
+                ids = [7] * (k + 1) + ([eos] if k % 2 == 0 else [])
+                logprobs = [{t: types.SimpleNamespace(logprob=-0.5 - 0.1 * j)} for j, t in enumerate(ids)]
+                seqs.append(types.SimpleNamespace(token_ids=ids, logprobs=logprobs))
             outs.append(types.SimpleNamespace(outputs=seqs))
         return outs
 
@@ -75,6 +79,10 @@ def test_colocate_generate_and_weight_sync(fake_vllm):
     assert rollout.completion_mask.sum(1).tolist() == lengths
     assert rollout.is_truncated.tolist() == [not e for e in ends_with_eos]
     assert rollout.prompt_mask[3].tolist() == [0, 0, 1]  # left padding
+    assert params.logprobs == 0 and llm.options["logprobs_mode"] == "processed_logprobs"
+    # the sampled tokens' log-probs come back aligned with the tokens, NaN on padding
+    assert rollout.sampler_logps[2, :4].tolist() == pytest.approx([-0.5, -0.6, -0.7, -0.8])
+    assert torch.isnan(rollout.sampler_logps[0, 2:]).all()
     uneven = backend.generate(policy, tok, [[5], [6, 7]], [1, 3], 4, {}, step=0)  # a process's slice of groups
     assert [p.n for p in llm.requests[1][1]] == [1, 3] and uneven.prompt_ids[:, -1].tolist() == [5, 7, 7, 7]
     assert len(llm.loaded) == 1 and llm.resets == 1  # same optimizer step: no second push
@@ -96,12 +104,19 @@ def test_without_vllm_the_error_says_how_to_install(monkeypatch):
 
 
 def test_config_checks_vllm_modes(monkeypatch):
-    from posttrain.configs import online
-    from posttrain.configs import grpo
+    from posttrain.configs import grpo, online
 
     monkeypatch.setattr(online, "_has_vllm", lambda: False)
+    config = grpo.GRPOConfig(output_dir="x", use_vllm=True)  # a config may be written without vLLM …
     with pytest.raises(ValueError, match="use_vllm=True needs the vllm package .*vllm_mode='server'"):
-        grpo.GRPOConfig(output_dir="x", use_vllm=True)
+        online.check_vllm_use(config)  # … the trainer that would use it says what is missing
+    with pytest.raises(ValueError, match="vllm_tensor_parallel_size applies to vLLM generation only"):
+        online.check_vllm_use(grpo.GRPOConfig(output_dir="x", vllm_tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="vllm_model_impl is an option of the generation server"):
+        online.check_vllm_use(grpo.GRPOConfig(output_dir="x", use_vllm=True, vllm_mode="server",
+                                              vllm_model_impl="transformers"))
+    with pytest.raises(ValueError, match="vllm_group_port=1234: .*HTTP"):
+        grpo.GRPOConfig(output_dir="x", use_vllm=True, vllm_group_port=1234)
     # server mode needs no vllm in the training process
     args = grpo.GRPOConfig(output_dir="x", use_vllm=True, vllm_mode="server")
     assert (args.vllm_server_base_url, args.vllm_server_host, args.vllm_server_port, args.vllm_server_timeout) == \
@@ -131,8 +146,7 @@ def test_server_flags_reach_the_config(tmp_path):
 
 def test_grpo_trains_on_vllm_rollouts(fake_vllm, monkeypatch, tmp_path):
     """use_vllm=True: the trainer samples through the engine (n=G per prompt) and pushes weights every step."""
-    from posttrain.configs import online
-    from posttrain.configs import grpo
+    from posttrain.configs import grpo, online
     from posttrain.data.arith import load_builtin_dataset
     from posttrain.trainers.grpo import GRPOTrainer
 
@@ -147,3 +161,31 @@ def test_grpo_trains_on_vllm_rollouts(fake_vllm, monkeypatch, tmp_path):
     assert len(llm.requests) == 2 and all(len(prompts) == 2 for prompts, _ in llm.requests)  # 2 prompts × G=4
     assert len(llm.loaded) == 2  # weights pushed before each step's rollout
     assert trainer.state.log_history[0]["completions/mean_length"] == pytest.approx((2 + 2 + 4 + 4) / 4)  # [7, EOS], [7, 7], …
+
+
+def test_grpo_applies_the_sampler_correction(fake_vllm, monkeypatch, tmp_path):
+    """use_vllm with vllm_importance_sampling_correction: old log-probs are computed even on-policy, the weight
+    π_old/π_vLLM of each sequence (the stand-in engine's log-probs differ from the model's) reaches the loss, and
+    the sampling/* metrics are logged."""
+    from posttrain.configs import grpo, online
+    from posttrain.data.arith import load_builtin_dataset
+    from posttrain.trainers.grpo import GRPOTrainer
+
+    monkeypatch.setattr(online, "_has_vllm", lambda: True)
+    args = grpo.GRPOConfig(output_dir=str(tmp_path), use_vllm=True, num_generations=4, per_device_train_batch_size=8,
+                           max_completion_length=6, max_steps=1, report_to="none", save_strategy="no",
+                           disable_tqdm=True, logging_steps=1, vllm_importance_sampling_mode="token_truncate",
+                           vllm_importance_sampling_clip_max=2.0)
+    trainer = GRPOTrainer("posttrain/tiny", reward_funcs=lambda completion_ids, **kw: [len(c) for c in completion_ids],
+                          args=args, train_dataset=load_builtin_dataset("posttrain/arith-prompts", split="train[:8]"))
+    assert trainer.needs_old_logps() and trainer.use_vllm
+    rows = [trainer.train_dataset[i] for i in (0, 0, 0, 0, 1, 1, 1, 1)]
+    trainer.model.train()
+    batches = trainer._cycle_batches(rows)
+    ratio = batches[0]["sampler_ratio"]
+    mask = batches[0]["completion_mask"].bool()
+    expected = torch.exp(batches[0]["old_logps"] - batches[0]["sampler_logps"]).clamp(max=2.0)
+    torch.testing.assert_close(ratio[mask], expected[mask])
+    assert torch.isfinite(trainer.compute_loss(trainer.model, batches[0]).detach())
+    trainer.train()
+    assert "sampling/importance_sampling_ratio/mean" in trainer.state.log_history[0]

@@ -33,7 +33,8 @@ class OnlineConfig(PostTrainConfig):
     num_generations: int = field(default=8, metadata={"help": "Completions per prompt (group size G)."})
     max_prompt_length: int | None = field(default=None, metadata={"help": "Prompts longer than this keep their "
                                           "last tokens."})
-    max_completion_length: int = field(default=256, metadata={"help": "Most tokens generated per completion."})
+    max_completion_length: int = field(default=512, metadata={"help": "Most tokens generated per completion (512, as "
+                                       "TRL: a cap, so short answers cost the same as with 256)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs use it too)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
@@ -41,7 +42,13 @@ class OnlineConfig(PostTrainConfig):
     repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty (1 = none)."})
     generation_kwargs: dict | str | None = field(default=None, metadata={"help": "Extra `generate` options "
                                                  "(JSON on the command line); they override the above."})
+    cache_implementation: str | None = field(default=None, metadata={"help": "transformers generation: the KV-cache "
+                                             "implementation passed to `generate` (e.g. 'static'); vLLM ignores "
+                                             "it, as TRL."})
     shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle prompts."})
+    ds3_gather_for_generation: bool = field(default=True, metadata={"help": "DeepSpeed ZeRO-3: gather the policy's "
+                                            "weights for generation (fast). False generates from the shards (slower, "
+                                            "less memory); not with vLLM."})
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (GPU; needs the vllm extra)."})
     vllm_mode: str = field(default="colocate", metadata={"help": "colocate: a vLLM engine inside each training "
                            "process, sharing its GPU; server: a `posttrain vllm-serve` server on other GPUs (or "
@@ -51,6 +58,18 @@ class OnlineConfig(PostTrainConfig):
                                                "vLLM engine may take."})
     vllm_max_model_length: int | None = field(default=None, metadata={"help": "vLLM's context length (default: "
                                               "the model's)."})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "Colocate mode, one training process: GPUs "
+                                           "the engine shards the model over (server mode: the server's "
+                                           "--tensor_parallel_size)."})
+    vllm_model_impl: str = field(default="vllm", metadata={"help": "Colocate mode: vLLM's own model code ('vllm') or "
+                                 "the transformers backend ('transformers').", "choices": ["vllm", "transformers"]})
+    vllm_enable_sleep_mode: bool = field(default=False, metadata={"help": "Colocate mode: offload the engine's "
+                                         "weights and free its cache between rollouts (less GPU memory while "
+                                         "training; waking costs a host-device copy)."})
+    vllm_structured_outputs_regex: str | None = field(default=None, metadata={"help": "Constrain every completion to "
+                                                      "this regular expression (vLLM structured outputs)."})
+    vllm_group_port: int = field(default=51216, metadata={"help": "TRL's NCCL weight-update port. posttrain's server "
+                                 "receives weights over HTTP (`rollout/client.py`), so only the default is accepted."})
     vllm_server_base_url: str | None = field(default=None, metadata={"help": "Server mode: the server's URL "
                                              "(e.g. http://10.0.0.2:8000); overrides vllm_server_host and "
                                              "vllm_server_port."})
@@ -163,9 +182,83 @@ class ToolRolloutConfig(GroupRolloutConfig):
             self.tools = [self.tools]
 
 
+VLLM_ONLY_DEFAULTS = {"vllm_tensor_parallel_size": 1, "vllm_model_impl": "vllm", "vllm_enable_sleep_mode": False,
+                      "vllm_structured_outputs_regex": None}
+
+
+@posttrain_config
+@dataclass
+class ScoredGroupConfig(ToolRolloutConfig):
+    """What GRPO and RLOO (the methods that score a group with reward functions and log its completions) add: prompt
+    rendering, eval group size, padding, the completions sample printed at each logging step, and generation
+    engines of TRL's they do not offer."""
+
+    chat_template_kwargs: dict | str | None = field(default=None, metadata={"help": "Keyword arguments for the "
+                                                    "chat template when prompts are rendered (JSON on the command "
+                                                    "line), e.g. '{\"enable_thinking\": false}'. A dataset column "
+                                                    "'chat_template_kwargs' adds per-row values, which win."})
+    num_generations_eval: int | None = field(default=None, metadata={"help": "Completions per prompt in evaluation "
+                                             "(default num_generations)."})
+    pad_to_multiple_of: int | str | None = field(default="auto", metadata={"help": "Pad prompt and completion ids "
+                                                 "to a multiple of this (fewer distinct shapes for compiled "
+                                                 "kernels). auto: 128 on Neuron devices, else no padding."})
+    num_completions_to_print: int | None = field(default=None, metadata={"help": "With log_completions: how many "
+                                                 "completions of the last rollout are printed (a table) at each "
+                                                 "logging step, as TRL (None: all of them; 0: none). "
+                                                 "output_dir/completions.jsonl keeps every one."})
+    log_unique_prompts: bool = field(default=False, metadata={"help": "With log_completions: one row per distinct "
+                                     "prompt in the printed sample (its first completion), instead of every "
+                                     "completion (completions.jsonl keeps every one)."})
+    log_multimodal: bool = field(default=True, metadata={"help": "Log images with completions (posttrain's rollouts "
+                                 "are text-only: nothing to log either way)."})
+    use_transformers_continuous_batching: bool = field(default=False, metadata={"help": "TRL: generate with "
+                                                       "transformers' continuous batching. Not offered: use_vllm "
+                                                       "(or the default generate, which shares each prompt's "
+                                                       "prefill); True is refused."})
+    transformers_continuous_batching_config: dict | None = field(default=None, metadata={"help": "Options of "
+                                                                 "use_transformers_continuous_batching (refused)."})
+    use_transformers_paged: bool = field(default=False, metadata={"help": "Deprecated TRL name of "
+                                         "use_transformers_continuous_batching (refused)."})
+
+    def validate_rollout(self) -> None:
+        super().validate_rollout()
+        self.chat_template_kwargs = json_option(self.chat_template_kwargs, "chat_template_kwargs")
+        check(self.chat_template_kwargs is None or isinstance(self.chat_template_kwargs, dict),
+              f"chat_template_kwargs must be a mapping, got {self.chat_template_kwargs!r}.")
+        check(not (self.use_transformers_continuous_batching or self.use_transformers_paged
+                   or self.transformers_continuous_batching_config),
+              "use_transformers_continuous_batching is not offered by posttrain: generation shares each prompt's "
+              "prefill already; for faster rollouts set use_vllm=True. Remove the option.")
+        if isinstance(self.pad_to_multiple_of, str):  # the command line gives a string
+            value = self.pad_to_multiple_of.lower()
+            self.pad_to_multiple_of = ("auto" if value == "auto" else None if value in ("none", "null")
+                                       else int(value))
+        if self.pad_to_multiple_of == "auto":
+            self.pad_to_multiple_of = 128 if _on_neuron() else None
+        check(self.pad_to_multiple_of is None or self.pad_to_multiple_of >= 1,
+              f"pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}.")
+        check(self.num_generations_eval is None or self.num_generations_eval >= 1,
+              f"num_generations_eval must be >= 1, got {self.num_generations_eval}.")
+        check(self.num_completions_to_print is None or self.num_completions_to_print >= 0,
+              f"num_completions_to_print must be >= 0, got {self.num_completions_to_print}.")
+
+
+def _on_neuron() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch_neuronx") is not None
+
+
 def check_vllm(config: OnlineConfig) -> None:
-    """use_vllm: colocate mode needs the vllm package here; server mode needs only a reachable server (checked when
-    the trainer starts), not vllm in the training process. One-line errors."""
+    """The values of the vLLM options (one-line errors). Whether vLLM can run here (the package, a GPU, a server) is
+    checked when the trainer starts (`check_vllm_use`), so a config can be written on a machine without vLLM."""
+    check(config.vllm_group_port == 51216 or not config.use_vllm,
+          f"vllm_group_port={config.vllm_group_port}: posttrain's generation server receives the weights over HTTP, "
+          "not over an NCCL group, so there is no port to choose; remove vllm_group_port.")
+    check(config.vllm_tensor_parallel_size >= 1, f"vllm_tensor_parallel_size must be >= 1, got "
+                                                 f"{config.vllm_tensor_parallel_size}.")
+    check(config.vllm_model_impl in ("vllm", "transformers"), f"vllm_model_impl must be 'vllm' or 'transformers', "
+                                                               f"got {config.vllm_model_impl!r}.")
     if not config.use_vllm:
         return
     check(config.vllm_mode in VLLM_MODES, f"vllm_mode must be one of {', '.join(VLLM_MODES)}, got "
@@ -179,10 +272,32 @@ def check_vllm(config: OnlineConfig) -> None:
         check(config.vllm_server_timeout > 0, f"vllm_server_timeout must be > 0 seconds, got "
                                               f"{config.vllm_server_timeout}.")
         return
-    check(_has_vllm(), "use_vllm=True needs the vllm package (pip install 'posttrain[vllm]') and a CUDA GPU; or "
-                       "generate on a `posttrain vllm-serve` server with vllm_mode='server'.")
     check(0 < config.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization must be in (0, 1), got "
                                                       f"{config.vllm_gpu_memory_utilization}.")
+
+
+def check_vllm_use(config: OnlineConfig) -> None:
+    """When a trainer starts: a vLLM-only option set without use_vllm has nothing to act on, colocate mode needs the
+    vllm package here, and the options of a colocated engine belong to the server in server mode. One line each."""
+    changed = [name for name, default in VLLM_ONLY_DEFAULTS.items() if getattr(config, name) != default]
+    if not config.use_vllm:
+        check(not changed, f"{changed[0] if changed else ''} applies to vLLM generation only; set use_vllm=True or "
+                           "remove it.")
+        return
+    if config.vllm_mode == "server":
+        server_side = [n for n in changed if n in ("vllm_tensor_parallel_size", "vllm_model_impl",
+                                                    "vllm_enable_sleep_mode")]
+        check(not server_side, f"{server_side[0] if server_side else ''} is an option of the generation server in "
+                               "vllm_mode='server': pass it to `posttrain vllm-serve` instead.")
+        return
+    check(_has_vllm(), "use_vllm=True needs the vllm package (pip install 'posttrain[vllm]') and a CUDA GPU; or "
+                       "generate on a `posttrain vllm-serve` server with vllm_mode='server'.")
+    check(config.vllm_tensor_parallel_size == 1 or config.world_size == 1,
+          f"vllm_tensor_parallel_size={config.vllm_tensor_parallel_size} with {config.world_size} training "
+          "processes: each process runs its own colocated engine on its own GPU; use vllm_mode='server' for a "
+          "tensor-parallel engine.")
+    check(config.ds3_gather_for_generation, "ds3_gather_for_generation=False is not compatible with vLLM "
+                                            "generation (the engine needs whole weights); remove it.")
 
 
 def _has_vllm() -> bool:

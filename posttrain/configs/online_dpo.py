@@ -37,6 +37,14 @@ class OnlineDPOConfig(GroupRolloutConfig):
     max_completion_length: int = field(default=64, metadata={"help": "Most tokens generated per completion."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "TRL's name for max_completion_length "
                                        "(sets it when given)."})
+    max_length: int = field(default=512, metadata={"help": "Most tokens (prompt + completion) of the log-prob "
+                            "passes: longer rows lose their leftmost prompt tokens there, as TRL (generation still "
+                            "sees the whole prompt, up to max_prompt_length)."})
+    reward_model_path: str | None = field(default=None, metadata={"help": "TRL's name for a reward model scoring "
+                                          "completions (Hub id or local directory); same as "
+                                          "reward_model_name_or_path."})
+    vllm_gpu_memory_utilization: float = field(default=0.55, metadata={"help": "Share of GPU memory the colocated "
+                                               "vLLM engine may take (0.55, as TRL's Online DPO)."})
     temperature: float = field(default=0.9, metadata={"help": "Sampling temperature (the DPO log-probs are the "
                                "model's own, at temperature 1)."})
     beta: list[float] = field(default_factory=lambda: [0.1], metadata={
@@ -54,6 +62,10 @@ class OnlineDPOConfig(GroupRolloutConfig):
             values = [float(b) for b in self.beta]
             check(len(values) > 0, "beta is an empty list; give one value (e.g. 0.1) or one per epoch.")
             self.beta = values[0] if len(values) == 1 else values
+        if self.reward_model_path is not None:
+            check(self.reward_model_name_or_path in (None, self.reward_model_path),
+                  "Set reward_model_path or reward_model_name_or_path, not both.")
+            self.reward_model_name_or_path, self.reward_model_path = self.reward_model_path, None
         if self.max_new_tokens is not None:
             self.max_completion_length = self.max_new_tokens
             self.max_new_tokens = None  # consumed: a saved config then round-trips through max_completion_length
@@ -70,6 +82,13 @@ class OnlineDPOConfig(GroupRolloutConfig):
         check(self.per_device_train_batch_size % 2 == 0,
               f"per_device_train_batch_size counts completions (2 per prompt) and must be even so that a pair is "
               f"never split, got {self.per_device_train_batch_size}; TRL counts prompts: double TRL's value.")
+        check(self.max_length > 0, f"max_length must be > 0, got {self.max_length}.")
+        if self.max_completion_length >= self.max_length:
+            import warnings
+
+            warnings.warn(f"max_completion_length ({self.max_completion_length}) >= max_length ({self.max_length}): "
+                          "the log-prob passes would keep no prompt token; raise max_length.", UserWarning,
+                          stacklevel=3)
         check(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
               f"missing_eos_penalty must be >= 0 (it is subtracted), got {self.missing_eos_penalty}.")
 

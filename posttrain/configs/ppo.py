@@ -43,6 +43,13 @@ class PPOConfig(OnlineConfig):
                                                  "checkpoint with a new scalar head."})
     reward_model_path: str | None = field(default=None, metadata={"help": "A reward model scoring completions when "
                                           "no reward_funcs are given."})
+    total_episodes: int | None = field(default=None, metadata={"help": "Completions to train on in all (TRL's "
+                                       "episodes): sets max_steps to the optimizer steps of ⌈total_episodes / "
+                                       "rollout size⌉ rollouts (each num_mini_batches × num_ppo_epochs steps). "
+                                       "Default: num_train_epochs over the dataset."})
+    stop_token: str | None = field(default=None, metadata={"help": "TRL: 'eos' ends each completion at its first "
+                                   "EOS. posttrain always does (generation stops at EOS), so None and 'eos' are the "
+                                   "same here.", "choices": [None, "eos"]})
     num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout."})
     num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per pass over a rollout."})
     kl_coef: float = field(default=0.05, metadata={"help": "Weight of the per-token KL penalty in the reward."})
@@ -77,10 +84,19 @@ class PPOConfig(OnlineConfig):
         return self.per_device_train_batch_size * self.steps_per_generation
 
     def resolve_batching(self) -> None:
-        """A rollout is per_device × GA × num_mini_batches completions, reused for num_ppo_epochs passes."""
+        """A rollout is per_device × GA × num_mini_batches completions, reused for num_ppo_epochs passes;
+        total_episodes (completions over all processes) → max_steps."""
         check(self.generation_batch_size % self.num_generations == 0,
               f"The rollout (per_device_train_batch_size × gradient_accumulation_steps × num_mini_batches = "
               f"{self.generation_batch_size}) must be a multiple of num_generations ({self.num_generations}).")
+        check(self.stop_token in (None, "eos"), f"stop_token must be 'eos' or None, got {self.stop_token!r}.")
+        if self.total_episodes is not None:
+            check(self.total_episodes >= 1, f"total_episodes must be >= 1, got {self.total_episodes}.")
+            rollouts = -(-self.total_episodes // (self.generation_batch_size * self.world_size))
+            steps = rollouts * self.num_mini_batches * self.num_ppo_epochs
+            check(self.max_steps in (-1, steps), f"Set total_episodes or max_steps, not both (total_episodes="
+                                                 f"{self.total_episodes} means max_steps={steps}).")
+            self.max_steps = steps
 
     def validate(self) -> None:
         check(self.num_generations >= 1, f"num_generations must be >= 1, got {self.num_generations}.")

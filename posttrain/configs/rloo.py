@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.configs.base import check, posttrain_config
-from posttrain.configs.online import ToolRolloutConfig
+from posttrain.configs.online import ScoredGroupConfig
 
 
 @posttrain_config
 @dataclass
-class RLOOConfig(ToolRolloutConfig):
+class RLOOConfig(ScoredGroupConfig):
     """Configuration of `RLOOTrainer`. The KL to the reference is folded into the reward (k1, summed over the
     completion) with weight `beta`; the loss is a sequence-level clipped objective."""
 

@@ -8,7 +8,11 @@ dispatches without special cases:
   that generated them; pass `logps.detach()` when on-policy, giving ratio 1 with the right gradient);
 * `advantages` (B,) — one per completion — or (B, T) per token;
 * `mask` (B, T): 1 = trained completion token;
-* floats `epsilon_low`, `epsilon_high` (None ⇒ epsilon_low, as TRL), `delta`, `sapo_temperature_pos/neg`;
+* floats `epsilon_low`, `epsilon_high` (None ⇒ epsilon_low, as TRL), `delta`, `sapo_temperature_pos/neg`,
+  `vespo_k_pos/neg`, `vespo_lambda_pos/neg`;
+* `sampler_ratio` (B, T) or (B, 1) or None: the truncated/masked importance weight π_old/π_sampler of a vLLM rollout
+  (`sampler_importance_weights`); only vespo reads it (inside its weight); the trainer multiplies the others' ℓ_t
+  by it, as TRL;
 * `importance_sampling_level`: "token", or "sequence" (GSPO: Zheng et al. 2025, "Group Sequence Policy
   Optimization", §4.1: one ratio per completion r = exp(mean_t m_t·log r_t), broadcast over its tokens).
 
@@ -17,6 +21,8 @@ micro-batch's masked tokens; the trainer gathers them). grpo, bnpo, dr_grpo and 
 objective and differ only in `aggregate`, which applies the loss type's normaliser.
 
 `kl_penalty` is GRPO's KL term (k3, times r_t under `use_bias_correction_kl`); the trainer adds β times it to ℓ_t.
+`sampler_importance_weights` (vLLM's sampler vs the trainer's log-probs, TRL's vllm_importance_sampling_*) and
+`off_policy_sequence_mask` (DeepSeek-V3.2's off-policy sequence masking) are the corrections applied around ℓ_t.
 
 Not here: the KL estimators (`losses/kl.py`), log-probs and entropies (`models/logprobs.py`), advantages
 (`algorithms/advantages.py`), PPO's value loss (`losses/value.py`).
@@ -24,6 +30,7 @@ Not here: the KL estimators (`losses/kl.py`), log-probs and entropies (`models/l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -128,6 +135,90 @@ def sapo(*, logps, old_logps, advantages, mask, sapo_temperature_pos=1.0, sapo_t
     return _masked(loss, mask), {}
 
 
+def vespo_weights(*, log_ratio, advantages, mask, sampler_ratio=None, k_pos=2.0, lambda_pos=3.0, k_neg=3.0,
+                  lambda_neg=2.0) -> Tensor:
+    """VESPO's sequence weight φ(w) = e^λ · w^k · e^(−λw) (so φ(1) = 1; VESPO, arXiv 2602.10693), detached.
+
+    w = exp(Σ_t m_t log r_t + Σ_t m_t log ρ_t): the *summed* (not length-normalised) sequence log-ratio of πθ to
+    π_old, plus, for a vLLM rollout, the log of the sampler correction ρ (`sampler_ratio`, token level). (k, λ) =
+    (k_pos, λ_pos) where A ≥ 0 else (k_neg, λ_neg). In log space, with the clamps that keep it finite as TRL:
+    per-token log r to [−20, 20], log ρ and log w to [log 1e-8, 20]; λ ≥ 1e-4; a non-finite φ becomes 0.
+    Args: log_ratio (B, T), advantages (B, 1) or (B, T), mask (B, T) bool. Returns φ (B, 1) or (B, T) (per-token
+    advantages), detached."""
+    floor = math.log(1e-8)
+    m = mask.to(log_ratio.dtype)
+    with torch.no_grad():
+        log_w = (log_ratio.detach().clamp(-20.0, 20.0) * m).sum(-1, keepdim=True)
+        if sampler_ratio is not None:
+            log_rho = torch.log(sampler_ratio.detach().to(log_ratio.dtype)).clamp(floor, 20.0)
+            log_w = log_w + (log_rho.expand_as(m) * m).sum(-1, keepdim=True)
+        log_w = log_w.clamp(floor, 20.0)
+        nonneg = advantages >= 0
+        k = torch.where(nonneg, log_w.new_tensor(k_pos), log_w.new_tensor(k_neg))
+        lam = torch.where(nonneg, log_w.new_tensor(lambda_pos), log_w.new_tensor(lambda_neg)).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def vespo(*, logps, old_logps, advantages, mask, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
+          vespo_lambda_neg=2.0, sampler_ratio=None, **_) -> tuple[Tensor, Metrics]:
+    """VESPO (Variational Sequence-level Soft Policy Optimization, arXiv 2602.10693): instead of a hard clip, a
+    smooth asymmetric Gamma-shaped weight of the sequence importance ratio scales a REINFORCE term,
+    ℓ_t = −sg(φ(w))·A·log πθ(y_t) (`vespo_weights`: w is the summed sequence ratio, times the vLLM sampler
+    correction when given). φ(1) = 1, so on-policy ∂ℓ_t/∂logπ_t = −A, the policy gradient; φ → 0 as w → 0 (w^k) and
+    as w → ∞ (e^(−λw)). Always token-level log-probs (the weight is per sequence by construction).
+    Returns: ℓ (B, T), {"vespo/phi_seq_mean": mean φ over sequences}."""
+    mask = mask.bool()
+    adv = advantages.detach().to(logps.dtype)
+    adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
+    phi = vespo_weights(log_ratio=logps - old_logps.detach(), advantages=adv, mask=mask, sampler_ratio=sampler_ratio,
+                        k_pos=vespo_k_pos, lambda_pos=vespo_lambda_pos, k_neg=vespo_k_neg, lambda_neg=vespo_lambda_neg)
+    loss = -phi * adv * logps
+    phi_mean = phi.mean() if phi.shape[-1] == 1 else _masked_mean(phi, mask.to(torch.float32))
+    return _masked(loss, mask), {"vespo/phi_seq_mean": phi_mean.detach().float()}
+
+
+def sampler_importance_weights(*, old_logps, sampler_logps, mask, mode="sequence_mask", clip_min=None,
+                               clip_max=3.0) -> Tensor:
+    """The correction for sampling with another engine than the one that trains (vLLM vs transformers: kernels and
+    precision differ, so π_sampler ≠ π_old even with equal weights), TRL's vllm_importance_sampling_correction.
+
+    d_t = m_t·(log π_old(y_t) − log π_sampler(y_t)) (0 where the sampler gave no log-prob: NaN); ratio ρ = exp(d)
+    per token (`token_*` modes, (B, T)) or exp(Σ_t d_t) per sequence (`sequence_*` modes, (B, 1)). `*_truncate`:
+    ρ clamped to [clip_min, clip_max] (truncated IS); `*_mask`: ρ set to 0 outside [clip_min, clip_max] (masked IS;
+    None = unbounded on that side). The trainer multiplies ℓ_t by ρ (vespo folds it into its weight). Detached.
+    Args: old_logps, sampler_logps, mask (B, T). Returns ρ (B, T) or (B, 1)."""
+    if mode not in SAMPLER_IS_MODES:
+        raise UserError(f"vllm_importance_sampling_mode must be one of {', '.join(SAMPLER_IS_MODES)}, got {mode!r}.")
+    with torch.no_grad():
+        diff = torch.nan_to_num((old_logps.detach() - sampler_logps.detach().to(old_logps.dtype)) * mask, nan=0.0)
+        if mode.startswith("sequence"):
+            diff = diff.sum(-1, keepdim=True)
+        ratio = torch.exp(diff)
+        if mode.endswith("truncate"):
+            return ratio.clamp(min=clip_min, max=clip_max)
+        low = -math.inf if clip_min is None else clip_min
+        high = math.inf if clip_max is None else clip_max
+        return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+
+
+SAMPLER_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def off_policy_sequence_mask(*, logps, sampler_logps, advantages, mask, threshold: float) -> Tensor:
+    """Off-policy sequence masking (DeepSeek-V3.2, arXiv 2512.02556, Eq. 9): drop a completion whose advantage is
+    negative AND whose mean per-token KL estimate log π_sampler − log πθ over its trained tokens exceeds δ =
+    `threshold` (too stale to learn from a negative signal). `sampler_logps` are the log-probs the completion was
+    sampled with (vLLM's when given, else the old policy's); NaN entries count as 0. Returns (B, 1) float, 1 = keep
+    (or (B, T) for per-token advantages). Detached."""
+    with torch.no_grad():
+        m = mask.to(logps.dtype)
+        kl = torch.nan_to_num(sampler_logps.detach().to(logps.dtype) - logps.detach(), nan=0.0)
+        mean_kl = (kl * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+        adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+        return ((adv >= 0) | (mean_kl <= threshold)).to(logps.dtype)
+
+
 def kl_penalty(*, logps, ref_logps, old_logps, mask, importance_sampling_level="token",
                bias_correction=True) -> Tensor:
     """GRPO's per-token KL term, before β: k3(logπθ, logπref) (DeepSeekMath Eq. 4), times the importance ratio r
@@ -142,6 +233,8 @@ def kl_penalty(*, logps, ref_logps, old_logps, mask, importance_sampling_level="
 
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, Metrics]]] = {
     "grpo": grpo, "bnpo": grpo, "dr_grpo": grpo, "dapo": grpo, "cispo": cispo, "sapo": sapo,
+    "luspo": grpo,  # LUSPO: GSPO's clipped objective, each sequence's loss summed over its tokens (`loss_terms`)
+    "vespo": vespo,
 }
 
 # ---- per-item terms ------------------------------------------------------------------------------------------
@@ -155,9 +248,11 @@ LOSS_UNITS = {
     "bnpo": "token",        # Σ mℓ / Σ m (BNPO, Xiao et al. 2025)
     "dapo": "token",        # Σ mℓ / N_tokens (DAPO §3.3, token-level loss)
     "cispo": "token",
+    "vespo": "token",       # Σ mℓ / N_tokens, as dapo
+    "luspo": "sequence",    # mean_i Σ_t mℓ (LUSPO, arXiv 2602.05261): a sequence weighs in proportion to its length
 }
 # The types TRL normalises per micro-batch (then averages over accumulation steps): loss_normalization="trl".
-TRL_LOCAL_NORMALIZATION = ("grpo", "sapo", "dr_grpo", "bnpo")
+TRL_LOCAL_NORMALIZATION = ("grpo", "sapo", "dr_grpo", "bnpo", "luspo")
 
 
 def loss_terms(per_token: Tensor, mask: Tensor, loss_type: str,
@@ -165,9 +260,10 @@ def loss_terms(per_token: Tensor, mask: Tensor, loss_type: str,
     """ℓ (B, T) → (terms, unit): the items whose sum, divided by the count of `unit` items, is the loss.
 
     * grpo, sapo: terms (B,) = Σ_t mℓ / Σ_t m per sequence; unit "sequence";
+    * luspo: terms (B,) = Σ_t mℓ per sequence (not length-normalised); unit "sequence";
     * dr_grpo: terms (B,) = Σ_t mℓ / max_completion_length per sequence; unit "sequence" (Σ / B = Dr. GRPO's
       Σ mℓ / (B · L));
-    * bnpo, dapo, cispo: terms (B, T) = mℓ; unit "token" (one normaliser: the token count).
+    * bnpo, dapo, cispo, vespo: terms (B, T) = mℓ; unit "token" (one normaliser: the token count).
 
     Args: per_token, mask (B, T). Which normaliser makes the sum a mean: `losses.reduce.reduce_terms`."""
     if loss_type not in LOSS_UNITS:
@@ -178,6 +274,8 @@ def loss_terms(per_token: Tensor, mask: Tensor, loss_type: str,
         if max_completion_length is None:
             raise UserError("loss_type='dr_grpo' needs max_completion_length.")
         return total.sum(-1) / max_completion_length, "sequence"
+    if loss_type == "luspo":
+        return total.sum(-1), "sequence"
     if LOSS_UNITS[loss_type] == "sequence":
         return total.sum(-1) / m.sum(-1).clamp(min=1), "sequence"
     return total, "token"

@@ -288,7 +288,8 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     logits (softmax recompute, zero-fill and scatter of the gather gradient, their sum) to two, and the entropy
     metric reuses the same softmax. The logits themselves are not saved: the head's matmul backward needs only
     hidden states and weights, so they can be freed once the forward is done.
-    Returns (logps, *the statistics named in keys), the statistics not differentiable.
+    Returns (logps, *the statistics named in keys); of the statistics only the entropy is differentiable
+    (∂H/∂z_j = −p_j·(log p_j + H), for GRPO's entropy bonus), the others not.
     """
 
     @staticmethod
@@ -296,17 +297,22 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
         out = _chunked_stats(lambda start, end: logits[start:end], targets, temperature, keys, chunk_size,
                              probs=probs)
-        ctx.save_for_backward(probs, targets)
-        ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
+        entropy = out.get("entropy", probs.new_zeros(0))
+        ctx.save_for_backward(probs, targets, entropy)
+        ctx.temperature, ctx.logits_dtype, ctx.keys = temperature, logits.dtype, keys
         extras = [out[key] for key in keys]
-        ctx.mark_non_differentiable(*extras)
+        ctx.mark_non_differentiable(*[out[key] for key in keys if key != "entropy"])
         return (out["logps"], *extras)
 
     @staticmethod
-    def backward(ctx, grad_logps, *unused):
-        probs, targets = ctx.saved_tensors
+    def backward(ctx, grad_logps, *grad_extras):
+        probs, targets, entropy = ctx.saved_tensors
         grad = probs * grad_logps.neg().unsqueeze(-1)
         grad.scatter_add_(-1, targets.unsqueeze(-1), grad_logps.unsqueeze(-1))
+        grad_entropy = dict(zip(ctx.keys, grad_extras)).get("entropy")
+        if grad_entropy is not None:  # the entropy bonus: ∂H/∂z_j = −p_j·(log p_j + H)
+            g = grad_entropy.unsqueeze(-1)
+            grad.sub_(g * (torch.xlogy(probs, probs) + probs * entropy.unsqueeze(-1)))
         if ctx.temperature != 1.0:
             grad.div_(ctx.temperature)
         return grad.to(ctx.logits_dtype), None, None, None, None
@@ -371,7 +377,8 @@ def _head_chunk_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torc
     skip them."""
     if calls is not None:
         calls.append(None)
-        keys = keys if len(calls) == 1 else ()
+        # the recompute keeps the entropy (its backward needs it, and the saved tensors must match)
+        keys = keys if len(calls) == 1 else tuple(key for key in keys if key == "entropy")
     return _SelectiveLogSoftmax.apply(head(hidden), targets, temperature, keys, chunk_size)
 
 

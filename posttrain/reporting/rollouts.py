@@ -48,12 +48,16 @@ def rollout_metrics(rollout: Rollout, runner, num_generations: int) -> dict[str,
 
 
 def completions_table(rollout: Rollout, names: list[str], step: int) -> list[dict[str, Any]]:
-    """One row per completion: step, prompt, completion, each reward function's value and the advantage (and, for
-    multi-turn rollouts, the tool calls, failed calls and model turns)."""
+    """One row per completion: step, prompt, completion, each reward function's value and the advantage, the
+    columns reward functions logged with `log_extra` (and, for multi-turn rollouts, the tool calls, failed calls and
+    model turns)."""
     advantages = rollout.advantages if rollout.advantages is not None else torch.full_like(rollout.scores, math.nan)
     rows = [{"step": step, "prompt": prompt, "completion": completion,
              **{name: float(rollout.rewards[i, k]) for k, name in enumerate(names)}, "advantage": float(advantages[i])}
             for i, (prompt, completion) in enumerate(zip(rollout.prompts, rollout.completions))]
+    for column, values in rollout.logged_columns.items():  # what reward functions gave TRL's `log_extra`
+        for row, value in zip(rows, values):
+            row[column] = value
     if rollout.tool_calls is not None:  # the whole interaction is in "completion" (messages, tool turns included)
         for i, row in enumerate(rows):
             row["tool_calls"], row["tool_failures"] = int(rollout.tool_calls[i]), int(rollout.tool_failures[i])
@@ -68,3 +72,38 @@ def nanstd(values: torch.Tensor) -> torch.Tensor:
     mean = torch.where(valid, values, 0.0).sum(-1) / count.clamp(min=1)
     sq = torch.where(valid, (values - mean.unsqueeze(-1)) ** 2, 0.0).sum(-1)
     return torch.where(count > 1, (sq / (count - 1).clamp(min=1)).sqrt(), torch.full_like(count, math.nan))
+
+
+def completions_sample(rows: list[dict[str, Any]], limit: int | None, unique_prompts: bool) -> list[dict[str, Any]]:
+    """The rows printed at a logging step: the first completion of each distinct prompt when `unique_prompts`
+    (TRL's log_unique_prompts), at most `limit` of them (TRL's num_completions_to_print; None = all)."""
+    if unique_prompts:
+        seen, kept = set(), []
+        for row in rows:
+            key = str(row["prompt"])
+            if key not in seen:
+                seen.add(key)
+                kept.append(row)
+        rows = kept
+    return rows if limit is None else rows[:limit]
+
+
+def print_completions(rows: list[dict[str, Any]], step: int) -> None:
+    """Print a completions sample as a table (rich when installed, else plain lines)."""
+    if not rows:
+        return
+    columns = [k for k in rows[0] if k != "step"]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(f"completions at step {step}:")
+        for row in rows:
+            print(" | ".join(f"{k}={row[k]!s:.200}" for k in columns))
+        return
+    table = Table(title=f"completions at step {step}", show_lines=True)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*[f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k]) for k in columns])
+    Console().print(table)

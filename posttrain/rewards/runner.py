@@ -12,6 +12,10 @@ that no function scored gets advantage 0), with a warning the first time each fu
 log as `rewards/<name>/nan_frac`. A function that returns NaN for every completion of a batch is an error (one
 line naming it): that is a bug in the function, and training on no signal would hide it.
 
+TRL's logging hooks: every function also receives `log_extra(column, values)` (a column of the completions table,
+one value per completion) and `log_metric(name, value)` (a scalar averaged into the logged metrics); after a call,
+`logged_columns` and `logged_metrics` hold what the functions logged (reset at each call).
+
 Aggregation is nan-aware: `weighted_sum` is Σ_k w_k · r_ik over the functions that gave a value, NaN only when none
 did. What a trainer does with an all-NaN row (advantage 0, …) is the trainer's choice.
 
@@ -37,7 +41,7 @@ from posttrain.rewards.resolve import resolve_reward_func
 from posttrain.rewards.reward_model import RewardModelScorer
 
 logger = logging.getLogger(__name__)
-_RESERVED = ("prompts", "completions", "completion_ids", "trainer_state")
+_RESERVED = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
 
 
 def weighted_sum(rewards: torch.Tensor, weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -104,8 +108,8 @@ class RewardRunner:
     reward_funcs: a callable, a string (built-in name, module:function path, reward-model id) or a reward model,
         or a list mixing them; K = number of entries.
     reward_weights: K floats (default all 1.0), used by `weighted_sum`.
-    reward_processing_classes: tokenizer(s) for the reward models: one for all, or a list aligned with
-        reward_funcs (entries for plain functions are ignored; None = load the model's own).
+    reward_processing_classes: tokenizers for the reward models, a list aligned with reward_funcs (entries for plain
+        functions are ignored; None = load the model's own); a single tokenizer = a list of one (TRL's rule).
     device: where reward models are moved (default: left where they are). batch_size / max_length: reward-model
         scoring batch size and left-truncation length.
     """
@@ -116,13 +120,15 @@ class RewardRunner:
         entries = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not entries:
             raise UserError("reward_funcs is empty; give at least one reward function, name or reward model.")
-        if reward_processing_classes is None or not isinstance(reward_processing_classes, (list, tuple)):
-            tokenizers = [reward_processing_classes] * len(entries)
-        else:
-            tokenizers = list(reward_processing_classes)
+        if reward_processing_classes is None:
+            tokenizers = [None] * len(entries)
+        else:  # one tokenizer stands for a list of one, as in TRL: it must then serve the only reward function
+            tokenizers = list(reward_processing_classes) if isinstance(reward_processing_classes, (list, tuple)) \
+                else [reward_processing_classes]
             if len(tokenizers) != len(entries):
-                raise UserError(f"reward_processing_classes has {len(tokenizers)} entries but reward_funcs has "
-                                f"{len(entries)}; give one per reward function (None for plain functions).")
+                raise UserError(f"The number of reward_processing_classes ({len(tokenizers)}) must match the number "
+                                f"of reward functions ({len(entries)}); give a list with one per reward function "
+                                "(None for plain functions).")
         self.funcs = [resolve_reward_func(e, tok, batch_size, max_length) for e, tok in zip(entries, tokenizers)]
         if reward_weights is None:
             self.weights = [1.0] * len(self.funcs)
@@ -131,6 +137,8 @@ class RewardRunner:
             if len(self.weights) != len(self.funcs):
                 raise UserError(f"reward_weights has {len(self.weights)} values but there are {len(self.funcs)} "
                                 f"reward functions ({', '.join(self.names)}); give one weight per function.")
+        self.logged_columns: dict[str, list] = {}
+        self.logged_metrics: dict[str, list[float]] = {}
         self._loop = _BackgroundLoop()
         self.last_nan_counts = [0] * len(self.funcs)  # NaN values (not None) per function in the last batch
         self.nan_totals = [0] * len(self.funcs)
@@ -141,6 +149,25 @@ class RewardRunner:
     def names(self) -> list[str]:
         """One distinct name per function, in order: `__name__`, or a reward model's directory/id basename."""
         return _dedupe([reward_name(f) for f in self.funcs])
+
+    @property
+    def entries(self) -> list:
+        """reward_funcs as TRL's trainers hold them: each function, and each reward model as the model itself."""
+        return [f.model if isinstance(f, RewardModelScorer) else f for f in self.funcs]
+
+    @property
+    def tokenizers(self) -> list:
+        """Aligned with `entries`: each reward model's tokenizer, None for a function (TRL's
+        reward_processing_classes)."""
+        return [f.tokenizer if isinstance(f, RewardModelScorer) else None for f in self.funcs]
+
+    def log_extra(self, column: str, values: list) -> None:
+        """TRL's `log_extra` hook: a column of the completions table (one value per completion)."""
+        self.logged_columns.setdefault(str(column), []).extend(list(values))
+
+    def log_metric(self, name: str, value: float) -> None:
+        """TRL's `log_metric` hook: a scalar, averaged with the others logged under `name` this batch."""
+        self.logged_metrics.setdefault(str(name), []).append(float(value))
 
     @property
     def reward_models(self) -> list[torch.nn.Module]:
@@ -213,12 +240,13 @@ class RewardRunner:
                 raise UserError(f"Column {name!r} has {len(values)} values for {n} completions; columns must be "
                                 "lists aligned with the completions.")
         return {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns,
-                "trainer_state": trainer_state, **extra}
+                "trainer_state": trainer_state, "log_extra": self.log_extra, "log_metric": self.log_metric, **extra}
 
     def __call__(self, prompts: list, completions: list, completion_ids: list[list[int]] | None = None,
                  columns: dict[str, list] | None = None, trainer_state: Any = None, **extra: Any) -> torch.Tensor:
         kwargs = self._kwargs(prompts, completions, completion_ids, dict(columns or {}), trainer_state, extra)
         n, names = len(completions), self.names
+        self.logged_columns, self.logged_metrics = {}, {}
 
         def own_copy() -> dict[str, Any]:
             # Each function gets its own lists, so one that mutates its input cannot change what the next sees.

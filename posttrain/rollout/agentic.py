@@ -85,8 +85,10 @@ class AgentLoop:
     timeout: seconds per tool call."""
 
     def __init__(self, tokenizer, tools: list[Callable] | None = None, environment_factory: Any = None,
-                 max_iterations: int | None = None, timeout: float | None = 30.0):
+                 max_iterations: int | None = None, timeout: float | None = 30.0,
+                 template_kwargs: dict | None = None):
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        self.template_kwargs = dict(template_kwargs or {})  # chat_template_kwargs: every rendering gets them
         self.tools = list(tools or [])
         self.multi_environment = isinstance(environment_factory, dict)
         if environment_factory is None:
@@ -159,7 +161,8 @@ class AgentLoop:
             tools = self.tools + (environment_tools(env) if env is not None else [])
             schemas = self.schemas[name if self.factories else None]
             ids = self.tokenizer.apply_chat_template(prompt, tools=schemas or None, add_generation_prompt=True,
-                                                     tokenize=False)
+                                                     tokenize=False, **{**self.template_kwargs,
+                                                                        **(row.get("chat_template_kwargs") or {})})
             ids = _text_ids(self.tokenizer, ids)
             if max_prompt_length:
                 ids = ids[-max_prompt_length:]
@@ -191,8 +194,9 @@ class AgentLoop:
         call = {"type": "function", "function": {"name": tool_messages[0]["name"], "arguments": {}}}
         dummy = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
         render = self.tokenizer.apply_chat_template
-        prefix = _text_ids(self.tokenizer, render(dummy, tokenize=False))
-        full = _text_ids(self.tokenizer, render(dummy + tool_messages, add_generation_prompt=True, tokenize=False))
+        prefix = _text_ids(self.tokenizer, render(dummy, tokenize=False, **self.template_kwargs))
+        full = _text_ids(self.tokenizer, render(dummy + tool_messages, add_generation_prompt=True, tokenize=False,
+                                                **self.template_kwargs))
         eos = self.tokenizer.eos_token_id
         ends = [i for i, t in enumerate(prefix) if t == eos]
         if ends:
@@ -298,7 +302,7 @@ def agentic_rollouts(tokenizer, args, tools=None, environment_factory=None, roll
     agent = None
     if tools or environment_factory is not None:
         agent = AgentLoop(tokenizer, tools, environment_factory, getattr(args, "max_tool_calling_iterations", None),
-                          getattr(args, "tool_call_timeout", 30.0))
+                          getattr(args, "tool_call_timeout", 30.0), getattr(args, "chat_template_kwargs", None))
     return agent, rollout_func
 
 

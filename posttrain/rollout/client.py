@@ -58,10 +58,11 @@ class VLLMServerClient(EngineBackend):
 
     # ---- EngineBackend ----------------------------------------------------------------------------------------
     def sample(self, prompt_ids: list[list[int]], counts: list[int], max_tokens: int,
-               options: dict[str, Any]) -> list[list[int]]:
+               options: dict[str, Any]) -> tuple[list[list[int]], list[list[float | None]] | None]:
         request = {"prompt_ids": [[int(t) for t in ids] for ids in prompt_ids], "n": [int(n) for n in counts],
                    "max_tokens": int(max_tokens), **options}
-        return self._post("/generate", json.dumps(request).encode())["completion_ids"]
+        reply = self._post("/generate", json.dumps(request).encode())
+        return reply["completion_ids"], reply.get("logprobs")  # log-probs: a vLLM-backed server only
 
     def push_weights(self, policy: torch.nn.Module) -> None:
         from posttrain.models.sharding import collective_forwards

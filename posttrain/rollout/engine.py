@@ -7,6 +7,10 @@ engine for each prompt's completions as token lists, and turns those into the sa
 path — EOS masking and left padding are `rollout/hf.py`'s. `sampling_options` translates transformers-style
 generation options into vLLM's `SamplingParams` keywords, which are also the generation server's wire format.
 
+An engine may also return the log-probability it sampled each token with (vLLM: `SamplingParams(logprobs=0)`); the
+`Rollout` then carries them as `sampler_logps`, which GRPO's importance-sampling correction compares with the
+trainer's own log-probs of the same tokens (`losses.policy.sampler_importance_weights`).
+
 `vllm_backend` picks the one a trainer's config asks for.
 
 Not here: any engine (vLLM, the server, its transformers backend) or any import of vllm.
@@ -15,15 +19,18 @@ Not here: any engine (vLLM, the server, its transformers backend) or any import 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from posttrain.errors import UserError
 from posttrain.rollout.hf import completion_mask_after_eos, left_pad
 from posttrain.rollout.types import Rollout
 
 Weights = list[tuple[str, torch.Tensor]]
+Samples = list[list[int]] | tuple[list[list[int]], list[list[float | None]] | None]
 
 
 def vllm_backend(args, accelerator, model_name: str):
@@ -32,17 +39,25 @@ def vllm_backend(args, accelerator, model_name: str):
     if args.vllm_mode == "server":
         from posttrain.rollout.client import VLLMServerClient, server_url
 
-        return VLLMServerClient(server_url(args.vllm_server_base_url, args.vllm_server_host, args.vllm_server_port),
-                                args.vllm_server_timeout, accelerator.is_main_process, accelerator.wait_for_everyone,
-                                model_name)
+        client = VLLMServerClient(server_url(args.vllm_server_base_url, args.vllm_server_host,
+                                             args.vllm_server_port),
+                                  args.vllm_server_timeout, accelerator.is_main_process, accelerator.wait_for_everyone,
+                                  model_name)
+        client.structured_outputs_regex = args.vllm_structured_outputs_regex
+        return client
     from posttrain.rollout.vllm import VLLMColocate
 
     return VLLMColocate(model_name, args.vllm_gpu_memory_utilization, args.vllm_max_model_length, args.seed,
-                        multi_process=args.world_size > 1)
+                        multi_process=args.world_size > 1, tensor_parallel_size=args.vllm_tensor_parallel_size,
+                        model_impl=args.vllm_model_impl, enable_sleep_mode=args.vllm_enable_sleep_mode,
+                        structured_outputs_regex=args.vllm_structured_outputs_regex)
 
 
 def sampling_options(generation_kwargs: dict[str, Any]) -> dict[str, Any]:
     """transformers-style sampling options → `vllm.SamplingParams` keywords (vLLM's 'off' values where unset)."""
+    if generation_kwargs.get("num_beams", 1) > 1:
+        raise UserError(f"generation_kwargs num_beams={generation_kwargs['num_beams']}: vLLM's sampling has no beam "
+                        "search; remove num_beams, or generate with transformers (use_vllm=False).")
     if not generation_kwargs.get("do_sample", True):
         return {"temperature": 0.0}
     options = {"temperature": generation_kwargs.get("temperature", 1.0),
@@ -75,11 +90,13 @@ def engine_name(name: str) -> str:
 
 
 def rollout_from_token_lists(sequences: list[list[int]], prompt_ids: list[list[int]], counts: list[int],
-                             tokenizer, device: torch.device) -> Rollout:
+                             tokenizer, device: torch.device,
+                             logprobs: list[list[float | None]] | None = None) -> Rollout:
     """A `Rollout` from completions given as token lists (Σ counts of them, each prompt's consecutive).
 
     An engine stops a completion at its EOS (kept as its last token) or at max_tokens, so lists differ in length:
-    they are right-padded, and the mask covers each list up to its first EOS."""
+    they are right-padded, and the mask covers each list up to its first EOS. `logprobs` (one list per completion,
+    aligned with its tokens; None where the engine gave none) becomes `sampler_logps` (N, C), NaN off the lists."""
     pad_id = tokenizer.pad_token_id
     width = max(max((len(s) for s in sequences), default=1), 1)
     completion_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -92,10 +109,17 @@ def rollout_from_token_lists(sequences: list[list[int]], prompt_ids: list[list[i
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
     ids, mask = left_pad(prompt_ids, pad_id)
     repeats = torch.tensor(counts)
+    sampler_logps = None
+    if logprobs is not None:
+        sampler_logps = torch.full((len(sequences), width), float("nan"), dtype=torch.float32)
+        for i, values in enumerate(logprobs):
+            row = [math.nan if v is None else float(v) for v in values[:width]]
+            sampler_logps[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
+        sampler_logps = sampler_logps.to(device)
     return Rollout(prompt_ids=ids.repeat_interleave(repeats, 0).to(device),
                    prompt_mask=mask.repeat_interleave(repeats, 0).to(device),
                    completion_ids=completion_ids.to(device), completion_mask=completion_mask.to(device),
-                   is_truncated=truncated.to(device))
+                   is_truncated=truncated.to(device), sampler_logps=sampler_logps)
 
 
 class EngineBackend:
@@ -103,10 +127,12 @@ class EngineBackend:
     `push_weights` (policy → engine); `generate` and the once-per-step weight sync are shared."""
 
     _synced_step: int | None = None
+    structured_outputs_regex: str | None = None  # vllm_structured_outputs_regex: every completion matches it
 
     def sample(self, prompt_ids: list[list[int]], counts: list[int], max_tokens: int,
-               options: dict[str, Any]) -> list[list[int]]:
-        """Σ counts completions (token lists, EOS kept), each prompt's `counts[i]` consecutive."""
+               options: dict[str, Any]) -> Samples:
+        """Σ counts completions (token lists, EOS kept), each prompt's `counts[i]` consecutive; or a pair (those
+        lists, the sampled tokens' log-probs aligned with them, or None)."""
         raise NotImplementedError
 
     def push_weights(self, policy: torch.nn.Module) -> None:
@@ -125,8 +151,19 @@ class EngineBackend:
         """Like `rollout.hf.generate`: G completions per prompt (or one count per prompt), groups consecutive."""
         self.sync_weights(policy, step)
         counts = [num_generations] * len(prompt_ids) if isinstance(num_generations, int) else list(num_generations)
-        sequences = self.sample(prompt_ids, counts, max_new_tokens, sampling_options(generation_kwargs))
+        options = sampling_options(generation_kwargs)
+        if self.structured_outputs_regex is not None:
+            options["structured_outputs_regex"] = self.structured_outputs_regex
+        sequences, logprobs = as_samples(self.sample(prompt_ids, counts, max_new_tokens, options))
         if len(sequences) != sum(counts):
             raise RuntimeError(f"the generation engine returned {len(sequences)} completions for {sum(counts)} "
                                "requested")
-        return rollout_from_token_lists(sequences, prompt_ids, counts, tokenizer, next(policy.parameters()).device)
+        return rollout_from_token_lists(sequences, prompt_ids, counts, tokenizer, next(policy.parameters()).device,
+                                        logprobs)
+
+
+def as_samples(result) -> tuple[list[list[int]], list[list[float | None]] | None]:
+    """An engine's `sample` result as (token lists, log-prob lists or None)."""
+    if isinstance(result, tuple):
+        return result[0], result[1]
+    return result, None

@@ -149,8 +149,11 @@ def _transformers_generate(model, ids, mask, full_ids, full_mask, num_generation
     if synced:
         kwargs["synced_gpus"] = True
     # the shared prefill repeats the cache by one count for all prompts: uneven counts prefill per row
+    # (and a chosen cache_implementation makes its own cache: it cannot continue one made here)
+    # (nor can beam search, which widens the batch by num_beams)
     if (share_prefill and not synced and isinstance(num_generations, int) and num_generations > 1
-            and ids.shape[1] > 1):
+            and ids.shape[1] > 1 and "cache_implementation" not in generation_kwargs
+            and generation_kwargs.get("num_beams", 1) == 1):
         position_ids = positions_from_mask(mask)
         prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
                        use_cache=True)

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 import torch
 
 from posttrain.errors import UserError
-from posttrain.rollout.engine import Weights
+from posttrain.rollout.engine import Weights, as_samples
 
 logger = logging.getLogger(__name__)
 BACKENDS = ("vllm", "transformers")
@@ -155,8 +155,11 @@ class GenerationServer(ThreadingHTTPServer):
     def generate(self, body: bytes) -> dict[str, Any]:
         prompt_ids, counts, max_tokens, options = parse_generate_request(body)
         with self.lock:
-            sequences = self.engine.sample(prompt_ids, counts, max_tokens, options)
-        return {"completion_ids": sequences}
+            sequences, logprobs = as_samples(self.engine.sample(prompt_ids, counts, max_tokens, options))
+        reply = {"completion_ids": sequences}
+        if logprobs is not None:  # the sampled tokens' log-probs (vLLM backend), for importance sampling
+            reply["logprobs"] = logprobs
+        return reply
 
     def update_weights(self, body: bytes) -> dict[str, Any]:
         from safetensors import SafetensorError

@@ -35,12 +35,15 @@ class Rollout:
     #                                            (rows in global order; = rewards with one process)
     old_logps: torch.Tensor | None = None  # (N, C) sampling-policy log-probs (when the method needs them)
     ref_logps: torch.Tensor | None = None  # (N, C) reference log-probs (when the method holds a reference)
+    sampler_logps: torch.Tensor | None = None  # (N, C) log-probs the generation engine sampled each token with
+    #                                            (vLLM; NaN where it gave none); None from transformers' generate
     advantages: torch.Tensor | None = None  # (N,) per completion, set by the method's hook (completions table)
     # multi-turn rollouts (`rollout/agentic.py`): completion_mask covers model turns and tool results alike (context),
     # loss_mask the model's own tokens only; completions are message lists with the tool turns
     tool_calls: torch.Tensor | None = None  # (N,) tool calls made by each rollout
     tool_failures: torch.Tensor | None = None  # (N,) of them, those answered with an error
     turns: torch.Tensor | None = None  # (N,) model turns
+    logged_columns: dict[str, list] = field(default_factory=dict)  # columns reward functions gave `log_extra`
     reward_kwargs: dict[str, list] = field(default_factory=dict)  # extra per-row keywords for the reward functions
     #                                                               (environments, a rollout_func's extra fields)
 

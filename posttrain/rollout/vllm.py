@@ -9,7 +9,12 @@
   tensor parallel size 1.
 - server: `posttrain vllm-serve --backend vllm` runs one on separate GPUs behind HTTP (`rollout/server.py`), and the
   trainer talks to it through `rollout/client.py`.
-Both return the same `Rollout` record as the transformers path through `rollout/engine.py`.
+Both return the same `Rollout` record as the transformers path through `rollout/engine.py`, with the log-probability
+vLLM sampled each token with (`SamplingParams(logprobs=0)`: the sampled token's log-prob; the engine is built with
+`logprobs_mode="processed_logprobs"` where vLLM has it, so they are after temperature and top-k/top-p, as the
+trainer's) for GRPO's importance-sampling correction.
+`vllm_structured_outputs_regex` becomes vLLM's structured-outputs (older: guided-decoding) regex;
+`vllm_enable_sleep_mode` puts the colocated engine to sleep (weights offloaded, cache freed) after each rollout.
 
 vllm is imported only when an engine is built, so the CPU path never needs it.
 
@@ -44,17 +49,43 @@ class VLLMEngine:
     def __init__(self, model: str, **options: Any):
         vllm = _import_vllm()
         self._vllm = vllm
-        options = dict(model=model, enable_prefix_caching=True, **options)
-        self.llm = vllm.LLM(**{k: v for k, v in options.items() if v is not None})
+        options = {k: v for k, v in dict(model=model, enable_prefix_caching=True, **options).items() if v is not None}
+        try:  # log-probs after temperature and filtering, as the trainer computes them (vLLM ≥ 0.10.2)
+            self.llm = vllm.LLM(logprobs_mode="processed_logprobs", **options)
+        except TypeError:  # an older vLLM: raw log-probs (the correction then also covers the temperature)
+            self.llm = vllm.LLM(**options)
 
     def sample(self, prompt_ids: list[list[int]], counts: list[int], max_tokens: int,
-               options: dict[str, Any]) -> list[list[int]]:
-        """`counts[i]` completions of prompt i (`SamplingParams(n=counts[i])`: one prefill per prompt), in order."""
-        params = [self._vllm.SamplingParams(n=n, max_tokens=max_tokens, **options) for n in counts]
+               options: dict[str, Any]) -> tuple[list[list[int]], list[list[float | None]] | None]:
+        """`counts[i]` completions of prompt i (`SamplingParams(n=counts[i])`: one prefill per prompt), in order,
+        and the log-prob each token was sampled with (None when the engine returned none)."""
+        options = dict(options)
+        regex = options.pop("structured_outputs_regex", None)
+        if regex is not None:
+            options.update(self._structured_outputs(regex))
+        params = [self._vllm.SamplingParams(n=n, max_tokens=max_tokens, logprobs=0, **options) for n in counts]
         if len(set(counts)) == 1:
             params = params[0]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-        return [list(c.token_ids) for out in outputs for c in out.outputs]
+        completions = [c for out in outputs for c in out.outputs]
+        sequences = [list(c.token_ids) for c in completions]
+        if any(getattr(c, "logprobs", None) is None for c in completions):
+            return sequences, None
+        return sequences, [sampled_logprobs(c.token_ids, c.logprobs) for c in completions]
+
+    def _structured_outputs(self, regex: str) -> dict[str, Any]:
+        """SamplingParams keywords constraining a completion to `regex` (vLLM ≥ 0.10.2 names it structured outputs,
+        earlier versions guided decoding)."""
+        params = self._vllm.sampling_params
+        if hasattr(params, "StructuredOutputsParams"):
+            return {"structured_outputs": params.StructuredOutputsParams(regex=regex)}
+        return {"guided_decoding": params.GuidedDecodingParams(regex=regex)}
+
+    def sleep(self) -> None:
+        self.llm.sleep(level=1)  # weights to CPU memory, KV cache freed
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
 
     def load_weights(self, weights: Weights) -> None:
         if hasattr(self.llm, "apply_model"):  # vLLM ≥ 0.9: run a function on the model in every worker
@@ -67,16 +98,43 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
 
 
+def sampled_logprobs(token_ids, logprobs) -> list[float | None]:
+    """vLLM's per-position log-prob dicts ({token id: Logprob}, the sampled token always among them) → the sampled
+    token's log-prob at each position (None where it is missing)."""
+    out = []
+    for token, position in zip(token_ids, logprobs):
+        entry = position.get(token) if position is not None else None
+        out.append(None if entry is None else float(getattr(entry, "logprob", entry)))
+    return out
+
+
 class VLLMColocate(EngineBackend):
     """A vLLM engine in this process. `generate(policy, tokenizer, prompt_ids, G, max_new_tokens, kwargs, step)`."""
 
     def __init__(self, model_path: str, gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
-                 seed: int = 0, dtype: str = "auto", multi_process: bool = False):
+                 seed: int = 0, dtype: str = "auto", multi_process: bool = False, tensor_parallel_size: int = 1,
+                 model_impl: str = "vllm", enable_sleep_mode: bool = False, structured_outputs_regex=None):
         options = dict(gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed,
-                       dtype=dtype, tensor_parallel_size=1)
+                       dtype=dtype, tensor_parallel_size=tensor_parallel_size)
+        if model_impl != "vllm":
+            options["model_impl"] = model_impl
+        if enable_sleep_mode:
+            options["enable_sleep_mode"] = True
         if multi_process:
             options["distributed_executor_backend"] = "external_launcher"
+        self.sleep_mode = enable_sleep_mode
+        self.structured_outputs_regex = structured_outputs_regex
         self.engine = VLLMEngine(model_path, **options)
+
+    def generate(self, *args, **kwargs):
+        """`EngineBackend.generate`, waking a sleeping engine first and putting it back to sleep after."""
+        if not self.sleep_mode:
+            return super().generate(*args, **kwargs)
+        self.engine.wake_up()
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self.engine.sleep()
 
     def sample(self, prompt_ids, counts, max_tokens, options):
         return self.engine.sample(prompt_ids, counts, max_tokens, options)

@@ -16,9 +16,10 @@ Reduction, one contract: a method's loss is per-item terms and their unit (token
 every unit over each optimizer step's micro-batches on all processes (`num_items`) and `reduce_loss` divides, so
 the loss is exactly invariant to how a step's batch is split across accumulation steps and processes.
 
-Not here: generation (`rollout/hf.py`; vLLM colocated or behind `posttrain vllm-serve`: `rollout/vllm.py`,
-`rollout/client.py`), rewards (`rewards/`), advantage and loss maths (`algorithms/`, `losses/`), the reference
-(`models/reference.py`).
+Not here: what code written for TRL reads on a trainer (`trainers/online_inspection.py`), streamed generation
+batches and padding (`rollout/batching.py`), generation (`rollout/hf.py`; vLLM colocated or behind
+`posttrain vllm-serve`: `rollout/vllm.py`, `rollout/client.py`), rewards (`rewards/`), advantage and loss maths
+(`algorithms/`, `losses/`), the reference (`models/reference.py`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from posttrain.configs.online import check_vllm_use
 from posttrain.data import formats
 from posttrain.data.prepare import check_prompts
 from posttrain.data.tokenize import tokenize_prompt
@@ -39,17 +42,19 @@ from posttrain.errors import UserError, UserTypeError
 from posttrain.losses.reduce import local_reduce, reduce_terms
 from posttrain.models import reference, sharding
 from posttrain.models.logprobs import completion_logps, positions_from_mask, target_positions
-from posttrain.reporting.rollouts import completions_table, rollout_metrics
+from posttrain.reporting.rollouts import completions_sample, completions_table, print_completions, rollout_metrics
 from posttrain.rewards.runner import RewardRunner
 from posttrain.rollout.agentic import AGENTIC_ARGUMENTS, agentic_rollouts, custom_rollout
+from posttrain.rollout.batching import StreamedGenerationBatches, pad_to_multiple
 from posttrain.rollout.engine import vllm_backend
 from posttrain.rollout.hf import _eos_ids, generate
 from posttrain.rollout.types import Rollout
 from posttrain.trainers import distributed
 from posttrain.trainers.base import PostTrainer
+from posttrain.trainers.online_inspection import TRLInspection, moe_aux_loss_enabled
 
 
-class OnlineTrainer(PostTrainer):
+class OnlineTrainer(TRLInspection, PostTrainer):
     summary_metrics = (("reward", "reward"), ("completions/mean_length", "completion length"))
     needs_reward_funcs = True  # False: reward_funcs may be left out at construction (PPO's loop API scores itself)
 
@@ -58,6 +63,7 @@ class OnlineTrainer(PostTrainer):
                 "a 'module:function' path, or a reward-model id.")
 
     supports_tools = False  # True: the trainer takes tools=, environment_factory= and rollout_func= (GRPO, RLOO)
+    requires_train_dataset = True  # False where a trainer has another source of prompts (PPO's loop API)
 
     def __init__(self, model, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, reward_processing_classes=None, peft_config=None, ref_model=None,
@@ -67,6 +73,17 @@ class OnlineTrainer(PostTrainer):
         if not self.supports_tools and any(v is not None for v in agentic.values()):
             raise UserTypeError(f"{type(self).__name__} does not take {next(iter(agentic))}=: tool-calling rollouts "
                                 "are trained by GRPOTrainer and RLOOTrainer.")
+        streamed = train_dataset is not None and not hasattr(train_dataset, "__len__")
+        accelerator_config = getattr(args, "accelerator_config", None)
+        dispatch = (accelerator_config.get("dispatch_batches") if isinstance(accelerator_config, dict)
+                    else getattr(accelerator_config, "dispatch_batches", None))
+        if streamed and dispatch:
+            raise UserError("Iterable datasets require `dispatch_batches=False` (each process reads the stream and "
+                            "keeps its slice of every group); remove dispatch_batches from accelerator_config.")
+        # TRL's early error, before any model is loaded (ref_model is model: `models/reference.py`)
+        if train_dataset is None and self.requires_train_dataset and agentic.get("environment_factory") is None:
+            raise UserError(f"`train_dataset` is required: {type(self).__name__} needs the prompts to sample "
+                            "completions for (train_dataset=...).")
         super().__init__(model=model, args=args, data_collator=_keep_rows, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
                          **kwargs)
@@ -88,8 +105,22 @@ class OnlineTrainer(PostTrainer):
             self.reward_runner.place(self.prepare_frozen, self.accelerator.device)
         self.reference = reference.Reference.build(self, ref_model, model_id)
         self._micro_step = 0
+        if train_dataset is not None and not hasattr(train_dataset, "__len__"):
+            # a stream is read by `StreamedGenerationBatches` in this process, in order (as TRL requires)
+            args.accelerator_config.dispatch_batches = False
+            if args.dataloader_num_workers:
+                warnings.warn(f"A streamed train dataset is read by one worker to keep its groups together: "
+                              f"dataloader_num_workers {args.dataloader_num_workers} → 0.", UserWarning, stacklevel=3)
+                args.dataloader_num_workers = 0
+        check_vllm_use(args)
+        self.use_vllm = args.use_vllm
         self.vllm = vllm_backend(args, self.accelerator, model_id or self.model.config._name_or_path) \
             if args.use_vllm else None
+        if not hasattr(self, "aux_loss_enabled"):  # the shared base may have set it (router_aux_loss_coef)
+            self.aux_loss_enabled = moe_aux_loss_enabled(self.accelerator.unwrap_model(self.model), args)
+        tags = [tag for tag in ("trl", self.method_name.lower().replace("onlinedpo", "online-dpo"))]
+        if hasattr(self.model, "add_model_tags"):  # TRL's model-card tags, on the model as TRL puts them
+            self.model.add_model_tags(tags)
         self._buffer: list[dict[str, Any]] = []
         self._last_table: list[dict[str, Any]] = []
 
@@ -117,6 +148,11 @@ class OnlineTrainer(PostTrainer):
         # The sampler walks *global* generation batches (every process's rows); accelerate deals each process its
         # own consecutive slice of generation_batch_size rows, so a group of G may span processes.
         unique = args.generation_batch_size * self.accelerator.num_processes // G
+        if not hasattr(self.train_dataset, "__len__"):  # a streamed dataset (datasets.IterableDataset)
+            batches = StreamedGenerationBatches(self.train_dataset, G, unique, args.generation_batch_size,
+                                                args.num_iterations * args.steps_per_generation,
+                                                self.accelerator.process_index)
+            return DataLoader(batches, batch_size=None, collate_fn=_keep_rows, num_workers=0)
         if len(self.train_dataset) < unique:
             raise UserError(f"The train dataset has {len(self.train_dataset)} prompts but one generation batch "
                             f"needs {unique}; add prompts or lower per_device_train_batch_size/steps_per_generation.")
@@ -124,16 +160,29 @@ class OnlineTrainer(PostTrainer):
                                             args.num_iterations * args.steps_per_generation, args.shuffle_dataset,
                                             args.seed)
         loader = DataLoader(self.train_dataset, batch_size=args.generation_batch_size, sampler=sampler,
-                            collate_fn=_keep_rows, num_workers=0)
+                            collate_fn=_keep_rows, num_workers=args.dataloader_num_workers)
         return self.accelerator.prepare(loader)
 
+    @property
+    def num_generations(self) -> int:
+        """The group size of the rollout being made: num_generations in training, num_generations_eval (where the
+        config has it and it is set) in evaluation."""
+        args = self.args
+        if self.model is not None and not self.model.training:
+            return getattr(args, "num_generations_eval", None) or args.num_generations
+        return args.num_generations
+
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
-        """Eval prompts, each repeated num_generations times, in order; one rollout per eval batch."""
+        """Eval prompts, each repeated num_generations_eval (default num_generations) times, in order; one rollout
+        per eval batch."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if isinstance(dataset, str):
             dataset = self.eval_dataset[dataset]
-        G = self.args.num_generations
+        G = getattr(self.args, "num_generations_eval", None) or self.args.num_generations
         unique = max(self.args.per_device_eval_batch_size // G, 1)
+        if not hasattr(dataset, "__len__"):  # a streamed eval set: every prompt once, in stream order
+            batches = StreamedGenerationBatches(dataset, G, unique, unique * G, 1, keep_partial=True)
+            return DataLoader(batches, batch_size=None, collate_fn=_keep_rows, num_workers=0)
         sampler = distributed.RepeatSampler(len(dataset), G, 1, 1, shuffle=False, seed=self.args.seed)
         loader = DataLoader(dataset, batch_size=unique * G, sampler=sampler, collate_fn=_keep_rows, num_workers=0)
         return self.accelerator.prepare(loader)
@@ -184,6 +233,8 @@ class OnlineTrainer(PostTrainer):
         # top_k 0 is passed as such: transformers' `generate` fills an unset top_k with 50
         kwargs = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0,
                       min_p=args.min_p, repetition_penalty=args.repetition_penalty)
+        if args.cache_implementation is not None and not args.use_vllm:
+            kwargs["cache_implementation"] = args.cache_implementation
         kwargs.update(args.generation_kwargs or {})
         return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -211,6 +262,9 @@ class OnlineTrainer(PostTrainer):
         rollout.is_truncated = rollout.is_truncated.to(device)
         # the trained tokens: every completion token, or (multi-turn) the model's own, never a tool result
         rollout.loss_mask = rollout.loss_mask[:, :length].to(device) * rollout.completion_mask  # ⊆ the completion
+        if rollout.sampler_logps is not None:
+            rollout.sampler_logps = rollout.sampler_logps[:, :length].to(device)
+        pad_to_multiple(rollout, getattr(args, "pad_to_multiple_of", None), tok.pad_token_id)
         if getattr(args, "mask_truncated_completions", False):  # GRPO and RLOO take this option
             rollout.loss_mask = rollout.loss_mask * (~rollout.is_truncated).unsqueeze(1)
         if not rollout.prompts:  # a multi-turn rollout keeps the prompts its environments extended
@@ -225,6 +279,9 @@ class OnlineTrainer(PostTrainer):
             rollout.rewards = self.reward_runner(rollout.prompts, rollout.completions, ids_lists, rollout.columns,
                                                  trainer_state=self.state, **rollout.reward_kwargs).to(device)
             rollout.scores = self.reward_runner.weighted_sum(rollout.rewards)
+            rollout.logged_columns = dict(self.reward_runner.logged_columns)  # log_extra: completions table
+            self.record_metrics({name: sum(values) / len(values)  # log_metric: the functions' own metrics
+                                 for name, values in self.reward_runner.logged_metrics.items() if values})
             if torch.isnan(rollout.scores).all():
                 raise UserError(f"No reward function scored any of the {len(rows)} completions of this batch (every "
                                 f"one returned None or NaN: {', '.join(self.reward_runner.names)}); check that they "
@@ -251,10 +308,10 @@ class OnlineTrainer(PostTrainer):
     @staticmethod
     def rollout_tensors(rollout: Rollout) -> dict[str, torch.Tensor]:
         """The rollout as one training batch: input_ids, attention_mask (N, P + C), completion_mask (N, C; the
-        trained tokens) and old_logps / ref_logps (N, C) when present."""
+        trained tokens) and old_logps / ref_logps / sampler_logps (N, C) when present."""
         batch = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
                  "completion_mask": rollout.loss_mask}
-        for key in ("old_logps", "ref_logps"):
+        for key in ("old_logps", "ref_logps", "sampler_logps"):
             if getattr(rollout, key) is not None:
                 batch[key] = getattr(rollout, key)
         return batch
@@ -272,14 +329,16 @@ class OnlineTrainer(PostTrainer):
             return values
         return self.accelerator.gather(values.contiguous())
 
-    def advantage_batches(self, rollout: Rollout, advantages: torch.Tensor) -> list[list[dict[str, torch.Tensor]]]:
+    def advantage_batches(self, rollout: Rollout, advantages: torch.Tensor,
+                          **extra: torch.Tensor) -> list[list[dict[str, torch.Tensor]]]:
         """Per-completion advantages (N_all,) over the gathered generation batch → this process's rows, shuffled into
-        micro-batches grouped into optimizer steps, the same micro-batches for each of the num_iterations passes."""
+        micro-batches grouped into optimizer steps, the same micro-batches for each of the num_iterations passes.
+        `extra`: more per-row tensors (N, …) of this process's rows to carry along (e.g. GRPO's sampler weights)."""
         if self.accelerator.num_processes > 1 and self.model.training:
             n = len(rollout.prompts)
             advantages = advantages[self.accelerator.process_index * n:(self.accelerator.process_index + 1) * n]
         rollout.advantages = advantages
-        return self.cycle(self.split({**self.rollout_tensors(rollout), "advantages": advantages}))
+        return self.cycle(self.split({**self.rollout_tensors(rollout), "advantages": advantages, **extra}))
 
     def split(self, batch: dict[str, torch.Tensor], group: int = 1) -> list[dict[str, torch.Tensor]]:
         """One pass over a batch in micro-batches of per_device_train_batch_size rows, shuffled in units of `group`
@@ -351,7 +410,7 @@ class OnlineTrainer(PostTrainer):
         seed of its own (else a group split across processes would get the same samples twice)."""
         args = self.args
         offset = self.accelerator.process_index * len(rows) if self.model.training else 0
-        counts = distributed.group_runs(offset, len(rows), args.num_generations)
+        counts = distributed.group_runs(offset, len(rows), self.num_generations)
         starts = [sum(counts[:i]) for i in range(len(counts))]
         if self.rollout_func is not None:  # user code generates (TRL's rollout_func contract)
             return custom_rollout(self.rollout_func, [rows[i]["prompt"] for i in starts], self, counts,
@@ -359,7 +418,7 @@ class OnlineTrainer(PostTrainer):
         if self.agent is not None:  # multi-turn: the model calls tools between turns (`rollout/agentic.py`)
             with distributed.process_seed(self.accelerator, args.seed, self._micro_step):
                 return self.agent.run(rows, self._generate_turn, args.max_completion_length, args.max_prompt_length)
-        prompt_ids = [self._prompt_ids(rows[i]["prompt"]) for i in starts]
+        prompt_ids = [self._prompt_ids(rows[i]["prompt"], rows[i].get("chat_template_kwargs")) for i in starts]
         per_prompt = counts[0] if len(set(counts)) == 1 else counts
         return self.generate_completions(prompt_ids, per_prompt)
 
@@ -387,7 +446,7 @@ class OnlineTrainer(PostTrainer):
         language_model = self.accelerator.unwrap_model(self.language_model())
         # seeded=False: the caller holds the seed (a multi-turn rollout: one random stream for all its turns)
         seeding = distributed.process_seed(self.accelerator, args.seed, seed_step) if seeded else None
-        with seeding or contextlib.nullcontext():
+        with seeding or contextlib.nullcontext(), self._gathered_for_generation(language_model):
             if self.vllm is not None:  # the engine gets the policy's weights once per optimizer step
                 rollout = self.vllm.generate(language_model, self.processing_class, prompt_ids, per_prompt,
                                              max_new_tokens, kwargs, step=self.state.global_step)
@@ -397,8 +456,22 @@ class OnlineTrainer(PostTrainer):
         policy.train(was_training)
         return rollout
 
-    def _prompt_ids(self, prompt) -> list[int]:
-        ids = tokenize_prompt(self.processing_class, prompt)
+    def _gathered_for_generation(self, model: torch.nn.Module):
+        """ds3_gather_for_generation (DeepSpeed ZeRO-3, transformers generation): the whole weights gathered on
+        every process for the rollout (fast decoding); False, or any other setup: generate as placed (ZeRO-3 then
+        gathers layer by layer in every forward: slower, less memory)."""
+        if (not self.args.ds3_gather_for_generation or self.vllm is not None
+                or not any(hasattr(p, "ds_id") for p in model.parameters())):
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()))
+
+    def _prompt_ids(self, prompt, row_template_kwargs: dict | None = None) -> list[int]:
+        """A prompt's ids: conversational prompts rendered with chat_template_kwargs (the config's, updated by the
+        row's own `chat_template_kwargs` column, as TRL), then kept to their last max_prompt_length tokens."""
+        template_kwargs = {**(getattr(self.args, "chat_template_kwargs", None) or {}), **(row_template_kwargs or {})}
+        ids = tokenize_prompt(self.processing_class, prompt, chat_template_kwargs=template_kwargs)
         limit = self.args.max_prompt_length
         return ids[-limit:] if limit else ids
 
@@ -462,13 +535,22 @@ class OnlineTrainer(PostTrainer):
 
     # ---- metrics ------------------------------------------------------------------------------------------------
     def _record_rollout(self, rollout: Rollout) -> None:
-        self.record_metrics(rollout_metrics(rollout, self.reward_runner, self.args.num_generations))
+        self.record_metrics(rollout_metrics(rollout, self.reward_runner, self.num_generations))
         self.add_tokens_seen(rollout.attention_mask.sum())
         if self.args.log_completions:
             self._last_table = completions_table(rollout, self.reward_runner.names, self.state.global_step)
+        self._last_rollout_log = {"prompt": list(rollout.prompts), "completion": list(rollout.completions),
+                                  "rewards": {name: rollout.rewards[:, k].tolist()
+                                              for k, name in enumerate(self.reward_runner.names)},
+                                  "advantages": [] if rollout.advantages is None else rollout.advantages.tolist(),
+                                  "extra": dict(rollout.logged_columns), "images": []}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         super().log(logs, start_time)
+        if self._last_table and self.is_world_process_zero() and hasattr(self.args, "num_completions_to_print"):
+            # TRL prints a sample of the last rollout at each logging step (GRPO, RLOO)
+            print_completions(completions_sample(self._last_table, self.args.num_completions_to_print,
+                                                 self.args.log_unique_prompts), self.state.global_step)
         if self._last_table and self.is_world_process_zero():
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, "completions.jsonl"), "a") as f:

@@ -71,6 +71,17 @@ class OnlineDPOTrainer(OnlineTrainer):
         """β of the current epoch (a list in the config is a per-epoch schedule)."""
         return self.args.beta_at_epoch(self.state.epoch or 0)
 
+    def rollout_tensors(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """The shared batch, its leftmost (prompt) columns cut so that prompt + completion ≤ max_length (TRL's
+        Online DPO truncates its log-prob passes the same way); reference and policy see the same columns."""
+        batch = super().rollout_tensors(rollout)
+        cut = batch["input_ids"].shape[1] - self.args.max_length
+        if cut > 0:
+            keep = max(batch["input_ids"].shape[1] - batch["completion_mask"].shape[1] - cut, 1)  # one context token
+            batch["input_ids"] = batch["input_ids"][:, -(keep + batch["completion_mask"].shape[1]):]
+            batch["attention_mask"] = batch["attention_mask"][:, -batch["input_ids"].shape[1]:]
+        return batch
+
     # ---- the rollout hook ----------------------------------------------------------------------------------------
     def needs_old_logps(self) -> bool:
         return False  # the DPO loss has no importance ratio

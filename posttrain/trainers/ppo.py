@@ -69,6 +69,8 @@ class PPOTrainer(OnlineTrainer):
     kl_weight = "kl_coef"
     needs_reward_funcs = False  # the older loop API passes scores to `step`; `train()` asks for them
 
+    requires_train_dataset = False  # the loop API (`compat/ppo_loop.py`) brings its own prompts
+
     def __init__(self, model=None, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None,
                  value_model=None, ref_model=None, processing_class=None, reward_processing_classes=None,
                  peft_config=None, reward_model=None, **kwargs: Any):

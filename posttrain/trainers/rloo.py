@@ -41,7 +41,7 @@ class RLOOTrainer(OnlineTrainer):
             kl = (k1(rollout.old_logps, rollout.ref_logps) * mask).sum(-1)
             total = total - args.beta * kl
             self.record_metrics({"kl": (kl.sum() / mask.sum().clamp(min=1)).detach()})
-        advantages = rloo_advantages(self.gather_rows(total), args.num_generations, normalize=args.normalize_advantages)
+        advantages = rloo_advantages(self.gather_rows(total), self.num_generations, normalize=args.normalize_advantages)
         return self.advantage_batches(rollout, advantages)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
