@@ -41,6 +41,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
             "PPO with a value model, GAE and a KL-penalised reward"),
     "online_dpo": ("posttrain.configs.online_dpo:OnlineDPOConfig", "posttrain.trainers.online_dpo:OnlineDPOTrainer",
                    "online DPO: two sampled completions per prompt ranked by reward"),
+    "distillation": ("posttrain.configs.distillation:DistillationConfig",
+                     "posttrain.trainers.distillation:DistillationTrainer",
+                     "on-policy distillation: the student samples, a teacher's next-token distribution is the target"),
+    "gkd": ("posttrain.configs.distillation:GKDConfig", "posttrain.trainers.distillation:GKDTrainer",
+            "generalized knowledge distillation (on-policy share lmbda, dataset or teacher completions otherwise)"),
 }
 # Hyphenated spellings (TRL's `trl online-dpo` style) name the same commands.
 COMMAND_ALIASES = {name.replace("_", "-"): name for name in COMMANDS if "_" in name}

@@ -1,0 +1,94 @@
+"""Distillation losses: the generalized Jensen–Shannon divergence between a teacher's and a student's next-token
+distributions (Agarwal et al. 2024, "On-Policy Distillation of Language Models: Learning from Self-Generated
+Mistakes", Eq. 1), exact over the vocabulary or over the teacher's top-k tokens plus one bucket for the rest.
+
+    JSD(β)(T ‖ S) = β·KL(T ‖ M) + (1 − β)·KL(S ‖ M),   M = β·T + (1 − β)·S,   0 < β < 1
+    β = 0: KL(T ‖ S)  (forward KL: the student covers the teacher's mass)
+    β = 1: KL(S ‖ T)  (reverse KL: mode seeking)
+
+T and S are softmax(logits / temperature) of each model (no T² factor). JSD(β) itself tends to 0 at both ends; the
+two KLs at β ∈ {0, 1} are the conventions of TRL 1.16's DistillationTrainer and GKDTrainer, kept so that the same
+β means the same loss (β = 0.5 is the ordinary JSD).
+
+Functions here are pure: (n, V) logits (or the teacher's top-k) in, per-token divergences (n,) out, in float32 (float64
+stays float64); the teacher's side carries no gradient. Masking and reduction belong to the caller (the trainer
+selects the trained tokens and reduces with the global token count, `losses/reduce.py`).
+Not here: running the models or their heads chunk by chunk (`models/teacher.py`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _float(logits: torch.Tensor) -> torch.Tensor:
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def divergence_from_logps(student_logps: torch.Tensor, teacher_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """JSD(β) per row between two distributions given as log-probabilities over the last dimension.
+
+    Args: student_logps, teacher_logps (n, K) normalised log-probs (−inf allowed where a probability is 0);
+    beta in [0, 1]. Returns: (n,) divergences (≥ 0). Entries with probability 0 contribute 0 (x·log x → 0).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return _kl(teacher_logps, student_logps)
+    if beta == 1.0:
+        return _kl(student_logps, teacher_logps)
+    mixture = torch.logaddexp(teacher_logps + math.log(beta), student_logps + math.log1p(-beta))
+    return beta * _kl(teacher_logps, mixture) + (1.0 - beta) * _kl(student_logps, mixture)
+
+
+def _kl(p_logps: torch.Tensor, q_logps: torch.Tensor) -> torch.Tensor:
+    """KL(P ‖ Q) per row = Σ_v p_v (log p_v − log q_v), with 0·(anything) = 0."""
+    p = p_logps.exp()
+    gap = torch.where(p > 0, p_logps - q_logps, torch.zeros_like(p_logps))
+    return (p * gap).sum(-1)
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Exact JSD(β) between softmax(student_logits / τ) and softmax(teacher_logits / τ), per row.
+
+    Args: student_logits (n, V) (differentiable), teacher_logits (n, V) (treated as constants), beta, temperature τ.
+    Returns: (n,) per-token divergences. Derivation of the limits: β = 0 gives Σ t (log t − log s), β = 1 gives
+    Σ s (log s − log t); the tests compare both, and β = 0.5, with sums written out by hand.
+    """
+    student = torch.log_softmax(_float(student_logits) / temperature, dim=-1)
+    teacher = torch.log_softmax(_float(teacher_logits.detach()) / temperature, dim=-1)
+    return divergence_from_logps(student, teacher, beta)
+
+
+def teacher_top_k(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's k most likely tokens per row: (log-probs (n, k) at temperature τ, token ids (n, k))."""
+    logps = torch.log_softmax(_float(teacher_logits.detach()) / temperature, dim=-1)
+    values, ids = logps.topk(min(k, logps.shape[-1]), dim=-1)
+    return values, ids
+
+
+def _with_rest(logps: torch.Tensor) -> torch.Tensor:
+    """(n, k) log-probs of k tokens → (n, k + 1): the same plus log(1 − Σ p), the mass of every other token (clamped
+    at the dtype's smallest positive number so that a top-k holding all the mass stays finite and differentiable)."""
+    tiny = torch.finfo(logps.dtype).tiny
+    rest = (-torch.expm1(torch.logsumexp(logps, dim=-1, keepdim=True))).clamp(min=tiny).log()
+    return torch.cat([logps, rest], dim=-1)
+
+
+def top_k_generalized_jsd(student_logits: torch.Tensor, teacher_top_logps: torch.Tensor,
+                          teacher_top_ids: torch.Tensor, beta: float, temperature: float = 1.0) -> torch.Tensor:
+    """JSD(β) between the teacher and the student coarsened to k + 1 outcomes: each of the teacher's top-k tokens,
+    and "any other token" (1 − the top-k mass, for each model). Needs only the teacher's top-k log-probs and ids.
+
+    Coarsening both distributions the same way can only lower an f-divergence (data-processing inequality), and
+    KL(·‖M) with M the mixture is one too: the value is ≤ the exact `generalized_jsd` and equals it once the top-k
+    holds all of both models' mass. benchmarks/DISTILLATION.md measures the gap.
+    Args: student_logits (n, V); teacher_top_logps, teacher_top_ids (n, k) from `teacher_top_k` (same τ).
+    Returns: (n,) per-token divergences.
+    """
+    student = torch.log_softmax(_float(student_logits) / temperature, dim=-1).gather(-1, teacher_top_ids)
+    teacher = _float(teacher_top_logps.detach())
+    return divergence_from_logps(_with_rest(student), _with_rest(teacher.to(student.dtype)), beta)

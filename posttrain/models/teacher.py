@@ -1,0 +1,190 @@
+"""The distillation teacher: building it, what it contributes to a rollout, and the divergence pass of the loss.
+
+Lives here:
+- `build_teacher`: the teacher from a model object, a name or path (`teacher_model_init_kwargs`), or the config's
+  `teacher_model_name_or_path`; frozen and placed like a reference (`reference.prepare_frozen_model`); refused in one
+  line when missing, when it is the student itself, or when its vocabulary differs from the student's.
+- `teacher_columns`: the teacher's pass over a rollout, without gradients, run once per generation batch: per
+  completion column either its final hidden states at the trained positions (exact loss: the head is applied later,
+  chunk by chunk, so its (tokens × vocabulary) logits never exist as a whole) or its top-k log-probs and token ids
+  (`teacher_top_k`).
+- `divergence_terms`: the student's pass and the per-token JSD(β) (`losses/distill.py`) against those columns. The
+  student's LM head runs on the trained positions only, and — when `chunked_lm_head` says so (`models/logprobs.py`:
+  "auto" above 1 GiB of float32 logits) — chunk by chunk under activation checkpointing, the teacher's head chunk
+  inside the same checkpoint: at most one chunk of either model's logits is alive.
+
+A teacher is never part of the trained model: checkpoints hold the student only, and a resumed run loads the teacher
+again from what was given.
+Not here: the divergence maths (`losses/distill.py`), the rollout (`trainers/online.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from posttrain.errors import UserError
+from posttrain.losses.distill import generalized_jsd, teacher_top_k, top_k_generalized_jsd
+from posttrain.models import loading, reference
+from posttrain.models.logprobs import (
+    CHUNK_ROWS,
+    IGNORE_INDEX,
+    forward_target_rows,
+    head_chunk_rows,
+    positions_from_mask,
+    uses_chunked_head,
+)
+
+
+def build_teacher(trainer, teacher_model) -> torch.nn.Module:
+    """The frozen teacher of `trainer` (after its base constructor): `teacher_model` (a model, a name or a path) or
+    the config's teacher_model_name_or_path."""
+    args, name = trainer.args, type(trainer).__name__
+    if teacher_model is None:
+        teacher_model = args.teacher_model_name_or_path
+    if teacher_model is None:
+        raise UserError(f"{name} needs a teacher: pass teacher_model=... (a model, Hub id or local path) or set "
+                        "teacher_model_name_or_path (--teacher_model_name_or_path on the command line).")
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    if teacher_model is student or teacher_model is getattr(student, "base_model", None):
+        raise UserError(f"{name} got the student itself as teacher_model: training would move the teacher with it. "
+                        "Load the teacher separately (or pass its name).")
+    teacher_id = None
+    if isinstance(teacher_model, str):
+        teacher_id = teacher_model
+        teacher_model = loading.load_pretrained_model(teacher_model, None, **args.teacher_init_kwargs())
+    elif args.teacher_model_init_kwargs:
+        raise UserError("teacher_model_init_kwargs applies to a teacher given by name, but teacher_model is already "
+                        "loaded; drop teacher_model_init_kwargs or pass the teacher's name.")
+    check_same_vocabulary(student, teacher_model, trainer.processing_class, teacher_id)
+    return reference.prepare_frozen_model(trainer, teacher_model)
+
+
+def _vocab_size(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "vocab_size", None)
+
+
+def check_same_vocabulary(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, teacher_id: str | None):
+    """Teacher and student must score the same tokens: equal vocabulary sizes and, for a teacher given by name, the
+    same token → id map as the student's tokenizer. One-line UserError otherwise."""
+    sizes = _vocab_size(student), _vocab_size(teacher)
+    if None not in sizes and sizes[0] != sizes[1]:
+        raise UserError(f"The teacher's vocabulary ({sizes[1]} tokens) differs from the student's ({sizes[0]}): "
+                        "distillation compares next-token distributions, so both must share one tokenizer. Use a "
+                        "teacher of the student's model family (same tokenizer).")
+    if teacher_id is None or tokenizer is None or not hasattr(tokenizer, "get_vocab"):
+        return
+    try:
+        teacher_tokenizer = loading.load_tokenizer(teacher_id)
+    except (OSError, ValueError):  # a checkpoint without tokenizer files: the sizes above are all we can compare
+        return
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"The teacher {teacher_id!r} has another tokenizer than the student (same size, different "
+                        "tokens): distillation compares next-token distributions, so both must share one tokenizer.")
+
+
+def _labels(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(labels (B, P + C) with the trained completion tokens and IGNORE_INDEX elsewhere, prompt length P)."""
+    completion_mask = batch["completion_mask"]
+    prompt_len = batch["input_ids"].shape[1] - completion_mask.shape[1]
+    labels = batch["input_ids"].clone()
+    labels[:, :prompt_len] = IGNORE_INDEX
+    labels[:, prompt_len:][completion_mask == 0] = IGNORE_INDEX
+    return labels, prompt_len
+
+
+def _trained_rows(model: torch.nn.Module, batch: dict[str, torch.Tensor], pack_rows: bool = True):
+    """(rows (N, H) or logits (N, V), head or None) of the N trained completion tokens, row-major: the same order
+    as `batch["completion_mask"].bool()` selects them."""
+    labels, prompt_len = _labels(batch)
+    hidden, head, logits, _, _, _ = forward_target_rows(model, batch["input_ids"], labels, batch["attention_mask"],
+                                                        positions_from_mask(batch["attention_mask"]),
+                                                        shared_prefix=prompt_len, pack_rows=pack_rows)
+    return (hidden, head) if logits is None else (logits, None)
+
+
+def _apply(head: torch.nn.Module | None, rows: torch.Tensor) -> torch.Tensor:
+    return rows if head is None else head(rows)
+
+
+@torch.no_grad()
+def teacher_columns(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], rows_per_pass: int,
+                    top_k: int | None = None, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """The teacher's contribution to each trained completion token of `batch` (input_ids, attention_mask (B, P + C),
+    completion_mask (B, C)), run `rows_per_pass` rows at a time:
+    {"teacher_hidden": (B, C, H)} its final hidden states (or its logits (B, C, V) when its logits are not
+    head(hidden)), or with `top_k` {"teacher_top_logps": (B, C, k) log-probs at `temperature`,
+    "teacher_top_ids": (B, C, k)}; zeros on columns that are not trained."""
+    mask = batch["completion_mask"].bool()
+    B, C = mask.shape
+    columns: dict[str, torch.Tensor] = {}
+    for start in range(0, B, rows_per_pass):
+        part = {k: batch[k][start:start + rows_per_pass] for k in ("input_ids", "attention_mask", "completion_mask")}
+        part_mask = mask[start:start + rows_per_pass]
+        if not part_mask.any():
+            continue
+        rows, head = _trained_rows(teacher, part)
+        if top_k is None:
+            values = {"teacher_hidden": rows}
+        else:
+            logps, ids = zip(*(teacher_top_k(_apply(head, rows[i:i + CHUNK_ROWS]), top_k, temperature)
+                               for i in range(0, rows.shape[0], CHUNK_ROWS)))
+            values = {"teacher_top_logps": torch.cat(logps), "teacher_top_ids": torch.cat(ids)}
+        for key, value in values.items():
+            if key not in columns:
+                columns[key] = value.new_zeros(B, C, *value.shape[1:])
+            columns[key][start:start + rows_per_pass][part_mask] = value
+    if not columns:  # nothing trained in the whole batch: placeholders of the right kind
+        keys = ("teacher_hidden",) if top_k is None else ("teacher_top_logps", "teacher_top_ids")
+        columns = {key: mask.new_zeros(B, C, 1, dtype=torch.long if key.endswith("ids") else torch.float32)
+                   for key in keys}
+    return columns
+
+
+def _chunk_divergence(student_rows, student_head, teacher_rows, teacher_head, teacher_ids, beta: float,
+                      temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk: per-token JSD(β) (differentiable in the student) and the student's entropy (detached)."""
+    student_logits = _apply(student_head, student_rows)
+    with torch.no_grad():
+        z = student_logits.detach().float() / temperature
+        logp = torch.log_softmax(z, dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+    if teacher_ids is not None:
+        return top_k_generalized_jsd(student_logits, teacher_rows, teacher_ids, beta, temperature), entropy
+    with torch.no_grad():
+        teacher_logits = _apply(teacher_head, teacher_rows)
+    return generalized_jsd(student_logits, teacher_logits, beta, temperature), entropy
+
+
+def divergence_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], teacher_head: torch.nn.Module | None,
+                     beta: float, temperature: float, chunked_lm_head=None,
+                     pack_rows: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token JSD(β) between the student `model` and the teacher columns of `batch` (from `teacher_columns`),
+    over the trained completion tokens: (terms (N,) in row-major order of completion_mask, {"entropy": mean
+    student entropy}). `teacher_head`: the teacher's LM head for "teacher_hidden" columns (None when they hold
+    logits). `chunked_lm_head` as in `models/logprobs.py` (None: the trainer's setting)."""
+    mask = batch["completion_mask"].bool()
+    student_rows, student_head = _trained_rows(model, batch, pack_rows)
+    top_k = "teacher_top_ids" in batch
+    teacher_rows = batch["teacher_top_logps"][mask] if top_k else batch["teacher_hidden"][mask]
+    teacher_ids = batch["teacher_top_ids"][mask] if top_k else None
+    head = None if top_k else teacher_head
+    n = student_rows.shape[0]
+    if teacher_rows.shape[0] != n:  # the student's trained positions are the completion mask's: a bug otherwise
+        raise RuntimeError(f"{n} student rows but {teacher_rows.shape[0]} teacher rows")
+    if n == 0:  # nothing trained here: a zero loss that still reaches the graph
+        return student_rows.sum(-1)[:0], {"entropy": student_rows.new_zeros(())}
+    if n and student_head is not None and uses_chunked_head(chunked_lm_head, n, student_head):
+        rows = head_chunk_rows(student_head)
+        parts = [checkpoint(_chunk_divergence, student_rows[s:s + rows], student_head, teacher_rows[s:s + rows], head,
+                            None if teacher_ids is None else teacher_ids[s:s + rows], beta, temperature,
+                            use_reentrant=False) for s in range(0, n, rows)]
+        terms, entropy = (torch.cat(column) for column in zip(*parts))
+    else:
+        terms, entropy = _chunk_divergence(student_rows, student_head, teacher_rows, head, teacher_ids, beta,
+                                           temperature)
+    return terms, {"entropy": entropy.sum() / max(n, 1)}
