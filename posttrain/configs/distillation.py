@@ -51,8 +51,6 @@ class DistillationConfig(ToolRolloutConfig):
     teacher_model_init_kwargs: dict | str | None = field(default=None, metadata={"help": "Keyword arguments of "
                                                          "`from_pretrained` for a teacher given by name (JSON on the "
                                                          "command line), e.g. '{\"dtype\": \"bfloat16\"}'."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub for the "
-                                    "student and the teacher."})
     teacher_top_k: int | None = field(default=None, metadata={"help": "Keep only the teacher's k most likely tokens "
                                       "per position, plus one bucket for all other tokens, and compute the "
                                       "divergence over those k + 1 outcomes (a lower bound of the exact one; stores "
@@ -78,13 +76,11 @@ class DistillationConfig(ToolRolloutConfig):
                                                                      f"exact divergence), got {self.teacher_top_k}.")
 
     def teacher_init_kwargs(self) -> dict:
-        """`from_pretrained` keyword arguments of a teacher given by name: teacher_model_init_kwargs, the revision and
-        trust_remote_code."""
+        """`from_pretrained` keyword arguments of a teacher given by name: teacher_model_init_kwargs and the revision
+        (custom model code: '{"trust_remote_code": true}')."""
         kwargs = dict(self.teacher_model_init_kwargs or {})
         if self.teacher_model_revision is not None:
             kwargs.setdefault("revision", self.teacher_model_revision)
-        if self.trust_remote_code:
-            kwargs.setdefault("trust_remote_code", True)
         return kwargs
 
 

@@ -60,14 +60,14 @@ class DistillationTrainer(OnlineTrainer):
                          ("ref_model", "the teacher takes its place (teacher_model=)")):
             if key in kwargs:
                 raise UserTypeError(f"{name} does not take {key}=: {why}.")
-        if args is not None and isinstance(model, str):
-            extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
-            if getattr(args, "trust_remote_code", False):
-                extra.setdefault("trust_remote_code", True)
-            if extra:
-                args.model_init_kwargs = {**extra, **(args.model_init_kwargs or {})}
-        elif quantization_config is not None:
-            logger.warning("quantization_config is ignored: the model is already loaded.")
+        if quantization_config is not None:  # TRL's script passes one (None unless a 4/8-bit student is asked for)
+            if not isinstance(model, str):
+                logger.warning("quantization_config is ignored: the model is already loaded.")
+            elif args is None:
+                raise UserTypeError(f"{name}(quantization_config=...) needs args=DistillationConfig(...) to carry it; "
+                                    "or set model_init_kwargs={'quantization_config': ...}.")
+            else:
+                args.model_init_kwargs = {**(args.model_init_kwargs or {}), "quantization_config": quantization_config}
         super().__init__(model, None, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, peft_config=peft_config, callbacks=callbacks,
                          optimizers=optimizers, **kwargs)
