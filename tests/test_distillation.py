@@ -353,3 +353,85 @@ def test_cli_distillation_and_example(tmp_path, capsys):
     assert main(["gkd", "--model_name_or_path", STUDENT, "--dataset_name", "posttrain/arith-sft",
                  "--output_dir", str(tmp_path / "gkd"), "--max_steps", "1"]) == 2
     assert "needs a teacher" in capsys.readouterr().err
+
+
+# ---- TRL's documented call forms, with only the import changed ----------------------------------------------------
+DISTILLATION_SCRIPT = '''
+from datasets import load_dataset
+from posttrain import DistillationConfig, DistillationTrainer  # was: from trl import DistillationConfig, ...
+
+dataset = load_dataset("json", data_files="prompts.jsonl", split="train")  # was: "trl-lib/tldr" on the Hub
+
+training_args = DistillationConfig(output_dir="tiny-Distillation", beta=0.5, max_completion_length=8,
+                                   per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
+                                   logging_steps=1, report_to="none")
+trainer = DistillationTrainer(model=STUDENT, teacher_model=TEACHER, args=training_args, train_dataset=dataset)
+trainer.train()
+trainer.save_model(training_args.output_dir)
+'''
+
+GKD_SCRIPT = '''
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from posttrain import GKDConfig, GKDTrainer  # was: from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+tokenizer = AutoTokenizer.from_pretrained(STUDENT)
+model = AutoModelForCausalLM.from_pretrained(STUDENT)
+teacher_model = AutoModelForCausalLM.from_pretrained(TEACHER)
+
+train_dataset = Dataset.from_dict({
+    "messages": [
+        [{"role": "user", "content": "Hi, how are you?"}, {"role": "assistant", "content": "I'm great thanks"}],
+    ] * 8
+})
+eval_dataset = Dataset.from_dict({
+    "messages": [
+        [{"role": "user", "content": "What colour is the sky?"}, {"role": "assistant", "content": "The sky is blue"}],
+    ] * 2
+})
+
+training_args = GKDConfig(output_dir="gkd-model", per_device_train_batch_size=1, max_new_tokens=8, max_steps=3,
+                          report_to="none")
+trainer = GKDTrainer(
+    model=model,
+    teacher_model=teacher_model,
+    args=training_args,
+    processing_class=tokenizer,
+    train_dataset=train_dataset,
+    eval_dataset=eval_dataset,
+)
+trainer.train()
+'''
+
+
+@pytest.mark.parametrize("script", [DISTILLATION_SCRIPT, GKD_SCRIPT], ids=["distillation", "gkd"])
+def test_trl_script_runs_with_the_import_changed(tmp_path, monkeypatch, script):
+    import json
+
+    from posttrain.models.builtin import builtin_model_path
+
+    monkeypatch.chdir(tmp_path)
+    with open("prompts.jsonl", "w") as f:
+        for row in _prompts(8):
+            f.write(json.dumps({"prompt": row["prompt"]}) + "\n")
+    scope = {"STUDENT": builtin_model_path(STUDENT), "TEACHER": builtin_model_path(TEACHER)}
+    exec(compile(script, "trl_script.py", "exec"), scope)
+    trainer = scope["trainer"]
+    assert trainer.state.global_step == trainer.args.max_steps
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+@pytest.mark.slow
+def test_killed_distillation_run_resumes_to_the_same_losses(tmp_path, tmp_path_factory):
+    """SIGKILL a distillation run at a random moment after a checkpoint; resumed, it reproduces the uninterrupted
+    run's losses (the student from the checkpoint, the teacher loaded again, the rollout buffer restored)."""
+    import random
+
+    from test_resume import _kill_at_random, _reference, _resume_in_process, _start
+
+    reference = _reference("distillation", tmp_path_factory)
+    out = tmp_path / "run"
+    proc = _start("distillation", out, POSTTRAIN_TEST_STEP_SLEEP=0.3, POSTTRAIN_TEST_SAVE_STEPS=1)
+    killed_after = _kill_at_random(proc, out, random.Random("distillation-1"))
+    assert killed_after < len(reference)
+    assert _resume_in_process("distillation", out) == reference
