@@ -111,7 +111,7 @@ def tiny_pair():
     return student, teacher
 
 
-def _batch(num_rows=3, prompt_len=5, completion_len=6):
+def _batch(num_rows=3, prompt_len=5, completion_len=8):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(4, 4000, (num_rows, prompt_len + completion_len), generator=g)
     completion_mask = torch.ones(num_rows, completion_len, dtype=torch.long)
@@ -137,9 +137,11 @@ def _plain_terms(student, teacher, batch, beta, temperature):
 
 @pytest.mark.parametrize("top_k", [None, 4096])
 @pytest.mark.parametrize("chunked", [False, True])
-def test_masked_terms_match_a_plain_loop(tiny_pair, top_k, chunked):
+def test_masked_terms_match_a_plain_loop(tiny_pair, top_k, chunked, monkeypatch):
     """Per-token terms over the trained tokens only (masked ones contribute nothing), equal to full forward passes;
-    with the chunked head (checkpointed chunks) too; a top-k of the whole vocabulary is the exact loss."""
+    with the chunked head (checkpointed chunks of 16 rows: two chunks here) too; a top-k of the whole vocabulary is
+    the exact loss."""
+    monkeypatch.setattr(teachers, "DIVERGENCE_CHUNK_BYTES", 4096 * 4 * teachers.DIVERGENCE_FLOATS * 16)
     student, teacher = tiny_pair
     batch = _batch()
     batch.update(teachers.teacher_columns(teacher, batch, rows_per_pass=2, top_k=top_k, temperature=0.8))

@@ -9,9 +9,10 @@ Lives here:
   chunk by chunk, so its (tokens × vocabulary) logits never exist as a whole) or its top-k log-probs and token ids
   (`teacher_top_k`).
 - `divergence_terms`: the student's pass and the per-token JSD(β) (`losses/distill.py`) against those columns. The
-  student's LM head runs on the trained positions only, and — when `chunked_lm_head` says so (`models/logprobs.py`:
-  "auto" above 1 GiB of float32 logits) — chunk by chunk under activation checkpointing, the teacher's head chunk
-  inside the same checkpoint: at most one chunk of either model's logits is alive.
+  student's LM head runs on the trained positions only, and — when `chunked_lm_head` says so (`models/logprobs.py`;
+  "auto" here: once the divergence's float32 (tokens × V) tensors would pass 64 MiB) — chunk by chunk under
+  activation checkpointing, the teacher's head chunk inside the same checkpoint: at most one chunk of either model's
+  logits is alive (costs one more head matmul of each model per chunk, recomputed in the backward).
 
 A teacher is never part of the trained model: checkpoints hold the student only, and a resumed run loads the teacher
 again from what was given.
@@ -30,10 +31,10 @@ from posttrain.models.logprobs import (
     CHUNK_ROWS,
     IGNORE_INDEX,
     forward_target_rows,
-    head_chunk_rows,
     positions_from_mask,
     uses_chunked_head,
 )
+from posttrain.models.logprobs import _vocab_size as head_vocab_size
 
 
 def build_teacher(trainer, teacher_model) -> torch.nn.Module:
@@ -60,7 +61,7 @@ def build_teacher(trainer, teacher_model) -> torch.nn.Module:
     return reference.prepare_frozen_model(trainer, teacher_model)
 
 
-def _vocab_size(model: torch.nn.Module) -> int | None:
+def _config_vocab_size(model: torch.nn.Module) -> int | None:
     config = getattr(model, "config", None)
     if config is None:
         return None
@@ -71,7 +72,7 @@ def _vocab_size(model: torch.nn.Module) -> int | None:
 def check_same_vocabulary(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, teacher_id: str | None):
     """Teacher and student must score the same tokens: equal vocabulary sizes and, for a teacher given by name, the
     same token → id map as the student's tokenizer. One-line UserError otherwise."""
-    sizes = _vocab_size(student), _vocab_size(teacher)
+    sizes = _config_vocab_size(student), _config_vocab_size(teacher)
     if None not in sizes and sizes[0] != sizes[1]:
         raise UserError(f"The teacher's vocabulary ({sizes[1]} tokens) differs from the student's ({sizes[0]}): "
                         "distillation compares next-token distributions, so both must share one tokenizer. Use a "
@@ -145,6 +146,19 @@ def teacher_columns(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], ro
     return columns
 
 
+# The divergence keeps about this many float32 (rows, V) tensors per chunk for its backward (both models' logits and
+# log-softmaxes, the mixture, probabilities); "auto" chunks it once they would pass DIVERGENCE_CHUNK_BYTES, in chunks
+# of at most that size — far below the log-prob pass's 1 GiB, as TRL's distillation never holds (tokens × V) either.
+DIVERGENCE_FLOATS = 8
+DIVERGENCE_CHUNK_BYTES = 64 << 20
+
+
+def divergence_chunk_rows(vocab: int) -> int:
+    """Rows per checkpointed chunk of the divergence: DIVERGENCE_FLOATS (rows, V) float32 tensors within
+    DIVERGENCE_CHUNK_BYTES (65 rows at V = 32k), at least 16."""
+    return max(16, DIVERGENCE_CHUNK_BYTES // (vocab * 4 * DIVERGENCE_FLOATS))
+
+
 def _chunk_divergence(student_rows, student_head, teacher_rows, teacher_head, teacher_ids, beta: float,
                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk: per-token JSD(β) (differentiable in the student) and the student's entropy (detached)."""
@@ -178,8 +192,10 @@ def divergence_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], tea
         raise RuntimeError(f"{n} student rows but {teacher_rows.shape[0]} teacher rows")
     if n == 0:  # nothing trained here: a zero loss that still reaches the graph
         return student_rows.sum(-1)[:0], {"entropy": student_rows.new_zeros(())}
-    if n and student_head is not None and uses_chunked_head(chunked_lm_head, n, student_head):
-        rows = head_chunk_rows(student_head)
+    vocab = head_vocab_size(student_head) if student_head is not None else None
+    rows = divergence_chunk_rows(vocab) if vocab else n
+    if student_head is not None and uses_chunked_head(chunked_lm_head, n * DIVERGENCE_FLOATS, student_head,
+                                                      DIVERGENCE_CHUNK_BYTES):
         parts = [checkpoint(_chunk_divergence, student_rows[s:s + rows], student_head, teacher_rows[s:s + rows], head,
                             None if teacher_ids is None else teacher_ids[s:s + rows], beta, temperature,
                             use_reentrant=False) for s in range(0, n, rows)]
