@@ -77,6 +77,24 @@ def test_gradient_of_forward_kl_is_student_minus_teacher_probs():
     assert teacher_logits.grad is None
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_closed_form_gradient_equals_autograd(beta, temperature):
+    """The closed-form gradient of `jsd_terms_and_grad` (what the loss's backward uses) against autograd through
+    the plain formula (`divergence_from_logps` of two log-softmaxes), float64, upstream weights per row."""
+    g = torch.Generator().manual_seed(2)
+    s = (torch.randn(5, 11, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    t = torch.randn(5, 11, generator=g, dtype=torch.float64) * 2
+    weights = torch.rand(5, generator=g, dtype=torch.float64)
+    plain = divergence_from_logps(torch.log_softmax(s / temperature, -1), torch.log_softmax(t / temperature, -1),
+                                  beta)
+    (expected,) = torch.autograd.grad((plain * weights).sum(), s)
+    terms = generalized_jsd(s, t, beta, temperature)
+    torch.testing.assert_close(terms, plain.detach())
+    (grad,) = torch.autograd.grad((terms * weights).sum(), s)
+    torch.testing.assert_close(grad, expected)
+
+
 def test_temperature_divides_both_logits():
     s, t = torch.randn(4, 9), torch.randn(4, 9)
     for beta in (0.0, 0.5, 1.0):

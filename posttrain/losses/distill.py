@@ -57,10 +57,83 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     Args: student_logits (n, V) (differentiable), teacher_logits (n, V) (treated as constants), beta, temperature τ.
     Returns: (n,) per-token divergences. Derivation of the limits: β = 0 gives Σ t (log t − log s), β = 1 gives
     Σ s (log s − log t); the tests compare both, and β = 0.5, with sums written out by hand.
+    The gradient is the closed form of `jsd_terms_and_grad`, kept from the forward: one (n, V) tensor for the
+    backward instead of autograd's chain of log-softmaxes, mixture and products.
     """
-    student = torch.log_softmax(_float(student_logits) / temperature, dim=-1)
-    teacher = torch.log_softmax(_float(teacher_logits.detach()) / temperature, dim=-1)
-    return divergence_from_logps(student, teacher, beta)
+    return _GeneralizedJSD.apply(student_logits, teacher_logits.detach(), beta, temperature)[0]
+
+
+def jsd_terms_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
+                       temperature: float = 1.0, with_grad: bool = True):
+    """(terms (n,), d Σ terms / d student_logits (n, V) or None, student entropy (n,)) of JSD(β) at temperature τ.
+
+    With s = log softmax(z/τ), t likewise, p = eˢ, q = eᵗ and the derivative of softmax, d D/d z = (g − p·Σg)/τ for
+    g = ∂D/∂s. Written out:
+        β = 0: D = Σ q (t − s),           d D/d z = (p − q)/τ
+        β = 1: D = Σ p (s − t),           d D/d z = p (s − t − D)/τ
+        else:  m = βq + (1 − β)p,  D = β Σ q (t − log m) + (1 − β) K,  K = Σ p (s − log m),
+               d D/d z = (1 − β) p (s − log m − K)/τ
+    (the β·q terms of ∂D/∂s cancel against the mixture's; the tests check every case against autograd).
+    Zero probabilities contribute 0: log-probs are floored at the dtype's lowest finite value and log m at its
+    smallest positive number, so 0 · (finite) stays 0.
+    """
+    floor = torch.finfo(torch.float64 if student_logits.dtype == torch.float64 else torch.float32).min
+    z = _float(student_logits)
+    zt = _float(teacher_logits).to(z.dtype)
+    if temperature != 1.0:
+        z, zt = z / temperature, zt / temperature
+    s = torch.log_softmax(z, dim=-1).clamp_(min=floor)
+    t = torch.log_softmax(zt, dim=-1).clamp_(min=floor)
+    p = s.exp()
+    entropy = -(p * s).sum(-1)
+    grad = None
+    if beta == 0.0:
+        q = t.exp()
+        terms = (q * (t - s)).sum(-1)
+        if with_grad:
+            grad = p.sub_(q)
+    elif beta == 1.0:
+        gap = s.sub_(t)  # s − t (s is not needed after this)
+        terms = (p * gap).sum(-1)
+        if with_grad:
+            grad = p.mul_(gap.sub_(terms.unsqueeze(-1)))
+    else:
+        q = t.exp()
+        log_m = (q * beta).add_(p, alpha=1.0 - beta).clamp_(min=torch.finfo(z.dtype).tiny).log_()
+        teacher_part = (q.mul_(t.sub_(log_m))).sum(-1)
+        gap = s.sub_(log_m)  # s − log m
+        student_part = (p * gap).sum(-1)
+        terms = beta * teacher_part + (1.0 - beta) * student_part
+        if with_grad:
+            grad = p.mul_(gap.sub_(student_part.unsqueeze(-1))).mul_(1.0 - beta)
+    if grad is not None and temperature != 1.0:
+        grad.div_(temperature)
+    return terms, grad, entropy
+
+
+class _GeneralizedJSD(torch.autograd.Function):
+    """JSD(β) per row with the closed-form gradient of `jsd_terms_and_grad`; returns (terms, student entropy), the
+    entropy not differentiable."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, beta: float, temperature: float):
+        terms, grad, entropy = jsd_terms_and_grad(student_logits.detach(), teacher_logits, beta, temperature,
+                                                  with_grad=student_logits.requires_grad)
+        ctx.dtype = student_logits.dtype
+        ctx.save_for_backward(grad if grad is not None else terms.new_zeros(0))
+        ctx.mark_non_differentiable(entropy)
+        return terms, entropy
+
+    @staticmethod
+    def backward(ctx, grad_terms, unused):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_terms.unsqueeze(-1)).to(ctx.dtype), None, None, None
+
+
+def jsd_with_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
+                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`generalized_jsd` and the student's entropy at τ (detached) from the same log-softmax: ((n,), (n,))."""
+    return _GeneralizedJSD.apply(student_logits, teacher_logits.detach(), beta, temperature)
 
 
 def teacher_top_k(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,10 +9,10 @@ Lives here:
   chunk by chunk, so its (tokens × vocabulary) logits never exist as a whole) or its top-k log-probs and token ids
   (`teacher_top_k`).
 - `divergence_terms`: the student's pass and the per-token JSD(β) (`losses/distill.py`) against those columns. The
-  student's LM head runs on the trained positions only, and — when `chunked_lm_head` says so (`models/logprobs.py`;
-  "auto" here: once the divergence's float32 (tokens × V) tensors would pass 64 MiB) — chunk by chunk under
-  activation checkpointing, the teacher's head chunk inside the same checkpoint: at most one chunk of either model's
-  logits is alive (costs one more head matmul of each model per chunk, recomputed in the backward).
+  student's LM head runs on the trained positions only, a chunk of rows at a time (the teacher's head on the same
+  chunk), keeping one float32 (tokens × V) gradient for the backward; when `chunked_lm_head` says so
+  (`models/logprobs.py`; "auto" here: once that gradient would pass 256 MiB) each chunk runs under activation
+  checkpointing instead and nothing of size tokens × V is kept (costs one more head matmul of each model per chunk).
 
 A teacher is never part of the trained model: checkpoints hold the student only, and a resumed run loads the teacher
 again from what was given.
@@ -25,7 +25,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from posttrain.errors import UserError
-from posttrain.losses.distill import generalized_jsd, teacher_top_k, top_k_generalized_jsd
+from posttrain.losses.distill import jsd_with_entropy, teacher_top_k, top_k_generalized_jsd
 from posttrain.models import loading, reference
 from posttrain.models.logprobs import (
     CHUNK_ROWS,
@@ -146,16 +146,17 @@ def teacher_columns(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], ro
     return columns
 
 
-# The divergence keeps about this many float32 (rows, V) tensors per chunk for its backward (both models' logits and
-# log-softmaxes, the mixture, probabilities); "auto" chunks it once they would pass DIVERGENCE_CHUNK_BYTES, in chunks
-# of at most that size — far below the log-prob pass's 1 GiB, as TRL's distillation never holds (tokens × V) either.
-DIVERGENCE_FLOATS = 8
-DIVERGENCE_CHUNK_BYTES = 64 << 20
+# Unchunked, the divergence keeps one float32 (tokens, V) tensor for its backward (its closed-form gradient,
+# `losses/distill.py`) and makes its temporaries a chunk at a time; "auto" (`chunked_lm_head`) checkpoints the chunks
+# — keeping nothing, recomputing both heads in the backward — once that tensor would pass DIVERGENCE_CHUNK_BYTES.
+# A chunk's temporaries: about DIVERGENCE_FLOATS (rows, V) float32 tensors, within DIVERGENCE_CHUNK_BYTES.
+DIVERGENCE_FLOATS = 6
+DIVERGENCE_CHUNK_BYTES = 256 << 20
 
 
 def divergence_chunk_rows(vocab: int) -> int:
-    """Rows per checkpointed chunk of the divergence: DIVERGENCE_FLOATS (rows, V) float32 tensors within
-    DIVERGENCE_CHUNK_BYTES (65 rows at V = 32k), at least 16."""
+    """Rows per chunk of the divergence: DIVERGENCE_FLOATS (rows, V) float32 tensors within DIVERGENCE_CHUNK_BYTES
+    (349 rows at V = 32k, 227 at 49k), at least 16."""
     return max(16, DIVERGENCE_CHUNK_BYTES // (vocab * 4 * DIVERGENCE_FLOATS))
 
 
@@ -163,15 +164,14 @@ def _chunk_divergence(student_rows, student_head, teacher_rows, teacher_head, te
                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk: per-token JSD(β) (differentiable in the student) and the student's entropy (detached)."""
     student_logits = _apply(student_head, student_rows)
-    with torch.no_grad():
-        z = student_logits.detach().float() / temperature
-        logp = torch.log_softmax(z, dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1)
     if teacher_ids is not None:
+        with torch.no_grad():
+            logp = torch.log_softmax(student_logits.detach().float() / temperature, dim=-1)
+            entropy = -(logp.exp() * logp).sum(-1)
         return top_k_generalized_jsd(student_logits, teacher_rows, teacher_ids, beta, temperature), entropy
     with torch.no_grad():
         teacher_logits = _apply(teacher_head, teacher_rows)
-    return generalized_jsd(student_logits, teacher_logits, beta, temperature), entropy
+    return jsd_with_entropy(student_logits, teacher_logits, beta, temperature)
 
 
 def divergence_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], teacher_head: torch.nn.Module | None,
@@ -194,13 +194,13 @@ def divergence_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], tea
         return student_rows.sum(-1)[:0], {"entropy": student_rows.new_zeros(())}
     vocab = head_vocab_size(student_head) if student_head is not None else None
     rows = divergence_chunk_rows(vocab) if vocab else n
-    if student_head is not None and uses_chunked_head(chunked_lm_head, n * DIVERGENCE_FLOATS, student_head,
-                                                      DIVERGENCE_CHUNK_BYTES):
-        parts = [checkpoint(_chunk_divergence, student_rows[s:s + rows], student_head, teacher_rows[s:s + rows], head,
-                            None if teacher_ids is None else teacher_ids[s:s + rows], beta, temperature,
-                            use_reentrant=False) for s in range(0, n, rows)]
-        terms, entropy = (torch.cat(column) for column in zip(*parts))
-    else:
-        terms, entropy = _chunk_divergence(student_rows, student_head, teacher_rows, head, teacher_ids, beta,
-                                           temperature)
+    checkpointed = student_head is not None and uses_chunked_head(chunked_lm_head, n, student_head,
+                                                                  DIVERGENCE_CHUNK_BYTES)
+    parts = []
+    for s in range(0, n, rows):
+        chunk = (student_rows[s:s + rows], student_head, teacher_rows[s:s + rows], head,
+                 None if teacher_ids is None else teacher_ids[s:s + rows], beta, temperature)
+        parts.append(checkpoint(_chunk_divergence, *chunk, use_reentrant=False) if checkpointed
+                     else _chunk_divergence(*chunk))
+    terms, entropy = (torch.cat(column) for column in zip(*parts))
     return terms, {"entropy": entropy.sum() / max(n, 1)}
