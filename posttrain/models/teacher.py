@@ -148,15 +148,16 @@ def teacher_columns(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], ro
 
 # Unchunked, the divergence keeps one float32 (tokens, V) tensor for its backward (its closed-form gradient,
 # `losses/distill.py`) and makes its temporaries a chunk at a time; "auto" (`chunked_lm_head`) checkpoints the chunks
-# — keeping nothing, recomputing both heads in the backward — once that tensor would pass DIVERGENCE_CHUNK_BYTES.
+# — keeping nothing, recomputing both heads in the backward — once that tensor would pass DIVERGENCE_KEEP_BYTES.
 # A chunk's temporaries: about DIVERGENCE_FLOATS (rows, V) float32 tensors, within DIVERGENCE_CHUNK_BYTES.
 DIVERGENCE_FLOATS = 6
-DIVERGENCE_CHUNK_BYTES = 256 << 20
+DIVERGENCE_CHUNK_BYTES = 64 << 20
+DIVERGENCE_KEEP_BYTES = 256 << 20
 
 
 def divergence_chunk_rows(vocab: int) -> int:
     """Rows per chunk of the divergence: DIVERGENCE_FLOATS (rows, V) float32 tensors within DIVERGENCE_CHUNK_BYTES
-    (349 rows at V = 32k, 227 at 49k), at least 16."""
+    (87 rows at V = 32k, 56 at 49k), at least 16."""
     return max(16, DIVERGENCE_CHUNK_BYTES // (vocab * 4 * DIVERGENCE_FLOATS))
 
 
@@ -195,7 +196,7 @@ def divergence_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], tea
     vocab = head_vocab_size(student_head) if student_head is not None else None
     rows = divergence_chunk_rows(vocab) if vocab else n
     checkpointed = student_head is not None and uses_chunked_head(chunked_lm_head, n, student_head,
-                                                                  DIVERGENCE_CHUNK_BYTES)
+                                                                  DIVERGENCE_KEEP_BYTES)
     parts = []
     for s in range(0, n, rows):
         chunk = (student_rows[s:s + rows], student_head, teacher_rows[s:s + rows], head,
