@@ -21,7 +21,8 @@ from posttrain.trainers.distillation import DistillationTrainer, GKDTrainer
 STUDENT, TEACHER = "posttrain/tiny", "posttrain/tiny-4m"  # same tokenizer (4,096 tokens)
 
 # T = [0.8, 0.1, 0.1], S = [0.4, 0.4, 0.2]
-T_PROBS, S_PROBS = torch.tensor([[0.8, 0.1, 0.1]]), torch.tensor([[0.4, 0.4, 0.2]])
+T_PROBS = torch.tensor([[0.8, 0.1, 0.1]], dtype=torch.float64)
+S_PROBS = torch.tensor([[0.4, 0.4, 0.2]], dtype=torch.float64)
 LN2 = math.log(2)
 
 

@@ -63,6 +63,11 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return _GeneralizedJSD.apply(student_logits, teacher_logits.detach(), beta, temperature)[0]
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a·b per row as a batched dot product: no (n, V) temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
 def jsd_terms_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
                        temperature: float = 1.0, with_grad: bool = True):
     """(terms (n,), d Σ terms / d student_logits (n, V) or None, student entropy (n,)) of JSD(β) at temperature τ.
@@ -73,39 +78,47 @@ def jsd_terms_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tenso
         β = 1: D = Σ p (s − t),           d D/d z = p (s − t − D)/τ
         else:  m = βq + (1 − β)p,  D = β Σ q (t − log m) + (1 − β) K,  K = Σ p (s − log m),
                d D/d z = (1 − β) p (s − log m − K)/τ
-    (the β·q terms of ∂D/∂s cancel against the mixture's; the tests check every case against autograd).
-    Zero probabilities contribute 0: log-probs are floored at the dtype's lowest finite value and log m at its
-    smallest positive number, so 0 · (finite) stays 0.
+    (the β·q terms of ∂D/∂s cancel against the mixture's; the tests check every case against autograd). Sums are
+    batched dot products and the gradient is built in place, so a row costs few passes over V. Logits of −∞ (a
+    probability of exactly 0) are handled by flooring log-probs at the dtype's lowest finite value, so 0 · (finite)
+    stays 0.
     """
-    floor = torch.finfo(torch.float64 if student_logits.dtype == torch.float64 else torch.float32).min
     z = _float(student_logits)
     zt = _float(teacher_logits).to(z.dtype)
     if temperature != 1.0:
         z, zt = z / temperature, zt / temperature
-    s = torch.log_softmax(z, dim=-1).clamp_(min=floor)
-    t = torch.log_softmax(zt, dim=-1).clamp_(min=floor)
+    s = torch.log_softmax(z, dim=-1)
+    t = torch.log_softmax(zt, dim=-1)
+    floor = torch.finfo(z.dtype).min
+    if bool(z.amin() == -math.inf) or bool(zt.amin() == -math.inf):
+        s.clamp_(min=floor), t.clamp_(min=floor)
     p = s.exp()
-    entropy = -(p * s).sum(-1)
+    ps = _dot(p, s)
+    entropy = -ps
     grad = None
+    # differences are taken entry by entry before summing (Σ q·t − Σ q·s would lose the small divergence to
+    # cancellation between two entropy-sized sums in float32)
     if beta == 0.0:
         q = t.exp()
-        terms = (q * (t - s)).sum(-1)
+        terms = _dot(q, t.sub_(s))
         if with_grad:
             grad = p.sub_(q)
     elif beta == 1.0:
-        gap = s.sub_(t)  # s − t (s is not needed after this)
-        terms = (p * gap).sum(-1)
+        gap = s.sub_(t)  # s − t
+        terms = _dot(p, gap)
         if with_grad:
-            grad = p.mul_(gap.sub_(terms.unsqueeze(-1)))
+            grad = gap.sub_(terms.unsqueeze(-1)).mul_(p)  # p (s − t − D)
     else:
         q = t.exp()
-        log_m = (q * beta).add_(p, alpha=1.0 - beta).clamp_(min=torch.finfo(z.dtype).tiny).log_()
-        teacher_part = (q.mul_(t.sub_(log_m))).sum(-1)
-        gap = s.sub_(log_m)  # s − log m
-        student_part = (p * gap).sum(-1)
+        # log m = log(p + β/(1−β)·q) + log(1−β): the constant is added to the sums instead of to every entry
+        log_m = torch.add(p, q, alpha=beta / (1.0 - beta)).clamp_(min=torch.finfo(z.dtype).tiny).log_()
+        shift = math.log1p(-beta)
+        teacher_part = _dot(q, t.sub_(log_m)) - shift
+        gap = s.sub_(log_m)  # s − log m + log(1−β)
+        student_part = _dot(p, gap) - shift
         terms = beta * teacher_part + (1.0 - beta) * student_part
         if with_grad:
-            grad = p.mul_(gap.sub_(student_part.unsqueeze(-1))).mul_(1.0 - beta)
+            grad = gap.sub_((student_part + shift).unsqueeze(-1)).mul_(p).mul_(1.0 - beta)
     if grad is not None and temperature != 1.0:
         grad.div_(temperature)
     return terms, grad, entropy
