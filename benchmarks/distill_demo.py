@@ -159,8 +159,15 @@ def main() -> None:
     prompts = load_builtin_dataset("posttrain/arith-prompts", "conversational", split=f"train[:{opts.train_prompts}]")
     held = load_builtin_dataset("posttrain/arith-prompts", "conversational", split=f"test[:{opts.eval_prompts}]")
     start = time.time()
-    samples = teacher_samples(teacher, tok, prompts["prompt"], opts.max_new_tokens, seed=0)
-    held_samples = teacher_samples(teacher, tok, held["prompt"], opts.max_new_tokens, seed=1)
+    cache = f"/tmp/posttrain-distill-demo-samples-{opts.train_prompts}-{opts.eval_prompts}-{opts.max_new_tokens}.json"
+    if os.path.exists(cache):  # the teacher's samples of an earlier run with the same prompts and length
+        with open(cache) as f:
+            samples, held_samples = json.load(f)
+    else:
+        samples = teacher_samples(teacher, tok, prompts["prompt"], opts.max_new_tokens, seed=0)
+        held_samples = teacher_samples(teacher, tok, held["prompt"], opts.max_new_tokens, seed=1)
+        with open(cache, "w") as f:
+            json.dump([samples, held_samples], f)
     held_rows = [{"prompt": p, "completion": [{"role": "assistant", "content": c}], "answer": a}
                  for p, c, a in zip(held["prompt"], held_samples, held["answer"])]
     print(f"teacher samples: {len(samples) + len(held_samples)} in {time.time() - start:.0f} s", flush=True)
