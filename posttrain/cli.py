@@ -41,6 +41,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
             "PPO with a value model, GAE and a KL-penalised reward"),
     "online_dpo": ("posttrain.configs.online_dpo:OnlineDPOConfig", "posttrain.trainers.online_dpo:OnlineDPOTrainer",
                    "online DPO: two sampled completions per prompt ranked by reward"),
+    "distillation": ("posttrain.configs.distillation:DistillationConfig",
+                     "posttrain.trainers.distillation:DistillationTrainer",
+                     "on-policy distillation: the student samples, a teacher's next-token distribution is the target"),
+    "gkd": ("posttrain.configs.distillation:GKDConfig", "posttrain.trainers.distillation:GKDTrainer",
+            "generalized knowledge distillation (on-policy share lmbda, dataset or teacher completions otherwise)"),
 }
 # Hyphenated spellings (TRL's `trl online-dpo` style) name the same commands.
 COMMAND_ALIASES = {name.replace("_", "-"): name for name in COMMANDS if "_" in name}
@@ -80,13 +85,13 @@ def _load(spec: str):
 
 def _usage() -> str:
     lines = ["usage: posttrain <command> [--config FILE.yaml] [--flag value ...]", "", "commands:"]
-    lines += [f"  {name:<10} {desc}" for name, (_, _, desc) in COMMANDS.items()]
-    lines += [f"  {'generate':<10} generate from a trained model (--model DIR --prompt TEXT; no --prompt: chat)",
-              f"  {'pipeline':<10} run training stages in order from one YAML file (SFT → reward → DPO → GRPO)",
-              f"  {'merge':<10} merge a LoRA adapter into its base model (--adapter DIR --output_dir OUT)",
-              f"  {'export':<10} write a trained model as a GGUF file for llama.cpp (RUN_DIR --gguf OUT.gguf)",
-              f"  {'vllm-serve':<10} generation server for online trainers run with vllm_mode=server (--model M)",
-              f"  {'env':<10} print versions and hardware (for bug reports)",
+    lines += [f"  {name:<12} {desc}" for name, (_, _, desc) in COMMANDS.items()]
+    lines += [f"  {'generate':<12} generate from a trained model (--model DIR --prompt TEXT; no --prompt: chat)",
+              f"  {'pipeline':<12} run training stages in order from one YAML file (SFT → reward → DPO → GRPO)",
+              f"  {'merge':<12} merge a LoRA adapter into its base model (--adapter DIR --output_dir OUT)",
+              f"  {'export':<12} write a trained model as a GGUF file for llama.cpp (RUN_DIR --gguf OUT.gguf)",
+              f"  {'vllm-serve':<12} generation server for online trainers run with vllm_mode=server (--model M)",
+              f"  {'env':<12} print versions and hardware (for bug reports)",
               "", "Run 'posttrain <command> --help' for the flags of a command. --debug shows full tracebacks."]
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""A small SFT, DPO or GRPO run that the reliability tests start, kill and resume (imported, or run as a script).
+"""A small SFT, DPO, GRPO or distillation run that the reliability tests start, kill and resume (imported, or run as a script).
 
 `python tests/killable_run.py METHOD OUTPUT_DIR [RESUME]` trains the built-in tiny model for a few steps with a
 checkpoint every SAVE_STEPS steps and writes OUTPUT_DIR/losses.json (the log history) when it finishes. Env:
@@ -35,7 +35,7 @@ class _Sleep(TrainerCallback):
 
 
 def build_trainer(method: str, output_dir: str, max_steps: int = MAX_STEPS, **overrides):
-    """A tiny trainer of `method` ('sft', 'dpo', 'grpo') that logs every step and saves every SAVE_STEPS."""
+    """A tiny trainer of `method` ('sft', 'dpo', 'grpo', 'distillation') that logs every step and saves every SAVE_STEPS."""
     from posttrain.data.arith import load_builtin_dataset
 
     common = dict(output_dir=output_dir, max_steps=max_steps, logging_steps=1, save_steps=SAVE_STEPS,
@@ -58,6 +58,12 @@ def build_trainer(method: str, output_dir: str, max_steps: int = MAX_STEPS, **ov
         args = GRPOConfig(num_generations=2, max_completion_length=4, steps_per_generation=2, **common)
         data = load_builtin_dataset("posttrain/arith-prompts", split="train[:32]")
         trainer = GRPOTrainer(MODEL, reward_funcs=_unique_chars, args=args, train_dataset=data)
+    elif method == "distillation":
+        from posttrain import DistillationConfig, DistillationTrainer
+
+        args = DistillationConfig(max_completion_length=4, steps_per_generation=2, beta=0.5, **common)
+        data = load_builtin_dataset("posttrain/arith-prompts", split="train[:32]")
+        trainer = DistillationTrainer(MODEL, teacher_model="posttrain/tiny-4m", args=args, train_dataset=data)
     else:
         raise ValueError(method)
     # The run report (plots drawn at the end of every train()) is not what these tests check, and costs seconds.

@@ -63,7 +63,7 @@ def _check_report_to(report_to) -> None:
 
 
 # Every config module, so that an option refused by one config can name the configs that take it.
-CONFIG_MODULES = ("sft", "dpo", "reward", "kto", "cpo", "grpo", "rloo", "online_dpo", "ppo")
+CONFIG_MODULES = ("sft", "dpo", "reward", "kto", "cpo", "grpo", "rloo", "online_dpo", "ppo", "distillation")
 
 
 def option_names(config_cls) -> set[str]:

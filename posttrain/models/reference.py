@@ -4,8 +4,9 @@ Lives here: `Reference`, the one component every such trainer holds, built once 
 user gave — a model object, a name or path, or nothing (a frozen copy of the policy; or, when PEFT adapters are
 trained, no second model at all: the base with adapters disabled is the reference) — frozen, dropout off when asked,
 placed like the policy (`models/sharding.py`), with TR-DPO's periodic mixing of the policy into it. Also the
-context that switches a PEFT model to its reference, and a fingerprint of weights (for caches of reference
-log-probs). Whether a run needs a reference at all is the trainer's one question, `holds_reference()`.
+context that switches a PEFT model to its reference, the preparation every frozen model beside the policy gets
+(`prepare_frozen_model`, also the distillation teacher's: `models/teacher.py`), and a fingerprint of weights (for
+caches of reference log-probs). Whether a run needs a reference at all is the trainer's one question, `holds_reference()`.
 Not here: computing log-probs (`models/logprobs.py`), precomputing them over a dataset (`trainers/anchored.py`).
 """
 
@@ -76,6 +77,21 @@ def reference_context(policy: torch.nn.Module, ref_model: torch.nn.Module | None
         yield policy
 
 
+def prepare_frozen_model(trainer, model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen model that sits beside the policy (a reference, a distillation teacher): eval mode without gradients,
+    dropout off when asked, the policy's packed attention and lean layers (the same arithmetic: policy = reference
+    gives KL 0 exactly), placed as the policy is (`models/sharding.py`)."""
+    args = trainer.args
+    freeze(model)
+    if args.disable_dropout:
+        loading.disable_dropout(model)
+    if getattr(args, "packed_attention", False):
+        use_packed_attention(model)  # its padded log-prob passes run as packed rows
+    if getattr(args, "lean_layers", False) and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
+        apply_lean_layers(model)
+    return sharding.prepare_frozen(trainer.accelerator, model, args)
+
+
 class Reference:
     """A trainer's reference. `model` is the frozen reference model, or None when the reference is the policy
     itself with its adapters switched (PEFT) or when log-probs were precomputed; `context(policy)` yields the module
@@ -103,14 +119,7 @@ class Reference:
         elif ref_model is None and not is_peft_model(policy):
             ref_model = create_reference_model(policy, model_id, args.model_init_kwargs)
         if ref_model is not None:
-            freeze(ref_model)
-            if args.disable_dropout:
-                loading.disable_dropout(ref_model)
-            if getattr(args, "packed_attention", False):
-                use_packed_attention(ref_model)  # its padded log-prob passes run as packed rows
-            if getattr(args, "lean_layers", False) and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
-                apply_lean_layers(ref_model)  # the policy's arithmetic: policy = reference gives KL 0 exactly
-            ref_model = sharding.prepare_frozen(trainer.accelerator, ref_model, args)
+            ref_model = prepare_frozen_model(trainer, ref_model)
         reference = cls(ref_model, trainer.accelerator.unwrap_model)
         if getattr(args, "sync_ref_model", False):
             if ref_model is None:

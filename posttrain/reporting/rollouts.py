@@ -24,12 +24,7 @@ def rollout_metrics(rollout: Rollout, runner, num_generations: int) -> dict[str,
         "completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
         "completions/max_length": lengths.max(), "completions/clipped_ratio": rollout.is_truncated.float().mean(),
         "completions/mean_terminated_length": terminated.mean() if len(terminated) else torch.tensor(0.0),
-        "reward": rollout.scores.nanmean(),
     }
-    if num_generations > 1:  # group statistics need siblings (PPO samples one completion per prompt)
-        stds = nanstd(runner.weighted_sum(rollout.group_rewards).view(-1, num_generations))
-        metrics["reward_std"] = stds.nanmean()
-        metrics["frac_reward_zero_std"] = (stds < 1e-6).float().mean()
     if rollout.tool_calls is not None:  # multi-turn rollouts (`rollout/agentic.py`)
         calls = rollout.tool_calls.sum()
         metrics["tools/call_frequency"] = rollout.tool_calls.mean()  # tool calls per completion
@@ -37,6 +32,13 @@ def rollout_metrics(rollout: Rollout, runner, num_generations: int) -> dict[str,
         metrics["tools/failures"] = rollout.tool_failures.sum()  # failed calls in this rollout batch
         metrics["turns/mean"] = rollout.turns.mean()  # model turns per rollout
         metrics["turns/max"] = rollout.turns.max()
+    if runner is None or rollout.scores is None:  # an unscored rollout (distillation)
+        return metrics
+    metrics["reward"] = rollout.scores.nanmean()
+    if num_generations > 1:  # group statistics need siblings (PPO samples one completion per prompt)
+        stds = nanstd(runner.weighted_sum(rollout.group_rewards).view(-1, num_generations))
+        metrics["reward_std"] = stds.nanmean()
+        metrics["frac_reward_zero_std"] = (stds < 1e-6).float().mean()
     for k, name in enumerate(runner.names):
         column = rewards[:, k]
         if not torch.isnan(column).all():
@@ -51,9 +53,10 @@ def completions_table(rollout: Rollout, names: list[str], step: int) -> list[dic
     """One row per completion: step, prompt, completion, each reward function's value and the advantage, the
     columns reward functions logged with `log_extra` (and, for multi-turn rollouts, the tool calls, failed calls and
     model turns)."""
-    advantages = rollout.advantages if rollout.advantages is not None else torch.full_like(rollout.scores, math.nan)
+    advantages = rollout.advantages
     rows = [{"step": step, "prompt": prompt, "completion": completion,
-             **{name: float(rollout.rewards[i, k]) for k, name in enumerate(names)}, "advantage": float(advantages[i])}
+             **{name: float(rollout.rewards[i, k]) for k, name in enumerate(names)},
+             "advantage": math.nan if advantages is None else float(advantages[i])}
             for i, (prompt, completion) in enumerate(zip(rollout.prompts, rollout.completions))]
     for column, values in rollout.logged_columns.items():  # what reward functions gave TRL's `log_extra`
         for row, value in zip(rows, values):

@@ -64,6 +64,7 @@ class OnlineTrainer(TRLInspection, PostTrainer):
 
     supports_tools = False  # True: the trainer takes tools=, environment_factory= and rollout_func= (GRPO, RLOO)
     requires_train_dataset = True  # False where a trainer has another source of prompts (PPO's loop API)
+    scores_rollouts = True  # False: completions are not scored (distillation: no reward functions, no score phase)
 
     def __init__(self, model, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, reward_processing_classes=None, peft_config=None, ref_model=None,
@@ -251,7 +252,7 @@ class OnlineTrainer(TRLInspection, PostTrainer):
         """Generate, decode, score; the sampling policy's and the reference's log-probs when needed."""
         args, tok = self.args, self.processing_class
         device = args.device
-        if self.reward_runner is None:
+        if self.reward_runner is None and self.scores_rollouts:
             raise UserError(self.missing_reward_funcs_message())
         with self.phase("generate"):
             rollout = self.sample(rows)
@@ -274,6 +275,14 @@ class OnlineTrainer(TRLInspection, PostTrainer):
             texts = tok.batch_decode(rollout.completion_ids, skip_special_tokens=True)
             conversational = isinstance(rows[0]["prompt"], list)
             rollout.completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        if self.scores_rollouts:
+            self.score(rollout)
+        self.add_logps(rollout)
+        return rollout
+
+    def score(self, rollout: Rollout) -> None:
+        """Rewards of every completion (one column per function), their weighted sum, and the generation batch's."""
+        device = self.args.device
         ids_lists = [ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
         with self.phase("score"):
             rollout.rewards = self.reward_runner(rollout.prompts, rollout.completions, ids_lists, rollout.columns,
@@ -283,13 +292,11 @@ class OnlineTrainer(TRLInspection, PostTrainer):
             self.record_metrics({name: sum(values) / len(values)  # log_metric: the functions' own metrics
                                  for name, values in self.reward_runner.logged_metrics.items() if values})
             if torch.isnan(rollout.scores).all():
-                raise UserError(f"No reward function scored any of the {len(rows)} completions of this batch (every "
-                                f"one returned None or NaN: {', '.join(self.reward_runner.names)}); check that they "
-                                "read the dataset's columns, or add a reward function that applies to this data.")
+                raise UserError(f"No reward function scored any of the {len(ids_lists)} completions of this batch "
+                                f"(every one returned None or NaN: {', '.join(self.reward_runner.names)}); check that "
+                                "they read the dataset's columns, or add a reward function that applies to this data.")
             # group statistics need every member of a group, which may sit on another process
             rollout.group_rewards = self.gather_rows(rollout.rewards)
-        self.add_logps(rollout)
-        return rollout
 
     def add_logps(self, rollout: Rollout) -> None:
         """The sampling policy's log-probs (when the method needs them) and the reference's (when it holds one)."""
@@ -431,11 +438,12 @@ class OnlineTrainer(TRLInspection, PostTrainer):
 
     def generate_completions(self, prompt_ids: list[list[int]], per_prompt: int | list[int],
                              generation_kwargs: dict[str, Any] | None = None, max_new_tokens: int | None = None,
-                             seed_step: int | None = None, seeded: bool = True):
+                             seed_step: int | None = None, seeded: bool = True, model: torch.nn.Module | None = None):
         """A `Rollout` of the policy's completions of tokenised prompts (`per_prompt` each, or one count per
         prompt), sampled in eval mode through the vLLM engine (colocated or a server) when configured, else
         `rollout/hf.py`. Defaults: `generation_kwargs()`, max_completion_length, and the micro-step as the step of
-        the per-process seed (seeded=False: no seed of its own)."""
+        the per-process seed (seeded=False: no seed of its own). `model`: sample from this frozen model instead of
+        the policy (GKD's teacher under seq_kd), always through `rollout/hf.py`."""
         args = self.args
         kwargs = self.generation_kwargs() if generation_kwargs is None else generation_kwargs
         max_new_tokens = args.max_completion_length if max_new_tokens is None else max_new_tokens
@@ -447,7 +455,10 @@ class OnlineTrainer(TRLInspection, PostTrainer):
         # seeded=False: the caller holds the seed (a multi-turn rollout: one random stream for all its turns)
         seeding = distributed.process_seed(self.accelerator, args.seed, seed_step) if seeded else None
         with seeding or contextlib.nullcontext(), self._gathered_for_generation(language_model):
-            if self.vllm is not None:  # the engine gets the policy's weights once per optimizer step
+            if model is not None:
+                rollout = generate(self.accelerator.unwrap_model(model), self.processing_class, prompt_ids, per_prompt,
+                                   max_new_tokens, kwargs)
+            elif self.vllm is not None:  # the engine gets the policy's weights once per optimizer step
                 rollout = self.vllm.generate(language_model, self.processing_class, prompt_ids, per_prompt,
                                              max_new_tokens, kwargs, step=self.state.global_step)
             else:
@@ -538,10 +549,11 @@ class OnlineTrainer(TRLInspection, PostTrainer):
         self.record_metrics(rollout_metrics(rollout, self.reward_runner, self.num_generations))
         self.add_tokens_seen(rollout.attention_mask.sum())
         if self.args.log_completions:
-            self._last_table = completions_table(rollout, self.reward_runner.names, self.state.global_step)
+            names = self.reward_runner.names if self.reward_runner is not None else []
+            self._last_table = completions_table(rollout, names, self.state.global_step)
+        names = self.reward_runner.names if self.reward_runner is not None else []
         self._last_rollout_log = {"prompt": list(rollout.prompts), "completion": list(rollout.completions),
-                                  "rewards": {name: rollout.rewards[:, k].tolist()
-                                              for k, name in enumerate(self.reward_runner.names)},
+                                  "rewards": {name: rollout.rewards[:, k].tolist() for k, name in enumerate(names)},
                                   "advantages": [] if rollout.advantages is None else rollout.advantages.tolist(),
                                   "extra": dict(rollout.logged_columns), "images": []}
 
