@@ -361,3 +361,35 @@ class DataCollatorWithImages:
         batch.update(self.tokens.pixel_inputs([[load_image(im, "batch") for im in row] for row in images]
                                               * self.repeat))
         return batch
+
+
+def prompt_ids_with_images(tokens: ImageTokenizer, prompt, images: list, where: str) -> list[int]:
+    """The ids a VLM continues from: the prompt rendered with the generation prompt, images expanded."""
+    return _split_prompt(tokens, prompt, [], images, None, where)[0]
+
+
+def prepare_vision_prompts(dataset, processor, args, name: str = "train"):
+    """Prompt-only image rows (GRPO, RLOO): every image decoded (errors name the row) and its placeholders checked
+    against the prompt; prompts whose image tokens max_prompt_length would cut are dropped and counted. The image
+    column keeps its name (reward functions receive it as a keyword, as in TRL); other columns are kept."""
+    columns, column, text_columns = _start(dataset, name)
+    if "prompt" not in text_columns:
+        formats.require_type(text_columns, ("prompt_only",), "this trainer")
+    tokens = ImageTokenizer(processor)
+    max_prompt = getattr(args, "max_prompt_length", None)
+
+    def one(example, index):
+        where = f"Row {index} of the {name} dataset"
+        if not example.get("prompt"):
+            raise UserError(f"{where} has an empty or missing 'prompt'. Remove such rows.")
+        images = row_images(example, column, where)
+        ids = prompt_ids_with_images(tokens, example["prompt"], images, where)
+        fits = max_prompt is None or _fits(ids, tokens.image_ids, max_prompt, keep_end=True)
+        return {column: images if column == "images" else (images[0] if images else None), "_fits": fits}
+
+    kwargs = {"desc": f"Checking {name} prompts (images)", "num_proc": args.dataset_num_proc} \
+        if isinstance(dataset, datasets.Dataset) else {}
+    dataset = dataset.map(one, with_indices=True, **kwargs)
+    dataset = _drop(dataset, lambda ex: ex["_fits"], name, f"max_prompt_length={max_prompt} would cut an image's "
+                    "tokens", "Raise max_prompt_length.")
+    return dataset.remove_columns(["_fits"])

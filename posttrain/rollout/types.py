@@ -41,6 +41,8 @@ class Rollout:
     tool_calls: torch.Tensor | None = None  # (N,) tool calls made by each rollout
     tool_failures: torch.Tensor | None = None  # (N,) of them, those answered with an error
     turns: torch.Tensor | None = None  # (N,) model turns
+    image_index: torch.Tensor | None = None  # (N,) each row's index into the images of an image rollout
+    #                                          (trainers/vision.py); None for text
     reward_kwargs: dict[str, list] = field(default_factory=dict)  # extra per-row keywords for the reward functions
     #                                                               (environments, a rollout_func's extra fields)
 

@@ -26,6 +26,7 @@ class GRPOTrainer(OnlineTrainer):
 
     config_class = GRPOConfig
     method_name = "GRPO"
+    vision_data = "prompt"  # image prompts (trainers/vision.py)
     supports_tools = True
 
     def training_batches(self, rollout: Rollout) -> list[list[dict[str, torch.Tensor]]]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from posttrain.data import vision as data_vision
 from posttrain.errors import UserError
 from posttrain.models import vision as model_vision
@@ -94,3 +96,50 @@ def collator(trainer, processor, args):
         return None
     repeat = 2 if type(trainer).vision_data == "preference" else 1
     return data_vision.DataCollatorWithImages(text, processor, repeat=repeat)
+
+
+# ---- online trainers (GRPO, RLOO) ---------------------------------------------------------------------------------
+def check_online(trainer) -> None:
+    """Image rollouts come from `rollout/vision.py`: refuse what they cannot do."""
+    if getattr(trainer, "agent", None) is not None or getattr(trainer, "rollout_func", None) is not None:
+        raise UserError("Tool-calling rollouts (tools=, environment_factory=, rollout_func=) do not take images yet; "
+                        "drop them or the image column.")
+    if getattr(trainer.args, "use_vllm", False):
+        raise UserError("use_vllm=True does not take image prompts yet; set use_vllm=False.")
+
+
+def sample_with_images(trainer, rows: list[dict], starts: list[int], counts: list[int]):
+    """The rollout of a generation batch whose prompts hold images; remembers each row's images for the log-prob
+    passes of the cycle (`rollout_image_inputs`)."""
+    from posttrain.rollout.vision import generate_with_images
+
+    column = data_vision.image_column(list(rows[0]))
+    tokens = data_vision.ImageTokenizer(trainer.processing_class)
+    images = [data_vision.row_images(rows[i], column, f"prompt {i}") for i in starts]
+    limit = trainer.args.max_prompt_length
+    prompt_ids = [data_vision.prompt_ids_with_images(tokens, rows[i]["prompt"], im, f"prompt {i}")
+                  for i, im in zip(starts, images)]
+    prompt_ids = [ids[-limit:] if limit else ids for ids in prompt_ids]
+    args = trainer.args
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    was_training = policy.training
+    policy.eval()
+    from posttrain.trainers import distributed
+
+    with distributed.process_seed(trainer.accelerator, args.seed, trainer._micro_step):
+        rollout = generate_with_images(policy, trainer.processing_class, prompt_ids, images, counts,
+                                       args.max_completion_length, trainer.generation_kwargs())
+    policy.train(was_training)
+    trainer._rollout_images = [im for im, n in zip(images, counts) for _ in range(n)]
+    rollout.image_index = torch.arange(len(trainer._rollout_images))
+    return rollout
+
+
+def rollout_image_inputs(trainer, batch: dict, model) -> dict:
+    """The image tensors of a rollout micro-batch (rows named by its `image_index`), for a log-prob pass."""
+    if "image_index" not in batch:
+        return {}
+    from posttrain.rollout.vision import to_model
+
+    rows = [trainer._rollout_images[i] for i in batch["image_index"].tolist()]
+    return to_model(data_vision.ImageTokenizer(trainer.processing_class).pixel_inputs(rows), model)
