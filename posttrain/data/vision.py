@@ -251,9 +251,9 @@ def _map(dataset, fn, remove: list[str], name: str, args):
 
 def prepare_vision_sft_dataset(dataset, processor, args, name: str = "train"):
     """Image SFT rows → input_ids, completion_mask (image tokens 0), images."""
-    if args.packing or args.padding_free:
-        raise UserError("packing / padding_free cannot be used with image datasets (each row's images must stay "
-                        "with its tokens); set packing=False and padding_free=False.")
+    if args.packing:
+        raise UserError("packing=True cannot be used with image datasets (each row's images must stay with its "
+                        "tokens); set packing=False.")
     columns, column, text_columns = _start(dataset, name)
     kind = formats.require_type(text_columns, ("language_modeling", "prompt_completion"), "SFTTrainer",
                                 args.dataset_text_field)
