@@ -4,6 +4,7 @@ log-probs with images against the plain forward, and first-step parity with TRL 
 
 import copy
 import io
+import json
 import warnings
 
 import datasets
@@ -265,11 +266,29 @@ def test_online_rollouts_see_images_and_rewards_receive_them(tmp_path, trainer_n
         return [float(len(c[0]["content"])) for c in completions]
 
     trainer_cls, config_cls = (GRPOTrainer, GRPOConfig) if trainer_name == "grpo" else (RLOOTrainer, RLOOConfig)
-    args = config_cls(output_dir=str(tmp_path), num_generations=4, max_completion_length=6, beta=0.1, **COMMON)
+    args = config_cls(output_dir=str(tmp_path), num_generations=4, max_completion_length=6, beta=0.1,
+                      log_completions=True, **COMMON)
     trainer = trainer_cls("posttrain/tiny-llava", reward_funcs=reward, args=args, train_dataset=_rows(4, "prompt"))
     trainer.train()
     assert len(seen) == 4 and all(isinstance(im, list) and len(im) == 1 for im in seen)
     assert np.isfinite(trainer.state.log_history[0]["loss"])
+    table = [json.loads(line) for line in open(tmp_path / "completions.jsonl")]
+    assert table[0]["image"].startswith("data:image/png;base64,")  # the report's completions table shows it
+    if trainer_name == "grpo":
+        from posttrain.reporting.report import write_report
+
+        write_report(trainer)
+        assert '<img alt="image" src="data:image/png;base64,' in open(tmp_path / "report.html").read()
+
+
+def test_shapes_task():
+    from posttrain.data.shapes import colour_reward, shapes_dataset
+
+    train, test = shapes_dataset(6), shapes_dataset(6, "test", kind="prompt")
+    assert train[0]["images"][0].size == (32, 32)
+    assert train[0]["completion"][0]["content"] in ("red", "green", "blue", "yellow", "purple", "orange")
+    assert train[0]["images"][0].tobytes() != test[0]["images"][0].tobytes()
+    assert colour_reward([[{"content": "Red."}], [{"content": "blue"}]], ["red", "green"]) == [1.0, 0.0]
 
 
 # ---- parity with TRL 1.16 ----------------------------------------------------------------------------------------

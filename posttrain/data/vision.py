@@ -110,6 +110,17 @@ def with_image_blocks(messages: list[dict], num_images: int) -> list[dict]:
     return out
 
 
+def thumbnail_uri(image, size: int = 64) -> str:
+    """A PNG data URI of `image` scaled to fit size x size (report tables show the images that prompts held)."""
+    import base64
+
+    image = load_image(image, "thumbnail").copy()
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 # ---- tokenising ---------------------------------------------------------------------------------------------------
 class ImageTokenizer:
     """The processor's text side: chat rendering, tokenising with image expansion, and which ids are image tokens."""
