@@ -252,6 +252,22 @@ def test_dpo_steps_with_images(tmp_path, name):
     assert np.isfinite(log["loss"]) and "rewards/margins" in log
 
 
+def test_dpo_precomputed_reference_sees_the_images(tmp_path):
+    from posttrain.configs.dpo import DPOConfig
+    from posttrain.trainers.dpo import DPOTrainer
+
+    _, policy, ref = _parity_models("posttrain/tiny-llava")
+    logs = []
+    for precompute in (False, True):
+        trainer = DPOTrainer(copy.deepcopy(policy), ref_model=copy.deepcopy(ref), train_dataset=_rows(2, "preference"),
+                             processing_class=_processor("posttrain/tiny-llava"),
+                             args=DPOConfig(output_dir=str(tmp_path / str(precompute)), bf16=False,
+                                            precompute_ref_log_probs=precompute, **COMMON))
+        logs.append(_first(trainer))
+    assert logs[1]["loss"] == pytest.approx(logs[0]["loss"], rel=1e-6)
+    assert logs[1]["rewards/margins"] == pytest.approx(logs[0]["rewards/margins"], rel=1e-5, abs=1e-9)
+
+
 @pytest.mark.parametrize("trainer_name", ["grpo", "rloo"])
 def test_online_rollouts_see_images_and_rewards_receive_them(tmp_path, trainer_name):
     from posttrain.configs.grpo import GRPOConfig

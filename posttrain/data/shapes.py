@@ -1,7 +1,8 @@
 """A synthetic visual task drawn with PIL, offline, for demos and tests of vision-language training.
 
 Each example is a 32x32 image holding one filled shape (square, circle or triangle) of one of six colours, at a
-random place and size on a random grey background with pixel noise, and the question "What colour is the shape?".
+random place and size (a third to two thirds of the side) on a random grey background with pixel noise
+(1 pixel in 32), and the question "What colour is the shape?".
 Rows come in TRL's vision format: an `images` column (one PIL image), a conversational `prompt`, and either a
 `completion` (SFT), or the `answer` column that the reward `colour_reward` checks (GRPO/RLOO). Splits are
 seeded, so train and test never share a seed.
@@ -25,7 +26,7 @@ def draw(colour: str, shape: str, rng: random.Random, size: int = 32):
     grey = rng.randint(60, 200)
     image = Image.new("RGB", (size, size), (grey, grey, grey))
     pen = ImageDraw.Draw(image)
-    extent = rng.randint(size // 4, size // 2)
+    extent = rng.randint(size // 3, size * 2 // 3)
     x, y = rng.randint(0, size - extent - 1), rng.randint(0, size - extent - 1)
     box = (x, y, x + extent, y + extent)
     fill = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in COLOURS[colour])
@@ -36,7 +37,7 @@ def draw(colour: str, shape: str, rng: random.Random, size: int = 32):
     else:
         pen.polygon([(x, y + extent), (x + extent, y + extent), (x + extent // 2, y)], fill=fill)
     pixels = image.load()
-    for _ in range(size * size // 8):  # salt-and-pepper noise
+    for _ in range(size * size // 32):  # salt-and-pepper noise
         px, py = rng.randrange(size), rng.randrange(size)
         pixels[px, py] = tuple(rng.randrange(256) for _ in range(3))
     return image
