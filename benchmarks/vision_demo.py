@@ -56,6 +56,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sft_steps", type=int, default=60)
     p.add_argument("--grpo_steps", type=int, default=40)
+    p.add_argument("--grpo_lr", type=float, default=3e-4)
     p.add_argument("--train", type=int, default=2000)
     p.add_argument("--test", type=int, default=300)
     p.add_argument("--out", default="outputs/vision-demo")
@@ -79,7 +80,7 @@ def main() -> None:
                        train_dataset=shapes_dataset(args.train, "train-rl", kind="prompt"),
                        args=GRPOConfig(output_dir=f"{args.out}/grpo", max_steps=args.grpo_steps,
                                        per_device_train_batch_size=32, num_generations=8, max_completion_length=4,
-                                       learning_rate=1e-3, beta=0.0, temperature=1.0, logging_steps=5,
+                                       learning_rate=args.grpo_lr, beta=0.0, temperature=1.0, logging_steps=5,
                                        report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
                                        log_completions=True))
     grpo.train()

@@ -182,7 +182,7 @@ def complete_with_images(args: argparse.Namespace, out: TextIO) -> list[str]:
     model = loading.load_pretrained_model(args.model).to("cuda" if torch.cuda.is_available() else "cpu").eval()
     processor = model_vision.load_processor(path)
     images = [data_vision.load_image(p, f"--image {p}") for p in args.image]
-    tokens = data_vision.ImageTokenizer(processor)
+    tokens = data_vision.image_tokenizer(processor)
     prompt = [{"role": "user", "content": args.prompt}] if tokens.placeholder not in args.prompt else args.prompt
     ids = torch.tensor([data_vision.prompt_ids_with_images(tokens, prompt, images, "--prompt")], device=model.device)
     sampling: dict[str, Any] = ({"do_sample": True, "temperature": args.temperature, "top_p": args.top_p,

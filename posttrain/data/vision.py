@@ -18,6 +18,7 @@ Not here: the text-only pipelines (`data/prepare.py`), models and processors (`m
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -122,6 +123,12 @@ def thumbnail_uri(image, size: int = 64) -> str:
 
 
 # ---- tokenising ---------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=16)
+def image_tokenizer(processor) -> ImageTokenizer:
+    """The `ImageTokenizer` of a processor, built once (it runs the processor on a probe image)."""
+    return ImageTokenizer(processor)
+
+
 class ImageTokenizer:
     """The processor's text side: chat rendering, tokenising with image expansion, and which ids are image tokens."""
 
@@ -271,7 +278,7 @@ def prepare_vision_sft_dataset(dataset, processor, args, name: str = "train"):
     if args.completion_only_loss is True and kind != "prompt_completion":
         raise UserError(f"completion_only_loss=True needs prompt-completion data; this {name} dataset is language "
                         "modelling data. Drop the option (or use assistant_only_loss for messages).")
-    tokens, eos = ImageTokenizer(processor), processor.tokenizer.eos_token
+    tokens, eos = image_tokenizer(processor), processor.tokenizer.eos_token
     completion_only = args.completion_only_loss is not False
 
     def one(example, index):
@@ -319,7 +326,7 @@ def prepare_vision_preference_dataset(dataset, processor, args, name: str = "tra
     kind = formats.require_type(text_columns, ("preference", "preference_implicit"), who)
     if kind == "preference_implicit":
         dataset = dataset.map(formats.extract_prompt)
-    tokens, eos = ImageTokenizer(processor), processor.tokenizer.eos_token
+    tokens, eos = image_tokenizer(processor), processor.tokenizer.eos_token
     extra = [c for c in ("ref_chosen_logps", "ref_rejected_logps", "margin") if c in columns]
 
     def one(example, index):
@@ -364,7 +371,7 @@ class DataCollatorWithImages:
     repeat: int = 1
 
     def __post_init__(self):
-        self.tokens = ImageTokenizer(self.processor)
+        self.tokens = image_tokenizer(self.processor)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict:
         images = [list(ex.get("images") or []) for ex in examples]
@@ -386,7 +393,7 @@ def prepare_vision_prompts(dataset, processor, args, name: str = "train"):
     columns, column, text_columns = _start(dataset, name)
     if "prompt" not in text_columns:
         formats.require_type(text_columns, ("prompt_only",), "this trainer")
-    tokens = ImageTokenizer(processor)
+    tokens = image_tokenizer(processor)
     max_prompt = getattr(args, "max_prompt_length", None)
 
     def one(example, index):

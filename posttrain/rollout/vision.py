@@ -28,7 +28,7 @@ def generate_with_images(model, processor, prompt_ids: list[list[int]], prompt_i
                          generation_kwargs: dict[str, Any]) -> Rollout:
     """`num_generations` completions of each prompt (its images in `prompt_images`); N = Σ counts rows, each
     prompt's completions consecutive, as `rollout/hf.generate`."""
-    from posttrain.data.vision import ImageTokenizer
+    from posttrain.data.vision import image_tokenizer
 
     tokenizer = processor.tokenizer
     pad_id = tokenizer.pad_token_id
@@ -38,7 +38,7 @@ def generate_with_images(model, processor, prompt_ids: list[list[int]], prompt_i
     repeats = torch.tensor(counts)
     full_ids, full_mask = ids.repeat_interleave(repeats, 0).to(device), mask.repeat_interleave(repeats, 0).to(device)
     row_images = [images for images, n in zip(prompt_images, counts) for _ in range(n)]
-    pixels = to_model(ImageTokenizer(processor).pixel_inputs(row_images), model)
+    pixels = to_model(image_tokenizer(processor).pixel_inputs(row_images), model)
     kwargs = dict(generation_kwargs, max_new_tokens=max_new_tokens, pad_token_id=pad_id, use_cache=True,
                   return_dict_in_generate=False)
     with torch.no_grad():

@@ -114,7 +114,7 @@ def sample_with_images(trainer, rows: list[dict], starts: list[int], counts: lis
     from posttrain.rollout.vision import generate_with_images
 
     column = data_vision.image_column(list(rows[0]))
-    tokens = data_vision.ImageTokenizer(trainer.processing_class)
+    tokens = data_vision.image_tokenizer(trainer.processing_class)
     images = [data_vision.row_images(rows[i], column, f"prompt {i}") for i in starts]
     limit = trainer.args.max_prompt_length
     prompt_ids = [data_vision.prompt_ids_with_images(tokens, rows[i]["prompt"], im, f"prompt {i}")
@@ -142,4 +142,4 @@ def rollout_image_inputs(trainer, batch: dict, model) -> dict:
     from posttrain.rollout.vision import to_model
 
     rows = [trainer._rollout_images[i] for i in batch["image_index"].tolist()]
-    return to_model(data_vision.ImageTokenizer(trainer.processing_class).pixel_inputs(rows), model)
+    return to_model(data_vision.image_tokenizer(trainer.processing_class).pixel_inputs(rows), model)
