@@ -393,3 +393,32 @@ def test_bytes_column_round_trip(tmp_path):
     data = datasets.Dataset.from_list([{"image": buffer.getvalue(), "prompt": "<image> colour?", "completion": " red"}])
     out = dv.prepare_vision_sft_dataset(data, _processor("posttrain/tiny-llava"), _sft_args())
     assert len(out[0]["images"]) == 1 and out[0]["images"][0].size == (32, 32)
+
+
+def test_trl_older_recipe_own_collator_and_skip_prepare(tmp_path):
+    """TRL's older VLM script: its own collate_fn calls the processor, skip_prepare_dataset, the tokenizer as
+    processing_class; its pixel values reach the model."""
+    from posttrain.trainers.sft import SFTTrainer
+
+    processor = _processor("posttrain/tiny-llava")
+    model = loading.load_pretrained_model("posttrain/tiny-llava")
+    data = datasets.Dataset.from_list([{"images": [_image(i)], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]} for i in range(4)])
+    calls = []
+
+    def collate_fn(examples):
+        texts = [processor.apply_chat_template(e["messages"], tokenize=False) for e in examples]
+        batch = processor(text=texts, images=[e["images"] for e in examples], return_tensors="pt", padding=True)
+        batch["labels"] = batch["input_ids"].masked_fill(batch["input_ids"] == 4096, -100)
+        calls.append(batch["pixel_values"].shape)
+        return batch
+
+    seen = []
+    model.model.vision_tower.register_forward_hook(lambda *a: seen.append(1))
+    trainer = SFTTrainer(model=model, data_collator=collate_fn, train_dataset=data,
+                         processing_class=processor.tokenizer,
+                         args=_sft_args(output_dir=str(tmp_path), remove_unused_columns=False,
+                                        dataset_kwargs={"skip_prepare_dataset": True}))
+    trainer.train()
+    assert calls and seen and np.isfinite(trainer.state.log_history[0]["loss"])

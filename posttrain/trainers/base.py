@@ -68,7 +68,8 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
             model.config.pad_token_id = getattr(getattr(processing_class, "tokenizer", processing_class),
                                                 "pad_token_id", None)
         # images (trainers/vision.py): a VLM processor switches datasets, collator and a few options to images
-        self.uses_images = trainer_vision.uses_images(type(self), processing_class, train_dataset, eval_dataset, model)
+        self.uses_images = trainer_vision.uses_images(type(self), processing_class, train_dataset, eval_dataset, args,
+                                                       data_collator)
         if self.uses_images:
             peft_config = trainer_vision.setup(self, model, processing_class, args, peft_config)
         given_adapter = adapters.is_peft_model(model) and peft_config is None

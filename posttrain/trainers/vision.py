@@ -34,9 +34,13 @@ def load_processing_class(model):
     return model_vision.load_processor(loading.resolve_model_path(model.config._name_or_path))
 
 
-def uses_images(trainer_cls, processing_class, train_dataset, eval_dataset, model) -> bool:
+def uses_images(trainer_cls, processing_class, train_dataset, eval_dataset, args, data_collator) -> bool:
     """Whether this run takes the image path; a one-line error where images meet a trainer or model that cannot
-    take them."""
+    take them. A script that prepares its own batches (TRL's older VLM recipe: `dataset_kwargs={"skip_prepare_dataset":
+    True}` with its own `data_collator` calling the processor) keeps them: its pixel values reach the model as they
+    are."""
+    if (getattr(args, "dataset_kwargs", None) or {}).get("skip_prepare_dataset") and data_collator is not None:
+        return False
     has_images = data_vision.is_vision_dataset(train_dataset) or (
         not isinstance(eval_dataset, dict) and data_vision.is_vision_dataset(eval_dataset)) or (
         isinstance(eval_dataset, dict) and any(data_vision.is_vision_dataset(d) for d in eval_dataset.values()))
