@@ -3,7 +3,7 @@ the shape?" (posttrain/data/shapes.py: six colours, three shapes, grey backgroun
 with the colour reward improves it; held-out greedy accuracy before/after each stage with paired tests
 (posttrain.evaluation.paired_comparison). Writes benchmarks/VISION.md (figures filled in by hand from the output).
 
-    OMP_NUM_THREADS=1 taskset -c 0 nice python benchmarks/vision_demo.py [--sft_steps 60 --grpo_steps 40 --test 300]
+    OMP_NUM_THREADS=1 taskset -c 0 nice python benchmarks/vision_demo.py [--sft_steps 50 --grpo_steps 60 --test 300]
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def accuracy(model_path: str, test, batch: int = 50) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--sft_steps", type=int, default=60)
-    p.add_argument("--grpo_steps", type=int, default=40)
+    p.add_argument("--sft_steps", type=int, default=50)
+    p.add_argument("--grpo_steps", type=int, default=60)
     p.add_argument("--grpo_lr", type=float, default=3e-4)
     p.add_argument("--train", type=int, default=2000)
     p.add_argument("--test", type=int, default=300)
