@@ -182,6 +182,12 @@ def test_logps_with_images_match_the_plain_forward(name):
     batch = dv.DataCollatorWithImages(DataCollatorForPreference(0), processor, repeat=2)([pref[0], pref[1]])
     batch["pixel_values"] = batch["pixel_values"].double()
     out = completion_logps(model, batch, shared_prefix=1 << 30)  # asks for the shared prefix: must not apply
+    from posttrain.models.logprobs import forward_target_rows
+    from posttrain.models.vision import image_inputs
+
+    hidden = forward_target_rows(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                 **image_inputs(batch))[0]
+    assert hidden is not None  # the LM head runs on the trained rows only, as for text models
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     plain = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
@@ -197,7 +203,7 @@ def test_sft_trains_with_a_frozen_vision_tower(tmp_path, name):
     from posttrain.trainers.sft import SFTTrainer
 
     trainer = SFTTrainer(name, args=_sft_args(output_dir=str(tmp_path), freeze_vision_tower=True, max_steps=2,
-                                              learning_rate=1e-2), train_dataset=_rows())
+                                              learning_rate=1e-2), train_dataset=_rows(), eval_dataset=_rows(2))
     vision = {k: v.clone() for part in mv.vision_tower(trainer.model) for k, v in part.named_parameters()}
     before = trainer.model.get_output_embeddings().weight.clone()
     trainer.train()
@@ -205,6 +211,7 @@ def test_sft_trains_with_a_frozen_vision_tower(tmp_path, name):
     assert all(torch.equal(vision[k], after[k]) for k in vision)
     assert not torch.equal(before, trainer.model.get_output_embeddings().weight)
     assert np.isfinite(trainer.state.log_history[0]["loss"])
+    assert np.isfinite(trainer.evaluate()["eval_loss"])
 
 
 def test_lora_stays_on_the_language_model(tmp_path):
@@ -422,3 +429,23 @@ def test_trl_older_recipe_own_collator_and_skip_prepare(tmp_path):
                                         dataset_kwargs={"skip_prepare_dataset": True}))
     trainer.train()
     assert calls and seen and np.isfinite(trainer.state.log_history[0]["loss"])
+
+
+def test_cli_trains_on_image_files_and_generates_with_an_image(tmp_path, capsys, monkeypatch):
+    from posttrain import cli
+
+    monkeypatch.chdir(tmp_path)
+    with open("train.jsonl", "w") as f:
+        for i, colour in enumerate(["red", "blue", "green", "red"]):
+            Image.new("RGB", (32, 32), COLOURS[colour]).save(f"img{i}.png")
+            f.write(json.dumps({"images": [f"img{i}.png"], "prompt": [{"role": "user", "content": "Colour?"}],
+                                "completion": [{"role": "assistant", "content": colour}]}) + "\n")
+    assert cli.main(["sft", "--model_name_or_path", "posttrain/tiny-llava", "--dataset_name", "train.jsonl",
+                     "--output_dir", "out", "--max_steps", "1", "--per_device_train_batch_size", "4",
+                     "--report_to", "none", "--freeze_vision_tower", "true"]) == 0
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", "out", "--image", "img0.png", "--prompt", "Colour?",
+                     "--max_new_tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert cli.main(["generate", "--model", "posttrain/tiny", "--image", "img0.png", "--prompt", "x"]) == 2
+    assert "text model" in capsys.readouterr().err
