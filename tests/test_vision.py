@@ -449,3 +449,20 @@ def test_cli_trains_on_image_files_and_generates_with_an_image(tmp_path, capsys,
     assert capsys.readouterr().out.strip()
     assert cli.main(["generate", "--model", "posttrain/tiny", "--image", "img0.png", "--prompt", "x"]) == 2
     assert "text model" in capsys.readouterr().err
+
+
+def test_image_rollouts_never_sample_image_tokens():
+    from posttrain.rollout.vision import generate_with_images
+
+    model = loading.load_pretrained_model("posttrain/tiny-llava")
+    processor = _processor("posttrain/tiny-llava")
+    tokens = dv.image_tokenizer(processor)
+    ids = dv.prompt_ids_with_images(tokens, [{"role": "user", "content": "hi"}], [_image()], "x")
+    inputs = {"input_ids": torch.tensor([ids]), **tokens.pixel_inputs([[_image()]])}
+    with torch.no_grad():  # make <image> by far the likeliest first token
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[-1][0, -1]
+        model.get_output_embeddings().weight[4096] = 50 * hidden / hidden.norm() ** 2
+    plain = model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    assert plain[0, -1] == 4096  # what an unguarded rollout would sample
+    rollout = generate_with_images(model, processor, [ids], [[_image()]], 2, 4, {"do_sample": False})
+    assert (rollout.completion_ids == 4096).sum() == 0

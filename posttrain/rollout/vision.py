@@ -1,7 +1,8 @@
 """Sampling completions of prompts that hold images (GRPO, RLOO on vision-language models).
 
 Every row runs its own prefill with its images through transformers' `generate` (the shared-prefill and static-cache
-paths of `rollout/hf.py` feed token ids only); the result is the same `Rollout` as for text.
+paths of `rollout/hf.py` feed token ids only); the result is the same `Rollout` as for text. Image tokens are never
+sampled (`suppress_tokens`): one in a completion would have no image behind it.
 
 Not here: image tokenising and pixel tensors (`data/vision.py`), text generation (`rollout/hf.py`).
 """
@@ -38,9 +39,12 @@ def generate_with_images(model, processor, prompt_ids: list[list[int]], prompt_i
     repeats = torch.tensor(counts)
     full_ids, full_mask = ids.repeat_interleave(repeats, 0).to(device), mask.repeat_interleave(repeats, 0).to(device)
     row_images = [images for images, n in zip(prompt_images, counts) for _ in range(n)]
-    pixels = to_model(image_tokenizer(processor).pixel_inputs(row_images), model)
+    tokens = image_tokenizer(processor)
+    pixels = to_model(tokens.pixel_inputs(row_images), model)
+    # a sampled image token would have no image behind it (the next forward fails, or reads another row's features)
+    suppress = sorted(set(generation_kwargs.get("suppress_tokens") or []) | tokens.image_ids)
     kwargs = dict(generation_kwargs, max_new_tokens=max_new_tokens, pad_token_id=pad_id, use_cache=True,
-                  return_dict_in_generate=False)
+                  return_dict_in_generate=False, suppress_tokens=suppress)
     with torch.no_grad():
         out = model.generate(input_ids=full_ids, attention_mask=full_mask, **pixels, **kwargs)
     completion_ids = out[:, full_ids.shape[1]:]
