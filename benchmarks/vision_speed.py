@@ -2,7 +2,7 @@
 on the built-in posttrain/tiny-llava with the same image batches (posttrain/data/shapes.py), one fresh process per
 run (so peak memory is that run's alone), the same call form for both libraries.
 
-    OMP_NUM_THREADS=1 taskset -c 0 nice python benchmarks/vision_speed.py [--steps 6] [--out benchmarks/VISION-SPEED.md]
+    OMP_NUM_THREADS=1 taskset -c 0 nice python benchmarks/vision_speed.py [--steps 10 --repeats 3] [--out FILE.md]
 
 Variants: posttrain (defaults), trl-default (TRL's defaults, use_cpu on a machine without a GPU: bf16 autocast and
 gradient checkpointing), trl-best (no gradient checkpointing, fp32). Tokens per step = the run's logged num_tokens
@@ -103,8 +103,9 @@ def spawn(task: str, variant: str, steps: int) -> dict | None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
+    p.add_argument("--repeats", type=int, default=3, help="runs per (task, variant), alternating; medians reported")
     p.add_argument("--out", default=None)
     p.add_argument("--worker", nargs=2)
     opts = p.parse_args()
@@ -114,7 +115,19 @@ def main() -> None:
         warnings.filterwarnings("ignore")
         print("RESULT " + json.dumps(run(*opts.worker, opts.steps)), flush=True)
         return
-    rows = [r for task in opts.tasks for variant in VARIANTS if (r := spawn(task, variant, opts.steps))]
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(opts.repeats):  # alternate the variants so machine noise hits them alike
+        for task in opts.tasks:
+            for variant in VARIANTS:
+                if (r := spawn(task, variant, opts.steps)) is not None:
+                    runs.setdefault((task, variant), []).append(r)
+    rows = []
+    for (task, variant), results in runs.items():
+        row = dict(results[0], runs=len(results))
+        for key in ("seconds_per_step", "peak_mib", "tokens_per_step"):
+            row[key] = statistics.median(r[key] for r in results)
+        row["tokens_per_s"] = row["tokens_per_step"] / row["seconds_per_step"]
+        rows.append(row)
     lines = ["| task | variant | s/step | tokens/step | tokens/s | vs TRL best | peak MiB | vs TRL best mem |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
