@@ -371,7 +371,8 @@ DPO_SLOW = ["ipo", "apo_zero", "hinge", "exo_pair", "nca_pair", "robust", "bco_p
             "discopop", "sft", "sigmoid_norm"]
 
 
-@pytest.mark.parametrize("name,loss_type", [(n, lt) for n in FAMILIES for lt in DPO_FAST]
+@pytest.mark.parametrize("name,loss_type", [("posttrain/tiny-llava", lt) for lt in DPO_FAST]
+                         + [pytest.param("posttrain/tiny-idefics3", lt, marks=pytest.mark.slow) for lt in DPO_FAST]
                          + [pytest.param("posttrain/tiny-llava", lt, marks=pytest.mark.slow) for lt in DPO_SLOW])
 def test_dpo_first_step_matches_trl(tmp_path, name, loss_type):
     trl = pytest.importorskip("trl")

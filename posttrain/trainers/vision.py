@@ -49,7 +49,8 @@ def uses_images(trainer_cls, processing_class, train_dataset, eval_dataset, args
         raise UserError("The dataset has an 'images'/'image' column but the processing class is a tokenizer, not an "
                         "image processor: give a vision-language model (e.g. posttrain/tiny-llava) and its "
                         "AutoProcessor, or drop the image column.")
-    if processor and getattr(trainer_cls, "vision_data", None) is None:
+    if processor and (getattr(trainer_cls, "vision_data", None) is None
+                      or getattr(trainer_cls, "tokenize_jointly", False)):  # reward models score whole texts
         raise UserError(f"{trainer_cls.__name__} does not take vision-language models yet; SFT, DPO, GRPO and RLOO "
                         "do.")
     return processor
