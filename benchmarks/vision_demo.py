@@ -45,7 +45,8 @@ def accuracy(model_path: str, test, batch: int = 50) -> dict:
         input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
         mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
         pixels = to_model(tokens.pixel_inputs([r["images"] for r in rows]), model)
-        out = model.generate(input_ids=input_ids, attention_mask=mask, **pixels, max_new_tokens=4, do_sample=False,
+        out = model.generate(input_ids=input_ids, attention_mask=mask, **pixels, **tokens.token_types(input_ids),
+                             max_new_tokens=4, do_sample=False,
                              pad_token_id=pad)
         texts = processor.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         scores += [float(answer_of(t) == r["answer"]) for t, r in zip(texts, rows)]

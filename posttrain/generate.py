@@ -189,7 +189,7 @@ def complete_with_images(args: argparse.Namespace, out: TextIO) -> list[str]:
                                  "top_k": 0} if args.temperature > 0 else {"do_sample": False})
     pixels = to_model(tokens.pixel_inputs([images]), model)
     result = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                            num_return_sequences=args.num_return_sequences, **pixels,
+                            num_return_sequences=args.num_return_sequences, **pixels, **tokens.token_types(ids),
                             pad_token_id=processor.tokenizer.pad_token_id, suppress_tokens=sorted(tokens.image_ids),
                             **sampling)
     return [t.strip() for t in processor.tokenizer.batch_decode(result[:, ids.shape[1]:], skip_special_tokens=True)]

@@ -18,7 +18,7 @@ from posttrain.errors import UserError
 from posttrain.models import loading
 from posttrain.models import vision as mv
 
-FAMILIES = ["posttrain/tiny-llava", "posttrain/tiny-idefics3"]
+FAMILIES = ["posttrain/tiny-llava", "posttrain/tiny-idefics3", "posttrain/tiny-qwen2vl"]
 COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0)}
 COMMON = dict(max_steps=1, per_device_train_batch_size=4, report_to="none", save_strategy="no", logging_steps=1,
               disable_tqdm=True)
@@ -68,7 +68,7 @@ def test_builtin_vlm_loads_with_auto_classes(name):
     processor = _processor(name)
     assert dv.is_vision_processor(processor) and mv.is_vision_model(model)
     assert type(processor.image_processor).__name__.endswith("Pil")  # no torchvision needed
-    batch = processor(text=["<image>hi"], images=[[_image()]], return_tensors="pt")
+    batch = processor(text=[processor.image_token + "hi"], images=[[_image()]], return_tensors="pt")
     assert model(**batch).logits.shape[-1] == 4160
     assert mv.is_vision_config(path) and not mv.is_vision_config(loading.resolve_model_path("posttrain/tiny"))
 
@@ -163,9 +163,12 @@ def test_collators_carry_the_image_tensors(name):
                                                 DPOConfig(output_dir="/tmp/x", report_to="none"))
     pair = dv.DataCollatorWithImages(DataCollatorForPreference(0), processor, repeat=2)([pref[0], pref[1]])
     assert batch["input_ids"].shape[0] == 2 and pair["input_ids"].shape[0] == 4
-    assert batch["pixel_values"].shape[0] == 2 and pair["pixel_values"].shape[0] == 4
+    if name != "posttrain/tiny-qwen2vl":  # Qwen2-VL's pixel_values are patches (image_grid_thw says how many)
+        assert batch["pixel_values"].shape[0] == 2 and pair["pixel_values"].shape[0] == 4
     assert ("pixel_attention_mask" in batch) == (name == "posttrain/tiny-idefics3")
-    assert torch.equal(pair["pixel_values"][:2], pair["pixel_values"][2:])  # rejected rows see the same images
+    assert ("image_grid_thw" in batch) == ("mm_token_type_ids" in batch) == (name == "posttrain/tiny-qwen2vl")
+    chosen, rejected = pair["pixel_values"].chunk(2)
+    assert torch.equal(chosen, rejected)  # rejected rows see the same images
 
 
 # ---- models with images ------------------------------------------------------------------------------------------
@@ -275,8 +278,9 @@ def test_dpo_precomputed_reference_sees_the_images(tmp_path):
     assert logs[1]["rewards/margins"] == pytest.approx(logs[0]["rewards/margins"], rel=1e-5, abs=1e-9)
 
 
-@pytest.mark.parametrize("trainer_name", ["grpo", "rloo"])
-def test_online_rollouts_see_images_and_rewards_receive_them(tmp_path, trainer_name):
+@pytest.mark.parametrize("trainer_name,name", [("grpo", "posttrain/tiny-llava"), ("rloo", "posttrain/tiny-llava"),
+                                               ("grpo", "posttrain/tiny-qwen2vl")])
+def test_online_rollouts_see_images_and_rewards_receive_them(tmp_path, trainer_name, name):
     from posttrain.configs.grpo import GRPOConfig
     from posttrain.configs.rloo import RLOOConfig
     from posttrain.trainers.grpo import GRPOTrainer
@@ -291,13 +295,13 @@ def test_online_rollouts_see_images_and_rewards_receive_them(tmp_path, trainer_n
     trainer_cls, config_cls = (GRPOTrainer, GRPOConfig) if trainer_name == "grpo" else (RLOOTrainer, RLOOConfig)
     args = config_cls(output_dir=str(tmp_path), num_generations=4, max_completion_length=6, beta=0.1,
                       log_completions=True, **COMMON)
-    trainer = trainer_cls("posttrain/tiny-llava", reward_funcs=reward, args=args, train_dataset=_rows(4, "prompt"))
+    trainer = trainer_cls(name, reward_funcs=reward, args=args, train_dataset=_rows(4, "prompt"))
     trainer.train()
     assert len(seen) == 4 and all(isinstance(im, list) and len(im) == 1 for im in seen)
     assert np.isfinite(trainer.state.log_history[0]["loss"])
     table = [json.loads(line) for line in open(tmp_path / "completions.jsonl")]
     assert table[0]["image"].startswith("data:image/png;base64,")  # the report's completions table shows it
-    if trainer_name == "grpo":
+    if trainer_name == "grpo" and name == "posttrain/tiny-llava":
         from posttrain.reporting.report import write_report
 
         write_report(trainer)
@@ -372,7 +376,8 @@ DPO_SLOW = ["ipo", "apo_zero", "hinge", "exo_pair", "nca_pair", "robust", "bco_p
 
 
 @pytest.mark.parametrize("name,loss_type", [("posttrain/tiny-llava", lt) for lt in DPO_FAST]
-                         + [pytest.param("posttrain/tiny-idefics3", lt, marks=pytest.mark.slow) for lt in DPO_FAST]
+                         + [pytest.param(n, lt, marks=pytest.mark.slow) for lt in DPO_FAST
+                            for n in ("posttrain/tiny-idefics3", "posttrain/tiny-qwen2vl")]
                          + [pytest.param("posttrain/tiny-llava", lt, marks=pytest.mark.slow) for lt in DPO_SLOW])
 def test_dpo_first_step_matches_trl(tmp_path, name, loss_type):
     trl = pytest.importorskip("trl")
@@ -467,3 +472,33 @@ def test_image_rollouts_never_sample_image_tokens():
     assert plain[0, -1] == 4096  # what an unguarded rollout would sample
     rollout = generate_with_images(model, processor, [ids], [[_image()]], 2, 4, {"do_sample": False})
     assert (rollout.completion_ids == 4096).sum() == 0
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_training_logps_of_a_rollout_equal_the_sampling_logps(name):
+    """Left-padded image prompts of different lengths: the log-probs of the training pass (positions from the
+    attention mask, or Qwen2-VL's own M-RoPE positions) equal those `generate` sampled with."""
+    from posttrain.models.logprobs import completion_logps, positions_from_mask
+    from posttrain.rollout.hf import left_pad
+    from posttrain.rollout.vision import to_model
+
+    model = loading.load_pretrained_model(name, dtype=torch.float64).eval()
+    processor = _processor(name)
+    tokens = dv.image_tokenizer(processor)
+    images = [[_image(0)], [_image(1, (40, 28))]]
+    prompts = [[{"role": "user", "content": "What colour?"}], [{"role": "user", "content": "Say what colour it is."}]]
+    ids, mask = left_pad([dv.prompt_ids_with_images(tokens, p, im, "t") for p, im in zip(prompts, images)], 0)
+    pixels = to_model(tokens.pixel_inputs(images), model)
+    out = model.generate(input_ids=ids, attention_mask=mask, **pixels, **tokens.token_types(ids), max_new_tokens=4,
+                         do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+                         eos_token_id=None)
+    completion = out.sequences[:, ids.shape[1]:]
+    sampled = torch.stack([torch.log_softmax(s.double(), -1).gather(-1, completion[:, i:i + 1])[:, 0]
+                           for i, s in enumerate(out.scores)], 1)
+    full = torch.cat([ids, completion], 1)
+    attention = torch.cat([mask, torch.ones_like(completion)], 1)
+    labels = full.masked_fill(torch.arange(full.shape[1]) < ids.shape[1], -100)
+    batch = {"input_ids": full, "attention_mask": attention, "position_ids": positions_from_mask(attention),
+             "labels": labels, **pixels, **tokens.token_types(full)}
+    trained = completion_logps(model, batch, shared_prefix=ids.shape[1])["logps"]
+    assert torch.allclose(trained.double(), sampled, atol=1e-5)

@@ -170,6 +170,13 @@ class ImageTokenizer:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return [int(i) for i in self.processor(text=[text], images=[images], add_special_tokens=False)["input_ids"][0]]
 
+    def token_types(self, input_ids) -> dict:
+        """`mm_token_type_ids` (1 on image tokens) for models whose positions depend on them (Qwen2-VL's M-RoPE:
+        its processor returns them); {} for the others."""
+        if "mm_token_type_ids" not in getattr(self.processor, "model_input_names", ()):
+            return {}
+        return {"mm_token_type_ids": (input_ids == self.image_token_id).long()}
+
     def untrained_image_tokens(self, ids: list[int], mask: list[int]) -> list[int]:
         return [0 if i in self.image_ids else m for i, m in zip(ids, mask)]
 
@@ -378,6 +385,8 @@ class DataCollatorWithImages:
         batch = self.text_collator([{k: v for k, v in ex.items() if k != "images"} for ex in examples])
         batch.update(self.tokens.pixel_inputs([[load_image(im, "batch") for im in row] for row in images]
                                               * self.repeat))
+        if "pixel_values" in batch:
+            batch.update(self.tokens.token_types(batch["input_ids"]))
         return batch
 
 

@@ -46,7 +46,8 @@ def generate_with_images(model, processor, prompt_ids: list[list[int]], prompt_i
     kwargs = dict(generation_kwargs, max_new_tokens=max_new_tokens, pad_token_id=pad_id, use_cache=True,
                   return_dict_in_generate=False, suppress_tokens=suppress)
     with torch.no_grad():
-        out = model.generate(input_ids=full_ids, attention_mask=full_mask, **pixels, **kwargs)
+        out = model.generate(input_ids=full_ids, attention_mask=full_mask, **pixels, **tokens.token_types(full_ids),
+                             **kwargs)
     completion_ids = out[:, full_ids.shape[1]:]
     eos_ids = _eos_ids(model, tokenizer)
     completion_mask, truncated = completion_mask_after_eos(completion_ids, eos_ids)

@@ -147,4 +147,5 @@ def rollout_image_inputs(trainer, batch: dict, model) -> dict:
     from posttrain.rollout.vision import to_model
 
     rows = [trainer._rollout_images[i] for i in batch["image_index"].tolist()]
-    return to_model(data_vision.image_tokenizer(trainer.processing_class).pixel_inputs(rows), model)
+    tokens = data_vision.image_tokenizer(trainer.processing_class)
+    return to_model({**tokens.pixel_inputs(rows), **tokens.token_types(batch["input_ids"])}, model)
