@@ -3,6 +3,7 @@
     posttrain generate --model outputs/sft-arith --prompt "Tom has 3 apples …"     one completion, printed
     posttrain generate --model outputs/sft-arith --chat --prompt "hi"               prompt wrapped as a user turn
     posttrain generate --model outputs/sft-arith                                    a chat loop on stdin
+    posttrain generate --model posttrain/tiny-llava --image cat.png --prompt "What is this?"   a VLM, one image
 
 Decoding is greedy unless --temperature > 0 (then sampled, with --top_p). The loop reads one message per line
 and keeps the conversation when the tokenizer has a chat template (otherwise each line is a separate prompt);
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_return_sequences", type=int, default=1)
     p.add_argument("--chat", action="store_true", help="wrap --prompt as a user message with the chat template")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="an image for a vision-language model (repeat for several); needs --prompt")
     p.error = _error  # one line, not argparse's usage + exit
     return p
 
@@ -55,6 +58,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise GenerateError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.num_return_sequences < 1:
         raise GenerateError(f"--num_return_sequences must be at least 1, got {args.num_return_sequences}")
+    if args.image and args.prompt is None:
+        raise GenerateError("--image needs --prompt (the question about the image)")
     if args.num_return_sequences > 1 and args.temperature == 0:
         raise GenerateError("--num_return_sequences > 1 needs --temperature > 0 (greedy decoding gives the same "
                             "completion every time)")
@@ -139,6 +144,9 @@ def main(argv: list[str], stdin: TextIO | None = None, out: TextIO | None = None
     check_options(args)
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     torch.manual_seed(args.seed)
+    if args.image:  # a vision-language model: the prompt is a user turn with the images before its text
+        _print_completions(complete_with_images(args, out), out)
+        return
     model, tokenizer = load(args.model)
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                "num_return_sequences": args.num_return_sequences}
@@ -152,3 +160,36 @@ def main(argv: list[str], stdin: TextIO | None = None, out: TextIO | None = None
                                 "drop --chat to use the prompt as plain text")
         prompt = [{"role": "user", "content": args.prompt}]
     _print_completions(complete(model, tokenizer, prompt, **options), out)
+
+
+@torch.no_grad()
+def complete_with_images(args: argparse.Namespace, out: TextIO) -> list[str]:
+    """Completions of --prompt about the --image files by a vision-language model (its processor expands the
+    images; `data/vision.py`)."""
+    from transformers.utils import logging as hf_logging
+
+    from posttrain.data import vision as data_vision
+    from posttrain.models import loading
+    from posttrain.models import vision as model_vision
+    from posttrain.rollout.vision import to_model
+
+    hf_logging.disable_progress_bar()
+    path = loading.resolve_model_path(args.model)
+    from transformers import AutoConfig
+
+    if not model_vision.is_vision_config(AutoConfig.from_pretrained(path)):
+        raise GenerateError(f"--image needs a vision-language model and {args.model!r} is a text model")
+    model = loading.load_pretrained_model(args.model).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    processor = model_vision.load_processor(path)
+    images = [data_vision.load_image(p, f"--image {p}") for p in args.image]
+    tokens = data_vision.image_tokenizer(processor)
+    prompt = [{"role": "user", "content": args.prompt}] if tokens.placeholder not in args.prompt else args.prompt
+    ids = torch.tensor([data_vision.prompt_ids_with_images(tokens, prompt, images, "--prompt")], device=model.device)
+    sampling: dict[str, Any] = ({"do_sample": True, "temperature": args.temperature, "top_p": args.top_p,
+                                 "top_k": 0} if args.temperature > 0 else {"do_sample": False})
+    pixels = to_model(tokens.pixel_inputs([images]), model)
+    result = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                            num_return_sequences=args.num_return_sequences, **pixels, **tokens.token_types(ids),
+                            pad_token_id=processor.tokenizer.pad_token_id, suppress_tokens=sorted(tokens.image_ids),
+                            **sampling)
+    return [t.strip() for t in processor.tokenizer.batch_decode(result[:, ids.shape[1]:], skip_special_tokens=True)]

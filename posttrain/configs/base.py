@@ -176,6 +176,9 @@ class PostTrainConfig(TrainingArguments):
                                    "than the shared prompt would: same results, fewer tokens through the model "
                                    "(SFT: padding_free is on by default with it)."})
 
+    freeze_vision_tower: bool = field(default=False, metadata={"help": "Vision-language models: train no parameter "
+                                      "of the vision encoder (trainers/vision.py)."})
+
     def __post_init__(self) -> None:
         self.model_init_kwargs = json_option(self.model_init_kwargs, "model_init_kwargs")
         if isinstance(self.chunked_lm_head, bool):  # Python and YAML callers may pass a bool

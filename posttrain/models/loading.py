@@ -29,11 +29,15 @@ def resolve_model_path(name_or_path: str) -> str:
 
     if is_builtin_model(name_or_path):
         return builtin_model_path(name_or_path)
+    from posttrain.models import vision  # built-in tiny VLMs (models/vision.py)
+
+    if vision.is_builtin_vlm(name_or_path):
+        return vision.builtin_vlm_path(name_or_path)
     if packaged.is_packaged_model(name_or_path):
         return packaged.packaged_model_path(name_or_path)
     if name_or_path.startswith("posttrain/"):
         raise UserError(f"Unknown built-in model {name_or_path!r}; available: "
-                        f"{', '.join([*BUILTIN_MODELS, *packaged.PACKAGED_MODELS])}.")
+                        f"{', '.join([*BUILTIN_MODELS, *vision.BUILTIN_VLMS, *packaged.PACKAGED_MODELS])}.")
     if os.path.sep in name_or_path and not os.path.exists(name_or_path):
         if _is_missing_local(name_or_path):
             raise UserError(f"Model path {name_or_path!r} does not exist. Give a local directory with config.json, "
@@ -106,10 +110,12 @@ def load_pretrained_model(name_or_path: str, auto_class=None, **init_kwargs: Any
         raise UserError(f"Model directory {name_or_path!r} has no config.json. Give a directory written by "
                         "save_pretrained (config.json and weights), a Hub id, or a built-in name such as "
                         "posttrain/tiny.")
-    from posttrain.models import adapters
+    from posttrain.models import adapters, vision
 
     if adapters.is_adapter_dir(path):  # a saved LoRA adapter: its base model with the adapter, trainable
         return adapters.load_adapter_model(path, auto_class, **init_kwargs)
+    if auto_class is AutoModelForCausalLM and vision.is_vision_config(path):  # a VLM (models/vision.py)
+        auto_class = vision.image_text_auto_class()
     try:
         return auto_class.from_pretrained(path, **_resolve_dtype(init_kwargs))
     except OSError as e:

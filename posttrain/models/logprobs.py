@@ -221,10 +221,15 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], tem
     log-softmax has run nothing holds them, so they are freed before the backward (without gradients, or with
     the chunked head, the head runs chunk by chunk and they never exist at all).
     """
+    from posttrain.models.vision import image_inputs
+
+    images = image_inputs(batch)  # a VLM batch: the images go in, and the prompt is not shared (models/vision.py)
+    # M-RoPE models (Qwen2-VL) compute their own 3-D positions from the attention mask and the image grid
+    positions = None if "mm_token_type_ids" in images else batch.get("position_ids")
     hidden, head, logits, targets, valid, _ = forward_target_rows(model, batch["input_ids"], batch["labels"],
-                                                                  batch.get("attention_mask"),
-                                                                  batch.get("position_ids"), shared_prefix,
-                                                                  pack_rows=pack_rows)
+                                                                  batch.get("attention_mask"), positions,
+                                                                  0 if images else shared_prefix,
+                                                                  pack_rows=pack_rows, **images)
     stats = token_logps(logits, targets, temperature, with_entropy=with_entropy, with_metrics=with_metrics,
                         with_log_sum_p2=with_log_sum_p2, hidden=hidden, head=head, chunked_lm_head=chunked_lm_head)
     flat = stats.pop("logps")

@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import os
+import re
 from typing import Any
 
 from posttrain.reporting.summary import fmt
@@ -28,9 +29,27 @@ def _e(value: Any) -> str:
     return html.escape(str(value))
 
 
+class _Html(str):
+    """A table cell that is already HTML (an <img> of a prompt's image), written unescaped."""
+
+
+_DATA_URI = re.compile(r"data:image/png;base64,[A-Za-z0-9+/=]+")
+
+
+def _image_cell(value: Any) -> str:
+    """A PNG data URI (image prompts' thumbnails in completions.jsonl) as an <img>; anything else as text."""
+    if isinstance(value, str) and _DATA_URI.fullmatch(value):
+        return _Html(f'<img alt="image" src="{value}" style="width:64px;image-rendering:pixelated">')
+    return _cell(value)
+
+
 def _table(header: list[str], rows: list[list[Any]], numeric_from: int = 1) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f'<td class="n">{_e(c)}</td>' if i >= numeric_from else f"<td>{_e(c)}</td>"
+
+    def text(c):
+        return c if isinstance(c, _Html) else _e(c)
+
+    body = "".join("<tr>" + "".join(f'<td class="n">{text(c)}</td>' if i >= numeric_from else f"<td>{text(c)}</td>"
                                     for i, c in enumerate(row)) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
@@ -70,12 +89,14 @@ def run_page(title: str, facts: dict[str, Any], summary: list[dict[str, Any]], p
     else:
         sections.append(f'<p class="muted">{_e(plots_note or "No plots.")}</p>')
     if completions:
-        keys = [k for k in completions[0] if k not in ("prompt", "completion")]
-        rows = [[_prompt_text(c.get("prompt")), _completion_text(c.get("completion", ""))]
+        keys = [k for k in completions[0] if k not in ("prompt", "completion", "image")]
+        image = ["image"] if "image" in completions[0] else []  # image prompts: the image first
+        rows = [[_image_cell(c.get("image")) for _ in image] + [_prompt_text(c.get("prompt")),
+                                                                 _completion_text(c.get("completion", ""))]
                 + [_cell(c.get(k)) for k in keys]
                 for c in completions]
         sections.append(f"<h2>Last {len(completions)} completions</h2>")
-        sections.append(_table(["prompt", "completion"] + keys, rows, numeric_from=2))
+        sections.append(_table(image + ["prompt", "completion"] + keys, rows, numeric_from=2 + len(image)))
     sections.append("<h2>Resolved config</h2>")
     sections.append(_table(["option", "value"], [[k, _cell(v)] for k, v in sorted(config.items())], numeric_from=9))
     return _page(title, sections)

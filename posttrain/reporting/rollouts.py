@@ -61,6 +61,13 @@ def completions_table(rollout: Rollout, names: list[str], step: int) -> list[dic
     for column, values in rollout.logged_columns.items():  # what reward functions gave TRL's `log_extra`
         for row, value in zip(rows, values):
             row[column] = value
+    images = rollout.columns.get("images", rollout.columns.get("image"))
+    if images is not None:  # image prompts: a thumbnail of each row's first image (report.html shows it)
+        from posttrain.data.vision import thumbnail_uri
+
+        for row, image in zip(rows, images):
+            image = image[0] if isinstance(image, (list, tuple)) and image else image
+            row["image"] = thumbnail_uri(image) if image is not None and image != [] else None
     if rollout.tool_calls is not None:  # the whole interaction is in "completion" (messages, tool turns included)
         for i, row in enumerate(rows):
             row["tool_calls"], row["tool_failures"] = int(rollout.tool_calls[i]), int(rollout.tool_failures[i])

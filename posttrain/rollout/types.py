@@ -44,6 +44,8 @@ class Rollout:
     tool_failures: torch.Tensor | None = None  # (N,) of them, those answered with an error
     turns: torch.Tensor | None = None  # (N,) model turns
     logged_columns: dict[str, list] = field(default_factory=dict)  # columns reward functions gave `log_extra`
+    image_index: torch.Tensor | None = None  # (N,) each row's index into the images of an image rollout
+    #                                          (trainers/vision.py); None for text
     reward_kwargs: dict[str, list] = field(default_factory=dict)  # extra per-row keywords for the reward functions
     #                                                               (environments, a rollout_func's extra fields)
 

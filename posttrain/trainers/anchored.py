@@ -111,7 +111,8 @@ class ReferenceAnchoredMixin:
             values = torch.load(path)
         else:
             batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
-            inputs = [c for c in self.precompute_input_columns if c in dataset.column_names]
+            # the images too: the reference must see them (trainers/vision.py)
+            inputs = [c for c in (*self.precompute_input_columns, "images") if c in dataset.column_names]
             loader = DataLoader(dataset.select_columns(inputs), batch_size=batch_size, collate_fn=self.data_collator)
             chunks = []
             for batch in loader:

@@ -33,6 +33,7 @@ from posttrain.models import adapters, lean_layers, loading, sharding
 from posttrain.models.logprobs import lm_head_chunking
 from posttrain.models.packed_attention import use_packed_attention
 from posttrain.trainers import router_loss
+from posttrain.trainers import vision as trainer_vision
 from posttrain.trainers.checkpoints import CrashSafeCheckpoints
 from posttrain.trainers.interrupt import GracefulInterrupt
 from posttrain.trainers.numerics import NonFiniteGuard
@@ -92,22 +93,35 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
             logger.warning("model_init_kwargs is ignored because the model is already loaded.")
         if train_dataset is None and self.requires_train_dataset:  # after the model/output checks of older forms
             raise UserError(f"`train_dataset` is required: {name} needs a training dataset.")
-        if processing_class is None:
+        if processing_class is None:  # a VLM's processor, else the tokenizer
             remote = {"trust_remote_code": True} if args.trust_remote_code else {}
-            processing_class = loading.load_tokenizer(model.config._name_or_path, **remote)
+            processing_class = (trainer_vision.load_processing_class(model)
+                                or loading.load_tokenizer(model.config._name_or_path, **remote))
         loading.prepare_tokenizer(processing_class, getattr(args, "eos_token", None),
                                   getattr(args, "pad_token", None), getattr(args, "chat_template_path", None))
         if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = getattr(processing_class, "pad_token_id", None)
+            model.config.pad_token_id = getattr(getattr(processing_class, "tokenizer", processing_class),
+                                                "pad_token_id", None)
+        # images (trainers/vision.py): a VLM processor switches datasets, collator and a few options to images
+        self.uses_images = trainer_vision.uses_images(type(self), processing_class, train_dataset, eval_dataset, args,
+                                                       data_collator)
+        if self.uses_images:
+            peft_config = trainer_vision.setup(self, model, processing_class, args, peft_config)
         given_adapter = adapters.is_peft_model(model) and peft_config is None
         if peft_config is not None:
             model = adapters.wrap(model, peft_config, args.gradient_checkpointing)
         if args.disable_dropout:
             loading.disable_dropout(model)
+        trainer_vision.freeze(model, args)
         if getattr(args, "_output_dir_was_default", False):
             args.output_dir = f"{loading.model_short_name(model)}-{self.method_name}"
             check_output_dir(args.output_dir)
-        train_dataset, eval_dataset = self.prepare_datasets(train_dataset, eval_dataset, processing_class, args)
+        if self.uses_images:
+            train_dataset, eval_dataset = trainer_vision.prepare_datasets(self, train_dataset, eval_dataset,
+                                                                          processing_class, args)
+            data_collator = data_collator or trainer_vision.collator(self, processing_class, args)
+        else:
+            train_dataset, eval_dataset = self.prepare_datasets(train_dataset, eval_dataset, processing_class, args)
         if data_collator is None:
             data_collator = self.default_collator(processing_class, args)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0.0]),
@@ -153,6 +167,15 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
         elif eval_dataset is not None:
             eval_dataset = prepare(eval_dataset, "eval")
         return train_dataset, eval_dataset
+
+    vision_data: str | None = None  # the image pipeline this trainer's data takes (trainers/vision.py); None: none
+
+    def _remove_unused_columns(self, dataset, description=None):
+        if getattr(self, "uses_images", False):  # the collator turns the images column into pixel values
+            self._set_signature_columns_if_needed()
+            if "images" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "images"]
+        return super()._remove_unused_columns(dataset, description)
 
     reference = None  # `models.reference.Reference`, built once by trainers that hold one
 

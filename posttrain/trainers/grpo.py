@@ -44,6 +44,7 @@ class GRPOTrainer(OnlineTrainer):
 
     config_class = GRPOConfig
     method_name = "GRPO"
+    vision_data = "prompt"  # image prompts (trainers/vision.py)
     supports_tools = True
 
     def __init__(self, *args, **kwargs):

@@ -50,6 +50,7 @@ from posttrain.rollout.engine import vllm_backend
 from posttrain.rollout.hf import _eos_ids, generate
 from posttrain.rollout.types import Rollout
 from posttrain.trainers import distributed
+from posttrain.trainers import vision as trainer_vision
 from posttrain.trainers.base import PostTrainer
 from posttrain.trainers.online_inspection import TRLInspection, moe_aux_loss_enabled
 
@@ -90,6 +91,8 @@ class OnlineTrainer(TRLInspection, PostTrainer):
                          **kwargs)
         args = self.args
         self.agent, self.rollout_func = agentic_rollouts(self.processing_class, args, **agentic)
+        if self.uses_images:
+            trainer_vision.check_online(self)
         if reward_funcs is None:
             reward_funcs = args.reward_funcs
         reward_funcs = _with_reward_model(reward_funcs, args.reward_model_name_or_path)
@@ -130,7 +133,7 @@ class OnlineTrainer(TRLInspection, PostTrainer):
         return sharding.prepare_frozen(self.accelerator, model, self.args)
 
     # ---- data ---------------------------------------------------------------------------------------------------
-    def prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args):
+    def prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args):  # text prompts (images: trainers/vision.py)
         for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
             if dataset is None or isinstance(dataset, dict):
                 continue
@@ -318,7 +321,7 @@ class OnlineTrainer(TRLInspection, PostTrainer):
         trained tokens) and old_logps / ref_logps / sampler_logps (N, C) when present."""
         batch = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
                  "completion_mask": rollout.loss_mask}
-        for key in ("old_logps", "ref_logps", "sampler_logps"):
+        for key in ("old_logps", "ref_logps", "sampler_logps", "image_index"):
             if getattr(rollout, key) is not None:
                 batch[key] = getattr(rollout, key)
         return batch
@@ -425,6 +428,8 @@ class OnlineTrainer(TRLInspection, PostTrainer):
         if self.agent is not None:  # multi-turn: the model calls tools between turns (`rollout/agentic.py`)
             with distributed.process_seed(self.accelerator, args.seed, self._micro_step):
                 return self.agent.run(rows, self._generate_turn, args.max_completion_length, args.max_prompt_length)
+        if self.uses_images:  # rollouts conditioned on the prompts' images (trainers/vision.py)
+            return trainer_vision.sample_with_images(self, rows, starts, counts)
         prompt_ids = [self._prompt_ids(rows[i]["prompt"], rows[i].get("chat_template_kwargs")) for i in starts]
         per_prompt = counts[0] if len(set(counts)) == 1 else counts
         return self.generate_completions(prompt_ids, per_prompt)
@@ -521,7 +526,8 @@ class OnlineTrainer(TRLInspection, PostTrainer):
         labels[:, prompt_len:][completion_mask == 0] = -100
         position_ids = positions_from_mask(batch["attention_mask"])
         out = completion_logps(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                                       "position_ids": position_ids, "labels": labels},
+                                       "position_ids": position_ids, "labels": labels,
+                                       **trainer_vision.rollout_image_inputs(self, batch, model)},
                                temperature=self.args.temperature if self.logps_at_sampling_temperature else 1.0,
                                with_entropy=with_entropy, shared_prefix=prompt_len,
                                pack_rows=self.pack_log_prob_rows)
@@ -540,7 +546,8 @@ class OnlineTrainer(TRLInspection, PostTrainer):
         size = self.args.per_device_train_batch_size
         chunks = []
         for start in range(0, batch["input_ids"].shape[0], size):
-            part = {k: batch[k][start:start + size] for k in ("input_ids", "attention_mask", "completion_mask")}
+            part = {k: batch[k][start:start + size] for k in ("input_ids", "attention_mask", "completion_mask",
+                                                              "image_index") if k in batch}
             chunks.append(self.completion_logps(model, part)[0])
         return torch.cat(chunks)
 

@@ -22,6 +22,7 @@ from posttrain.trainers.base import PostTrainer
 class PreferenceTrainer(PostTrainer):
     summary_metrics = (("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "margin"))
     signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+    vision_data = "preference"  # trainers/vision.py
     tokenize_jointly = False  # reward models tokenise prompt + completion as one text
     requires_train_dataset = True
 

@@ -24,6 +24,7 @@ class RLOOTrainer(OnlineTrainer):
 
     config_class = RLOOConfig
     method_name = "RLOO"
+    vision_data = "prompt"  # image prompts (trainers/vision.py)
     supports_tools = True
 
     def needs_old_logps(self) -> bool:

@@ -21,6 +21,7 @@ from posttrain.errors import UserError
 from posttrain.losses.reduce import global_sum_reduce
 from posttrain.losses.sft import SFT_LOSSES
 from posttrain.models.logprobs import forward_target_rows, token_logps
+from posttrain.models.vision import image_inputs
 from posttrain.trainers.base import PostTrainer
 
 
@@ -36,6 +37,7 @@ class SFTTrainer(PostTrainer):
     _tag_names = ["posttrain", "sft"]
     requires_train_dataset = True
     accepts_compute_loss_func = True
+    vision_data = "sft"
 
     def __init__(self, model, args: SFTConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, compute_loss_func: Callable | None = None,
@@ -79,7 +81,7 @@ class SFTTrainer(PostTrainer):
         full_logits = return_outputs and self.compute_metrics is not None
         if full_logits:  # compute_metrics wants (B, T, V) logits aligned with labels
             output = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                           position_ids=inputs.get("position_ids"), use_cache=False)
+                           position_ids=inputs.get("position_ids"), use_cache=False, **image_inputs(inputs))
             shifted = labels[:, 1:]
             valid = shifted != -100
             logits, targets = output.logits[:, :-1][valid], shifted[valid]
@@ -87,7 +89,8 @@ class SFTTrainer(PostTrainer):
         else:  # the head runs on the trained rows only, in chunks on long batches (models/logprobs.py)
             hidden, head, logits, targets, _, output = forward_target_rows(model, inputs["input_ids"], labels,
                                                                            inputs.get("attention_mask"),
-                                                                           inputs.get("position_ids"))
+                                                                           inputs.get("position_ids"),
+                                                                           **image_inputs(inputs))
         stats = token_logps(logits, targets, with_entropy=True, with_metrics=True, hidden=hidden, head=head)
         del logits  # the fused pass keeps what its backward needs; the (N, V) logits can go now
         logps = stats["logps"]
