@@ -12,18 +12,33 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-CATEGORY_ORDER = ["missing name", "missing config field", "unexpected kwarg", "missing attribute",
-                  "refused input", "behaviour assertion", "crash", "timeout", "not runnable"]
+CATEGORIES = {
+    "missing name": "a TRL import (module path or name) posttrain lacks",
+    "missing config field": "a config field TRL has, refused by posttrain's config",
+    "unexpected kwarg": "a constructor/function argument TRL accepts",
+    "missing attribute": "an attribute TRL's objects have (trainer, collator, config)",
+    "refused input": "posttrain raises a UserError/ValueError where TRL runs",
+    "behaviour assertion": "runs, but an assertion on the result fails",
+    "crash": "another exception inside posttrain or the test",
+    "timeout": "ran past the per-test limit",
+    "needs the Hub": "posttrain tried to download something TRL did not need",
+}
 
 
 def cause(test: dict) -> tuple[str, str]:
     """(category, normalised cause) of one failed test."""
     etype, msg = test.get("error_type", ""), test.get("message", "")
-    if test["outcome"] == "not_runnable":
-        return "not runnable", _norm(msg)
+    if test["outcome"] == "not_runnable":  # passed with TRL, but posttrain wanted the Hub
+        return "needs the Hub", _norm(msg)
     if etype == "MissingName" or msg.startswith("missing name:"):
         where = re.match(r"missing name: (\S+)", msg)
         return "missing name", f"missing name {where.group(1) if where else msg}"
+    m = re.search(r"No module named '([\w.]+)'", msg)
+    if etype == "ModuleNotFoundError" and m and m.group(1).startswith("posttrain"):
+        return "missing name", f"missing module {m.group(1)}"
+    m = re.search(r"module '(posttrain[\w.]*)' has no attribute '(\w+)'", msg)
+    if m:
+        return "missing name", f"missing name {m.group(1)}.{m.group(2)}"
     m = re.search(r"(\w+) got an unexpected option '(\w+)'", msg)
     if m:
         return "missing config field", f"{m.group(1)} has no field '{m.group(2)}'"
@@ -39,7 +54,9 @@ def cause(test: dict) -> tuple[str, str]:
     if etype in ("AssertionError", "Failed") or etype.endswith("AssertionError"):
         frame = test.get("test_frame", "")
         where = frame.split(": ", 1)[-1] if frame else msg
-        return "behaviour assertion", f"assert: {_norm(where)[:140]}"
+        if msg.startswith("assert "):
+            where = re.sub(r"\{[^{}]*\}|\[[^\[\]]*\]", "…", msg)
+        return "behaviour assertion", f"{_norm(where)[:140]}"
     if etype in ("UserError", "UserTypeError", "ValueError", "UserValueError", "NotImplementedError") or \
             etype.startswith("User"):
         return "refused input", f"{etype}: {_norm(msg)[:160]}"
@@ -130,9 +147,9 @@ def write_report(here: Path, out: Path) -> None:
         cat, key = cause(test)
         by_cat[cat] += 1
         by_cause[(cat, key)].append((area, nodeid))
-    lines += ["## Posttrain failures by category", "", "| category | tests |", "|---|---:|"]
+    lines += ["## Posttrain failures by category", "", "| category | tests | meaning |", "|---|---:|---|"]
     for cat in sorted(by_cat, key=lambda c: (-by_cat[c], c)):
-        lines.append(f"| {cat} | {by_cat[cat]} |")
+        lines.append(f"| {cat} | {by_cat[cat]} | {CATEGORIES.get(cat, '')} |")
     lines += ["", "## Top causes", "", "| # | tests | category | cause | areas | example tests |", "|---:|---:|---|---|---|---|"]
     ranked = sorted(by_cause.items(), key=lambda kv: (-len(kv[1]), kv[0]))
     for i, ((cat, key), items) in enumerate(ranked[:30], 1):

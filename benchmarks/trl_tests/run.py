@@ -250,7 +250,7 @@ def main(argv=None) -> int:
 
     upstream = HERE / "upstream"
     extract(args.trl_git, args.commit, upstream)
-    cache = Path(args.cache)
+    cache = Path(args.cache).resolve()
     hf_home = cache / "hf"
     sys.path.insert(0, str(HARNESS))
     from standins import build_hub_cache
