@@ -159,6 +159,11 @@ def write_report(here: Path, out: Path) -> None:
     rest = sum(len(v) for _, v in ranked[30:])
     if rest:
         lines += ["", f"… and {rest} more tests in {len(ranked) - 30} smaller causes (all in results-posttrain.json)."]
+    lines += ["", "## Top causes per area", ""]
+    for area in dict.fromkeys(a for a, _, _ in failures):
+        mine = Counter(cause(t) for a, _, t in failures if a == area)
+        top = "; ".join(f"{key.replace('|', '/')} ({n})" for (_, key), n in mine.most_common(8))
+        lines.append(f"- **{area}** ({sum(mine.values())} failing): {top}")
     lines += ["", "## Every posttrain failure", "", "<details><summary>by area</summary>", ""]
     for area in dict.fromkeys(a for a, _, _ in failures):
         lines += [f"### {area}", ""]
