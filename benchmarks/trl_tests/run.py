@@ -226,6 +226,7 @@ def main(argv=None) -> int:
     p.add_argument("--report", action="store_true", help="only write benchmarks/TRL-TESTS.md from the JSON files")
     p.add_argument("--files", nargs="*", help="subset of test files or trainer names (SFT, DPO, …)")
     p.add_argument("-k", dest="keyword", help="regex on node ids (debugging; results go to .cache/results-<target>-k.json)")
+    p.add_argument("--only", help="a file of node ids (one a line) to run; results merge into --out")
     p.add_argument("--sample", type=int, default=0, help="run at most N tests per file (deterministic subset)")
     p.add_argument("--all", action="store_true", help="posttrain side: run every test, not only TRL-passing ones")
     p.add_argument("--trl-results", default=str(HERE / "results-trl.json"))
@@ -259,7 +260,9 @@ def main(argv=None) -> int:
     failed = {k: v for k, v in built.items() if v != "ok"}
     if failed:
         print(f"stand-ins not built: {failed}", file=sys.stderr)
-    work = cache / f"work-{args.target}"
+    # per-process work copy and records, so runs in parallel (other --out, other --cache) cannot collide; the
+    # last one is kept as .cache/work-<target> for debugging by hand
+    work = cache / f"work-{args.target}-{os.getpid()}"
     prepare(upstream, work, args.target)
     checkout = Path(args.checkout).resolve()
 
@@ -274,7 +277,8 @@ def main(argv=None) -> int:
 
     out_path = Path(args.out or HERE / (f"results-{args.target}.json" if not args.keyword else
                                         f".cache/results-{args.target}-k.json"))
-    results = json.loads(out_path.read_text()) if out_path.exists() and (args.files or args.keyword) else {}
+    results = json.loads(out_path.read_text()) if out_path.exists() and (
+        args.files or args.keyword or args.only) else {}
     results.update(target=args.target, trl_commit=args.commit, trl_version=_trl_version(args.python),
                    posttrain_commit=git_head(checkout) if args.target == "posttrain" else None,
                    sample=args.sample or None, only_trl_passing=trl_results is not None)
@@ -283,7 +287,7 @@ def main(argv=None) -> int:
         rel = f"{PKG}/{path[len('tests/'):]}"
         if not (work / rel).exists():
             continue
-        env = env_for(args.target, hf_home, checkout, cache / f"records-{args.target}.jsonl")
+        env = env_for(args.target, hf_home, checkout, cache / f"records-{args.target}-{os.getpid()}.jsonl")
         nodeids = None
         if trl_results is not None:
             passed = trl_results["files"].get(path, {}).get("tests", {})
@@ -295,6 +299,12 @@ def main(argv=None) -> int:
             nodeids = collect(args, work, env, rel)
             if args.sample:
                 nodeids = sample(nodeids, args.sample)
+        if args.only:
+            wanted_ids = set(Path(args.only).read_text().split())
+            nodeids = [n for n in (nodeids if nodeids is not None else collect(args, work, env, rel))
+                       if n in wanted_ids]
+            if not nodeids:
+                continue
         if args.keyword:
             nodeids = [n for n in nodeids if re.search(args.keyword, n)]
             if not nodeids:
@@ -302,13 +312,22 @@ def main(argv=None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {args.target} {path}: "
               f"{len(nodeids) if nodeids is not None else 'all'} tests", flush=True)
         res = run_file(args, work, env, rel, nodeids)
+        if args.only and path in results["files"]:  # a partial re-run: merge into the file's earlier records
+            old = results["files"][path]
+            old["tests"].update(res["tests"])
+            old["seconds"] = round(old["seconds"] + res["seconds"], 1)
+            res = old
         counts = {}
         for t in res["tests"].values():
             counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
         print(f"    {res['seconds']} s rc={res['rc']} {counts}", flush=True)
         results["files"][path] = res
         out_path.write_text(json.dumps(results, indent=1, sort_keys=True))
-    if args.target == "posttrain" and not args.keyword:
+    (cache / f"records-{args.target}-{os.getpid()}.jsonl").unlink(missing_ok=True)
+    keep = cache / f"work-{args.target}"
+    shutil.rmtree(keep, ignore_errors=True)
+    work.rename(keep)
+    if args.target == "posttrain" and not args.keyword and out_path == HERE / "results-posttrain.json":
         write_report(HERE, REPO / "benchmarks" / "TRL-TESTS.md")
     return 0
 
