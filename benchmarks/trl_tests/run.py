@@ -213,6 +213,23 @@ def run_file(args, work: Path, env: dict, rel: str, nodeids: list[str] | None) -
             "tests": merge_records(records)}
 
 
+def merge_results(into: Path, sources: list[Path]) -> None:
+    results = json.loads(into.read_text()) if into.exists() else {"files": {}}
+    for src in sources:
+        other = json.loads(src.read_text())
+        for key, value in other.items():
+            if key != "files" and results.get(key) is None:
+                results[key] = value
+        for path, res in other["files"].items():
+            if path in results["files"]:
+                old = results["files"][path]
+                old["tests"].update(res["tests"])
+                old["seconds"] = round(old["seconds"] + res["seconds"], 1)
+            else:
+                results["files"][path] = res
+    into.write_text(json.dumps(results, indent=1, sort_keys=True))
+
+
 def git_head(path: Path) -> str:
     proc = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
@@ -226,6 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--report", action="store_true", help="only write benchmarks/TRL-TESTS.md from the JSON files")
     p.add_argument("--files", nargs="*", help="subset of test files or trainer names (SFT, DPO, …)")
     p.add_argument("-k", dest="keyword", help="regex on node ids (debugging; results go to .cache/results-<target>-k.json)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="merge these results files (from parallel --out "
+                   "runs) into results-<target>.json, test by test, then write the report")
     p.add_argument("--only", help="a file of node ids (one a line) to run; results merge into --out")
     p.add_argument("--sample", type=int, default=0, help="run at most N tests per file (deterministic subset)")
     p.add_argument("--all", action="store_true", help="posttrain side: run every test, not only TRL-passing ones")
@@ -248,6 +267,10 @@ def main(argv=None) -> int:
         return 0
     if not args.target:
         p.error("--target or --report is required")
+    if args.merge:
+        merge_results(HERE / f"results-{args.target}.json", [Path(m) for m in args.merge])
+        write_report(HERE, REPO / "benchmarks" / "TRL-TESTS.md")
+        return 0
 
     upstream = HERE / "upstream"
     extract(args.trl_git, args.commit, upstream)
