@@ -52,10 +52,8 @@ def cause(test: dict) -> tuple[str, str]:
     if etype == "TimeoutError" or test.get("outcome") == "timeout":
         return "timeout", "ran past the per-test limit"
     if etype in ("AssertionError", "Failed") or etype.endswith("AssertionError"):
-        frame = test.get("test_frame", "")
-        where = frame.split(": ", 1)[-1] if frame else msg
-        if msg.startswith("assert "):
-            where = re.sub(r"\{[^{}]*\}|\[[^\[\]]*\]", "…", msg)
+        frame = test.get("test_frame", "")  # the failing line of the test: shared by its parametrisations
+        where = frame.split(": ", 1)[-1] if frame else re.sub(r"\{[^{}]*\}|\[[^\[\]]*\]", "…", msg)
         return "behaviour assertion", f"{_norm(where)[:140]}"
     if etype in ("UserError", "UserTypeError", "ValueError", "UserValueError", "NotImplementedError") or \
             etype.startswith("User"):
@@ -155,14 +153,14 @@ def write_report(here: Path, out: Path) -> None:
     for i, ((cat, key), items) in enumerate(ranked[:30], 1):
         areas = ", ".join(f"{a} {c}" for a, c in Counter(a for a, _ in items).most_common())
         examples = "<br>".join(f"`{n.split('::', 1)[1][:90]}`" for _, n in items[:3])
-        lines.append(f"| {i} | {len(items)} | {cat} | {key.replace('|', '/')} | {areas} | {examples} |")
+        lines.append(f"| {i} | {len(items)} | {cat} | {key.replace('|', '\\|')} | {areas} | {examples} |")
     rest = sum(len(v) for _, v in ranked[30:])
     if rest:
         lines += ["", f"… and {rest} more tests in {len(ranked) - 30} smaller causes (all in results-posttrain.json)."]
     lines += ["", "## Top causes per area", ""]
     for area in dict.fromkeys(a for a, _, _ in failures):
         mine = Counter(cause(t) for a, _, t in failures if a == area)
-        top = "; ".join(f"{key.replace('|', '/')} ({n})" for (_, key), n in mine.most_common(8))
+        top = "; ".join(f"{key.replace('|', '\\|')} ({n})" for (_, key), n in mine.most_common(8))
         lines.append(f"- **{area}** ({sum(mine.values())} failing): {top}")
     lines += ["", "## Every posttrain failure", "", "<details><summary>by area</summary>", ""]
     for area in dict.fromkeys(a for a, _, _ in failures):
@@ -170,7 +168,7 @@ def write_report(here: Path, out: Path) -> None:
         for a, nodeid, test in failures:
             if a == area:
                 cat, key = cause(test)
-                lines.append(f"- `{nodeid.split('::', 1)[1]}` — {cat}: {key.replace('|', '/')}")
+                lines.append(f"- `{nodeid.split('::', 1)[1]}` — {cat}: {key.replace('|', '\\|')}")
         lines.append("")
     lines += ["</details>", ""]
     out.write_text("\n".join(lines) + "\n")
