@@ -153,14 +153,14 @@ def write_report(here: Path, out: Path) -> None:
     for i, ((cat, key), items) in enumerate(ranked[:30], 1):
         areas = ", ".join(f"{a} {c}" for a, c in Counter(a for a, _ in items).most_common())
         examples = "<br>".join(f"`{n.split('::', 1)[1][:90]}`" for _, n in items[:3])
-        lines.append(f"| {i} | {len(items)} | {cat} | {key.replace('|', '\\|')} | {areas} | {examples} |")
+        lines.append(f"| {i} | {len(items)} | {cat} | {_cell(key)} | {areas} | {examples} |")
     rest = sum(len(v) for _, v in ranked[30:])
     if rest:
         lines += ["", f"… and {rest} more tests in {len(ranked) - 30} smaller causes (all in results-posttrain.json)."]
     lines += ["", "## Top causes per area", ""]
     for area in dict.fromkeys(a for a, _, _ in failures):
         mine = Counter(cause(t) for a, _, t in failures if a == area)
-        top = "; ".join(f"{key.replace('|', '\\|')} ({n})" for (_, key), n in mine.most_common(8))
+        top = "; ".join(f"{_cell(key)} ({n})" for (_, key), n in mine.most_common(8))
         lines.append(f"- **{area}** ({sum(mine.values())} failing): {top}")
     lines += ["", "## Every posttrain failure", "", "<details><summary>by area</summary>", ""]
     for area in dict.fromkeys(a for a, _, _ in failures):
@@ -168,7 +168,12 @@ def write_report(here: Path, out: Path) -> None:
         for a, nodeid, test in failures:
             if a == area:
                 cat, key = cause(test)
-                lines.append(f"- `{nodeid.split('::', 1)[1]}` — {cat}: {key.replace('|', '\\|')}")
+                lines.append(f"- `{nodeid.split('::', 1)[1]}` — {cat}: {_cell(key)}")
         lines.append("")
     lines += ["</details>", ""]
     out.write_text("\n".join(lines) + "\n")
+
+
+def _cell(text: str) -> str:
+    """Text for a markdown table cell: pipes escaped."""
+    return text.replace("|", "\\|")
