@@ -62,7 +62,7 @@ class LogCompletionsCallback(TrainerCallback):
     (step, prompt, completion) rows to `self.table`. Rows are appended to output_dir/logged_completions.jsonl and,
     with report_to wandb, logged as the W&B table "completions". The eval dataset needs a `prompt` column (text
     or messages), a tokenised `prompt_ids` column (preference trainers), or SFT's tokenised prompt-completion rows
-    (the prompt is the untrained prefix)."""
+    (the prompt is the untrained prefix: completion_mask 0 or labels -100)."""
 
     def __init__(self, trainer, generation_config=None, num_prompts: int | None = None, freq: int | None = None):
         if trainer.eval_dataset is None:
@@ -72,7 +72,8 @@ class LogCompletionsCallback(TrainerCallback):
         if num_prompts is not None:
             dataset = dataset.select(range(min(num_prompts, len(dataset))))
         names = dataset.column_names
-        if "prompt" not in names and "prompt_ids" not in names and not {"input_ids", "completion_mask"} <= set(names):
+        sft_rows = "input_ids" in names and ("completion_mask" in names or "labels" in names)
+        if "prompt" not in names and "prompt_ids" not in names and not sft_rows:
             raise UserError(f"LogCompletionsCallback needs prompts in the eval dataset: a 'prompt' or 'prompt_ids' "
                             f"column, or SFT's tokenised prompt-completion rows; it has {names}.")
         self.eval_dataset = dataset
@@ -88,8 +89,12 @@ class LogCompletionsCallback(TrainerCallback):
         if "prompt" in names:
             return [tokenize_prompt(tokenizer, prompt) for prompt in self.eval_dataset["prompt"]]
         prompts = []  # SFT rows: the prompt is the untrained prefix (completion_mask 0) of input_ids
-        for ids, mask in zip(self.eval_dataset["input_ids"], self.eval_dataset["completion_mask"]):
-            start = list(mask).index(1) if 1 in mask else 0
+        if "completion_mask" in names:
+            masks = [list(mask) for mask in self.eval_dataset["completion_mask"]]
+        else:  # TRL 1.16's prepared form: labels with -100 on the untrained tokens
+            masks = [[int(label != -100) for label in labels] for labels in self.eval_dataset["labels"]]
+        for ids, mask in zip(self.eval_dataset["input_ids"], masks):
+            start = mask.index(1) if 1 in mask else 0
             if start == 0:
                 raise UserError("LogCompletionsCallback: an eval row has no prompt (language-modelling text trains "
                                 "every token); give prompt-completion eval data.")

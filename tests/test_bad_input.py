@@ -25,8 +25,8 @@ from posttrain.configs.ppo import PPOConfig
 from posttrain.configs.rloo import RLOOConfig
 from posttrain.configs.sft import SFTConfig
 from posttrain.data.arith import load_builtin_dataset
-from posttrain.errors import RewardFunctionError
 from posttrain.data.loading import load_any_dataset
+from posttrain.errors import RewardFunctionError
 from posttrain.models.loading import load_pretrained_model, load_tokenizer
 from posttrain.trainers.dpo import DPOTrainer
 from posttrain.trainers.grpo import GRPOTrainer
@@ -191,7 +191,8 @@ API_CASES = [
      r"num_generations must be >= 2 .*got 1"),
     ("epsilon-zero", lambda p: GRPOConfig(**_kw(p, num_generations=2, epsilon=0.0)), ValueError,
      r"epsilon must be > 0, got 0\.0"),
-    ("vllm-not-installed", lambda p: GRPOConfig(**_kw(p, num_generations=2, use_vllm=True)), ValueError,
+    ("vllm-not-installed", lambda p: _grpo(p, _data("arith-prompts"), num_generations=2, use_vllm=True),
+     ValueError,
      r"use_vllm=True needs the vllm package \(pip install 'posttrain\[vllm\]'\)"),
     ("label-smoothing-half", lambda p: DPOConfig(**_kw(p, label_smoothing=0.5)), ValueError,
      r"label_smoothing must be in \[0, 0\.5\), got 0\.5"),

@@ -7,12 +7,7 @@ import copy
 import pytest
 import torch
 
-from posttrain.models.lean_layers import (
-    _RMSNorm,
-    _SwiGLU,
-    apply_lean_layers,
-    remove_lean_layers,
-)
+from posttrain.models.lean_layers import _RMSNorm, _SwiGLU, apply_lean_layers, remove_lean_layers
 
 
 def _loss_and_grads(model, ids):

@@ -14,13 +14,7 @@ import random
 import pytest
 import torch
 
-from posttrain.losses.preference import (
-    DPO_LOSSES,
-    F_DIVERGENCES,
-    f_divergence_score,
-    ld_sequence_logps,
-    wpo_weights,
-)
+from posttrain.losses.preference import DPO_LOSSES, F_DIVERGENCES, f_divergence_score, ld_sequence_logps, wpo_weights
 
 BETA = 0.5
 LOG2 = math.log(2.0)

@@ -7,9 +7,9 @@ import os
 
 import pytest
 import torch
+from killable_run import build_trainer, losses
 from transformers import TrainerCallback
 
-from killable_run import build_trainer, losses
 from posttrain import SFTConfig
 from posttrain.errors import NonFiniteError
 from posttrain.trainers import checkpoints

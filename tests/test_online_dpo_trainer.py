@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from posttrain.configs.online_dpo import OnlineDPOConfig
-from posttrain.rollout.types import Rollout
 from posttrain.data.arith import load_builtin_dataset
+from posttrain.rollout.types import Rollout
 from posttrain.trainers.online_dpo import OnlineDPOTrainer
 
 MODEL = "posttrain/tiny"

@@ -130,7 +130,8 @@ def _check_outputs(out, names, capsys_out):
     assert versus["fixed"] + versus["broken"] <= 4 and 0.0 < versus["p_value"] <= 1.0
     assert by_name["sft"]["versus"]["stage"] == "base"
     assert by_name["base"]["drift_kl"] == 0.0 and by_name["dpo"]["drift_prompts"] == 6  # KL from the start model
-    assert by_name["sft"]["drift_kl"] > 0 and by_name["sft"]["drift_kl_stderr"] >= 0
+    sft_drift, stderr = by_name["sft"]["drift_kl"], by_name["sft"]["drift_kl_stderr"]  # 2 steps: a small KL whose
+    assert stderr > 0 and abs(sft_drift) < 5 * stderr + 0.05  # Monte-Carlo estimate may land just below 0
     assert len(by_name["dpo"]["chat_examples"]) == 3 and (out / "drift-reference.json").is_file()
     card = (out / "dpo" / "README.md").read_text()
     assert "held-out answer accuracy (4 prompts, greedy)" in card

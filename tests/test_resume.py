@@ -12,8 +12,8 @@ import sys
 import time
 
 import pytest
-
 from killable_run import build_trainer, losses
+
 from posttrain.trainers import checkpoints
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from posttrain.errors import UserError
-
 from posttrain.rewards import (
     BUILTIN_REWARDS,
     RewardRunner,

@@ -153,8 +153,14 @@ def test_static_cache_loop_samples_what_transformers_generate_samples(counts, kw
 def test_static_cache_loop_on_other_architectures_and_fallbacks():
     """Absolute positions (GPT-2) and eager attention take the loop and match `generate`; a sliding-window model
     and options the loop does not implement (beam search, n-gram blocking) go to `generate` itself."""
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+    )
 
     from posttrain.rollout.hf import sampling_config, static_decode_supported
 

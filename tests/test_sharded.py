@@ -23,9 +23,9 @@ import sys
 
 import pytest
 import torch
+from test_distributed import free_port
 
 from posttrain.launch import resolve_config
-from test_distributed import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "distributed_run.py")

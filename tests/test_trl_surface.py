@@ -220,7 +220,7 @@ def test_trl_style_sft_script_with_dataset_mixture(tmp_path):
         ["--config", str(config), "--output_dir", str(tmp_path / "out")])
     assert script_args.datasets is None and dataset_args.datasets[0].columns == ["prompt", "completion"]
     training_args.model_init_kwargs = dict(revision=model_args.model_revision, dtype=model_args.dtype,
-                                           trust_remote_code=model_args.trust_remote_code,
+                                           trust_remote_code=training_args.trust_remote_code,
                                            attn_implementation=model_args.attn_implementation)
     dataset = get_dataset(dataset_args)
     assert len(dataset["train"]) + len(dataset["test"]) == 16  # 8 rows each: the smaller dataset caps the mixture

@@ -502,3 +502,33 @@ def test_training_logps_of_a_rollout_equal_the_sampling_logps(name):
              "labels": labels, **pixels, **tokens.token_types(full)}
     trained = completion_logps(model, batch, shared_prefix=ids.shape[1])["logps"]
     assert torch.allclose(trained.double(), sampled, atol=1e-5)
+
+
+# ---- TRL's documented VLM scripts, import swapped -----------------------------------------------------------------
+def test_trl_documented_vlm_scripts_run_with_the_import_swapped(tmp_path):
+    """TRL 1.16's docs train a VLM as `SFTTrainer(model="<vlm id>", args=SFTConfig(max_length=None),
+    train_dataset=<llava-instruct-mix: images + messages>)` and `GRPOTrainer(model="<vlm id>", reward_funcs=…,
+    train_dataset=<prompt + image>)`; the same lines with `from posttrain import …` and a local tiny VLM."""
+    from posttrain import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+
+    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is this?"}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": colour}]}] for colour in COLOURS] * 3
+    mix = datasets.Dataset.from_dict({"images": [[Image.new("RGB", (32, 32), COLOURS[m[1]["content"][0]["text"]])]
+                                                 for m in messages], "messages": messages})
+    trainer = SFTTrainer(model="posttrain/tiny-llava", args=SFTConfig(output_dir=str(tmp_path / "sft"),
+                                                                      max_length=None, **COMMON),
+                         train_dataset=mix)
+    trainer.train()
+    assert trainer.state.global_step == 1 and np.isfinite(trainer.state.log_history[0]["loss"])
+
+    def colour_reward(completions, answer, **kwargs):
+        return [float(a in c[0]["content"]) for c, a in zip(completions, answer)]
+
+    prompts = _rows(4, kind="prompt_only").rename_column("images", "image")
+    prompts = prompts.map(lambda r: {"image": r["image"][0]})  # TRL's single-image column form
+    trainer = GRPOTrainer(model="posttrain/tiny-llava", reward_funcs=colour_reward,
+                          args=GRPOConfig(output_dir=str(tmp_path / "grpo"), num_generations=2,
+                                          max_completion_length=4, **COMMON),
+                          train_dataset=prompts)
+    trainer.train()
+    assert trainer.state.global_step == 1

@@ -363,14 +363,15 @@ def _vocab_size(head: torch.nn.Module) -> int | None:
 
 
 def uses_chunked_head(setting: str | bool | None, rows: int, head: torch.nn.Module,
-                      auto_bytes: int = HEAD_CHUNK_AUTO_BYTES) -> bool:
+                      auto_bytes: int | None = None) -> bool:
     """Whether a pass with gradients over `rows` trained rows runs the head chunk by chunk: `setting` True/False,
     or "auto" (None: the current `lm_head_chunking` setting) = when the (rows, V) float32 softmax would exceed
     `auto_bytes` (HEAD_CHUNK_AUTO_BYTES; passes that keep several such tensors count them in `rows`)."""
     setting = _CHUNKED_LM_HEAD.get() if setting is None else setting
     if setting == "auto":
         vocab = _vocab_size(head)
-        return vocab is not None and rows * vocab * 4 > auto_bytes
+        limit = HEAD_CHUNK_AUTO_BYTES if auto_bytes is None else auto_bytes
+        return vocab is not None and rows * vocab * 4 > limit
     if setting in (True, "true", False, "false"):  # the config spells them as strings
         return setting in (True, "true")
     raise UserError(f"chunked_lm_head must be 'auto', True or False, got {setting!r}.")

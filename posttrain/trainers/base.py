@@ -170,13 +170,6 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
 
     vision_data: str | None = None  # the image pipeline this trainer's data takes (trainers/vision.py); None: none
 
-    def _remove_unused_columns(self, dataset, description=None):
-        if getattr(self, "uses_images", False):  # the collator turns the images column into pixel values
-            self._set_signature_columns_if_needed()
-            if "images" not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, "images"]
-        return super()._remove_unused_columns(dataset, description)
-
     reference = None  # `models.reference.Reference`, built once by trainers that hold one
 
     def holds_reference(self) -> bool:
@@ -226,10 +219,14 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
             cls.compute_loss = router_loss.with_router_loss(cls.__dict__["compute_loss"])
 
     def _remove_unused_columns(self, dataset, description: str | None = None):
-        """transformers' column pruning, except for a `with_transform` dataset: its rows are what the transform
-        returns, so the stored columns it reads must stay."""
+        """transformers' column pruning, except for a `with_transform` dataset (its rows are what the transform
+        returns, so the stored columns it reads must stay) and an image run's `images` column."""
         if isinstance(dataset, datasets.Dataset) and dataset.format["type"] == "custom":
             return dataset
+        if getattr(self, "uses_images", False):  # the collator turns the images column into pixel values
+            self._set_signature_columns_if_needed()
+            if "images" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "images"]
         return super()._remove_unused_columns(dataset, description)
 
     # ---- evaluation on a dataset given late ------------------------------------------------------------------

@@ -268,7 +268,8 @@ class OnlineTrainer(TRLInspection, PostTrainer):
         rollout.loss_mask = rollout.loss_mask[:, :length].to(device) * rollout.completion_mask  # ⊆ the completion
         if rollout.sampler_logps is not None:
             rollout.sampler_logps = rollout.sampler_logps[:, :length].to(device)
-        pad_to_multiple(rollout, getattr(args, "pad_to_multiple_of", None), tok.pad_token_id)
+        pad_to_multiple(rollout, getattr(args, "pad_to_multiple_of", None),
+                        getattr(tok, "tokenizer", tok).pad_token_id)  # a VLM processor holds its tokenizer
         if getattr(args, "mask_truncated_completions", False):  # GRPO and RLOO take this option
             rollout.loss_mask = rollout.loss_mask * (~rollout.is_truncated).unsqueeze(1)
         if not rollout.prompts:  # a multi-turn rollout keeps the prompts its environments extended
