@@ -70,7 +70,6 @@ def main() -> None:
                         "strict_correct": "".join("1" if x else "0" for x in run["scores"]),
                         "lenient_correct": "".join("1" if x else "0" for x in side["lenient"])}
         result[mode]["examples"] = [list(map(str, e)) for e in run["examples"]]
-        result[mode]["examples"] = [list(map(str, e)) for e in run["examples"]]
         result[mode]["seconds"] = round(time.time() - start, 1)
         print(mode, json.dumps({k: v for k, v in result[mode].items() if not k.endswith(("examples", "correct"))}),
               flush=True)
