@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--max_new_tokens", type=int, default=160)
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--out", default=None)
+    p.add_argument("--greedy_only", action="store_true")
     args = p.parse_args()
     torch.manual_seed(0)
     model = loading.load_pretrained_model(args.model)
@@ -49,7 +50,8 @@ def main() -> None:
     from posttrain.rewards.builtin import accuracy_reward, format_reward
 
     result = {"model": args.model, "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens}
-    for mode, temperature in (("greedy", 0.0), ("sampled_T1", 1.0)):
+    modes = (("greedy", 0.0),) if args.greedy_only else (("greedy", 0.0), ("sampled_T1", 1.0))
+    for mode, temperature in modes:
         start = time.time()
         side: dict[str, list[float]] = {"lenient": [], "format": []}
 
