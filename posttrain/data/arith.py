@@ -126,11 +126,12 @@ def _make_problem(rng: random.Random) -> Problem:
     return Problem(question, str(value), solution, _wrong_solution(op, a, b, rng))
 
 
-def generate_problems(n: int = _POOL_SIZE, seed: int = _SEED) -> list[Problem]:
-    """`n` problems with distinct questions, always the same ones for the same seed."""
+def generate_problems(n: int = _POOL_SIZE, seed: int = _SEED, make: Callable = _make_problem) -> list:
+    """`n` problems with distinct questions, always the same ones for the same seed (`make(rng)` draws one; the
+    word problems of `data/wordmath.py` use the same loop with their own maker)."""
     rng, seen, problems = random.Random(seed), set(), []
     while len(problems) < n:
-        problem = _make_problem(rng)
+        problem = make(rng)
         if problem.question not in seen:
             seen.add(problem.question)
             problems.append(problem)

@@ -142,13 +142,9 @@ def _wrong_solution(lines: list[str], value: int, rng: random.Random) -> str:
 
 def generate_problems(n: int = _POOL_SIZE, seed: int = _SEED) -> list[Problem]:
     """`n` problems with distinct questions, always the same ones for the same seed."""
-    rng, seen, problems = random.Random(seed), set(), []
-    while len(problems) < n:
-        problem = _make_problem(rng)
-        if problem.question not in seen:
-            seen.add(problem.question)
-            problems.append(problem)
-    return problems
+    from posttrain.data import arith
+
+    return arith.generate_problems(n, seed, make=_make_problem)
 
 
 @functools.cache

@@ -194,29 +194,31 @@ def check_quantization_config(config):
     method = getattr(config, "quant_method", None)
     method = getattr(method, "value", method)
     if method == "bitsandbytes":
-        import importlib.util
-
-        if not hardware.has_cuda():
-            raise UserError("quantization_config is a bitsandbytes config, which needs a CUDA GPU; this machine has "
-                            "none. Drop quantization_config (LoRA alone still works on CPU).")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise UserError("quantization_config is a bitsandbytes config, which needs the bitsandbytes package: "
-                            "pip install bitsandbytes (or drop quantization_config).")
+        _require_bitsandbytes("quantization_config is a bitsandbytes config, which needs a CUDA GPU; this machine has "
+                              "none. Drop quantization_config (LoRA alone still works on CPU).",
+                              "quantization_config is a bitsandbytes config, which needs the bitsandbytes package: "
+                              "pip install bitsandbytes (or drop quantization_config).")
     return config
+
+
+def _require_bitsandbytes(no_gpu: str, no_package: str) -> None:
+    """The two things bitsandbytes quantisation needs, each refused with its own one-line message."""
+    import importlib.util
+
+    if not hardware.has_cuda():
+        raise UserError(no_gpu)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(no_package)
 
 
 def quantization_config(load_in_4bit: bool, quant_type: str = "nf4", compute_dtype=None, double_quant: bool = False,
                         quant_storage: str | None = None):
     """bitsandbytes quantisation (4-bit computes in `compute_dtype`, bfloat16 by default); refused with a clear
     message where it cannot run."""
-    if not hardware.has_cuda():
-        raise UserError("load_in_4bit/load_in_8bit need a CUDA GPU with bitsandbytes; this machine has none. "
-                        "Drop the flag (LoRA alone still works on CPU).")
-    import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("load_in_4bit/load_in_8bit need the bitsandbytes package: pip install bitsandbytes "
-                        "(or drop the flag).")
+    _require_bitsandbytes("load_in_4bit/load_in_8bit need a CUDA GPU with bitsandbytes; this machine has none. "
+                          "Drop the flag (LoRA alone still works on CPU).",
+                          "load_in_4bit/load_in_8bit need the bitsandbytes package: pip install bitsandbytes "
+                          "(or drop the flag).")
     from transformers import BitsAndBytesConfig
 
     if load_in_4bit:
