@@ -24,6 +24,14 @@ from posttrain.rewards.protocol import completion_text
 from posttrain.rollout.hf import generate
 
 
+def _for_decoding(model):
+    """A LoRA/PEFT model as a plain merged copy for decoding (the same outputs up to rounding, without the adapter's
+    extra matmuls at every token); any other model as it is."""
+    from posttrain.models.adapters import is_peft_model, merged_copy
+
+    return merged_copy(model).eval() if is_peft_model(model) else model
+
+
 @torch.no_grad()
 def generation_accuracy(model, tokenizer, dataset, reward_func: Callable | None = None, max_new_tokens: int = 32,
                         batch_size: int = 64, temperature: float = 0.0, num_samples: int = 1,
@@ -51,12 +59,13 @@ def generation_accuracy(model, tokenizer, dataset, reward_func: Callable | None 
     scores: list[float | None] = []
     lengths: list[float] = []
     examples: list[tuple[Any, str, float | None]] = []
+    decoder = _for_decoding(model)
     try:
         prompts_per_batch = max(batch_size // num_samples, 1)
         for start in range(0, len(rows), prompts_per_batch):
             chunk = rows[start:start + prompts_per_batch]
             prompt_ids = [tokenize_prompt(tokenizer, r["prompt"]) for r in chunk]
-            rollout = generate(model, tokenizer, prompt_ids, num_samples, max_new_tokens, generation_kwargs)
+            rollout = generate(decoder, tokenizer, prompt_ids, num_samples, max_new_tokens, generation_kwargs)
             texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
             repeated = [r for r in chunk for _ in range(num_samples)]
             conversational = isinstance(chunk[0]["prompt"], list)
@@ -175,7 +184,7 @@ def reference_samples(model, tokenizer, dataset, max_new_tokens: int = 64, batch
 def chat_examples(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens: int = 64) -> list[list[str]]:
     """[prompt text, greedy answer] for a few prompts: the side-by-side generations of a report."""
     prompt_ids = [tokenize_prompt(tokenizer, r["prompt"]) for r in rows]
-    rollout = generate(model, tokenizer, prompt_ids, 1, max_new_tokens, {"do_sample": False})
+    rollout = generate(_for_decoding(model), tokenizer, prompt_ids, 1, max_new_tokens, {"do_sample": False})
     texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
     return [[completion_text(r["prompt"]), t] for r, t in zip(rows, texts)]
 

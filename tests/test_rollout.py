@@ -196,3 +196,39 @@ def test_static_cache_loop_stops_when_every_row_has_ended():
     ended = generate(model, tok, [prompt], 2, 6, {"do_sample": False})
     assert ended.completion_ids.shape == (2, 1) and ended.completion_mask.tolist() == [[1], [1]]
     assert ended.is_truncated.tolist() == [False, False]
+
+
+@pytest.mark.parametrize("kwargs", [{"do_sample": False}, {"do_sample": True, "temperature": 0.7, "top_k": 20}])
+def test_rows_that_ended_leave_the_batch_and_the_tokens_do_not_change(monkeypatch, kwargs):
+    """With rows ending at different steps, the loop drops ended rows from the batch (and their cache rows) and
+    still gives token for token what `generate` gives under the same seed."""
+    from posttrain.rollout import hf
+
+    path = builtin_model_path("posttrain/tiny")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = [tok("Question: Mia has 7 apples and buys 5 more.\nAnswer:")["input_ids"], tok("Q: 3 + 4?")["input_ids"],
+               tok("Hello")["input_ids"]]
+    torch.manual_seed(3)
+    free = generate(model, tok, prompts, 4, 16, kwargs).completion_ids  # no row ends on the real EOS here
+    ends = sorted({int(row[i]) for row, i in zip(free, [2, 5, 9] * 4)} - {int(t) for t in free[:, :2].flatten()})
+    assert ends, "pick end tokens that no row produces in its first two steps"
+    model.generation_config.eos_token_id = ends
+    dropped = []
+    original = hf.PreallocatedLayer.keep_rows
+    monkeypatch.setattr(hf.PreallocatedLayer, "keep_rows",
+                        lambda self, index: (dropped.append(len(index)), original(self, index))[1])
+    torch.manual_seed(3)
+    ours = generate(model, tok, prompts, 4, 16, kwargs)
+    lengths = ours.completion_mask.sum(1)
+    assert lengths.min() < lengths.max() and dropped  # rows ended early and left the batch
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    ids, mask = ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)
+    torch.manual_seed(3)
+    with torch.no_grad(), hf.inverse_cdf_sampling("cpu"):
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, pad_token_id=tok.pad_token_id,
+                             **kwargs)[:, ids.shape[1]:]
+    keep, _ = completion_mask_after_eos(out, set(ends))
+    theirs = out.masked_fill(keep == 0, tok.pad_token_id)
+    width = ours.completion_ids.shape[1]
+    assert torch.equal(ours.completion_ids, theirs[:, :width]) and (theirs[:, width:] == tok.pad_token_id).all()

@@ -67,6 +67,13 @@ def completion_mask_after_eos(completion_ids: torch.Tensor, eos_ids: set[int]) -
     return (~seen_before).long(), ~is_eos.any(dim=1)
 
 
+def inverse_cdf_draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One index per row of `weights` (R, V; unnormalised, non-negative) drawn with the uniforms (R, 1) in [0, 1):
+    the first index whose cumulative weight (float64) exceeds u × the row's total."""
+    cdf = weights.cumsum(-1, dtype=torch.float64)
+    return torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).clamp_(max=weights.shape[1] - 1)
+
+
 @contextlib.contextmanager
 def inverse_cdf_sampling(device: torch.device):
     """Within the block, one-token-per-row `torch.multinomial` draws on the CPU go through the inverse CDF.
@@ -85,9 +92,7 @@ def inverse_cdf_sampling(device: torch.device):
     def multinomial(input, num_samples, replacement=False, *, generator=None, out=None):
         if input.dim() != 2 or num_samples != 1 or out is not None or input.device.type != "cpu":
             return original(input, num_samples, replacement, generator=generator, out=out)
-        cdf = input.cumsum(-1, dtype=torch.float64)
-        u = torch.rand(input.shape[0], 1, dtype=torch.float64, generator=generator) * cdf[:, -1:]
-        return torch.searchsorted(cdf, u, right=True).clamp_(max=input.shape[1] - 1)
+        return inverse_cdf_draw(input, torch.rand(input.shape[0], 1, dtype=torch.float64, generator=generator))
 
     torch.multinomial = multinomial
     try:
@@ -218,6 +223,11 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
         return self.keys, self.values
 
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Drop every batch row not in `index` (the rows still decoding) from the buffers."""
+        self._keys, self._values = self._keys.index_select(0, index), self._values.index_select(0, index)
+        self.keys, self.values = self._keys[:, :, :self.filled], self._values[:, :, :self.filled]
+
 
 def _all_ended(finished: torch.Tensor, synced: bool) -> bool:
     """Every row has produced an EOS — on every process when `synced` (one all-reduce per decode step)."""
@@ -258,13 +268,17 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | t
     Rows that have produced an EOS are fed `pad_id` and ignored (as `generate` does); the loop stops when every row
     has ended (with `synced`, every row of every process: ZeRO-3/FSDP forwards are collectives). Positions follow
     the unpadded prompt (position_ids), so left padding does not shift them.
+    Once a quarter of the rows still in the batch have ended, they leave it (their cache rows are dropped): a batch
+    of short answers with one long one no longer decodes every row to the longest. The tokens are the same as
+    without compaction — on the CPU each step still draws one uniform per row of the whole batch, in the same order
+    — so this is skipped only where rows interact (`synced`, a repetition penalty that tracks every row).
     """
     max_new = config.max_new_tokens
     dtype = next(model.parameters()).dtype
     device = ids.device
     U, P = ids.shape
     length = P + max_new
-    keep = {"logits_to_keep": 1} if _forward_accepts_logits_to_keep(type(_base_model(model))) else {}
+    keep_logits = {"logits_to_keep": 1} if _forward_accepts_logits_to_keep(type(_base_model(model))) else {}
     positions = positions_from_mask(mask)
     # prompt tokens attend to earlier non-pad tokens; a pad query attends to itself (a fully masked row gives NaN)
     causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
@@ -272,7 +286,7 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | t
     cache_key = cache_argument(type(_base_model(model)))  # `cache` from transformers 5.2x, `past_key_values` before
     prefix_cache = DynamicCache(config=model.config)
     out = model(input_ids=ids, attention_mask=_additive_mask(allowed[:, None], dtype), position_ids=positions,
-                use_cache=True, **{cache_key: prefix_cache}, **keep)
+                use_cache=True, **{cache_key: prefix_cache}, **keep_logits)
     logits = out.logits[:, -1].float().repeat_interleave(repeats, dim=0)
     cache = Cache(layers=[PreallocatedLayer(layer.keys.repeat_interleave(repeats, dim=0),
                                             layer.values.repeat_interleave(repeats, dim=0), length)
@@ -285,26 +299,39 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | t
     key_allowed[:, :P] = mask.bool().repeat_interleave(repeats, dim=0)
     next_position = mask.sum(-1, keepdim=True).repeat_interleave(repeats, dim=0)
     processors = _logits_warpers(config, sequence[:, :P], key_allowed[:, :P])
+    compact = not synced and not any(isinstance(p, RepetitionPenaltyLogitsProcessor) for p in processors)
+    cpu_draws = config.do_sample and device.type == "cpu"
     eos = torch.tensor(sorted(eos_ids), device=device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
+    rows = torch.arange(N, device=device)  # the rows still in the batch (all of them until one leaves)
     step = 0
     for step in range(max_new):
         if config.min_new_tokens and step < config.min_new_tokens:
             logits[:, eos] = -float("inf")
         for processor in processors:
-            logits = processor(sequence[:, :P + step], logits)
-        if config.do_sample:
+            logits = processor(sequence[rows, :P + step], logits)
+        if cpu_draws:  # one uniform per row of the whole batch, as without compaction
+            token = inverse_cdf_draw(torch.softmax(logits, dim=-1),
+                                     torch.rand(N, 1, dtype=torch.float64)[rows]).squeeze(1)
+        elif config.do_sample:
             token = torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1)
         else:
             token = logits.argmax(dim=-1)
-        token = token.masked_fill(finished, pad_id)
-        sequence[:, P + step] = token
-        finished |= torch.isin(token, eos)
+        token = token.masked_fill(finished[rows], pad_id)
+        sequence[rows, P + step] = token
+        finished[rows] |= torch.isin(token, eos)
         if step == max_new - 1 or _all_ended(finished, synced):
             break
         key_allowed[:, P + step] = True
-        visible = key_allowed[:, None, None, :P + step + 1]
+        going = ~finished[rows]
+        if compact and 4 * int(going.sum()) <= 3 * len(rows):
+            keep = going.nonzero().squeeze(1)
+            rows = rows[keep]
+            token = token[keep]
+            for layer in cache.layers:
+                layer.keep_rows(keep)
+        visible = key_allowed[rows][:, None, None, :P + step + 1]
         out = model(input_ids=token[:, None], attention_mask=_additive_mask(visible, dtype),
-                    position_ids=next_position + step, use_cache=True, **{cache_key: cache}, **keep)
+                    position_ids=next_position[rows] + step, use_cache=True, **{cache_key: cache}, **keep_logits)
         logits = out.logits[:, -1].float()
     return sequence[:, P:P + step + 1]
