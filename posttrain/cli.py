@@ -51,7 +51,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 COMMAND_ALIASES = {name.replace("_", "-"): name for name in COMMANDS if "_" in name}
 COMMAND_ALIASES["vllm_serve"] = "vllm-serve"
 _OTHER_COMMANDS = {"generate": "posttrain.generate:main", "pipeline": "posttrain.pipeline.run:main",
-                   "merge": "posttrain.merge:main", "export": "posttrain.export:main",
+                   "merge": "posttrain.merge:main", "export": "posttrain.export:main", "pairs": "posttrain.pairs:main",
                    "vllm-serve": "posttrain.rollout.server:main"}
 _ALIASES_ONLY = {"env"}  # keys a YAML file may hold besides fields
 
@@ -88,6 +88,7 @@ def _usage() -> str:
     lines += [f"  {name:<12} {desc}" for name, (_, _, desc) in COMMANDS.items()]
     lines += [f"  {'generate':<12} generate from a trained model (--model DIR --prompt TEXT; no --prompt: chat)",
               f"  {'pipeline':<12} run training stages in order from one YAML file (SFT → reward → DPO → GRPO)",
+              f"  {'pairs':<12} sample a model's answers, keep (best, worst) per prompt: preference data for DPO",
               f"  {'merge':<12} merge a LoRA adapter into its base model (--adapter DIR --output_dir OUT)",
               f"  {'export':<12} write a trained model as a GGUF file for llama.cpp (RUN_DIR --gguf OUT.gguf)",
               f"  {'vllm-serve':<12} generation server for online trainers run with vllm_mode=server (--model M)",

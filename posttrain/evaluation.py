@@ -24,12 +24,34 @@ from posttrain.rewards.protocol import completion_text
 from posttrain.rollout.hf import generate
 
 
-def _for_decoding(model):
+def decoding_model(model):
     """A LoRA/PEFT model as a plain merged copy for decoding (the same outputs up to rounding, without the adapter's
     extra matmuls at every token); any other model as it is."""
     from posttrain.models.adapters import is_peft_model, merged_copy
 
     return merged_copy(model).eval() if is_peft_model(model) else model
+
+
+def answer_batches(model, tokenizer, rows: list[dict[str, Any]], num_samples: int, max_new_tokens: int,
+                   generation_kwargs: dict[str, Any], batch_size: int):
+    """Decode `num_samples` answers per row, about `batch_size` answers at a time; yields one dict per batch:
+    rows (each repeated num_samples times, a row's answers consecutive), completions (conversational when the
+    prompts are), completion_ids (token lists, EOS included when reached), columns (the rows' other columns, for
+    reward functions)."""
+    decoder = decoding_model(model)
+    per_batch = max(batch_size // num_samples, 1)
+    for start in range(0, len(rows), per_batch):
+        chunk = rows[start:start + per_batch]
+        rollout = generate(decoder, tokenizer, [tokenize_prompt(tokenizer, r["prompt"]) for r in chunk], num_samples,
+                           max_new_tokens, generation_kwargs)
+        ids = [[t for t, m in zip(row, mask) if m] for row, mask in zip(rollout.completion_ids.tolist(),
+                                                                       rollout.completion_mask.tolist())]
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        repeated = [r for r in chunk for _ in range(num_samples)]
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if isinstance(chunk[0]["prompt"], list) \
+            else texts
+        yield {"rows": repeated, "completions": completions, "completion_ids": ids,
+               "columns": {k: [r[k] for r in repeated] for k in chunk[0] if k != "prompt"}}
 
 
 @torch.no_grad()
@@ -59,25 +81,16 @@ def generation_accuracy(model, tokenizer, dataset, reward_func: Callable | None 
     scores: list[float | None] = []
     lengths: list[float] = []
     examples: list[tuple[Any, str, float | None]] = []
-    decoder = _for_decoding(model)
     try:
-        prompts_per_batch = max(batch_size // num_samples, 1)
-        for start in range(0, len(rows), prompts_per_batch):
-            chunk = rows[start:start + prompts_per_batch]
-            prompt_ids = [tokenize_prompt(tokenizer, r["prompt"]) for r in chunk]
-            rollout = generate(decoder, tokenizer, prompt_ids, num_samples, max_new_tokens, generation_kwargs)
-            texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-            repeated = [r for r in chunk for _ in range(num_samples)]
-            conversational = isinstance(chunk[0]["prompt"], list)
-            completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-            columns = {k: [r[k] for r in repeated] for k in chunk[0] if k != "prompt"}
-            rewards = reward_func(prompts=[r["prompt"] for r in repeated], completions=completions,
-                                  completion_ids=rollout.completion_ids.tolist(), **columns)
-            for row, completion, reward in zip(repeated, completions, rewards):
+        for batch in answer_batches(model, tokenizer, rows, num_samples, max_new_tokens, generation_kwargs,
+                                    batch_size):
+            rewards = reward_func(prompts=[r["prompt"] for r in batch["rows"]], completions=batch["completions"],
+                                  completion_ids=batch["completion_ids"], **batch["columns"])
+            for row, completion, reward in zip(batch["rows"], batch["completions"], rewards):
                 if len(examples) < 3:
                     examples.append((row["prompt"], completion_text(completion), reward))
                 scores.append(None if reward is None or math.isnan(reward) else float(reward))
-            lengths.extend(rollout.completion_mask.sum(1).float().tolist())
+            lengths.extend(float(len(ids)) for ids in batch["completion_ids"])
     finally:
         torch.set_rng_state(rng_state)
         model.train(was_training)
@@ -184,7 +197,7 @@ def reference_samples(model, tokenizer, dataset, max_new_tokens: int = 64, batch
 def chat_examples(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens: int = 64) -> list[list[str]]:
     """[prompt text, greedy answer] for a few prompts: the side-by-side generations of a report."""
     prompt_ids = [tokenize_prompt(tokenizer, r["prompt"]) for r in rows]
-    rollout = generate(_for_decoding(model), tokenizer, prompt_ids, 1, max_new_tokens, {"do_sample": False})
+    rollout = generate(decoding_model(model), tokenizer, prompt_ids, 1, max_new_tokens, {"do_sample": False})
     texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
     return [[completion_text(r["prompt"]), t] for r, t in zip(rows, texts)]
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from posttrain.pairs import PAIRS_FILE
 from posttrain.pipeline import spec, summary
 from posttrain.pipeline.spec import PipelineError, Stage
 
@@ -156,9 +157,13 @@ def write_stage_config(stage: Stage, pipeline: spec.Pipeline) -> str:
 def check_stages(stages: list[Stage], pipeline: spec.Pipeline) -> None:
     """Parse every stage's options with its command's parser before training anything: a typo in the last stage
     fails in seconds, not after the first stages have trained."""
+    from posttrain import pairs
     from posttrain.cli import CLIError, parse_command_args
 
     for stage in stages:
+        if stage.command in spec.DATA_COMMANDS:
+            pairs.resolve_options(stage.options)
+            continue
         try:
             parse_command_args(stage.command, ["--config", write_stage_config(stage, pipeline)])
         except (CLIError, ValueError, TypeError) as e:
@@ -172,6 +177,13 @@ def run_stage(stage: Stage, pipeline: spec.Pipeline, prompts, reference=None) ->
 
     start = time.time()
     config_path = write_stage_config(stage, pipeline)
+    if stage.command in spec.DATA_COMMANDS:  # a data set, not a model: nothing to evaluate
+        from posttrain import pairs
+
+        counts = pairs.run(stage.options)
+        return {"name": stage.name, "command": stage.command, "model_from": stage.options.get("model_name_or_path"),
+                "output_dir": stage.output_dir, "config": config_path, "seconds": round(time.time() - start, 1),
+                "pairs": counts["pairs"], "pair_prompts": counts["prompts"]}
     try:
         trainer = run_training(stage.command, ["--config", config_path])
     except BaseException:
@@ -218,7 +230,8 @@ def run(path: str, output_dir: str | None = None, start_at: str | None = None) -
         raise PipelineError(f"--from {start_at!r} is not a stage of {path} (stages: {', '.join(names)})")
     begin = names.index(start_at) if start_at else 0
     for stage in pipeline.stages[:begin]:
-        if not os.path.isfile(os.path.join(stage.output_dir, "config.json")):
+        saved = PAIRS_FILE if stage.command in spec.DATA_COMMANDS else "config.json"
+        if not os.path.isfile(os.path.join(stage.output_dir, saved)):
             raise PipelineError(f"--from {start_at}: stage '{stage.name}' has no saved model in {stage.output_dir}; "
                                 f"run the pipeline from '{stage.name}' or earlier")
     check_stages(pipeline.stages[begin:], pipeline)

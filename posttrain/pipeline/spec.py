@@ -43,6 +43,7 @@ EVALUATION_DEFAULTS = {"dataset_name": "posttrain/arith-prompts", "dataset_confi
                        "drift_dataset": None, "drift_split": "test", "drift_prompts": 200, "drift_max_new_tokens": 64}
 _REFERENCE = re.compile(r"\{([^{}]+)\}")
 REWARD_COMMANDS = {"reward"}  # stages whose output scores text rather than generating it
+DATA_COMMANDS = {"pairs"}  # stages whose output is a data set (posttrain pairs: on-policy preference pairs)
 
 
 class PipelineError(UserError):
@@ -63,7 +64,7 @@ class Stage:
 
     @property
     def is_policy(self) -> bool:
-        return self.command not in REWARD_COMMANDS
+        return self.command not in REWARD_COMMANDS and self.command not in DATA_COMMANDS
 
 
 @dataclasses.dataclass
@@ -110,9 +111,10 @@ def load(path: str, output_dir: str | None = None) -> Pipeline:
         if name in outputs:
             raise PipelineError(f"stage name '{name}' appears twice in {path}; give each stage its own name")
         command = str(raw.get("command", name))
-        if command not in COMMANDS:
-            raise PipelineError(f"stage '{name}': unknown command '{command}'{did_you_mean(command, COMMANDS)} "
-                                f"(set command: to one of {', '.join(COMMANDS)})")
+        if command not in COMMANDS and command not in DATA_COMMANDS:
+            known = [*COMMANDS, *DATA_COMMANDS]
+            raise PipelineError(f"stage '{name}': unknown command '{command}'{did_you_mean(command, known)} "
+                                f"(set command: to one of {', '.join(known)})")
         config_path = None
         options: dict[str, Any] = {}
         if raw.get("config"):
@@ -123,7 +125,12 @@ def load(path: str, output_dir: str | None = None) -> Pipeline:
                 raise PipelineError(f"stage '{name}': config file {raw['config']!r} not found (paths are relative "
                                     f"to {path} or the current directory)")
             options = read_mapping(config_path, "config file", "a mapping of option: value", PipelineError)
-        options.update(defaults)
+        if command in DATA_COMMANDS:  # `defaults` are training options: a data stage takes those it has
+            from posttrain.pairs import option_names
+
+            options.update({k: v for k, v in defaults.items() if k in option_names()})
+        else:
+            options.update(defaults)
         options.update({k: v for k, v in raw.items() if k not in STAGE_KEYS})
         context = {"output_dir": root, "prev": outputs[stages[-1].name] if stages else None,
                    **{f"stages.{n}": d for n, d in outputs.items()}}
@@ -131,8 +138,11 @@ def load(path: str, output_dir: str | None = None) -> Pipeline:
         if "output_dir" not in raw:
             options["output_dir"] = os.path.join(root, name)
         _check_model_source(name, command, options.get("model_name_or_path"), outputs, commands)
-        stage = Stage(name, command, options, bool(raw.get("evaluate", command not in REWARD_COMMANDS)),
-                      config_path)
+        evaluate = raw.get("evaluate", command not in REWARD_COMMANDS and command not in DATA_COMMANDS)
+        if evaluate and command in DATA_COMMANDS:
+            raise PipelineError(f"stage '{name}' ({command}) writes a data set, not a model: it cannot be evaluated "
+                                "(remove evaluate: true)")
+        stage = Stage(name, command, options, bool(evaluate), config_path)
         stages.append(stage)
         outputs[name], commands[name] = stage.output_dir, command
     return Pipeline(path, root, evaluation, stages)
@@ -166,6 +176,10 @@ def _check_model_source(stage: str, command: str, model: Any, outputs: dict[str,
         raise PipelineError(f"stage '{stage}' has no model_name_or_path (set it in the stage, its config file, or "
                             "use {prev} / {stages.NAME})")
     for name, directory in outputs.items():
+        if model == directory and commands[name] in DATA_COMMANDS:
+            raise PipelineError(f"stage '{stage}' would start from '{name}', a data set of pairs, not a model; "
+                                f"start from the model that answered, and read the pairs with dataset_name: "
+                                f"\"{{stages.{name}}}\"")
         if model == directory and commands[name] in REWARD_COMMANDS and command not in REWARD_COMMANDS:
             raise PipelineError(f"stage '{stage}' would start from '{name}', a reward model (it scores text, it "
                                 "does not generate); start from a policy stage, e.g. {stages.sft}")

@@ -55,6 +55,8 @@ def describe(record: dict[str, Any]) -> str:
     if record.get("drift_kl") is not None:
         parts.append(f"KL from start {record['drift_kl']:.2f} ± {record['drift_kl_stderr']:.2f} nats/answer "
                      f"({record['drift_prompts']} other chat prompts)")
+    if record.get("pairs") is not None:
+        parts.append(f"{record['pairs']} preference pairs from {record['pair_prompts']} prompts")
     key = record.get("key_metric")
     if key:
         parts.append(f"{key['label']} {fmt(key['first'])} → {fmt(key['last'])}")
