@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--out", default=None)
     p.add_argument("--greedy_only", action="store_true")
+    p.add_argument("--versus", default=None, help="an earlier --out JSON (same questions): fixed / broken / exact "
+                                                  "McNemar p of the greedy strict scores, question by question")
     args = p.parse_args()
     torch.manual_seed(0)
     model = loading.load_pretrained_model(args.model)
@@ -75,6 +77,17 @@ def main() -> None:
         result[mode]["seconds"] = round(time.time() - start, 1)
         print(mode, json.dumps({k: v for k, v in result[mode].items() if not k.endswith(("examples", "correct"))}),
               flush=True)
+    if args.versus:
+        from posttrain.evaluation import paired_comparison
+
+        with open(args.versus) as f:
+            before = json.load(f)["greedy"]["strict_correct"]
+        after = result["greedy"]["strict_correct"]
+        if len(before) != len(after):
+            raise SystemExit(f"--versus {args.versus} scored {len(before)} questions, this run {len(after)}")
+        result["versus"] = {"file": args.versus, **paired_comparison([c == "1" for c in before],
+                                                                       [c == "1" for c in after])}
+        print("versus", json.dumps(result["versus"]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
