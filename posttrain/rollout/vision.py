@@ -59,17 +59,19 @@ def generate_with_images(model, processor, prompt_ids: list[list[int]], prompt_i
     kwargs = dict(generation_kwargs, suppress_tokens=suppress)
     eos_ids = _eos_ids(model, tokenizer)
     config = sampling_config(model, kwargs, max_new_tokens)
+    synced = collective_forwards(model)  # ZeRO-3/FSDP: every process runs as many forwards as the longest
     with torch.no_grad(), inverse_cdf_sampling(device):
         if config is not None and static_decode_supported(model) and not tokens.token_types(ids):
             pixels = to_model(tokens.pixel_inputs(prompt_images), model)  # each unique prompt's images, once
-            completion_ids = static_decode(model, ids, mask, repeats, config, eos_ids, pad_id,
-                                           collective_forwards(model), prefill_inputs=pixels)
+            completion_ids = static_decode(model, ids, mask, repeats, config, eos_ids, pad_id, synced,
+                                           prefill_inputs=pixels)
         else:
+            kwargs.update(max_new_tokens=max_new_tokens, pad_token_id=pad_id, use_cache=True,
+                          return_dict_in_generate=False, **({"synced_gpus": True} if synced else {}))
             row_images = [images for images, n in zip(prompt_images, counts) for _ in range(n)]
             pixels = to_model(tokens.pixel_inputs(row_images), model)
             out = model.generate(input_ids=full_ids, attention_mask=full_mask, **pixels,
-                                 **tokens.token_types(full_ids), **kwargs, max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad_id, use_cache=True, return_dict_in_generate=False)
+                                 **tokens.token_types(full_ids), **kwargs)
             completion_ids = out[:, full_ids.shape[1]:]
     completion_mask, truncated = completion_mask_after_eos(completion_ids, eos_ids)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
