@@ -13,7 +13,8 @@ import statistics
 import sys
 import time
 
-TASKS = ("sft", "dpo", "grpo", "reward", "kto")
+TASKS = ("sft", "dpo", "grpo", "reward", "kto", "vision-sft", "vision-dpo", "vision-grpo")
+VISION_PREFIX = "vision-"  # the vision tasks: the same trainers on posttrain/tiny-llava with images (vision_speed.py)
 VARIANTS = ("posttrain", "posttrain-bf16", "trl-default", "trl-best-fp32", "trl-best-bf16", "plain")
 GPU_MATMUL_SIZE = 8192  # 2048² is launch-bound on a large GPU
 # Vendor datasheet dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by device-name fragment (first match wins).
@@ -114,17 +115,28 @@ def model_params(name: str) -> dict:
 
     from posttrain.models.loading import resolve_model_path
 
-    config = transformers.AutoConfig.from_pretrained(resolve_model_path(name))
+    if name.startswith("posttrain/") and "llava" in name:  # a built-in VLM (vision tower + language model)
+        from posttrain.models.vision import builtin_vlm_path
+
+        config = transformers.AutoConfig.from_pretrained(builtin_vlm_path(name))
+        auto = transformers.AutoModelForImageTextToText
+    else:
+        config = transformers.AutoConfig.from_pretrained(resolve_model_path(name))
+        auto = transformers.AutoModelForCausalLM
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = auto.from_config(config)
     total = sum(p.numel() for p in model.parameters())
-    head = config.vocab_size * config.hidden_size
+    text = getattr(config, "text_config", config)
+    head = text.vocab_size * text.hidden_size
     return {"total": total, "head": head, "body": total - head}
 
 
 def flops_per_token(task: str, params: dict) -> tuple[float, str]:
     """Model FLOPs per trained token (6N training, 2N per no-grad forward; attention FLOPs left out)."""
     n, body = params["total"], params["body"]
+    if task.startswith(VISION_PREFIX):  # image tokens counted as tokens; the vision tower's FLOPs per image folded in
+        flops, note = flops_per_token(task[len(VISION_PREFIX):], params)
+        return flops, note + " (VLM: N includes the vision tower; approx.)"
     return {
         "sft": (6 * n, "6N"),
         "dpo": (8 * n, "6N policy + 2N reference"),
@@ -174,6 +186,10 @@ def write_report(out: str, runs: dict, peaks: dict) -> None:
                 + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in machine["peaks"].items()) + " GFLOP/s")
 
     def describe_load(load: dict, params: dict) -> str:
+        if "vision" in load:
+            return (f"Model {load['model']}: {params['total'] / 1e6:.1f}M parameters (vision tower included). "
+                    f"{load['vision']}; {load['steps']} steps per run, median over steps 2–{load['steps']}; each run "
+                    "a fresh process" + (" on the GPU" if load["device"] == "cuda" else "") + ".")
         grpo_prompts = load["grpo_batch"] // load["generations"]
         low, high = load["tokens"]
         steps = load["steps"]

@@ -8,6 +8,7 @@
     taskset -c 0 python benchmarks/compare_trl.py --model posttrain/smollm2-135m-instruct --workload smollm2 \
         --threads 1 --out benchmarks/RESULTS-smollm2.md      # the real model (benchmarks/RESULTS-smollm2.md)
     python benchmarks/compare_trl.py --tasks grpo --model posttrain/tiny-15m --workload grpo-small-groups
+    python benchmarks/compare_trl.py --tasks vision-sft vision-dpo vision-grpo --out /tmp/r-vision.md  # VLM rows
 
 `--model` takes the built-in models and the packaged real one (`posttrain/smollm2-135m-instruct`, SmolLM2-135M-
 Instruct: TRL gets its converted checkpoint directory). `--workload NAME` fills the workload flags from a preset
@@ -23,6 +24,12 @@ so machine noise hits them alike. Needs the `bench` extra (TRL).
 Workload: the built-in `posttrain/tiny-15m` (Qwen2 shape, 12.9M params, 32k vocab: the LM head is most of the
 FLOPs, as in real small models), random-length windows of the built-in arithmetic text as prompts and completions
 (64–256 tokens each), batch 8 (GRPO: 16 completions = 2 prompts × 8 generations, 64–128 new tokens).
+
+Vision tasks (`vision-sft`, `vision-dpo`, `vision-grpo`): the same trainers on the built-in VLM posttrain/tiny-llava
+with image rows, the workload of `vision_speed.py` (imported from there: `vision_setup`): SFT 16 rows, DPO 8 pairs,
+GRPO 4 prompts × 8 completions of ≤ 8 tokens per step, one 32×32 image (16 image tokens) per row. They ignore
+--model, --batch and the token-window flags; tokens per step = the run's logged num_tokens ÷ steps (both libraries
+count the real prompt + completion tokens, image tokens included); no plain loop.
 
 Variants:
   posttrain    posttrain with its defaults.
@@ -65,8 +72,8 @@ import subprocess
 import sys
 import time
 
-from compare_report import (TASKS, VARIANTS, WORKLOADS, apply_workload, describe_machine, measure_peaks,
-                            write_report)
+from compare_report import (TASKS, VARIANTS, VISION_PREFIX, WORKLOADS, apply_workload, describe_machine,
+                            measure_peaks, write_report)
 
 MODEL = "posttrain/tiny-15m"
 BATCH = 8
@@ -104,8 +111,12 @@ def configure(opts) -> None:
     MIN_TOKENS, MAX_TOKENS, MAX_NEW_TOKENS = opts.min_tokens, opts.max_tokens, opts.max_new_tokens
 
 
-def workload() -> dict:
+def workload(task: str = "") -> dict:
     """What a task's figures were measured on (kept per task in RESULTS.json)."""
+    if task.startswith(VISION_PREFIX):
+        from vision_speed import VISION_MODEL, VISION_WORKLOAD
+
+        return {"model": VISION_MODEL, "device": DEVICE, "steps": STEPS, "vision": VISION_WORKLOAD}
     return {"model": MODEL, "device": DEVICE, "batch": BATCH, "steps": STEPS, "tokens": [MIN_TOKENS, MAX_TOKENS],
             "grpo_batch": GRPO_BATCH, "generations": GRPO_GENERATIONS, "max_new_tokens": MAX_NEW_TOKENS}
 
@@ -254,14 +265,25 @@ def run_library(task: str, variant: str) -> dict:
         import posttrain as lib
     else:
         import trl as lib
-    model_path = _model_path(MODEL)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    dataset = build_dataset(task, tokenizer)
-    per_step = tokens_per_step(task, tokenizer, dataset)
+    vision = None
+    if task.startswith(VISION_PREFIX):  # the VLM workload of vision_speed.py: its model, processor, image rows
+        from vision_speed import load_vlm, vision_setup
+
+        vision = vision_setup(task[len(VISION_PREFIX):], STEPS)
+        tokenizer, dataset, per_step = vision["processor"], vision["data"], None  # tokens: the run's num_tokens
+    else:
+        model_path = _model_path(MODEL)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+        dataset = build_dataset(task, tokenizer)
+        per_step = tokens_per_step(task, tokenizer, dataset)
     names = {"sft": "SFT", "dpo": "DPO", "grpo": "GRPO", "reward": "Reward", "kto": "KTO"}
-    config_cls = getattr(lib, names[task] + "Config")
-    trainer_cls = getattr(lib, names[task] + "Trainer")
-    args = config_cls(**_config_kwargs(task, variant, f"/tmp/bench-{task}-{variant}"))
+    name = names[task.removeprefix(VISION_PREFIX)]
+    config_cls = getattr(lib, name + "Config")
+    trainer_cls = getattr(lib, name + "Trainer")
+    kw = _config_kwargs(task, variant, f"/tmp/bench-{task}-{variant}")
+    if vision:
+        kw.update(vision["config"])
+    args = config_cls(**kw)
 
     step_times: list[float] = []
 
@@ -275,18 +297,21 @@ def run_library(task: str, variant: str) -> dict:
             step_times.append(time.perf_counter() - self.t)
 
     before = _memory_mark()
-    model = model_path
+    model = load_vlm(vision["path"]) if vision else model_path
     if task == "reward":
         model = transformers.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
     kwargs = dict(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
     if task == "grpo":
         kwargs["reward_funcs"] = _digit_share_reward
+    kwargs.update(vision["extra"] if vision else {})
     trainer = trainer_cls(**kwargs)
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
     peak = _memory_peak()
-    if per_step is None:  # grpo: prompt + completion tokens actually trained, from the logged lengths
+    if vision:  # both libraries log the real prompt + completion tokens of the batch, image tokens included
+        per_step = max(h.get("num_tokens", 0) for h in trainer.state.log_history) / STEPS
+    elif per_step is None:  # grpo: prompt + completion tokens actually trained, from the logged lengths
         lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
         prompt_tokens = statistics.mean(len(tokenizer(p)["input_ids"]) for p in dataset["prompt"])
         per_step = GRPO_BATCH * (prompt_tokens + statistics.mean(lengths))
@@ -510,8 +535,8 @@ def main() -> None:
     def save(tasks) -> dict:
         runs = {task: {"command": command, "minutes": round((time.time() - started) / 60, 1), "machine": machine,
                        "variants": {v: r for (t, v), r in results.items() if t == task}} for task in tasks}
-        for run in runs.values():
-            run["workload"] = workload()
+        for task, run in runs.items():
+            run["workload"] = workload(task)
         runs = {**stored, **runs}
         with open(store, "w") as f:
             json.dump({"tasks": runs, "peaks": peaks}, f, indent=1)

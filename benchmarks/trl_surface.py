@@ -43,7 +43,7 @@ TRAINERS = {
     "OnlineDPO": ("trl.experimental.online_dpo:OnlineDPOConfig", "trl.experimental.online_dpo:OnlineDPOTrainer",
                   "posttrain:OnlineDPOConfig", "posttrain:OnlineDPOTrainer"),
     "GKD": ("trl.experimental.gkd:GKDConfig", "trl.experimental.gkd:GKDTrainer",
-            "posttrain.configs.gkd:GKDConfig", "posttrain.trainers.gkd:GKDTrainer"),
+            "posttrain.configs.distillation:GKDConfig", "posttrain.trainers.distillation:GKDTrainer"),
     "Distillation": ("trl:DistillationConfig", "trl:DistillationTrainer",
                      "posttrain.configs.distillation:DistillationConfig",
                      "posttrain.trainers.distillation:DistillationTrainer"),
@@ -79,7 +79,19 @@ REASONS: dict[str, tuple[str, str]] = {
     "KTO.train_sampling_strategy": ("different", "mismatched KL pairs are built per batch, so the sampler may "
                                                  "shuffle; 'sequential' reproduces TRL's pairs (configs/kto.py)"),
     "OnlineDPO.max_new_tokens": ("different", "TRL's name for max_completion_length; None = use that field"),
+    "GKD.max_new_tokens": ("different", "TRL's name for max_completion_length (default 128 here too); None = use "
+                                        "that field"),
+    "GKD.shuffle_dataset": ("different", "the prompt sampler's shuffle (TRL's GKD skips SFT's pre-shuffle and its "
+                                         "Trainer sampler shuffles anyway: the same order behaviour)"),
+    "*.gradient_checkpointing": ("different", "off unless set: faster steps, more activation memory; a one-time "
+                                              "note says so (trainers/base.py)"),
 }
+# SFT options TRL's GKDConfig inherits and its GKDTrainer never reads: posttrain accepts the default only
+REASONS.update({f"GKD.{name}": ("different", "ignored by TRL's GKDTrainer (no SFT preparation): only the default "
+                                             "is accepted")
+                for name in ("dataset_text_field", "dataset_kwargs", "packing", "packing_strategy", "padding_free",
+                             "eval_packing", "completion_only_loss", "assistant_only_loss", "loss_type",
+                             "truncation_mode")})
 
 _ADDRESS = re.compile(r" at 0x[0-9a-f]+")
 

@@ -9,6 +9,9 @@ gradient checkpointing), trl-best (no gradient checkpointing, fp32). Tokens per 
 ÷ steps (both libraries count the real prompt + completion tokens of the batch, image tokens included). Peak memory
 = max RSS during trainer construction and training minus the RSS before. Workload: SFT 16 rows, DPO 8 pairs, GRPO 4
 prompts x 8 completions of <= 8 tokens; each image is 32x32 (16 image tokens).
+
+The workload (`vision_setup`, `load_vlm`) is shared with `compare_trl.py`, whose vision-sft / vision-dpo / vision-grpo
+tasks put these rows beside the text tasks with its variants (bf16, GPU) and report.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ import time
 
 TASKS = ("sft", "dpo", "grpo")
 VARIANTS = ("posttrain", "trl-default", "trl-best")
+VISION_MODEL = "posttrain/tiny-llava"
+# the workload in words (compare_trl.py's report prints it)
+VISION_WORKLOAD = ("SFT 16 rows, DPO 8 pairs, GRPO 4 prompts × 8 completions of ≤ 8 tokens per step; each row one "
+                   "32×32 image (16 image tokens) from posttrain/data/shapes.py")
 
 
 def _rss_mib() -> float:
@@ -46,26 +53,41 @@ def _data(task: str, n: int):
                     remove_columns=["answer"])
 
 
-def run(task: str, variant: str, steps: int) -> dict:
-    import transformers
-
+def vision_setup(task: str, steps: int) -> dict:
+    """What one run of `task` (sft, dpo, grpo) trains on, the same for both libraries: the built-in tiny-llava's
+    path and processor, the image rows, the config options that fix the workload and the trainer's extra arguments.
+    `compare_trl.py` runs its vision-* tasks from this too."""
     from posttrain.data.shapes import colour_reward
     from posttrain.models import vision
 
-    lib = __import__("posttrain" if variant == "posttrain" else "trl")
-    path = vision.builtin_vlm_path("posttrain/tiny-llava")
-    processor = vision.load_processor(path)
+    path = vision.builtin_vlm_path(VISION_MODEL)
     batch = {"sft": 16, "dpo": 8, "grpo": 32}[task]
-    data = _data(task, batch * steps if task != "grpo" else 4 * steps)
+    config = dict(max_steps=steps, per_device_train_batch_size=batch)
+    if task == "grpo":
+        config.update(num_generations=8, max_completion_length=8)
+    return {"path": path, "processor": vision.load_processor(path),
+            "data": _data(task, batch * steps if task != "grpo" else 4 * steps), "config": config,
+            "extra": {"reward_funcs": colour_reward} if task == "grpo" else {}}
+
+
+def load_vlm(path: str):
+    import transformers
+
+    return transformers.AutoModelForImageTextToText.from_pretrained(path)
+
+
+def run(task: str, variant: str, steps: int) -> dict:
+    import transformers
+
+    lib = __import__("posttrain" if variant == "posttrain" else "trl")
+    setup = vision_setup(task, steps)
     name = task.upper()
-    kwargs = dict(output_dir=f"/tmp/bench-vision-{task}-{variant}", max_steps=steps, per_device_train_batch_size=batch,
-                  logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, seed=0)
+    kwargs = dict(output_dir=f"/tmp/bench-vision-{task}-{variant}", logging_steps=1, report_to="none",
+                  save_strategy="no", disable_tqdm=True, seed=0, **setup["config"])
     if variant != "posttrain":
         kwargs["use_cpu"] = True
     if variant == "trl-best":
         kwargs.update(gradient_checkpointing=False, bf16=False)
-    if task == "grpo":
-        kwargs.update(num_generations=8, max_completion_length=8)
     args = getattr(lib, name + "Config")(**kwargs)
     times: list[float] = []
 
@@ -77,10 +99,9 @@ def run(task: str, variant: str, steps: int) -> dict:
             times.append(time.perf_counter() - self.t)
 
     before = _rss_mib()
-    model = transformers.AutoModelForImageTextToText.from_pretrained(path)
-    extra = {"reward_funcs": colour_reward} if task == "grpo" else {}
-    trainer = getattr(lib, name + "Trainer")(model=model, args=args, train_dataset=data, processing_class=processor,
-                                               callbacks=[Clock()], **extra)
+    trainer = getattr(lib, name + "Trainer")(model=load_vlm(setup["path"]), args=args, train_dataset=setup["data"],
+                                               processing_class=setup["processor"], callbacks=[Clock()],
+                                               **setup["extra"])
     trainer.train()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tokens = max(h.get("num_tokens", 0) for h in trainer.state.log_history) / steps

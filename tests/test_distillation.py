@@ -353,6 +353,118 @@ def test_reward_funcs_are_refused(tmp_path):
                             train_dataset=_prompts())
 
 
+# ---- the options shared with GRPO (TRL 1.16's DistillationConfig fields), tools, GKD's SFT fields ----------------
+def test_rendering_padding_and_printed_sample_options_act_as_in_grpo(tmp_path, capsys):
+    import dataclasses
+
+    from posttrain.configs.grpo import GRPOConfig
+    from posttrain.configs.online import RenderedRolloutConfig
+
+    shared = {f.name for f in dataclasses.fields(RenderedRolloutConfig)}
+    assert {"chat_template_kwargs", "pad_to_multiple_of", "num_completions_to_print", "log_unique_prompts",
+            "cache_implementation", "ds3_gather_for_generation", "vllm_mode"} <= shared
+    assert issubclass(DistillationConfig, RenderedRolloutConfig) and issubclass(GRPOConfig, RenderedRolloutConfig)
+    trainer = DistillationTrainer(STUDENT, teacher_model=TEACHER, train_dataset=_prompts(8, conversational=True),
+                                  args=_args(tmp_path, max_steps=1, chat_template_kwargs='{"enable_thinking": false}',
+                                             pad_to_multiple_of=8, log_completions=True, num_completions_to_print=1,
+                                             log_unique_prompts=True, cache_implementation="static",
+                                             ds3_gather_for_generation=False))
+    assert trainer.generation_kwargs()["cache_implementation"] == "static"
+    tok = trainer.processing_class
+    seen, original = [], tok.apply_chat_template
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("enable_thinking"))
+        return original(*args, **kwargs)
+
+    tok.apply_chat_template = spy
+    rows = [dict(r) for r in _prompts(4, conversational=True)]
+    rollout = trainer.make_rollout(rows)
+    assert seen and set(seen) == {False}  # every prompt rendered with the config's chat_template_kwargs
+    assert rollout.prompt_ids.shape[1] % 8 == 0 and rollout.completion_ids.shape[1] % 8 == 0
+    tok.apply_chat_template = original
+    trainer.train()
+    out = capsys.readouterr().out
+    assert "completions at step" in out
+    assert (tmp_path / "out" / "completions.jsonl").exists()
+
+
+def test_vllm_options_without_vllm_are_one_line(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    with pytest.raises(ValueError, match="use_vllm=True needs the vllm package"):
+        DistillationTrainer(STUDENT, teacher_model=TEACHER, train_dataset=_prompts(), args=_args(tmp_path,
+                                                                                                 use_vllm=True))
+    with pytest.raises(ValueError, match="vllm_enable_sleep_mode applies to vLLM generation only"):
+        DistillationTrainer(STUDENT, teacher_model=TEACHER, train_dataset=_prompts(),
+                            args=_args(tmp_path, vllm_enable_sleep_mode=True))
+
+
+def test_distillation_trains_with_tools(tmp_path):
+    """TRL's DistillationTrainer takes tools=: multi-turn rollouts with the tool results in the context and outside
+    the trained tokens, so the teacher scores (and the student learns) the model's own turns only."""
+    from test_agentic import PROMPT, TOOLS_TEMPLATE, calculator, scripted
+
+    data = Dataset.from_dict({"prompt": [PROMPT] * 4})
+    trainer = DistillationTrainer(STUDENT, teacher_model=TEACHER, train_dataset=data, tools=[calculator],
+                                  args=_args(tmp_path, max_steps=1, max_completion_length=96, log_completions=True,
+                                             chat_template_path=TOOLS_TEMPLATE, max_tool_calling_iterations=2))
+    trainer._generate_turn = scripted(trainer.processing_class)
+    rollout = trainer.make_rollout([dict(r) for r in data])
+    assert rollout.completion_mask.sum() > rollout.loss_mask.sum() > 0  # tool tokens are context only
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert logs["tools/call_frequency"] == 1.0 and math.isfinite(logs["loss"]) and logs["loss"] > 0
+    with pytest.raises(TypeError, match="GKDTrainer does not take tools="):
+        GKDTrainer(STUDENT, teacher_model=TEACHER, train_dataset=_sft_rows(), tools=[calculator],
+                   args=_args(tmp_path, GKDConfig))
+
+
+def test_gkd_max_length_and_template_kwargs_apply_to_dataset_rows(tmp_path):
+    rows = [dict(r) for r in _sft_rows(2, conversational=True)]
+    trainer = GKDTrainer(STUDENT, teacher_model=TEACHER, train_dataset=_sft_rows(4),
+                         args=_args(tmp_path, GKDConfig, lmbda=0.0, max_completion_length=64))
+    full = trainer.dataset_rollout(rows)
+    prompt_len = [int(n) for n in full.prompt_mask.sum(1)]
+    completion_len = [int(n) for n in full.completion_mask.sum(1)]
+    trainer.args.max_length = max_length = prompt_len[0] + completion_len[0] - 3
+    cut = trainer.dataset_rollout(rows)
+    # the last max_length tokens: the prompt loses its first 3 tokens, the completion is whole
+    assert int(cut.prompt_mask[0].sum()) == prompt_len[0] - 3
+    assert torch.equal(cut.completion_ids[0][:completion_len[0]], full.completion_ids[0][:completion_len[0]])
+    kept_prompt = cut.prompt_ids[0][cut.prompt_mask[0].bool()]
+    assert torch.equal(kept_prompt, full.prompt_ids[0][full.prompt_mask[0].bool()][3:])
+    assert trainer._prompt_ids(rows[0]["prompt"])[-1] == kept_prompt[-1] and \
+        len(trainer._prompt_ids("x " * 400)) == max_length  # sampled batches' prompts too
+    trainer.args.max_length = 4  # shorter than the completion: its last tokens, one of them as the prompt
+    tiny = trainer.dataset_rollout(rows[:1])
+    assert int(tiny.prompt_mask.sum()) == 1 and int(tiny.completion_mask.sum()) == 3
+    trainer.args.max_length = None
+    tok, seen, original = trainer.processing_class, [], trainer.processing_class.apply_chat_template
+    trainer.args.chat_template_kwargs = {"custom": 1}
+    tok.apply_chat_template = lambda *a, **kw: seen.append(kw.get("custom")) or original(*a, **kw)
+    trainer.dataset_rollout(rows[:1])
+    assert seen and set(seen) == {1}
+
+
+def test_gkd_sft_options_trl_ignores_are_refused_unless_default(tmp_path):
+    GKDConfig(output_dir="x", packing=False, dataset_text_field="text", loss_type="nll",
+              dataset_kwargs={"skip_prepare_dataset": True})  # a TRL script's explicit defaults
+    for name, value in (("packing", True), ("assistant_only_loss", True), ("dataset_text_field", "content"),
+                        ("truncation_mode", "keep_end"), ("loss_type", "dft")):
+        with pytest.raises(ValueError, match=f"{name}=.* has no effect in GKD"):
+            GKDConfig(output_dir="x", **{name: value})
+    with pytest.raises(TypeError, match="does not take formatting_func"):
+        GKDTrainer(STUDENT, teacher_model=TEACHER, train_dataset=_sft_rows(), formatting_func=str,
+                   args=_args(tmp_path, GKDConfig))
+    trainer = GKDTrainer(STUDENT, teacher_model=TEACHER, train_dataset=_sft_rows(),
+                         args=_args(tmp_path, GKDConfig, eos_token="<|im_end|>"))
+    assert trainer.processing_class.eos_token == "<|im_end|>"
+    assert GKDConfig(output_dir="x").learning_rate == 2e-5  # TRL's GKDConfig (SFT's default)
+
+
 # ---- CLI and public API -------------------------------------------------------------------------------------------
 def test_public_names():
     import posttrain

@@ -475,6 +475,40 @@ def test_image_rollouts_never_sample_image_tokens():
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+def test_image_rollouts_decode_in_the_static_loop_as_generate(name, monkeypatch):
+    """LLaVA and Idefics3 prompts prefill once with their images, then decode text-only in `rollout/hf.py`'s
+    static-cache loop: greedy completions equal transformers' `generate` run per row with the row's images. Qwen2-VL
+    (positions that depend on the image tokens) keeps `generate`."""
+    from posttrain.rollout import vision as rv
+
+    model = loading.load_pretrained_model(name, dtype=torch.float64).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # random-init tiny models repeat one token greedily: make the next token depend on context
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0, 0.3)
+    processor = _processor(name)
+    tokens = dv.image_tokenizer(processor)
+    images = [[_image(0)], [_image(1, (40, 28))], [_image(2)]]
+    prompts = [[{"role": "user", "content": "What colour?"}], [{"role": "user", "content": "Say what colour it is."}],
+               [{"role": "user", "content": "Colour?"}]]
+    ids = [dv.prompt_ids_with_images(tokens, p, im, "t") for p, im in zip(prompts, images)]
+    counts, options = [2, 1, 3], {"do_sample": False, "repetition_penalty": 1.3}
+    calls = []
+    original = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    looped = rv.generate_with_images(model, processor, ids, images, counts, 8, options)
+    assert bool(calls) == (name == "posttrain/tiny-qwen2vl")  # only Qwen2-VL went through `generate`
+    monkeypatch.setattr(rv, "static_decode_supported", lambda model: False)
+    reference = rv.generate_with_images(model, processor, ids, images, counts, 8, options)  # `generate`, per row
+    assert torch.equal(looped.prompt_ids, reference.prompt_ids)
+    assert torch.equal(looped.completion_mask, reference.completion_mask)
+    assert torch.equal(looped.completion_ids, reference.completion_ids)
+    assert len(set(looped.completion_ids[looped.completion_mask.bool()].tolist())) > 3  # not one repeated token
+    assert not set(looped.completion_ids.flatten().tolist()) & tokens.image_ids
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_training_logps_of_a_rollout_equal_the_sampling_logps(name):
     """Left-padded image prompts of different lengths: the log-probs of the training pass (positions from the
     attention mask, or Qwen2-VL's own M-RoPE positions) equal those `generate` sampled with."""

@@ -1,10 +1,12 @@
 """`DistillationConfig` and `GKDConfig`: on-policy distillation and Generalized Knowledge Distillation, named as
 TRL 1.16 names them (its stable `DistillationConfig`, its experimental `GKDConfig`).
 
-Both are siblings of the online configs (`configs/online.py`): the same generation, vLLM, batching and tool options
-as GRPO; a generation batch of per_device_train_batch_size × steps_per_generation completions (one per prompt by
-default, as TRL) reused for num_iterations passes. What a distillation run has no use for — reward functions, the
-reference model's TR-DPO sync — is refused in one line naming the trainers that take it; GKD (as TRL's) also has no
+Both are siblings of the online configs (`configs/online.py`): the same generation, vLLM, batching, tool, prompt
+rendering (chat_template_kwargs), padding (pad_to_multiple_of) and printed-sample (num_completions_to_print,
+log_unique_prompts) options as GRPO, from the same shared part (`RenderedRolloutConfig`) and read by the same code;
+a generation batch of per_device_train_batch_size × steps_per_generation completions (one per prompt by default, as
+TRL) reused for num_iterations passes. What a distillation run has no use for — reward functions, the reference
+model's TR-DPO sync — is refused in one line naming the trainers that take it; GKD (as TRL's) also has no
 tool-calling rollouts.
 
 The teacher: `teacher_model_name_or_path` (or the trainer's `teacher_model=`), loaded with
@@ -20,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.configs.base import check, json_option, posttrain_config
-from posttrain.configs.online import ToolRolloutConfig
+from posttrain.configs.online import RenderedRolloutConfig
 
 
 def _refused(default):
@@ -31,7 +33,7 @@ def _refused(default):
 
 @posttrain_config
 @dataclass
-class DistillationConfig(ToolRolloutConfig):
+class DistillationConfig(RenderedRolloutConfig):
     """Configuration of `DistillationTrainer`: the shared rollout options (`configs/online.py`), every
     `transformers.TrainingArguments` field, and the teacher and divergence options below."""
 
@@ -84,13 +86,21 @@ class DistillationConfig(ToolRolloutConfig):
         return kwargs
 
 
+_SFT_ONLY = ("An SFTConfig option TRL's GKDConfig inherits and its GKDTrainer ignores: only the default is "
+             "accepted.")
+GKD_UNUSED_SFT_OPTIONS = {"dataset_text_field": "text", "dataset_kwargs": None, "packing": False,
+                          "packing_strategy": "bfd", "padding_free": False, "eval_packing": None,
+                          "completion_only_loss": None, "assistant_only_loss": False, "loss_type": "nll",
+                          "truncation_mode": "keep_start"}
+
+
 @posttrain_config
 @dataclass
 class GKDConfig(DistillationConfig):
     """Configuration of `GKDTrainer` (Agarwal et al. 2024): a fraction `lmbda` of generation batches are sampled by
     the student, the rest take the dataset's completions (or, with `seq_kd`, the teacher's samples)."""
 
-    learning_rate: float = field(default=5e-5, metadata={"help": "Initial AdamW learning rate (TRL's GKDConfig "
+    learning_rate: float = field(default=2e-5, metadata={"help": "Initial AdamW learning rate (TRL's GKDConfig "
                                  "keeps SFT's default)."})
     max_completion_length: int = field(default=128, metadata={"help": "Most tokens generated per completion."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "TRL's name for max_completion_length (sets "
@@ -105,6 +115,26 @@ class GKDConfig(DistillationConfig):
     seq_kd: bool = field(default=False, metadata={"help": "Sequence-level KD: the batches that are not on-policy "
                          "take completions sampled from the teacher instead of the dataset's."})
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability of the student to 0."})
+    max_length: int | None = field(default=1024, metadata={"help": "Most tokens of a dataset row's prompt + "
+                                   "completion: longer rows keep their last max_length tokens (the prompt's start is "
+                                   "dropped first), as TRL's GKD collator; sampled batches' prompts keep their last "
+                                   "max_length tokens. None: no limit."})
+    eos_token: str | None = field(default=None, metadata={"help": "End-of-sequence token (default: the tokenizer's): "
+                                  "ends the dataset's completions and generation."})
+    pad_token: str | None = field(default=None, metadata={"help": "Padding token (default: the tokenizer's, else "
+                                  "its EOS)."})
+    # SFT options TRL's GKDConfig inherits from SFTConfig but its GKDTrainer never reads (it skips SFT's dataset
+    # preparation and collator): accepted at TRL's default, any other value refused (GKD_UNUSED_SFT_OPTIONS)
+    dataset_text_field: str = field(default="text", metadata={"help": _SFT_ONLY})
+    dataset_kwargs: dict | None = field(default=None, metadata={"help": _SFT_ONLY})
+    packing: bool = field(default=False, metadata={"help": _SFT_ONLY})
+    packing_strategy: str = field(default="bfd", metadata={"help": _SFT_ONLY})
+    padding_free: bool = field(default=False, metadata={"help": _SFT_ONLY})
+    eval_packing: bool | None = field(default=None, metadata={"help": _SFT_ONLY})
+    completion_only_loss: bool | None = field(default=None, metadata={"help": _SFT_ONLY})
+    assistant_only_loss: bool = field(default=False, metadata={"help": _SFT_ONLY})
+    loss_type: str = field(default="nll", metadata={"help": _SFT_ONLY})
+    truncation_mode: str = field(default="keep_start", metadata={"help": _SFT_ONLY})
 
     # TRL's GKDTrainer has no tool-calling rollouts
     tools: list[str] | None = _refused(None)
@@ -121,3 +151,10 @@ class GKDConfig(DistillationConfig):
     def validate(self) -> None:
         super().validate()
         check(0.0 <= self.lmbda <= 1.0, f"lmbda must be in [0, 1] (the share of on-policy batches), got {self.lmbda}.")
+        check(self.max_length is None or self.max_length >= 2, f"max_length must be >= 2 (a prompt token and a "
+                                                               f"completion token) or None, got {self.max_length}.")
+        for name, default in GKD_UNUSED_SFT_OPTIONS.items():
+            value = getattr(self, name)
+            check(value == default or (name == "dataset_kwargs" and set(value or {}) <= {"skip_prepare_dataset"}),
+                  f"{name}={value!r} has no effect in GKD: the trainer builds its own batches from prompt-completion "
+                  f"or messages rows (TRL's GKDTrainer ignores it too); remove it.")

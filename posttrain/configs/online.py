@@ -7,7 +7,9 @@ uses: an option of a sibling is refused in one line naming the trainers that tak
 (GRPO, RLOO, online DPO): steps_per_generation / generation_batch_size, num_iterations, and TR-DPO reference sync.
 PPO derives its batching from num_mini_batches and num_ppo_epochs instead (`configs/ppo.py`).
 `ToolRolloutConfig` adds the options of multi-turn tool-calling rollouts (`rollout/agentic.py`), for the trainers that
-take `tools=` / `environment_factory=` / `rollout_func=` (GRPO, RLOO); online DPO and PPO refuse them.
+take `tools=` / `environment_factory=` / `rollout_func=` (GRPO, RLOO, distillation); online DPO and PPO refuse them.
+`RenderedRolloutConfig` adds prompt rendering, padding and the printed completions sample (GRPO, RLOO, distillation,
+GKD); `ScoredGroupConfig` what GRPO and RLOO add beyond it.
 
 Not here: the options of one method (its own module), the rollout machinery (`trainers/online.py`).
 """
@@ -188,17 +190,16 @@ VLLM_ONLY_DEFAULTS = {"vllm_tensor_parallel_size": 1, "vllm_model_impl": "vllm",
 
 @posttrain_config
 @dataclass
-class ScoredGroupConfig(ToolRolloutConfig):
-    """What GRPO and RLOO (the methods that score a group with reward functions and log its completions) add: prompt
-    rendering, eval group size, padding, the completions sample printed at each logging step, and generation
-    engines of TRL's they do not offer."""
+class RenderedRolloutConfig(ToolRolloutConfig):
+    """What the trainers that render chat prompts themselves and print a sample of each rollout share (GRPO, RLOO,
+    on-policy distillation and GKD, as TRL's configs of the same names): chat_template_kwargs, pad_to_multiple_of,
+    and the printed completions sample (num_completions_to_print, log_unique_prompts). The online base reads them
+    (`trainers/online.py`), so they act the same in every trainer that takes them."""
 
     chat_template_kwargs: dict | str | None = field(default=None, metadata={"help": "Keyword arguments for the "
                                                     "chat template when prompts are rendered (JSON on the command "
                                                     "line), e.g. '{\"enable_thinking\": false}'. A dataset column "
                                                     "'chat_template_kwargs' adds per-row values, which win."})
-    num_generations_eval: int | None = field(default=None, metadata={"help": "Completions per prompt in evaluation "
-                                             "(default num_generations)."})
     pad_to_multiple_of: int | str | None = field(default="auto", metadata={"help": "Pad prompt and completion ids "
                                                  "to a multiple of this (fewer distinct shapes for compiled "
                                                  "kernels). auto: 128 on Neuron devices, else no padding."})
@@ -209,6 +210,32 @@ class ScoredGroupConfig(ToolRolloutConfig):
     log_unique_prompts: bool = field(default=False, metadata={"help": "With log_completions: one row per distinct "
                                      "prompt in the printed sample (its first completion), instead of every "
                                      "completion (completions.jsonl keeps every one)."})
+
+    def validate_rollout(self) -> None:
+        super().validate_rollout()
+        self.chat_template_kwargs = json_option(self.chat_template_kwargs, "chat_template_kwargs")
+        check(self.chat_template_kwargs is None or isinstance(self.chat_template_kwargs, dict),
+              f"chat_template_kwargs must be a mapping, got {self.chat_template_kwargs!r}.")
+        if isinstance(self.pad_to_multiple_of, str):  # the command line gives a string
+            value = self.pad_to_multiple_of.lower()
+            self.pad_to_multiple_of = ("auto" if value == "auto" else None if value in ("none", "null")
+                                       else int(value))
+        if self.pad_to_multiple_of == "auto":
+            self.pad_to_multiple_of = 128 if _on_neuron() else None
+        check(self.pad_to_multiple_of is None or self.pad_to_multiple_of >= 1,
+              f"pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}.")
+        check(self.num_completions_to_print is None or self.num_completions_to_print >= 0,
+              f"num_completions_to_print must be >= 0, got {self.num_completions_to_print}.")
+
+
+@posttrain_config
+@dataclass
+class ScoredGroupConfig(RenderedRolloutConfig):
+    """What GRPO and RLOO (the methods that score a group with reward functions) add to the rendered rollout: the
+    eval group size, images in the completions table, and generation engines of TRL's they do not offer."""
+
+    num_generations_eval: int | None = field(default=None, metadata={"help": "Completions per prompt in evaluation "
+                                             "(default num_generations)."})
     log_multimodal: bool = field(default=True, metadata={"help": "Log images with completions (posttrain's rollouts "
                                  "are text-only: nothing to log either way)."})
     use_transformers_continuous_batching: bool = field(default=False, metadata={"help": "TRL: generate with "
@@ -222,25 +249,12 @@ class ScoredGroupConfig(ToolRolloutConfig):
 
     def validate_rollout(self) -> None:
         super().validate_rollout()
-        self.chat_template_kwargs = json_option(self.chat_template_kwargs, "chat_template_kwargs")
-        check(self.chat_template_kwargs is None or isinstance(self.chat_template_kwargs, dict),
-              f"chat_template_kwargs must be a mapping, got {self.chat_template_kwargs!r}.")
         check(not (self.use_transformers_continuous_batching or self.use_transformers_paged
                    or self.transformers_continuous_batching_config),
               "use_transformers_continuous_batching is not offered by posttrain: generation shares each prompt's "
               "prefill already; for faster rollouts set use_vllm=True. Remove the option.")
-        if isinstance(self.pad_to_multiple_of, str):  # the command line gives a string
-            value = self.pad_to_multiple_of.lower()
-            self.pad_to_multiple_of = ("auto" if value == "auto" else None if value in ("none", "null")
-                                       else int(value))
-        if self.pad_to_multiple_of == "auto":
-            self.pad_to_multiple_of = 128 if _on_neuron() else None
-        check(self.pad_to_multiple_of is None or self.pad_to_multiple_of >= 1,
-              f"pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}.")
         check(self.num_generations_eval is None or self.num_generations_eval >= 1,
               f"num_generations_eval must be >= 1, got {self.num_generations_eval}.")
-        check(self.num_completions_to_print is None or self.num_completions_to_print >= 0,
-              f"num_completions_to_print must be >= 0, got {self.num_completions_to_print}.")
 
 
 def _on_neuron() -> bool:

@@ -5,8 +5,8 @@ repeated G times, and decoding continues from it — so prefill cost does not gr
 the first EOS are masked out.
 
 Decoding runs in a loop of our own over a preallocated (static) KV cache when the model and the sampling options
-allow it (`static_decode_supported`): sampling (temperature, top_k, top_p, min_p), greedy, repetition_penalty and
-min_new_tokens, with transformers' own logits warpers in `generate`'s order, on a decoder-only model with sdpa or
+allow it (`static_decode_supported`): sampling (temperature, top_k, top_p, min_p), greedy, repetition_penalty,
+min_new_tokens and suppress_tokens, with transformers' own logits warpers in `generate`'s order, on a decoder-only model with sdpa or
 eager attention and no sliding-window layers. Anything else (beam search, stop strings, other processors,
 flash-attention, sliding windows) goes to transformers' `generate`. The loop saves what `generate` spends per token
 on growing the cache (`torch.cat` of every layer's keys and values), rebuilding the attention mask and running
@@ -43,7 +43,8 @@ from posttrain.rollout.types import Rollout
 # generation options the static-cache loop implements; any other option away from its default goes to `generate`
 _LOOP_OPTIONS = {"do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "min_new_tokens",
                  "max_new_tokens", "max_length", "pad_token_id", "eos_token_id", "bos_token_id", "use_cache",
-                 "return_dict_in_generate", "transformers_version", "_from_model_config", "cache_implementation"}
+                 "return_dict_in_generate", "transformers_version", "_from_model_config", "cache_implementation",
+                 "suppress_tokens"}
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,13 +262,15 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | torch.Tensor,
-                  config: GenerationConfig, eos_ids: set[int], pad_id: int, synced: bool = False) -> torch.Tensor:
+                  config: GenerationConfig, eos_ids: set[int], pad_id: int, synced: bool = False,
+                  prefill_inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Completion ids (N, ≤ max_new_tokens): prefill the left-padded unique prompts `ids` (U, P) once, repeat their
     cache `repeats` times into a static cache of length P + max_new_tokens, then decode one token per step.
 
     Rows that have produced an EOS are fed `pad_id` and ignored (as `generate` does); the loop stops when every row
     has ended (with `synced`, every row of every process: ZeRO-3/FSDP forwards are collectives). Positions follow
-    the unpadded prompt (position_ids), so left padding does not shift them.
+    the unpadded prompt (position_ids), so left padding does not shift them. `prefill_inputs`: more inputs of the
+    prefill forward only (a vision-language model's pixel tensors of the unique prompts' images: decoding is text).
     Once a quarter of the rows still in the batch have ended, they leave it (their cache rows are dropped): a batch
     of short answers with one long one no longer decodes every row to the longest. The tokens are the same as
     without compaction — on the CPU each step still draws one uniform per row of the whole batch, in the same order
@@ -286,7 +289,7 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | t
     cache_key = cache_argument(type(_base_model(model)))  # `cache` from transformers 5.2x, `past_key_values` before
     prefix_cache = DynamicCache(config=model.config)
     out = model(input_ids=ids, attention_mask=_additive_mask(allowed[:, None], dtype), position_ids=positions,
-                use_cache=True, **{cache_key: prefix_cache}, **keep_logits)
+                use_cache=True, **{cache_key: prefix_cache}, **keep_logits, **(prefill_inputs or {}))
     logits = out.logits[:, -1].float().repeat_interleave(repeats, dim=0)
     cache = Cache(layers=[PreallocatedLayer(layer.keys.repeat_interleave(repeats, dim=0),
                                             layer.values.repeat_interleave(repeats, dim=0), length)
@@ -302,12 +305,14 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | t
     compact = not synced and not any(isinstance(p, RepetitionPenaltyLogitsProcessor) for p in processors)
     cpu_draws = config.do_sample and device.type == "cpu"
     eos = torch.tensor(sorted(eos_ids), device=device)
+    suppress = torch.tensor(sorted(config.suppress_tokens or []), dtype=torch.long, device=device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     rows = torch.arange(N, device=device)  # the rows still in the batch (all of them until one leaves)
     step = 0
     for step in range(max_new):
         if config.min_new_tokens and step < config.min_new_tokens:
             logits[:, eos] = -float("inf")
+        logits[:, suppress] = -float("inf")  # before the warpers, as `generate` (-inf commutes with the penalty)
         for processor in processors:
             logits = processor(sequence[rows, :P + step], logits)
         if cpu_draws:  # one uniform per row of the whole batch, as without compaction

@@ -1,8 +1,13 @@
 """Sampling completions of prompts that hold images (GRPO, RLOO on vision-language models).
 
-Every row runs its own prefill with its images through transformers' `generate` (the shared-prefill and static-cache
-paths of `rollout/hf.py` feed token ids only); the result is the same `Rollout` as for text. Image tokens are never
-sampled (`suppress_tokens`): one in a completion would have no image behind it.
+Where the static-cache loop of `rollout/hf.py` can run (a full-attention model, sampling options it implements) and
+the model's positions are plain 1-D ones (LLaVA, Idefics3/SmolVLM), the unique prompts prefill once with their
+images (the pixel tensors go to the prefill forward only) and their caches are repeated for the group; decoding is
+text-only from there, exactly as for text prompts. Models whose positions depend on where the image tokens are
+(Qwen2-VL's M-RoPE: the processor emits `mm_token_type_ids`), and any other sampling option, go through
+transformers' `generate`, every row running its own prefill with its images. Either way the result is the same
+`Rollout` as for text. Image tokens are never sampled (`suppress_tokens`): one in a completion would have no image
+behind it.
 
 Not here: image tokenising and pixel tensors (`data/vision.py`), text generation (`rollout/hf.py`).
 """
@@ -13,7 +18,16 @@ from typing import Any
 
 import torch
 
-from posttrain.rollout.hf import _eos_ids, completion_mask_after_eos, left_pad
+from posttrain.models.sharding import collective_forwards
+from posttrain.rollout.hf import (
+    _eos_ids,
+    completion_mask_after_eos,
+    inverse_cdf_sampling,
+    left_pad,
+    sampling_config,
+    static_decode,
+    static_decode_supported,
+)
 from posttrain.rollout.types import Rollout
 
 
@@ -36,20 +50,29 @@ def generate_with_images(model, processor, prompt_ids: list[list[int]], prompt_i
     counts = [num_generations] * len(prompt_ids) if isinstance(num_generations, int) else list(num_generations)
     ids, mask = left_pad(prompt_ids, pad_id)
     device = next(model.parameters()).device
-    repeats = torch.tensor(counts)
-    full_ids, full_mask = ids.repeat_interleave(repeats, 0).to(device), mask.repeat_interleave(repeats, 0).to(device)
-    row_images = [images for images, n in zip(prompt_images, counts) for _ in range(n)]
+    ids, mask = ids.to(device), mask.to(device)
+    repeats = torch.tensor(counts, device=device)
+    full_ids, full_mask = ids.repeat_interleave(repeats, 0), mask.repeat_interleave(repeats, 0)
     tokens = image_tokenizer(processor)
-    pixels = to_model(tokens.pixel_inputs(row_images), model)
     # a sampled image token would have no image behind it (the next forward fails, or reads another row's features)
     suppress = sorted(set(generation_kwargs.get("suppress_tokens") or []) | tokens.image_ids)
-    kwargs = dict(generation_kwargs, max_new_tokens=max_new_tokens, pad_token_id=pad_id, use_cache=True,
-                  return_dict_in_generate=False, suppress_tokens=suppress)
-    with torch.no_grad():
-        out = model.generate(input_ids=full_ids, attention_mask=full_mask, **pixels, **tokens.token_types(full_ids),
-                             **kwargs)
-    completion_ids = out[:, full_ids.shape[1]:]
+    kwargs = dict(generation_kwargs, suppress_tokens=suppress)
     eos_ids = _eos_ids(model, tokenizer)
+    config = sampling_config(model, kwargs, max_new_tokens)
+    synced = collective_forwards(model)  # ZeRO-3/FSDP: every process runs as many forwards as the longest
+    with torch.no_grad(), inverse_cdf_sampling(device):
+        if config is not None and static_decode_supported(model) and not tokens.token_types(ids):
+            pixels = to_model(tokens.pixel_inputs(prompt_images), model)  # each unique prompt's images, once
+            completion_ids = static_decode(model, ids, mask, repeats, config, eos_ids, pad_id, synced,
+                                           prefill_inputs=pixels)
+        else:
+            kwargs.update(max_new_tokens=max_new_tokens, pad_token_id=pad_id, use_cache=True,
+                          return_dict_in_generate=False, **({"synced_gpus": True} if synced else {}))
+            row_images = [images for images, n in zip(prompt_images, counts) for _ in range(n)]
+            pixels = to_model(tokens.pixel_inputs(row_images), model)
+            out = model.generate(input_ids=full_ids, attention_mask=full_mask, **pixels,
+                                 **tokens.token_types(full_ids), **kwargs)
+            completion_ids = out[:, full_ids.shape[1]:]
     completion_mask, truncated = completion_mask_after_eos(completion_ids, eos_ids)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
     return Rollout(prompt_ids=full_ids, prompt_mask=full_mask, completion_ids=completion_ids,

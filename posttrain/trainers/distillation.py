@@ -54,7 +54,7 @@ class DistillationTrainer(OnlineTrainer):
 
     def __init__(self, model, teacher_model=None, args=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, callbacks=None, optimizers=(None, None), quantization_config=None,
-                 peft_config=None, **kwargs: Any):
+                 peft_config=None, tools=None, **kwargs: Any):
         name = type(self).__name__
         for key, why in (("reward_funcs", "the teacher's next-token distribution is the training signal"),
                          ("ref_model", "the teacher takes its place (teacher_model=)")):
@@ -70,7 +70,7 @@ class DistillationTrainer(OnlineTrainer):
                 args.model_init_kwargs = {**(args.model_init_kwargs or {}), "quantization_config": quantization_config}
         super().__init__(model, None, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, peft_config=peft_config, callbacks=callbacks,
-                         optimizers=optimizers, **kwargs)
+                         optimizers=optimizers, tools=tools, **kwargs)
         self.teacher_model = teachers.build_teacher(self, teacher_model)
 
     # ---- what the base asks -----------------------------------------------------------------------------------
@@ -116,6 +116,24 @@ class GKDTrainer(DistillationTrainer):
     method_name = "GKD"
     supports_tools = False
 
+    def __init__(self, model=None, teacher_model=None, args=None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
+                 optimizers=(None, None), preprocess_logits_for_metrics=None, peft_config=None, formatting_func=None,
+                 **kwargs: Any):
+        for key, value, why in (("formatting_func", formatting_func, "it reads prompt-completion or messages rows "
+                                 "(TRL's GKDTrainer skips SFT's formatting too); map the dataset to those columns"),
+                                ("data_collator", data_collator, "its batches are rollouts (sampled, or the dataset's "
+                                 "rows tokenised as completions); remove it")):
+            if value is not None:
+                raise UserTypeError(f"GKDTrainer does not take {key}=: {why}.")
+        for key, value in (("compute_metrics", compute_metrics),
+                           ("preprocess_logits_for_metrics", preprocess_logits_for_metrics)):
+            if value is not None:
+                kwargs[key] = value
+        super().__init__(model, teacher_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
+                         peft_config=peft_config, **kwargs)
+
     def divergence_temperature(self) -> float:
         return 1.0  # as TRL's GKDTrainer: `temperature` is the sampling temperature only
 
@@ -136,6 +154,11 @@ class GKDTrainer(DistillationTrainer):
 
         train_dataset, eval_dataset = self.map_datasets(train_dataset, eval_dataset, prepare)
         return super().prepare_datasets(train_dataset, eval_dataset, tokenizer, args)
+
+    def _prompt_ids(self, prompt, row_template_kwargs: dict | None = None) -> list[int]:
+        """A sampled batch's prompt ids, also kept to their last max_length tokens (TRL's GKD cuts every row)."""
+        ids = super()._prompt_ids(prompt, row_template_kwargs)
+        return ids[-self.args.max_length:] if self.args.max_length else ids
 
     def batch_source(self) -> str:
         """Where this generation batch's completions come from: "student" (probability lmbda), else "teacher"
@@ -161,23 +184,32 @@ class GKDTrainer(DistillationTrainer):
     def dataset_rollout(self, rows: list[dict[str, Any]]) -> Rollout:
         """The dataset's completions of `rows` as a Rollout: prompts tokenised as for generation (the last
         max_prompt_length tokens), completions as the model would write them (EOS or the chat template's end of
-        turn), cut at max_completion_length (then marked truncated)."""
-        tok, limit = self.processing_class, self.args.max_completion_length
-        prompt_ids, completion_ids = [], []
+        turn), cut at max_completion_length (then marked truncated); a row longer than max_length keeps its last
+        max_length tokens, as TRL's GKD collator."""
+        tok, limit, args = self.processing_class, self.args.max_completion_length, self.args
+        prompt_ids, completion_ids, truncated = [], [], []
         for row in rows:
+            template_kwargs = {**(args.chat_template_kwargs or {}), **(row.get("chat_template_kwargs") or {})}
             ids, (completion,) = tokenize_prompt_and_completions(tok, row["prompt"], [row["completion"]],
-                                                                 tok.eos_token)
-            prompt_ids.append(ids[-self.args.max_prompt_length:] if self.args.max_prompt_length else ids)
+                                                                 tok.eos_token, chat_template_kwargs=template_kwargs)
+            ids = ids[-args.max_prompt_length:] if args.max_prompt_length else ids
+            truncated.append(len(completion) > limit)
+            completion = completion[:limit]
+            overflow = len(ids) + len(completion) - (args.max_length or len(ids) + len(completion))
+            if overflow > 0:  # as TRL's GKD collator: the last max_length tokens (the prompt's start goes first)
+                kept = (ids + completion)[-args.max_length:]
+                cut = max(1, len(ids) - overflow)  # a prompt token at least: the first kept one has no target
+                ids, completion = kept[:cut], kept[cut:]
+            prompt_ids.append(ids)
             completion_ids.append(completion)
         prompt, prompt_mask = left_pad(prompt_ids, tok.pad_token_id)
         width = max(1, min(limit, max(len(c) for c in completion_ids)))
         completion = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
         completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, ids in enumerate(completion_ids):
-            ids = ids[:limit]
             completion[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
             completion_mask[i, :len(ids)] = 1
-        truncated = torch.tensor([len(c) > limit for c in completion_ids])
+        truncated = torch.tensor(truncated)
         return Rollout(prompt_ids=prompt, prompt_mask=prompt_mask, completion_ids=completion,
                        completion_mask=completion_mask, is_truncated=truncated)
 

@@ -8,9 +8,9 @@ them. A method then writes exactly one hook, `training_batches(rollout)`, that t
 each optimizer step of the cycle (GRPO: group advantages; RLOO: leave-one-out with the KL in the reward; online
 DPO: ranked pairs; PPO: values, GAE, whitening, mini-batch epochs), plus its `compute_loss`.
 
-Tool-calling rollouts (`tools=`, `environment_factory=`, `rollout_func=`; trainers with `supports_tools`: GRPO, RLOO)
-come from `rollout/agentic.py` as the same `Rollout`, tool results in the context but outside `loss_mask`, so no
-method needs a case of its own; every log-prob, ratio, KL and loss reads the loss mask.
+Tool-calling rollouts (`tools=`, `environment_factory=`, `rollout_func=`; trainers with `supports_tools`: GRPO, RLOO,
+distillation) come from `rollout/agentic.py` as the same `Rollout`, tool results in the context but outside
+`loss_mask`, so no method needs a case of its own; every log-prob, ratio, KL and loss reads the loss mask.
 
 Reduction, one contract: a method's loss is per-item terms and their unit (token, sequence, pair); the base counts
 every unit over each optimizer step's micro-batches on all processes (`num_items`) and `reduce_loss` divides, so
@@ -63,7 +63,8 @@ class OnlineTrainer(TRLInspection, PostTrainer):
         return (f"{type(self).__name__} needs reward_funcs: a function, a built-in name such as 'accuracy_reward', "
                 "a 'module:function' path, or a reward-model id.")
 
-    supports_tools = False  # True: the trainer takes tools=, environment_factory= and rollout_func= (GRPO, RLOO)
+    supports_tools = False  # True: the trainer takes tools=, environment_factory= and rollout_func= (GRPO, RLOO,
+    # DistillationTrainer)
     requires_train_dataset = True  # False where a trainer has another source of prompts (PPO's loop API)
     scores_rollouts = True  # False: completions are not scored (distillation: no reward functions, no score phase)
 
@@ -74,7 +75,7 @@ class OnlineTrainer(TRLInspection, PostTrainer):
         agentic = {k: kwargs.pop(k) for k in AGENTIC_ARGUMENTS if k in kwargs}
         if not self.supports_tools and any(v is not None for v in agentic.values()):
             raise UserTypeError(f"{type(self).__name__} does not take {next(iter(agentic))}=: tool-calling rollouts "
-                                "are trained by GRPOTrainer and RLOOTrainer.")
+                                "are trained by GRPOTrainer, RLOOTrainer and DistillationTrainer.")
         streamed = train_dataset is not None and not hasattr(train_dataset, "__len__")
         accelerator_config = getattr(args, "accelerator_config", None)
         dispatch = (accelerator_config.get("dispatch_batches") if isinstance(accelerator_config, dict)
