@@ -260,6 +260,9 @@ def test_format_reward():
                    "#### twelve"]
     assert format_reward(completions) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
     assert format_reward([_conv("x\n#### 3"), _conv("3")]) == [1.0, 0.0]
+    # one final answer line only: repeated answer lines, or text after the answer, do not count
+    assert format_reward(["#### 23\n#### 8\n#### 23", "#### 12\nand more", "1 + 1 = 2\n#### 2\n\n",
+                          "#### 12\nso #### 12"]) == [0.0, 0.0, 1.0, 0.0]
 
 
 def test_think_format_reward():

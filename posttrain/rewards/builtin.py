@@ -7,7 +7,7 @@ of module-level classes, so they pickle (for worker processes).
     accuracy_reward            1 / 0 for the right final answer: plain numbers compared, LaTeX answers verified
                                with math-verify (`rewards/math_answers.py`); None without a readable gold answer
     reasoning_accuracy_reward  accuracy_reward of the text after `</think>`; 0 when the reasoning never ends
-    format_reward              1 / 0 for a `#### N` answer line (the built-in arithmetic task's format)
+    format_reward              1 / 0 for one final `#### N` answer line (the built-in arithmetic task's format)
     think_format_reward        1 / 0 for `<think>…</think>` followed by an answer
     length_reward              −(completion tokens) / 1000
     repetition_penalty_reward  −(fraction of repeated token 3-grams), in [−1, 0]
@@ -77,12 +77,20 @@ def accuracy_reward(completions: list, answer: list | None = None, solution: lis
 
 
 def format_reward(completions: list, **kwargs: Any) -> list[float]:
-    """1.0 when the completion has a line that is exactly `#### N` (N a number, surrounding spaces allowed), else 0.0.
+    """1.0 when the completion's last non-empty line is exactly `#### N` (N a number, surrounding spaces allowed)
+    and it is the only such line, else 0.0.
 
     The GSM8K answer format (Cobbe et al., 2021), which the built-in arithmetic data sets use; "12 #### 12" on one
-    line does not count, since it is not what the data teaches.
+    line does not count, since it is not what the data teaches. Only one final line counts because a looser rule
+    is gamed: GRPO from SmolLM2-135M-Instruct with "some line is #### N" learned to print "#### 23" twenty-five
+    times (format 1.0, accuracy 0.070 → 0.013; benchmarks/LEARNING-smollm2.md).
     """
-    return [1.0 if _ANSWER_LINE.search(completion_text(c)) else 0.0 for c in completions]
+    out = []
+    for c in completions:
+        text = completion_text(c).rstrip()
+        last = text.splitlines()[-1] if text else ""
+        out.append(1.0 if len(_ANSWER_LINE.findall(text)) == 1 and _ANSWER_LINE.fullmatch(last) else 0.0)
+    return out
 
 
 def _has_think_format(text: str) -> bool:
