@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from posttrain.errors import UserError, did_you_mean
 
@@ -90,9 +91,11 @@ def sample_pairs(model, tokenizer, rows: list[dict[str, Any]], rewards, num_gene
     was_training = model.training
     model.eval()
     pairs: list[dict[str, Any]] = []
+    progress = tqdm(total=len(rows), unit="prompt", desc="pairs", mininterval=5)
     try:
         for batch in answer_batches(model, tokenizer, rows, num_generations, max_new_tokens, generation_kwargs,
                                     batch_size):
+            progress.update(len(batch["rows"]) // num_generations)
             prompts, completions = [r["prompt"] for r in batch["rows"]], batch["completions"]
             scores = rewards.weighted_sum(rewards(prompts, completions, batch["completion_ids"], batch["columns"]))
             for first in range(0, len(completions), num_generations):
@@ -104,6 +107,7 @@ def sample_pairs(model, tokenizer, rows: list[dict[str, Any]], rewards, num_gene
                               "rejected": completions[first + worst], "score_chosen": float(group[best]),
                               "score_rejected": float(group[worst])})
     finally:
+        progress.close()
         model.train(was_training)
     return pairs, {"prompts": len(rows), "pairs": len(pairs), "all_same": len(rows) - len(pairs)}
 

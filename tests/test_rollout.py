@@ -232,3 +232,16 @@ def test_rows_that_ended_leave_the_batch_and_the_tokens_do_not_change(monkeypatc
     theirs = out.masked_fill(keep == 0, tok.pad_token_id)
     width = ours.completion_ids.shape[1]
     assert torch.equal(ours.completion_ids, theirs[:, :width]) and (theirs[:, width:] == tok.pad_token_id).all()
+
+
+def test_a_saved_generation_config_with_flags_written_as_false_keeps_the_loop():
+    """SmolLM2's generation_config.json writes output_attentions/output_hidden_states as false where transformers'
+    default is None: the same "off", so the static-cache loop must still run (it used to fall back to `generate`)."""
+    from posttrain.rollout.hf import sampling_config
+
+    model = AutoModelForCausalLM.from_pretrained(builtin_model_path("posttrain/tiny"))
+    model.generation_config.output_attentions = False
+    model.generation_config.output_hidden_states = False
+    assert sampling_config(model, {"do_sample": True, "temperature": 1.0}, 8) is not None
+    model.generation_config.output_scores = True  # an option the loop does not implement still goes to generate
+    assert sampling_config(model, {"do_sample": True}, 8) is None

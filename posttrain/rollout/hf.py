@@ -177,7 +177,8 @@ def sampling_config(model, generation_kwargs: dict[str, Any], max_new_tokens: in
     config = copy.deepcopy(getattr(model, "generation_config", None) or GenerationConfig())
     unknown = config.update(**generation_kwargs, max_new_tokens=max_new_tokens)
     defaults = GenerationConfig().to_dict()
-    changed = {k for k, v in config.to_dict().items() if k not in _LOOP_OPTIONS and v != defaults.get(k)}
+    changed = {k for k, v in config.to_dict().items() if k not in _LOOP_OPTIONS and v != defaults.get(k)
+               and not (v in (None, False) and defaults.get(k) in (None, False))}  # False written for an unset flag
     if unknown or changed or (config.num_beams or 1) != 1:
         return None
     if config.repetition_penalty not in (None, 1.0) and not _per_row_prompt_lengths():
