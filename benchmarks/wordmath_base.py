@@ -41,6 +41,9 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--out", default=None)
     p.add_argument("--greedy_only", action="store_true")
+    p.add_argument("--drift_dir", default=None,
+                   help="also KL(instruct model ‖ this model) on 200 posttrain/chat-prompts (the pipeline's drift "
+                        "check); the instruct model's samples are made once and kept in DIR/drift-reference.json")
     p.add_argument("--versus", default=None, help="an earlier --out JSON (same questions): fixed / broken / exact "
                                                   "McNemar p of the greedy strict scores, question by question")
     args = p.parse_args()
@@ -53,6 +56,8 @@ def main() -> None:
 
     result = {"model": args.model, "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens}
     modes = (("greedy", 0.0),) if args.greedy_only else (("greedy", 0.0), ("sampled_T1", 1.0))
+    if args.num_prompts == 0:  # --num_prompts 0 --drift_dir DIR: the drift check alone
+        modes = ()
     for mode, temperature in modes:
         start = time.time()
         side: dict[str, list[float]] = {"lenient": [], "format": []}
@@ -77,6 +82,18 @@ def main() -> None:
         result[mode]["seconds"] = round(time.time() - start, 1)
         print(mode, json.dumps({k: v for k, v in result[mode].items() if not k.endswith(("examples", "correct"))}),
               flush=True)
+    if args.drift_dir:
+        from types import SimpleNamespace
+
+        from posttrain.pipeline.run import drift_reference, measure_drift
+
+        where = SimpleNamespace(output_dir=args.drift_dir, evaluation={
+            "drift_dataset": "posttrain/chat-prompts", "drift_split": "test", "drift_prompts": 200,
+            "drift_max_new_tokens": 64})
+        start = time.time()
+        drift = measure_drift(model, tokenizer, drift_reference(where, "posttrain/smollm2-135m-instruct"))
+        result["drift"] = {**drift, "seconds": round(time.time() - start, 1)}
+        print("drift", json.dumps({k: v for k, v in result["drift"].items() if k != "chat_examples"}), flush=True)
     if args.versus:
         from posttrain.evaluation import paired_comparison
 

@@ -157,14 +157,22 @@ def test_smollm2_pipeline_smoke(tmp_path):
     spec["output_dir"] = str(tmp_path / "out")
     spec["evaluation"].update(num_prompts=4, max_new_tokens=16, batch_size=4, drift_prompts=4, drift_max_new_tokens=8)
     for stage in spec["stages"]:
-        stage.update(max_steps=2, per_device_train_batch_size=4)
-        if stage["command"] == "grpo":
+        stage["config"] = os.path.join(root, stage["config"])  # relative to the example, not to tmp_path
+        if stage.get("command") == "pairs":  # a score that differs between answers: 2 steps of SFT get none right
+            (tmp_path / "score.py").write_text("def distinct(completions, **kwargs):\n"
+                                               "    return [float(len(set(str(c)))) for c in completions]\n")
+            stage.update(num_prompts=4, num_generations=2, max_new_tokens=8,
+                         reward_funcs=[f"{tmp_path / 'score.py'}:distinct"], reward_weights=[1.0])
+            continue
+        stage.update(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1)
+        if stage["name"] in ("grpo", "rloo"):
             stage.update(num_generations=2, max_completion_length=16)
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert cli.main(["pipeline", str(path)]) == 0
     stages = {s["name"]: s for s in json.loads((tmp_path / "out" / "pipeline_summary.json").read_text())["stages"]}
-    assert set(stages) == {"base", "sft", "grpo"} and stages["base"]["drift_kl"] == 0.0
-    for name in ("sft", "grpo"):
+    assert set(stages) == {"base", "sft", "pairs", "dpo", "rloo"} and stages["base"]["drift_kl"] == 0.0
+    assert stages["pairs"]["pair_prompts"] == 4
+    for name in ("sft", "dpo", "rloo"):
         assert stages[name]["num_prompts"] == 4 and math.isfinite(stages[name]["drift_kl"])
         assert stages[name]["versus"]["p_value"] > 0
