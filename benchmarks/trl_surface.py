@@ -57,7 +57,7 @@ EXTRA_NAMES = {  # names TRL users import from elsewhere than `trl`: TRL module 
                                           "get_repetition_penalty_reward", "get_soft_overlong_punishment",
                                           "reasoning_accuracy_reward", "think_format_reward"]),
     "trl.experimental.merge_model_callback": ("posttrain.callbacks", ["MergeConfig", "MergeModelCallback"]),
-    "trl.experimental.utils": ("posttrain.data_utils", ["truncate_dataset"]),
+    "trl.experimental.utils": ("posttrain.experimental.utils", ["truncate_dataset", "create_reference_model"]),
 }
 
 # Decisions, by key: "name", "module path", "<Trainer>.<field>" (config; "*.<field>" for every trainer) or

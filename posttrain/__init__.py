@@ -41,6 +41,7 @@ _LAZY = {
     "PostTrainer": "posttrain.trainers.base",
     "DataCollatorForLanguageModeling": "posttrain.data.collators",
     "load_any_dataset": "posttrain.data.loading",
+    "create_reference_model": "posttrain.models.reference",
     # TRL's data helpers (trl.data_utils, trl.chat_template_utils)
     **dict.fromkeys(["apply_chat_template", "maybe_apply_chat_template", "extract_prompt", "maybe_extract_prompt",
                      "unpair_preference_dataset", "maybe_unpair_preference_dataset", "is_conversational",

@@ -68,6 +68,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "posttrain.experimental.gkd.gkd_config": ("posttrain.configs.gkd",),
     "posttrain.experimental.distillation": _DISTILLATION,
     "posttrain.experimental.merge_model_callback": ("posttrain.callbacks",),
+    "posttrain.experimental.utils": ("posttrain.data_utils", "posttrain.models.reference"),
     # helpers
     "posttrain.rewards.accuracy_rewards": _REWARDS,
     "posttrain.rewards.format_rewards": _REWARDS,
