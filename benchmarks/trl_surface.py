@@ -69,6 +69,11 @@ REASONS: dict[str, tuple[str, str]] = {
     "init_zero_verbose": ("n/a", "logging setup of TRL's own CLI; `posttrain` prints one-line errors itself"),
     "extract_prompt": ("different", "standard rows split at whitespace so no word is cut (TRL moves one space)"),
     "pack_dataset": ("different", "bfd packs the whole dataset at once (TRL: per 1000 rows); map_kwargs: desc only"),
+    "get_training_chat_template": ("different", "adds {% generation %} to the model's own template (any template that "
+                                                "renders turn by turn; a turn ends at its EOS) instead of TRL's "
+                                                "per-family copies; Qwen3/DeepSeek-R1/GPT-OSS/Phi-3 refused"),
+    "add_response_schema": ("different", "ChatML templates with Hermes <tool_call> JSON (Qwen 2.5/3, VL, "
+                                         "chatml-tools), found by rendering; a shipped response_template is kept"),
     "maybe_convert_to_chatml": ("different", "ShareGPT speakers become roles (human → user, gpt → assistant)"),
     "accuracy_reward": ("different", "plain numeric gold answers keep number matching for plain-text completions "
                                      "(TRL scores '#### 12' 0); bare-LaTeX gold retried as $…$ (TRL: None)"),

@@ -47,6 +47,8 @@ _LAZY = {
                      "unpair_preference_dataset", "maybe_unpair_preference_dataset", "is_conversational",
                      "is_conversational_from_value", "maybe_convert_to_chatml", "pack_dataset", "truncate_dataset",
                      "prepare_multimodal_messages", "clone_chat_template"], "posttrain.data_utils"),
+    **dict.fromkeys(["add_response_schema", "get_training_chat_template", "supports_tool_calling"],
+                    "posttrain.data.template_support"),
     # TRL's script helpers (trl.scripts.utils, trl.trainer.utils)
     **dict.fromkeys(["TrlParser", "get_peft_config", "get_quantization_config", "get_kbit_device_map",
                      "get_dataset"], "posttrain.scripts"),

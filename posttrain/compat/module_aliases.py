@@ -74,7 +74,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "posttrain.rewards.format_rewards": _REWARDS,
     "posttrain.rewards.other_rewards": _REWARDS,
     "posttrain.scripts.utils": ("posttrain.scripts", "posttrain.configs.script"),
-    "posttrain.chat_template_utils": ("posttrain.data.templates",),
+    "posttrain.chat_template_utils": ("posttrain.data.templates", "posttrain.data.template_support"),
     "posttrain.models.utils": ("posttrain.models.reference",),
 }
 
