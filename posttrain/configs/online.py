@@ -155,8 +155,10 @@ class GroupRolloutConfig(OnlineConfig):
 @posttrain_config
 @dataclass
 class ToolRolloutConfig(GroupRolloutConfig):
-    """Options of tool-calling (agentic) rollouts: the tools and environments by import path (the trainer's `tools=`
-    and `environment_factory=` take the objects themselves), how many tool rounds, and how long a tool may run."""
+    """Options of rollouts from chat prompts, tool-calling (agentic) ones included (GRPO, RLOO, distillation): the
+    tools and environments by import path (the trainer's `tools=` and `environment_factory=` take the objects
+    themselves), how many tool rounds, how long a tool may run, the chat template and its keyword arguments,
+    padding, and the completions sample printed at each logging step."""
 
     tools: list[str] | None = field(default=None, metadata={"help": "Tools the model may call, as "
                                     "'module:function' paths (the trainer's tools= takes the functions)."})
@@ -171,34 +173,10 @@ class ToolRolloutConfig(GroupRolloutConfig):
     chat_template_path: str | None = field(default=None, metadata={"help": "A .jinja file, a tokenizer directory or "
                                            "'posttrain/chatml-tools' (ChatML with Hermes-form tool calls) whose "
                                            "chat template replaces the tokenizer's."})
-
-    def validate_rollout(self) -> None:
-        super().validate_rollout()
-        check(self.max_tool_calling_iterations is None or self.max_tool_calling_iterations >= 0,
-              f"max_tool_calling_iterations must be >= 0, got {self.max_tool_calling_iterations}.")
-        check(self.tool_call_timeout is None or self.tool_call_timeout > 0,
-              f"tool_call_timeout must be > 0 seconds, got {self.tool_call_timeout}.")
-        if isinstance(self.tools, str):
-            self.tools = [self.tools]
-
-
-VLLM_ONLY_DEFAULTS = {"vllm_tensor_parallel_size": 1, "vllm_model_impl": "vllm", "vllm_enable_sleep_mode": False,
-                      "vllm_structured_outputs_regex": None}
-
-
-@posttrain_config
-@dataclass
-class ScoredGroupConfig(ToolRolloutConfig):
-    """What GRPO and RLOO (the methods that score a group with reward functions and log its completions) add: prompt
-    rendering, eval group size, padding, the completions sample printed at each logging step, and generation
-    engines of TRL's they do not offer."""
-
     chat_template_kwargs: dict | str | None = field(default=None, metadata={"help": "Keyword arguments for the "
                                                     "chat template when prompts are rendered (JSON on the command "
                                                     "line), e.g. '{\"enable_thinking\": false}'. A dataset column "
                                                     "'chat_template_kwargs' adds per-row values, which win."})
-    num_generations_eval: int | None = field(default=None, metadata={"help": "Completions per prompt in evaluation "
-                                             "(default num_generations)."})
     pad_to_multiple_of: int | str | None = field(default="auto", metadata={"help": "Pad prompt and completion ids "
                                                  "to a multiple of this (fewer distinct shapes for compiled "
                                                  "kernels). auto: 128 on Neuron devices, else no padding."})
@@ -209,6 +187,42 @@ class ScoredGroupConfig(ToolRolloutConfig):
     log_unique_prompts: bool = field(default=False, metadata={"help": "With log_completions: one row per distinct "
                                      "prompt in the printed sample (its first completion), instead of every "
                                      "completion (completions.jsonl keeps every one)."})
+
+    def validate_rollout(self) -> None:
+        super().validate_rollout()
+        check(self.max_tool_calling_iterations is None or self.max_tool_calling_iterations >= 0,
+              f"max_tool_calling_iterations must be >= 0, got {self.max_tool_calling_iterations}.")
+        check(self.tool_call_timeout is None or self.tool_call_timeout > 0,
+              f"tool_call_timeout must be > 0 seconds, got {self.tool_call_timeout}.")
+        if isinstance(self.tools, str):
+            self.tools = [self.tools]
+        self.chat_template_kwargs = json_option(self.chat_template_kwargs, "chat_template_kwargs")
+        check(self.chat_template_kwargs is None or isinstance(self.chat_template_kwargs, dict),
+              f"chat_template_kwargs must be a mapping, got {self.chat_template_kwargs!r}.")
+        if isinstance(self.pad_to_multiple_of, str):  # the command line gives a string
+            value = self.pad_to_multiple_of.lower()
+            self.pad_to_multiple_of = ("auto" if value == "auto" else None if value in ("none", "null")
+                                       else int(value))
+        if self.pad_to_multiple_of == "auto":
+            self.pad_to_multiple_of = 128 if _on_neuron() else None
+        check(self.pad_to_multiple_of is None or self.pad_to_multiple_of >= 1,
+              f"pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}.")
+        check(self.num_completions_to_print is None or self.num_completions_to_print >= 0,
+              f"num_completions_to_print must be >= 0, got {self.num_completions_to_print}.")
+
+
+VLLM_ONLY_DEFAULTS = {"vllm_tensor_parallel_size": 1, "vllm_model_impl": "vllm", "vllm_enable_sleep_mode": False,
+                      "vllm_structured_outputs_regex": None}
+
+
+@posttrain_config
+@dataclass
+class ScoredGroupConfig(ToolRolloutConfig):
+    """What GRPO and RLOO (the methods that score a group with reward functions) add: the eval group size, image
+    logging, and generation engines of TRL's they do not offer."""
+
+    num_generations_eval: int | None = field(default=None, metadata={"help": "Completions per prompt in evaluation "
+                                             "(default num_generations)."})
     log_multimodal: bool = field(default=True, metadata={"help": "Log images with completions (posttrain's rollouts "
                                  "are text-only: nothing to log either way)."})
     use_transformers_continuous_batching: bool = field(default=False, metadata={"help": "TRL: generate with "
@@ -222,25 +236,12 @@ class ScoredGroupConfig(ToolRolloutConfig):
 
     def validate_rollout(self) -> None:
         super().validate_rollout()
-        self.chat_template_kwargs = json_option(self.chat_template_kwargs, "chat_template_kwargs")
-        check(self.chat_template_kwargs is None or isinstance(self.chat_template_kwargs, dict),
-              f"chat_template_kwargs must be a mapping, got {self.chat_template_kwargs!r}.")
         check(not (self.use_transformers_continuous_batching or self.use_transformers_paged
                    or self.transformers_continuous_batching_config),
               "use_transformers_continuous_batching is not offered by posttrain: generation shares each prompt's "
               "prefill already; for faster rollouts set use_vllm=True. Remove the option.")
-        if isinstance(self.pad_to_multiple_of, str):  # the command line gives a string
-            value = self.pad_to_multiple_of.lower()
-            self.pad_to_multiple_of = ("auto" if value == "auto" else None if value in ("none", "null")
-                                       else int(value))
-        if self.pad_to_multiple_of == "auto":
-            self.pad_to_multiple_of = 128 if _on_neuron() else None
-        check(self.pad_to_multiple_of is None or self.pad_to_multiple_of >= 1,
-              f"pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}.")
         check(self.num_generations_eval is None or self.num_generations_eval >= 1,
               f"num_generations_eval must be >= 1, got {self.num_generations_eval}.")
-        check(self.num_completions_to_print is None or self.num_completions_to_print >= 0,
-              f"num_completions_to_print must be >= 0, got {self.num_completions_to_print}.")
 
 
 def _on_neuron() -> bool:

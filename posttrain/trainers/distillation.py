@@ -154,7 +154,7 @@ class GKDTrainer(DistillationTrainer):
         if source == "student":
             return super().sample(rows)
         if source == "teacher":
-            prompts = [self._prompt_ids(r["prompt"]) for r in rows]
+            prompts = [self._prompt_ids(r["prompt"], r.get("chat_template_kwargs")) for r in rows]
             return self.generate_completions(prompts, 1, model=self.teacher_model)
         return self.dataset_rollout(rows)
 
@@ -165,8 +165,9 @@ class GKDTrainer(DistillationTrainer):
         tok, limit = self.processing_class, self.args.max_completion_length
         prompt_ids, completion_ids = [], []
         for row in rows:
+            template_kwargs = {**(self.args.chat_template_kwargs or {}), **(row.get("chat_template_kwargs") or {})}
             ids, (completion,) = tokenize_prompt_and_completions(tok, row["prompt"], [row["completion"]],
-                                                                 tok.eos_token)
+                                                                 tok.eos_token, chat_template_kwargs=template_kwargs)
             prompt_ids.append(ids[-self.args.max_prompt_length:] if self.args.max_prompt_length else ids)
             completion_ids.append(completion)
         prompt, prompt_mask = left_pad(prompt_ids, tok.pad_token_id)
