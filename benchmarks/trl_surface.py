@@ -43,7 +43,7 @@ TRAINERS = {
     "OnlineDPO": ("trl.experimental.online_dpo:OnlineDPOConfig", "trl.experimental.online_dpo:OnlineDPOTrainer",
                   "posttrain:OnlineDPOConfig", "posttrain:OnlineDPOTrainer"),
     "GKD": ("trl.experimental.gkd:GKDConfig", "trl.experimental.gkd:GKDTrainer",
-            "posttrain.configs.gkd:GKDConfig", "posttrain.trainers.gkd:GKDTrainer"),
+            "posttrain:GKDConfig", "posttrain:GKDTrainer"),
     "Distillation": ("trl:DistillationConfig", "trl:DistillationTrainer",
                      "posttrain.configs.distillation:DistillationConfig",
                      "posttrain.trainers.distillation:DistillationTrainer"),
@@ -79,6 +79,10 @@ REASONS: dict[str, tuple[str, str]] = {
                                      "(TRL scores '#### 12' 0); bare-LaTeX gold retried as $…$ (TRL: None)"),
     "MergeConfig": ("different", "linear and slerp merged in-process; ties/dare_ties (mergekit) refused"),
     "MergeModelCallback": ("different", "no mergekit; without a final checkpoint it writes output_dir/merged"),
+    "GKD.max_new_tokens": ("different", "TRL's name for max_completion_length (default 128 there, as TRL's); None "
+                                        "= use that field"),
+    "GKD.shuffle_dataset": ("different", "shuffles the sampler's order; TRL's GKD batches are shuffled by the "
+                                         "Trainer's sampler too (its shuffle_dataset is SFT's extra pre-shuffle)"),
     "SFT.padding_free": ("different", "None = chosen per run: on with packed attention and sdpa (1.36x the "
                                       "padded step on SmolLM2, benchmarks/RESULTS-smollm2.md)"),
     "KTO.train_sampling_strategy": ("different", "mismatched KL pairs are built per batch, so the sampler may "

@@ -90,8 +90,8 @@ class GKDConfig(DistillationConfig):
     """Configuration of `GKDTrainer` (Agarwal et al. 2024): a fraction `lmbda` of generation batches are sampled by
     the student, the rest take the dataset's completions (or, with `seq_kd`, the teacher's samples)."""
 
-    learning_rate: float = field(default=5e-5, metadata={"help": "Initial AdamW learning rate (TRL's GKDConfig "
-                                 "keeps SFT's default)."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Initial AdamW learning rate (TRL's GKDConfig "
+                                 "keeps its SFTConfig's default, 2e-5)."})
     max_completion_length: int = field(default=128, metadata={"help": "Most tokens generated per completion."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "TRL's name for max_completion_length (sets "
                                        "it when given)."})
