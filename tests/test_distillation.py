@@ -484,3 +484,23 @@ def test_distillation_takes_trls_prompt_and_logging_fields(tmp_path):
     tok.apply_chat_template = original
     trainer.train()
     assert math.isfinite(trainer.state.log_history[0]["loss"])
+
+
+def test_distillation_takes_tools_as_trl(tmp_path):
+    def double(x: int) -> int:
+        """Double a number.
+
+        Args:
+            x: the number
+        """
+        return 2 * x
+
+    args = _args(tmp_path, max_steps=1, max_completion_length=4, chat_template_path="posttrain/chatml-tools")
+    trainer = DistillationTrainer(STUDENT, teacher_model=TEACHER, train_dataset=_prompts(conversational=True),
+                                  args=args, tools=[double])
+    assert trainer.agent is not None and "double" in str(trainer.agent.schemas)
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+    with pytest.raises(TypeError, match="does not take tools="):
+        GKDTrainer(STUDENT, teacher_model=TEACHER, train_dataset=_sft_rows(), tools=[double],
+                   args=_args(tmp_path, GKDConfig))

@@ -54,7 +54,7 @@ class DistillationTrainer(OnlineTrainer):
 
     def __init__(self, model, teacher_model=None, args=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, callbacks=None, optimizers=(None, None), quantization_config=None,
-                 peft_config=None, **kwargs: Any):
+                 peft_config=None, tools=None, **kwargs: Any):
         name = type(self).__name__
         for key, why in (("reward_funcs", "the teacher's next-token distribution is the training signal"),
                          ("ref_model", "the teacher takes its place (teacher_model=)")):
@@ -70,7 +70,7 @@ class DistillationTrainer(OnlineTrainer):
                 args.model_init_kwargs = {**(args.model_init_kwargs or {}), "quantization_config": quantization_config}
         super().__init__(model, None, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, peft_config=peft_config, callbacks=callbacks,
-                         optimizers=optimizers, **kwargs)
+                         optimizers=optimizers, tools=tools, **kwargs)  # tools: TRL's, as GRPO's (rollout/agentic.py)
         self.teacher_model = teachers.build_teacher(self, teacher_model)
 
     # ---- what the base asks -----------------------------------------------------------------------------------
