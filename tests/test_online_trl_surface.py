@@ -209,8 +209,9 @@ def test_one_reward_tokenizer_for_several_functions_is_refused():
 @pytest.mark.parametrize("trainer_cls,config_cls", [(GRPOTrainer, GRPOConfig), (RLOOTrainer, RLOOConfig)])
 def test_router_aux_loss_is_added_by_grpo_and_rloo(tmp_path, tiny_moe, trainer_cls, config_cls):
     """As TRL: on a Mixture-of-Experts policy the loss gains coef × the model's load-balancing loss of the policy's
-    log-prob pass (whole rows, not the shared-prompt split), divided by the accumulation steps; the rollout's own
-    passes (sampling-policy and reference log-probs, beta > 0 and num_iterations 2) run without it."""
+    log-prob pass (whole rows, not the shared-prompt split), divided by the accumulation steps, in evaluation too;
+    the rollout's own passes (sampling-policy and reference log-probs, beta > 0 and num_iterations 2) run without
+    it."""
     model, tok = tiny_moe()
     kw = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, num_generations=4,
               max_completion_length=6, logging_steps=1, report_to="none", save_strategy="no", seed=0,
@@ -233,6 +234,9 @@ def test_router_aux_loss_is_added_by_grpo_and_rloo(tmp_path, tiny_moe, trainer_c
     trainer.train()
     logged = trainer.state.log_history[0]
     assert "aux_loss" in logged and math.isfinite(logged["loss"])
+    assert trainer.reference.model.config.output_router_logits is False  # a frozen copy computes no router loss
+    metrics = trainer.evaluate(eval_dataset=_prompts(2))  # as TRL, the eval loss carries it too
+    assert metrics["eval_aux_loss"] > 0
 
 
 def test_router_aux_loss_zero_turns_it_off_online(tmp_path, tiny_moe):

@@ -124,10 +124,14 @@ def reference_context(policy: torch.nn.Module, ref_model: torch.nn.Module | None
 
 def prepare_frozen_model(trainer, model: torch.nn.Module) -> torch.nn.Module:
     """A frozen model that sits beside the policy (a reference, a distillation teacher): eval mode without gradients,
-    dropout off when asked, the policy's packed attention and lean layers (the same arithmetic: policy = reference
+    no Mixture-of-Experts router logits, dropout off when asked, the policy's packed attention and lean layers (the same arithmetic: policy = reference
     gives KL 0 exactly), placed as the policy is (`models/sharding.py`)."""
     args = trainer.args
     freeze(model)
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "output_router_logits", False):
+        text.output_router_logits = False  # a frozen MoE model's router loss is never trained: not computed
     if args.disable_dropout:
         loading.disable_dropout(model)
     if getattr(args, "packed_attention", False):
