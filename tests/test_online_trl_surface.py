@@ -247,3 +247,19 @@ def test_router_aux_loss_zero_turns_it_off_online(tmp_path, tiny_moe):
     with pytest.raises(ValueError, match="not a Mixture-of-Experts"):
         GRPOTrainer(MODEL, reward_funcs="length_reward", args=_args(tmp_path, router_aux_loss_coef=0.1),
                     train_dataset=_prompts())
+
+
+def test_moe_adapter_on_expert_parameters_uses_the_disabled_adapter_as_reference(tmp_path, tiny_moe):
+    """TRL's regression (trl#5222): PEFT holds one adapter when LoRA targets parameters (MoE experts), so no frozen
+    copy of it is made; the reference is the base model with the adapter disabled."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny_moe()
+    targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    model = get_peft_model(model, LoraConfig(r=4, target_parameters=targets))
+    trainer = GRPOTrainer(model, reward_funcs="length_reward", args=_args(tmp_path, beta=0.1),
+                          train_dataset=_prompts(), processing_class=tok)
+    assert "ref" not in trainer.model.peft_config
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n in before)
