@@ -57,7 +57,7 @@ EXTRA_NAMES = {  # names TRL users import from elsewhere than `trl`: TRL module 
                                           "get_repetition_penalty_reward", "get_soft_overlong_punishment",
                                           "reasoning_accuracy_reward", "think_format_reward"]),
     "trl.experimental.merge_model_callback": ("posttrain.callbacks", ["MergeConfig", "MergeModelCallback"]),
-    "trl.experimental.utils": ("posttrain.data_utils", ["truncate_dataset"]),
+    "trl.experimental.utils": ("posttrain.experimental.utils", ["truncate_dataset", "create_reference_model"]),
 }
 
 # Decisions, by key: "name", "module path", "<Trainer>.<field>" (config; "*.<field>" for every trainer) or
@@ -69,11 +69,20 @@ REASONS: dict[str, tuple[str, str]] = {
     "init_zero_verbose": ("n/a", "logging setup of TRL's own CLI; `posttrain` prints one-line errors itself"),
     "extract_prompt": ("different", "standard rows split at whitespace so no word is cut (TRL moves one space)"),
     "pack_dataset": ("different", "bfd packs the whole dataset at once (TRL: per 1000 rows); map_kwargs: desc only"),
+    "get_training_chat_template": ("different", "adds {% generation %} to the model's own template (any template that "
+                                                "renders turn by turn; a turn ends at its EOS) instead of TRL's "
+                                                "per-family copies; Qwen3/DeepSeek-R1/GPT-OSS/Phi-3 refused"),
+    "add_response_schema": ("different", "ChatML templates with Hermes <tool_call> JSON (Qwen 2.5/3, VL, "
+                                         "chatml-tools), found by rendering; a shipped response_template is kept"),
     "maybe_convert_to_chatml": ("different", "ShareGPT speakers become roles (human → user, gpt → assistant)"),
     "accuracy_reward": ("different", "plain numeric gold answers keep number matching for plain-text completions "
                                      "(TRL scores '#### 12' 0); bare-LaTeX gold retried as $…$ (TRL: None)"),
     "MergeConfig": ("different", "linear and slerp merged in-process; ties/dare_ties (mergekit) refused"),
     "MergeModelCallback": ("different", "no mergekit; without a final checkpoint it writes output_dir/merged"),
+    "GKD.max_new_tokens": ("different", "TRL's name for max_completion_length (default 128 there, as TRL's); None "
+                                        "= use that field"),
+    "GKD.shuffle_dataset": ("different", "shuffles the sampler's order; TRL's GKD batches are shuffled by the "
+                                         "Trainer's sampler too (its shuffle_dataset is SFT's extra pre-shuffle)"),
     "SFT.padding_free": ("different", "None = chosen per run: on with packed attention and sdpa (1.36x the "
                                       "padded step on SmolLM2, benchmarks/RESULTS-smollm2.md)"),
     "KTO.train_sampling_strategy": ("different", "mismatched KL pairs are built per batch, so the sampler may "

@@ -41,11 +41,14 @@ _LAZY = {
     "PostTrainer": "posttrain.trainers.base",
     "DataCollatorForLanguageModeling": "posttrain.data.collators",
     "load_any_dataset": "posttrain.data.loading",
+    "create_reference_model": "posttrain.models.reference",
     # TRL's data helpers (trl.data_utils, trl.chat_template_utils)
     **dict.fromkeys(["apply_chat_template", "maybe_apply_chat_template", "extract_prompt", "maybe_extract_prompt",
                      "unpair_preference_dataset", "maybe_unpair_preference_dataset", "is_conversational",
                      "is_conversational_from_value", "maybe_convert_to_chatml", "pack_dataset", "truncate_dataset",
                      "prepare_multimodal_messages", "clone_chat_template"], "posttrain.data_utils"),
+    **dict.fromkeys(["add_response_schema", "get_training_chat_template", "supports_tool_calling"],
+                    "posttrain.data.template_support"),
     # TRL's script helpers (trl.scripts.utils, trl.trainer.utils)
     **dict.fromkeys(["TrlParser", "get_peft_config", "get_quantization_config", "get_kbit_device_map",
                      "get_dataset"], "posttrain.scripts"),

@@ -43,3 +43,24 @@ def tiny_gguf(tmp_path_factory):
         return made[name, outtype]
 
     return make
+
+
+@pytest.fixture
+def tiny_moe():
+    """`tiny_moe()`: a random-init 2-layer Mixtral (4 experts, top-2, config router_aux_loss_coef 0.02) with the
+    built-in tiny model's tokenizer, for the Mixture-of-Experts router-loss tests."""
+
+    def make():
+        import torch
+        from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+        from posttrain.models.builtin import builtin_model_path
+
+        tok = AutoTokenizer.from_pretrained(builtin_model_path("posttrain/tiny"))
+        config = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                               num_experts_per_tok=2, router_aux_loss_coef=0.02, pad_token_id=tok.pad_token_id)
+        torch.manual_seed(0)
+        return MixtralForCausalLM(config), tok
+
+    return make

@@ -69,3 +69,19 @@ def test_bad_values():
         CPOConfig(output_dir="x", loss_type="simp")
     with pytest.raises(ValueError, match="beta must be > 0"):
         ORPOConfig(output_dir="x", beta=0)
+
+
+def test_orpo_and_cpo_take_model_init(tmp_path):
+    from posttrain.models import loading
+
+    built = []
+
+    def model_init():
+        built.append(loading.load_pretrained_model(MODEL))
+        return built[-1]
+
+    trainer = ORPOTrainer(model_init=model_init, args=_args(ORPOConfig, tmp_path, max_steps=1), train_dataset=_data())
+    assert len(built) == 1 and trainer.model is built[0]
+    _trains(trainer)
+    with pytest.raises(TypeError, match="a model or a model_init, not both"):
+        CPOTrainer(MODEL, model_init=model_init, args=_args(CPOConfig, tmp_path), train_dataset=_data())

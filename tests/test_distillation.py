@@ -568,3 +568,51 @@ def test_killed_distillation_run_resumes_to_the_same_losses(tmp_path, tmp_path_f
     killed_after = _kill_at_random(proc, out, random.Random("distillation-1"))
     assert killed_after < len(reference)
     assert _resume_in_process("distillation", out) == reference
+
+
+def test_distillation_takes_trls_prompt_and_logging_fields(tmp_path):
+    """TRL's DistillationConfig fields shared with GRPO: chat_template_kwargs (config, then the row's column) reach
+    the template for generated and dataset prompts (GKD); pad_to_multiple_of and the printed sample's options
+    are taken and the run trains."""
+    args = _args(tmp_path, GKDConfig, lmbda=0.0, chat_template_kwargs='{"enable_thinking": false}',
+                 pad_to_multiple_of=8, num_completions_to_print=1, log_unique_prompts=True, log_completions=True,
+                 max_steps=1, max_completion_length=4)
+    rows = _sft_rows(8, conversational=True)
+    trainer = GKDTrainer(STUDENT, teacher_model=TEACHER, train_dataset=Dataset.from_list(rows), args=args)
+    assert (trainer.args.chat_template_kwargs, trainer.args.pad_to_multiple_of) == ({"enable_thinking": False}, 8)
+    tok, seen = trainer.processing_class, []
+    original = tok.apply_chat_template
+
+    def spy(*a, **kw):
+        seen.append(kw.get("enable_thinking"))
+        return original(*a, **kw)
+
+    tok.apply_chat_template = spy
+    trainer.dataset_rollout([{**rows[0], "chat_template_kwargs": {"enable_thinking": True}}])
+    assert seen and set(seen) == {True}  # the row's own value wins over the config's
+    seen.clear()
+    trainer.dataset_rollout([rows[0]])
+    assert seen and set(seen) == {False}
+    tok.apply_chat_template = original
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+
+
+def test_distillation_takes_tools_as_trl(tmp_path):
+    def double(x: int) -> int:
+        """Double a number.
+
+        Args:
+            x: the number
+        """
+        return 2 * x
+
+    args = _args(tmp_path, max_steps=1, max_completion_length=4, chat_template_path="posttrain/chatml-tools")
+    trainer = DistillationTrainer(STUDENT, teacher_model=TEACHER, train_dataset=_prompts(conversational=True),
+                                  args=args, tools=[double])
+    assert trainer.agent is not None and "double" in str(trainer.agent.schemas)
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+    with pytest.raises(TypeError, match="does not take tools="):
+        GKDTrainer(STUDENT, teacher_model=TEACHER, train_dataset=_sft_rows(), tools=[double],
+                   args=_args(tmp_path, GKDConfig))

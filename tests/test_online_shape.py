@@ -8,7 +8,13 @@ import pytest
 
 from posttrain import GRPOConfig, OnlineDPOConfig, PPOConfig, RLOOConfig
 from posttrain.cli import is_user_error, main
-from posttrain.configs.online import GroupRolloutConfig, OnlineConfig, ScoredGroupConfig, ToolRolloutConfig
+from posttrain.configs.online import (
+    GroupRolloutConfig,
+    OnlineConfig,
+    RenderedRolloutConfig,
+    ScoredGroupConfig,
+    ToolRolloutConfig,
+)
 from posttrain.errors import UserError, UserTypeError
 
 MODEL = "posttrain/tiny"
@@ -21,7 +27,8 @@ def _fields(cls):
 def test_configs_are_siblings_declaring_only_what_they_use():
     for cls in (GRPOConfig, RLOOConfig):  # the trainers that take tools=, environment_factory=, rollout_func=
         assert cls.__bases__ == (ScoredGroupConfig,)
-    assert ScoredGroupConfig.__bases__ == (ToolRolloutConfig,)  # prompt rendering, eval groups, completion printing
+    assert ScoredGroupConfig.__bases__ == (RenderedRolloutConfig,)  # eval groups, images in the completions table
+    assert RenderedRolloutConfig.__bases__ == (ToolRolloutConfig,)  # prompt rendering, completion printing
     assert ToolRolloutConfig.__bases__ == (GroupRolloutConfig,) and OnlineDPOConfig.__bases__ == (GroupRolloutConfig,)
     assert PPOConfig.__bases__ == (OnlineConfig,)
     shared = _fields(OnlineConfig)

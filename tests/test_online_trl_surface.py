@@ -3,6 +3,8 @@ the reward-function logging hooks, chat_template_kwargs (config and per-row colu
 pad_to_multiple_of, beam-search sampling (vLLM: refused in one line), train_dataset=None refused early, PPO's total_episodes and
 Online DPO's max_length / reward_model_path."""
 
+import math
+
 import pytest
 import torch
 
@@ -201,3 +203,63 @@ def test_one_reward_tokenizer_for_several_functions_is_refused():
     with pytest.raises(ValueError, match=r"reward_processing_classes \(1\) must match .* \(2\)"):
         RewardRunner([first, second], reward_processing_classes=object())  # TRL: a single one is a list of one
     assert RewardRunner([first], reward_processing_classes=object()).tokenizers == [None]  # functions take none
+
+
+# ---- MoE router loss in the online trainers --------------------------------------------------------------------
+@pytest.mark.parametrize("trainer_cls,config_cls", [(GRPOTrainer, GRPOConfig), (RLOOTrainer, RLOOConfig)])
+def test_router_aux_loss_is_added_by_grpo_and_rloo(tmp_path, tiny_moe, trainer_cls, config_cls):
+    """As TRL: on a Mixture-of-Experts policy the loss gains coef × the model's load-balancing loss of the policy's
+    log-prob pass (whole rows, not the shared-prompt split), divided by the accumulation steps, in evaluation too;
+    the rollout's own passes (sampling-policy and reference log-probs, beta > 0 and num_iterations 2) run without
+    it."""
+    model, tok = tiny_moe()
+    kw = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, num_generations=4,
+              max_completion_length=6, logging_steps=1, report_to="none", save_strategy="no", seed=0,
+              disable_tqdm=True, router_aux_loss_coef=0.5, gradient_accumulation_steps=2, num_iterations=2,
+              beta=0.1)
+    trainer = trainer_cls(model, reward_funcs="length_reward", args=config_cls(**kw), train_dataset=_prompts(16),
+                          processing_class=tok)
+    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.5 and model.config.output_router_logits
+    trainer.model.train()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with_aux = trainer.compute_loss(trainer.model, batch)
+    saved, trainer._router_losses = trainer._router_losses, None
+    plain = trainer.compute_loss(trainer.model, batch)
+    trainer._router_losses = saved
+    from posttrain.models.logprobs import positions_from_mask
+
+    aux = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=positions_from_mask(batch["attention_mask"]), output_router_logits=True).aux_loss
+    assert float((with_aux - plain).detach()) == pytest.approx(0.5 * float(aux.detach()) / 2, rel=1e-4)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert "aux_loss" in logged and math.isfinite(logged["loss"])
+    assert trainer.reference.model.config.output_router_logits is False  # a frozen copy computes no router loss
+    metrics = trainer.evaluate(eval_dataset=_prompts(2))  # as TRL, the eval loss carries it too
+    assert metrics["eval_aux_loss"] > 0
+
+
+def test_router_aux_loss_zero_turns_it_off_online(tmp_path, tiny_moe):
+    model, tok = tiny_moe()
+    trainer = GRPOTrainer(model, reward_funcs="length_reward", args=_args(tmp_path, router_aux_loss_coef=0.0),
+                          train_dataset=_prompts(), processing_class=tok)
+    assert trainer.aux_loss_enabled is False and model.config.output_router_logits is False
+    with pytest.raises(ValueError, match="not a Mixture-of-Experts"):
+        GRPOTrainer(MODEL, reward_funcs="length_reward", args=_args(tmp_path, router_aux_loss_coef=0.1),
+                    train_dataset=_prompts())
+
+
+def test_moe_adapter_on_expert_parameters_uses_the_disabled_adapter_as_reference(tmp_path, tiny_moe):
+    """TRL's regression (trl#5222): PEFT holds one adapter when LoRA targets parameters (MoE experts), so no frozen
+    copy of it is made; the reference is the base model with the adapter disabled."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny_moe()
+    targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    model = get_peft_model(model, LoraConfig(r=4, target_parameters=targets))
+    trainer = GRPOTrainer(model, reward_funcs="length_reward", args=_args(tmp_path, beta=0.1),
+                          train_dataset=_prompts(), processing_class=tok)
+    assert "ref" not in trainer.model.peft_config
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n in before)

@@ -146,20 +146,9 @@ def test_activation_offloading_is_refused_on_cpu(tmp_path):
 
 
 # ---- MoE router loss -----------------------------------------------------------------------------------------
-def _tiny_moe():
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(builtin_model_path(MODEL))
-    config = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           router_aux_loss_coef=0.02, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    return MixtralForCausalLM(config), tok
-
-
 @pytest.mark.parametrize("coef", [None, 0.5, 0.0])
-def test_router_aux_loss_is_added_for_moe_models(tmp_path, coef):
-    model, tok = _tiny_moe()
+def test_router_aux_loss_is_added_for_moe_models(tmp_path, coef, tiny_moe):
+    model, tok = tiny_moe()
     trainer = SFTTrainer(model, args=_args(SFTConfig, tmp_path, router_aux_loss_coef=coef, max_steps=1),
                          processing_class=tok, train_dataset=_data("posttrain/arith-sft", n=8))
     expected = 0.02 if coef is None else coef

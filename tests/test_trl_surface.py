@@ -7,7 +7,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 import types
 
 import datasets
@@ -433,17 +432,22 @@ def test_trl_module_paths(path, name):
         assert name in module.__all__
 
 
-def test_alias_errors_name_what_is_missing():
+def test_alias_errors_name_what_is_missing(monkeypatch):
     from posttrain.compat.module_aliases import ALIASES
 
     module = importlib.import_module("posttrain.trainer.sft_trainer")
     with pytest.raises(AttributeError, match="trl.trainer.sft_trainer"):
         module.NoSuchThing  # noqa: B018
-    for path in ALIASES:  # paths to trainers another branch adds resolve only when present
-        if path.startswith("posttrain.experimental.gkd") and importlib.util.find_spec("posttrain.trainers.gkd") is None:
-            sys.modules.pop(path, None)
-            with pytest.raises(ModuleNotFoundError, match="no counterpart of TRL's trl.experimental.gkd"):
-                importlib.import_module(path)
+    # a path whose posttrain modules are not in this install is not importable, and says so
+    monkeypatch.setitem(ALIASES, "posttrain.experimental.nothing", ("posttrain.trainers.nothing",))
+    with pytest.raises(ModuleNotFoundError, match="no counterpart of TRL's trl.experimental.nothing"):
+        importlib.import_module("posttrain.experimental.nothing")
+    # GKD lives beside distillation (trainers/distillation.py): TRL's three paths resolve there
+    import posttrain
+
+    for path in ("posttrain.experimental.gkd", "posttrain.experimental.gkd.gkd_trainer"):
+        assert importlib.import_module(path).GKDTrainer is posttrain.GKDTrainer
+    assert importlib.import_module("posttrain.experimental.gkd.gkd_config").GKDConfig is posttrain.GKDConfig
 
 
 # ---- the checklist ---------------------------------------------------------------------------------------------

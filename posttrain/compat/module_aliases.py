@@ -25,7 +25,7 @@ _DPO = ("posttrain.trainers.dpo", "posttrain.configs.dpo", "posttrain.data.colla
 _KTO = ("posttrain.trainers.kto", "posttrain.configs.kto", "posttrain.data.collators")
 _CPO = ("posttrain.trainers.cpo", "posttrain.configs.cpo")
 _ONLINE_DPO = ("posttrain.trainers.online_dpo", "posttrain.configs.online_dpo")
-_GKD = ("posttrain.trainers.gkd", "posttrain.configs.gkd")
+_GKD = ("posttrain.trainers.distillation", "posttrain.configs.distillation")
 _DISTILLATION = ("posttrain.trainers.distillation", "posttrain.configs.distillation")
 _REWARDS = ("posttrain.rewards",)
 
@@ -65,15 +65,16 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "posttrain.experimental.online_dpo.online_dpo_config": ("posttrain.configs.online_dpo",),
     "posttrain.experimental.gkd": _GKD,
     "posttrain.experimental.gkd.gkd_trainer": _GKD,
-    "posttrain.experimental.gkd.gkd_config": ("posttrain.configs.gkd",),
+    "posttrain.experimental.gkd.gkd_config": ("posttrain.configs.distillation",),
     "posttrain.experimental.distillation": _DISTILLATION,
     "posttrain.experimental.merge_model_callback": ("posttrain.callbacks",),
+    "posttrain.experimental.utils": ("posttrain.data_utils", "posttrain.models.reference"),
     # helpers
     "posttrain.rewards.accuracy_rewards": _REWARDS,
     "posttrain.rewards.format_rewards": _REWARDS,
     "posttrain.rewards.other_rewards": _REWARDS,
     "posttrain.scripts.utils": ("posttrain.scripts", "posttrain.configs.script"),
-    "posttrain.chat_template_utils": ("posttrain.data.templates",),
+    "posttrain.chat_template_utils": ("posttrain.data.templates", "posttrain.data.template_support"),
     "posttrain.models.utils": ("posttrain.models.reference",),
 }
 

@@ -157,8 +157,10 @@ class GroupRolloutConfig(OnlineConfig):
 @posttrain_config
 @dataclass
 class ToolRolloutConfig(GroupRolloutConfig):
-    """Options of tool-calling (agentic) rollouts: the tools and environments by import path (the trainer's `tools=`
-    and `environment_factory=` take the objects themselves), how many tool rounds, and how long a tool may run."""
+    """Options of rollouts from chat prompts, tool-calling (agentic) ones included (GRPO, RLOO, distillation): the
+    tools and environments by import path (the trainer's `tools=` and `environment_factory=` take the objects
+    themselves), how many tool rounds, how long a tool may run, the chat template and its keyword arguments,
+    padding, and the completions sample printed at each logging step."""
 
     tools: list[str] | None = field(default=None, metadata={"help": "Tools the model may call, as "
                                     "'module:function' paths (the trainer's tools= takes the functions)."})

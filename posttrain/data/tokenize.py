@@ -126,8 +126,9 @@ def tokenize_prompt(tokenizer, prompt: str | list[dict], tools: Any = None,
 
 
 def has_generation_markers(tokenizer) -> bool:
-    template = getattr(tokenizer, "chat_template", None) or ""
-    return "{% generation %}" in template or "{%- generation %}" in template
+    from posttrain.data.template_support import has_generation_markers as template_has_markers
+
+    return template_has_markers(getattr(tokenizer, "chat_template", None))
 
 
 def tokenize_messages(tokenizer, messages: list[dict], assistant_only: bool = False,

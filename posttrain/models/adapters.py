@@ -12,6 +12,7 @@ Not here: reference log-prob computation (trainers), quantisation settings (`mod
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -20,6 +21,8 @@ import torch
 from posttrain.errors import UserError
 
 REFERENCE_ADAPTER = "ref"
+
+logger = logging.getLogger(__name__)
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
@@ -70,6 +73,12 @@ def add_reference_adapter(model) -> None:
     if REFERENCE_ADAPTER in model.peft_config:
         return
     active = model.active_adapter
+    if getattr(model.peft_config[active], "target_parameters", None):
+        # PEFT holds one adapter per model when LoRA targets parameters (MoE experts; peft#3340): no copy can be
+        # made, so the reference is the base model with the adapter disabled, as in TRL (trl#5222)
+        logger.warning("The adapter targets parameters (target_parameters), and PEFT holds only one such adapter: "
+                       "the reference is the base model with the adapter disabled, not the adapter as given.")
+        return
     model.add_adapter(REFERENCE_ADAPTER, model.peft_config[active])
     set_peft_model_state_dict(model, get_peft_model_state_dict(model, adapter_name=active),
                               adapter_name=REFERENCE_ADAPTER)

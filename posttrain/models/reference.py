@@ -6,7 +6,8 @@ trained, no second model at all: the base with adapters disabled is the referenc
 placed like the policy (`models/sharding.py`), with TR-DPO's periodic mixing of the policy into it. Also the
 context that switches a PEFT model to its reference, the preparation every frozen model beside the policy gets
 (`prepare_frozen_model`, also the distillation teacher's: `models/teacher.py`), and a fingerprint of weights (for
-caches of reference log-probs). Whether a run needs a reference at all is the trainer's one question, `holds_reference()`.
+caches of reference log-probs), and TRL's public `create_reference_model` (a frozen copy sharing its first layers
+with the policy if asked). Whether a run needs a reference at all is the trainer's one question, `holds_reference()`.
 Not here: computing log-probs (`models/logprobs.py`), precomputing them over a dataset (`trainers/anchored.py`).
 """
 
@@ -33,8 +34,8 @@ def is_peft_model(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def create_reference_model(model: torch.nn.Module, model_id: str | None = None,
-                           init_kwargs: dict | None = None) -> torch.nn.Module | None:
+def frozen_policy_copy(model: torch.nn.Module, model_id: str | None = None,
+                       init_kwargs: dict | None = None) -> torch.nn.Module | None:
     """A frozen, eval-mode reference: None for PEFT models (adapters get disabled instead), else a copy
     (reloaded from `model_id` when the policy was given by name, so no copy of live weights is needed)."""
     if is_peft_model(model):
@@ -43,6 +44,50 @@ def create_reference_model(model: torch.nn.Module, model_id: str | None = None,
         ref = loading.load_pretrained_model(model_id, None, **(init_kwargs or {}))
     else:
         ref = copy.deepcopy(model)
+    return freeze(ref)
+
+
+# where the decoder blocks of common architectures live (GPT-2, OPT/BART decoders, GPT-NeoX, Llama-like)
+_LAYER_PATTERNS = ("transformer.h.{layer}", "model.decoder.layers.{layer}", "gpt_neox.layers.{layer}",
+                   "model.layers.{layer}")
+
+
+def create_reference_model(model: torch.nn.Module, num_shared_layers: int | None = None,
+                           pattern: str | None = None) -> torch.nn.Module:
+    """TRL's `create_reference_model`: a static reference copy of `model`, in eval mode, no parameter trainable.
+
+    num_shared_layers: the parameters before decoder block `num_shared_layers` (embeddings and blocks
+    0..num_shared_layers-1) are not copied but shared with `model`, and frozen in `model` too (so the reference
+    stays static while they are held once in memory). pattern: the name of block `{layer}` (e.g.
+    "transformer.h.{layer}"); by default the first of the common layouts found in the parameter names. Not
+    under DeepSpeed ZeRO-3 (parameters are partitioned; load the reference separately). Where TRL only warns, a
+    pattern matching no parameter is an error here: it would share, and freeze, the whole model.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise UserError("create_reference_model cannot copy a model partitioned by DeepSpeed ZeRO-3; load the "
+                        "reference with AutoModelForCausalLM.from_pretrained(...) instead.")
+    names = [name for name, _ in model.named_parameters()]
+    ref = copy.deepcopy(model)
+    if num_shared_layers is not None:
+        if pattern is None:
+            found = (p.format(layer=num_shared_layers) for p in _LAYER_PATTERNS)
+            pattern = next((p for p in found if any(p in name for name in names)), None)
+            if pattern is None:
+                raise UserError(f"create_reference_model: none of the known layer names "
+                                f"({', '.join(_LAYER_PATTERNS)}) is in {type(model).__name__}'s parameters; give "
+                                "pattern='<prefix>.{layer}' for this architecture.")
+        else:
+            pattern = pattern.format(layer=num_shared_layers)
+        first = next((i for i, name in enumerate(names) if pattern in name), None)
+        if first is None:
+            raise UserError(f"create_reference_model: no parameter name contains {pattern!r}, so every layer would "
+                            f"be shared and frozen; check pattern and num_shared_layers={num_shared_layers}.")
+        for name in names[:first]:  # one tensor for both models: frozen in the policy, so the reference is static
+            source = model.get_parameter(name)
+            source.requires_grad_(False)
+            ref.get_parameter(name).data = source.data
     return freeze(ref)
 
 
@@ -79,10 +124,14 @@ def reference_context(policy: torch.nn.Module, ref_model: torch.nn.Module | None
 
 def prepare_frozen_model(trainer, model: torch.nn.Module) -> torch.nn.Module:
     """A frozen model that sits beside the policy (a reference, a distillation teacher): eval mode without gradients,
-    dropout off when asked, the policy's packed attention and lean layers (the same arithmetic: policy = reference
+    no Mixture-of-Experts router logits, dropout off when asked, the policy's packed attention and lean layers (the same arithmetic: policy = reference
     gives KL 0 exactly), placed as the policy is (`models/sharding.py`)."""
     args = trainer.args
     freeze(model)
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "output_router_logits", False):
+        text.output_router_logits = False  # a frozen MoE model's router loss is never trained: not computed
     if args.disable_dropout:
         loading.disable_dropout(model)
     if getattr(args, "packed_attention", False):
@@ -117,7 +166,7 @@ class Reference:
         if isinstance(ref_model, str):
             ref_model = loading.load_pretrained_model(ref_model, None, **(args.model_init_kwargs or {}))
         elif ref_model is None and not is_peft_model(policy):
-            ref_model = create_reference_model(policy, model_id, args.model_init_kwargs)
+            ref_model = frozen_policy_copy(policy, model_id, args.model_init_kwargs)
         if ref_model is not None:
             ref_model = prepare_frozen_model(trainer, ref_model)
         reference = cls(ref_model, trainer.accelerator.unwrap_model)

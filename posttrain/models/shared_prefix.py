@@ -7,7 +7,8 @@ gradients equal the plain forward's), and runs the remaining columns against tha
 batch (2 prompts of 64–256 tokens × 8 completions of ≤128) the model body sees about half the tokens it did.
 
 Only for decoder-only models with full attention under sdpa or eager attention (`full_attention_model`), and not
-under gradient checkpointing (transformers turns the cache off there); the caller falls back to one plain forward.
+under gradient checkpointing (transformers turns the cache off there), nor for a Mixture-of-Experts model that
+returns its router loss (the loss must cover whole rows); the caller falls back to one plain forward.
 
 Not here: which columns carry a loss, the LM head (`models/logprobs.py`).
 """
@@ -52,6 +53,17 @@ def _checkpointing(model: torch.nn.Module) -> bool:
     return False
 
 
+def _returns_router_loss(base: torch.nn.Module, model_kwargs: dict) -> bool:
+    """A Mixture-of-Experts model set to return its router load-balancing loss (`trainers/router_loss.py`): the loss
+    of a split forward would cover the prefix once and mismatch the second pass's mask, so it runs whole. Passes no
+    loss reads run with the router logits off (the online rollouts; frozen models: `models/reference.py`)."""
+    if "output_router_logits" in model_kwargs:
+        return bool(model_kwargs["output_router_logits"])
+    config = getattr(base, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "output_router_logits", False))
+
+
 def forward_shared_prefix(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           position_ids: torch.Tensor, prefix_len: int, **model_kwargs):
     """The model's output for columns prefix_len..T-1 of every row, with the first `prefix_len` columns computed
@@ -68,6 +80,8 @@ def forward_shared_prefix(model: torch.nn.Module, input_ids: torch.Tensor, atten
     if (prefix_len < 1 or prefix_len >= T or attention_mask is None or attention_mask.dim() != 2
             or _checkpointing(base) or not full_attention_model(model)):
         return None
+    if _returns_router_loss(base, model_kwargs):
+        return None  # the policy's loss pass (train or eval): its router loss is the plain forward's, whole rows
     key = torch.cat([input_ids[:, :prefix_len], attention_mask[:, :prefix_len].to(input_ids.dtype)], dim=1)
     unique, inverse = torch.unique(key, dim=0, return_inverse=True)
     if unique.shape[0] == B:

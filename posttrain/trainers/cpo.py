@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.configs.cpo import CPOConfig, ORPOConfig
+from posttrain.errors import UserTypeError
 from posttrain.losses.preference import sft as chosen_nll
 from posttrain.losses.reference_free import CPO_LOSSES, orpo
 from posttrain.models.logprobs import completion_logps
@@ -22,6 +23,17 @@ from posttrain.trainers.preference import PreferenceTrainer, log_eval_generation
 
 class _ReferenceFreeTrainer(PreferenceTrainer):
     """Shared forward: summed completion log-probs and lengths of chosen (rows :B) and rejected (rows B:)."""
+
+    def __init__(self, model=None, *args, model_init=None, **kwargs):
+        # TRL's ORPO/CPO pass model_init to transformers' Trainer: a function that builds the model, given instead
+        # of one. Here it is called once, then the model is prepared as a given one is (PEFT, dropout…); transformers'
+        # re-creation at each train() call (hyperparameter_search) would skip that preparation, so it is not kept.
+        if model_init is not None:
+            if model is not None:
+                raise UserTypeError(f"{type(self).__name__} takes a model or a model_init, not both (as transformers' "
+                                    "Trainer); drop one.")
+            model = model_init()
+        super().__init__(model, *args, **kwargs)
 
     def evaluation_loop(self, dataloader, *args, **kwargs):
         if self.args.generate_during_eval:

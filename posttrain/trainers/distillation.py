@@ -177,7 +177,7 @@ class GKDTrainer(DistillationTrainer):
         if source == "student":
             return super().sample(rows)
         if source == "teacher":
-            prompts = [self._prompt_ids(r["prompt"]) for r in rows]
+            prompts = [self._prompt_ids(r["prompt"], r.get("chat_template_kwargs")) for r in rows]
             return self.generate_completions(prompts, 1, model=self.teacher_model)
         return self.dataset_rollout(rows)
 

@@ -47,8 +47,10 @@ class GRPOTrainer(OnlineTrainer):
     vision_data = "prompt"  # image prompts (trainers/vision.py)
     supports_tools = True
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, tools=None, rollout_func=None, environment_factory=None, **kwargs):
+        # TRL's tool-calling arguments, spelled out as in its signature (`rollout/agentic.py` runs them)
+        super().__init__(*args, tools=tools, rollout_func=rollout_func, environment_factory=environment_factory,
+                         **kwargs)
         config = self.args
         _warn_unusual_combinations(config)
         self.entropy_coef = config.entropy_coef  # moves under use_adaptive_entropy (one value per optimizer step)

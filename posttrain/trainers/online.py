@@ -49,10 +49,10 @@ from posttrain.rollout.batching import StreamedGenerationBatches, pad_to_multipl
 from posttrain.rollout.engine import vllm_backend
 from posttrain.rollout.hf import _eos_ids, generate
 from posttrain.rollout.types import Rollout
-from posttrain.trainers import distributed
+from posttrain.trainers import distributed, router_loss
 from posttrain.trainers import vision as trainer_vision
 from posttrain.trainers.base import PostTrainer
-from posttrain.trainers.online_inspection import TRLInspection, moe_aux_loss_enabled
+from posttrain.trainers.online_inspection import TRLInspection
 
 
 class OnlineTrainer(TRLInspection, PostTrainer):
@@ -121,8 +121,6 @@ class OnlineTrainer(TRLInspection, PostTrainer):
         self.use_vllm = args.use_vllm
         self.vllm = vllm_backend(args, self.accelerator, model_id or self.model.config._name_or_path) \
             if args.use_vllm else None
-        if not hasattr(self, "aux_loss_enabled"):  # the shared base may have set it (router_aux_loss_coef)
-            self.aux_loss_enabled = moe_aux_loss_enabled(self.accelerator.unwrap_model(self.model), args)
         tags = [tag for tag in ("trl", self.method_name.lower().replace("onlinedpo", "online-dpo"))]
         if hasattr(self.model, "add_model_tags"):  # TRL's model-card tags, on the model as TRL puts them
             self.model.add_model_tags(tags)
@@ -246,8 +244,9 @@ class OnlineTrainer(TRLInspection, PostTrainer):
     def _cycle_batches(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One generation batch → the micro-batches of its whole cycle (every pass), each carrying its optimizer
         step's global item counts."""
-        rollout = self.make_rollout(rows)
-        steps = self.with_item_counts(self.training_batches(rollout))
+        with router_loss.router_logits_off(self.accelerator.unwrap_model(self.model)):  # MoE: no loss reads them
+            rollout = self.make_rollout(rows)
+            steps = self.with_item_counts(self.training_batches(rollout))
         self._record_rollout(rollout)
         return [part for step in steps for part in step]
 

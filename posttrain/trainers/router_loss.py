@@ -6,6 +6,9 @@ Switch-Transformer load-balancing loss of its routers). posttrain's trainers cal
 compute their own losses), so the model never adds it itself: here a forward hook collects it and the wrapped
 `compute_loss` adds `coef × aux_loss`, divided by the gradient-accumulation steps (the trainers' losses are already
 divided by the global item count of the whole accumulated batch, so each micro-batch's mean aux loss must be too).
+The online trainers (GRPO, RLOO, online DPO, PPO, distillation) get it the same way: their rollout passes (generation,
+sampling-policy and reference log-probs) run before `compute_loss` and are not counted; the policy's log-prob pass
+runs without the shared-prompt split so its router loss covers whole rows, as TRL's does (`models/shared_prefix.py`).
 
 Coefficient: `router_aux_loss_coef` when set, else the model config's own (0 when it declares none); 0 turns it
 off. Setting it for a model without a router is an error. The model config's `output_router_logits` and
@@ -20,6 +23,7 @@ Not here: the trainers' own losses (their modules).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 
@@ -48,6 +52,21 @@ def setup(model, args) -> tuple[float, bool]:
         config.output_router_logits = enabled
         config.router_aux_loss_coef = coef
     return coef, enabled
+
+
+@contextlib.contextmanager
+def router_logits_off(model):
+    """The model's forwards without router logits for the duration (the online trainers' rollouts: generation and
+    the log-prob passes without gradients, which no loss reads the router loss of)."""
+    config = _text_config(model)
+    on = bool(getattr(config, "output_router_logits", False))
+    if on:
+        config.output_router_logits = False
+    try:
+        yield
+    finally:
+        if on:
+            config.output_router_logits = True
 
 
 class RouterLosses:
@@ -95,8 +114,11 @@ def with_router_loss(compute_loss):
             return result
         loss, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, None)
         num_items = kwargs.get("num_items_in_batch", args[1] if len(args) > 1 else None)
+        # the loss is a share of the accumulated step's when the step's item count came with the call or, in the
+        # online trainers, with the micro-batch (its "num_items"); a direct call on one batch is its own mean
+        step_share = num_items is not None or (isinstance(inputs, dict) and "num_items" in inputs)
         steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
-        scale = 1.0 / steps if (self.model.training and num_items is not None) else 1.0
+        scale = 1.0 / steps if (self.model.training and step_share) else 1.0
         loss = loss + self.router_aux_loss_coef * aux.to(loss.dtype) * scale
         self.record_metrics({"aux_loss": aux.detach().float()})
         return (loss, *rest) if rest is not None else loss
