@@ -29,7 +29,7 @@ BEFORE, ISSUE23 = "262f52f", "0f155e9"
 
 # every module of the online family at any of the revisions (a missing one counts 0 there)
 SHARED = [
-    "posttrain/trainers/online.py", "posttrain/trainers/online_rollout.py", "posttrain/trainers/online_batches.py",
+    "posttrain/trainers/online.py", "posttrain/trainers/online_sampling.py", "posttrain/trainers/online_batches.py",
     "posttrain/trainers/online_inspection.py", "posttrain/trainers/grpo.py", "posttrain/trainers/rloo.py",
     "posttrain/trainers/online_dpo.py", "posttrain/trainers/ppo.py", "posttrain/trainers/ppo_loop.py",
     "posttrain/trainers/distributed.py",

@@ -167,7 +167,7 @@ class GKDTrainer(DistillationTrainer):
         for row in rows:
             ids, (completion,) = tokenize_prompt_and_completions(tok, row["prompt"], [row["completion"]],
                                                                  tok.eos_token)
-            prompt_ids.append(ids[-self.args.max_prompt_length:] if self.args.max_prompt_length else ids)
+            prompt_ids.append(self.last_prompt_tokens(ids))
             completion_ids.append(completion)
         prompt, prompt_mask = left_pad(prompt_ids, tok.pad_token_id)
         width = max(1, min(limit, max(len(c) for c in completion_ids)))
