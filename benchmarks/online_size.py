@@ -39,7 +39,8 @@ SHARED = [
     "posttrain/rollout/engine.py", "posttrain/rollout/vllm.py", "posttrain/rollout/client.py",
     "posttrain/rollout/server.py", "posttrain/rollout/batching.py",
     "posttrain/compat.py", "posttrain/compat/__init__.py", "posttrain/compat/ppo.py", "posttrain/compat/ppo_loop.py",
-    "posttrain/models/reference.py", "posttrain/losses/reduce.py", "posttrain/losses/policy.py",
+    "posttrain/models/reference.py", "posttrain/trainers/anchored.py", "posttrain/losses/reduce.py",
+    "posttrain/losses/policy.py",
     "posttrain/losses/value.py", "posttrain/losses/kl.py", "posttrain/algorithms/advantages.py",
     "posttrain/reporting/rollouts.py", "posttrain/rewards/runner.py",
 ]
@@ -173,8 +174,9 @@ def main() -> None:
           f"| **{totals['now'] - totals['later']}** |")
     print(f"\nLike-for-like change: {totals['before']} → {totals['now'] - totals['later']} lines "
           f"({totals['now'] - totals['later'] - totals['before']:+d}).\n")
-    print(f"Overrides per trainer (methods a trainer class defines that an ancestor — the posttrain bases at that "
-          f"revision, or transformers.Trainer — defines too; a mixin only this trainer uses counts as its own; in brackets: all methods it defines).\n")
+    print("Overrides per trainer (methods a trainer class defines that an ancestor — the posttrain bases at that "
+          "revision, or transformers.Trainer — defines too; a mixin only this trainer uses counts as its own; in "
+          "brackets: all methods it defines).\n")
     counts = {rev: overrides(rev) for rev in (BEFORE, ISSUE23, after)}
     print(f"| trainer | {BEFORE} | {ISSUE23} | {after} |")
     print("|---|---:|---:|---:|")

@@ -35,7 +35,7 @@ from posttrain.data.tokenize import tokenize_prompt_and_completions
 from posttrain.errors import UserError, UserTypeError
 from posttrain.models import teacher as teachers
 from posttrain.models.logprobs import output_head
-from posttrain.rollout.hf import left_pad
+from posttrain.rollout.hf import left_pad, right_pad
 from posttrain.rollout.types import Rollout
 from posttrain.trainers.online import OnlineTrainer
 
@@ -170,13 +170,8 @@ class GKDTrainer(DistillationTrainer):
             prompt_ids.append(self.last_prompt_tokens(ids))
             completion_ids.append(completion)
         prompt, prompt_mask = left_pad(prompt_ids, tok.pad_token_id)
-        width = max(1, min(limit, max(len(c) for c in completion_ids)))
-        completion = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, ids in enumerate(completion_ids):
-            ids = ids[:limit]
-            completion[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            completion_mask[i, :len(ids)] = 1
+        completion, completion_mask = right_pad([ids[:limit] for ids in completion_ids], tok.pad_token_id,
+                                                max(1, min(limit, max(len(c) for c in completion_ids))))
         truncated = torch.tensor([len(c) > limit for c in completion_ids])
         return Rollout(prompt_ids=prompt, prompt_mask=prompt_mask, completion_ids=completion,
                        completion_mask=completion_mask, is_truncated=truncated)

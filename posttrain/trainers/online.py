@@ -111,7 +111,7 @@ class OnlineTrainer(TRLInspection, RolloutSampling, RolloutBatches, PostTrainer)
             self.reward_runner.place(self.prepare_frozen, self.accelerator.device)
         self.reference = reference.Reference.build(self, ref_model, model_id)
         self._micro_step = 0
-        if train_dataset is not None and not hasattr(train_dataset, "__len__"):
+        if streamed:
             # a stream is read by `StreamedGenerationBatches` in this process, in order (as TRL requires)
             args.accelerator_config.dispatch_batches = False
             if args.dataloader_num_workers:
@@ -124,9 +124,8 @@ class OnlineTrainer(TRLInspection, RolloutSampling, RolloutBatches, PostTrainer)
             if args.use_vllm else None
         if not hasattr(self, "aux_loss_enabled"):  # the shared base may have set it (router_aux_loss_coef)
             self.aux_loss_enabled = moe_aux_loss_enabled(self.accelerator.unwrap_model(self.model), args)
-        tags = [tag for tag in ("trl", self.method_name.lower().replace("onlinedpo", "online-dpo"))]
         if hasattr(self.model, "add_model_tags"):  # TRL's model-card tags, on the model as TRL puts them
-            self.model.add_model_tags(tags)
+            self.model.add_model_tags(["trl", self.method_name.lower().replace("onlinedpo", "online-dpo")])
         self._buffer: list[dict[str, Any]] = []
         self._last_table: list[dict[str, Any]] = []
 

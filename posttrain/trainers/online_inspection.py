@@ -1,7 +1,7 @@
 """What code written against TRL's online trainers reads on a trainer, as a mixin of `OnlineTrainer`: the reward
 functions, their weights and tokenizers (`reward_funcs`, `reward_weights`, `reward_processing_classes`,
-`reward_func_names`), the rollouts' `generation_config`, the last rollout as TRL's `_logs`, and whether a Mixture-of-Experts router loss is added
-(`moe_aux_loss_enabled` → `aux_loss_enabled`).
+`reward_func_names`), the rollouts' `generation_config`, the last rollout as TRL's `_logs`, and whether a
+Mixture-of-Experts router loss is added (`moe_aux_loss_enabled` → `aux_loss_enabled`).
 
 Not here: anything that changes what is trained (`trainers/online.py` and the methods).
 """
@@ -52,7 +52,6 @@ class TRLInspection:
         advantages, the reward functions' `log_extra` columns, images), for code that reads it."""
         return getattr(self, "_last_rollout_log", None) or {"prompt": [], "completion": [], "rewards": {},
                                                             "advantages": [], "extra": {}, "images": []}
-
 
 
 def moe_aux_loss_enabled(model: torch.nn.Module, args) -> bool:
