@@ -21,16 +21,9 @@ from transformers import TrainerCallback
 
 from posttrain.errors import UserError
 from posttrain.models import adapters, loading, sharding
+from posttrain.models.adapters import is_peft_model
 from posttrain.models.lean_layers import apply_lean_layers
 from posttrain.models.packed_attention import use_packed_attention
-
-
-def is_peft_model(model: torch.nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
 
 
 def create_reference_model(model: torch.nn.Module, model_id: str | None = None,

@@ -136,9 +136,15 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], num_generations: int
         else:
             completion_ids = _transformers_generate(model, ids, mask, full_ids, full_mask, num_generations,
                                                     max_new_tokens, generation_kwargs, pad_id, share_prefill, synced)
+    return rollout_after_eos(full_ids, full_mask, completion_ids, eos_ids, pad_id)
+
+
+def rollout_after_eos(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                      eos_ids: set[int], pad_id: int) -> Rollout:
+    """The `Rollout` of generated completion ids (N, C): each completion ends at its first EOS, padding after it."""
     completion_mask, truncated = completion_mask_after_eos(completion_ids, eos_ids)
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
-    return Rollout(prompt_ids=full_ids, prompt_mask=full_mask, completion_ids=completion_ids,
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                   completion_ids=completion_ids.masked_fill(completion_mask == 0, pad_id),
                    completion_mask=completion_mask, is_truncated=truncated)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from posttrain.rollout.hf import _eos_ids, completion_mask_after_eos, left_pad
+from posttrain.rollout.hf import _eos_ids, left_pad, rollout_after_eos
 from posttrain.rollout.types import Rollout
 
 
@@ -48,9 +48,4 @@ def generate_with_images(model, processor, prompt_ids: list[list[int]], prompt_i
     with torch.no_grad():
         out = model.generate(input_ids=full_ids, attention_mask=full_mask, **pixels, **tokens.token_types(full_ids),
                              **kwargs)
-    completion_ids = out[:, full_ids.shape[1]:]
-    eos_ids = _eos_ids(model, tokenizer)
-    completion_mask, truncated = completion_mask_after_eos(completion_ids, eos_ids)
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
-    return Rollout(prompt_ids=full_ids, prompt_mask=full_mask, completion_ids=completion_ids,
-                   completion_mask=completion_mask, is_truncated=truncated)
+    return rollout_after_eos(full_ids, full_mask, out[:, full_ids.shape[1]:], _eos_ids(model, tokenizer), pad_id)
