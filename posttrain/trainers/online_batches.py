@@ -1,12 +1,9 @@
-"""How a scored rollout becomes training micro-batches, and the one reduction contract, as a mixin of
-`OnlineTrainer`: rows gathered from every process (`gather_rows`), per-completion advantages → this process's rows
-shuffled into micro-batches (`advantage_batches`, `split`) grouped into optimizer steps and repeated per pass
-(`cycle`); each micro-batch's loss items counted by unit over its optimizer step on every process
-(`count_items`, `with_item_counts`), and a method's per-item loss terms divided by that count (`reduce_loss`), so the
-loss is exactly invariant to how a step's batch is split across accumulation steps and processes.
+"""`RolloutBatches`, a mixin of `OnlineTrainer`: a scored rollout → micro-batches (`advantage_batches`, `split`)
+grouped into optimizer steps and repeated per pass (`cycle`), and the one reduction contract: every micro-batch
+carries its step's loss items counted over all micro-batches and processes (`with_item_counts`), which
+`reduce_loss` divides by, so a loss does not depend on how a step's batch is split.
 
-Not here: making the rollout (`trainers/online.py`), the reduction maths (`losses/reduce.py`), advantages
-(`algorithms/advantages.py`).
+Not here: the reduction maths (`losses/reduce.py`), advantages (`algorithms/advantages.py`).
 """
 
 from __future__ import annotations

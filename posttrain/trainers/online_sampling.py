@@ -1,11 +1,9 @@
-"""How an online trainer samples and reads back log-probs, as a mixin of `OnlineTrainer`: a generation batch's rows →
-this process's completions (`sample`: plain, image, multi-turn tool or user rollouts; `generate_completions`: the
-vLLM engine or transformers' `generate`, seeded per process), prompt tokenisation, and the log-prob passes of the
-trained completion tokens (`completion_logps`, `_batched_logps`) that every method's loss and the old/reference
-phases read.
+"""`RolloutSampling`, a mixin of `OnlineTrainer`: a generation batch's rows → this process's completions (`sample`:
+plain, image, tool or user rollouts; `generate_completions`: vLLM or transformers, seeded per process), and the
+log-prob passes over the trained completion tokens (`completion_logps`) that the losses and the old/reference phases
+read.
 
-Not here: what is done with a rollout (`trainers/online.py`), generation itself (`rollout/hf.py`, `rollout/vllm.py`,
-`rollout/agentic.py`, `rollout/vision.py`), logits → log-probs (`models/logprobs.py`).
+Not here: generation itself (`rollout/`), logits → log-probs (`models/logprobs.py`).
 """
 
 from __future__ import annotations
