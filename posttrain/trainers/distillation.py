@@ -80,8 +80,7 @@ class DistillationTrainer(OnlineTrainer):
     def no_reference_reason(self) -> str:
         return f"{type(self).__name__} has a teacher, not a reference"
 
-    def needs_old_logps(self) -> bool:
-        return False  # the loss compares with the teacher, not with the sampling policy
+    uses_old_logps = False  # the loss compares with the teacher, not with the sampling policy
 
     def divergence_temperature(self) -> float:
         """The temperature of both distributions in the divergence."""

@@ -129,6 +129,11 @@ class OnlineTrainer(TRLInspection, RolloutSampling, RolloutBatches, PostTrainer)
         self._buffer: list[dict[str, Any]] = []
         self._last_table: list[dict[str, Any]] = []
 
+    def train(self, *args: Any, **kwargs: Any):
+        if self.reward_runner is None and self.scores_rollouts:  # PPO built for its loop API: before any setup
+            raise UserError(self.missing_reward_funcs_message())
+        return super().train(*args, **kwargs)
+
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """A frozen model (reference, reward model) placed the way the policy is (`models/sharding.py`)."""
         return sharding.prepare_frozen(self.accelerator, model, self.args)
@@ -343,8 +348,12 @@ class OnlineTrainer(TRLInspection, RolloutSampling, RolloutBatches, PostTrainer)
     def no_reference_reason(self) -> str:
         return f"{self.kl_weight} is 0"
 
+    uses_old_logps: bool | None = None  # True/False: the method always/never needs them; None: the base decides
+
     def needs_old_logps(self) -> bool:
         """Sampling-policy log-probs are needed when the policy moves before a rollout is fully used."""
+        if self.uses_old_logps is not None:
+            return self.uses_old_logps
         args = self.args
         return args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
 

@@ -84,8 +84,7 @@ class OnlineDPOTrainer(OnlineTrainer):
         return batch
 
     # ---- the rollout hook ----------------------------------------------------------------------------------------
-    def needs_old_logps(self) -> bool:
-        return False  # the DPO loss has no importance ratio
+    uses_old_logps = False  # the DPO loss has no importance ratio
 
     def training_batches(self, rollout: Rollout) -> list[list[dict[str, torch.Tensor]]]:
         """Rank each pair by its scores (the weighted reward sum, minus `missing_eos_penalty` without EOS), then

@@ -113,11 +113,6 @@ class PPOTrainer(OnlineTrainer):
                 "works too); without them only the older loop API runs (generate, then step(queries, responses, "
                 "scores)).")
 
-    def train(self, *args: Any, **kwargs: Any):
-        if self.reward_runner is None:  # before any setup, as construction does for the other online trainers
-            raise UserError(self.missing_reward_funcs_message())
-        return super().train(*args, **kwargs)
-
     def _value_model(self, value_model) -> torch.nn.Module:
         args = self.args
         if value_model is None and args.value_model_name_or_path:
@@ -140,8 +135,7 @@ class PPOTrainer(OnlineTrainer):
         return super().prepare_datasets(train_dataset, eval_dataset, tokenizer, args)
 
     # ---- rollout ------------------------------------------------------------------------------------------------
-    def needs_old_logps(self) -> bool:
-        return True  # the KL penalty in the reward and the ratio of the first pass both use them
+    uses_old_logps = True  # the KL penalty in the reward and the ratio of the first pass both use them
 
     def training_batches(self, rollout: Rollout) -> list[list[dict[str, torch.Tensor]]]:
         """PPO's targets (`ppo_targets`), then num_ppo_epochs passes, each reshuffled into num_mini_batches
