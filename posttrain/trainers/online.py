@@ -53,7 +53,7 @@ from posttrain.trainers import distributed
 from posttrain.trainers import vision as trainer_vision
 from posttrain.trainers.base import PostTrainer
 from posttrain.trainers.online_batches import RolloutBatches
-from posttrain.trainers.online_inspection import TRLInspection, moe_aux_loss_enabled
+from posttrain.trainers.online_inspection import TRLInspection
 from posttrain.trainers.online_sampling import RolloutSampling
 
 
@@ -122,8 +122,6 @@ class OnlineTrainer(TRLInspection, RolloutSampling, RolloutBatches, PostTrainer)
         self.use_vllm = args.use_vllm
         self.vllm = vllm_backend(args, self.accelerator, model_id or self.model.config._name_or_path) \
             if args.use_vllm else None
-        if not hasattr(self, "aux_loss_enabled"):  # the shared base may have set it (router_aux_loss_coef)
-            self.aux_loss_enabled = moe_aux_loss_enabled(self.accelerator.unwrap_model(self.model), args)
         if hasattr(self.model, "add_model_tags"):  # TRL's model-card tags, on the model as TRL puts them
             self.model.add_model_tags(["trl", self.method_name.lower().replace("onlinedpo", "online-dpo")])
         self._buffer: list[dict[str, Any]] = []
