@@ -170,10 +170,15 @@ def main() -> None:
         name = path.removeprefix("posttrain/") + (f" (issue {LATER[path]})" if path in LATER else "")
         print(f"| {name} | {before} | {mid} | {now} | {later} | {now - later} |")
         totals.update({"before": before, "mid": mid, "now": now, "later": later})
+        if path not in LATER:
+            totals.update({"shared_before": before, "shared_now": now})
     print(f"| **total** | **{totals['before']}** | **{totals['mid']}** | **{totals['now']}** | **{totals['later']}** "
           f"| **{totals['now'] - totals['later']}** |")
-    print(f"\nLike-for-like change: {totals['before']} → {totals['now'] - totals['later']} lines "
-          f"({totals['now'] - totals['later'] - totals['before']:+d}).\n")
+    print(f"\nAll modules: {totals['before']} → {totals['now']} lines. Shared modules (every module but the later "
+          f"issues' own, with the later lines inside them): {totals['shared_before']} → {totals['shared_now']}. "
+          f"Like-for-like by blame: {totals['before']} → {totals['now'] - totals['later']} "
+          f"({totals['now'] - totals['later'] - totals['before']:+d}; a later issue's line rewritten since counts as "
+          "like-for-like).\n")
     print("Overrides per trainer (methods a trainer class defines that an ancestor — the posttrain bases at that "
           "revision, or transformers.Trainer — defines too; a mixin only this trainer uses counts as its own; in "
           "brackets: all methods it defines).\n")
