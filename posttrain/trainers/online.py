@@ -1,4 +1,4 @@
-"""`OnlineTrainer`: the rollout machinery every online method (GRPO, RLOO, online DPO, PPO) shares.
+"""`OnlineTrainer`: the rollout machinery every online method (GRPO, RLOO, online DPO, PPO, distillation) shares.
 
 Each dataloader item is a *generation batch* of prompt rows (each prompt repeated num_generations times,
 consecutively). On the first micro-step of a cycle the base makes one typed `Rollout` (`rollout/types.py`; named,
@@ -6,23 +6,14 @@ timed phases: generate, score, old_logps, reference): completions, per-function 
 the group's rewards from every process, and the sampling policy's and reference's log-probs when the method needs
 them. A method then writes exactly one hook, `training_batches(rollout)`, that turns it into the micro-batches of
 each optimizer step of the cycle (GRPO: group advantages; RLOO: leave-one-out with the KL in the reward; online
-DPO: ranked pairs; PPO: values, GAE, whitening, mini-batch epochs), plus its `compute_loss`.
+DPO: ranked pairs; PPO: values, GAE, whitening, mini-batch epochs), plus its `compute_loss`. Tool-calling rollouts
+(`rollout/agentic.py`) are the same `Rollout`, tool results outside `loss_mask`, which every loss reads.
 
-Tool-calling rollouts (`tools=`, `environment_factory=`, `rollout_func=`; trainers with `supports_tools`: GRPO, RLOO)
-come from `rollout/agentic.py` as the same `Rollout`, tool results in the context but outside `loss_mask`, so no
-method needs a case of its own; every log-prob, ratio, KL and loss reads the loss mask.
+Here: construction, data loaders, the cycle, checkpoint state, phases, making and recording the rollout. Mixins:
+sampling and log-prob passes (`online_sampling.py`), micro-batches and the one reduction contract
+(`online_batches.py`), what code written for TRL reads on a trainer (`online_inspection.py`).
 
-Reduction, one contract: a method's loss is per-item terms and their unit (token, sequence, pair); the base counts
-every unit over each optimizer step's micro-batches on all processes (`num_items`) and `reduce_loss` divides, so
-the loss is exactly invariant to how a step's batch is split across accumulation steps and processes.
-
-Lives here: construction, data loaders, the generation-batch cycle, checkpoint state, phases, the rollout (generate,
-decode, score, log-probs), the reference questions and the completions table. Its mixins hold the rest of the base:
-sampling and log-prob passes (`trainers/online_sampling.py`), micro-batches and the reduction
-(`trainers/online_batches.py`), what code written for TRL reads on a trainer (`trainers/online_inspection.py`).
-
-Not here: streamed generation batches and padding (`rollout/batching.py`), generation (`rollout/hf.py`; vLLM
-colocated or behind `posttrain vllm-serve`: `rollout/vllm.py`, `rollout/client.py`), rewards (`rewards/`),
+Not here: streamed batches and padding (`rollout/batching.py`), generation (`rollout/`), rewards (`rewards/`),
 advantage and loss maths (`algorithms/`, `losses/`), the reference (`models/reference.py`).
 """
 
