@@ -21,7 +21,7 @@ Tensor = torch.Tensor
 SCALE_REWARDS = ("group", "batch", "none")
 
 
-def _nan_mean_std(x: Tensor, dim: int | None = None, keepdim: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def nan_mean_std(x: Tensor, dim: int | None = None, keepdim: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """NaN-aware (mean, unbiased std, count of non-NaN) over `dim` (all elements when None).
     mean is 0 where nothing is scorable; std is 0 where fewer than two values are scorable."""
     valid = ~torch.isnan(x)
@@ -65,15 +65,15 @@ def group_advantages(rewards: Tensor, num_generations: int, scale_rewards: str |
     if scale_rewards not in SCALE_REWARDS:
         raise UserError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}.")
     grouped = _grouped(rewards, num_generations)
-    mean, group_std, _ = _nan_mean_std(grouped, dim=1, keepdim=True)
+    mean, group_std, _ = nan_mean_std(grouped, dim=1, keepdim=True)
     advantages = grouped - mean
     if scale_rewards == "group":
         advantages = advantages / (group_std + eps)
     elif scale_rewards == "batch":
-        advantages = advantages / (_nan_mean_std(rewards)[1] + eps)
+        advantages = advantages / (nan_mean_std(rewards)[1] + eps)
     advantages = torch.nan_to_num(advantages.reshape(-1), nan=0.0)
     group_std = group_std.reshape(-1)
-    metrics = {"reward": _nan_mean_std(rewards)[0].detach(), "reward_std": group_std.mean().detach(),
+    metrics = {"reward": nan_mean_std(rewards)[0].detach(), "reward_std": group_std.mean().detach(),
                "frac_reward_zero_std": (group_std == 0).to(rewards.dtype).mean().detach()}
     return advantages, metrics
 
@@ -89,12 +89,12 @@ def normalize_then_sum(rewards: Tensor, weights: Tensor, num_generations: int, e
     Args: rewards (N, K), weights (K,), N divisible by G. Returns: advantages (N,).
     """
     grouped = _grouped(rewards, num_generations)                       # (N/G, G, K)
-    mean, std, _ = _nan_mean_std(grouped, dim=1, keepdim=True)
+    mean, std, _ = nan_mean_std(grouped, dim=1, keepdim=True)
     z = ((grouped - mean) / (std + eps)).reshape_as(rewards)           # NaN stays NaN
     weights = torch.as_tensor(weights, dtype=rewards.dtype, device=rewards.device)
     summed = (z * weights).nansum(dim=1)
     summed = summed.masked_fill(torch.isnan(rewards).all(dim=1), float("nan"))
-    batch_mean, batch_std, _ = _nan_mean_std(summed)
+    batch_mean, batch_std, _ = nan_mean_std(summed)
     return torch.nan_to_num((summed - batch_mean) / (batch_std + eps), nan=0.0)
 
 
@@ -112,7 +112,7 @@ def rloo_advantages(rewards: Tensor, num_generations: int, normalize: bool = Fal
     baseline = (grouped.nansum(1, keepdim=True) - grouped) / (count - 1)   # NaN/inf where count < 2 → zeroed
     advantages = torch.where(count > 1, grouped - baseline, torch.full_like(grouped, float("nan"))).reshape(-1)
     if normalize:
-        mean, std, _ = _nan_mean_std(advantages)
+        mean, std, _ = nan_mean_std(advantages)
         advantages = (advantages - mean) / (std + eps)
     return torch.nan_to_num(advantages, nan=0.0)
 

@@ -40,8 +40,6 @@ def deprecated(message: str, stacklevel: int = 4) -> None:
     warnings.warn(message, FutureWarning, stacklevel=stacklevel)
 
 
-
-
 def resolve_trainer_arguments(trainer_name: str, config_cls, args, processing_class, kwargs: dict[str, Any]):
     """Return (config, processing_class) after folding legacy keyword arguments into them."""
     if "tokenizer" in kwargs:
@@ -61,12 +59,12 @@ def resolve_trainer_arguments(trainer_name: str, config_cls, args, processing_cl
     if moved:
         listed = ", ".join(f"{k}=..." for k in moved)
         deprecated(f"Passing {listed} straight to {trainer_name} is deprecated; pass them in "
-              f"args={config_name}({listed}).")
+                   f"args={config_name}({listed}).")
     if args is None:
         return config_cls(**moved), processing_class
     if not isinstance(args, config_cls):
         deprecated(f"args= as a {type(args).__name__} is deprecated for {trainer_name}; use args={config_name}(...) "
-              "(it accepts every TrainingArguments field).")
+                   "(it accepts every TrainingArguments field).")
     elif not moved:
         return args, processing_class
     if getattr(args, "_output_dir_was_default", False):

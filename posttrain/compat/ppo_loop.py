@@ -14,8 +14,7 @@ Each piece is a thin adapter over what `trainer.train()` runs, so the two cannot
 training batches (values, KL-penalised rewards, GAE, whitening, the mini-batches of every PPO epoch) from the
 trainer's one hook, `PPOTrainer.training_batches`; every micro-batch's loss and backward is the Trainer's
 `training_step` (→ `PPOTrainer.compute_loss`: clipped policy and value losses); logging is the trainer's `log`.
-The first use prints one FutureWarning that names the
-modern form.
+The first use prints one FutureWarning that names the modern form.
 
 The trainer may be built without reward functions, as the guides build it (`PPOTrainer(config=..., model=...,
 ref_model=..., tokenizer=..., dataset=..., data_collator=...)`): the loop brings its own scores, and `train()`
@@ -42,7 +41,7 @@ from torch.utils.data import DataLoader
 
 from posttrain.compat import deprecated
 from posttrain.errors import UserError
-from posttrain.rollout.hf import _eos_ids, left_pad
+from posttrain.rollout.hf import _eos_ids, left_pad, right_pad
 from posttrain.rollout.types import Rollout
 
 LOOP_API = ("dataloader", "generate", "step", "log_stats")
@@ -81,8 +80,7 @@ class PPOLoopAdapter:
             if dataset is None or len(dataset) < size:
                 have = "no train dataset" if dataset is None else f"{len(dataset)} prompts"
                 raise UserError(f"{type(self.trainer).__name__}.dataloader yields batches of {size} prompts "
-                                f"(batch_size) "
-                                f"but there are {have}; pass dataset=... with at least {size} prompts.")
+                                f"(batch_size) but there are {have}; pass dataset=... with at least {size} prompts.")
             loader = DataLoader(dataset, batch_size=size, shuffle=True, drop_last=True, collate_fn=self._queries,
                                 generator=torch.Generator().manual_seed(self.trainer.args.seed))
             self._loop_dataloader = self.trainer.accelerator.prepare(loader)
@@ -202,12 +200,7 @@ class PPOLoopAdapter:
             ends = torch.isin(response, eos).nonzero()
             truncated.append(len(ends) == 0)
             kept.append(response if len(ends) == 0 else response[:int(ends[0]) + 1])
-        width = max(len(r) for r in kept)
-        completion_ids = torch.full((len(kept), width), pad, dtype=torch.long)
-        completion_mask = torch.zeros((len(kept), width), dtype=torch.long)
-        for i, response in enumerate(kept):
-            completion_ids[i, :len(response)] = response
-            completion_mask[i, :len(response)] = 1
+        completion_ids, completion_mask = right_pad(kept, pad)
         return Rollout(prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device),
                        completion_ids=completion_ids.to(device), completion_mask=completion_mask.to(device),
                        is_truncated=torch.tensor(truncated, device=device), prompts=[None] * len(kept))

@@ -8,12 +8,12 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
+from posttrain.algorithms.advantages import SCALE_REWARDS
 from posttrain.configs.base import check, posttrain_config
 from posttrain.configs.online import ScoredGroupConfig
-from posttrain.losses.policy import SAMPLER_IS_MODES
+from posttrain.losses.policy import POLICY_LOSSES, SAMPLER_IS_MODES
 
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
-SCALE_REWARDS = ("group", "batch", "none")
+GRPO_LOSS_TYPES = tuple(POLICY_LOSSES)  # grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo
 LOSS_NORMALIZATIONS = ("global", "trl")
 
 

@@ -10,7 +10,7 @@ sequence, pair, example); the trainer counts each unit once per optimizer step o
 and reduces with `reduce_terms`. The one exception is a parity switch that reproduces a TRL normalisation that is
 local to a micro-batch (`local_reduce`).
 
-Not here: how N_global is counted (the trainers' base classes: `count_loss_items`, `trainers/online.py`).
+Not here: how N_global is counted (the trainers' base classes: `count_loss_items`, `trainers/online_batches.py`).
 """
 
 from __future__ import annotations

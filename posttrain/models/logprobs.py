@@ -40,6 +40,16 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def completion_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(labels (B, P + C): the trained completion tokens, IGNORE_INDEX on the prompt and where completion_mask is 0;
+    the prompt length P) of a rollout batch whose last C columns are the completions."""
+    prompt_len = input_ids.shape[1] - completion_mask.shape[1]
+    labels = input_ids.clone()
+    labels[:, :prompt_len] = IGNORE_INDEX
+    labels[:, prompt_len:][completion_mask == 0] = IGNORE_INDEX
+    return labels, prompt_len
+
+
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
     """Positions t whose logits predict a trained token labels[:, t+1] in at least one row.
 

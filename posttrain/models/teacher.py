@@ -29,7 +29,7 @@ from posttrain.losses.distill import jsd_with_entropy, teacher_top_k, top_k_gene
 from posttrain.models import loading, reference
 from posttrain.models.logprobs import (
     CHUNK_ROWS,
-    IGNORE_INDEX,
+    completion_labels,
     forward_target_rows,
     positions_from_mask,
     uses_chunked_head,
@@ -88,20 +88,10 @@ def check_same_vocabulary(student: torch.nn.Module, teacher: torch.nn.Module, to
                         "tokens): distillation compares next-token distributions, so both must share one tokenizer.")
 
 
-def _labels(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(labels (B, P + C) with the trained completion tokens and IGNORE_INDEX elsewhere, prompt length P)."""
-    completion_mask = batch["completion_mask"]
-    prompt_len = batch["input_ids"].shape[1] - completion_mask.shape[1]
-    labels = batch["input_ids"].clone()
-    labels[:, :prompt_len] = IGNORE_INDEX
-    labels[:, prompt_len:][completion_mask == 0] = IGNORE_INDEX
-    return labels, prompt_len
-
-
 def _trained_rows(model: torch.nn.Module, batch: dict[str, torch.Tensor], pack_rows: bool = True):
     """(rows (N, H) or logits (N, V), head or None) of the N trained completion tokens, row-major: the same order
     as `batch["completion_mask"].bool()` selects them."""
-    labels, prompt_len = _labels(batch)
+    labels, prompt_len = completion_labels(batch["input_ids"], batch["completion_mask"])
     hidden, head, logits, _, _, _ = forward_target_rows(model, batch["input_ids"], labels, batch["attention_mask"],
                                                         positions_from_mask(batch["attention_mask"]),
                                                         shared_prefix=prompt_len, pack_rows=pack_rows)

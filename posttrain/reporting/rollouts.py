@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from posttrain.algorithms.advantages import nan_mean_std
 from posttrain.rollout.types import Rollout
 
 
@@ -77,11 +78,8 @@ def completions_table(rollout: Rollout, names: list[str], step: int) -> list[dic
 
 def nanstd(values: torch.Tensor) -> torch.Tensor:
     """Unbiased std over the last dim, ignoring NaN; NaN where fewer than 2 values."""
-    valid = ~torch.isnan(values)
-    count = valid.sum(-1).float()
-    mean = torch.where(valid, values, 0.0).sum(-1) / count.clamp(min=1)
-    sq = torch.where(valid, (values - mean.unsqueeze(-1)) ** 2, 0.0).sum(-1)
-    return torch.where(count > 1, (sq / (count - 1).clamp(min=1)).sqrt(), torch.full_like(count, math.nan))
+    _, std, count = nan_mean_std(values, dim=-1)
+    return std.masked_fill(count < 2, math.nan)
 
 
 def completions_sample(rows: list[dict[str, Any]], limit: int | None, unique_prompts: bool) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from posttrain.errors import UserError
-from posttrain.rollout.hf import left_pad
+from posttrain.rollout.hf import left_pad, right_pad
 from posttrain.rollout.tools import (
     ToolRunner,
     environment_tools,
@@ -258,15 +258,8 @@ class AgentLoop:
     def _rollout(self, eps: list[Episode]) -> Rollout:
         pad = self.tokenizer.pad_token_id
         prompt_ids, prompt_mask = left_pad([ep.prompt_ids for ep in eps], pad)
-        width = max(max(len(ep.ids) for ep in eps), 1)
-        completion_ids = torch.full((len(eps), width), pad, dtype=torch.long)
-        completion_mask = torch.zeros((len(eps), width), dtype=torch.long)
-        loss_mask = torch.zeros((len(eps), width), dtype=torch.long)
-        for i, ep in enumerate(eps):
-            n = len(ep.ids)
-            completion_ids[i, :n] = torch.tensor(ep.ids, dtype=torch.long)
-            completion_mask[i, :n] = 1
-            loss_mask[i, :n] = torch.tensor(ep.mask, dtype=torch.long)
+        completion_ids, completion_mask = right_pad([ep.ids for ep in eps], pad)
+        loss_mask = right_pad([ep.mask for ep in eps], 0, completion_ids.shape[1])[0]
         truncated = torch.tensor([ep.truncated or not ep.ended for ep in eps])
         rollout = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                           completion_mask=completion_mask, is_truncated=truncated, loss_mask=loss_mask,

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from posttrain.errors import UserError
-from posttrain.rollout.hf import completion_mask_after_eos, left_pad
+from posttrain.rollout.hf import completion_mask_after_eos, left_pad, right_pad
 from posttrain.rollout.types import Rollout
 
 Weights = list[tuple[str, torch.Tensor]]
@@ -98,14 +98,11 @@ def rollout_from_token_lists(sequences: list[list[int]], prompt_ids: list[list[i
     they are right-padded, and the mask covers each list up to its first EOS. `logprobs` (one list per completion,
     aligned with its tokens; None where the engine gave none) becomes `sampler_logps` (N, C), NaN off the lists."""
     pad_id = tokenizer.pad_token_id
-    width = max(max((len(s) for s in sequences), default=1), 1)
-    completion_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        completion_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+    completion_ids, written = right_pad(sequences, pad_id)
+    width = completion_ids.shape[1]
     eos = tokenizer.eos_token_id
     completion_mask, truncated = completion_mask_after_eos(completion_ids, set(eos if isinstance(eos, list) else [eos]))
-    lengths = torch.tensor([len(s) for s in sequences])
-    completion_mask &= (torch.arange(width)[None, :] < lengths[:, None]).long()  # the padding of shorter lists
+    completion_mask &= written  # the padding of shorter lists
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
     ids, mask = left_pad(prompt_ids, pad_id)
     repeats = torch.tensor(counts)

@@ -59,6 +59,18 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+def right_pad(sequences, pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of shape (N, width), sequences (token lists or 1-D tensors, at most `width` long) aligned to the
+    left; width defaults to the longest sequence (at least 1)."""
+    width = max(max((len(s) for s in sequences), default=0), 1) if width is None else width
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, :len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[i, :len(seq)] = 1
+    return ids, mask
+
+
 def completion_mask_after_eos(completion_ids: torch.Tensor, eos_ids: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask (N, C), truncated (N,)): 1 up to and including the first EOS; truncated when a row has no EOS."""
     is_eos = torch.zeros_like(completion_ids, dtype=torch.bool)
@@ -130,9 +142,15 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], num_generations: int
         else:
             completion_ids = _transformers_generate(model, ids, mask, full_ids, full_mask, num_generations,
                                                     max_new_tokens, generation_kwargs, pad_id, share_prefill, synced)
+    return rollout_after_eos(full_ids, full_mask, completion_ids, eos_ids, pad_id)
+
+
+def rollout_after_eos(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                      eos_ids: set[int], pad_id: int) -> Rollout:
+    """The `Rollout` of generated completion ids (N, C): each completion ends at its first EOS, padding after it."""
     completion_mask, truncated = completion_mask_after_eos(completion_ids, eos_ids)
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
-    return Rollout(prompt_ids=full_ids, prompt_mask=full_mask, completion_ids=completion_ids,
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                   completion_ids=completion_ids.masked_fill(completion_mask == 0, pad_id),
                    completion_mask=completion_mask, is_truncated=truncated)
 
 

@@ -35,7 +35,7 @@ from posttrain.data.tokenize import tokenize_prompt_and_completions
 from posttrain.errors import UserError, UserTypeError
 from posttrain.models import teacher as teachers
 from posttrain.models.logprobs import output_head
-from posttrain.rollout.hf import left_pad
+from posttrain.rollout.hf import left_pad, right_pad
 from posttrain.rollout.types import Rollout
 from posttrain.trainers.online import OnlineTrainer
 
@@ -80,8 +80,7 @@ class DistillationTrainer(OnlineTrainer):
     def no_reference_reason(self) -> str:
         return f"{type(self).__name__} has a teacher, not a reference"
 
-    def needs_old_logps(self) -> bool:
-        return False  # the loss compares with the teacher, not with the sampling policy
+    uses_old_logps = False  # the loss compares with the teacher, not with the sampling policy
 
     def divergence_temperature(self) -> float:
         """The temperature of both distributions in the divergence."""

@@ -1,4 +1,4 @@
-"""`OnlineTrainer`: the rollout machinery every online method (GRPO, RLOO, online DPO, PPO) shares.
+"""`OnlineTrainer`: the rollout machinery every online method (GRPO, RLOO, online DPO, PPO, distillation) shares.
 
 Each dataloader item is a *generation batch* of prompt rows (each prompt repeated num_generations times,
 consecutively). On the first micro-step of a cycle the base makes one typed `Rollout` (`rollout/types.py`; named,
@@ -6,20 +6,15 @@ timed phases: generate, score, old_logps, reference): completions, per-function 
 the group's rewards from every process, and the sampling policy's and reference's log-probs when the method needs
 them. A method then writes exactly one hook, `training_batches(rollout)`, that turns it into the micro-batches of
 each optimizer step of the cycle (GRPO: group advantages; RLOO: leave-one-out with the KL in the reward; online
-DPO: ranked pairs; PPO: values, GAE, whitening, mini-batch epochs), plus its `compute_loss`.
+DPO: ranked pairs; PPO: values, GAE, whitening, mini-batch epochs), plus its `compute_loss`. Tool-calling rollouts
+(`rollout/agentic.py`) are the same `Rollout`, tool results outside `loss_mask`, which every loss reads.
 
-Tool-calling rollouts (`tools=`, `environment_factory=`, `rollout_func=`; trainers with `supports_tools`: GRPO, RLOO,
-distillation) come from `rollout/agentic.py` as the same `Rollout`, tool results in the context but outside
-`loss_mask`, so no method needs a case of its own; every log-prob, ratio, KL and loss reads the loss mask.
+Here: construction, data loaders, the cycle, checkpoint state, phases, making and recording the rollout. Mixins:
+sampling and log-prob passes (`online_sampling.py`), micro-batches and the one reduction contract
+(`online_batches.py`), what code written for TRL reads on a trainer (`online_inspection.py`).
 
-Reduction, one contract: a method's loss is per-item terms and their unit (token, sequence, pair); the base counts
-every unit over each optimizer step's micro-batches on all processes (`num_items`) and `reduce_loss` divides, so
-the loss is exactly invariant to how a step's batch is split across accumulation steps and processes.
-
-Not here: what code written for TRL reads on a trainer (`trainers/online_inspection.py`), streamed generation
-batches and padding (`rollout/batching.py`), generation (`rollout/hf.py`; vLLM colocated or behind
-`posttrain vllm-serve`: `rollout/vllm.py`, `rollout/client.py`), rewards (`rewards/`), advantage and loss maths
-(`algorithms/`, `losses/`), the reference (`models/reference.py`).
+Not here: streamed batches and padding (`rollout/batching.py`), generation (`rollout/`), rewards (`rewards/`),
+advantage and loss maths (`algorithms/`, `losses/`), the reference (`models/reference.py`).
 """
 
 from __future__ import annotations
@@ -37,25 +32,23 @@ from torch.utils.data import DataLoader
 from posttrain.configs.online import check_vllm_use
 from posttrain.data import formats
 from posttrain.data.prepare import check_prompts
-from posttrain.data.tokenize import tokenize_prompt
 from posttrain.errors import UserError, UserTypeError
-from posttrain.losses.reduce import local_reduce, reduce_terms
 from posttrain.models import reference, sharding
-from posttrain.models.logprobs import completion_logps, positions_from_mask, target_positions
 from posttrain.reporting.rollouts import completions_sample, completions_table, print_completions, rollout_metrics
 from posttrain.rewards.runner import RewardRunner
-from posttrain.rollout.agentic import AGENTIC_ARGUMENTS, agentic_rollouts, custom_rollout
+from posttrain.rollout.agentic import AGENTIC_ARGUMENTS, agentic_rollouts
 from posttrain.rollout.batching import StreamedGenerationBatches, pad_to_multiple
 from posttrain.rollout.engine import vllm_backend
-from posttrain.rollout.hf import _eos_ids, generate
 from posttrain.rollout.types import Rollout
 from posttrain.trainers import distributed, router_loss
 from posttrain.trainers import vision as trainer_vision
 from posttrain.trainers.base import PostTrainer
+from posttrain.trainers.online_batches import RolloutBatches
 from posttrain.trainers.online_inspection import TRLInspection
+from posttrain.trainers.online_sampling import RolloutSampling
 
 
-class OnlineTrainer(TRLInspection, PostTrainer):
+class OnlineTrainer(TRLInspection, RolloutSampling, RolloutBatches, PostTrainer):
     summary_metrics = (("reward", "reward"), ("completions/mean_length", "completion length"))
     needs_reward_funcs = True  # False: reward_funcs may be left out at construction (PPO's loop API scores itself)
 
@@ -110,7 +103,7 @@ class OnlineTrainer(TRLInspection, PostTrainer):
             self.reward_runner.place(self.prepare_frozen, self.accelerator.device)
         self.reference = reference.Reference.build(self, ref_model, model_id)
         self._micro_step = 0
-        if train_dataset is not None and not hasattr(train_dataset, "__len__"):
+        if streamed:
             # a stream is read by `StreamedGenerationBatches` in this process, in order (as TRL requires)
             args.accelerator_config.dispatch_batches = False
             if args.dataloader_num_workers:
@@ -121,11 +114,15 @@ class OnlineTrainer(TRLInspection, PostTrainer):
         self.use_vllm = args.use_vllm
         self.vllm = vllm_backend(args, self.accelerator, model_id or self.model.config._name_or_path) \
             if args.use_vllm else None
-        tags = [tag for tag in ("trl", self.method_name.lower().replace("onlinedpo", "online-dpo"))]
         if hasattr(self.model, "add_model_tags"):  # TRL's model-card tags, on the model as TRL puts them
-            self.model.add_model_tags(tags)
+            self.model.add_model_tags(["trl", self.method_name.lower().replace("onlinedpo", "online-dpo")])
         self._buffer: list[dict[str, Any]] = []
         self._last_table: list[dict[str, Any]] = []
+
+    def train(self, *args: Any, **kwargs: Any):
+        if self.reward_runner is None and self.scores_rollouts:  # PPO built for its loop API: before any setup
+            raise UserError(self.missing_reward_funcs_message())
+        return super().train(*args, **kwargs)
 
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """A frozen model (reference, reward model) placed the way the policy is (`models/sharding.py`)."""
@@ -333,165 +330,6 @@ class OnlineTrainer(TRLInspection, PostTrainer):
         Set `rollout.advantages` (N,) for the completions table."""
         raise NotImplementedError
 
-    def gather_rows(self, values: torch.Tensor) -> torch.Tensor:
-        """(N, …) per-row values of this process → (N_all, …) of the whole generation batch in global row order
-        (training with several processes; else unchanged)."""
-        if self.accelerator.num_processes == 1 or not self.model.training:
-            return values
-        return self.accelerator.gather(values.contiguous())
-
-    def advantage_batches(self, rollout: Rollout, advantages: torch.Tensor,
-                          **extra: torch.Tensor) -> list[list[dict[str, torch.Tensor]]]:
-        """Per-completion advantages (N_all,) over the gathered generation batch → this process's rows, shuffled into
-        micro-batches grouped into optimizer steps, the same micro-batches for each of the num_iterations passes.
-        `extra`: more per-row tensors (N, …) of this process's rows to carry along (e.g. GRPO's sampler weights)."""
-        if self.accelerator.num_processes > 1 and self.model.training:
-            n = len(rollout.prompts)
-            advantages = advantages[self.accelerator.process_index * n:(self.accelerator.process_index + 1) * n]
-        rollout.advantages = advantages
-        return self.cycle(self.split({**self.rollout_tensors(rollout), "advantages": advantages, **extra}))
-
-    def split(self, batch: dict[str, torch.Tensor], group: int = 1) -> list[dict[str, torch.Tensor]]:
-        """One pass over a batch in micro-batches of per_device_train_batch_size rows, shuffled in units of `group`
-        consecutive rows (training), or one micro-batch of every row (evaluation)."""
-        n = batch["input_ids"].shape[0]
-        if not self.model.training:
-            return [dict(batch)]
-        device = batch["input_ids"].device
-        order = torch.randperm(n // group, device=device)
-        order = (order.unsqueeze(1) * group + torch.arange(group, device=device)).reshape(-1)
-        size = self.args.per_device_train_batch_size
-        return [{k: v[order[start:start + size]] for k, v in batch.items()} for start in range(0, n, size)]
-
-    def cycle(self, parts: list[dict[str, torch.Tensor]]) -> list[list[dict[str, torch.Tensor]]]:
-        """The micro-batches of one pass, grouped into optimizer steps of gradient_accumulation_steps each and
-        repeated for num_iterations passes (one step, one pass in evaluation)."""
-        if not self.model.training:
-            return [parts]
-        ga = self.args.gradient_accumulation_steps
-        return [parts[i:i + ga] for i in range(0, len(parts), ga)] * self.args.num_iterations
-
-    # ---- item counts and the reduction --------------------------------------------------------------------
-    @staticmethod
-    def count_items(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Loss items of one micro-batch by unit: trained tokens, sequences (rows), ranked pairs."""
-        counts = {"token": part["completion_mask"].sum().float(),
-                  "sequence": torch.tensor(float(part["completion_mask"].shape[0]),
-                                           device=part["completion_mask"].device)}
-        if "pair_weight" in part:
-            counts["pair"] = part["pair_weight"].sum().float()
-        return counts
-
-    def with_item_counts(self, steps: list[list[dict[str, torch.Tensor]]]) -> list[list[dict[str, torch.Tensor]]]:
-        """Each micro-batch gets `local_items` (its own counts) and `num_items` (its optimizer step's counts over
-        every micro-batch and process: one collective per cycle); the steps are returned. A step of a generation batch
-        whose steps_per_generation is not a multiple of gradient_accumulation_steps straddles two cycles: there
-        the cycle's count × GA / steps_per_generation stands in for the step's (TRL's normaliser)."""
-        args = self.args
-        units = sorted(self.count_items(steps[0][0]))
-        local = [[self.count_items(part) for part in step] for step in steps]
-        totals = torch.stack([torch.stack([sum(c[u] for c in step) for u in units]) for step in local])
-        if args.world_size > 1 and self.model.training:
-            totals = self.accelerator.reduce(totals, reduction="sum")
-        straddles = self.model.training and args.steps_per_generation % args.gradient_accumulation_steps != 0
-        if straddles:
-            cycle = args.steps_per_generation * args.num_iterations
-            totals = totals.sum(0, keepdim=True).expand(len(steps), -1) * args.gradient_accumulation_steps / cycle
-        for step, counts, total in zip(steps, local, totals):
-            for part, own in zip(step, counts):
-                part["local_items"] = own
-                part["num_items"] = dict(zip(units, total))
-        return steps
-
-    def reduce_loss(self, terms: torch.Tensor, unit: str, inputs: dict[str, Any], local: bool = False):
-        """The micro-batch's share of its optimizer step's loss: Σ terms · processes / (the step's `unit` items,
-        all micro-batches and processes). local=True: Σ terms / (this micro-batch's items) / GA (TRL's
-        per-micro-batch normalisation, for the parity switch). Called directly on one batch (no counts): its own."""
-        counts = inputs.get("num_items") or self.count_items(inputs)
-        if local:
-            own = inputs.get("local_items") or self.count_items(inputs)
-            return local_reduce(terms, own[unit], self.args.gradient_accumulation_steps)
-        processes = self.accelerator.num_processes if "num_items" in inputs else 1
-        return reduce_terms(terms, counts[unit].clamp(min=1), processes)
-
-    def sample(self, rows: list[dict[str, Any]]):
-        """This process's completions for its rows of the generation batch (a `Rollout`, rows in order).
-
-        A prompt's consecutive rows share one prefill. With several processes each samples its own slice, under a
-        seed of its own (else a group split across processes would get the same samples twice)."""
-        args = self.args
-        offset = self.accelerator.process_index * len(rows) if self.model.training else 0
-        counts = distributed.group_runs(offset, len(rows), self.num_generations)
-        starts = [sum(counts[:i]) for i in range(len(counts))]
-        if self.rollout_func is not None:  # user code generates (TRL's rollout_func contract)
-            return custom_rollout(self.rollout_func, [rows[i]["prompt"] for i in starts], self, counts,
-                                  self.processing_class.pad_token_id, _eos_ids(self.model, self.processing_class))
-        if self.agent is not None:  # multi-turn: the model calls tools between turns (`rollout/agentic.py`)
-            with distributed.process_seed(self.accelerator, args.seed, self._micro_step):
-                return self.agent.run(rows, self._generate_turn, args.max_completion_length, args.max_prompt_length)
-        if self.uses_images:  # rollouts conditioned on the prompts' images (trainers/vision.py)
-            return trainer_vision.sample_with_images(self, rows, starts, counts)
-        prompt_ids = [self._prompt_ids(rows[i]["prompt"], rows[i].get("chat_template_kwargs")) for i in starts]
-        per_prompt = counts[0] if len(set(counts)) == 1 else counts
-        return self.generate_completions(prompt_ids, per_prompt)
-
-    def _generate_turn(self, prompt_ids: list[list[int]], per_prompt, max_new_tokens: int):
-        """One turn of a multi-turn rollout: (token ids up to and including EOS, ended with EOS) per row."""
-        rollout = self.generate_completions(prompt_ids, per_prompt, max_new_tokens=max_new_tokens, seeded=False)
-        lengths = rollout.completion_mask.sum(1).tolist()
-        return [(ids[:n].tolist(), not truncated)
-                for ids, n, truncated in zip(rollout.completion_ids, lengths, rollout.is_truncated.tolist())]
-
-    def generate_completions(self, prompt_ids: list[list[int]], per_prompt: int | list[int],
-                             generation_kwargs: dict[str, Any] | None = None, max_new_tokens: int | None = None,
-                             seed_step: int | None = None, seeded: bool = True, model: torch.nn.Module | None = None):
-        """A `Rollout` of the policy's completions of tokenised prompts (`per_prompt` each, or one count per
-        prompt), sampled in eval mode through the vLLM engine (colocated or a server) when configured, else
-        `rollout/hf.py`. Defaults: `generation_kwargs()`, max_completion_length, and the micro-step as the step of
-        the per-process seed (seeded=False: no seed of its own). `model`: sample from this frozen model instead of
-        the policy (GKD's teacher under seq_kd), always through `rollout/hf.py`."""
-        args = self.args
-        kwargs = self.generation_kwargs() if generation_kwargs is None else generation_kwargs
-        max_new_tokens = args.max_completion_length if max_new_tokens is None else max_new_tokens
-        seed_step = self._micro_step if seed_step is None else seed_step
-        policy = self.accelerator.unwrap_model(self.model)
-        was_training = policy.training
-        policy.eval()
-        language_model = self.accelerator.unwrap_model(self.language_model())
-        # seeded=False: the caller holds the seed (a multi-turn rollout: one random stream for all its turns)
-        seeding = distributed.process_seed(self.accelerator, args.seed, seed_step) if seeded else None
-        with seeding or contextlib.nullcontext(), self._gathered_for_generation(language_model):
-            if model is not None:
-                rollout = generate(self.accelerator.unwrap_model(model), self.processing_class, prompt_ids, per_prompt,
-                                   max_new_tokens, kwargs)
-            elif self.vllm is not None:  # the engine gets the policy's weights once per optimizer step
-                rollout = self.vllm.generate(language_model, self.processing_class, prompt_ids, per_prompt,
-                                             max_new_tokens, kwargs, step=self.state.global_step)
-            else:
-                rollout = generate(language_model, self.processing_class, prompt_ids, per_prompt, max_new_tokens,
-                                   kwargs)
-        policy.train(was_training)
-        return rollout
-
-    def _gathered_for_generation(self, model: torch.nn.Module):
-        """ds3_gather_for_generation (DeepSpeed ZeRO-3, transformers generation): the whole weights gathered on
-        every process for the rollout (fast decoding); False, or any other setup: generate as placed (ZeRO-3 then
-        gathers layer by layer in every forward: slower, less memory)."""
-        if (not self.args.ds3_gather_for_generation or self.vllm is not None
-                or not any(hasattr(p, "ds_id") for p in model.parameters())):
-            return contextlib.nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(model.parameters()))
-
-    def _prompt_ids(self, prompt, row_template_kwargs: dict | None = None) -> list[int]:
-        """A prompt's ids: conversational prompts rendered with chat_template_kwargs (the config's, updated by the
-        row's own `chat_template_kwargs` column, as TRL), then kept to their last max_prompt_length tokens."""
-        template_kwargs = {**(getattr(self.args, "chat_template_kwargs", None) or {}), **(row_template_kwargs or {})}
-        ids = tokenize_prompt(self.processing_class, prompt, chat_template_kwargs=template_kwargs)
-        limit = self.args.max_prompt_length
-        return ids[-limit:] if limit else ids
-
     kl_weight = "beta"  # the config option weighing the KL to the reference (PPO: kl_coef)
 
     def holds_reference(self) -> bool:
@@ -501,65 +339,22 @@ class OnlineTrainer(TRLInspection, PostTrainer):
     def no_reference_reason(self) -> str:
         return f"{self.kl_weight} is 0"
 
+    uses_old_logps: bool | None = None  # True/False: the method always/never needs them; None: the base decides
+
     def needs_old_logps(self) -> bool:
         """Sampling-policy log-probs are needed when the policy moves before a rollout is fully used."""
+        if self.uses_old_logps is not None:
+            return self.uses_old_logps
         args = self.args
         return args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
-
-    # ---- log-probs ------------------------------------------------------------------------------------------
-    logps_at_sampling_temperature = True  # False: at temperature 1 (online DPO)
-    pack_log_prob_rows = True  # False where the policy's own pass runs padded (PPO): both sides the same arithmetic
-
-    def completion_logps(self, model, batch: dict[str, torch.Tensor], with_entropy: bool = False):
-        """(logps (B, C), model output dict) of the trained completion tokens (`completion_mask` of the batch: the
-        rollout's loss mask) at the sampling temperature (or at 1 where a trainer sets
-        `logps_at_sampling_temperature = False`); 0 on every other column. With `with_entropy`, out["entropy_columns"]
-        (B, C) holds the entropy at the same columns (0 elsewhere).
-
-        Columns that carry no target (tool results of a multi-turn rollout, padding) may sit anywhere in the
-        completion: the log-prob pass returns the kept positions only, and they are put back at their columns.
-        position_ids follow the attention mask so left-padded prompts see the positions generation gave them."""
-        completion_mask = batch["completion_mask"]
-        B, C = completion_mask.shape
-        prompt_len = batch["input_ids"].shape[1] - C
-        labels = batch["input_ids"].clone()
-        labels[:, :prompt_len] = -100
-        labels[:, prompt_len:][completion_mask == 0] = -100
-        position_ids = positions_from_mask(batch["attention_mask"])
-        out = completion_logps(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                                       "position_ids": position_ids, "labels": labels,
-                                       **trainer_vision.rollout_image_inputs(self, batch, model)},
-                               temperature=self.args.temperature if self.logps_at_sampling_temperature else 1.0,
-                               with_entropy=with_entropy, shared_prefix=prompt_len,
-                               pack_rows=self.pack_log_prob_rows)
-        columns = target_positions(labels) + 1 - prompt_len  # the completion column of each kept position
-        logps = out["logps"].new_zeros(B, C)
-        logps[:, columns] = out["logps"]
-        if with_entropy:
-            entropy = out["logps"].new_zeros(out["mask"].shape, dtype=torch.float32)
-            entropy = entropy.masked_scatter(out["mask"], out["entropy"].float())
-            out["entropy_columns"] = entropy.new_zeros(B, C)
-            out["entropy_columns"][:, columns] = entropy
-        return logps, out
-
-    @torch.no_grad()
-    def _batched_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        size = self.args.per_device_train_batch_size
-        chunks = []
-        for start in range(0, batch["input_ids"].shape[0], size):
-            part = {k: batch[k][start:start + size] for k in ("input_ids", "attention_mask", "completion_mask",
-                                                              "image_index") if k in batch}
-            chunks.append(self.completion_logps(model, part)[0])
-        return torch.cat(chunks)
 
     # ---- metrics ------------------------------------------------------------------------------------------------
     def _record_rollout(self, rollout: Rollout) -> None:
         self.record_metrics(rollout_metrics(rollout, self.reward_runner, self.num_generations))
         self.add_tokens_seen(rollout.attention_mask.sum())
-        if self.args.log_completions:
-            names = self.reward_runner.names if self.reward_runner is not None else []
-            self._last_table = completions_table(rollout, names, self.state.global_step)
         names = self.reward_runner.names if self.reward_runner is not None else []
+        if self.args.log_completions:
+            self._last_table = completions_table(rollout, names, self.state.global_step)
         self._last_rollout_log = {"prompt": list(rollout.prompts), "completion": list(rollout.completions),
                                   "rewards": {name: rollout.rewards[:, k].tolist() for k, name in enumerate(names)},
                                   "advantages": [] if rollout.advantages is None else rollout.advantages.tolist(),

@@ -32,6 +32,7 @@ from posttrain.compat import deprecated
 from posttrain.configs.online_dpo import OnlineDPOConfig
 from posttrain.errors import UserError
 from posttrain.losses.preference import DPO_LOSSES
+from posttrain.rollout.hf import _eos_ids
 from posttrain.rollout.types import Rollout
 from posttrain.trainers.online import OnlineTrainer, as_list
 
@@ -83,8 +84,7 @@ class OnlineDPOTrainer(OnlineTrainer):
         return batch
 
     # ---- the rollout hook ----------------------------------------------------------------------------------------
-    def needs_old_logps(self) -> bool:
-        return False  # the DPO loss has no importance ratio
+    uses_old_logps = False  # the DPO loss has no importance ratio
 
     def training_batches(self, rollout: Rollout) -> list[list[dict[str, torch.Tensor]]]:
         """Rank each pair by its scores (the weighted reward sum, minus `missing_eos_penalty` without EOS), then
@@ -120,15 +120,10 @@ class OnlineDPOTrainer(OnlineTrainer):
 
     def _contains_eos(self, rollout: Rollout) -> torch.Tensor:
         """(N,) bool: the completion ended with an EOS token (of the tokenizer or the model's generation config)."""
-        mask = rollout.completion_mask.bool()
-        completion_ids = rollout.completion_ids
-        eos_ids = set(as_list(self.processing_class.eos_token_id))
-        config = getattr(self.accelerator.unwrap_model(self.model), "generation_config", None)
-        eos_ids |= set(as_list(getattr(config, "eos_token_id", None)))
-        is_eos = torch.zeros_like(mask)
-        for eos in eos_ids - {None}:
-            is_eos |= completion_ids == eos
-        return (is_eos & mask).any(-1)
+        eos_ids = _eos_ids(self.accelerator.unwrap_model(self.model), self.processing_class)
+        ids = rollout.completion_ids
+        is_eos = torch.isin(ids, torch.tensor(sorted(eos_ids), dtype=ids.dtype, device=ids.device))
+        return (is_eos & rollout.completion_mask.bool()).any(-1)
 
     # ---- loss ------------------------------------------------------------------------------------------------
     logps_at_sampling_temperature = False  # DPO's implicit reward compares the model's own (T = 1) distributions

@@ -46,7 +46,7 @@ from posttrain.errors import UserError
 from posttrain.losses.kl import KL_ESTIMATORS
 from posttrain.losses.value import clipped_value_loss, ppo_policy_loss
 from posttrain.models import loading
-from posttrain.models.logprobs import IGNORE_INDEX, forward_target_rows, positions_from_mask, token_logps
+from posttrain.models.logprobs import completion_labels, forward_target_rows, positions_from_mask, token_logps
 from posttrain.models.value import PolicyAndValue, load_value_model, token_values, value_model_from_policy
 from posttrain.rollout.types import Rollout
 from posttrain.trainers.online import OnlineTrainer, as_list
@@ -113,11 +113,6 @@ class PPOTrainer(OnlineTrainer):
                 "works too); without them only the older loop API runs (generate, then step(queries, responses, "
                 "scores)).")
 
-    def train(self, *args: Any, **kwargs: Any):
-        if self.reward_runner is None:  # before any setup, as construction does for the other online trainers
-            raise UserError(self.missing_reward_funcs_message())
-        return super().train(*args, **kwargs)
-
     def _value_model(self, value_model) -> torch.nn.Module:
         args = self.args
         if value_model is None and args.value_model_name_or_path:
@@ -140,8 +135,7 @@ class PPOTrainer(OnlineTrainer):
         return super().prepare_datasets(train_dataset, eval_dataset, tokenizer, args)
 
     # ---- rollout ------------------------------------------------------------------------------------------------
-    def needs_old_logps(self) -> bool:
-        return True  # the KL penalty in the reward and the ratio of the first pass both use them
+    uses_old_logps = True  # the KL penalty in the reward and the ratio of the first pass both use them
 
     def training_batches(self, rollout: Rollout) -> list[list[dict[str, torch.Tensor]]]:
         """PPO's targets (`ppo_targets`), then num_ppo_epochs passes, each reshuffled into num_mini_batches
@@ -195,14 +189,11 @@ class PPOTrainer(OnlineTrainer):
 
     def _batched_values(self, value_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N, C): the critic's value of the state before each completion token."""
-        size = self.args.per_device_train_batch_size
         prompt_len = batch["input_ids"].shape[1] - batch["completion_mask"].shape[1]
-        chunks = []
-        for start in range(0, batch["input_ids"].shape[0], size):
-            ids, attention = batch["input_ids"][start:start + size], batch["attention_mask"][start:start + size]
-            values = token_values(value_model, ids, attention, positions_from_mask(attention))
-            chunks.append(values[:, prompt_len - 1:-1])
-        return torch.cat(chunks)
+        return self.in_micro_batches(
+            {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+            lambda part: token_values(value_model, part["input_ids"], part["attention_mask"],
+                                      positions_from_mask(part["attention_mask"]))[:, prompt_len - 1:-1])
 
     def _record_objective(self, kl, logps, non_score, scores, truncated, m) -> None:
         non_score_sum = non_score.sum(1)
@@ -270,10 +261,7 @@ class PPOTrainer(OnlineTrainer):
         """One forward of policy and critic: logps (B, C) at the sampling temperature, values (B, C), and the
         trained tokens' entropies (N,) at that temperature."""
         ids, attention, mask = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
-        prompt_len = ids.shape[1] - mask.shape[1]
-        labels = ids.clone()
-        labels[:, :prompt_len] = IGNORE_INDEX
-        labels[:, prompt_len:][mask == 0] = IGNORE_INDEX
+        labels, prompt_len = completion_labels(ids, mask)
         positions = positions_from_mask(attention)
         hidden, head, logits, targets, valid, output = forward_target_rows(model, ids, labels, attention, positions,
                                                                            with_values=True)

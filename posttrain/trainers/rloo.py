@@ -26,9 +26,7 @@ class RLOOTrainer(OnlineTrainer):
     method_name = "RLOO"
     vision_data = "prompt"  # image prompts (trainers/vision.py)
     supports_tools = True
-
-    def needs_old_logps(self) -> bool:
-        return True  # the KL term of the reward and the ratio both use the sampling policy's log-probs
+    uses_old_logps = True  # the KL term of the reward and the ratio both use the sampling policy's log-probs
 
     def training_batches(self, rollout: Rollout) -> list[list[dict[str, torch.Tensor]]]:
         """R = clamp(Σ_k w_k r_k) − β·Σ_t (log π_old − log π_ref) per completion, gathered over every process;

@@ -121,20 +121,16 @@ def sample_with_images(trainer, rows: list[dict], starts: list[int], counts: lis
     column = data_vision.image_column(list(rows[0]))
     tokens = data_vision.image_tokenizer(trainer.processing_class)
     images = [data_vision.row_images(rows[i], column, f"prompt {i}") for i in starts]
-    limit = trainer.args.max_prompt_length
-    prompt_ids = [data_vision.prompt_ids_with_images(tokens, rows[i]["prompt"], im, f"prompt {i}")
+    prompt_ids = [trainer.last_prompt_tokens(data_vision.prompt_ids_with_images(tokens, rows[i]["prompt"], im,
+                                                                                f"prompt {i}"))
                   for i, im in zip(starts, images)]
-    prompt_ids = [ids[-limit:] if limit else ids for ids in prompt_ids]
     args = trainer.args
-    policy = trainer.accelerator.unwrap_model(trainer.model)
-    was_training = policy.training
-    policy.eval()
     from posttrain.trainers import distributed
 
-    with distributed.process_seed(trainer.accelerator, args.seed, trainer._micro_step):
+    with trainer.sampling_mode() as policy, distributed.process_seed(trainer.accelerator, args.seed,
+                                                                      trainer._micro_step):
         rollout = generate_with_images(policy, trainer.processing_class, prompt_ids, images, counts,
                                        args.max_completion_length, trainer.generation_kwargs())
-    policy.train(was_training)
     trainer._rollout_images = [im for im, n in zip(images, counts) for _ in range(n)]
     rollout.image_index = torch.arange(len(trainer._rollout_images))
     return rollout
