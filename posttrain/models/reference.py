@@ -27,21 +27,8 @@ from posttrain.models.lean_layers import apply_lean_layers
 from posttrain.models.packed_attention import use_packed_attention
 
 
-<<<<<<< HEAD
-def is_peft_model(model: torch.nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
 def frozen_policy_copy(model: torch.nn.Module, model_id: str | None = None,
                        init_kwargs: dict | None = None) -> torch.nn.Module | None:
-=======
-def create_reference_model(model: torch.nn.Module, model_id: str | None = None,
-                           init_kwargs: dict | None = None) -> torch.nn.Module | None:
->>>>>>> a23
     """A frozen, eval-mode reference: None for PEFT models (adapters get disabled instead), else a copy
     (reloaded from `model_id` when the policy was given by name, so no copy of live weights is needed)."""
     if is_peft_model(model):
