@@ -112,13 +112,14 @@ def sample_pairs(model, tokenizer, rows: list[dict[str, Any]], rewards, num_gene
     return pairs, {"prompts": len(rows), "pairs": len(pairs), "all_same": len(rows) - len(pairs)}
 
 
-def option_names() -> list[str]:
-    return [a.dest for a in build_parser()._actions if a.dest != "help"]
+def option_defaults() -> dict[str, Any]:
+    """Every option of this command with its default."""
+    return {a.dest: a.default for a in build_parser()._actions if a.dest != "help"}
 
 
 def resolve_options(options: dict[str, Any]) -> argparse.Namespace:
     """This command's options from a dict (a pipeline stage, a --config file), checked; defaults filled in."""
-    defaults = {a.dest: a.default for a in build_parser()._actions if a.dest != "help"}
+    defaults = option_defaults()
     for key in options:
         if key not in defaults:
             raise PairsError(f"unknown option '{key}' for pairs{did_you_mean(key, defaults)} (options: "

@@ -126,9 +126,10 @@ def load(path: str, output_dir: str | None = None) -> Pipeline:
                                     f"to {path} or the current directory)")
             options = read_mapping(config_path, "config file", "a mapping of option: value", PipelineError)
         if command in DATA_COMMANDS:  # `defaults` are training options: a data stage takes those it has
-            from posttrain.pairs import option_names
+            from posttrain.pairs import option_defaults
 
-            options.update({k: v for k, v in defaults.items() if k in option_names()})
+            known = option_defaults()
+            options.update({k: v for k, v in defaults.items() if k in known})
         else:
             options.update(defaults)
         options.update({k: v for k, v in raw.items() if k not in STAGE_KEYS})
