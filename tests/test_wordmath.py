@@ -41,8 +41,20 @@ def test_data_sets_keep_test_questions_out_of_every_train_split():
     assert not sizes["sft"][1] & sizes["prompts"][1] and not sizes["pref"][1] & sizes["prompts"][1]
     row = load_any_dataset("posttrain/wordmath-pref", "conversational", "train[:1]")[0]
     assert row["prompt"][0]["content"].endswith(wordmath.INSTRUCTION) and row["chosen"][0]["role"] == "assistant"
-    with pytest.raises(ValueError, match="conversational only"):
+    with pytest.raises(ValueError, match="Unknown config 'standard'.*'1-step'"):
         load_any_dataset("posttrain/wordmath-sft", "standard", "train")
+    with pytest.raises(ValueError, match="use one of: 'conversational'"):
+        load_any_dataset("posttrain/chat-prompts", "1-step", "test")
+
+
+def test_step_configs_keep_the_questions_of_that_many_steps_in_both_splits():
+    full = load_any_dataset("posttrain/wordmath-prompts", None, None)
+    parts = [load_any_dataset("posttrain/wordmath-prompts", f"{k}-step", None) for k in (1, 2, 3)]
+    for split in ("train", "test"):
+        assert [set(p[split]["steps"]) for p in parts] == [{1}, {2}, {3}]
+        assert sum(len(p[split]) for p in parts) == len(full[split])
+        kept = {r["prompt"][0]["content"] for r in parts[0][split]}
+        assert kept == {r["prompt"][0]["content"] for r in full[split] if r["steps"] == 1}
 
 
 def test_chat_prompts_are_distinct_everyday_requests():

@@ -273,13 +273,10 @@ def load_builtin_dataset(name: str, config: str | None = None, split: str | None
     """
     if name not in _all_builtin():
         raise UserError(f"Unknown built-in data set {name!r}; available: {', '.join(_all_builtin())}.")
-    if name not in BUILTIN_DATASETS:  # posttrain/wordmath-* and posttrain/chat-prompts: conversational only
+    if name not in BUILTIN_DATASETS:  # posttrain/wordmath-* and posttrain/chat-prompts
         from posttrain.data import wordmath
 
-        if config not in (None, "conversational"):
-            raise UserError(f"{name!r} is conversational only (a chat model's data set); drop config {config!r} "
-                            "or set it to 'conversational'.")
-        dataset_dict = wordmath.build(name)
+        dataset_dict = wordmath.build(name, config)
         return dataset_dict if split is None else _select_split(dataset_dict, split)
     config = config or "standard"
     if config not in _FORMATS:

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import datasets
 
+from posttrain.errors import UserError
+
 INSTRUCTION = "Solve it step by step, then give the final answer on a last line that starts with ####."
 SFT_ROWS, TEST_ROWS, PREF_ROWS, PROMPT_ROWS = 3000, 1000, 2000, 2000
 _SLICES = {"sft": (0, 3000), "test": (3000, 4000), "pref": (4000, 6000), "prompts": (6000, 8000)}
@@ -229,8 +231,20 @@ BUILTIN_DATASETS: dict[str, str] = {
 }
 
 
-def build(name: str) -> datasets.DatasetDict:
-    """The DatasetDict (train, test) of one built-in data set of this module."""
+CONFIGS = ("conversational", "1-step", "2-step", "3-step")
+
+
+def build(name: str, config: str | None = None) -> datasets.DatasetDict:
+    """The DatasetDict (train, test) of one built-in data set of this module.
+
+    `config` "conversational" (the default) is every question; "1-step", "2-step" or "3-step" keeps only the
+    questions of that many arithmetic steps, in both splits (a curriculum: RL from a model that is right on the
+    easy questions only). The chat prompts have no configs.
+    """
+    config = config or "conversational"
+    if config not in CONFIGS or (name == "posttrain/chat-prompts" and config != "conversational"):
+        allowed = "'conversational'" if name == "posttrain/chat-prompts" else ", ".join(repr(c) for c in CONFIGS)
+        raise UserError(f"Unknown config {config!r} for {name!r} (a conversational data set); use one of: {allowed}.")
     if name == "posttrain/chat-prompts":
         rows = [{"prompt": [{"role": "user", "content": text}]} for text in chat_prompts()]
         return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:100]),
@@ -240,5 +254,8 @@ def build(name: str) -> datasets.DatasetDict:
     start, stop = _SLICES["pref" if kind == "kto" else kind]
     out = {}
     for offset, (split, chunk) in enumerate((("train", pool[start:stop]), ("test", pool[3000:4000]))):
-        out[split] = datasets.Dataset.from_list(_rows(kind, chunk, random.Random(_SEED + 1 + offset)))
+        rows = _rows(kind, chunk, random.Random(_SEED + 1 + offset))
+        if config != "conversational":
+            rows = [row for row in rows if row["steps"] == int(config[0])]
+        out[split] = datasets.Dataset.from_list(rows)
     return datasets.DatasetDict(out)
