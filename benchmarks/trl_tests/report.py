@@ -17,7 +17,7 @@ CATEGORIES = {
     "missing config field": "a config field TRL has, refused by posttrain's config",
     "unexpected kwarg": "a constructor/function argument TRL accepts",
     "missing attribute": "an attribute TRL's objects have (trainer, collator, config)",
-    "refused input": "posttrain raises a UserError/ValueError where TRL runs",
+    "refused input": "posttrain refuses the call with its one-line UserError where TRL runs",
     "behaviour assertion": "runs, but an assertion on the result fails",
     "crash": "another exception inside posttrain or the test",
     "timeout": "ran past the per-test limit",
@@ -55,8 +55,7 @@ def cause(test: dict) -> tuple[str, str]:
         frame = test.get("test_frame", "")  # the failing line of the test: shared by its parametrisations
         where = frame.split(": ", 1)[-1] if frame else re.sub(r"\{[^{}]*\}|\[[^\[\]]*\]", "…", msg)
         return "behaviour assertion", f"{_norm(where)[:140]}"
-    if etype in ("UserError", "UserTypeError", "ValueError", "UserValueError", "NotImplementedError") or \
-            etype.startswith("User"):
+    if etype.startswith("User"):  # posttrain's own one-line refusals
         return "refused input", f"{etype}: {_norm(msg)[:160]}"
     lib = test.get("library_frame", "")
     return "crash", f"{etype}: {_norm(msg)[:140]}" + (f" [{lib.split(' in ')[0].rsplit(':', 1)[0]}]" if lib else "")
@@ -148,15 +147,23 @@ def write_report(here: Path, out: Path) -> None:
     lines += ["## Posttrain failures by category", "", "| category | tests | meaning |", "|---|---:|---|"]
     for cat in sorted(by_cat, key=lambda c: (-by_cat[c], c)):
         lines.append(f"| {cat} | {by_cat[cat]} | {CATEGORIES.get(cat, '')} |")
-    lines += ["", "## Top causes", "", "| # | tests | category | cause | areas | example tests |", "|---:|---:|---|---|---|---|"]
-    ranked = sorted(by_cause.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-    for i, ((cat, key), items) in enumerate(ranked[:30], 1):
-        areas = ", ".join(f"{a} {c}" for a, c in Counter(a for a, _ in items).most_common())
-        examples = "<br>".join(f"`{n.split('::', 1)[1][:90]}`" for _, n in items[:3])
-        lines.append(f"| {i} | {len(items)} | {cat} | {_cell(key)} | {areas} | {examples} |")
-    rest = sum(len(v) for _, v in ranked[30:])
-    if rest:
-        lines += ["", f"… and {rest} more tests in {len(ranked) - 30} smaller causes (all in results-posttrain.json)."]
+    helpers = ("data_utils", "rewards", "callbacks")
+    for title, group in (("Top causes in the trainers (SFT … online DPO, PPO)", lambda a: a not in helpers),
+                         ("Top causes in the helpers (data_utils, rewards, callbacks)", lambda a: a in helpers)):
+        ranked = sorted(((k, [i for i in v if group(i[0])]) for k, v in by_cause.items()), key=lambda kv: (
+            -len(kv[1]), kv[0]))
+        ranked = [(k, v) for k, v in ranked if v]
+        if not ranked:
+            continue
+        lines += ["", f"## {title}", "", "| # | tests | category | cause | areas | example tests |",
+                  "|---:|---:|---|---|---|---|"]
+        for i, ((cat, key), items) in enumerate(ranked[:30], 1):
+            areas = ", ".join(f"{a} {c}" for a, c in Counter(a for a, _ in items).most_common())
+            examples = "<br>".join(f"`{n.split('::', 1)[1][:90]}`" for _, n in items[:3])
+            lines.append(f"| {i} | {len(items)} | {cat} | {_cell(key)} | {areas} | {examples} |")
+        rest = sum(len(v) for _, v in ranked[30:])
+        if rest:
+            lines += ["", f"… and {rest} more tests in {len(ranked) - 30} smaller causes (results-posttrain.json)."]
     lines += ["", "## Top causes per area", ""]
     for area in dict.fromkeys(a for a, _, _ in failures):
         mine = Counter(cause(t) for a, _, t in failures if a == area)
