@@ -91,6 +91,9 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
                             "quantization_config.")
         elif args.model_init_kwargs:
             logger.warning("model_init_kwargs is ignored because the model is already loaded.")
+        if self.auto_model_class is None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise UserError(f"{name} trains decoder-only language models and {type(model).__name__} is an "
+                            "encoder-decoder model (T5, BART, …): pass a causal LM (AutoModelForCausalLM).")
         if train_dataset is None and self.requires_train_dataset:  # after the model/output checks of older forms
             raise UserError(f"`train_dataset` is required: {name} needs a training dataset.")
         if processing_class is None:  # a VLM's processor, else the tokenizer
