@@ -283,7 +283,17 @@ API_CASES = [
      r"beta is an empty list; give one value"),
     ("model-init-kwargs-not-json", lambda p: SFTConfig(**_kw(p, model_init_kwargs="{bad")), ValueError,
      r"model_init_kwargs must be a JSON object, got '\{bad'"),
+    ("encoder-decoder-model", lambda p: DPOTrainer(_tiny_t5(), args=DPOConfig(**_kw(p)), processing_class=_tokenizer(),
+                                                    train_dataset=_data("arith-pref")),
+     ValueError, r"DPOTrainer trains decoder-only language models and T5ForConditionalGeneration is an "
+     r"encoder-decoder model \(T5, BART, …\): pass a causal LM"),
 ]
+
+
+def _tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=1))
 
 
 def _tokenizer(pad="keep", eos="keep"):

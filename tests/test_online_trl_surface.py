@@ -263,3 +263,19 @@ def test_moe_adapter_on_expert_parameters_uses_the_disabled_adapter_as_reference
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n in before)
+
+
+def test_get_high_entropy_mask_is_trls_quantile_selection():
+    # TRL's method on an instance-less call (as TRL's own tests do): threshold = 1 - top_entropy_quantile, a quantile
+    # of the masked entropies only. Masked values 0.1..1.0 (10 of them): the 0.5-quantile interpolates to 0.55, so
+    # 0.6..1.0 stay; threshold 1.0 keeps only the largest masked value; nothing masked keeps nothing.
+    from types import SimpleNamespace
+
+    stub = SimpleNamespace(accelerator=SimpleNamespace(num_processes=1))
+    entropies = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.7, 0.8, 0.9, 1.0, 1.1, 1.2]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    kept = GRPOTrainer.get_high_entropy_mask(stub, entropies, mask, 0.5)
+    assert kept.tolist() == [[False] * 5 + [True], [True] * 4 + [False] * 2]
+    assert GRPOTrainer.get_high_entropy_mask(stub, entropies, mask, 1.0).nonzero().tolist() == [[1, 3]]
+    assert GRPOTrainer.get_high_entropy_mask(stub, entropies, mask, 0.0).tolist() == mask.bool().tolist()
+    assert not GRPOTrainer.get_high_entropy_mask(stub, entropies, torch.zeros_like(mask), 0.5).any()

@@ -398,6 +398,7 @@ def test_preference_collator_returns_completion_mask_and_truncates():
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 0, 0], [1, 2, 3, 6, 0], [7, 8, 10, 11, 0]]
     assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0],
                                                  [0, 0, 1, 1, 0]]
+    assert set(batch) == {"input_ids", "attention_mask", "completion_mask"}  # TRL's keys only
     cut = DataCollatorForPreference(pad_token_id=0, max_length=3, truncation_mode="keep_end")(examples)
     assert cut["input_ids"][0].tolist() == [3, 4, 5]
     reward = DataCollatorForPreference(pad_token_id=0)([{"chosen_ids": [1, 2], "rejected_ids": [3], "margin": 0.5}])
@@ -414,6 +415,8 @@ def test_unpaired_preference_collator_and_kto_takes_it(tmp_path):
     assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 0, 0]]
     assert batch["KL_input_ids"].tolist() == [[1, 2, 3, 6], [7, 8, 4, 5]]
     assert batch["label"].tolist() == [True, False]
+    assert set(batch) == {"input_ids", "attention_mask", "completion_mask", "KL_input_ids", "KL_attention_mask",
+                          "KL_completion_mask", "label"}  # TRL's keys only
     data = _data("posttrain/arith-kto", n=8)
     trainer = KTOTrainer(MODEL, args=_args(KTOConfig, tmp_path, loss_type="apo_zero_unpaired"), train_dataset=data,
                          data_collator=DataCollatorForUnpairedPreference(pad_token_id=0))

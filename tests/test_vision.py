@@ -185,14 +185,14 @@ def test_logps_with_images_match_the_plain_forward(name):
     batch = dv.DataCollatorWithImages(DataCollatorForPreference(0), processor, repeat=2)([pref[0], pref[1]])
     batch["pixel_values"] = batch["pixel_values"].double()
     out = completion_logps(model, batch, shared_prefix=1 << 30)  # asks for the shared prefix: must not apply
-    from posttrain.models.logprobs import forward_target_rows
+    from posttrain.models.logprobs import batch_labels, forward_target_rows
     from posttrain.models.vision import image_inputs
 
-    hidden = forward_target_rows(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+    hidden = forward_target_rows(model, batch["input_ids"], batch_labels(batch), batch["attention_mask"],
                                  **image_inputs(batch))[0]
     assert hidden is not None  # the LM head runs on the trained rows only, as for text models
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
+    logits = model(**{k: v for k, v in batch.items() if k != "completion_mask"}).logits[:, :-1]
+    labels = batch_labels(batch)[:, 1:]
     plain = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     plain = (plain * (labels != -100)).sum(-1)
     assert torch.allclose(out["logps"].sum(-1).double(), plain, atol=1e-6)

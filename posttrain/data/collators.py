@@ -194,9 +194,9 @@ def _truncated(row: torch.Tensor, max_length: int | None, mode: str) -> torch.Te
 class DataCollatorForPreference:
     """Rows with `prompt_ids`, `chosen_ids`, `rejected_ids` (completion ids only; reward data may omit prompt_ids
     and give whole sequences) → a (2B, T) batch: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected,
-    right-padded. Keys: `input_ids`, `attention_mask`, `completion_mask` (1 on completion tokens: TRL's keys) and
-    `labels` (the completion tokens, -100 elsewhere: what posttrain's log-prob code reads). Precomputed
-    `ref_chosen_logps` / `ref_rejected_logps` and reward `margin` columns pass through as (B,).
+    right-padded. Keys: `input_ids`, `attention_mask`, `completion_mask` (1 on completion tokens), TRL's keys only
+    (posttrain's log-prob code reads the trained tokens from completion_mask: `models.logprobs.batch_labels`).
+    Precomputed `ref_chosen_logps` / `ref_rejected_logps` and reward `margin` columns pass through as (B,).
 
     `max_length` cuts each row before padding (keep_start: its first tokens; keep_end: its last), as TRL's.
     """
@@ -227,8 +227,7 @@ class DataCollatorForPreference:
         length = _round_up(max(len(r) for r in ids), self.pad_to_multiple_of)
         batch = {"input_ids": _pad_rows(ids, self.pad_token_id, length),
                  "attention_mask": _pad_rows([torch.ones_like(r) for r in ids], 0, length),
-                 "completion_mask": _pad_rows([(r != IGNORE_INDEX).long() for r in labels], 0, length),
-                 "labels": _pad_rows(labels, IGNORE_INDEX, length)}
+                 "completion_mask": _pad_rows([(r != IGNORE_INDEX).long() for r in labels], 0, length)}
         for key in ("ref_chosen_logps", "ref_rejected_logps", "margin"):
             if key in examples[0]:
                 batch[key] = torch.tensor([float(ex[key]) for ex in examples])
@@ -320,7 +319,7 @@ class DataCollatorForUnpairedPreference:
     mismatched `KL_completion_ids`) → `input_ids`, `attention_mask`, `completion_mask` (B, T) of prompt +
     completion, right-padded, `label` (B,) bool, and, when examples carry `KL_completion_ids`, the same three for
     prompt + KL completion as `KL_input_ids`, `KL_attention_mask`, `KL_completion_mask`. Precomputed `ref_logps` /
-    `ref_KL_logps` pass through as (B,). Also `labels` (completion tokens, -100 elsewhere) for posttrain's code.
+    `ref_KL_logps` pass through as (B,). TRL's keys only.
 
     KTOTrainer takes such batches as they are (`as_unpaired_rows`). Its default collator is
     `DataCollatorForUnpaired`, which builds the mismatched pairs from each batch instead (see there).
@@ -354,10 +353,7 @@ class DataCollatorForUnpairedPreference:
         out = {"input_ids": _pad_rows(ids, self.pad_token_id, length),
                "attention_mask": _pad_rows([torch.ones_like(r) for r in ids], 0, length),
                "completion_mask": _pad_rows([(r != IGNORE_INDEX).long() for r in labels], 0, length)}
-        out = {prefix + k: v for k, v in out.items()}
-        if not prefix:
-            out["labels"] = _pad_rows(labels, IGNORE_INDEX, length)
-        return out
+        return {prefix + k: v for k, v in out.items()}
 
 
 def as_unpaired_rows(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -50,6 +50,14 @@ def completion_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor) ->
     return labels, prompt_len
 
 
+def batch_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's `labels`; for a batch in TRL's form (`completion_mask`, 1 on the trained completion tokens, and no
+    labels: TRL's preference collators) the input ids there, IGNORE_INDEX elsewhere."""
+    if batch.get("labels") is not None:
+        return batch["labels"]
+    return batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+
+
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
     """Positions t whose logits predict a trained token labels[:, t+1] in at least one row.
 
@@ -221,7 +229,8 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], tem
                      pack_rows: bool = True) -> dict[str, torch.Tensor]:
     """Per-token log-probs of each row's trained tokens (completions), laid out per row.
 
-    Args: batch with input_ids, labels (R, T), optional attention_mask/position_ids; `chunked_lm_head` as in
+    Args: batch with input_ids, labels (R, T) (or TRL's completion_mask: `batch_labels`), optional
+    attention_mask/position_ids; `chunked_lm_head` as in
     `token_logps`; `shared_prefix` and `pack_rows` as in `forward_target_rows` (equal prompts run once, padded
     rows may run as one packed row).
     Returns: {"logps": (R, K) log-probs (0 where not trained), "mask": (R, K) bool, "targets": (N,)}, plus
@@ -236,7 +245,7 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], tem
     images = image_inputs(batch)  # a VLM batch: the images go in, and the prompt is not shared (models/vision.py)
     # M-RoPE models (Qwen2-VL) compute their own 3-D positions from the attention mask and the image grid
     positions = None if "mm_token_type_ids" in images else batch.get("position_ids")
-    hidden, head, logits, targets, valid, _ = forward_target_rows(model, batch["input_ids"], batch["labels"],
+    hidden, head, logits, targets, valid, _ = forward_target_rows(model, batch["input_ids"], batch_labels(batch),
                                                                   batch.get("attention_mask"), positions,
                                                                   0 if images else shared_prefix,
                                                                   pack_rows=pack_rows, **images)

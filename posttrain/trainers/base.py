@@ -30,7 +30,7 @@ from posttrain import compat, reporting
 from posttrain.configs.base import PostTrainConfig
 from posttrain.errors import UserError
 from posttrain.models import adapters, lean_layers, loading, sharding
-from posttrain.models.logprobs import lm_head_chunking
+from posttrain.models.logprobs import batch_labels, lm_head_chunking
 from posttrain.models.packed_attention import use_packed_attention
 from posttrain.trainers import router_loss
 from posttrain.trainers import vision as trainer_vision
@@ -91,6 +91,9 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
                             "quantization_config.")
         elif args.model_init_kwargs:
             logger.warning("model_init_kwargs is ignored because the model is already loaded.")
+        if self.auto_model_class is None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise UserError(f"{name} trains decoder-only language models and {type(model).__name__} is an "
+                            "encoder-decoder model (T5, BART, …): pass a causal LM (AutoModelForCausalLM).")
         if train_dataset is None and self.requires_train_dataset:  # after the model/output checks of older forms
             raise UserError(f"`train_dataset` is required: {name} needs a training dataset.")
         if processing_class is None:  # a VLM's processor, else the tokenizer
@@ -324,6 +327,8 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
         # Without compute_metrics nobody reads logits: skip collecting (B, T, V) tensors during eval.
         if self.compute_metrics is None:
             prediction_loss_only = True
+        if "labels" not in inputs and "completion_mask" in inputs:  # TRL's preference batches: transformers computes
+            inputs = {**inputs, "labels": batch_labels(inputs)}  # the loss only for batches that carry label_names
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     # ---- run records ---------------------------------------------------------------------------------------

@@ -72,6 +72,17 @@ class GRPOTrainer(OnlineTrainer):
                                         and advantages.shape[1] == 1 else advantages, mask=mask,
                                         threshold=off_policy_threshold)
 
+    def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        """TRL's method, for code that calls it: True on the masked tokens whose entropy is at least the
+        `threshold`-quantile of the masked entropies of every process (threshold = 1 - top_entropy_quantile); bool
+        (B, T), all False when nothing is masked. `losses.policy.entropy_mask` does the selection (compute_loss calls
+        it directly, with this micro-batch's threshold)."""
+        pool = entropies.detach()[mask.bool()].float()
+        if self.accelerator.num_processes > 1:  # processes hold different token counts: pad with a sentinel < 0
+            pool = self.accelerator.gather(self.accelerator.pad_across_processes(pool, dim=0, pad_index=-1.0))
+            pool = pool[pool >= 0]
+        return entropy_mask(entropies, mask, 1.0 - threshold, pool=pool)
+
     def needs_old_logps(self) -> bool:
         # vLLM rollouts: the trainer's own log-probs of the sampled tokens are what the sampler's are compared with
         return super().needs_old_logps() or self._sampler_correction()
