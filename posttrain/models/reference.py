@@ -27,19 +27,6 @@ from posttrain.models.lean_layers import apply_lean_layers
 from posttrain.models.packed_attention import use_packed_attention
 
 
-def frozen_policy_copy(model: torch.nn.Module, model_id: str | None = None,
-                       init_kwargs: dict | None = None) -> torch.nn.Module | None:
-    """A frozen, eval-mode reference: None for PEFT models (adapters get disabled instead), else a copy
-    (reloaded from `model_id` when the policy was given by name, so no copy of live weights is needed)."""
-    if is_peft_model(model):
-        return None
-    if model_id is not None:
-        ref = loading.load_pretrained_model(model_id, None, **(init_kwargs or {}))
-    else:
-        ref = copy.deepcopy(model)
-    return freeze(ref)
-
-
 # where the decoder blocks of common architectures live (GPT-2, OPT/BART decoders, GPT-NeoX, Llama-like)
 _LAYER_PATTERNS = ("transformer.h.{layer}", "model.decoder.layers.{layer}", "gpt_neox.layers.{layer}",
                    "model.layers.{layer}")
@@ -156,10 +143,10 @@ class Reference:
             raise UserError(f"{name} got the policy itself as ref_model: training would move the reference with "
                             "it. Pass a separate copy (e.g. load the checkpoint twice) or leave ref_model out "
                             "(a frozen copy is made).")
+        if ref_model is None and not is_peft_model(policy):  # a copy: reloaded when the policy was given by name
+            ref_model = model_id if model_id is not None else copy.deepcopy(policy)
         if isinstance(ref_model, str):
             ref_model = loading.load_pretrained_model(ref_model, None, **(args.model_init_kwargs or {}))
-        elif ref_model is None and not is_peft_model(policy):
-            ref_model = frozen_policy_copy(policy, model_id, args.model_init_kwargs)
         if ref_model is not None:
             ref_model = prepare_frozen_model(trainer, ref_model)
         reference = cls(ref_model, trainer.accelerator.unwrap_model)

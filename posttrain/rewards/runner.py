@@ -70,18 +70,19 @@ def _dedupe(names: list[str]) -> list[str]:
     return out
 
 
-class _BackgroundLoop:
-    """An asyncio loop in a daemon thread, started on first use; `submit` returns a concurrent Future."""
+class BackgroundLoop:
+    """An asyncio loop in a daemon thread named `name`, started on first use; `submit` returns a concurrent Future
+    (async reward functions here, async tools in `rollout/tools.py`)."""
 
-    def __init__(self):
+    def __init__(self, name: str = "posttrain-rewards"):
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()
+        self._lock, self.name = threading.Lock(), name
 
     def submit(self, coroutine) -> Future:
         with self._lock:
             if self._loop is None or self._loop.is_closed():
                 self._loop = asyncio.new_event_loop()
-                threading.Thread(target=self._loop.run_forever, name="posttrain-rewards", daemon=True).start()
+                threading.Thread(target=self._loop.run_forever, name=self.name, daemon=True).start()
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     def close(self) -> None:
@@ -139,7 +140,7 @@ class RewardRunner:
                                 f"reward functions ({', '.join(self.names)}); give one weight per function.")
         self.logged_columns: dict[str, list] = {}
         self.logged_metrics: dict[str, list[float]] = {}
-        self._loop = _BackgroundLoop()
+        self._loop = BackgroundLoop()
         self.last_nan_counts = [0] * len(self.funcs)  # NaN values (not None) per function in the last batch
         self.nan_totals = [0] * len(self.funcs)
         if device is not None:
@@ -204,7 +205,7 @@ class RewardRunner:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._loop = _BackgroundLoop()
+        self._loop = BackgroundLoop()
 
     def close(self) -> None:
         """Stop the background event loop (it is a daemon thread, so this is optional)."""

@@ -100,7 +100,8 @@ class OnlineTrainer(TRLInspection, RolloutSampling, RolloutBatches, PostTrainer)
         if reward_funcs:
             self.reward_runner = RewardRunner(reward_funcs, reward_weights, reward_processing_classes)
             # reward models sit beside the policy as it is placed: sharded under ZeRO-3/FSDP, else on its device
-            self.reward_runner.place(self.prepare_frozen, self.accelerator.device)
+            self.reward_runner.place(lambda m: sharding.prepare_frozen(self.accelerator, m, args),
+                                     self.accelerator.device)
         self.reference = reference.Reference.build(self, ref_model, model_id)
         self._micro_step = 0
         if streamed:
@@ -123,10 +124,6 @@ class OnlineTrainer(TRLInspection, RolloutSampling, RolloutBatches, PostTrainer)
         if self.reward_runner is None and self.scores_rollouts:  # PPO built for its loop API: before any setup
             raise UserError(self.missing_reward_funcs_message())
         return super().train(*args, **kwargs)
-
-    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
-        """A frozen model (reference, reward model) placed the way the policy is (`models/sharding.py`)."""
-        return sharding.prepare_frozen(self.accelerator, model, self.args)
 
     # ---- data ---------------------------------------------------------------------------------------------------
     def prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args):  # text prompts (images: trainers/vision.py)

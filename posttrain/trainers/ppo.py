@@ -57,9 +57,7 @@ _TRAINER_ARGUMENTS = ("compute_metrics", "callbacks", "optimizers", "preprocess_
 class PPOTrainer(OnlineTrainer):
     """`PPOTrainer(model, reward_funcs=..., args=PPOConfig(...), train_dataset=..., value_model=None,
     ref_model=None, processing_class=None, peft_config=None)`; `reward_model=` (TRL's name) is a reward function
-    too. The older form `PPOTrainer(config=..., model=..., ref_model=..., tokenizer=..., dataset=...,
-    data_collator=...)` still works, with one FutureWarning per renamed argument, and so does the older loop
-    (`dataloader`, `generate`, `step`, `log_stats`; `compat/ppo_loop.py`), where reward_funcs may be omitted."""
+    too. The older forms (module docstring) still work; the loop API needs no reward_funcs."""
 
     pack_log_prob_rows = False  # its policy/value pass runs padded (forward_target_rows with values)
 
@@ -68,7 +66,6 @@ class PPOTrainer(OnlineTrainer):
     summary_metrics = (("objective/scores", "score"), ("objective/kl", "kl"), ("loss/value_avg", "value loss"))
     kl_weight = "kl_coef"
     needs_reward_funcs = False  # the older loop API passes scores to `step`; `train()` asks for them
-
     requires_train_dataset = False  # the loop API (`compat/ppo_loop.py`) brings its own prompts
 
     def __init__(self, model=None, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None,
