@@ -26,7 +26,6 @@ from posttrain.models.adapters import is_peft_model
 from posttrain.models.lean_layers import apply_lean_layers
 from posttrain.models.packed_attention import use_packed_attention
 
-
 # where the decoder blocks of common architectures live (GPT-2, OPT/BART decoders, GPT-NeoX, Llama-like)
 _LAYER_PATTERNS = ("transformer.h.{layer}", "model.decoder.layers.{layer}", "gpt_neox.layers.{layer}",
                    "model.layers.{layer}")
@@ -76,30 +75,6 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     return model
-
-
-@contextlib.contextmanager
-def reference_context(policy: torch.nn.Module, ref_model: torch.nn.Module | None, unwrap=lambda m: m):
-    """Yield the module that computes reference log-probs: `ref_model`; or the policy with its frozen reference
-    adapter switched in (a model given with an adapter, `models/adapters.py`); or the policy with adapters off."""
-    if ref_model is not None:
-        yield ref_model
-        return
-    base = unwrap(policy)
-    if not is_peft_model(base):
-        raise UserError("No reference model: pass ref_model=..., train PEFT adapters, or precompute reference "
-                        "log-probs (precompute_ref_log_probs=True).")
-    if adapters.has_reference_adapter(base):
-        active = base.active_adapter
-        base.set_adapter(adapters.REFERENCE_ADAPTER)
-        try:
-            yield policy
-        finally:
-            base.set_adapter(active)
-            adapters.freeze_reference_adapter(base)  # set_adapter marks the adapter it switches in trainable
-        return
-    with base.disable_adapter():
-        yield policy
 
 
 def prepare_frozen_model(trainer, model: torch.nn.Module) -> torch.nn.Module:
@@ -158,9 +133,29 @@ class Reference:
                                                        args.ref_model_mixup_alpha))
         return reference
 
+    @contextlib.contextmanager
     def context(self, policy: torch.nn.Module):
-        """The module computing reference log-probs (see `reference_context`)."""
-        return reference_context(policy, self.model, self._unwrap)
+        """Yield the module that computes reference log-probs: the reference model; or the policy with its frozen
+        reference adapter switched in (a model given with an adapter, `models/adapters.py`); or the policy with
+        adapters off."""
+        if self.model is not None:
+            yield self.model
+            return
+        base = self._unwrap(policy)
+        if not is_peft_model(base):
+            raise UserError("No reference model: pass ref_model=..., train PEFT adapters, or precompute reference "
+                            "log-probs (precompute_ref_log_probs=True).")
+        if adapters.has_reference_adapter(base):
+            active = base.active_adapter
+            base.set_adapter(adapters.REFERENCE_ADAPTER)
+            try:
+                yield policy
+            finally:
+                base.set_adapter(active)
+                adapters.freeze_reference_adapter(base)  # set_adapter marks the adapter it switches in trainable
+            return
+        with base.disable_adapter():
+            yield policy
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

@@ -20,10 +20,8 @@ Deviations from TRL: the score sits on the last completion token (TRL: one posit
 widened by one); losses are token means over the whole mini-batch, not means of micro-batch means; `global_step`
 counts optimizer steps (TRL counts rollouts); `val/ratio_var` is the per-token variance of the ratio.
 
-TRL's older call forms live in `compat/`: the constructor's `config=`/`dataset=` and the `query`/`input_ids` data
-forms (`compat/ppo.py`), and the loop API (`dataloader`, `generate`, `step`, `log_stats`: `compat/ppo_loop.py`, an
-adapter reached through `__getattr__`, whose `step` trains through the same `training_batches` and `compute_loss`
-as `train()`).
+TRL's older call forms: `config=`/`dataset=` and the `query`/`input_ids` columns (`compat/ppo.py`); the loop API
+(`dataloader`, `generate`, `step`, `log_stats`), an adapter reached through `__getattr__` (`compat/ppo_loop.py`).
 
 Not here: generation, reward calls and rollout metrics (`trainers/online.py`), GAE and whitening
 (`algorithms/advantages.py`), the per-token losses (`losses/value.py`), the critic (`models/value.py`).
