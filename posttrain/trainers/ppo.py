@@ -44,7 +44,7 @@ from posttrain.errors import UserError
 from posttrain.losses.kl import KL_ESTIMATORS
 from posttrain.losses.value import clipped_value_loss, ppo_policy_loss
 from posttrain.models import loading
-from posttrain.models.logprobs import completion_labels, forward_target_rows, positions_from_mask, token_logps
+from posttrain.models.logprobs import positions_from_mask
 from posttrain.models.value import PolicyAndValue, load_value_model, token_values, value_model_from_policy
 from posttrain.rollout.types import Rollout
 from posttrain.trainers.online import OnlineTrainer, as_list
@@ -255,17 +255,9 @@ class PPOTrainer(OnlineTrainer):
     def _policy_and_values(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One forward of policy and critic: logps (B, C) at the sampling temperature, values (B, C), and the
         trained tokens' entropies (N,) at that temperature."""
-        ids, attention, mask = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
-        labels, prompt_len = completion_labels(ids, mask)
-        positions = positions_from_mask(attention)
-        hidden, head, logits, targets, valid, output = forward_target_rows(model, ids, labels, attention, positions,
-                                                                           with_values=True)
-        stats = token_logps(logits, targets, self.args.temperature, with_entropy=True, hidden=hidden, head=head)
-        flat = stats["logps"]
-        logps = flat.new_zeros(mask.shape)
-        logps[:, :valid.shape[1]] = logps[:, :valid.shape[1]].masked_scatter(valid, flat)
-        values = output["state_values"][:, prompt_len - 1:-1]
-        return logps, values, stats["entropy"]
+        logps, out = self.completion_logps(model, inputs, with_entropy=True, with_values=True)
+        prompt_len = inputs["input_ids"].shape[1] - inputs["completion_mask"].shape[1]
+        return logps, out["output"]["state_values"][:, prompt_len - 1:-1], out["entropy"]
 
     # ---- saving -------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
