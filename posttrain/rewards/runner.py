@@ -94,6 +94,12 @@ class BackgroundLoop:
     def __del__(self):  # the thread holds only the loop, so a dropped runner stops its thread here
         self.close()
 
+    def __getstate__(self) -> dict:
+        return {"name": self.name}  # threads do not pickle: a fresh loop starts on first use
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
 
 async def _await(awaitable):
     return await awaitable
@@ -197,15 +203,6 @@ class RewardRunner:
 
     def __repr__(self) -> str:
         return f"RewardRunner({', '.join(f'{n}×{w:g}' for n, w in zip(self.names, self.weights))})"
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_loop"] = None  # threads do not pickle; a fresh loop starts on first async use
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._loop = BackgroundLoop()
 
     def close(self) -> None:
         """Stop the background event loop (it is a daemon thread, so this is optional)."""
