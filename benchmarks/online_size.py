@@ -8,7 +8,8 @@ Revisions: BEFORE (262f52f, before issue 23 started), ISSUE23 (0f155e9, its rest
 of issues 24-27 were merged) and AFTER (HEAD). Features merged later (tool rollouts: issue 24, vision: 25,
 distillation: 26, TRL surface: 27) live partly in modules of their own and partly inside the shared modules, so
 every line at AFTER is attributed by `git blame -w -M -C` to the commit that wrote it, and a commit to the branch
-whose merge brought it in. "Like-for-like" is AFTER minus the lines of those four issues' branches; lines written
+whose merge brought it in (the issue is the number the branch name ends with: "Merge branch 'agentic24'", "Merge
+b27 (…)", "Merge c26: …"). "Like-for-like" is AFTER minus the lines of those four issues' branches; lines written
 on main after issue 23 (issues 21, 22, 28 and merge fixes) stay in it.
 
 Overrides: methods (def, property) a trainer class defines — with the mixins only it uses (before issue 23, PPO's
