@@ -89,7 +89,9 @@ class OnlineTrainer(TRLInspection, RolloutSampling, RolloutBatches, PostTrainer)
             trainer_vision.check_online(self)
         if reward_funcs is None:
             reward_funcs = args.reward_funcs
-        reward_funcs = _with_reward_model(reward_funcs, args.reward_model_name_or_path)
+        reward_funcs, reward_model = as_list(reward_funcs), args.reward_model_name_or_path
+        if reward_model and reward_model not in reward_funcs:  # the CLI's --reward_model_name_or_path, scored after
+            reward_funcs.append(reward_model)
         reward_weights = args.reward_weights
         if self.agent is not None and self.agent.reward_classes:  # environments that score themselves
             reward_weights = reward_weights and list(reward_weights) + [1.0] * len(self.agent.reward_classes)
@@ -380,12 +382,3 @@ def as_list(value) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _with_reward_model(reward_funcs, reward_model: str | None) -> list:
-    """reward_funcs as a list, with the config's reward model (the CLI's --reward_model_name_or_path) appended."""
-    funcs = as_list(reward_funcs)
-    if reward_model and reward_model not in funcs:
-        funcs.append(reward_model)
-    return funcs
-
