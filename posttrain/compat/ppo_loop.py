@@ -203,27 +203,24 @@ class PPOLoopAdapter:
 
     def _loop_model(self) -> torch.nn.Module:
         """The model to train on; the optimizer (and, with several processes, DDP) on first use."""
+        trainer = self.trainer
         if self._loop_ready:
-            return self.trainer.model_wrapped
-        from accelerate.utils import DistributedType
-
-        kind = self.trainer.accelerator.distributed_type
-        if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            raise NotImplementedError(f"{type(self.trainer).__name__}.step() does not run under {kind.value}; use "
+            return trainer.model_wrapped
+        kind = trainer.accelerator.distributed_type.value
+        if kind in ("DEEPSPEED", "FSDP"):
+            raise NotImplementedError(f"{type(trainer).__name__}.step() does not run under {kind}; use "
                                       "trainer.train() with reward_funcs=..., which does.")
-        if self.trainer.optimizer is None:
-            self.trainer.create_optimizer()
-        if self.trainer.accelerator.num_processes > 1:
-            trainer = self.trainer
+        if trainer.optimizer is None:
+            trainer.create_optimizer()
+        if trainer.accelerator.num_processes > 1:
             trainer.model_wrapped, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
-        if self.trainer.lr_scheduler is None:
-            if self.trainer.args.max_steps > 0:
-                self.trainer.create_scheduler(num_training_steps=self.trainer.args.max_steps,
-                                              optimizer=self.trainer.optimizer)
+        if trainer.lr_scheduler is None:
+            if trainer.args.max_steps > 0:
+                trainer.create_scheduler(num_training_steps=trainer.args.max_steps, optimizer=trainer.optimizer)
             else:  # TRL's loop keeps the learning rate constant
-                self.trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.trainer.optimizer, lambda _: 1.0)
+                trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda _: 1.0)
         self._loop_ready = True
-        return self.trainer.model_wrapped
+        return trainer.model_wrapped
 
     def _loop_optimizer_step(self, model: torch.nn.Module) -> None:
         """What the Trainer's loop does at the end of an accumulated step (clip, guard, step, schedule)."""
