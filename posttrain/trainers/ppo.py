@@ -57,7 +57,7 @@ class PPOTrainer(OnlineTrainer):
     ref_model=None, processing_class=None, peft_config=None)`; `reward_model=` (TRL's name) is a reward function
     too. The older forms (module docstring) still work; the loop API needs no reward_funcs."""
 
-    pack_log_prob_rows = False  # its policy/value pass runs padded (forward_target_rows with values)
+    pack_log_prob_rows = False  # its policy-and-critic pass runs padded (completion_logps with values)
 
     config_class = PPOConfig
     method_name = "PPO"
