@@ -56,8 +56,8 @@ Measured per run: median seconds per optimizer step over the steps after the fir
 tokens per step (prompt + completion of every sequence the task trains on; the same rows for every variant), and
 peak RSS growth (max resident set during trainer construction and training minus the RSS just before, in MiB;
 on a GPU, peak allocated GPU memory growth over the same span).
-Not a test: nothing here asserts a speed. Not here: the matmul ceilings, FLOPs per token and the report
-(`compare_report.py`).
+Not a test: nothing here asserts a speed. Not here: the workload constants, the task rows and configs
+(`compare_tasks.py`); the matmul ceilings, FLOPs per token and the report (`compare_report.py`).
 """
 
 from __future__ import annotations
@@ -65,66 +65,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
-from compare_report import (TASKS, VARIANTS, VISION_PREFIX, WORKLOADS, apply_workload, describe_machine,
-                            measure_peaks, write_report)
+import compare_tasks as setup
+from compare_report import (
+    TASKS,
+    VARIANTS,
+    VISION_PREFIX,
+    WORKLOADS,
+    apply_workload,
+    describe_machine,
+    measure_peaks,
+    write_report,
+)
 
-MODEL = "posttrain/tiny-15m"
-BATCH = 8
-STEPS = 6
-GRPO_GENERATIONS = 8
-GRPO_BATCH = 16
-MIN_TOKENS, MAX_TOKENS = 64, 256  # prompt and completion windows
-MAX_NEW_TOKENS = 128  # GRPO completions
-DEVICE = "cpu"  # set by configure(): "cpu" or "cuda"
 BF16_VARIANTS = ("posttrain-bf16", "trl-best-bf16")  # run only where bf16 is native (AMX/AVX512-BF16, GPUs)
 PLAIN_TASKS = ("sft", "dpo", "reward")
 CPU_ONLY_VARIANTS = ("posttrain-bf16", "trl-best-fp32")  # on a GPU: posttrain's default is bf16; fp32 is not TRL's best
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def workload_args(opts) -> list[str]:
-    """The flags that fix the workload, as a worker's command line takes them."""
-    return ["--device", opts.device, "--model", opts.model, "--batch", str(opts.batch), "--steps", str(opts.steps),
-            "--min_tokens", str(opts.min_tokens), "--max_tokens", str(opts.max_tokens),
-            "--grpo_prompts", str(opts.grpo_prompts), "--generations", str(opts.generations),
-            "--max_new_tokens", str(opts.max_new_tokens), "--threads", str(opts.threads)]
-
-
-def configure(opts) -> None:
-    """Set the module's workload constants from the command line (the defaults leave them as written above)."""
-    global MODEL, BATCH, STEPS, GRPO_GENERATIONS, GRPO_BATCH, MIN_TOKENS, MAX_TOKENS, MAX_NEW_TOKENS, DEVICE
-    import torch
-
-    if opts.device == "auto":
-        opts.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if opts.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no GPU here")
-    MODEL, BATCH, STEPS, DEVICE = opts.model, opts.batch, opts.steps, opts.device
-    GRPO_GENERATIONS, GRPO_BATCH = opts.generations, opts.grpo_prompts * opts.generations
-    MIN_TOKENS, MAX_TOKENS, MAX_NEW_TOKENS = opts.min_tokens, opts.max_tokens, opts.max_new_tokens
-
-
-def workload(task: str = "") -> dict:
-    """What a task's figures were measured on (kept per task in RESULTS.json)."""
-    if task.startswith(VISION_PREFIX):
-        from vision_speed import VISION_MODEL, VISION_WORKLOAD
-
-        return {"model": VISION_MODEL, "device": DEVICE, "steps": STEPS, "vision": VISION_WORKLOAD}
-    return {"model": MODEL, "device": DEVICE, "batch": BATCH, "steps": STEPS, "tokens": [MIN_TOKENS, MAX_TOKENS],
-            "grpo_batch": GRPO_BATCH, "generations": GRPO_GENERATIONS, "max_new_tokens": MAX_NEW_TOKENS}
-
-
-
 
 def _sync() -> None:
-    if DEVICE == "cuda":
+    if setup.DEVICE == "cuda":
         import torch
 
         torch.cuda.synchronize()
@@ -132,7 +99,7 @@ def _sync() -> None:
 
 def _memory_mark() -> float:
     """Where peak-memory growth is measured from: RSS (CPU), or allocated GPU memory with the peak counter reset."""
-    if DEVICE == "cuda":
+    if setup.DEVICE == "cuda":
         import torch
 
         torch.cuda.synchronize()
@@ -142,7 +109,7 @@ def _memory_mark() -> float:
 
 
 def _memory_peak() -> float:
-    if DEVICE == "cuda":
+    if setup.DEVICE == "cuda":
         import torch
 
         torch.cuda.synchronize()
@@ -150,111 +117,11 @@ def _memory_peak() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _model_path(name: str) -> str:
-    """The local directory of a built-in or packaged model (TRL takes paths, not posttrain's names)."""
-    from posttrain.models.loading import resolve_model_path
-
-    return resolve_model_path(name)
-
-
-# ---- data ---------------------------------------------------------------------------------------------------
-
-def _windows(tokenizer, n: int, seed: int, low: int | None = None,
-             high: int | None = None) -> list[tuple[str, str, str]]:
-    """n (prompt, completion_a, completion_b) triples cut from the built-in arithmetic text, 64–256 tokens each
-    (MIN_TOKENS–MAX_TOKENS)."""
-    low = MIN_TOKENS if low is None else low
-    high = MAX_TOKENS if high is None else high
-    from posttrain.data.arith import load_builtin_dataset
-
-    text = "\n\n".join(load_builtin_dataset("posttrain/arith-lm", split="train")["text"])
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        lengths = [rng.randint(low, high) for _ in range(3)]
-        start = rng.randint(0, len(ids) - sum(lengths) - 1)
-        pieces, at = [], start
-        for length in lengths:
-            pieces.append(tokenizer.decode(ids[at:at + length]))
-            at += length
-        out.append(tuple(pieces))
-    return out
-
-
-def build_dataset(task: str, tokenizer):
-    import datasets
-
-    rows = BATCH * STEPS
-    if task == "grpo":
-        rows = GRPO_BATCH // GRPO_GENERATIONS * STEPS
-    triples = _windows(tokenizer, rows, seed=0)
-    if task == "sft":
-        data = {"prompt": [p for p, _, _ in triples], "completion": [a for _, a, _ in triples]}
-    elif task in ("dpo", "reward"):
-        data = {"prompt": [p for p, _, _ in triples], "chosen": [a for _, a, _ in triples],
-                "rejected": [b for _, _, b in triples]}
-    elif task == "kto":
-        data = {"prompt": [p for p, _, _ in triples], "completion": [a for _, a, _ in triples],
-                "label": [i % 2 == 0 for i in range(rows)]}
-    else:
-        data = {"prompt": [p for p, _, _ in triples]}
-    return datasets.Dataset.from_dict(data)
-
-
-def tokens_per_step(task: str, tokenizer, dataset) -> float:
-    """Real tokens one optimizer step trains on, averaged over the run (every variant sees the same rows)."""
-    def n(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + EOS
-
-    if task == "sft" or task == "kto":
-        total = sum(n(p) + n(c) - 1 for p, c in zip(dataset["prompt"], dataset["completion"]))
-        return total / STEPS
-    if task in ("dpo", "reward"):
-        total = sum(2 * n(p) + n(c) + n(r) - 2 for p, c, r in
-                    zip(dataset["prompt"], dataset["chosen"], dataset["rejected"]))
-        return total / STEPS
-    return None  # grpo: counted from the run (completion lengths vary)
-
-
 # ---- one run ------------------------------------------------------------------------------------------------
 
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _digit_share_reward(completions, **kwargs):
-    """A cheap, deterministic reward (same for both libraries): share of digit characters."""
-    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
-
-
-def _config_kwargs(task: str, variant: str, out: str) -> dict:
-    kw = dict(output_dir=out, max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=1e-5,
-              report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
-              dataloader_num_workers=0)
-    if task in ("sft", "dpo", "reward", "kto"):
-        kw["max_length"] = 1024
-    if task == "grpo":
-        kw.update(per_device_train_batch_size=GRPO_BATCH, num_generations=GRPO_GENERATIONS,
-                  max_completion_length=MAX_NEW_TOKENS)
-    if variant.startswith("trl"):
-        # TRL's default bf16=True stops a CPU-only run at once ("Your setup doesn't support bf16/gpu. You need to
-        # assign use_cpu"): use_cpu=True is the one flag a CPU user must add.
-        kw["use_cpu"] = DEVICE == "cpu"
-    elif DEVICE == "cpu":
-        import torch
-
-        if torch.cuda.is_available():  # --device cpu on a machine with a GPU
-            kw["use_cpu"] = True
-    if variant.startswith("trl-best"):
-        kw.update(gradient_checkpointing=False, bf16=variant.endswith("bf16"))
-    if variant == "posttrain-bf16":
-        kw["bf16"] = True
-    if variant.startswith("posttrain") and os.environ.get("POSTTRAIN_BENCH_OPTIONS"):  # A/B runs of one option
-        kw.update(json.loads(os.environ["POSTTRAIN_BENCH_OPTIONS"]))
-    return kw
 
 
 def run_library(task: str, variant: str) -> dict:
@@ -269,18 +136,18 @@ def run_library(task: str, variant: str) -> dict:
     if task.startswith(VISION_PREFIX):  # the VLM workload of vision_speed.py: its model, processor, image rows
         from vision_speed import load_vlm, vision_setup
 
-        vision = vision_setup(task[len(VISION_PREFIX):], STEPS)
+        vision = vision_setup(task[len(VISION_PREFIX):], setup.STEPS)
         tokenizer, dataset, per_step = vision["processor"], vision["data"], None  # tokens: the run's num_tokens
     else:
-        model_path = _model_path(MODEL)
+        model_path = setup._model_path(setup.MODEL)
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-        dataset = build_dataset(task, tokenizer)
-        per_step = tokens_per_step(task, tokenizer, dataset)
+        dataset = setup.build_dataset(task, tokenizer)
+        per_step = setup.tokens_per_step(task, tokenizer, dataset)
     names = {"sft": "SFT", "dpo": "DPO", "grpo": "GRPO", "reward": "Reward", "kto": "KTO"}
     name = names[task.removeprefix(VISION_PREFIX)]
     config_cls = getattr(lib, name + "Config")
     trainer_cls = getattr(lib, name + "Trainer")
-    kw = _config_kwargs(task, variant, f"/tmp/bench-{task}-{variant}")
+    kw = setup._config_kwargs(task, variant, f"/tmp/bench-{task}-{variant}")
     if vision:
         kw.update(vision["config"])
     args = config_cls(**kw)
@@ -302,7 +169,7 @@ def run_library(task: str, variant: str) -> dict:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
     kwargs = dict(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
     if task == "grpo":
-        kwargs["reward_funcs"] = _digit_share_reward
+        kwargs["reward_funcs"] = setup._digit_share_reward
     kwargs.update(vision["extra"] if vision else {})
     trainer = trainer_cls(**kwargs)
     start = time.perf_counter()
@@ -310,11 +177,11 @@ def run_library(task: str, variant: str) -> dict:
     wall = time.perf_counter() - start
     peak = _memory_peak()
     if vision:  # both libraries log the real prompt + completion tokens of the batch, image tokens included
-        per_step = max(h.get("num_tokens", 0) for h in trainer.state.log_history) / STEPS
+        per_step = max(h.get("num_tokens", 0) for h in trainer.state.log_history) / setup.STEPS
     elif per_step is None:  # grpo: prompt + completion tokens actually trained, from the logged lengths
         lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
         prompt_tokens = statistics.mean(len(tokenizer(p)["input_ids"]) for p in dataset["prompt"])
-        per_step = GRPO_BATCH * (prompt_tokens + statistics.mean(lengths))
+        per_step = setup.GRPO_BATCH * (prompt_tokens + statistics.mean(lengths))
     timed = step_times[1:] or step_times
     seconds = statistics.median(timed)
     return {"task": task, "variant": variant, "seconds_per_step": seconds, "tokens_per_step": per_step,
@@ -328,7 +195,7 @@ def run_library(task: str, variant: str) -> dict:
 
 def _device_fields(model) -> dict:
     """On a GPU: where the model ran and the allocator's reserve (the CPU results stay as they were)."""
-    if DEVICE != "cuda":
+    if setup.DEVICE != "cuda":
         return {}
     import torch
 
@@ -346,10 +213,10 @@ def run_plain(task: str) -> dict:
     import transformers
 
     torch.manual_seed(0)
-    model_path = _model_path(MODEL)
+    model_path = setup._model_path(setup.MODEL)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    dataset = build_dataset(task, tokenizer)
-    per_step = tokens_per_step(task, tokenizer, dataset)
+    dataset = setup.build_dataset(task, tokenizer)
+    per_step = setup.tokens_per_step(task, tokenizer, dataset)
     eos = tokenizer.eos_token_id
 
     def ids(text: str) -> list[int]:
@@ -362,7 +229,7 @@ def run_plain(task: str) -> dict:
         m = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
         return x, y, m
 
-    gpu = DEVICE == "cuda"
+    gpu = setup.DEVICE == "cuda"
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
@@ -384,15 +251,15 @@ def run_plain(task: str) -> dict:
     if task == "dpo":
         ref = transformers.AutoModelForCausalLM.from_pretrained(model_path).eval().requires_grad_(False)
     if gpu:
-        model.to(DEVICE)
+        model.to(setup.DEVICE)
         if ref is not None:
-            ref.to(DEVICE)
+            ref.to(setup.DEVICE)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, **({"fused": True} if gpu else {}))
     rows = list(dataset)
 
     def make_batch(step: int):
-        batch = rows[step * BATCH:(step + 1) * BATCH]
+        batch = rows[step * setup.BATCH:(step + 1) * setup.BATCH]
         seqs, labels = [], []
         for key in (("completion",) if task == "sft" else ("chosen", "rejected")):
             for r in batch:
@@ -401,9 +268,9 @@ def run_plain(task: str) -> dict:
                 labels.append([-100] * len(p) + c)
         return pad(seqs, labels)
 
-    ready = [tuple(t.to(DEVICE) for t in make_batch(step)) for step in range(STEPS)] if gpu else None
+    ready = [tuple(t.to(setup.DEVICE) for t in make_batch(step)) for step in range(setup.STEPS)] if gpu else None
     step_times = []
-    for step in range(STEPS):
+    for step in range(setup.STEPS):
         _sync()
         t = time.perf_counter()
         x, y, m = ready[step] if gpu else make_batch(step)
@@ -413,13 +280,13 @@ def run_plain(task: str) -> dict:
         elif task == "reward":
             with autocast():
                 scores = model(input_ids=x, attention_mask=m).logits.squeeze(-1)
-            loss = -F.logsigmoid((scores[:BATCH] - scores[BATCH:]).float()).mean()
+            loss = -F.logsigmoid((scores[:setup.BATCH] - scores[setup.BATCH:]).float()).mean()
         else:
             policy = seq_logps(model, x, y, m)
             with torch.no_grad():
                 reference = seq_logps(ref, x, y, m)
             ratio = (policy - reference)
-            loss = -F.logsigmoid(0.1 * (ratio[:BATCH] - ratio[BATCH:])).mean()
+            loss = -F.logsigmoid(0.1 * (ratio[:setup.BATCH] - ratio[setup.BATCH:])).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -428,7 +295,7 @@ def run_plain(task: str) -> dict:
     peak = _memory_peak()
     seconds = statistics.median(step_times[1:])
     return {"task": task, "variant": "plain", "seconds_per_step": seconds, "tokens_per_step": per_step,
-            "tokens_per_s": per_step / seconds, "peak_mib": peak - before, "steps": STEPS,
+            "tokens_per_s": per_step / seconds, "peak_mib": peak - before, "steps": setup.STEPS,
             "threads": torch.get_num_threads(), "bf16": gpu, "gradient_checkpointing": False,
             **_device_fields(model)}
 
@@ -475,21 +342,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="Where models, the plain loop and the matmul peak run (auto: cuda when torch sees one).")
-    parser.add_argument("--model", default=MODEL,
+    parser.add_argument("--model", default=setup.MODEL,
                         choices=list(BUILTIN_MODELS) + list(SHAPED_MODELS) + list(PACKAGED_MODELS),
                         help="A built-in model (random weights, built locally; posttrain/shape-qwen2-0.5b is "
                         "Qwen2-0.5B's shape) or a packaged real one (posttrain/smollm2-135m-instruct).")
     parser.add_argument("--workload", choices=sorted(WORKLOADS),
                         help="A preset of the workload flags (flags given explicitly still win): "
                         + "; ".join(f"{k}: {v[1]}" for k, v in sorted(WORKLOADS.items())) + ".")
-    parser.add_argument("--batch", type=int, default=BATCH, help="Rows per step (SFT, DPO, reward, KTO).")
-    parser.add_argument("--steps", type=int, default=STEPS, help="Optimizer steps per run (the first is warm-up).")
-    parser.add_argument("--min_tokens", type=int, default=MIN_TOKENS, help="Shortest prompt / completion window.")
-    parser.add_argument("--max_tokens", type=int, default=MAX_TOKENS, help="Longest prompt / completion window.")
-    parser.add_argument("--grpo_prompts", type=int, default=GRPO_BATCH // GRPO_GENERATIONS,
+    parser.add_argument("--batch", type=int, default=setup.BATCH, help="Rows per step (SFT, DPO, reward, KTO).")
+    parser.add_argument("--steps", type=int, default=setup.STEPS,
+                        help="Optimizer steps per run (the first is warm-up).")
+    parser.add_argument("--min_tokens", type=int, default=setup.MIN_TOKENS,
+                        help="Shortest prompt / completion window.")
+    parser.add_argument("--max_tokens", type=int, default=setup.MAX_TOKENS, help="Longest prompt / completion window.")
+    parser.add_argument("--grpo_prompts", type=int, default=setup.GRPO_BATCH // setup.GRPO_GENERATIONS,
                         help="GRPO prompts per step (each sampled --generations times).")
-    parser.add_argument("--generations", type=int, default=GRPO_GENERATIONS)
-    parser.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS, help="GRPO completion length cap.")
+    parser.add_argument("--generations", type=int, default=setup.GRPO_GENERATIONS)
+    parser.add_argument("--max_new_tokens", type=int, default=setup.MAX_NEW_TOKENS,
+                        help="GRPO completion length cap.")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch CPU threads in every process (default: all cores).")
     parser.add_argument("--run_timeout", type=float, default=None,
@@ -504,7 +374,7 @@ def main() -> None:
     apply_workload(parser, opts)
     if opts.steps < 2:
         parser.error("--steps must be at least 2 (the first step is warm-up and not timed)")
-    configure(opts)
+    setup.configure(opts)
     if opts.worker:
         worker(*opts.worker, opts.threads)
         return
@@ -518,14 +388,14 @@ def main() -> None:
             stored = json.load(f)
         write_report(opts.out, stored["tasks"], stored["peaks"])
         return
-    peaks = measure_peaks(DEVICE)
-    unit, scale = ("TFLOP/s", 1e12) if DEVICE == "cuda" else ("GFLOP/s", 1e9)
+    peaks = measure_peaks(setup.DEVICE)
+    unit, scale = ("TFLOP/s", 1e12) if setup.DEVICE == "cuda" else ("GFLOP/s", 1e9)
     print(f"peak matmul {unit}: " + ", ".join(f"{k} {v / scale:.0f}" for k, v in peaks.items()), flush=True)
-    variants = opts.variants or [v for v in VARIANTS if DEVICE == "cpu" or v not in CPU_ONLY_VARIANTS]
+    variants = opts.variants or [v for v in VARIANTS if setup.DEVICE == "cpu" or v not in CPU_ONLY_VARIANTS]
     results: dict[tuple[str, str], list[dict]] = {}
     started = time.time()
     command = f"python benchmarks/compare_trl.py {' '.join(sys.argv[1:])}".rstrip()
-    machine = describe_machine(DEVICE, peaks)
+    machine = describe_machine(setup.DEVICE, peaks)
     store = os.path.splitext(opts.out)[0] + ".json"
     stored = {}
     if os.path.exists(store) and not opts.fresh:  # keep the other tasks' figures from earlier invocations
@@ -536,7 +406,7 @@ def main() -> None:
         runs = {task: {"command": command, "minutes": round((time.time() - started) / 60, 1), "machine": machine,
                        "variants": {v: r for (t, v), r in results.items() if t == task}} for task in tasks}
         for task, run in runs.items():
-            run["workload"] = workload(task)
+            run["workload"] = setup.workload(task)
         runs = {**stored, **runs}
         with open(store, "w") as f:
             json.dump({"tasks": runs, "peaks": peaks}, f, indent=1)
@@ -549,7 +419,7 @@ def main() -> None:
                     continue
                 if variant in BF16_VARIANTS and "bfloat16" not in peaks:
                     continue
-                result = spawn(task, variant, workload_args(opts), opts.run_timeout, opts.fail_lines)
+                result = spawn(task, variant, setup.workload_args(opts), opts.run_timeout, opts.fail_lines)
                 if result:
                     results.setdefault((task, variant), []).append(result)
                     print(f"repeat {repeat}: {task:6s} {variant:11s} {result['seconds_per_step']:.3f} s/step "
@@ -557,8 +427,6 @@ def main() -> None:
                     save(sorted({t for t, _ in results}, key=TASKS.index))  # partial results survive a kill
     runs = save(opts.tasks)
     write_report(opts.out, runs, peaks)
-
-
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Revisions: BEFORE (262f52f, before issue 23 started), ISSUE23 (0f155e9, its rest
 of issues 24-27 were merged) and AFTER (HEAD). Features merged later (tool rollouts: issue 24, vision: 25,
 distillation: 26, TRL surface: 27) live partly in modules of their own and partly inside the shared modules, so
 every line at AFTER is attributed by `git blame -w -M -C` to the commit that wrote it, and a commit to the branch
-whose merge brought it in. "Like-for-like" is AFTER minus the lines of those four issues' branches; lines written
+whose merge brought it in (the issue is the number the branch name ends with: "Merge branch 'agentic24'", "Merge
+b27 (…)", "Merge c26: …"). "Like-for-like" is AFTER minus the lines of those four issues' branches; lines written
 on main after issue 23 (issues 21, 22, 28 and merge fixes) stay in it.
 
 Overrides: methods (def, property) a trainer class defines — with the mixins only it uses (before issue 23, PPO's
@@ -52,8 +53,10 @@ LATER = {
     "posttrain/models/teacher.py": 26, "posttrain/losses/distill.py": 26,
     "posttrain/compat/module_aliases.py": 27,
 }
-BRANCH_ISSUE = {"agentic24": 24, "vision25": 25, "distill26": 26, "helpers27": 27, "offline27": 27,
-                "online27": 27, "harness27": 27}
+LATER_ISSUES = range(24, 28)
+# a merge's branch and issue: "Merge branch 'agentic24'" or "Merge b27 (issue 27: …)" / "Merge c26: …" (the issue is
+# the number the branch name ends with)
+MERGED_BRANCH = re.compile(r"^Merge (?:branch ')?([A-Za-z_-]*?(\d+))\b")
 TRAINERS = ["GRPOTrainer", "RLOOTrainer", "OnlineDPOTrainer", "PPOTrainer", "DistillationTrainer", "GKDTrainer"]
 
 
@@ -77,11 +80,11 @@ def later_issue_commits(after: str) -> dict[str, int]:
     for line in git("log", "--merges", "--format=%H %P|%s", f"{ISSUE23}..{after}").splitlines():
         shas, subject = line.split("|", 1)
         merge, first, *others = shas.split()
-        found = re.search(r"Merge branch '([^']+)'", subject)
-        if not found or found.group(1) not in BRANCH_ISSUE or not others:
+        found = MERGED_BRANCH.match(subject)
+        if not found or int(found.group(2)) not in LATER_ISSUES or not others:
             continue
         for sha in git("rev-list", f"{first}..{others[0]}").split():
-            owner[sha] = BRANCH_ISSUE[found.group(1)]
+            owner[sha] = int(found.group(2))
     return owner
 
 

@@ -6,8 +6,9 @@ with the kernel time (page faults) of the step beside it.
     taskset -c 0 env OMP_NUM_THREADS=1 python benchmarks/profile_step.py --task sft \
         --model posttrain/smollm2-135m-instruct --workload smollm2 --threads 1
 
-The trainer, data and workload flags are those of `compare_trl.py` (the same rows, the same config); the step
-profiled is the last of --steps (the earlier ones warm up). Prints one table and one JSON line. Not a test.
+The trainer, data and workload flags are those of `compare_trl.py` (from `compare_tasks.py`: the same rows, the
+same config); the step profiled is the last of --steps (the earlier ones warm up). Prints one table and one JSON
+line. Not a test.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import time
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import compare_trl
+import compare_tasks
+from compare_report import WORKLOADS, apply_workload
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv", "aten::dot")
 MEMORY = ("aten::copy_", "aten::fill_", "aten::zero_", "aten::empty", "aten::empty_strided", "aten::cat",
@@ -67,11 +69,11 @@ def profile(task: str, steps: int) -> dict:
 
     import posttrain as lib
 
-    model_path = compare_trl._model_path(compare_trl.MODEL)
+    model_path = compare_tasks._model_path(compare_tasks.MODEL)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    dataset = compare_trl.build_dataset(task, tokenizer)
+    dataset = compare_tasks.build_dataset(task, tokenizer)
     names = {"sft": "SFT", "dpo": "DPO", "grpo": "GRPO"}
-    args = getattr(lib, names[task] + "Config")(**compare_trl._config_kwargs(task, "posttrain", f"/tmp/prof-{task}"))
+    args = getattr(lib, names[task] + "Config")(**compare_tasks._config_kwargs(task, "posttrain", f"/tmp/prof-{task}"))
     record: dict = {}
 
     class Profiled(transformers.TrainerCallback):
@@ -93,7 +95,7 @@ def profile(task: str, steps: int) -> dict:
     kwargs = dict(model=model_path, args=args, train_dataset=dataset, processing_class=tokenizer,
                   callbacks=[Profiled()])
     if task == "grpo":
-        kwargs["reward_funcs"] = compare_trl._digit_share_reward
+        kwargs["reward_funcs"] = compare_tasks._digit_share_reward
     trainer = getattr(lib, names[task] + "Trainer")(**kwargs)
     args.max_steps = steps
     trainer.train()
@@ -114,25 +116,25 @@ def profile(task: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="sft", choices=("sft", "dpo", "grpo"))
-    parser.add_argument("--model", default=compare_trl.MODEL)
-    parser.add_argument("--workload", choices=sorted(compare_trl.WORKLOADS))
+    parser.add_argument("--model", default=compare_tasks.MODEL)
+    parser.add_argument("--workload", choices=sorted(WORKLOADS))
     parser.add_argument("--steps", type=int, default=3, help="Steps run; the last is profiled.")
     parser.add_argument("--threads", type=int, default=1)
     for name in ("batch", "min_tokens", "max_tokens", "grpo_prompts", "generations", "max_new_tokens"):
-        parser.add_argument(f"--{name}", type=int, default=getattr(compare_trl, {
+        parser.add_argument(f"--{name}", type=int, default=getattr(compare_tasks, {
             "batch": "BATCH", "min_tokens": "MIN_TOKENS", "max_tokens": "MAX_TOKENS", "max_new_tokens":
             "MAX_NEW_TOKENS", "generations": "GRPO_GENERATIONS"}.get(name, "BATCH")))
     opts = parser.parse_args()
     if "--grpo_prompts" not in sys.argv:
-        opts.grpo_prompts = compare_trl.GRPO_BATCH // compare_trl.GRPO_GENERATIONS
-    compare_trl.apply_workload(parser, opts)
+        opts.grpo_prompts = compare_tasks.GRPO_BATCH // compare_tasks.GRPO_GENERATIONS
+    apply_workload(parser, opts)
     opts.device, opts.steps_run = "cpu", opts.steps
     import torch
 
     torch.set_num_threads(opts.threads)
     steps = opts.steps
     opts.steps = steps
-    compare_trl.configure(opts)
+    compare_tasks.configure(opts)
     result = profile(opts.task, steps)
     wall = result["wall_s"]
     print(f"\n{opts.task}: one step {wall:.2f} s (kernel time {result['sys_s']:.2f} s, "

@@ -196,10 +196,9 @@ def reference_samples(model, tokenizer, dataset, max_new_tokens: int = 64, batch
 @torch.no_grad()
 def chat_examples(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens: int = 64) -> list[list[str]]:
     """[prompt text, greedy answer] for a few prompts: the side-by-side generations of a report."""
-    prompt_ids = [tokenize_prompt(tokenizer, r["prompt"]) for r in rows]
-    rollout = generate(decoding_model(model), tokenizer, prompt_ids, 1, max_new_tokens, {"do_sample": False})
-    texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-    return [[completion_text(r["prompt"]), t] for r, t in zip(rows, texts)]
+    return [[completion_text(row["prompt"]), completion_text(completion)]
+            for batch in answer_batches(model, tokenizer, rows, 1, max_new_tokens, {"do_sample": False}, len(rows))
+            for row, completion in zip(batch["rows"], batch["completions"])]
 
 
 def drift_from_reference(model, tokenizer, reference: dict[str, Any], batch_size: int = 16) -> dict[str, Any]:

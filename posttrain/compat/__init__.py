@@ -124,32 +124,25 @@ def translate_legacy_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def accept_legacy_arguments(cls):
-    """Class decorator (also applied to TrainingArguments): the constructor accepts the removed names."""
-    init = cls.__init__
-    if getattr(init, "_posttrain_legacy", False):
-        return cls
-
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        if type(self) is cls:
-            translate_legacy_arguments(kwargs, cls.__name__)
-        init(self, *args, **kwargs)
-
-    __init__._posttrain_legacy = True
-    cls.__init__ = __init__
-    return cls
-
-
 def install_training_arguments_aliases() -> bool:
-    """Let `transformers.TrainingArguments(evaluation_strategy=…, warmup_ratio=…)` work, as the guides write it.
+    """Let `transformers.TrainingArguments(evaluation_strategy=…, warmup_ratio=…)` work, as the guides write it: its
+    constructor (not its subclasses', posttrain's configs translate their own) accepts the removed names.
 
     Returns whether the wrapper is in place (False when POSTTRAIN_LEGACY_TRAINING_ARGUMENTS=0 turns it off)."""
     if os.environ.get("POSTTRAIN_LEGACY_TRAINING_ARGUMENTS", "1").strip().lower() in {"0", "false", "no", "off"}:
         return False
     from transformers import TrainingArguments
 
-    accept_legacy_arguments(TrainingArguments)
+    init = TrainingArguments.__init__
+    if not getattr(init, "_posttrain_legacy", False):
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            if type(self) is TrainingArguments:
+                translate_legacy_arguments(kwargs, "TrainingArguments")
+            init(self, *args, **kwargs)
+
+        __init__._posttrain_legacy = True
+        TrainingArguments.__init__ = __init__
     return True
 
 

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 
 from posttrain.compat import deprecated
 from posttrain.errors import UserError
-from posttrain.rollout.hf import _eos_ids, left_pad, right_pad
+from posttrain.rollout.hf import _eos_ids, completion_mask_after_eos, left_pad, right_pad
 from posttrain.rollout.types import Rollout
 
 LOOP_API = ("dataloader", "generate", "step", "log_stats")
@@ -190,44 +190,37 @@ class PPOLoopAdapter:
         """The rollout laid out as generation lays it out: prompts left-padded (N, P), completions right-padded
         (N, C) and cut after their first EOS; is_truncated (N,): no EOS."""
         tok, device = self.trainer.processing_class, self.trainer.args.device
-        pad = tok.pad_token_id
         policy = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        eos = torch.tensor(sorted(_eos_ids(policy, tok)), dtype=torch.long)
-        prompt_ids, prompt_mask = left_pad([q.tolist() for q in queries], pad)
-        kept, truncated = [], []
-        for response in responses:
-            response = response.detach().cpu()
-            ends = torch.isin(response, eos).nonzero()
-            truncated.append(len(ends) == 0)
-            kept.append(response if len(ends) == 0 else response[:int(ends[0]) + 1])
-        completion_ids, completion_mask = right_pad(kept, pad)
+        prompt_ids, prompt_mask = left_pad([q.tolist() for q in queries], tok.pad_token_id)
+        ids, written = right_pad([r.detach().cpu() for r in responses], -1)  # -1: the padding is no EOS
+        mask, truncated = completion_mask_after_eos(ids, _eos_ids(policy, tok))
+        mask = mask & written
+        width = int(mask.sum(1).max())  # the longest response up to its EOS
         return Rollout(prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device),
-                       completion_ids=completion_ids.to(device), completion_mask=completion_mask.to(device),
-                       is_truncated=torch.tensor(truncated, device=device), prompts=[None] * len(kept))
+                       completion_ids=ids.masked_fill(mask == 0, tok.pad_token_id)[:, :width].to(device),
+                       completion_mask=mask[:, :width].to(device), is_truncated=truncated.to(device),
+                       prompts=[None] * len(responses))
 
     def _loop_model(self) -> torch.nn.Module:
         """The model to train on; the optimizer (and, with several processes, DDP) on first use."""
+        trainer = self.trainer
         if self._loop_ready:
-            return self.trainer.model_wrapped
-        from accelerate.utils import DistributedType
-
-        kind = self.trainer.accelerator.distributed_type
-        if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            raise NotImplementedError(f"{type(self.trainer).__name__}.step() does not run under {kind.value}; use "
+            return trainer.model_wrapped
+        kind = trainer.accelerator.distributed_type.value
+        if kind in ("DEEPSPEED", "FSDP"):
+            raise NotImplementedError(f"{type(trainer).__name__}.step() does not run under {kind}; use "
                                       "trainer.train() with reward_funcs=..., which does.")
-        if self.trainer.optimizer is None:
-            self.trainer.create_optimizer()
-        if self.trainer.accelerator.num_processes > 1:
-            trainer = self.trainer
+        if trainer.optimizer is None:
+            trainer.create_optimizer()
+        if trainer.accelerator.num_processes > 1:
             trainer.model_wrapped, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
-        if self.trainer.lr_scheduler is None:
-            if self.trainer.args.max_steps > 0:
-                self.trainer.create_scheduler(num_training_steps=self.trainer.args.max_steps,
-                                              optimizer=self.trainer.optimizer)
+        if trainer.lr_scheduler is None:
+            if trainer.args.max_steps > 0:
+                trainer.create_scheduler(num_training_steps=trainer.args.max_steps, optimizer=trainer.optimizer)
             else:  # TRL's loop keeps the learning rate constant
-                self.trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.trainer.optimizer, lambda _: 1.0)
+                trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda _: 1.0)
         self._loop_ready = True
-        return self.trainer.model_wrapped
+        return trainer.model_wrapped
 
     def _loop_optimizer_step(self, model: torch.nn.Module) -> None:
         """What the Trainer's loop does at the end of an accumulated step (clip, guard, step, schedule)."""

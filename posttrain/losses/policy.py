@@ -305,9 +305,7 @@ def rloo_sequence_loss(*, seq_logps, old_seq_logps, advantages, epsilon_low=0.2,
     1+ε_high) A_i). Args: seq_logps, old_seq_logps, advantages (B,). Returns: L (B,) (the trainer averages over
     sequences, ÷GA), clip fractions over sequences.
     """
-    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
-    ratio = torch.exp(seq_logps - old_seq_logps.detach())
-    adv = advantages.detach().to(ratio.dtype)
-    loss = -torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * adv)
-    return loss, clip_fractions(ratio.detach(), adv, torch.ones_like(adv, dtype=torch.bool), epsilon_low,
-                                epsilon_high)
+    loss, metrics = grpo(logps=seq_logps.unsqueeze(-1), old_logps=old_seq_logps.unsqueeze(-1), advantages=advantages,
+                         mask=torch.ones_like(seq_logps.unsqueeze(-1), dtype=torch.bool), epsilon_low=epsilon_low,
+                         epsilon_high=epsilon_high)  # `grpo` on one "token" per sequence
+    return loss.squeeze(-1), metrics

@@ -226,14 +226,15 @@ def forward_target_rows(model: torch.nn.Module, input_ids: torch.Tensor, labels:
 def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,
                      with_log_sum_p2: bool = False, with_entropy: bool = False, with_metrics: bool = False,
                      chunked_lm_head: str | bool | None = None, shared_prefix: int = 0,
-                     pack_rows: bool = True) -> dict[str, torch.Tensor]:
+                     pack_rows: bool = True, **model_kwargs) -> dict[str, torch.Tensor]:
     """Per-token log-probs of each row's trained tokens (completions), laid out per row.
 
     Args: batch with input_ids, labels (R, T) (or TRL's completion_mask: `batch_labels`), optional
     attention_mask/position_ids; `chunked_lm_head` as in
     `token_logps`; `shared_prefix` and `pack_rows` as in `forward_target_rows` (equal prompts run once, padded
-    rows may run as one packed row).
-    Returns: {"logps": (R, K) log-probs (0 where not trained), "mask": (R, K) bool, "targets": (N,)}, plus
+    rows may run as one packed row); `model_kwargs`: more inputs of the forward (PPO's `with_values`).
+    Returns: {"logps": (R, K) log-probs (0 where not trained), "mask": (R, K) bool, "targets": (N,)} (and "output",
+    the model's output, with `model_kwargs`), plus
     "log_sum_p2": (R, K) log Σ_v p_v² when asked (WPO), "entropy": (N,) entropy at `temperature` when asked, and
     with `with_metrics` "logits_mean": (N,) mean raw logit per trained token (for the logits/* metrics) and
     "correct": (N,) bool target == argmax (all detached). The (N, V) logits are not returned: once the fused
@@ -245,14 +246,15 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], tem
     images = image_inputs(batch)  # a VLM batch: the images go in, and the prompt is not shared (models/vision.py)
     # M-RoPE models (Qwen2-VL) compute their own 3-D positions from the attention mask and the image grid
     positions = None if "mm_token_type_ids" in images else batch.get("position_ids")
-    hidden, head, logits, targets, valid, _ = forward_target_rows(model, batch["input_ids"], batch_labels(batch),
-                                                                  batch.get("attention_mask"), positions,
-                                                                  0 if images else shared_prefix,
-                                                                  pack_rows=pack_rows, **images)
+    hidden, head, logits, targets, valid, output = forward_target_rows(model, batch["input_ids"], batch_labels(batch),
+                                                                       batch.get("attention_mask"), positions,
+                                                                       0 if images else shared_prefix,
+                                                                       pack_rows=pack_rows, **images, **model_kwargs)
     stats = token_logps(logits, targets, temperature, with_entropy=with_entropy, with_metrics=with_metrics,
                         with_log_sum_p2=with_log_sum_p2, hidden=hidden, head=head, chunked_lm_head=chunked_lm_head)
     flat = stats.pop("logps")
-    out = {"logps": flat.new_zeros(valid.shape).masked_scatter(valid, flat), "mask": valid, "targets": targets}
+    out = {"logps": flat.new_zeros(valid.shape).masked_scatter(valid, flat), "mask": valid, "targets": targets,
+           **({"output": output} if model_kwargs else {})}  # else nothing holds the output (and its logits)
     if with_log_sum_p2:
         out["log_sum_p2"] = flat.new_zeros(valid.shape).masked_scatter(valid, stats.pop("log_sum_p2"))
     return {**out, **stats}

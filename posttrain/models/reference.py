@@ -26,20 +26,6 @@ from posttrain.models.adapters import is_peft_model
 from posttrain.models.lean_layers import apply_lean_layers
 from posttrain.models.packed_attention import use_packed_attention
 
-
-def frozen_policy_copy(model: torch.nn.Module, model_id: str | None = None,
-                       init_kwargs: dict | None = None) -> torch.nn.Module | None:
-    """A frozen, eval-mode reference: None for PEFT models (adapters get disabled instead), else a copy
-    (reloaded from `model_id` when the policy was given by name, so no copy of live weights is needed)."""
-    if is_peft_model(model):
-        return None
-    if model_id is not None:
-        ref = loading.load_pretrained_model(model_id, None, **(init_kwargs or {}))
-    else:
-        ref = copy.deepcopy(model)
-    return freeze(ref)
-
-
 # where the decoder blocks of common architectures live (GPT-2, OPT/BART decoders, GPT-NeoX, Llama-like)
 _LAYER_PATTERNS = ("transformer.h.{layer}", "model.decoder.layers.{layer}", "gpt_neox.layers.{layer}",
                    "model.layers.{layer}")
@@ -91,30 +77,6 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@contextlib.contextmanager
-def reference_context(policy: torch.nn.Module, ref_model: torch.nn.Module | None, unwrap=lambda m: m):
-    """Yield the module that computes reference log-probs: `ref_model`; or the policy with its frozen reference
-    adapter switched in (a model given with an adapter, `models/adapters.py`); or the policy with adapters off."""
-    if ref_model is not None:
-        yield ref_model
-        return
-    base = unwrap(policy)
-    if not is_peft_model(base):
-        raise UserError("No reference model: pass ref_model=..., train PEFT adapters, or precompute reference "
-                        "log-probs (precompute_ref_log_probs=True).")
-    if adapters.has_reference_adapter(base):
-        active = base.active_adapter
-        base.set_adapter(adapters.REFERENCE_ADAPTER)
-        try:
-            yield policy
-        finally:
-            base.set_adapter(active)
-            adapters.freeze_reference_adapter(base)  # set_adapter marks the adapter it switches in trainable
-        return
-    with base.disable_adapter():
-        yield policy
-
-
 def prepare_frozen_model(trainer, model: torch.nn.Module) -> torch.nn.Module:
     """A frozen model that sits beside the policy (a reference, a distillation teacher): eval mode without gradients,
     no Mixture-of-Experts router logits, dropout off when asked, the policy's packed attention and lean layers (the same arithmetic: policy = reference
@@ -156,10 +118,10 @@ class Reference:
             raise UserError(f"{name} got the policy itself as ref_model: training would move the reference with "
                             "it. Pass a separate copy (e.g. load the checkpoint twice) or leave ref_model out "
                             "(a frozen copy is made).")
+        if ref_model is None and not is_peft_model(policy):  # a copy: reloaded when the policy was given by name
+            ref_model = model_id if model_id is not None else copy.deepcopy(policy)
         if isinstance(ref_model, str):
             ref_model = loading.load_pretrained_model(ref_model, None, **(args.model_init_kwargs or {}))
-        elif ref_model is None and not is_peft_model(policy):
-            ref_model = frozen_policy_copy(policy, model_id, args.model_init_kwargs)
         if ref_model is not None:
             ref_model = prepare_frozen_model(trainer, ref_model)
         reference = cls(ref_model, trainer.accelerator.unwrap_model)
@@ -171,9 +133,29 @@ class Reference:
                                                        args.ref_model_mixup_alpha))
         return reference
 
+    @contextlib.contextmanager
     def context(self, policy: torch.nn.Module):
-        """The module computing reference log-probs (see `reference_context`)."""
-        return reference_context(policy, self.model, self._unwrap)
+        """Yield the module that computes reference log-probs: the reference model; or the policy with its frozen
+        reference adapter switched in (a model given with an adapter, `models/adapters.py`); or the policy with
+        adapters off."""
+        if self.model is not None:
+            yield self.model
+            return
+        base = self._unwrap(policy)
+        if not is_peft_model(base):
+            raise UserError("No reference model: pass ref_model=..., train PEFT adapters, or precompute reference "
+                            "log-probs (precompute_ref_log_probs=True).")
+        if adapters.has_reference_adapter(base):
+            active = base.active_adapter
+            base.set_adapter(adapters.REFERENCE_ADAPTER)
+            try:
+                yield policy
+            finally:
+                base.set_adapter(active)
+                adapters.freeze_reference_adapter(base)  # set_adapter marks the adapter it switches in trainable
+            return
+        with base.disable_adapter():
+            yield policy
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

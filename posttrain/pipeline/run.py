@@ -161,7 +161,7 @@ def check_stages(stages: list[Stage], pipeline: spec.Pipeline) -> None:
     from posttrain.cli import CLIError, parse_command_args
 
     for stage in stages:
-        if stage.command in spec.DATA_COMMANDS:
+        if stage.writes_data:
             pairs.resolve_options(stage.options)
             continue
         try:
@@ -177,7 +177,7 @@ def run_stage(stage: Stage, pipeline: spec.Pipeline, prompts, reference=None) ->
 
     start = time.time()
     config_path = write_stage_config(stage, pipeline)
-    if stage.command in spec.DATA_COMMANDS:  # a data set, not a model: nothing to evaluate
+    if stage.writes_data:  # a data set, not a model: nothing to evaluate
         from posttrain import pairs
 
         counts = pairs.run(stage.options)
@@ -230,7 +230,7 @@ def run(path: str, output_dir: str | None = None, start_at: str | None = None) -
         raise PipelineError(f"--from {start_at!r} is not a stage of {path} (stages: {', '.join(names)})")
     begin = names.index(start_at) if start_at else 0
     for stage in pipeline.stages[:begin]:
-        saved = PAIRS_FILE if stage.command in spec.DATA_COMMANDS else "config.json"
+        saved = PAIRS_FILE if stage.writes_data else "config.json"
         if not os.path.isfile(os.path.join(stage.output_dir, saved)):
             raise PipelineError(f"--from {start_at}: stage '{stage.name}' has no saved model in {stage.output_dir}; "
                                 f"run the pipeline from '{stage.name}' or earlier")

@@ -63,8 +63,14 @@ class Stage:
         return self.options["output_dir"]
 
     @property
+    def writes_data(self) -> bool:
+        """The stage's output is a data set (pairs), not a model."""
+        return self.command in DATA_COMMANDS
+
+    @property
     def is_policy(self) -> bool:
-        return self.command not in REWARD_COMMANDS and self.command not in DATA_COMMANDS
+        """The stage's output generates text (not a reward model, not a data set)."""
+        return self.command not in REWARD_COMMANDS and not self.writes_data
 
 
 @dataclasses.dataclass
@@ -139,11 +145,11 @@ def load(path: str, output_dir: str | None = None) -> Pipeline:
         if "output_dir" not in raw:
             options["output_dir"] = os.path.join(root, name)
         _check_model_source(name, command, options.get("model_name_or_path"), outputs, commands)
-        evaluate = raw.get("evaluate", command not in REWARD_COMMANDS and command not in DATA_COMMANDS)
-        if evaluate and command in DATA_COMMANDS:
+        stage = Stage(name, command, options, False, config_path)
+        stage.evaluate = bool(raw.get("evaluate", stage.is_policy))
+        if stage.evaluate and stage.writes_data:
             raise PipelineError(f"stage '{name}' ({command}) writes a data set, not a model: it cannot be evaluated "
                                 "(remove evaluate: true)")
-        stage = Stage(name, command, options, bool(evaluate), config_path)
         stages.append(stage)
         outputs[name], commands[name] = stage.output_dir, command
     return Pipeline(path, root, evaluation, stages)

@@ -70,18 +70,19 @@ def _dedupe(names: list[str]) -> list[str]:
     return out
 
 
-class _BackgroundLoop:
-    """An asyncio loop in a daemon thread, started on first use; `submit` returns a concurrent Future."""
+class BackgroundLoop:
+    """An asyncio loop in a daemon thread named `name`, started on first use; `submit` returns a concurrent Future
+    (async reward functions here, async tools in `rollout/tools.py`)."""
 
-    def __init__(self):
+    def __init__(self, name: str = "posttrain-rewards"):
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()
+        self._lock, self.name = threading.Lock(), name
 
     def submit(self, coroutine) -> Future:
         with self._lock:
             if self._loop is None or self._loop.is_closed():
                 self._loop = asyncio.new_event_loop()
-                threading.Thread(target=self._loop.run_forever, name="posttrain-rewards", daemon=True).start()
+                threading.Thread(target=self._loop.run_forever, name=self.name, daemon=True).start()
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     def close(self) -> None:
@@ -92,6 +93,12 @@ class _BackgroundLoop:
 
     def __del__(self):  # the thread holds only the loop, so a dropped runner stops its thread here
         self.close()
+
+    def __getstate__(self) -> dict:
+        return {"name": self.name}  # threads do not pickle: a fresh loop starts on first use
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
 
 
 async def _await(awaitable):
@@ -139,7 +146,7 @@ class RewardRunner:
                                 f"reward functions ({', '.join(self.names)}); give one weight per function.")
         self.logged_columns: dict[str, list] = {}
         self.logged_metrics: dict[str, list[float]] = {}
-        self._loop = _BackgroundLoop()
+        self._loop = BackgroundLoop()
         self.last_nan_counts = [0] * len(self.funcs)  # NaN values (not None) per function in the last batch
         self.nan_totals = [0] * len(self.funcs)
         if device is not None:
@@ -196,15 +203,6 @@ class RewardRunner:
 
     def __repr__(self) -> str:
         return f"RewardRunner({', '.join(f'{n}×{w:g}' for n, w in zip(self.names, self.weights))})"
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_loop"] = None  # threads do not pickle; a fresh loop starts on first async use
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._loop = _BackgroundLoop()
 
     def close(self) -> None:
         """Stop the background event loop (it is a daemon thread, so this is optional)."""

@@ -48,15 +48,9 @@ _LOOP_OPTIONS = {"do_sample", "temperature", "top_k", "top_p", "min_p", "repetit
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask) of shape (N, max_len), sequences aligned to the right."""
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        if seq:
-            ids[i, length - len(seq):] = torch.tensor(seq)
-            mask[i, length - len(seq):] = 1
-    return ids, mask
+    """(ids, mask) of shape (N, max_len), sequences aligned to the right: `right_pad` mirrored."""
+    ids, mask = right_pad([list(reversed(s)) for s in sequences], pad_id)
+    return ids.flip(1), mask.flip(1)
 
 
 def right_pad(sequences, pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,9 +67,8 @@ def right_pad(sequences, pad_id: int, width: int | None = None) -> tuple[torch.T
 
 def completion_mask_after_eos(completion_ids: torch.Tensor, eos_ids: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask (N, C), truncated (N,)): 1 up to and including the first EOS; truncated when a row has no EOS."""
-    is_eos = torch.zeros_like(completion_ids, dtype=torch.bool)
-    for eos in eos_ids:
-        is_eos |= completion_ids == eos
+    eos = torch.tensor(sorted(e for e in eos_ids if e is not None), dtype=completion_ids.dtype)
+    is_eos = torch.isin(completion_ids, eos.to(completion_ids.device))
     seen_before = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # an EOS earlier in the row
     return (~seen_before).long(), ~is_eos.any(dim=1)
 

@@ -205,19 +205,13 @@ def parse_generate_request(body: bytes) -> tuple[list[list[int]], list[int], int
 
 class _Handler(BaseHTTPRequestHandler):
     server: GenerationServer
-    GET: ClassVar[dict[str, str]] = {"/health": "health"}
-    POST: ClassVar[dict[str, str]] = {"/generate": "generate", "/update_weights": "update_weights",
-                                      "/reset_prefix_cache": "reset_prefix_cache"}
+    ROUTES: ClassVar[dict[tuple[str, str], str]] = {
+        ("GET", "/health"): "health", ("POST", "/generate"): "generate",
+        ("POST", "/update_weights"): "update_weights", ("POST", "/reset_prefix_cache"): "reset_prefix_cache"}
 
-    def do_GET(self) -> None:
-        self._dispatch(self.GET)
-
-    def do_POST(self) -> None:
-        self._dispatch(self.POST)
-
-    def _dispatch(self, routes: dict[str, str]) -> None:
+    def do_GET(self) -> None:  # and do_POST: the server's method named in ROUTES
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        name = routes.get(self.path.split("?")[0])
+        name = self.ROUTES.get((self.command, self.path.split("?")[0]))
         if name is None:
             self._reply(404, {"error": f"no endpoint {self.command} {self.path}"})
             return
@@ -228,6 +222,8 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # the engine failed: answer, keep serving, log the traceback
             logger.exception("%s %s failed", self.command, self.path)
             self._reply(500, {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"})
+
+    do_POST = do_GET
 
     def _reply(self, status: int, payload: dict[str, Any]) -> None:
         data = json.dumps(payload).encode()

@@ -20,12 +20,12 @@ import inspect
 import io
 import json
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from posttrain.errors import UserError
+from posttrain.rewards.runner import BackgroundLoop
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 _NOT_TOOLS = ("reset", "get_reward")  # environment methods that are the environment's own protocol
@@ -140,27 +140,6 @@ def _error(message: str) -> str:
     return f"Error: {message}"
 
 
-class _Loop:
-    """An asyncio loop in a daemon thread, started on first use (async tools of every rollout run on it)."""
-
-    def __init__(self):
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()
-
-    def run(self, coroutine):
-        with self._lock:
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                threading.Thread(target=self._loop.run_forever, name="posttrain-tools", daemon=True).start()
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._loop.stop)
-            self._loop = None
-
-
 class ToolRunner:
     """Runs a batch of tool calls (every pending call of every rollout at once) and returns one result per call.
 
@@ -171,7 +150,7 @@ class ToolRunner:
     def __init__(self, timeout: float | None = 30.0, max_workers: int = 16):
         self.timeout = timeout
         self.max_workers = max_workers
-        self._loop = _Loop()
+        self._loop = BackgroundLoop("posttrain-tools")  # async tools of every rollout run on it
         self.captured = ""
 
     def run(self, calls: list[tuple[ToolCall, dict[str, Callable]]]) -> list[ToolResult]:
@@ -189,7 +168,7 @@ class ToolRunner:
                 (asyn if is_async_tool(tools[call.name]) else sync).append((i, call, tools[call.name]))
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
-            pending = self._loop.run(self._gather(asyn)) if asyn else None
+            pending = self._loop.submit(self._gather(asyn)) if asyn else None
             self._run_sync(sync, results)
             if pending is not None:
                 for i, result in pending.result():

@@ -89,7 +89,9 @@ class OnlineTrainer(TRLInspection, RolloutSampling, RolloutBatches, PostTrainer)
             trainer_vision.check_online(self)
         if reward_funcs is None:
             reward_funcs = args.reward_funcs
-        reward_funcs = _with_reward_model(reward_funcs, args.reward_model_name_or_path)
+        reward_funcs, reward_model = as_list(reward_funcs), args.reward_model_name_or_path
+        if reward_model and reward_model not in reward_funcs:  # the CLI's --reward_model_name_or_path, scored after
+            reward_funcs.append(reward_model)
         reward_weights = args.reward_weights
         if self.agent is not None and self.agent.reward_classes:  # environments that score themselves
             reward_weights = reward_weights and list(reward_weights) + [1.0] * len(self.agent.reward_classes)
@@ -100,7 +102,8 @@ class OnlineTrainer(TRLInspection, RolloutSampling, RolloutBatches, PostTrainer)
         if reward_funcs:
             self.reward_runner = RewardRunner(reward_funcs, reward_weights, reward_processing_classes)
             # reward models sit beside the policy as it is placed: sharded under ZeRO-3/FSDP, else on its device
-            self.reward_runner.place(self.prepare_frozen, self.accelerator.device)
+            self.reward_runner.place(lambda m: sharding.prepare_frozen(self.accelerator, m, args),
+                                     self.accelerator.device)
         self.reference = reference.Reference.build(self, ref_model, model_id)
         self._micro_step = 0
         if streamed:
@@ -123,10 +126,6 @@ class OnlineTrainer(TRLInspection, RolloutSampling, RolloutBatches, PostTrainer)
         if self.reward_runner is None and self.scores_rollouts:  # PPO built for its loop API: before any setup
             raise UserError(self.missing_reward_funcs_message())
         return super().train(*args, **kwargs)
-
-    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
-        """A frozen model (reference, reward model) placed the way the policy is (`models/sharding.py`)."""
-        return sharding.prepare_frozen(self.accelerator, model, self.args)
 
     # ---- data ---------------------------------------------------------------------------------------------------
     def prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args):  # text prompts (images: trainers/vision.py)
@@ -383,12 +382,3 @@ def as_list(value) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _with_reward_model(reward_funcs, reward_model: str | None) -> list:
-    """reward_funcs as a list, with the config's reward model (the CLI's --reward_model_name_or_path) appended."""
-    funcs = as_list(reward_funcs)
-    if reward_model and reward_model not in funcs:
-        funcs.append(reward_model)
-    return funcs
-

@@ -115,11 +115,13 @@ class RolloutSampling:
     logps_at_sampling_temperature = True  # False: at temperature 1 (online DPO)
     pack_log_prob_rows = True  # False where the policy's own pass runs padded (PPO): both sides the same arithmetic
 
-    def completion_logps(self, model, batch: dict[str, torch.Tensor], with_entropy: bool = False):
+    def completion_logps(self, model, batch: dict[str, torch.Tensor], with_entropy: bool = False,
+                         with_values: bool = False):
         """(logps (B, C), model output dict) of the trained completion tokens (`completion_mask` of the batch: the
         rollout's loss mask) at the sampling temperature (or at 1 where a trainer sets
         `logps_at_sampling_temperature = False`); 0 on every other column. With `with_entropy`, out["entropy_columns"]
-        (B, C) holds the entropy at the same columns (0 elsewhere).
+        (B, C) holds the entropy at the same columns (0 elsewhere). With `with_values` (PPO's policy-and-critic
+        container), out["output"]["state_values"] (B, P + C) holds the critic's values from the same forward.
 
         Columns that carry no target (tool results of a multi-turn rollout, padding) may sit anywhere in the
         completion: the log-prob pass returns the kept positions only, and they are put back at their columns.
@@ -131,8 +133,8 @@ class RolloutSampling:
                                        "position_ids": position_ids, "labels": labels,
                                        **trainer_vision.rollout_image_inputs(self, batch, model)},
                                temperature=self.args.temperature if self.logps_at_sampling_temperature else 1.0,
-                               with_entropy=with_entropy, shared_prefix=prompt_len,
-                               pack_rows=self.pack_log_prob_rows)
+                               with_entropy=with_entropy, shared_prefix=0 if with_values else prompt_len,
+                               pack_rows=self.pack_log_prob_rows, **({"with_values": True} if with_values else {}))
         columns = target_positions(labels) + 1 - prompt_len  # the completion column of each kept position
         logps = out["logps"].new_zeros(B, C)
         logps[:, columns] = out["logps"]

@@ -20,10 +20,8 @@ Deviations from TRL: the score sits on the last completion token (TRL: one posit
 widened by one); losses are token means over the whole mini-batch, not means of micro-batch means; `global_step`
 counts optimizer steps (TRL counts rollouts); `val/ratio_var` is the per-token variance of the ratio.
 
-TRL's older call forms live in `compat/`: the constructor's `config=`/`dataset=` and the `query`/`input_ids` data
-forms (`compat/ppo.py`), and the loop API (`dataloader`, `generate`, `step`, `log_stats`: `compat/ppo_loop.py`, an
-adapter reached through `__getattr__`, whose `step` trains through the same `training_batches` and `compute_loss`
-as `train()`).
+TRL's older call forms: `config=`/`dataset=` and the `query`/`input_ids` columns (`compat/ppo.py`); the loop API
+(`dataloader`, `generate`, `step`, `log_stats`), an adapter reached through `__getattr__` (`compat/ppo_loop.py`).
 
 Not here: generation, reward calls and rollout metrics (`trainers/online.py`), GAE and whitening
 (`algorithms/advantages.py`), the per-token losses (`losses/value.py`), the critic (`models/value.py`).
@@ -46,7 +44,7 @@ from posttrain.errors import UserError
 from posttrain.losses.kl import KL_ESTIMATORS
 from posttrain.losses.value import clipped_value_loss, ppo_policy_loss
 from posttrain.models import loading
-from posttrain.models.logprobs import completion_labels, forward_target_rows, positions_from_mask, token_logps
+from posttrain.models.logprobs import positions_from_mask
 from posttrain.models.value import PolicyAndValue, load_value_model, token_values, value_model_from_policy
 from posttrain.rollout.types import Rollout
 from posttrain.trainers.online import OnlineTrainer, as_list
@@ -57,18 +55,15 @@ _TRAINER_ARGUMENTS = ("compute_metrics", "callbacks", "optimizers", "preprocess_
 class PPOTrainer(OnlineTrainer):
     """`PPOTrainer(model, reward_funcs=..., args=PPOConfig(...), train_dataset=..., value_model=None,
     ref_model=None, processing_class=None, peft_config=None)`; `reward_model=` (TRL's name) is a reward function
-    too. The older form `PPOTrainer(config=..., model=..., ref_model=..., tokenizer=..., dataset=...,
-    data_collator=...)` still works, with one FutureWarning per renamed argument, and so does the older loop
-    (`dataloader`, `generate`, `step`, `log_stats`; `compat/ppo_loop.py`), where reward_funcs may be omitted."""
+    too. The older forms (module docstring) still work; the loop API needs no reward_funcs."""
 
-    pack_log_prob_rows = False  # its policy/value pass runs padded (forward_target_rows with values)
+    pack_log_prob_rows = False  # its policy-and-critic pass runs padded (completion_logps with values)
 
     config_class = PPOConfig
     method_name = "PPO"
     summary_metrics = (("objective/scores", "score"), ("objective/kl", "kl"), ("loss/value_avg", "value loss"))
     kl_weight = "kl_coef"
     needs_reward_funcs = False  # the older loop API passes scores to `step`; `train()` asks for them
-
     requires_train_dataset = False  # the loop API (`compat/ppo_loop.py`) brings its own prompts
 
     def __init__(self, model=None, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None,
@@ -260,17 +255,9 @@ class PPOTrainer(OnlineTrainer):
     def _policy_and_values(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One forward of policy and critic: logps (B, C) at the sampling temperature, values (B, C), and the
         trained tokens' entropies (N,) at that temperature."""
-        ids, attention, mask = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
-        labels, prompt_len = completion_labels(ids, mask)
-        positions = positions_from_mask(attention)
-        hidden, head, logits, targets, valid, output = forward_target_rows(model, ids, labels, attention, positions,
-                                                                           with_values=True)
-        stats = token_logps(logits, targets, self.args.temperature, with_entropy=True, hidden=hidden, head=head)
-        flat = stats["logps"]
-        logps = flat.new_zeros(mask.shape)
-        logps[:, :valid.shape[1]] = logps[:, :valid.shape[1]].masked_scatter(valid, flat)
-        values = output["state_values"][:, prompt_len - 1:-1]
-        return logps, values, stats["entropy"]
+        logps, out = self.completion_logps(model, inputs, with_entropy=True, with_values=True)
+        prompt_len = inputs["input_ids"].shape[1] - inputs["completion_mask"].shape[1]
+        return logps, out["output"]["state_values"][:, prompt_len - 1:-1], out["entropy"]
 
     # ---- saving -------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -316,10 +303,5 @@ class PPOTrainer(OnlineTrainer):
 
 def _reward_entries(reward_funcs, reward_model, args: PPOConfig):
     """reward_funcs, plus `reward_model=` (TRL's name); else the config's reward_funcs or reward_model_path."""
-    entries = as_list(reward_funcs)
-    if reward_model is not None:
-        entries.append(reward_model)
-    if not entries and args.reward_model_path:
-        entries = [args.reward_model_path]
-    return entries or None
+    return as_list(reward_funcs) + as_list(reward_model) or as_list(args.reward_model_path or None) or None
 
