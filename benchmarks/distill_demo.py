@@ -170,7 +170,8 @@ def evaluate(student, teacher, tok, held, held_prompt_ids, teacher_held_ids, tea
             "student_sample_tokens": on_student["tokens_per_sequence"],
             "fkl_teacher_samples": on_teacher["fkl"], "rkl_teacher_samples": on_teacher["rkl"],
             "fkl_teacher_samples_per_sequence": on_teacher["fkl_per_sequence"],
-            "accuracy": acc["accuracy"], "greedy_tokens": acc["mean_length"], "eval_seconds": round(time.time() - start)}
+            "accuracy": acc["accuracy"], "greedy_tokens": acc["mean_length"],
+            "eval_seconds": round(time.time() - start)}
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
