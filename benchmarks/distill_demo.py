@@ -251,6 +251,8 @@ def setup(opts):
 
 
 def phase_train(opts) -> None:
+    with open(os.path.join(opts.run_dir, "train-command.txt"), "w") as f:
+        f.write(opts.command + "\n")
     teacher_dir, student_dir, tok, teacher, train_rows, held, samples = setup(opts)
     del teacher
     print(f"teacher samples: {samples['cpu_seconds']} CPU s; training {', '.join(opts.methods)}", flush=True)
@@ -335,9 +337,13 @@ def write_output(opts, result: dict, samples: dict) -> None:
     curves = {m: [{"seconds": 0.0, "steps": 0, **result["initial"]}]
               + sorted((p for p in result["points"].values() if p["method"] == m), key=lambda p: p["index"])
               for m in opts.methods}
-    out = {"command": opts.command, "options": {k: v for k, v in vars(opts).items() if k != "command"},
-           "teacher_sampling": {k: samples[k] for k in
-                                                               ("seconds", "cpu_seconds", "train_mean_tokens")},
+    train_command = None
+    if os.path.exists(os.path.join(opts.run_dir, "train-command.txt")):
+        with open(os.path.join(opts.run_dir, "train-command.txt")) as f:
+            train_command = f.read().strip()
+    out = {"train_command": train_command, "eval_command": opts.command,
+           "options": {k: v for k, v in vars(opts).items() if k != "command"},
+           "teacher_sampling": {k: samples[k] for k in ("seconds", "cpu_seconds", "train_mean_tokens")},
            "teacher": result["teacher"], "initial_student": result["initial"], "curves": curves, "train_loss": logs}
     with open(opts.out, "w") as f:
         json.dump(out, f, indent=1)
