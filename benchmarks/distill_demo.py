@@ -301,10 +301,23 @@ def phase_eval(opts, wait: bool) -> None:
         print("initial student", json.dumps(result["initial"]), flush=True)
         save()
     reference = {k: v.clone() for k, v in base.state_dict().items()}
-    while True:
-        pending = [p for p in sorted(glob.glob(os.path.join(opts.run_dir, "snapshots", "*.json")))
-                   if os.path.basename(p)[:-5] not in result["points"]]
-        for meta_path in pending:
+    snap_dir = os.path.join(opts.run_dir, "snapshots")
+    while True:  # several eval processes may share the work: each snapshot is claimed by one (an exclusive file)
+        worked = False
+        metas = sorted(glob.glob(os.path.join(snap_dir, "*-[0-9][0-9].json")))
+        for meta_path in metas:
+            name = os.path.basename(meta_path)[:-5]
+            done_path = os.path.join(snap_dir, f"{name}.result")
+            if name in result["points"]:
+                continue
+            if os.path.exists(done_path):
+                with open(done_path) as f:
+                    result["points"][name] = json.load(f)
+                continue
+            try:
+                os.close(os.open(os.path.join(snap_dir, f"{name}.claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
             with open(meta_path) as f:
                 meta = json.load(f)
             state = torch.load(meta_path[:-5] + ".pt")
@@ -313,14 +326,19 @@ def phase_eval(opts, wait: bool) -> None:
             assert set(keys.missing_keys) <= {"lm_head.weight"} and not keys.unexpected_keys, keys
             point = {**meta, **evaluate(base, teacher, tok, held, held_prompt_ids, samples["held_ids"],
                                         teacher_cache, opts)}
-            result["points"][os.path.basename(meta_path)[:-5]] = point
+            with open(done_path + ".tmp", "w") as f:
+                json.dump(point, f)
+            os.replace(done_path + ".tmp", done_path)
+            result["points"][name] = point
             print(json.dumps(point), flush=True)
             save()
+            worked = True
             if not meta["final"] and not opts.keep_snapshots:
                 os.remove(meta_path[:-5] + ".pt")
-        if pending:
+        if worked:
             continue
-        if not wait or os.path.exists(os.path.join(opts.run_dir, "train-done")):
+        finished = all(os.path.basename(m)[:-5] in result["points"] for m in metas)
+        if finished and (not wait or os.path.exists(os.path.join(opts.run_dir, "train-done"))):
             break
         time.sleep(15)
     write_output(opts, result, samples)
