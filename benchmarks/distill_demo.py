@@ -304,7 +304,7 @@ def phase_eval(opts, wait: bool) -> None:
     snap_dir = os.path.join(opts.run_dir, "snapshots")
     while True:  # several eval processes may share the work: each snapshot is claimed by one (an exclusive file)
         worked = False
-        metas = sorted(glob.glob(os.path.join(snap_dir, "*-[0-9][0-9].json")))
+        metas = sorted(glob.glob(os.path.join(snap_dir, "*-[0-9][0-9].json")), key=_eval_order)
         for meta_path in metas:
             name = os.path.basename(meta_path)[:-5]
             done_path = os.path.join(snap_dir, f"{name}.result")
@@ -342,6 +342,14 @@ def phase_eval(opts, wait: bool) -> None:
             break
         time.sleep(15)
     write_output(opts, result, samples)
+
+
+def _eval_order(meta_path: str) -> tuple:
+    """Final snapshots first, then every other one, then the rest: if scoring falls behind training, the curves lose
+    intermediate points, not their ends."""
+    with open(meta_path) as f:
+        meta = json.load(f)
+    return (not meta["final"], meta["index"] % 2, meta["index"], meta_path)
 
 
 def write_output(opts, result: dict, samples: dict) -> None:
