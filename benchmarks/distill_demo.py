@@ -265,7 +265,7 @@ def phase_train(opts) -> None:
         f.write("done\n")
 
 
-def phase_eval(opts, wait: bool) -> None:
+def phase_eval(opts, wait: bool, score: bool = True) -> None:
     from transformers import AutoModelForCausalLM
 
     from posttrain.data.tokenize import tokenize_prompt
@@ -314,6 +314,8 @@ def phase_eval(opts, wait: bool) -> None:
                 with open(done_path) as f:
                     result["points"][name] = json.load(f)
                 continue
+            if not score:
+                continue
             try:
                 os.close(os.open(os.path.join(snap_dir, f"{name}.claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
@@ -337,7 +339,7 @@ def phase_eval(opts, wait: bool) -> None:
                 os.remove(meta_path[:-5] + ".pt")
         if worked:
             continue
-        finished = all(os.path.basename(m)[:-5] in result["points"] for m in metas)
+        finished = all(os.path.basename(m)[:-5] in result["points"] for m in metas) or not score
         if finished and (not wait or os.path.exists(os.path.join(opts.run_dir, "train-done"))):
             break
         time.sleep(15)
@@ -439,7 +441,8 @@ def tables(out: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--phase", choices=("all", "samples", "train", "eval", "table"), default="all")
+    parser.add_argument("--phase", choices=("all", "samples", "train", "eval", "report", "table"), default="all",
+                        help="report: write the JSON, tables and run reports from the snapshots scored so far.")
     parser.add_argument("--teacher", default="posttrain/smollm2-135m-instruct")
     parser.add_argument("--student_layers", type=int, default=6)
     parser.add_argument("--student_init", choices=("ends", "spread", "first"), default="ends",
@@ -471,8 +474,8 @@ def main() -> None:
         return
     if opts.phase in ("all", "train"):
         phase_train(opts)
-    if opts.phase in ("all", "eval"):
-        phase_eval(opts, wait=opts.phase == "eval")
+    if opts.phase in ("all", "eval", "report"):
+        phase_eval(opts, wait=opts.phase == "eval", score=opts.phase != "report")
 
 
 if __name__ == "__main__":
