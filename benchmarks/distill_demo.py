@@ -13,8 +13,8 @@ instead of 7%). Student: the teacher's embeddings, `--student_layers` of its lay
 (`distill_compare.student_from_teacher`: the same tokenizer by construction); which layers: `--student_init ends`
 (default: the first ⌈n/2⌉ and last ⌊n/2⌋, 30 → 6: 0-2 and 27-29), `spread` (evenly from first to last) or `first`.
 Of the 6-layer picks measured ("ends", "spread", every 5th, the first 6, the last 6, …) "ends" started closest to
-the teacher (forward KL 8.2 nats/token on teacher samples against 12.5 for the first 6 and 19.4 for "spread"): all
-are far from it, worse than a uniform guess — a deep narrow model does not survive losing 24 of 30 layers.
+the teacher (forward KL 8.2 nats/token on teacher samples against 12.5 for the first 6 and 19.4 for "spread"; a
+uniform guess scores about 10): all are far from it — a deep narrow model does not survive losing 24 of 30 layers.
 Task: `posttrain/wordmath-prompts`: the first `--train_prompts` rows of its train split train, the first
 `--eval_prompts` rows of its test split are held out (the two are disjoint slices of one pool, checked here; the
 teacher's SFT data is a third slice).
