@@ -43,22 +43,44 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def student_from_teacher(teacher: str, layers: int) -> tuple[str, str]:
-    """(teacher directory, student directory): the student keeps the teacher's embeddings, first `layers` layers,
-    final norm and head (built once, cached under /tmp)."""
+def student_layer_indices(total: int, layers: int, pick: str = "first") -> list[int]:
+    """Which of the teacher's `total` layers a `layers`-layer student keeps: "first" the first ones; "spread" evenly
+    spaced ones from the first to the last (30 → 6: 0, 6, 12, 17, 23, 29); "ends" the first ⌈layers/2⌉ and the last
+    ⌊layers/2⌋ (30 → 6: 0, 1, 2, 27, 28, 29), so the student keeps the teacher's input and output layers and its
+    residual stream ends where the teacher's final norm and head expect it."""
+    if not 1 <= layers <= total:
+        raise ValueError(f"student_layers must be in [1, {total}], got {layers}")
+    if pick == "first":
+        return list(range(layers))
+    if pick == "spread":
+        return [0] if layers == 1 else [round(i * (total - 1) / (layers - 1)) for i in range(layers)]
+    if pick == "ends":
+        head = (layers + 1) // 2
+        return list(range(head)) + list(range(total - (layers - head), total))
+    raise ValueError(f"student layer pick must be 'first', 'spread' or 'ends', got {pick!r}")
+
+
+def student_from_teacher(teacher: str, layers: int, pick: str = "first") -> tuple[str, str]:
+    """(teacher directory, student directory): the student keeps the teacher's embeddings, `layers` of its layers
+    (`student_layer_indices`), final norm and head (built once, cached under /tmp)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.models.loading import resolve_model_path
 
     teacher_dir = resolve_model_path(teacher)
-    out = f"/tmp/posttrain-distill-students/{teacher.replace('/', '--')}-{layers}"
+    name = teacher.strip("/").replace("/", "--")
+    out = f"/tmp/posttrain-distill-students/{name}-{layers}" + ("" if pick == "first" else f"-{pick}")
     if not os.path.exists(os.path.join(out, "config.json")):
         model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-        model.model.layers = model.model.layers[:layers]
+        keep = student_layer_indices(len(model.model.layers), layers, pick)
+        model.model.layers = torch.nn.ModuleList(model.model.layers[i] for i in keep)
+        for new_index, layer in enumerate(model.model.layers):  # the KV cache is indexed by layer_idx
+            if hasattr(getattr(layer, "self_attn", None), "layer_idx"):
+                layer.self_attn.layer_idx = new_index
         model.config.num_hidden_layers = layers
         if getattr(model.config, "layer_types", None):
-            model.config.layer_types = model.config.layer_types[:layers]
+            model.config.layer_types = [model.config.layer_types[i] for i in keep]
         model.save_pretrained(out)
         AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(out)
     return teacher_dir, out
