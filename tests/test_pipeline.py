@@ -136,12 +136,18 @@ def _check_outputs(out, names, capsys_out):
     card = (out / "dpo" / "README.md").read_text()
     assert "held-out answer accuracy (4 prompts, greedy)" in card
     assert "held-out answer accuracy (sampled, T=1, 2 per prompt)" in card
+    held_out = card.split("## Held-out evaluation", 1)[1].split("## Use", 1)[0]  # task, figures, command
+    assert "4 held-out prompts of `posttrain/arith-prompts`" in held_out and "scored by `accuracy_reward`" in held_out
+    assert (f"against its start model (stage `sft`), question by question: {versus['fixed']} fixed, "
+            f"{versus['broken']} broken") in held_out and "6 prompts of `posttrain/chat-prompts`" in held_out
+    assert "posttrain pipeline " in held_out and "--from dpo" in held_out
     page = (out / "report.html").read_text()
     assert all(f'href="{name}/report.html"' in page for name in names)
     assert "Other chat prompts, answered after each stage" in page and "Held-out questions, answered" in page
     if plots.matplotlib_available():
         assert (out / "answer_accuracy.png").read_bytes()[:4] == b"\x89PNG" and "data:image/png;base64," in page
         assert (out / "sampled_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+        assert (out / "drift_kl.png").read_bytes()[:4] == b"\x89PNG"
     assert "pipeline [1/" in capsys_out and "held-out answer accuracy" in capsys_out
     assert "stage" in capsys_out and "answer acc" in capsys_out and "key metric" in capsys_out  # closing table
     assert "sampled acc" in capsys_out and "sampled (T=1, 2 per prompt)" in capsys_out

@@ -146,6 +146,29 @@ def compare_with_start(record: dict[str, Any], records: list[dict[str, Any]]) ->
     record["versus"] = {"stage": earlier[-1]["name"], **comparison}
 
 
+def card_evaluation(stage: Stage, pipeline: spec.Pipeline, record: dict[str, Any]) -> list[str]:
+    """The model card's "held-out evaluation" lines: the task, the figures against the stage's start model, the
+    drift check, and the commands that reproduce them."""
+    evaluation = pipeline.evaluation
+    task = f"`{evaluation.get('dataset_name')}` (split `{evaluation.get('split', 'test')}`)"
+    lines = [f"- task: {record['num_prompts']} held-out prompts of {task}, answered greedily (at most "
+             f"{evaluation.get('max_new_tokens', 128)} new tokens) and scored by `accuracy_reward`",
+             f"- held-out answer accuracy: {record['answer_accuracy']:.3f}"]
+    comparison = record.get("versus")
+    if comparison:
+        lines.append(f"- against its start model (stage `{comparison['stage']}`), question by question: "
+                     f"{comparison['fixed']} fixed, {comparison['broken']} broken, exact McNemar "
+                     f"p = {comparison['p_value']:.2g}")
+    if record.get("drift_kl") is not None:
+        lines.append(f"- outside the task: KL(starting model ‖ this model) = {record['drift_kl']:.2f} ± "
+                     f"{record['drift_kl_stderr']:.2f} nats per answer on {record['drift_prompts']} prompts of "
+                     f"`{evaluation.get('drift_dataset')}`")
+    lines += ["", "Reproduce the whole pipeline, or this stage from the earlier stages' outputs:", "", "```bash",
+              f"posttrain pipeline {pipeline.path}", f"posttrain pipeline {pipeline.path} --from {stage.name}",
+              "```"]
+    return lines
+
+
 def write_stage_config(stage: Stage, pipeline: spec.Pipeline) -> str:
     """OUTPUT_DIR/stage-configs/NAME.yaml: the stage's resolved options, as its command's --config takes them."""
     from posttrain.reporting.atomic import write_text
@@ -170,8 +193,10 @@ def check_stages(stages: list[Stage], pipeline: spec.Pipeline) -> None:
             raise PipelineError(f"stage '{stage.name}': {str(e).splitlines()[0] if str(e) else e}") from e
 
 
-def run_stage(stage: Stage, pipeline: spec.Pipeline, prompts, reference=None) -> dict[str, Any]:
-    """Train one stage through its CLI command, then measure it; returns the stage's record."""
+def run_stage(stage: Stage, pipeline: spec.Pipeline, prompts, reference=None,
+              earlier: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Train one stage through its CLI command, then measure it (against its start model among the `earlier`
+    records); returns the stage's record."""
     from posttrain import reporting
     from posttrain.cli import run_training
 
@@ -199,6 +224,7 @@ def run_stage(stage: Stage, pipeline: spec.Pipeline, prompts, reference=None) ->
         record.update(answer_accuracy(trainer.model, trainer.processing_class, prompts, pipeline.evaluation))
         record.update(measure_drift(trainer.model, trainer.processing_class, reference))
         record["eval_seconds"] = round(time.time() - eval_start, 1)
+        compare_with_start(record, earlier or [])
         if trainer.is_world_process_zero():
             figures = {f"held-out answer accuracy ({record['num_prompts']} prompts, greedy)": record["answer_accuracy"]}
             if record.get("sampled_accuracy") is not None:
@@ -207,7 +233,8 @@ def run_stage(stage: Stage, pipeline: spec.Pipeline, prompts, reference=None) ->
             if record.get("drift_kl") is not None:
                 figures[f"KL from the starting model on {record['drift_prompts']} other chat prompts (nats per "
                         "answer)"] = record["drift_kl"]
-            reporting.write_model_card(trainer, stage.output_dir, extra=figures)
+            reporting.write_model_card(trainer, stage.output_dir, extra=figures,
+                                       evaluation=card_evaluation(stage, pipeline, record))
             reporting.write_report(trainer, extra={k: f"{v:.3f}" for k, v in figures.items()})
     del trainer
     gc.collect()
@@ -256,8 +283,7 @@ def run(path: str, output_dir: str | None = None, start_at: str | None = None) -
             continue
         print(f"pipeline [{i + 1}/{len(names)}] {stage.name}: posttrain {stage.command} from "
               f"{stage.options.get('model_name_or_path')} → {stage.output_dir}", flush=True)
-        record = run_stage(stage, pipeline, prompts, reference)
-        compare_with_start(record, records)
+        record = run_stage(stage, pipeline, prompts, reference, records)
         records.append(record)
         print(f"pipeline [{i + 1}/{len(names)}] {stage.name} done in {record['seconds']:.0f}s: "
               f"{summary.describe(record)}", flush=True)

@@ -131,11 +131,12 @@ def write(output_dir: str, pipeline_path: str, records: list[dict[str, Any]], se
              "KL from start": "KL(starting model ‖ stage) in nats per answer, estimated on the starting model's own "
                               "sampled answers to prompts outside the task (when drift_dataset is set)"}
     charts = []
-    for key, what in (("answer_accuracy", "greedy"), ("sampled_accuracy", "sampled")):
+    for key, title in (("answer_accuracy", "held-out answer accuracy (greedy) after each stage"),
+                       ("sampled_accuracy", "held-out answer accuracy (sampled) after each stage"),
+                       ("drift_kl", "KL(start ‖ stage) on prompts outside the task, nats per answer")):
         scored = [r for r in records if r.get(key) is not None]
         chart = scored and plots.render_bars([r["name"] for r in scored], [r[key] for r in scored],
-                                             os.path.join(output_dir, f"{key}.png"),
-                                             f"held-out answer accuracy ({what}) after each stage")
+                                             os.path.join(output_dir, f"{key}.png"), title)
         charts += [chart] if chart else []
     page = html.pipeline_page(f"posttrain pipeline — {os.path.basename(pipeline_path)}", facts, stages,
                               list(COLUMNS[1:]), charts, side_by_side(records))

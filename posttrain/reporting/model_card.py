@@ -35,9 +35,10 @@ METHODS = {
 
 def render(*, method: str, model_name: str, base_model: str | None, dataset: str | None,
            final: dict[str, float], facts: dict[str, Any], is_classifier: bool = False,
-           tags: list[str] | None = None) -> str:
+           tags: list[str] | None = None, evaluation: list[str] | None = None) -> str:
     """The README.md text. `final` = metric → last value; `facts` = extra "how it was trained" lines; `tags` the
-    Hub tags (default: posttrain and the method)."""
+    Hub tags (default: posttrain and the method); `evaluation` markdown lines of a "Held-out evaluation" section
+    (e.g. a pipeline's task, figures and the command that reproduces them)."""
     what, reference = METHODS.get(method, (method, None))
     tags = list(dict.fromkeys(tags or ["posttrain", method.lower()]))
     front: dict[str, Any] = {"library_name": "transformers", "tags": tags}
@@ -58,6 +59,8 @@ def render(*, method: str, model_name: str, base_model: str | None, dataset: str
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {fmt(v)} |" for k, v in final.items()]
     else:
         lines.append("No metrics were logged.")
+    if evaluation:
+        lines += ["", "## Held-out evaluation", ""] + list(evaluation)
     lines += ["", "## Use", "", "```python"]
     if is_classifier:
         lines += ["from transformers import AutoModelForSequenceClassification, AutoTokenizer",

@@ -141,9 +141,9 @@ def write_report(trainer, extra: dict[str, Any] | None = None) -> str:
 
 
 def write_model_card(trainer, output_dir: str | None = None, extra: dict[str, float] | None = None,
-                     tags: list[str] | None = None) -> str:
-    """Write output_dir/README.md (the model card) with the final metrics (plus `extra`, e.g. held-out figures);
-    tags default to the trainer's (`tag_names()`)."""
+                     tags: list[str] | None = None, evaluation: list[str] | None = None) -> str:
+    """Write output_dir/README.md (the model card) with the final metrics (plus `extra`, e.g. held-out figures,
+    and `evaluation`, markdown lines for a "Held-out evaluation" section); tags default to the trainer's."""
     output_dir = output_dir or trainer.args.output_dir
     facts = {k: v for k, v in run_facts(trainer).items() if k in ("steps", "epochs", "training time")}
     final = summary.final_metrics(trainer.state.log_history)
@@ -151,7 +151,7 @@ def write_model_card(trainer, output_dir: str | None = None, extra: dict[str, fl
     text = model_card.render(method=trainer.method_name, model_name=output_dir, base_model=base_model(trainer),
                              dataset=dataset_name(trainer), final=final, facts=facts,
                              is_classifier=_is_classifier(trainer.model),
-                             tags=tags if tags is not None else _tags(trainer))
+                             tags=tags if tags is not None else _tags(trainer), evaluation=evaluation)
     return write_text(os.path.join(output_dir, MODEL_CARD), text)
 
 
