@@ -35,7 +35,7 @@ from posttrain.data.tokenize import tokenize_prompt_and_completions
 from posttrain.errors import UserError, UserTypeError
 from posttrain.models import teacher as teachers
 from posttrain.models.logprobs import output_head
-from posttrain.rollout.hf import left_pad, right_pad
+from posttrain.rollout.hf import left_pad
 from posttrain.rollout.types import Rollout
 from posttrain.trainers.online import OnlineTrainer
 
