@@ -135,7 +135,7 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
                          compute_loss_func=compute_loss_func, compute_metrics=compute_metrics, callbacks=callbacks,
                          optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
-        self._prepared_eval = _ids_of(self.eval_dataset)  # evaluate(eval_dataset=raw) prepares anything else
+        self._prepared_eval = _by_id(self.eval_dataset)  # evaluate(eval_dataset=raw) prepares anything else
         self.router_aux_loss_coef, self.aux_loss_enabled = router_loss.setup(self.model, args)
         self._router_losses = router_loss.RouterLosses(self.model) if self.aux_loss_enabled else None
         if args.activation_offloading and self.args.device.type == "cpu":
@@ -245,10 +245,10 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
         already prepared by this trainer unchanged."""
         if isinstance(eval_dataset, dict):
             return {k: self.prepare_eval_dataset(v) for k, v in eval_dataset.items()}
-        if id(eval_dataset) in self._prepared_eval:
+        if self._prepared_eval.get(id(eval_dataset)) is eval_dataset:
             return eval_dataset
         _, prepared = self.prepare_datasets(None, eval_dataset, self.processing_class, self.args)
-        self._prepared_eval |= _ids_of(prepared)
+        self._prepared_eval.update(_by_id(prepared))
         return prepared
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
@@ -378,11 +378,12 @@ def note_trl_difference(key: str, message: str) -> None:
         logger.info(message)
 
 
-def _ids_of(dataset) -> set[int]:
-    """Identities of a dataset or of the values of a dict of datasets (which ones a trainer has prepared)."""
+def _by_id(dataset) -> dict[int, Any]:
+    """A dataset, or the values of a dict of datasets, by identity (which ones a trainer has prepared). The objects
+    are held, not only their ids: a freed dataset's id can be reused by a new raw one, which must still be prepared."""
     if dataset is None:
-        return set()
-    return {id(d) for d in dataset.values()} if isinstance(dataset, dict) else {id(dataset)}
+        return {}
+    return {id(d): d for d in (dataset.values() if isinstance(dataset, dict) else [dataset])}
 
 
 def check_output_dir(path: str) -> None:
