@@ -150,9 +150,9 @@ def card_evaluation(stage: Stage, pipeline: spec.Pipeline, record: dict[str, Any
     """The model card's "held-out evaluation" lines: the task, the figures against the stage's start model, the
     drift check, and the commands that reproduce them."""
     evaluation = pipeline.evaluation
-    task = f"`{evaluation.get('dataset_name')}` (split `{evaluation.get('split', 'test')}`)"
+    task = f"`{evaluation['dataset_name']}` (split `{evaluation['split']}`)"  # spec.EVALUATION_DEFAULTS fill gaps
     lines = [f"- task: {record['num_prompts']} held-out prompts of {task}, answered greedily (at most "
-             f"{evaluation.get('max_new_tokens', 128)} new tokens) and scored by `accuracy_reward`",
+             f"{evaluation['max_new_tokens']} new tokens) and scored by `accuracy_reward`",
              f"- held-out answer accuracy: {record['answer_accuracy']:.3f}"]
     comparison = record.get("versus")
     if comparison:
@@ -162,7 +162,7 @@ def card_evaluation(stage: Stage, pipeline: spec.Pipeline, record: dict[str, Any
     if record.get("drift_kl") is not None:
         lines.append(f"- outside the task: KL(starting model ‖ this model) = {record['drift_kl']:.2f} ± "
                      f"{record['drift_kl_stderr']:.2f} nats per answer on {record['drift_prompts']} prompts of "
-                     f"`{evaluation.get('drift_dataset')}`")
+                     f"`{evaluation['drift_dataset']}`")
     lines += ["", "Reproduce the whole pipeline, or this stage from the earlier stages' outputs:", "", "```bash",
               f"posttrain pipeline {pipeline.path}", f"posttrain pipeline {pipeline.path} --from {stage.name}",
               "```"]

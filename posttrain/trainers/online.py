@@ -53,8 +53,8 @@ class OnlineTrainer(TRLInspection, RolloutSampling, RolloutBatches, PostTrainer)
     needs_reward_funcs = True  # False: reward_funcs may be left out at construction (PPO's loop API scores itself)
 
     def missing_reward_funcs_message(self) -> str:
-        return (f"No reward source provided: {type(self).__name__} needs reward_funcs: a function, a built-in name such as 'accuracy_reward', "
-                "a 'module:function' path, or a reward-model id.")
+        return (f"No reward source provided: {type(self).__name__} needs reward_funcs: a function, a built-in name "
+                "such as 'accuracy_reward', a 'module:function' path, or a reward-model id.")
 
     supports_tools = False  # True: the trainer takes tools=, environment_factory= and rollout_func= (GRPO, RLOO,
     # DistillationTrainer)

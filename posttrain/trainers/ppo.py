@@ -303,5 +303,8 @@ class PPOTrainer(OnlineTrainer):
 
 def _reward_entries(reward_funcs, reward_model, args: PPOConfig):
     """reward_funcs, plus `reward_model=` (TRL's name); else the config's reward_funcs or reward_model_path."""
-    return as_list(reward_funcs) + as_list(reward_model) or as_list(args.reward_model_path or None) or None
+    entries = as_list(reward_funcs) + ([reward_model] if reward_model is not None else [])
+    if not entries and args.reward_model_path:
+        entries = [args.reward_model_path]
+    return entries or None
 
