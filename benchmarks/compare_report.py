@@ -113,15 +113,15 @@ def model_params(name: str) -> dict:
     import torch
     import transformers
 
-    from posttrain.models.loading import resolve_model_path
-
     if name.startswith("posttrain/") and "llava" in name:  # a built-in VLM (vision tower + language model)
         from posttrain.models.vision import builtin_vlm_path
 
         config = transformers.AutoConfig.from_pretrained(builtin_vlm_path(name))
         auto = transformers.AutoModelForImageTextToText
     else:
-        config = transformers.AutoConfig.from_pretrained(resolve_model_path(name))
+        from compare_tasks import _model_path
+
+        config = transformers.AutoConfig.from_pretrained(_model_path(name))
         auto = transformers.AutoModelForCausalLM
     with torch.device("meta"):
         model = auto.from_config(config)

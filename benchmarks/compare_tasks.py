@@ -57,10 +57,12 @@ def workload(task: str = "") -> dict:
 
 
 def _model_path(name: str) -> str:
-    """The local directory of a built-in or packaged model (TRL takes paths, not posttrain's names)."""
+    """The local directory of a built-in, benchmark-shape or packaged model (TRL takes paths, not posttrain's names;
+    the shapes of `SHAPED_MODELS` are benchmark-only, so the library's own name resolution refuses them)."""
+    from posttrain.models.builtin import SHAPED_MODELS, builtin_model_path
     from posttrain.models.loading import resolve_model_path
 
-    return resolve_model_path(name)
+    return builtin_model_path(name) if name in SHAPED_MODELS else resolve_model_path(name)
 
 
 # ---- data ---------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@
 # transformers (5.17 when last read) is older than the one posttrain is tested with here: posttrain's rollout
 # passes the KV cache as `cache=`, the name from transformers 5.2x on, so GRPO fails under 5.17 (seen in a CPU
 # simulation of that machine). So this downloads, for Python 3.12, the versions this checkout's .venv runs —
-# transformers, peft, TRL, datasets, dill, multiprocess: pure-Python wheels, ~15 MB — into .whl/ (git-ignored),
+# transformers, peft, TRL, datasets, dill, multiprocess, accelerate and the Hub client with its HTTP stack (the
+# image's huggingface_hub 1.33 fails transformers' import-time version check): ~22 MB — into .whl/ (git-ignored),
 # which the device call carries and gpu_run.sh installs into /tmp/site:
 #
 #     bash benchmarks/gpu_prepare.sh
@@ -17,8 +18,10 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 pins=$("$PY" - <<'EOF'
 from importlib.metadata import version
-print(" ".join(f"{name}=={version(name)}" for name in ("transformers", "peft", "trl", "datasets", "dill",
-                                                     "multiprocess")))
+print(" ".join(f"{name}=={version(name)}" for name in (
+    "transformers", "peft", "trl", "datasets", "dill", "multiprocess", "accelerate", "kernels", "tomlkit",
+    # transformers checks huggingface-hub >= 2.4 at import (the image had 1.33) and the hub's HTTP stack with it
+    "huggingface_hub", "httpx2", "httpcore2", "truststore", "anyio", "idna", "click", "hf-xet", "fsspec", "regex")))
 EOF
 )
 echo "pins: $pins"

@@ -17,6 +17,9 @@ so the CLI, name resolution and the tests leave them alone: a 0.5B model is 2 GB
     posttrain/shape-qwen2-0.5b  494,032,768   Qwen2-0.5B's shape with random weights: hidden 896, 24 layers,
                                         14 heads / 2 KV, MLP 4,864, vocab 151,936 (the shipped tokenizer uses the
                                         first 4,096 rows), rope theta 1e6 (benchmarks/compare_trl.py --model)
+    posttrain/shape-smollm2-135m  134,515,008  SmolLM2-135M's shape with random weights (Llama: hidden 576,
+                                        30 layers, 9 heads / 3 KV, MLP 1,536, vocab 49,152): its speed without
+                                        the 93 MB GGUF (the GPU benchmark, where the real file cannot travel)
 
 Not here: loading with posttrain's defaults (`models/loading.py`), the tokenizer build (`scripts/build_tokenizer.py`).
 """
@@ -58,6 +61,9 @@ SHAPED_MODELS: dict[str, dict] = {
     "posttrain/shape-qwen2-0.5b": {**_QWEN2, "vocab_size": 151936, "hidden_size": 896, "num_hidden_layers": 24,
                                    "num_attention_heads": 14, "num_key_value_heads": 2, "intermediate_size": 4864,
                                    "rope_theta": 1000000.0},
+    "posttrain/shape-smollm2-135m": {**_LLAMA, "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30,
+                                     "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536,
+                                     "rope_theta": 100000.0, "rms_norm_eps": 1e-5},
 }
 
 
