@@ -35,6 +35,9 @@ BENCH_WORKLOAD=${BENCH_WORKLOAD:-"--batch 16 --min_tokens 128 --max_tokens 384 -
 BENCH_EXTRA=${BENCH_EXTRA:-}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 export POSTTRAIN_CACHE=/tmp/posttrain-cache PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+# transformers 5.2x with `kernels` installed turns Hub kernels on by default and fetches them at the first train() on a
+# GPU: offline that fails for every variant, the plain loop included (seen on the H200). Off for all of them.
+export USE_HUB_KERNELS=NO
 elapsed() { echo $(( $(date +%s) - START )); }
 say() { echo "[$(elapsed) s] $*"; }
 

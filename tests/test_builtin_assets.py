@@ -370,3 +370,18 @@ def test_unknown_names_raise_clear_errors(kwargs, names):
 ])
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
+
+
+def test_offline_loads_turn_hub_kernels_off_unless_asked(cache, monkeypatch):
+    """transformers enables Hub kernels by default and fetches them when a model first trains on a GPU: offline that
+    fails (seen on an H200), so posttrain's loader turns them off when the Hub is offline; an explicit choice stays."""
+    from huggingface_hub import constants
+
+    from posttrain.models import loading
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert loading._resolve_dtype({})["use_kernels"] is False
+    assert loading._resolve_dtype({"use_kernels": True})["use_kernels"] is True
+    assert loading.load_pretrained_model("posttrain/tiny").use_kernels is False
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert "use_kernels" not in loading._resolve_dtype({})  # online: transformers' own default

@@ -83,8 +83,24 @@ def _is_missing_local(name: str) -> bool:
     return False
 
 
+def _hub_kernels_unreachable() -> bool:
+    """True when the Hub is offline: transformers (5.2x, with the `kernels` package installed) enables its Hub
+    kernels by default and fetches them when the model first trains on a GPU, which fails offline ("Version 2 of
+    'kernels-community/rotary' is not available in the local cache", seen on an H200), also for the plain loop."""
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except (ImportError, AttributeError):
+        return False
+
+
 def _resolve_dtype(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """posttrain's `from_pretrained` defaults: float32 unless a dtype is given (bf16 only where it is native), and no
+    Hub kernels when the Hub is offline (a `use_kernels` the caller gives is kept)."""
     kwargs = dict(kwargs)
+    if "use_kernels" not in kwargs and _hub_kernels_unreachable():
+        kwargs["use_kernels"] = False
     dtype = kwargs.pop("torch_dtype", None) or kwargs.get("dtype", "float32")
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
