@@ -119,6 +119,15 @@ def _memory_peak() -> float:
 
 # ---- one run ------------------------------------------------------------------------------------------------
 
+_START = time.perf_counter()
+
+
+def _mark(what: str) -> None:
+    """A progress line on stdout (seconds since the worker started): a run cut off by --run_timeout shows how far it
+    got (imports, data, trainer, each step's seconds) instead of nothing."""
+    print(f"MARK {time.perf_counter() - _START:.1f}s {what}", flush=True)
+
+
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -162,6 +171,7 @@ def run_library(task: str, variant: str) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             _sync()
             step_times.append(time.perf_counter() - self.t)
+            _mark(f"step {len(step_times)} took {step_times[-1]:.2f} s")
 
     before = _memory_mark()
     model = load_vlm(vision["path"]) if vision else model_path
@@ -171,7 +181,9 @@ def run_library(task: str, variant: str) -> dict:
     if task == "grpo":
         kwargs["reward_funcs"] = setup._digit_share_reward
     kwargs.update(vision["extra"] if vision else {})
+    _mark("data ready; building the trainer")
     trainer = trainer_cls(**kwargs)
+    _mark("trainer built; training")
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -292,6 +304,7 @@ def run_plain(task: str) -> dict:
         optimizer.zero_grad(set_to_none=True)
         _sync()
         step_times.append(time.perf_counter() - t)
+        _mark(f"step {len(step_times)} took {step_times[-1]:.2f} s")
     peak = _memory_peak()
     seconds = statistics.median(step_times[1:])
     return {"task": task, "variant": "plain", "seconds_per_step": seconds, "tokens_per_step": per_step,
@@ -306,6 +319,7 @@ def worker(task: str, variant: str, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    _mark("imports done")
     result = run_plain(task) if variant == "plain" else run_library(task, variant)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -319,9 +333,13 @@ def spawn(task: str, variant: str, args: list[str] = (), timeout: float | None =
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        out = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        tail = out.strip().splitlines()[-fail_lines:]
-        print(f"  {task}/{variant} stopped after {timeout:.0f} s (--run_timeout): {sep.join(tail)}", flush=True)
+        def text(stream):
+            return stream.decode(errors="replace") if isinstance(stream, bytes) else (stream or "")
+
+        tail = text(e.stderr).strip().splitlines()[-fail_lines:]
+        marks = [line[5:] for line in text(e.stdout).splitlines() if line.startswith("MARK ")]
+        print(f"  {task}/{variant} stopped after {timeout:.0f} s (--run_timeout); got to: "
+              f"{'; '.join(marks[-8:]) or 'no mark (still importing)'}; stderr: {sep.join(tail)}", flush=True)
         return None
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
