@@ -13,7 +13,7 @@ import statistics
 import sys
 import time
 
-TASKS = ("sft", "dpo", "grpo", "reward", "kto", "vision-sft", "vision-dpo", "vision-grpo")
+TASKS = ("sft", "dpo", "grpo", "reward", "kto", "grpo-tools", "vision-sft", "vision-dpo", "vision-grpo")
 VISION_PREFIX = "vision-"  # the vision tasks: the same trainers on posttrain/tiny-llava with images (vision_speed.py)
 VARIANTS = ("posttrain", "posttrain-bf16", "trl-default", "trl-best-fp32", "trl-best-bf16", "plain")
 GPU_MATMUL_SIZE = 8192  # 2048² is launch-bound on a large GPU
@@ -143,6 +143,7 @@ def flops_per_token(task: str, params: dict) -> tuple[float, str]:
         "kto": (10 * n, "6N policy + 2N reference + 2N reference KL pass (approx.)"),
         "reward": (6 * body, "6N without the LM head (scalar head)"),
         "grpo": (8 * n, "6N training + 2N sampling (approx., beta=0: no reference)"),
+        "grpo-tools": (8 * n, "6N training + 2N sampling, tool results included (approx., beta=0)"),
     }[task]
 
 

@@ -90,12 +90,58 @@ def _windows(tokenizer, n: int, seed: int, low: int | None = None,
     return out
 
 
+TOOLS_TASK = "grpo-tools"  # GRPO with a calculator tool (issue 24): word problems, both libraries' tools= path
+
+
+def tools_chat_template() -> str:
+    """Qwen2.5's chat template (Hermes-form `<tool_call>` JSON), as TRL 1.16 ships it: TRL's GRPOTrainer(tools=...)
+    parses tool calls only for templates it recognises, so both libraries render and parse with this one. Read as a
+    data file from TRL's installed package (trl is not imported here)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("trl")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"the {TOOLS_TASK} task needs TRL installed (its Qwen2.5 chat template): pip install trl")
+    with open(os.path.join(spec.submodule_search_locations[0], "chat_templates", "qwen2_5.jinja")) as f:
+        return f.read()
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression.
+
+    Args:
+        expression: The expression to evaluate, e.g. "12 * 7 - 5".
+    """
+    import ast
+    import operator
+
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.USub: operator.neg}
+
+    def value(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.UnaryOp) and type(node.op) in ops:
+            return ops[type(node.op)](value(node.operand))
+        raise ValueError(f"not arithmetic: {expression!r}")
+
+    result = value(ast.parse(expression, mode="eval").body)
+    return str(int(result) if float(result).is_integer() else round(result, 6))
+
+
 def build_dataset(task: str, tokenizer):
     import datasets
 
     rows = BATCH * STEPS
-    if task == "grpo":
+    if task in ("grpo", TOOLS_TASK):
         rows = GRPO_BATCH // GRPO_GENERATIONS * STEPS
+    if task == TOOLS_TASK:  # conversational word problems (posttrain/wordmath-prompts), the first `rows`
+        from posttrain.data.arith import load_builtin_dataset
+
+        questions = load_builtin_dataset("posttrain/wordmath-prompts", split=f"train[:{rows}]")
+        return questions.select_columns(["prompt"])
     triples = _windows(tokenizer, rows, seed=0)
     if task == "sft":
         data = {"prompt": [p for p, _, _ in triples], "completion": [a for _, a, _ in triples]}
@@ -122,7 +168,7 @@ def tokens_per_step(task: str, tokenizer, dataset) -> float:
         total = sum(2 * n(p) + n(c) + n(r) - 2 for p, c, r in
                     zip(dataset["prompt"], dataset["chosen"], dataset["rejected"]))
         return total / STEPS
-    return None  # grpo: counted from the run (completion lengths vary)
+    return None  # grpo, grpo-tools: counted from the run (completion lengths vary)
 
 
 def _digit_share_reward(completions, **kwargs):
@@ -137,9 +183,11 @@ def _config_kwargs(task: str, variant: str, out: str) -> dict:
               dataloader_num_workers=0)
     if task in ("sft", "dpo", "reward", "kto"):
         kw["max_length"] = 1024
-    if task == "grpo":
+    if task in ("grpo", TOOLS_TASK):
         kw.update(per_device_train_batch_size=GRPO_BATCH, num_generations=GRPO_GENERATIONS,
                   max_completion_length=MAX_NEW_TOKENS)
+    if task == TOOLS_TASK:
+        kw["max_tool_calling_iterations"] = 2
     if variant.startswith("trl"):
         # TRL's default bf16=True stops a CPU-only run at once ("Your setup doesn't support bf16/gpu. You need to
         # assign use_cpu"): use_cpu=True is the one flag a CPU user must add.

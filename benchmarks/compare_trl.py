@@ -152,7 +152,7 @@ def run_library(task: str, variant: str) -> dict:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
         dataset = setup.build_dataset(task, tokenizer)
         per_step = setup.tokens_per_step(task, tokenizer, dataset)
-    names = {"sft": "SFT", "dpo": "DPO", "grpo": "GRPO", "reward": "Reward", "kto": "KTO"}
+    names = {"sft": "SFT", "dpo": "DPO", "grpo": "GRPO", "reward": "Reward", "kto": "KTO", setup.TOOLS_TASK: "GRPO"}
     name = names[task.removeprefix(VISION_PREFIX)]
     config_cls = getattr(lib, name + "Config")
     trainer_cls = getattr(lib, name + "Trainer")
@@ -178,8 +178,11 @@ def run_library(task: str, variant: str) -> dict:
     if task == "reward":
         model = transformers.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
     kwargs = dict(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
-    if task == "grpo":
+    if task in ("grpo", setup.TOOLS_TASK):
         kwargs["reward_funcs"] = setup._digit_share_reward
+    if task == setup.TOOLS_TASK:
+        tokenizer.chat_template = setup.tools_chat_template()
+        kwargs["tools"] = [setup.calculator]
     kwargs.update(vision["extra"] if vision else {})
     _mark("data ready; building the trainer")
     trainer = trainer_cls(**kwargs)
@@ -188,7 +191,7 @@ def run_library(task: str, variant: str) -> dict:
     trainer.train()
     wall = time.perf_counter() - start
     peak = _memory_peak()
-    if vision:  # both libraries log the real prompt + completion tokens of the batch, image tokens included
+    if vision or task == setup.TOOLS_TASK:  # both libraries log the real tokens of the batch (images, tool results)
         per_step = max(h.get("num_tokens", 0) for h in trainer.state.log_history) / setup.STEPS
     elif per_step is None:  # grpo: prompt + completion tokens actually trained, from the logged lengths
         lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
@@ -202,7 +205,19 @@ def run_library(task: str, variant: str) -> dict:
             "bf16": bool(getattr(args, "bf16", False)),
             "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)),
             "first_loss": next((h["loss"] for h in trainer.state.log_history if "loss" in h), None),
+            **_tool_fields(trainer.state.log_history),
             **_device_fields(trainer.model)}
+
+
+def _tool_fields(history: list[dict]) -> dict:
+    """grpo-tools: tool calls per completion and failed calls per call, averaged over the logged steps (both libraries
+    log these two names)."""
+    fields = {}
+    for key in ("tools/call_frequency", "tools/failure_frequency"):
+        values = [h[key] for h in history if key in h]
+        if values:
+            fields[key] = statistics.mean(values)
+    return fields
 
 
 def _device_fields(model) -> dict:
