@@ -106,29 +106,14 @@ def tools_chat_template() -> str:
         return f.read()
 
 
-def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression.
+def calculator_tool():
+    """The examples' calculator tool (examples/agentic_tools.py; examples/ is no package, so from its folder)."""
+    import sys
 
-    Args:
-        expression: The expression to evaluate, e.g. "12 * 7 - 5".
-    """
-    import ast
-    import operator
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    from agentic_tools import calculator
 
-    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.USub: operator.neg}
-
-    def value(node):
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in ops:
-            return ops[type(node.op)](value(node.left), value(node.right))
-        if isinstance(node, ast.UnaryOp) and type(node.op) in ops:
-            return ops[type(node.op)](value(node.operand))
-        raise ValueError(f"not arithmetic: {expression!r}")
-
-    result = value(ast.parse(expression, mode="eval").body)
-    return str(int(result) if float(result).is_integer() else round(result, 6))
+    return calculator
 
 
 def build_dataset(task: str, tokenizer):
@@ -187,7 +172,7 @@ def _config_kwargs(task: str, variant: str, out: str) -> dict:
         kw.update(per_device_train_batch_size=GRPO_BATCH, num_generations=GRPO_GENERATIONS,
                   max_completion_length=MAX_NEW_TOKENS)
     if task == TOOLS_TASK:
-        kw["max_tool_calling_iterations"] = 2
+        kw["max_tool_calling_iterations"] = 3
     if variant.startswith("trl"):
         # TRL's default bf16=True stops a CPU-only run at once ("Your setup doesn't support bf16/gpu. You need to
         # assign use_cpu"): use_cpu=True is the one flag a CPU user must add.

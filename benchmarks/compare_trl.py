@@ -182,7 +182,7 @@ def run_library(task: str, variant: str) -> dict:
         kwargs["reward_funcs"] = setup._digit_share_reward
     if task == setup.TOOLS_TASK:
         tokenizer.chat_template = setup.tools_chat_template()
-        kwargs["tools"] = [setup.calculator]
+        kwargs["tools"] = [setup.calculator_tool()]
     kwargs.update(vision["extra"] if vision else {})
     _mark("data ready; building the trainer")
     trainer = trainer_cls(**kwargs)
@@ -375,10 +375,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="Where models, the plain loop and the matmul peak run (auto: cuda when torch sees one).")
-    parser.add_argument("--model", default=setup.MODEL,
-                        choices=list(BUILTIN_MODELS) + list(SHAPED_MODELS) + list(PACKAGED_MODELS),
+    names = list(BUILTIN_MODELS) + list(SHAPED_MODELS) + list(PACKAGED_MODELS)
+
+    def model_arg(value: str) -> str:
+        if value in names or os.path.isfile(os.path.join(value, "config.json")):
+            return value
+        raise argparse.ArgumentTypeError(f"{value!r} is neither one of {', '.join(names)} nor a model directory")
+
+    parser.add_argument("--model", default=setup.MODEL, type=model_arg,
                         help="A built-in model (random weights, built locally; posttrain/shape-qwen2-0.5b is "
-                        "Qwen2-0.5B's shape) or a packaged real one (posttrain/smollm2-135m-instruct).")
+                        "Qwen2-0.5B's shape), a packaged real one (posttrain/smollm2-135m-instruct) or a saved model "
+                        "directory (e.g. a tool-use SFT model for grpo-tools).")
     parser.add_argument("--workload", choices=sorted(WORKLOADS),
                         help="A preset of the workload flags (flags given explicitly still win): "
                         + "; ".join(f"{k}: {v[1]}" for k, v in sorted(WORKLOADS.items())) + ".")
