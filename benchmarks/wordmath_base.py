@@ -17,7 +17,7 @@ import time
 import torch
 
 from posttrain.data.loading import load_any_dataset
-from posttrain.evaluation import generation_accuracy
+from posttrain.evaluation import decoding_dtype, generation_accuracy
 from posttrain.models import loading
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--out", default=None)
     p.add_argument("--greedy_only", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="decode in bf16 (a bf16 copy of the model; native-bf16 hardware only)")
     p.add_argument("--drift_dir", default=None,
                    help="also KL(instruct model ‖ this model) on 200 posttrain/chat-prompts (the pipeline's drift "
                         "check); the instruct model's samples are made once and kept in DIR/drift-reference.json")
@@ -54,7 +56,8 @@ def main() -> None:
     test = load_any_dataset("posttrain/wordmath-prompts", None, "test").select(range(args.num_prompts))
     from posttrain.rewards.builtin import accuracy_reward, format_reward
 
-    result = {"model": args.model, "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens}
+    result = {"model": args.model, "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens,
+              "dtype": args.dtype}
     modes = (("greedy", 0.0),) if args.greedy_only else (("greedy", 0.0), ("sampled_T1", 1.0))
     if args.num_prompts == 0:  # --num_prompts 0 --drift_dir DIR: the drift check alone
         modes = ()
@@ -68,7 +71,8 @@ def main() -> None:
             return accuracy_reward(completions, answer=answer, **kwargs)
 
         run = generation_accuracy(model, tokenizer, test, reward_func=scored, max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.batch_size, temperature=temperature)
+                                  batch_size=args.batch_size, temperature=temperature,
+                                  dtype=decoding_dtype(args.dtype))
         by_steps = {}
         for row, s in zip(test, side["lenient"]):
             by_steps.setdefault(row["steps"], []).append(s)

@@ -24,21 +24,42 @@ from posttrain.rewards.protocol import completion_text
 from posttrain.rollout.hf import generate
 
 
-def decoding_model(model):
+def decoding_model(model, dtype: torch.dtype | None = None):
     """A LoRA/PEFT model as a plain merged copy for decoding (the same outputs up to rounding, without the adapter's
-    extra matmuls at every token); any other model as it is."""
+    extra matmuls at every token); with `dtype` (e.g. torch.bfloat16), a copy in that dtype (the model itself is left
+    as it is); any other model as it is."""
+    import copy
+
     from posttrain.models.adapters import is_peft_model, merged_copy
 
-    return merged_copy(model).eval() if is_peft_model(model) else model
+    decoder = merged_copy(model).eval() if is_peft_model(model) else model
+    if dtype is not None and next(decoder.parameters()).dtype != dtype:
+        decoder = (decoder if decoder is not model else copy.deepcopy(model)).to(dtype).eval()
+    return decoder
+
+
+def decoding_dtype(name: str | None) -> torch.dtype | None:
+    """The dtype an evaluation decodes in: "float32" (or None: the model's own), "bfloat16" (only where the hardware
+    runs it natively: a bf16 GPU, or a CPU with AVX512-BF16/AMX; elsewhere emulated bf16 is ~30x slower)."""
+    from posttrain import hardware
+
+    if name in (None, "", "float32", "auto"):
+        return None
+    if name != "bfloat16":
+        raise UserError(f"evaluation dtype {name!r}: use float32 or bfloat16.")
+    if hardware.bf16_is_slow_here(use_cpu=not hardware.has_cuda()):
+        raise UserError("evaluation dtype bfloat16: this machine has no native bf16 (no bf16 GPU, no AVX512-BF16/AMX "
+                        "CPU), where it runs ~30x slower; use float32.")
+    return torch.bfloat16
 
 
 def answer_batches(model, tokenizer, rows: list[dict[str, Any]], num_samples: int, max_new_tokens: int,
-                   generation_kwargs: dict[str, Any], batch_size: int):
+                   generation_kwargs: dict[str, Any], batch_size: int, dtype: torch.dtype | None = None):
     """Decode `num_samples` answers per row, about `batch_size` answers at a time; yields one dict per batch:
     rows (each repeated num_samples times, a row's answers consecutive), completions (conversational when the
     prompts are), completion_ids (token lists, EOS included when reached), columns (the rows' other columns, for
-    reward functions)."""
-    decoder = decoding_model(model)
+    reward functions). `dtype`: decode with a copy of the model in that dtype (`decoding_model`)."""
+    decoder = decoding_model(model, dtype)
     per_batch = max(batch_size // num_samples, 1)
     for start in range(0, len(rows), per_batch):
         chunk = rows[start:start + per_batch]
@@ -57,13 +78,14 @@ def answer_batches(model, tokenizer, rows: list[dict[str, Any]], num_samples: in
 @torch.no_grad()
 def generation_accuracy(model, tokenizer, dataset, reward_func: Callable | None = None, max_new_tokens: int = 32,
                         batch_size: int = 64, temperature: float = 0.0, num_samples: int = 1,
-                        seed: int = 0) -> dict[str, Any]:
+                        seed: int = 0, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Mean reward of the model's completions to `dataset["prompt"]` (other columns reach the reward function).
 
     Returns {"accuracy": mean reward over scored completions, "mean_length": mean completion tokens,
     "num_prompts": int, "scores": every completion's reward in data set order (a prompt's samples consecutive;
     None where not applicable), "examples": the first 3 (prompt, completion, reward) triples}. Rewards that are
-    None (not applicable) or NaN are left out of the mean.
+    None (not applicable) or NaN are left out of the mean. `dtype`: decode in that dtype (e.g. torch.bfloat16 on
+    hardware with native bf16: the evaluation is decode-bound), the model itself unchanged.
     """
     if reward_func is None:
         from posttrain.rewards.builtin import accuracy_reward as reward_func
@@ -83,7 +105,7 @@ def generation_accuracy(model, tokenizer, dataset, reward_func: Callable | None 
     examples: list[tuple[Any, str, float | None]] = []
     try:
         for batch in answer_batches(model, tokenizer, rows, num_samples, max_new_tokens, generation_kwargs,
-                                    batch_size):
+                                    batch_size, dtype):
             rewards = reward_func(prompts=[r["prompt"] for r in batch["rows"]], completions=batch["completions"],
                                   completion_ids=batch["completion_ids"], **batch["columns"])
             for row, completion, reward in zip(batch["rows"], batch["completions"], rewards):

@@ -54,10 +54,11 @@ def load_eval_prompts(evaluation: dict[str, Any]):
 
 
 def answer_accuracy(model, tokenizer, prompts, evaluation: dict[str, Any]) -> dict[str, Any]:
-    from posttrain.evaluation import generation_accuracy
+    from posttrain.evaluation import decoding_dtype, generation_accuracy
 
+    dtype = decoding_dtype(evaluation.get("dtype"))
     result = generation_accuracy(model, tokenizer, prompts, max_new_tokens=int(evaluation["max_new_tokens"]),
-                                 batch_size=int(evaluation["batch_size"]))
+                                 batch_size=int(evaluation["batch_size"]), dtype=dtype)
     record = {"answer_accuracy": result["accuracy"], "answer_mean_length": result["mean_length"],
               "num_prompts": result["num_prompts"],
               # each question right (1) or not (0), greedy: what the next stage is compared with, question by question
@@ -68,7 +69,7 @@ def answer_accuracy(model, tokenizer, prompts, evaluation: dict[str, Any]) -> di
         temperature = float(evaluation["sampling_temperature"])
         sampled = generation_accuracy(model, tokenizer, prompts, max_new_tokens=int(evaluation["max_new_tokens"]),
                                       batch_size=int(evaluation["batch_size"]), temperature=temperature,
-                                      num_samples=samples)
+                                      num_samples=samples, dtype=dtype)
         record.update(sampled_accuracy=sampled["accuracy"], samples_per_prompt=samples,
                       sampling_temperature=temperature)
     return record
