@@ -75,8 +75,8 @@ class GRPOTrainer(OnlineTrainer):
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
         """TRL's method, for code that calls it: True on the masked tokens whose entropy is at least the
         `threshold`-quantile of the masked entropies of every process (threshold = 1 - top_entropy_quantile); bool
-        (B, T), all False when nothing is masked. `losses.policy.entropy_mask` does the selection (compute_loss calls
-        it directly, with this micro-batch's threshold)."""
+        (B, T), all False when nothing is masked. compute_loss selects with it, so on several processes the threshold
+        is the global one, as in TRL; `losses.policy.entropy_mask` does the selection."""
         pool = entropies.detach()[mask.bool()].float()
         if self.accelerator.num_processes > 1:  # processes hold different token counts: pad with a sentinel < 0
             pool = self.accelerator.gather(self.accelerator.pad_across_processes(pool, dim=0, pad_index=-1.0))
@@ -149,7 +149,7 @@ class GRPOTrainer(OnlineTrainer):
             metrics["entropy"] = (entropies * mask).sum() / mask.sum().clamp(min=1)
         trained = mask  # the tokens the policy term (and the entropy bonus) act on
         if need_entropy:  # as TRL: the selection zeroes the policy term only; the KL and the normalisers keep all
-            trained = mask & entropy_mask(entropies, mask, args.top_entropy_quantile)
+            trained = mask & self.get_high_entropy_mask(entropies, mask, 1.0 - args.top_entropy_quantile)
             per_token = per_token * trained
         if sampler_ratio is not None and args.loss_type != "vespo":  # vespo folds it into its weight
             per_token = per_token * sampler_ratio
