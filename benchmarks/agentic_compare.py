@@ -7,7 +7,7 @@ short SFT (posttrain) on multi-turn tool traces — each worked solution's steps
 the tool's results `tool` turns, then `#### N` — rendered with Qwen2.5's tool template, the one TRL parses; then
 both libraries run GRPO from that model with `tools=[calculator]`, `max_tool_calling_iterations=3`.
 
-    python benchmarks/agentic_compare.py [--sft_steps 40] [--steps 4] [--threads 2]
+    python benchmarks/agentic_compare.py [--sft_steps 20] [--steps 4] [--threads 2]
 
 Writes benchmarks/RESULTS-agentic.{md,json} (compare_trl.py's report; tool calls per completion per run in the
 JSON). The SFT model goes to outputs/agentic/smollm2-qwen-tools (reused when present).
@@ -61,7 +61,7 @@ def sft_tool_model(out: str, steps: int, threads: int) -> float:
     torch.set_num_threads(threads)
     tokenizer = load_tokenizer("posttrain/smollm2-135m-instruct")
     tokenizer.chat_template = setup.tools_chat_template()
-    args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=3e-5,
+    args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=5e-5,
                      lr_scheduler_type="constant", max_length=768, logging_steps=10, save_strategy="no",
                      report_to="none", seed=0)
     start = time.perf_counter()
@@ -74,7 +74,7 @@ def sft_tool_model(out: str, steps: int, threads: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sft_steps", type=int, default=40)
+    parser.add_argument("--sft_steps", type=int, default=20)
     parser.add_argument("--steps", type=int, default=4, help="GRPO steps per run (median of steps 2..)")
     parser.add_argument("--prompts", type=int, default=2, help="prompts per GRPO step (8 completions each)")
     parser.add_argument("--threads", type=int, default=2)

@@ -360,6 +360,10 @@ def spawn(task: str, variant: str, args: list[str] = (), timeout: float | None =
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-fail_lines:]
+    if proc.returncode < 0:  # SIGKILL leaves no traceback: most often the kernel's OOM killer
+        marks = [line[5:] for line in proc.stdout.splitlines() if line.startswith("MARK ")]
+        tail = [f"killed by signal {-proc.returncode} (9: most often out of memory) after: "
+                f"{'; '.join(marks[-4:]) or 'no mark'}"]
     print(f"  {task}/{variant} failed: {sep.join(tail)}", flush=True)
     return None
 
