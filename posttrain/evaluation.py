@@ -43,7 +43,7 @@ def decoding_dtype(name: str | None) -> torch.dtype | None:
     runs it natively: a bf16 GPU, or a CPU with AVX512-BF16/AMX; elsewhere emulated bf16 is ~30x slower)."""
     from posttrain import hardware
 
-    if name in (None, "", "float32", "auto"):
+    if name in (None, "float32"):
         return None
     if name != "bfloat16":
         raise UserError(f"evaluation dtype {name!r}: use float32 or bfloat16.")
