@@ -224,17 +224,19 @@ class PPOTrainer(OnlineTrainer):
         n = rollout["input_ids"].shape[0]
         order = torch.randperm(n, device=rollout["input_ids"].device)
         micro = args.per_device_train_batch_size
-        groups = []
-        for indices in order.tensor_split(min(args.num_mini_batches, n)):
-            groups.append([{k: v[indices[offset:offset + micro]] for k, v in rollout.items()}
-                           for offset in range(0, len(indices), micro)])
-        return groups
+        return [[{k: v[indices[offset:offset + micro]] for k, v in rollout.items()}
+                 for offset in range(0, len(indices), micro)]
+                for indices in order.tensor_split(min(args.num_mini_batches, n))]
 
     # ---- loss ---------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         args = self.args
         mask = inputs["completion_mask"]
-        logps, values, entropies = self._policy_and_values(model, inputs)
+        # one forward of policy and critic: logps (B, C) at the sampling temperature, the critic's values (B, C) and
+        # the trained tokens' entropies (N,)
+        logps, out = self.completion_logps(model, inputs, with_entropy=True, with_values=True)
+        prompt_len = inputs["input_ids"].shape[1] - mask.shape[1]
+        values, entropies = out["output"]["state_values"][:, prompt_len - 1:-1], out["entropy"]
         pg, pg_metrics = ppo_policy_loss(logps, inputs["old_logps"], inputs["advantages"], mask, args.cliprange)
         vf, vf_metrics = clipped_value_loss(values, inputs["old_values"], inputs["returns"], mask,
                                             args.cliprange_value)
@@ -251,13 +253,6 @@ class PPOTrainer(OnlineTrainer):
                 "val/clipfrac_avg": vf_metrics["clipfrac"], "val/ratio": ratio_mean,
                 "val/ratio_var": (((ratio - ratio_mean) ** 2) * m).sum() / count})
         return (loss, {}) if return_outputs else loss
-
-    def _policy_and_values(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One forward of policy and critic: logps (B, C) at the sampling temperature, values (B, C), and the
-        trained tokens' entropies (N,) at that temperature."""
-        logps, out = self.completion_logps(model, inputs, with_entropy=True, with_values=True)
-        prompt_len = inputs["input_ids"].shape[1] - inputs["completion_mask"].shape[1]
-        return logps, out["output"]["state_values"][:, prompt_len - 1:-1], out["entropy"]
 
     # ---- saving -------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
