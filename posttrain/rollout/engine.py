@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from posttrain.errors import UserError
-from posttrain.rollout.hf import completion_mask_after_eos, left_pad, right_pad
+from posttrain.rollout.hf import _eos_ids, completion_mask_after_eos, left_pad, right_pad
 from posttrain.rollout.types import Rollout
 
 Weights = list[tuple[str, torch.Tensor]]
@@ -90,18 +90,18 @@ def engine_name(name: str) -> str:
 
 
 def rollout_from_token_lists(sequences: list[list[int]], prompt_ids: list[list[int]], counts: list[int],
-                             tokenizer, device: torch.device,
+                             tokenizer, policy: torch.nn.Module,
                              logprobs: list[list[float | None]] | None = None) -> Rollout:
     """A `Rollout` from completions given as token lists (Σ counts of them, each prompt's consecutive).
 
     An engine stops a completion at its EOS (kept as its last token) or at max_tokens, so lists differ in length:
-    they are right-padded, and the mask covers each list up to its first EOS. `logprobs` (one list per completion,
-    aligned with its tokens; None where the engine gave none) becomes `sampler_logps` (N, C), NaN off the lists."""
-    pad_id = tokenizer.pad_token_id
+    they are right-padded, and the mask covers each list up to its first EOS (the tokenizer's or the policy's
+    generation config's, as in `rollout/hf.py`). `logprobs` (one list per completion, aligned with its tokens; None
+    where the engine gave none) becomes `sampler_logps` (N, C), NaN off the lists. On the policy's device."""
+    pad_id, device = tokenizer.pad_token_id, next(policy.parameters()).device
     completion_ids, written = right_pad(sequences, pad_id)
     width = completion_ids.shape[1]
-    eos = tokenizer.eos_token_id
-    completion_mask, truncated = completion_mask_after_eos(completion_ids, set(eos if isinstance(eos, list) else [eos]))
+    completion_mask, truncated = completion_mask_after_eos(completion_ids, _eos_ids(policy, tokenizer))
     completion_mask &= written  # the padding of shorter lists
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
     ids, mask = left_pad(prompt_ids, pad_id)
@@ -136,17 +136,12 @@ class EngineBackend:
         """Load the policy's current weights into the engine and drop cached prefixes computed with the old ones."""
         raise NotImplementedError
 
-    def sync_weights(self, policy: torch.nn.Module, step: int) -> None:
-        """Push the policy's weights once per optimizer step (rollouts of the same step share them)."""
-        if self._synced_step == step:
-            return
-        self.push_weights(policy)
-        self._synced_step = step
-
     def generate(self, policy, tokenizer, prompt_ids: list[list[int]], num_generations: int | list[int],
                  max_new_tokens: int, generation_kwargs: dict[str, Any], step: int = 0) -> Rollout:
         """Like `rollout.hf.generate`: G completions per prompt (or one count per prompt), groups consecutive."""
-        self.sync_weights(policy, step)
+        if self._synced_step != step:  # once per optimizer step: rollouts of the same step share the weights
+            self.push_weights(policy)
+            self._synced_step = step
         counts = [num_generations] * len(prompt_ids) if isinstance(num_generations, int) else list(num_generations)
         options = sampling_options(generation_kwargs)
         if self.structured_outputs_regex is not None:
@@ -155,8 +150,7 @@ class EngineBackend:
         if len(sequences) != sum(counts):
             raise RuntimeError(f"the generation engine returned {len(sequences)} completions for {sum(counts)} "
                                "requested")
-        return rollout_from_token_lists(sequences, prompt_ids, counts, tokenizer, next(policy.parameters()).device,
-                                        logprobs)
+        return rollout_from_token_lists(sequences, prompt_ids, counts, tokenizer, policy, logprobs)
 
 
 def as_samples(result) -> tuple[list[list[int]], list[list[float | None]] | None]:

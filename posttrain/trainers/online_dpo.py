@@ -32,7 +32,6 @@ from posttrain.compat import deprecated
 from posttrain.configs.online_dpo import OnlineDPOConfig
 from posttrain.errors import UserError
 from posttrain.losses.preference import DPO_LOSSES
-from posttrain.rollout.hf import _eos_ids
 from posttrain.rollout.types import Rollout
 from posttrain.trainers.online import OnlineTrainer, as_list
 
@@ -104,7 +103,7 @@ class OnlineDPOTrainer(OnlineTrainer):
     def _scores(self, rollout: Rollout) -> torch.Tensor:
         """(N,) each completion's score, with the objective/* metrics of the rollout."""
         scores = rollout.scores
-        contains_eos = self._contains_eos(rollout)
+        contains_eos = ~rollout.is_truncated  # ended with an EOS (the tokenizer's or the generation config's)
         if self.args.missing_eos_penalty is not None:
             scores = scores - self.args.missing_eos_penalty * (~contains_eos).to(scores.dtype)
         pairs = scores.view(-1, 2)
@@ -117,13 +116,6 @@ class OnlineDPOTrainer(OnlineTrainer):
             "frac_tied_pairs": (~_decided(pairs)).float().mean(),
         })
         return scores
-
-    def _contains_eos(self, rollout: Rollout) -> torch.Tensor:
-        """(N,) bool: the completion ended with an EOS token (of the tokenizer or the model's generation config)."""
-        eos_ids = _eos_ids(self.accelerator.unwrap_model(self.model), self.processing_class)
-        ids = rollout.completion_ids
-        is_eos = torch.isin(ids, torch.tensor(sorted(eos_ids), dtype=ids.dtype, device=ids.device))
-        return (is_eos & rollout.completion_mask.bool()).any(-1)
 
     # ---- loss ------------------------------------------------------------------------------------------------
     logps_at_sampling_temperature = False  # DPO's implicit reward compares the model's own (T = 1) distributions
