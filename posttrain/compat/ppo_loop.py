@@ -53,16 +53,10 @@ class PPOLoopAdapter:
 
     def __init__(self, trainer):
         self.trainer = trainer
-        self._loop_warned = False
         self._loop_ready = False
         self._loop_dataloader: DataLoader | None = None
         self._loop_generations = 0  # generate() calls: the step of the per-process sampling seed
-
-    def _warn_loop(self) -> None:
-        if self._loop_warned:
-            return
-        self._loop_warned = True
-        name = type(self.trainer).__name__
+        name = type(trainer).__name__  # one warning per trainer, at the first use (the stack level: the user's line)
         deprecated(f"{name}'s loop API (dataloader, generate, step, log_stats) is deprecated; use "
                    f"{name}(model, reward_funcs=..., args=PPOConfig(...), train_dataset=...).train(), which "
                    "generates, scores and updates by itself (reward_funcs: reward functions or reward models).",
@@ -74,7 +68,6 @@ class PPOLoopAdapter:
         """Batches of generation_batch_size (TRL's batch_size) prompts, shuffled, the last incomplete one dropped:
         dicts of lists with `input_ids` (1-D LongTensors: the dataset's own ids, else the tokenised prompt),
         `query` (the prompt) and every dataset column."""
-        self._warn_loop()
         if self._loop_dataloader is None:
             dataset, size = self.trainer.train_dataset, self.trainer.args.generation_batch_size
             if dataset is None or len(dataset) < size:
@@ -104,7 +97,6 @@ class PPOLoopAdapter:
         generation_kwargs override the config's sampling options (max_new_tokens, or length_sampler(), defaults to
         max_completion_length; pad_token_id and a non-positive min_length are ignored); batch_size: queries per
         generation call (default: all at once)."""
-        self._warn_loop()
         single = isinstance(query_tensor, torch.Tensor)
         if single and query_tensor.dim() != 1:
             raise UserError(f"generate() takes a 1-D tensor of token ids or a list of them, got a tensor of shape "
@@ -139,7 +131,6 @@ class PPOLoopAdapter:
 
         queries, responses: lists of N 1-D token-id tensors (unpadded); scores: N scalars (0-d tensors or numbers).
         Returns TRL-style statistics (floats) of this update."""
-        self._warn_loop()
         scores = self._check_step(queries, responses, scores)
         start = time.perf_counter()
         args = self.trainer.args
@@ -272,7 +263,6 @@ class PPOLoopAdapter:
         """Log `step`'s stats, the rewards' mean and std (env/reward_mean, env/reward_std) and what the trainer
         recorded since its last log, through the trainer's `log` (log history, report_to, metrics.jsonl). With
         log_completions, the batch's query/response texts (when it carries them) go to completions.jsonl."""
-        self._warn_loop()
         rewards = torch.stack([torch.as_tensor(r, dtype=torch.float32).detach().cpu().reshape(()) for r in rewards])
         logs = {key: float(value) for key, value in stats.items()
                 if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)}
