@@ -33,6 +33,7 @@ Not here: the PPO maths (`trainers/ppo.py`, `algorithms/advantages.py`, `losses/
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -54,7 +55,6 @@ class PPOLoopAdapter:
     def __init__(self, trainer):
         self.trainer = trainer
         self._loop_ready = False
-        self._loop_dataloader: DataLoader | None = None
         self._loop_generations = 0  # generate() calls: the step of the per-process sampling seed
         name = type(trainer).__name__  # one warning per trainer, at the first use (the stack level: the user's line)
         deprecated(f"{name}'s loop API (dataloader, generate, step, log_stats) is deprecated; use "
@@ -63,21 +63,19 @@ class PPOLoopAdapter:
                    stacklevel=4)
 
     # ---- data ---------------------------------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def dataloader(self) -> DataLoader:
         """Batches of generation_batch_size (TRL's batch_size) prompts, shuffled, the last incomplete one dropped:
         dicts of lists with `input_ids` (1-D LongTensors: the dataset's own ids, else the tokenised prompt),
-        `query` (the prompt) and every dataset column."""
-        if self._loop_dataloader is None:
-            dataset, size = self.trainer.train_dataset, self.trainer.args.generation_batch_size
-            if dataset is None or len(dataset) < size:
-                have = "no train dataset" if dataset is None else f"{len(dataset)} prompts"
-                raise UserError(f"{type(self.trainer).__name__}.dataloader yields batches of {size} prompts "
-                                f"(batch_size) but there are {have}; pass dataset=... with at least {size} prompts.")
-            loader = DataLoader(dataset, batch_size=size, shuffle=True, drop_last=True, collate_fn=self._queries,
-                                generator=torch.Generator().manual_seed(self.trainer.args.seed))
-            self._loop_dataloader = self.trainer.accelerator.prepare(loader)
-        return self._loop_dataloader
+        `query` (the prompt) and every dataset column. Built on first use."""
+        dataset, size = self.trainer.train_dataset, self.trainer.args.generation_batch_size
+        if dataset is None or len(dataset) < size:
+            have = "no train dataset" if dataset is None else f"{len(dataset)} prompts"
+            raise UserError(f"{type(self.trainer).__name__}.dataloader yields batches of {size} prompts "
+                            f"(batch_size) but there are {have}; pass dataset=... with at least {size} prompts.")
+        loader = DataLoader(dataset, batch_size=size, shuffle=True, drop_last=True, collate_fn=self._queries,
+                            generator=torch.Generator().manual_seed(self.trainer.args.seed))
+        return self.trainer.accelerator.prepare(loader)
 
     def _queries(self, rows: list[dict[str, Any]]) -> dict[str, list]:
         batch = {key: [row[key] for row in rows] for key in rows[0]}

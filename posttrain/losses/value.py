@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.losses.policy import grpo
+from posttrain.losses.policy import _masked_mean, grpo
 
 Tensor = torch.Tensor
 Metrics = dict[str, Tensor]
@@ -30,9 +30,8 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask
     unclipped_loss = (values - returns) ** 2
     clipped_loss = (clipped - returns) ** 2
     loss = 0.5 * torch.max(unclipped_loss, clipped_loss)
-    m = mask.to(torch.float32)
-    clipfrac = ((clipped_loss > unclipped_loss).float() * m).sum() / m.sum().clamp(min=1)
-    return torch.where(mask, loss, torch.zeros_like(loss)), {"clipfrac": clipfrac.detach()}
+    clipfrac = _masked_mean(clipped_loss > unclipped_loss, mask.to(torch.float32))
+    return torch.where(mask, loss, torch.zeros_like(loss)), {"clipfrac": clipfrac}
 
 
 def ppo_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor,

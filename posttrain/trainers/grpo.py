@@ -95,9 +95,7 @@ class GRPOTrainer(OnlineTrainer):
         sampler correction weight of every row (from the old log-probs, once per rollout)."""
         args = self.args
         if args.multi_objective_aggregation == "normalize_then_sum":
-            weights = torch.tensor(self.reward_runner.weights, dtype=rollout.rewards.dtype,
-                                   device=rollout.rewards.device)
-            advantages = normalize_then_sum(rollout.group_rewards, weights, self.num_generations)
+            advantages = normalize_then_sum(rollout.group_rewards, self.reward_runner.weights, self.num_generations)
         else:
             advantages, _ = group_advantages(self.reward_runner.weighted_sum(rollout.group_rewards),
                                              self.num_generations, args.scale_rewards)
