@@ -41,7 +41,9 @@ class ReferenceAnchoredMixin:
         self._reference_was_policy_copy = ref_model is None
         if self.args.precompute_ref_log_probs:
             self._refuse_streams()
-            self._precompute_all()
+            self.train_dataset, self.eval_dataset = self.map_datasets(self.train_dataset, self.eval_dataset,
+                                                                      self._precompute)
+            self.ref_model = None  # nothing else needs it: free the memory
 
     # ---- hooks -----------------------------------------------------------------------------------------------
     def reference_columns(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -83,11 +85,6 @@ class ReferenceAnchoredMixin:
         return is_peft_model(self.model)
 
     # ---- precompute ------------------------------------------------------------------------------------------
-    def _precompute_all(self) -> None:
-        self.train_dataset, self.eval_dataset = self.map_datasets(self.train_dataset, self.eval_dataset,
-                                                                  self._precompute)
-        self.ref_model = None  # nothing else needs it: free the memory
-
     def _refuse_streams(self) -> None:
         for name, dataset in (("train", self.train_dataset), *_named(self.eval_dataset)):
             if dataset is not None and not isinstance(dataset, datasets.Dataset):

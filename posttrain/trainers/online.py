@@ -106,13 +106,10 @@ class OnlineTrainer(TRLInspection, RolloutSampling, RolloutBatches, PostTrainer)
                                      self.accelerator.device)
         self.reference = reference.Reference.build(self, ref_model, model_id)
         self._micro_step = 0
-        if streamed:
-            # a stream is read by `StreamedGenerationBatches` in this process, in order (as TRL requires)
-            args.accelerator_config.dispatch_batches = False
-            if args.dataloader_num_workers:
-                warnings.warn(f"A streamed train dataset is read by one worker to keep its groups together: "
-                              f"dataloader_num_workers {args.dataloader_num_workers} → 0.", UserWarning, stacklevel=3)
-                args.dataloader_num_workers = 0
+        if streamed and args.dataloader_num_workers:  # (dispatch_batches is off for a stream: trainers/base.py)
+            warnings.warn(f"A streamed train dataset is read by one worker to keep its groups together: "
+                          f"dataloader_num_workers {args.dataloader_num_workers} → 0.", UserWarning, stacklevel=3)
+            args.dataloader_num_workers = 0
         check_vllm_use(args)
         self.use_vllm = args.use_vllm
         self.vllm = vllm_backend(args, self.accelerator, model_id or self.model.config._name_or_path) \
@@ -361,11 +358,10 @@ class OnlineTrainer(TRLInspection, RolloutSampling, RolloutBatches, PostTrainer)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         super().log(logs, start_time)
-        if self._last_table and self.is_world_process_zero() and hasattr(self.args, "num_completions_to_print"):
-            # TRL prints a sample of the last rollout at each logging step (GRPO, RLOO)
-            print_completions(completions_sample(self._last_table, self.args.num_completions_to_print,
-                                                 self.args.log_unique_prompts), self.state.global_step)
         if self._last_table and self.is_world_process_zero():
+            if hasattr(self.args, "num_completions_to_print"):  # TRL prints a sample at each log (GRPO, RLOO)
+                print_completions(completions_sample(self._last_table, self.args.num_completions_to_print,
+                                                     self.args.log_unique_prompts), self.state.global_step)
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, "completions.jsonl"), "a") as f:
                 for row in self._last_table:
