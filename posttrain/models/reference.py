@@ -71,10 +71,7 @@ def create_reference_model(model: torch.nn.Module, num_shared_layers: int | None
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return model
+    return model.eval().requires_grad_(False)
 
 
 def prepare_frozen_model(trainer, model: torch.nn.Module) -> torch.nn.Module:
