@@ -160,12 +160,12 @@ class _VaryingLengths(GRPOTrainer):
         return rollout
 
 
-def _one_sgd_step(tmp_path, name, loss_type, per_device, accumulation, normalization="global"):
+def _one_sgd_step(tmp_path, name, loss_type, per_device, accumulation, normalization="global", **options):
     """The policy after one plain-SGD step (the update is then the gradient itself) on the same generation batch of
     8 completions (2 prompts × 4), split into `accumulation` micro-batches of `per_device` rows."""
     args = _args(tmp_path / name, loss_type=loss_type, max_steps=1, per_device_train_batch_size=per_device,
                  gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
-                 max_completion_length=10, loss_normalization=normalization)
+                 max_completion_length=10, loss_normalization=normalization, **options)
     trainer = _VaryingLengths(MODEL, reward_funcs=unique_chars, args=args, train_dataset=_prompts(n=2))
     assert trainer.args.generation_batch_size == 8
     trainer.train()
@@ -181,6 +181,37 @@ def test_loss_is_invariant_to_accumulation(tmp_path, loss_type):
     split = _one_sgd_step(tmp_path, "split", loss_type, 2, 4)
     worst = max(float((whole[n] - split[n]).abs().max()) for n in whole)
     assert worst < 1e-5, worst
+
+
+@pytest.mark.parametrize("loss_type,normalization", [("dapo", "global"), ("grpo", "global"), ("bnpo", "trl"),
+                                                     ("dr_grpo", "global"), ("cispo", "global"), ("sapo", "trl"),
+                                                     ("luspo", "global"), ("vespo", "global")])
+def test_backward_in_token_slices_gives_the_same_update(tmp_path, loss_type, normalization, monkeypatch):
+    """max_tokens_per_backward: the micro-batch of 8 goes through forward/backward in row slices (here 1 row, then
+    ~3 rows per slice), and the update is the one of the whole micro-batch."""
+    from posttrain.trainers import online_batches
+
+    sizes = []
+    real = online_batches.token_slices
+    monkeypatch.setattr(online_batches, "token_slices", lambda b, n: sizes.append(len(real(b, n))) or real(b, n))
+    whole = _one_sgd_step(tmp_path, "whole", loss_type, 8, 1, normalization)
+    for budget in (1, 3 * 40):
+        sliced = _one_sgd_step(tmp_path, f"sliced-{budget}", loss_type, 8, 1, normalization,
+                               max_tokens_per_backward=budget)
+        worst = max(float((whole[n] - sliced[n]).abs().max()) for n in whole)
+        assert worst < 1e-5, (budget, worst)
+    assert sizes[0] == 8 and 1 < sizes[1] < 8, sizes
+
+
+def test_max_tokens_per_backward_refusals():
+    with pytest.raises(ValueError, match="max_tokens_per_backward must be a positive"):
+        GRPOConfig(output_dir="/tmp/x", max_tokens_per_backward=0)
+    with pytest.raises(ValueError, match="top_entropy_quantile < 1 or an entropy bonus"):
+        GRPOConfig(output_dir="/tmp/x", max_tokens_per_backward=512, top_entropy_quantile=0.2)
+    with pytest.raises(TypeError, match="max_tokens_per_backward"):  # a sibling that does not slice refuses it
+        from posttrain import OnlineDPOConfig
+
+        OnlineDPOConfig(output_dir="/tmp/x", max_tokens_per_backward=512)
 
 
 def test_trl_normalisation_switch_takes_effect(tmp_path):

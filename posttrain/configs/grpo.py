@@ -121,6 +121,11 @@ class GRPOConfig(ScoredGroupConfig):
         check(self.beta >= 0, f"beta must be >= 0, got {self.beta}.")
         check(0 < self.top_entropy_quantile <= 1, f"top_entropy_quantile must be in (0, 1], got "
                                                   f"{self.top_entropy_quantile}.")
+        check(self.max_tokens_per_backward is None or (self.top_entropy_quantile == 1 and self.entropy_coef == 0
+                                                       and not self.use_adaptive_entropy),
+              "max_tokens_per_backward cannot be combined with top_entropy_quantile < 1 or an entropy bonus: both "
+              "are computed over the whole micro-batch (a token threshold, a mean), which slicing it would change. "
+              "Remove one of them.")
         check(self.log_completions_hub_repo is None or self.log_completions,
               "log_completions_hub_repo is set but log_completions is False; enable log_completions or remove it.")
         check(self.log_completions_hub_repo is None, "log_completions_hub_repo is not offered by posttrain: the "
