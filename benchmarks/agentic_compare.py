@@ -26,30 +26,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import compare_tasks as setup  # noqa: E402
-
-
-def tool_traces(rows: int):
-    """wordmath-sft rows as tool use: one calculator call per solution line, its result as a tool turn, then the
-    `#### N` answer (messages + tools columns)."""
-    import datasets
-
-    from posttrain.data.arith import load_builtin_dataset
-    from posttrain.rollout.tools import tool_schemas
-
-    calculator = setup.calculator_tool()
-    schemas = tool_schemas([calculator])
-    out = []
-    for row in load_builtin_dataset("posttrain/wordmath-sft", split=f"train[:{rows}]"):
-        messages = list(row["prompt"])
-        *lines, final = row["completion"][0]["content"].split("\n")
-        for line in lines:
-            expression = line.split(" = ")[0]
-            call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
-            messages += [{"role": "assistant", "content": "", "tool_calls": [call]},
-                         {"role": "tool", "name": "calculator", "content": calculator(expression)}]
-        messages.append({"role": "assistant", "content": final})
-        out.append({"messages": messages, "tools": schemas})
-    return datasets.Dataset.from_list(out)
+from agentic_demo import wordmath_tool_traces  # noqa: E402
 
 
 def sft_tool_model(out: str, steps: int, threads: int) -> float:
@@ -65,7 +42,7 @@ def sft_tool_model(out: str, steps: int, threads: int) -> float:
                      lr_scheduler_type="constant", max_length=768, logging_steps=10, save_strategy="no",
                      report_to="none", seed=0)
     start = time.perf_counter()
-    trainer = SFTTrainer("posttrain/smollm2-135m-instruct", args=args, train_dataset=tool_traces(steps * 8),
+    trainer = SFTTrainer("posttrain/smollm2-135m-instruct", args=args, train_dataset=wordmath_tool_traces(steps * 8),
                          processing_class=tokenizer)
     trainer.train()
     trainer.save_model(out)

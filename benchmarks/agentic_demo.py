@@ -9,9 +9,14 @@ Stage `tiny` (issue 24, demo a), all offline on a CPU, from the random-init buil
      paired tests (posttrain.evaluation.paired_comparison), tool-call rate, speed of each GRPO run.
 Stage `smollm` (demo b): SmolLM2-135M-Instruct with the ChatML tool template, GRPO with the calculator from the
 instruct model; tool-call rate and held-out accuracy before / after.
+Stage `smollm-sft` (demo b, the version that can learn: the instruct model never calls a tool by itself): the word
+problems (posttrain/wordmath-*) — SFT on tool-use traces (one calculator call per solution step, its result a `tool`
+turn, then `#### N`) against the same SFT on the plain worked solutions, then GRPO from each with the same budget;
+held-out greedy accuracy on the wordmath test questions after each stage, paired tests, tool-call rates.
 
     python benchmarks/agentic_demo.py --stage tiny [--sft_steps 300 --grpo_steps 60]
     python benchmarks/agentic_demo.py --stage smollm [--grpo_steps 30 --eval_rows 200]
+    python benchmarks/agentic_demo.py --stage smollm-sft [--sft_steps 30 --grpo_steps 20 --eval_rows 300]
 
 Prints markdown rows for benchmarks/AGENTIC.md and writes outputs/agentic/<stage>.json.
 """
@@ -60,12 +65,38 @@ def tool_traces(split: str) -> datasets.Dataset:
     return datasets.Dataset.from_list(rows)
 
 
-def held_out(rows: int) -> datasets.Dataset:
-    return load_builtin_dataset("posttrain/arith-prompts", "conversational", split=f"test[:{rows}]")
+def wordmath_tool_traces(rows: int) -> datasets.Dataset:
+    """wordmath-sft rows as tool use: one calculator call per solution line `a op b = c`, its result as a tool turn,
+    then the `#### N` answer (messages + tools columns)."""
+    from posttrain.rollout.tools import tool_schemas
+
+    schemas = tool_schemas([calculator])
+    out = []
+    for row in load_builtin_dataset("posttrain/wordmath-sft", split=f"train[:{rows}]"):
+        messages = list(row["prompt"])
+        *lines, final = row["completion"][0]["content"].split("\n")
+        for line in lines:
+            expression = line.split(" = ")[0]
+            call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
+            messages += [{"role": "assistant", "content": "", "tool_calls": [call]},
+                         {"role": "tool", "name": "calculator", "content": calculator(expression)}]
+        messages.append({"role": "assistant", "content": final})
+        out.append({"messages": messages, "tools": schemas})
+    return datasets.Dataset.from_list(out)
+
+
+def prompt_split(dataset: str, split: str) -> datasets.Dataset:
+    """A split of the arithmetic (conversational config) or word-problem prompts: prompt messages + answer."""
+    return load_builtin_dataset(dataset, "conversational" if dataset == "posttrain/arith-prompts" else None, split=split)
+
+
+def held_out(rows: int, dataset: str = "posttrain/arith-prompts") -> datasets.Dataset:
+    return prompt_split(dataset, f"test[:{rows}]")
 
 
 @torch.no_grad()
-def accuracy(model_path: str, tools: bool, rows: int, batch: int = 100, max_new: int = 64) -> dict:
+def accuracy(model_path: str, tools: bool, rows: int, batch: int = 100, max_new: int = 64,
+             dataset: str = "posttrain/arith-prompts") -> dict:
     """Greedy held-out accuracy (answer after '####' in the last assistant turn) and tool-call rate."""
     model = load_pretrained_model(model_path).eval()
     tok = prepare_tokenizer(load_tokenizer(model_path), chat_template_path=TEMPLATE if tools else None)
@@ -76,7 +107,7 @@ def accuracy(model_path: str, tools: bool, rows: int, batch: int = 100, max_new:
         lengths = r.completion_mask.sum(1).tolist()
         return [(ids[:n].tolist(), not t) for ids, n, t in zip(r.completion_ids, lengths, r.is_truncated.tolist())]
 
-    data = held_out(rows)
+    data = held_out(rows, dataset)
     scores, calls = [], []
     start = time.perf_counter()
     for i in range(0, len(data), batch):
@@ -90,13 +121,14 @@ def accuracy(model_path: str, tools: bool, rows: int, batch: int = 100, max_new:
             "example": rollout.completions[0]}
 
 
-def sft(model: str, data: datasets.Dataset, out: str, steps: int, tools: bool) -> float:
+def sft(model: str, data: datasets.Dataset, out: str, steps: int, tools: bool, **overrides) -> float:
     from posttrain import SFTConfig, SFTTrainer
 
-    args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=32, learning_rate=2e-3,
-                     lr_scheduler_type="cosine", warmup_steps=20, weight_decay=0.0, max_length=256, logging_steps=50,
-                     save_strategy="no", report_to="none", seed=42, assistant_only_loss=True,
-                     chat_template_path=TEMPLATE if tools else None)
+    options = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=32, learning_rate=2e-3,
+                   lr_scheduler_type="cosine", warmup_steps=20, weight_decay=0.0, max_length=256, logging_steps=50,
+                   save_strategy="no", report_to="none", seed=42, assistant_only_loss=True,
+                   chat_template_path=TEMPLATE if tools else None)
+    args = SFTConfig(**{**options, **overrides})
     start = time.perf_counter()
     trainer = SFTTrainer(model, args=args, train_dataset=data)
     trainer.train()
@@ -104,7 +136,7 @@ def sft(model: str, data: datasets.Dataset, out: str, steps: int, tools: bool) -
     return time.perf_counter() - start
 
 
-def grpo(model: str, out: str, steps: int, tools: bool, **overrides) -> dict:
+def grpo(model: str, out: str, steps: int, tools: bool, dataset: str = "posttrain/arith-prompts", **overrides) -> dict:
     from posttrain import GRPOConfig, GRPOTrainer
 
     options = dict(output_dir=out, max_steps=steps, num_generations=8, per_device_train_batch_size=64,
@@ -114,7 +146,7 @@ def grpo(model: str, out: str, steps: int, tools: bool, **overrides) -> dict:
     if tools:
         options.update(chat_template_path=TEMPLATE, max_tool_calling_iterations=3)
     options.update(overrides)
-    prompts = load_builtin_dataset("posttrain/arith-prompts", "conversational", split="train")
+    prompts = prompt_split(dataset, "train")
     trainer = GRPOTrainer(model, reward_funcs="accuracy_reward", args=GRPOConfig(**options), train_dataset=prompts,
                           tools=[calculator] if tools else None)
     start = time.perf_counter()
@@ -134,17 +166,41 @@ def paired(a: dict, b: dict) -> str:
     return f"+{p['fixed']} / −{p['broken']} (p={p['p_value']:.2g})"
 
 
-def tiny(args) -> dict:
+def tools_against_plain(traces: datasets.Dataset, plain: datasets.Dataset, model: str, prefix: str, args,
+                        dataset: str, sft_options: dict, grpo_options: dict, eval_options: dict) -> dict:
+    """SFT on the tool traces and on the plain solutions with the same steps, then GRPO from each with the same
+    budget (`tools=[calculator]` for the tool model); held-out accuracy after every stage."""
     os.makedirs(OUT, exist_ok=True)
     res = {"sft_s": {}, "eval": {}, "grpo": {}}
+    for name, data, tools in (("tools", traces, True), ("plain", plain, False)):
+        sft_dir, grpo_dir = f"{OUT}/{prefix}sft-{name}", f"{OUT}/{prefix}grpo-{name}"
+        res["sft_s"][name] = sft(model, data, sft_dir, args.sft_steps, tools, **sft_options.get(name, {}))
+        res["eval"][f"sft-{name}"] = accuracy(sft_dir, tools, args.eval_rows, dataset=dataset, **eval_options)
+        res["grpo"][name] = grpo(sft_dir, grpo_dir, args.grpo_steps, tools, dataset=dataset, **grpo_options)
+        res["eval"][f"grpo-{name}"] = accuracy(grpo_dir, tools, args.eval_rows, dataset=dataset, **eval_options)
+    return res
+
+
+def tiny(args) -> dict:
     plain = load_builtin_dataset("posttrain/arith-sft", "conversational", split="train")
     plain = plain.map(lambda r: {"messages": r["prompt"] + r["completion"]}, remove_columns=plain.column_names)
-    for name, data, tools in (("tools", tool_traces("train"), True), ("plain", plain, False)):
-        res["sft_s"][name] = sft(args.model, data, f"{OUT}/sft-{name}", args.sft_steps, tools)
-        res["eval"][f"sft-{name}"] = accuracy(f"{OUT}/sft-{name}", tools, args.eval_rows)
-        res["grpo"][name] = grpo(f"{OUT}/sft-{name}", f"{OUT}/grpo-{name}", args.grpo_steps, tools)
-        res["eval"][f"grpo-{name}"] = accuracy(f"{OUT}/grpo-{name}", tools, args.eval_rows)
-    return res
+    return tools_against_plain(tool_traces("train"), plain, args.model, "", args, "posttrain/arith-prompts",
+                               {}, {}, {})
+
+
+def smollm_sft(args) -> dict:
+    """Demo b on the word problems: tool-use SFT → GRPO with the calculator, against plain SFT → GRPO."""
+    rows = args.sft_steps * 16
+    plain = load_builtin_dataset("posttrain/wordmath-sft", split=f"train[:{rows}]").select_columns(
+        ["prompt", "completion"])  # prompt-completion: loss on the answer only, as the traces' assistant-only loss
+    common = dict(per_device_train_batch_size=16, learning_rate=args.sft_lr, warmup_steps=3, logging_steps=5)
+    sft_options = {"tools": {**common, "max_length": 768},
+                   "plain": {**common, "max_length": 256, "assistant_only_loss": False}}
+    grpo_options = dict(per_device_train_batch_size=16, num_generations=8, learning_rate=args.lr,
+                        max_completion_length=128, temperature=0.8, logging_steps=5)
+    return tools_against_plain(wordmath_tool_traces(rows), plain, "posttrain/smollm2-135m-instruct", "smollm-",
+                               args, "posttrain/wordmath-prompts", sft_options, grpo_options,
+                               dict(batch=50, max_new=128))
 
 
 def smollm(args) -> dict:
@@ -158,25 +214,26 @@ def smollm(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--stage", choices=["tiny", "smollm"], default="tiny")
+    parser.add_argument("--stage", choices=["tiny", "smollm", "smollm-sft"], default="tiny")
     parser.add_argument("--model", default="posttrain/tiny-4m")
     parser.add_argument("--sft_steps", type=int, default=300)
     parser.add_argument("--grpo_steps", type=int, default=60)
     parser.add_argument("--eval_rows", type=int, default=1000)
-    parser.add_argument("--lr", type=float, default=1e-6)
+    parser.add_argument("--lr", type=float, default=1e-6, help="GRPO learning rate (SmolLM2 stages)")
+    parser.add_argument("--sft_lr", type=float, default=3e-5, help="SFT learning rate (stage smollm-sft)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    res = tiny(args) if args.stage == "tiny" else smollm(args)
+    res = {"tiny": tiny, "smollm": smollm, "smollm-sft": smollm_sft}[args.stage](args)
     with open(f"{OUT}/{args.stage}.json", "w") as f:
         json.dump({**res, "argv": sys.argv}, f, indent=1, default=str)
     ev = res["eval"]
     for name, row in ev.items():
         print(f"| {name} | {row['accuracy']:.3f} | {row['tool_call_rate']:.3f} | {row['eval_s']:.0f} s |")
         print("   e.g.", json.dumps(row["example"])[:300])
-    for name, row in res["grpo"].items() if args.stage == "tiny" else [("smollm", res["grpo"])]:
+    for name, row in res["grpo"].items() if args.stage != "smollm" else [("smollm", res["grpo"])]:
         print(f"grpo {name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in row.items()))
-    if args.stage == "tiny":
+    if args.stage != "smollm":
         print("after SFT, tools vs plain:", paired(ev["sft-plain"], ev["sft-tools"]))
         print("after GRPO, tools vs plain:", paired(ev["grpo-plain"], ev["grpo-tools"]))
         print("GRPO with tools, before → after:", paired(ev["sft-tools"], ev["grpo-tools"]))
