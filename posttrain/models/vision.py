@@ -13,12 +13,18 @@ a ChatML chat template that renders `{"type": "image"}` blocks, and a saved proc
                              with the PIL Idefics3 image processor, image splitting off
     posttrain/tiny-qwen2vl   Qwen2-VL: its vision tower (embed 64, 2 layers, patch 14, 2x2 merge: a 32x32 image →
                              4 image tokens) + Qwen2-VL LM with M-RoPE (hidden 128, 2 layers); the image-only processor
+    posttrain/tiny-qwen2_5vl Qwen2.5-VL: its vision tower (hidden 64, 2 layers: one windowed, one full attention;
+                             RMSNorm, gated MLP; same patches and merge) + Qwen2.5-VL LM (same shape); the image-only
+                             processor
 
 Qwen2-VL / Qwen2.5-VL without torchvision: transformers' processors for them refuse to be built without their video
 processor, which needs torchvision, and torchvision does not import beside this machine's torch build. Their image
 processor (PIL) and the models run; `image_only_processor` builds the processor from its parts with the video
 processor left out (images work through transformers' own call, expansion and `mm_token_type_ids`; videos do not),
-`save_processor` saves those parts, and `load_processor` puts them back together when `AutoProcessor` cannot.
+its `save_pretrained` saves those parts, and `load_processor` puts them back together when `AutoProcessor` cannot
+(the built-ins, directories saved from them or trained here, and real checkpoints as the Hub ships them: a
+`preprocessor_config.json` naming the processor class, a `chat_template.json`; `AutoProcessor` stops at the video
+processor it builds for them).
 
 Also here: `image_inputs(batch)`, the keys a VLM's forward takes besides the token ids (`pixel_values`,
 `pixel_attention_mask`, `image_grid_thw`, `image_sizes`), and `freeze_vision_tower`.
@@ -68,9 +74,21 @@ BUILTIN_VLMS: dict[str, dict] = {
                                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
                                "image_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                                                 "<|video_pad|>"]},
+    "posttrain/tiny-qwen2_5vl": {"family": "qwen2_5vl", "text": {**_TEXT, "rope_scaling": {
+                                     "type": "mrope", "mrope_section": [4, 6, 6]}},
+                                 # window 112 px = 4x4 merged patches (a 32x32 image has 2x2); block 1 attends fully
+                                 "vision": dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                                                out_hidden_size=128, patch_size=14, spatial_merge_size=2,
+                                                temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1]),
+                                 "image_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                                                  "<|video_pad|>"]},
 }
 _IMAGE_BLOCK = {"llava": "<image>", "idefics3": "<image>",
-                "qwen2vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+                "qwen2vl": "<|vision_start|><|image_pad|><|vision_end|>",
+                "qwen2_5vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+# the Qwen-VL families: (transformers model_type, config class, model class); one image processor and processor path
+_QWEN_VL = {"qwen2vl": ("qwen2_vl", "Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+            "qwen2_5vl": ("qwen2_5_vl", "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")}
 
 
 def chat_template(family: str) -> str:
@@ -121,17 +139,19 @@ def _build(name: str):
                                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                       chat_template=template)
         model_class = tf.LlavaForConditionalGeneration
-    elif entry["family"] == "qwen2vl":
+    elif entry["family"] in _QWEN_VL:
+        model_type, config_class, model_class = _QWEN_VL[entry["family"]]
         ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
             ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
             ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-        config = tf.Qwen2VLConfig(vision_config=entry["vision"], text_config=entry["text"], tie_word_embeddings=True,
-                                  **ids)
-        # 32x32 images → a 4x4 grid of 14-pixel patches → 4 image tokens after the 2x2 merge
+        config = getattr(tf, config_class)(vision_config=entry["vision"], text_config=entry["text"],
+                                           tie_word_embeddings=True, **ids)
+        # 32x32 images → a 4x4 grid of 14-pixel patches → 4 image tokens after the 2x2 merge (Qwen2.5-VL's image
+        # processor is Qwen2-VL's)
         image_processor = tf.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14,
                                                       merge_size=2)
-        processor = image_only_processor("qwen2_vl", image_processor, tokenizer, template)
-        model_class = tf.Qwen2VLForConditionalGeneration
+        processor = image_only_processor(model_type, image_processor, tokenizer, template)
+        model_class = getattr(tf, model_class)
     else:
         config = tf.Idefics3Config(vision_config=entry["vision"], text_config=entry["text"], image_token_id=image_id,
                                    scale_factor=2, tie_word_embeddings=True, pad_token_id=0)
@@ -153,7 +173,7 @@ def _write(name: str, out: str, fingerprint: str) -> None:
 
     model, processor = _build(name)
     model.save_pretrained(out)
-    save_processor(processor, out)
+    processor.save_pretrained(out)
     GenerationConfig(eos_token_id=2, pad_token_id=0).save_pretrained(out)
     with open(os.path.join(out, _STAMP), "w") as f:
         json.dump({"name": name, "fingerprint": fingerprint}, f)
@@ -222,22 +242,34 @@ def image_only_processor(model_type: str, image_processor, tokenizer, template: 
                 return None
             return super().check_argument_for_proper_class(attribute_name, arg)
 
+        def save_pretrained(self, save_directory, **kwargs):
+            """Its parts (image processor, tokenizer, chat template), which `load_processor` puts back together
+            (transformers' own save stops at the missing video processor); `Trainer.save_model` calls this."""
+            os.makedirs(save_directory, exist_ok=True)
+            self.image_processor.save_pretrained(save_directory)
+            self.tokenizer.save_pretrained(save_directory)
+            if self.chat_template:
+                with open(os.path.join(save_directory, "chat_template.jinja"), "w") as f:
+                    f.write(self.chat_template)
+            return [save_directory]
+
     ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = f"ImageOnly{base.__name__}"
     return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                               chat_template=template)
 
 
-def save_processor(processor, out: str) -> None:
-    """`save_pretrained`, or for an image-only processor its parts (image processor, tokenizer, chat template),
-    which `load_processor` puts back together."""
-    if getattr(processor, "video_processor", True) is not None:
-        processor.save_pretrained(out)
-        return
-    processor.image_processor.save_pretrained(out)
-    processor.tokenizer.save_pretrained(out)
-    if processor.chat_template:
-        with open(os.path.join(out, "chat_template.jinja"), "w") as f:
-            f.write(processor.chat_template)
+def _saved_chat_template(path: str) -> str | None:
+    """The processor's chat template saved beside a checkpoint (local directory or Hub id): `chat_template.jinja`,
+    or the older `chat_template.json` that Qwen2-VL / Qwen2.5-VL checkpoints ship."""
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        file = cached_file(path, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+        if file:
+            with open(file) as f:
+                return f.read() if name.endswith(".jinja") else json.load(f).get("chat_template")
+    return None
 
 
 def _image_only_from_parts(path: str):
@@ -247,11 +279,7 @@ def _image_only_from_parts(path: str):
     if model_type not in _IMAGE_ONLY:
         return None
     tokenizer = AutoTokenizer.from_pretrained(path)
-    template = getattr(tokenizer, "chat_template", None)
-    local = os.path.join(path, "chat_template.jinja")
-    if os.path.isfile(local):
-        with open(local) as f:
-            template = f.read()
+    template = _saved_chat_template(path) or getattr(tokenizer, "chat_template", None)
     return image_only_processor(model_type, AutoImageProcessor.from_pretrained(path), tokenizer, template)
 
 
