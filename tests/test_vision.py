@@ -1,6 +1,7 @@
-"""Vision-language models: the built-in tiny VLMs (LLaVA, Idefics3), TRL's image data formats, truncation and
-collation with images, SFT / DPO / GRPO / RLOO steps, the vision-tower freeze and LoRA on the language model,
-log-probs with images against the plain forward, and first-step parity with TRL 1.16 (float64)."""
+"""Vision-language models: the built-in tiny VLMs (LLaVA, Idefics3, Qwen2-VL, Qwen2.5-VL) and Qwen-VL checkpoints
+loaded by path without torchvision, TRL's image data formats, truncation and collation with images, SFT / DPO /
+GRPO / RLOO steps, the vision-tower freeze and LoRA on the language model, log-probs with images against the plain
+forward, and first-step parity with TRL 1.16 (float64)."""
 
 import copy
 import io
@@ -18,7 +19,8 @@ from posttrain.errors import UserError
 from posttrain.models import loading
 from posttrain.models import vision as mv
 
-FAMILIES = ["posttrain/tiny-llava", "posttrain/tiny-idefics3", "posttrain/tiny-qwen2vl"]
+FAMILIES = ["posttrain/tiny-llava", "posttrain/tiny-idefics3", "posttrain/tiny-qwen2vl", "posttrain/tiny-qwen2_5vl"]
+QWEN = ("posttrain/tiny-qwen2vl", "posttrain/tiny-qwen2_5vl")  # M-RoPE: image_grid_thw, mm_token_type_ids, `generate`
 COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0)}
 COMMON = dict(max_steps=1, per_device_train_batch_size=4, report_to="none", save_strategy="no", logging_steps=1,
               disable_tqdm=True)
@@ -71,6 +73,40 @@ def test_builtin_vlm_loads_with_auto_classes(name):
     batch = processor(text=[processor.image_token + "hi"], images=[[_image()]], return_tensors="pt")
     assert model(**batch).logits.shape[-1] == 4160
     assert mv.is_vision_config(path) and not mv.is_vision_config(loading.resolve_model_path("posttrain/tiny"))
+
+
+@pytest.mark.parametrize("name", QWEN)
+def test_qwen_vl_checkpoint_loads_by_path_without_torchvision(tmp_path, name):
+    """A Qwen2-VL / Qwen2.5-VL directory as the Hub ships it (preprocessor_config.json naming the processor class,
+    chat_template.json) and as `save_pretrained` of model + processor writes it: `AutoProcessor` stops at the video
+    processor (torchvision); `load_processor` assembles the image-only one, a trainer takes the path, and its
+    `save_model` writes a directory that loads again."""
+    from posttrain.trainers.sft import SFTTrainer
+
+    model, processor = loading.load_pretrained_model(name), _processor(name)
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")  # the image-only processor saves its parts
+    hub = tmp_path / "hub"
+    model.save_pretrained(hub)
+    processor.tokenizer.save_pretrained(hub)
+    (hub / "chat_template.jinja").unlink(missing_ok=True)
+    (hub / "chat_template.json").write_text(json.dumps({"chat_template": processor.chat_template}))
+    config = json.loads((tmp_path / "ckpt" / "preprocessor_config.json").read_text())
+    (hub / "preprocessor_config.json").write_text(json.dumps({
+        **config, "min_pixels": 3136, "max_pixels": 3136, "processor_class": type(processor).__mro__[1].__name__}))
+    inputs = dict(text=["<|vision_start|><|image_pad|><|vision_end|>hi"], images=[[_image()]], return_tensors="pt")
+    expected = processor(**inputs)
+    for path in (tmp_path / "ckpt", hub):
+        loaded = mv.load_processor(str(path))
+        assert type(loaded).__name__ == type(processor).__name__ and loaded.chat_template == processor.chat_template
+        assert type(loaded.image_processor).__name__.endswith("Pil")
+        assert all(torch.equal(v, loaded(**inputs)[k]) for k, v in expected.items())
+    trainer = SFTTrainer(str(hub), args=_sft_args(output_dir=str(tmp_path / "out")), train_dataset=_rows(4))
+    trainer.train()
+    trainer.save_model()
+    assert np.isfinite(trainer.state.log_history[0]["loss"])
+    assert type(mv.load_processor(str(tmp_path / "out"))).__name__ == type(processor).__name__
+    assert type(loading.load_pretrained_model(str(tmp_path / "out"))) is type(model)
 
 
 def test_unknown_builtin_names_the_vlms():
@@ -163,10 +199,10 @@ def test_collators_carry_the_image_tensors(name):
                                                 DPOConfig(output_dir="/tmp/x", report_to="none"))
     pair = dv.DataCollatorWithImages(DataCollatorForPreference(0), processor, repeat=2)([pref[0], pref[1]])
     assert batch["input_ids"].shape[0] == 2 and pair["input_ids"].shape[0] == 4
-    if name != "posttrain/tiny-qwen2vl":  # Qwen2-VL's pixel_values are patches (image_grid_thw says how many)
+    if name not in QWEN:  # Qwen2-VL's pixel_values are patches (image_grid_thw says how many)
         assert batch["pixel_values"].shape[0] == 2 and pair["pixel_values"].shape[0] == 4
     assert ("pixel_attention_mask" in batch) == (name == "posttrain/tiny-idefics3")
-    assert ("image_grid_thw" in batch) == ("mm_token_type_ids" in batch) == (name == "posttrain/tiny-qwen2vl")
+    assert ("image_grid_thw" in batch) == ("mm_token_type_ids" in batch) == (name in QWEN)
     chosen, rejected = pair["pixel_values"].chunk(2)
     assert torch.equal(chosen, rejected)  # rejected rows see the same images
 
@@ -260,6 +296,11 @@ def test_dpo_steps_with_images(tmp_path, name):
     trainer.train()
     log = trainer.state.log_history[0]
     assert np.isfinite(log["loss"]) and "rewards/margins" in log
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert batch["pixel_values"] is not None  # the reference's log-probs depend on the row's images
+    blank = dict(batch, pixel_values=torch.full_like(batch["pixel_values"], 0.5))  # (Idefics3 skips all-0 images)
+    assert not torch.allclose(trainer._reference_logps(trainer.model, batch),
+                              trainer._reference_logps(trainer.model, blank), atol=1e-5)
 
 
 def test_dpo_precomputed_reference_sees_the_images(tmp_path):
@@ -279,7 +320,7 @@ def test_dpo_precomputed_reference_sees_the_images(tmp_path):
 
 
 @pytest.mark.parametrize("trainer_name,name", [("grpo", "posttrain/tiny-llava"), ("rloo", "posttrain/tiny-llava"),
-                                               ("grpo", "posttrain/tiny-qwen2vl")])
+                                               *(("grpo", name) for name in QWEN)])
 def test_online_rollouts_see_images_and_rewards_receive_them(tmp_path, trainer_name, name):
     from posttrain.configs.grpo import GRPOConfig
     from posttrain.configs.rloo import RLOOConfig
@@ -377,7 +418,7 @@ DPO_SLOW = ["ipo", "apo_zero", "hinge", "exo_pair", "nca_pair", "robust", "bco_p
 
 @pytest.mark.parametrize("name,loss_type", [("posttrain/tiny-llava", lt) for lt in DPO_FAST]
                          + [pytest.param(n, lt, marks=pytest.mark.slow) for lt in DPO_FAST
-                            for n in ("posttrain/tiny-idefics3", "posttrain/tiny-qwen2vl")]
+                            for n in ("posttrain/tiny-idefics3", *QWEN)]
                          + [pytest.param("posttrain/tiny-llava", lt, marks=pytest.mark.slow) for lt in DPO_SLOW])
 def test_dpo_first_step_matches_trl(tmp_path, name, loss_type):
     trl = pytest.importorskip("trl")
@@ -498,7 +539,7 @@ def test_image_rollouts_decode_in_the_static_loop_as_generate(name, monkeypatch)
     original = model.generate
     monkeypatch.setattr(model, "generate", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     looped = rv.generate_with_images(model, processor, ids, images, counts, 8, options)
-    assert bool(calls) == (name == "posttrain/tiny-qwen2vl")  # only Qwen2-VL went through `generate`
+    assert bool(calls) == (name in QWEN)  # only Qwen2-VL / Qwen2.5-VL went through `generate`
     monkeypatch.setattr(rv, "static_decode_supported", lambda model: False)
     reference = rv.generate_with_images(model, processor, ids, images, counts, 8, options)  # `generate`, per row
     assert torch.equal(looped.prompt_ids, reference.prompt_ids)
