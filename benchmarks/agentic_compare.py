@@ -7,7 +7,10 @@ short SFT (posttrain) on multi-turn tool traces — each worked solution's steps
 the tool's results `tool` turns, then `#### N` — rendered with Qwen2.5's tool template, the one TRL parses; then
 both libraries run GRPO from that model with `tools=[calculator]`, `max_tool_calling_iterations=3`.
 
-    python benchmarks/agentic_compare.py [--sft_steps 20] [--steps 4] [--threads 2]
+    python benchmarks/agentic_compare.py [--sft_steps 20] [--steps 4] [--threads 2] [--max_tokens_per_backward 2048]
+
+posttrain's runs use `max_tokens_per_backward: 2048` (the micro-batch's forward and backward in row slices of at most
+2,048 tokens: the same update, half the peak memory here); `--max_tokens_per_backward 0` measures the default.
 
 Writes benchmarks/RESULTS-agentic.{md,json} (compare_trl.py's report; tool calls per completion per run in the
 JSON). The SFT model goes to outputs/agentic/smollm2-qwen-tools (reused when present).
@@ -16,6 +19,7 @@ JSON). The SFT model goes to outputs/agentic/smollm2-qwen-tools (reused when pre
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -57,6 +61,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=["posttrain", "trl-default", "trl-best-fp32"])
     parser.add_argument("--model_dir", default="outputs/agentic/smollm2-qwen-tools")
+    parser.add_argument("--max_tokens_per_backward", type=int, default=2048,
+                        help="posttrain's option for its runs (0: off, the library default)")
     opts = parser.parse_args()
     if not os.path.isfile(os.path.join(opts.model_dir, "config.json")):
         seconds = sft_tool_model(opts.model_dir, opts.sft_steps, opts.threads)
@@ -66,7 +72,11 @@ def main() -> None:
            "--max_new_tokens", "160", "--steps", str(opts.steps), "--repeats", "1", "--threads", str(opts.threads),
            "--fail_lines", "20", "--out", os.path.join(HERE, "RESULTS-agentic.md")]
     print(" ".join(cmd), flush=True)
-    raise SystemExit(subprocess.call(cmd))
+    env = dict(os.environ)
+    if opts.max_tokens_per_backward:  # posttrain's runs only (compare_trl applies it to the posttrain variants)
+        env["POSTTRAIN_BENCH_OPTIONS"] = json.dumps({"max_tokens_per_backward": opts.max_tokens_per_backward})
+        print(f"POSTTRAIN_BENCH_OPTIONS={env['POSTTRAIN_BENCH_OPTIONS']}")
+    raise SystemExit(subprocess.call(cmd, env=env))
 
 
 if __name__ == "__main__":
