@@ -206,6 +206,8 @@ def test_backward_in_token_slices_gives_the_same_update(tmp_path, loss_type, nor
 def test_max_tokens_per_backward_refusals():
     with pytest.raises(ValueError, match="max_tokens_per_backward must be a positive"):
         GRPOConfig(output_dir="/tmp/x", max_tokens_per_backward=0)
+    with pytest.raises(ValueError, match="max_tokens_per_backward must be a positive"):
+        GRPOConfig(output_dir="/tmp/x", max_tokens_per_backward=True)
     with pytest.raises(ValueError, match="top_entropy_quantile < 1 or an entropy bonus"):
         GRPOConfig(output_dir="/tmp/x", max_tokens_per_backward=512, top_entropy_quantile=0.2)
     with pytest.raises(TypeError, match="max_tokens_per_backward"):  # a sibling that does not slice refuses it

@@ -263,7 +263,8 @@ class ScoredGroupConfig(RenderedRolloutConfig):
         check(self.num_generations_eval is None or self.num_generations_eval >= 1,
               f"num_generations_eval must be >= 1, got {self.num_generations_eval}.")
         if self.max_tokens_per_backward is not None:
-            check(isinstance(self.max_tokens_per_backward, int) and self.max_tokens_per_backward >= 1,
+            check(isinstance(self.max_tokens_per_backward, int) and not isinstance(self.max_tokens_per_backward, bool)
+                  and self.max_tokens_per_backward >= 1,
                   f"max_tokens_per_backward must be a positive number of tokens or None, got "
                   f"{self.max_tokens_per_backward!r}.")
             check(not self.deepspeed, "max_tokens_per_backward runs several backward passes per micro-batch, which "

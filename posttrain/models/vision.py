@@ -53,6 +53,7 @@ _CHAT_TEMPLATE = (
     "{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
+_QWEN_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]  # both Qwen-VL families
 _TEXT = dict(vocab_size=4160, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=512, tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=2048,
              hidden_act="silu", rms_norm_eps=1e-6, initializer_range=0.02, pad_token_id=0, eos_token_id=2,
@@ -72,20 +73,17 @@ BUILTIN_VLMS: dict[str, dict] = {
                                    "type": "mrope", "mrope_section": [4, 6, 6]}},
                                "vision": dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2,
                                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-                               "image_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                                                "<|video_pad|>"]},
+                               "image_tokens": _QWEN_VL_TOKENS},
     "posttrain/tiny-qwen2_5vl": {"family": "qwen2_5vl", "text": {**_TEXT, "rope_scaling": {
                                      "type": "mrope", "mrope_section": [4, 6, 6]}},
                                  # window 112 px = 4x4 merged patches (a 32x32 image has 2x2); block 1 attends fully
                                  "vision": dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
                                                 out_hidden_size=128, patch_size=14, spatial_merge_size=2,
                                                 temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1]),
-                                 "image_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                                                  "<|video_pad|>"]},
+                                 "image_tokens": _QWEN_VL_TOKENS},
 }
-_IMAGE_BLOCK = {"llava": "<image>", "idefics3": "<image>",
-                "qwen2vl": "<|vision_start|><|image_pad|><|vision_end|>",
-                "qwen2_5vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+_QWEN_VL_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+_IMAGE_BLOCK = {"llava": "<image>", "idefics3": "<image>", "qwen2vl": _QWEN_VL_IMAGE, "qwen2_5vl": _QWEN_VL_IMAGE}
 # the Qwen-VL families: (transformers model_type, config class, model class); one image processor and processor path
 _QWEN_VL = {"qwen2vl": ("qwen2_vl", "Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
             "qwen2_5vl": ("qwen2_5_vl", "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")}
