@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 
 from compare_report import VISION_PREFIX
 
@@ -163,6 +164,8 @@ def _digit_share_reward(completions, **kwargs):
 
 
 def _config_kwargs(task: str, variant: str, out: str) -> dict:
+    # a fresh output_dir per run: a killed run leaves its emergency checkpoint there, which the next run would refuse
+    shutil.rmtree(out, ignore_errors=True)
     kw = dict(output_dir=out, max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=1e-5,
               report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
               dataloader_num_workers=0)
