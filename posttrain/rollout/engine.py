@@ -65,8 +65,8 @@ def sampling_options(generation_kwargs: dict[str, Any]) -> dict[str, Any]:
                "top_k": generation_kwargs.get("top_k") or -1,
                "min_p": generation_kwargs.get("min_p") or 0.0,
                "repetition_penalty": generation_kwargs.get("repetition_penalty", 1.0)}
-    unknown = set(generation_kwargs) - {"do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty"}
-    options.update({k: generation_kwargs[k] for k in unknown})  # e.g. generation_kwargs={"stop": [...]}
+    # any other option passes as it is, e.g. generation_kwargs={"stop": [...]}
+    options.update({k: v for k, v in generation_kwargs.items() if k not in options and k != "do_sample"})
     return options
 
 

@@ -87,9 +87,8 @@ class OnlineTrainer(TRLInspection, RolloutSampling, RolloutBatches, PostTrainer)
         self.agent, self.rollout_func = agentic_rollouts(self.processing_class, args, **agentic)
         if self.uses_images:
             trainer_vision.check_online(self)
-        if reward_funcs is None:
-            reward_funcs = args.reward_funcs
-        reward_funcs, reward_model = as_list(reward_funcs), args.reward_model_name_or_path
+        reward_funcs = as_list(args.reward_funcs if reward_funcs is None else reward_funcs)
+        reward_model = args.reward_model_name_or_path
         if reward_model and reward_model not in reward_funcs:  # the CLI's --reward_model_name_or_path, scored after
             reward_funcs.append(reward_model)
         reward_weights = args.reward_weights
