@@ -46,6 +46,12 @@ from posttrain.rollout.hf import _eos_ids, left_pad, rollout_after_eos
 from posttrain.rollout.types import Rollout
 
 LOOP_API = ("dataloader", "generate", "step", "log_stats")
+# `step`'s statistics under TRL's names ← the metrics the trainer recorded during the update
+_TRL_STATS = {"objective/kl": "objective/kl", "objective/kl_coef": "objective/kl_coef",
+              "objective/entropy": "objective/entropy", "ppo/mean_non_score_reward": "objective/non_score_reward",
+              "ppo/loss/policy": "loss/policy_avg", "ppo/loss/value": "loss/value_avg",
+              "ppo/policy/entropy": "policy/entropy_avg", "ppo/policy/approxkl": "policy/approxkl_avg",
+              "ppo/policy/clipfrac": "policy/clipfrac_avg", "ppo/val/clipfrac": "val/clipfrac_avg"}
 
 
 class PPOLoopAdapter:
@@ -231,15 +237,9 @@ class PPOLoopAdapter:
         query_lengths = torch.tensor([len(q) for q in queries], dtype=torch.float32)
         response_lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32)
         stats = {
-            "objective/kl": recorded["objective/kl"], "objective/kl_coef": recorded["objective/kl_coef"],
-            "objective/entropy": recorded["objective/entropy"],
-            "ppo/mean_non_score_reward": recorded["objective/non_score_reward"],
+            **{trl: recorded[ours] for trl, ours in _TRL_STATS.items()},
             "ppo/mean_scores": scores.mean(), "ppo/std_scores": scores.std() if len(scores) > 1 else 0.0,
-            "ppo/loss/policy": recorded["loss/policy_avg"], "ppo/loss/value": recorded["loss/value_avg"],
             "ppo/loss/total": recorded["loss/policy_avg"] + self.trainer.args.vf_coef * recorded["loss/value_avg"],
-            "ppo/policy/entropy": recorded["policy/entropy_avg"],
-            "ppo/policy/approxkl": recorded["policy/approxkl_avg"],
-            "ppo/policy/clipfrac": recorded["policy/clipfrac_avg"], "ppo/val/clipfrac": recorded["val/clipfrac_avg"],
             "ppo/val/mean": values.mean(), "ppo/val/var": values.var() if values.numel() > 1 else 0.0,
             "ppo/returns/mean": returns.mean(), "ppo/returns/var": returns.var() if returns.numel() > 1 else 0.0,
             "ppo/learning_rate": learning_rate,
