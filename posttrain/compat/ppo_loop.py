@@ -46,12 +46,6 @@ from posttrain.rollout.hf import _eos_ids, left_pad, rollout_after_eos
 from posttrain.rollout.types import Rollout
 
 LOOP_API = ("dataloader", "generate", "step", "log_stats")
-# `step`'s statistics under TRL's names ← the metrics the trainer recorded during the update
-_TRL_STATS = {"objective/kl": "objective/kl", "objective/kl_coef": "objective/kl_coef",
-              "objective/entropy": "objective/entropy", "ppo/mean_non_score_reward": "objective/non_score_reward",
-              "ppo/loss/policy": "loss/policy_avg", "ppo/loss/value": "loss/value_avg",
-              "ppo/policy/entropy": "policy/entropy_avg", "ppo/policy/approxkl": "policy/approxkl_avg",
-              "ppo/policy/clipfrac": "policy/clipfrac_avg", "ppo/val/clipfrac": "val/clipfrac_avg"}
 
 
 class PPOLoopAdapter:
@@ -236,8 +230,12 @@ class PPOLoopAdapter:
         values, returns = rollout["old_values"][mask], rollout["returns"][mask]
         query_lengths = torch.tensor([len(q) for q in queries], dtype=torch.float32)
         response_lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32)
-        stats = {
-            **{trl: recorded[ours] for trl, ours in _TRL_STATS.items()},
+        stats = {key: recorded[key] for key in ("objective/kl", "objective/kl_coef", "objective/entropy")}
+        # TRL's ppo/loss/policy, ppo/policy/clipfrac, ... are the trainer's loss/policy_avg, policy/clipfrac_avg, ...
+        stats.update({f"ppo/{key}": recorded[f"{key}_avg"] for key in (
+            "loss/policy", "loss/value", "policy/entropy", "policy/approxkl", "policy/clipfrac", "val/clipfrac")})
+        stats.update({
+            "ppo/mean_non_score_reward": recorded["objective/non_score_reward"],
             "ppo/mean_scores": scores.mean(), "ppo/std_scores": scores.std() if len(scores) > 1 else 0.0,
             "ppo/loss/total": recorded["loss/policy_avg"] + self.trainer.args.vf_coef * recorded["loss/value_avg"],
             "ppo/val/mean": values.mean(), "ppo/val/var": values.var() if values.numel() > 1 else 0.0,
@@ -245,7 +243,7 @@ class PPOLoopAdapter:
             "ppo/learning_rate": learning_rate,
             "tokens/queries_len_mean": query_lengths.mean(), "tokens/responses_len_mean": response_lengths.mean(),
             "time/ppo/total": seconds,
-        }
+        })
         return {key: float(value) for key, value in stats.items()}
 
     # ---- logging ------------------------------------------------------------------------------------------------

@@ -4,9 +4,7 @@ loss options do not apply and are refused.
 
 Batching, as TRL's PPO: one rollout holds per_device_train_batch_size × gradient_accumulation_steps ×
 num_mini_batches completions; it is trained on for num_ppo_epochs passes, each split into num_mini_batches
-optimizer steps. Deprecated names from older guides (model_name, batch_size, mini_batch_size, ppo_epochs,
-response_length, adap_kl_ctrl, init_kl_coef, target, horizon) are translated by `compat/ppo.py`, with one
-FutureWarning each.
+optimizer steps. Older guides' option names (batch_size, ppo_epochs, …) are translated by `compat/ppo.py`.
 
 Not here: the algorithm (`trainers/ppo.py`), GAE and whitening (`algorithms/advantages.py`), losses
 (`losses/value.py`).

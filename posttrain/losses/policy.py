@@ -237,9 +237,7 @@ POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, Metrics]]] = {
 }
 
 # ---- per-item terms ------------------------------------------------------------------------------------------
-# loss_type → the unit its normaliser counts. The trainer divides Σ terms by the number of such items in everything one
-# optimizer step trains on (all accumulation micro-batches, all processes; `losses/reduce.py`), so every type is
-# exactly invariant to how a step's batch is split.
+# loss_type → the unit its normaliser counts: the trainer divides Σ terms by the step's count of it (`losses/reduce.py`)
 LOSS_UNITS = {
     "grpo": "sequence",     # mean_i (Σ_t mℓ / Σ_t m): each sequence weighs the same (GRPO Eq. 3)
     "sapo": "sequence",
