@@ -167,12 +167,9 @@ def _transformers_generate(model, ids, mask, full_ids, full_mask, num_generation
     """Completion ids (N, C) from transformers' `generate`, continuing from one shared prefill per prompt
     (`synced`: forwards are collectives; no shared prefill, whose extra forward depends on this process's counts)."""
     kwargs = dict(generation_kwargs, max_new_tokens=max_new_tokens, pad_token_id=pad_id, use_cache=True,
-                  return_dict_in_generate=False)
-    if synced:
-        kwargs["synced_gpus"] = True
-    # the shared prefill repeats the cache by one count for all prompts: uneven counts prefill per row
-    # (and a chosen cache_implementation makes its own cache: it cannot continue one made here)
-    # (nor can beam search, which widens the batch by num_beams)
+                  return_dict_in_generate=False, synced_gpus=True if synced else None)  # None: transformers decides
+    # the shared prefill repeats the cache by one count for all prompts: uneven counts prefill per row; a chosen
+    # cache_implementation (its own cache) and beam search (a batch num_beams wider) cannot continue one made here
     if (share_prefill and not synced and isinstance(num_generations, int) and num_generations > 1
             and ids.shape[1] > 1 and "cache_implementation" not in generation_kwargs
             and generation_kwargs.get("num_beams", 1) == 1):
@@ -213,10 +210,7 @@ def _per_row_prompt_lengths() -> bool:
     return True
 
 
-def static_decode_supported(model) -> bool:
-    """A decoder-only transformers model whose attention takes an additive 4-D mask and whose cache layers are all
-    full attention (sliding-window layers need per-layer masks: those models use `generate`)."""
-    return full_attention_model(model)
+static_decode_supported = full_attention_model  # the static-cache loop's models (others use `generate`)
 
 
 class PreallocatedLayer(DynamicLayer):

@@ -100,10 +100,9 @@ class PPOTrainer(OnlineTrainer):
 
         if name not in LOOP_API:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        adapter = self.__dict__.get("_loop_adapter")
-        if adapter is None:
-            adapter = self.__dict__["_loop_adapter"] = PPOLoopAdapter(self)
-        return getattr(adapter, name)
+        if "_loop_adapter" not in self.__dict__:
+            self.__dict__["_loop_adapter"] = PPOLoopAdapter(self)
+        return getattr(self.__dict__["_loop_adapter"], name)
 
     def missing_reward_funcs_message(self) -> str:
         return ("PPOTrainer.train() needs reward_funcs (functions, built-in names or reward models; reward_model= "
