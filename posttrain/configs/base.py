@@ -55,6 +55,27 @@ def check_bounds(config, *rules: str) -> None:
             check(value > float(limit) if op == ">" else value >= float(limit), f"{name} must be {bound}, got {value}.")
 
 
+def max_tokens_per_backward_field(unit: str):
+    """The `max_tokens_per_backward` option of the configs whose trainers slice a micro-batch (`trainers/slices.py`);
+    `unit`: what a slice is made of (rows, pairs)."""
+    return field(default=None, metadata={"help": f"Run each micro-batch's forward and backward in slices of whole "
+                                         f"{unit} of at most this many tokens (padding excluded; a longer one is a "
+                                         "slice alone): the same update, the activations of one slice in memory at "
+                                         "a time. None: the whole micro-batch at once."})
+
+
+def _check_max_tokens_per_backward(config) -> None:
+    """The refusals of every config that has `max_tokens_per_backward` (`max_tokens_per_backward_field`)."""
+    value = getattr(config, "max_tokens_per_backward", None)
+    if value is None:
+        return
+    check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+          f"max_tokens_per_backward must be a positive number of tokens or None, got {value!r}.")
+    check(not config.deepspeed, "max_tokens_per_backward runs several backward passes per micro-batch, which "
+                                "DeepSpeed's engine does not allow (it counts one per micro-step); lower "
+                                "per_device_train_batch_size (and raise gradient_accumulation_steps) instead.")
+
+
 # report_to integration → the package it needs (transformers fails deep inside Trainer without it)
 _INTEGRATION_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet_ml",
                          "clearml": "clearml", "neptune": "neptune", "trackio": "trackio", "swanlab": "swanlab",
@@ -225,6 +246,7 @@ class PostTrainConfig(TrainingArguments):
               f"router_aux_loss_coef must be >= 0 (0 turns the router loss off), got {self.router_aux_loss_coef}.")
         check(self.max_nonfinite_steps >= 0, f"max_nonfinite_steps must be >= 0 (0 = never stop), got "
               f"{self.max_nonfinite_steps}.")
+        _check_max_tokens_per_backward(self)
         self.validate()
 
     def validate(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from posttrain.configs.base import PostTrainConfig, check, posttrain_config
+from posttrain.configs.base import PostTrainConfig, check, max_tokens_per_backward_field, posttrain_config
 from posttrain.losses.reference_free import CPO_LOSSES
 
 
@@ -21,6 +21,7 @@ class _ReferenceFreeConfig(PostTrainConfig):
                                           "their last tokens."})
     max_completion_length: int | None = field(default=None, metadata={"help": "Longest completion."})
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in the model."})
+    max_tokens_per_backward: int | None = max_tokens_per_backward_field("chosen/rejected pairs")
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple of this."})
     pad_token: str | None = field(default=None, metadata={"help": "Padding token (default: the tokenizer's, "
                                   "else its EOS)."})

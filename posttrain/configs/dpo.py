@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.configs.anchored import ReferenceAnchoredConfig
-from posttrain.configs.base import check, posttrain_config
+from posttrain.configs.base import check, max_tokens_per_backward_field, posttrain_config
 from posttrain.losses.preference import DPO_LOSSES, F_DIVERGENCES
 
 
@@ -41,6 +41,7 @@ class DPOConfig(ReferenceAnchoredConfig):
                                       "another attention implementation than sdpa)."})
     truncation_mode: str = field(default="keep_start", metadata={"help": "keep_start (completions are cut at "
                                  "the end).", "choices": ["keep_start", "keep_end"]})
+    max_tokens_per_backward: int | None = max_tokens_per_backward_field("chosen/rejected pairs")
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):
@@ -48,6 +49,9 @@ class DPOConfig(ReferenceAnchoredConfig):
         super().__post_init__()
 
     def validate(self) -> None:
+        check(not (self.max_tokens_per_backward and any(n.startswith("aot") for n in self.loss_type)),
+              "max_tokens_per_backward cannot be combined with aot losses (they sort over the whole batch, so a "
+              "slice of pairs is not its share of the loss); drop one of them.")
         for name in self.loss_type:
             check(name in DPO_LOSSES, f"Unknown loss_type {name!r} for DPO; choose from: {', '.join(DPO_LOSSES)}.")
         check(self.loss_weights is None or len(self.loss_weights) == len(self.loss_type),

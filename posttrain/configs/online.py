@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from posttrain.configs.base import PostTrainConfig, check, check_bounds, json_option, posttrain_config
+from posttrain.configs.base import (PostTrainConfig, check, check_bounds, json_option, max_tokens_per_backward_field,
+                                    posttrain_config)
 
 VLLM_MODES = ("colocate", "server")
 
@@ -246,11 +247,7 @@ class ScoredGroupConfig(RenderedRolloutConfig):
                                                                  "use_transformers_continuous_batching (refused)."})
     use_transformers_paged: bool = field(default=False, metadata={"help": "Deprecated TRL name of "
                                          "use_transformers_continuous_batching (refused)."})
-    max_tokens_per_backward: int | None = field(default=None, metadata={"help": "Run each micro-batch's forward "
-                                                "and backward in row slices of at most this many tokens (prompt + "
-                                                "completion, padding excluded; a longer row is a slice alone): the "
-                                                "same update, the activations of one slice in memory at a time. "
-                                                "None: the whole micro-batch at once."})
+    max_tokens_per_backward: int | None = max_tokens_per_backward_field("rows")
 
     def validate_rollout(self) -> None:
         super().validate_rollout()
@@ -260,14 +257,6 @@ class ScoredGroupConfig(RenderedRolloutConfig):
               "prefill already; for faster rollouts set use_vllm=True. Remove the option.")
         check(self.num_generations_eval is None or self.num_generations_eval >= 1,
               f"num_generations_eval must be >= 1, got {self.num_generations_eval}.")
-        if self.max_tokens_per_backward is not None:
-            check(isinstance(self.max_tokens_per_backward, int) and not isinstance(self.max_tokens_per_backward, bool)
-                  and self.max_tokens_per_backward >= 1,
-                  f"max_tokens_per_backward must be a positive number of tokens or None, got "
-                  f"{self.max_tokens_per_backward!r}.")
-            check(not self.deepspeed, "max_tokens_per_backward runs several backward passes per micro-batch, which "
-                                      "DeepSpeed's engine does not allow (it counts one per micro-step); lower "
-                                      "per_device_train_batch_size (and raise gradient_accumulation_steps) instead.")
 
 
 def _on_neuron() -> bool:

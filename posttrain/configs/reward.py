@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from posttrain.configs.base import PostTrainConfig, check, posttrain_config
+from posttrain.configs.base import PostTrainConfig, check, max_tokens_per_backward_field, posttrain_config
 
 
 @posttrain_config
@@ -18,6 +18,7 @@ class RewardConfig(PostTrainConfig):
     center_rewards_coefficient: float | None = field(default=None, metadata={"help": "Weight of the penalty "
                                                      "(r_chosen + r_rejected)² that keeps rewards centred on 0."})
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in the model."})
+    max_tokens_per_backward: int | None = max_tokens_per_backward_field("chosen/rejected pairs")
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple of this."})
     chat_template_path: str | None = field(default=None, metadata={"help": "A .jinja file or a tokenizer directory "
                                            "whose chat template replaces the tokenizer's."})

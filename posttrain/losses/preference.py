@@ -195,16 +195,18 @@ def discopop(*, chosen_scores, rejected_scores, beta, discopop_tau=0.05, **_) ->
     return loss, {"discopop_mix": mix.detach().mean()}
 
 
-def sft(*, policy_chosen_logps, chosen_lengths, **_) -> tuple[Tensor, Metrics]:
+def sft(*, policy_chosen_logps, chosen_lengths, chosen_length_mean=None, **_) -> tuple[Tensor, Metrics]:
     """NLL on the chosen completions, for RPO/MPO-style mixtures (Pang et al. 2024, "Iterative Reasoning
     Preference Optimization", Eq. 1 NLL term): loss_i = −ℓθ(y_w,i) / mean_j n(y_w,j).
 
     The division by the batch's mean length (not each pair's own length) makes mean_i loss_i = Σ_i(−ℓ_i) / Σ_i n_i,
     the token-mean cross-entropy TRL uses, while keeping one entry per pair so it adds to the other losses. The
-    token mean is over this (micro-)batch, as in TRL. Returns: loss (B,), {"nll_loss": token-mean NLL}.
+    token mean is over this (micro-)batch, as in TRL; `chosen_length_mean` gives that micro-batch's mean when these
+    pairs are a slice of it (`max_tokens_per_backward`). Returns: loss (B,), {"nll_loss": token-mean NLL}.
     """
     lengths = chosen_lengths.to(policy_chosen_logps.dtype)
-    loss = -policy_chosen_logps / lengths.mean().clamp(min=1.0)
+    mean = lengths.mean() if chosen_length_mean is None else chosen_length_mean.to(lengths)
+    loss = -policy_chosen_logps / mean.clamp(min=1.0)
     return loss, {"nll_loss": loss.detach().mean()}
 
 

@@ -276,6 +276,21 @@ class PostTrainer(CrashSafeCheckpoints, GracefulInterrupt, NonFiniteGuard, Train
         super()._issue_warnings_after_load(load_result)
 
     # ---- loss normalisation ------------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """transformers' forward and backward of one micro-batch, or — with `max_tokens_per_backward`, where a config
+        has it — one per slice that `backward_slices` cuts (`trainers/slices.py`): the same gradient, one slice's
+        activations in memory at a time. Returns the micro-batch's loss."""
+        budget = getattr(self.args, "max_tokens_per_backward", None)
+        parts = None if budget is None else self.backward_slices(inputs, budget)
+        step = super().training_step
+        if parts is None:
+            return step(model, inputs, num_items_in_batch)
+        return sum(step(model, part, num_items_in_batch) for part in parts)
+
+    def backward_slices(self, inputs, budget: int) -> list | None:
+        """The slices of a micro-batch of at most `budget` tokens each, or None to run it whole (the default)."""
+        return None
+
     def count_loss_items(self, batch: dict[str, Any]) -> torch.Tensor:
         """Loss items in one micro-batch (default: trained target tokens). Subclasses count pairs, sequences…"""
         return (batch["labels"][..., 1:] != -100).sum()

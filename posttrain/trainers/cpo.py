@@ -52,7 +52,7 @@ class _ReferenceFreeTrainer(PreferenceTrainer):
         terms = dict(policy_chosen_logps=policy[:half], policy_rejected_logps=policy[half:],
                      chosen_lengths=lengths[:half], rejected_lengths=lengths[half:])
         per_pair, extra, nll_weight = self.pair_loss(terms)
-        nll, nll_metrics = chosen_nll(**terms)
+        nll, nll_metrics = chosen_nll(**terms, chosen_length_mean=inputs.get("chosen_length_mean"))
         if nll_weight:
             per_pair = per_pair + nll_weight * nll
         loss = self.reduce_pairs(per_pair, num_items_in_batch)

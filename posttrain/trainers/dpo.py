@@ -91,7 +91,8 @@ class DPOTrainer(ReferenceAnchoredMixin, PreferenceTrainer):
                                                args.f_alpha_divergence_coef),
             policy_chosen_logps=policy[:half], policy_rejected_logps=policy[half:], ref_chosen_logps=ref[:half],
             ref_rejected_logps=ref[half:], chosen_lengths=lengths[:half], rejected_lengths=lengths[half:],
-            beta=args.beta, label_smoothing=args.label_smoothing, discopop_tau=args.discopop_tau)
+            beta=args.beta, label_smoothing=args.label_smoothing, discopop_tau=args.discopop_tau,
+            chosen_length_mean=inputs.get("chosen_length_mean"))
         per_pair, extra = 0.0, {}
         for name, weight in zip(args.loss_type, self.loss_weights):
             value, metrics = DPO_LOSSES[name](**terms)

@@ -1,7 +1,7 @@
 """`RolloutBatches`, a mixin of `OnlineTrainer`: a scored rollout → micro-batches (`advantage_batches`, `split`)
 grouped into optimizer steps and repeated per pass (`cycle`), each carrying its step's item counts
 (`with_item_counts`) for the one reduction contract (`reduce_loss`, `losses/reduce.py`) — which also lets a
-micro-batch run forward and backward in row slices of at most `max_tokens_per_backward` tokens (`training_step`).
+micro-batch run forward and backward in row slices of at most `max_tokens_per_backward` tokens (`backward_slices`).
 
 Not here: the reduction maths (`losses/reduce.py`), advantages (`algorithms/advantages.py`).
 """
@@ -14,20 +14,16 @@ import torch
 
 from posttrain.losses.reduce import local_reduce, reduce_terms
 from posttrain.rollout.types import Rollout
+from posttrain.trainers.slices import token_slices
 
 
 class RolloutBatches:
     """Micro-batches and loss normalisers of an `OnlineTrainer` (its `args`, `model`, `accelerator`)."""
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        """One micro-batch's forward and backward; with `max_tokens_per_backward` (GRPO, RLOO) one per row slice of
-        at most that many tokens: the same gradient, since each slice's loss is its share of the step's item counts
-        (`reduce_loss`), with the activations of one slice held at a time. Returns the micro-batch's loss."""
-        budget = getattr(self.args, "max_tokens_per_backward", None)
-        if budget is None or not isinstance(inputs, list):
-            return super().training_step(model, inputs, num_items_in_batch)
-        parts = token_slices(self._prepare_inputs(inputs), budget)
-        return sum(super(RolloutBatches, self).training_step(model, part, num_items_in_batch) for part in parts)
+    def backward_slices(self, inputs, budget: int):
+        """`max_tokens_per_backward` (GRPO, RLOO): a micro-batch of rollout rows as row slices (`trainers/slices.py`);
+        exact through the reduction contract. None (run whole) for anything but a list of rollout rows."""
+        return token_slices(self._prepare_inputs(inputs), budget) if isinstance(inputs, list) else None
 
     def gather_rows(self, values: torch.Tensor) -> torch.Tensor:
         """(N, …) per-row values of this process → (N_all, …) of the whole generation batch in global row order
@@ -109,21 +105,3 @@ class RolloutBatches:
             return local_reduce(terms, own[unit], self.args.gradient_accumulation_steps)
         processes = self.accelerator.num_processes if "num_items" in inputs else 1
         return reduce_terms(terms, counts[unit].clamp(min=1), processes)
-
-
-def token_slices(batch: dict[str, Any], budget: int) -> list[dict[str, Any]]:
-    """A micro-batch as consecutive row slices of at most `budget` real tokens (attention_mask) each — a longer row
-    is a slice of its own. Per-row tensors are sliced; the rest (the step's item counts) is shared by every slice."""
-    tokens = batch["attention_mask"].sum(1).tolist()
-    bounds, start, used = [], 0, 0
-    for row, n in enumerate(tokens):
-        if row > start and used + n > budget:
-            bounds.append((start, row))
-            start, used = row, 0
-        used += n
-    bounds.append((start, len(tokens)))
-    if len(bounds) == 1:
-        return [batch]
-    rows = len(tokens)
-    return [{k: v[a:b] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
-             for k, v in batch.items()} for a, b in bounds]

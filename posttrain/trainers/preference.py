@@ -17,6 +17,7 @@ from posttrain.data.collators import DataCollatorForPreference
 from posttrain.data.prepare import prepare_preference_dataset
 from posttrain.losses.reduce import global_sum_reduce
 from posttrain.trainers.base import PostTrainer
+from posttrain.trainers.slices import token_slices
 
 
 class PreferenceTrainer(PostTrainer):
@@ -44,6 +45,17 @@ class PreferenceTrainer(PostTrainer):
 
     def count_loss_items(self, batch):
         return torch.tensor(batch["input_ids"].shape[0] // 2)
+
+    def backward_slices(self, inputs, budget: int):
+        """`max_tokens_per_backward`: slices of whole pairs (a pair's chosen and rejected rows together); exact, as a
+        pair's loss is divided by the step's pair count (`reduce_pairs`). The chosen NLL's token mean stays the whole
+        micro-batch's (`chosen_length_mean`, read by `losses.preference.sft`)."""
+        parts = token_slices(inputs, budget, paired=True)
+        if len(parts) > 1 and "completion_mask" in inputs:
+            chosen = inputs["completion_mask"][:inputs["completion_mask"].shape[0] // 2]
+            for part in parts:
+                part["chosen_length_mean"] = chosen.sum(-1).float().mean()
+        return parts
 
     def reduce_pairs(self, per_pair: torch.Tensor, num_items_in_batch) -> torch.Tensor:
         if num_items_in_batch is None:
