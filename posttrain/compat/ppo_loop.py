@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 
 from posttrain.compat import deprecated
 from posttrain.errors import UserError
-from posttrain.rollout.hf import _eos_ids, completion_mask_after_eos, left_pad, right_pad
+from posttrain.rollout.hf import _eos_ids, left_pad, rollout_after_eos
 from posttrain.rollout.types import Rollout
 
 LOOP_API = ("dataloader", "generate", "step", "log_stats")
@@ -54,7 +54,6 @@ class PPOLoopAdapter:
 
     def __init__(self, trainer):
         self.trainer = trainer
-        self._loop_ready = False
         self._loop_generations = 0  # generate() calls: the step of the per-process sampling seed
         name = type(trainer).__name__  # one warning per trainer, at the first use (the stack level: the user's line)
         deprecated(f"{name}'s loop API (dataloader, generate, step, log_stats) is deprecated; use "
@@ -132,7 +131,7 @@ class PPOLoopAdapter:
         scores = self._check_step(queries, responses, scores)
         start = time.perf_counter()
         args = self.trainer.args
-        model = self._loop_model()
+        model = self._loop_model
         self.trainer.model.train()
         before = {key: list(value) for key, value in self.trainer._metrics["train"].items()}
         rollout = self._loop_rollout(queries, responses)
@@ -181,20 +180,15 @@ class PPOLoopAdapter:
         tok, device = self.trainer.processing_class, self.trainer.args.device
         policy = self.trainer.accelerator.unwrap_model(self.trainer.model)
         prompt_ids, prompt_mask = left_pad([q.tolist() for q in queries], tok.pad_token_id)
-        ids, written = right_pad([r.detach().cpu() for r in responses], -1)  # -1: the padding is no EOS
-        mask, truncated = completion_mask_after_eos(ids, _eos_ids(policy, tok))
-        mask = mask & written
-        width = int(mask.sum(1).max())  # the longest response up to its EOS
-        return Rollout(prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device),
-                       completion_ids=ids.masked_fill(mask == 0, tok.pad_token_id)[:, :width].to(device),
-                       completion_mask=mask[:, :width].to(device), is_truncated=truncated.to(device),
-                       prompts=[None] * len(responses))
+        rollout = rollout_after_eos(prompt_ids.to(device), prompt_mask.to(device),
+                                    [r.detach().cpu() for r in responses], _eos_ids(policy, tok), tok.pad_token_id)
+        rollout.prompts = [None] * len(responses)
+        return rollout
 
+    @functools.cached_property
     def _loop_model(self) -> torch.nn.Module:
         """The model to train on; the optimizer (and, with several processes, DDP) on first use."""
         trainer = self.trainer
-        if self._loop_ready:
-            return trainer.model_wrapped
         kind = trainer.accelerator.distributed_type.value
         if kind in ("DEEPSPEED", "FSDP"):
             raise NotImplementedError(f"{type(trainer).__name__}.step() does not run under {kind}; use "
@@ -208,7 +202,6 @@ class PPOLoopAdapter:
                 trainer.create_scheduler(num_training_steps=trainer.args.max_steps, optimizer=trainer.optimizer)
             else:  # TRL's loop keeps the learning rate constant
                 trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda _: 1.0)
-        self._loop_ready = True
         return trainer.model_wrapped
 
     def _loop_optimizer_step(self, model: torch.nn.Module) -> None:
@@ -237,22 +230,20 @@ class PPOLoopAdapter:
         values, returns = rollout["old_values"][mask], rollout["returns"][mask]
         query_lengths = torch.tensor([len(q) for q in queries], dtype=torch.float32)
         response_lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32)
-        stats = {
-            "objective/kl": recorded["objective/kl"], "objective/kl_coef": recorded["objective/kl_coef"],
-            "objective/entropy": recorded["objective/entropy"],
+        stats = {key: recorded[key] for key in ("objective/kl", "objective/kl_coef", "objective/entropy")}
+        # TRL's ppo/loss/policy, ppo/policy/clipfrac, ... are the trainer's loss/policy_avg, policy/clipfrac_avg, ...
+        stats.update({f"ppo/{key}": recorded[f"{key}_avg"] for key in (
+            "loss/policy", "loss/value", "policy/entropy", "policy/approxkl", "policy/clipfrac", "val/clipfrac")})
+        stats.update({
             "ppo/mean_non_score_reward": recorded["objective/non_score_reward"],
             "ppo/mean_scores": scores.mean(), "ppo/std_scores": scores.std() if len(scores) > 1 else 0.0,
-            "ppo/loss/policy": recorded["loss/policy_avg"], "ppo/loss/value": recorded["loss/value_avg"],
             "ppo/loss/total": recorded["loss/policy_avg"] + self.trainer.args.vf_coef * recorded["loss/value_avg"],
-            "ppo/policy/entropy": recorded["policy/entropy_avg"],
-            "ppo/policy/approxkl": recorded["policy/approxkl_avg"],
-            "ppo/policy/clipfrac": recorded["policy/clipfrac_avg"], "ppo/val/clipfrac": recorded["val/clipfrac_avg"],
             "ppo/val/mean": values.mean(), "ppo/val/var": values.var() if values.numel() > 1 else 0.0,
             "ppo/returns/mean": returns.mean(), "ppo/returns/var": returns.var() if returns.numel() > 1 else 0.0,
             "ppo/learning_rate": learning_rate,
             "tokens/queries_len_mean": query_lengths.mean(), "tokens/responses_len_mean": response_lengths.mean(),
             "time/ppo/total": seconds,
-        }
+        })
         return {key: float(value) for key, value in stats.items()}
 
     # ---- logging ------------------------------------------------------------------------------------------------

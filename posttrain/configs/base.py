@@ -44,6 +44,17 @@ def check(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
+def check_bounds(config, *rules: str) -> None:
+    """`check` for numeric options, one rule each — "temperature > 0", "num_iterations >= 1", "top_k >= 1 or None"
+    (None passes) — each failing with one line: "temperature must be > 0, got 0.0."."""
+    for rule in rules:
+        name, bound = rule.split(" ", 1)
+        op, limit, *or_none = bound.split(" ", 2)
+        value = getattr(config, name)
+        if not (value is None and or_none):
+            check(value > float(limit) if op == ">" else value >= float(limit), f"{name} must be {bound}, got {value}.")
+
+
 def max_tokens_per_backward_field(unit: str):
     """The `max_tokens_per_backward` option of the configs whose trainers slice a micro-batch (`trainers/slices.py`);
     `unit`: what a slice is made of (rows, pairs)."""

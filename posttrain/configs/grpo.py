@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from posttrain.algorithms.advantages import SCALE_REWARDS
-from posttrain.configs.base import check, posttrain_config
+from posttrain.configs.base import check, check_bounds, posttrain_config
 from posttrain.configs.online import ScoredGroupConfig
 from posttrain.losses.policy import POLICY_LOSSES, SAMPLER_IS_MODES
 
@@ -116,9 +116,7 @@ class GRPOConfig(ScoredGroupConfig):
               f"Unknown loss_type {self.loss_type!r} for GRPO; choose one of: {', '.join(GRPO_LOSS_TYPES)}.")
         check(self.scale_rewards in SCALE_REWARDS,
               f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}, got {self.scale_rewards!r}.")
-        check(self.epsilon > 0, f"epsilon must be > 0, got {self.epsilon}.")
-        check(self.epsilon_high > 0, f"epsilon_high must be > 0, got {self.epsilon_high}.")
-        check(self.beta >= 0, f"beta must be >= 0, got {self.beta}.")
+        check_bounds(self, "epsilon > 0", "epsilon_high > 0", "beta >= 0", "entropy_coef_delta >= 0")
         check(0 < self.top_entropy_quantile <= 1, f"top_entropy_quantile must be in (0, 1], got "
                                                   f"{self.top_entropy_quantile}.")
         check(self.max_tokens_per_backward is None or (self.top_entropy_quantile == 1 and self.entropy_coef == 0
@@ -149,7 +147,6 @@ class GRPOConfig(ScoredGroupConfig):
               f"off_policy_mask_threshold must be >= 0, got {self.off_policy_mask_threshold}.")
         check(self.entropy_coef_min <= self.entropy_coef_max, f"entropy_coef_min ({self.entropy_coef_min}) must be "
                                                               f"<= entropy_coef_max ({self.entropy_coef_max}).")
-        check(self.entropy_coef_delta >= 0, f"entropy_coef_delta must be >= 0, got {self.entropy_coef_delta}.")
         check(self.loss_normalization in LOSS_NORMALIZATIONS, f"loss_normalization must be one of "
                                                               f"{', '.join(LOSS_NORMALIZATIONS)}, got "
                                                               f"{self.loss_normalization!r}.")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.configs.anchored import ReferenceAnchoredConfig
-from posttrain.configs.base import check, posttrain_config
+from posttrain.configs.base import check, check_bounds, posttrain_config
 from posttrain.losses.kto import KTO_LOSSES, USES_KL_BASELINE
 
 
@@ -31,9 +31,7 @@ class KTOConfig(ReferenceAnchoredConfig):
     def validate(self) -> None:
         check(self.loss_type in KTO_LOSSES,
               f"Unknown loss_type {self.loss_type!r} for KTO; choose one of: {', '.join(KTO_LOSSES)}.")
-        check(self.beta > 0, f"beta must be > 0, got {self.beta}.")
-        check(self.desirable_weight > 0, f"desirable_weight must be > 0, got {self.desirable_weight}.")
-        check(self.undesirable_weight > 0, f"undesirable_weight must be > 0, got {self.undesirable_weight}.")
+        check_bounds(self, "beta > 0", "desirable_weight > 0", "undesirable_weight > 0")
         check(self.loss_type not in USES_KL_BASELINE or self.per_device_train_batch_size > 1,
               f"per_device_train_batch_size must be > 1 for loss_type={self.loss_type!r}, got "
               f"{self.per_device_train_batch_size}: the KL baseline pairs each prompt with another example's "

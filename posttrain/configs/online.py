@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from posttrain.configs.base import PostTrainConfig, check, json_option, max_tokens_per_backward_field, posttrain_config
+from posttrain.configs.base import (PostTrainConfig, check, check_bounds, json_option, max_tokens_per_backward_field,
+                                    posttrain_config)
 
 VLLM_MODES = ("colocate", "server")
 
@@ -101,9 +102,7 @@ class OnlineConfig(PostTrainConfig):
         raise NotImplementedError
 
     def validate_rollout(self) -> None:
-        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}.")
-        check(self.max_completion_length > 0, f"max_completion_length must be > 0, got {self.max_completion_length}.")
-        check(self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}.")
+        check_bounds(self, "temperature > 0", "max_completion_length > 0", "num_iterations >= 1")
         check_vllm(self)
 
 
@@ -272,8 +271,7 @@ def check_vllm(config: OnlineConfig) -> None:
     check(config.vllm_group_port == 51216 or not config.use_vllm,
           f"vllm_group_port={config.vllm_group_port}: posttrain's generation server receives the weights over HTTP, "
           "not over an NCCL group, so there is no port to choose; remove vllm_group_port.")
-    check(config.vllm_tensor_parallel_size >= 1, f"vllm_tensor_parallel_size must be >= 1, got "
-                                                 f"{config.vllm_tensor_parallel_size}.")
+    check_bounds(config, "vllm_tensor_parallel_size >= 1")
     check(config.vllm_model_impl in ("vllm", "transformers"), f"vllm_model_impl must be 'vllm' or 'transformers', "
                                                                f"got {config.vllm_model_impl!r}.")
     if not config.use_vllm:

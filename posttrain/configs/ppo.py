@@ -4,9 +4,7 @@ loss options do not apply and are refused.
 
 Batching, as TRL's PPO: one rollout holds per_device_train_batch_size × gradient_accumulation_steps ×
 num_mini_batches completions; it is trained on for num_ppo_epochs passes, each split into num_mini_batches
-optimizer steps. Deprecated names from older guides (model_name, batch_size, mini_batch_size, ppo_epochs,
-response_length, adap_kl_ctrl, init_kl_coef, target, horizon) are translated by `compat/ppo.py`, with one
-FutureWarning each.
+optimizer steps. Older guides' option names (batch_size, ppo_epochs, …) are translated by `compat/ppo.py`.
 
 Not here: the algorithm (`trainers/ppo.py`), GAE and whitening (`algorithms/advantages.py`), losses
 (`losses/value.py`).
@@ -17,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.compat.ppo import translate_ppo_config_options
-from posttrain.configs.base import check, posttrain_config
+from posttrain.configs.base import check, check_bounds, posttrain_config
 from posttrain.configs.online import OnlineConfig
 
 KL_ESTIMATORS = ("k1", "k3")
@@ -99,17 +97,12 @@ class PPOConfig(OnlineConfig):
             self.max_steps = steps
 
     def validate(self) -> None:
-        check(self.num_generations >= 1, f"num_generations must be >= 1, got {self.num_generations}.")
+        check_bounds(self, "num_generations >= 1", "num_ppo_epochs >= 1", "num_mini_batches >= 1", "kl_coef >= 0",
+                     "cliprange > 0", "cliprange_value > 0", "vf_coef >= 0")
         check(self.kl_estimator in KL_ESTIMATORS,
               f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}.")
-        check(self.num_ppo_epochs >= 1, f"num_ppo_epochs must be >= 1, got {self.num_ppo_epochs}.")
-        check(self.num_mini_batches >= 1, f"num_mini_batches must be >= 1, got {self.num_mini_batches}.")
-        check(self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}.")
         check(not self.adaptive_kl or (self.kl_target > 0 and self.kl_horizon > 0),
               f"adaptive_kl needs kl_target > 0 and kl_horizon > 0, got {self.kl_target} and {self.kl_horizon}.")
-        check(self.cliprange > 0, f"cliprange must be > 0, got {self.cliprange}.")
-        check(self.cliprange_value > 0, f"cliprange_value must be > 0, got {self.cliprange_value}.")
-        check(self.vf_coef >= 0, f"vf_coef must be >= 0, got {self.vf_coef}.")
         check(0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma}.")
         check(0 <= self.lam <= 1, f"lam must be in [0, 1], got {self.lam}.")
 

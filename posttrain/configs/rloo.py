@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from posttrain.configs.base import check, posttrain_config
+from posttrain.configs.base import check, check_bounds, posttrain_config
 from posttrain.configs.online import ScoredGroupConfig
 
 
@@ -34,8 +34,6 @@ class RLOOConfig(ScoredGroupConfig):
     def validate(self) -> None:
         check(self.num_generations >= 2, f"num_generations must be >= 2 (the baseline is the other completions of "
                                          f"the prompt), got {self.num_generations}.")
-        check(self.epsilon > 0, f"epsilon must be > 0, got {self.epsilon}.")
-        check(self.epsilon_high > 0, f"epsilon_high must be > 0, got {self.epsilon_high}.")
-        check(self.beta >= 0, f"beta must be >= 0, got {self.beta}.")
+        check_bounds(self, "epsilon > 0", "epsilon_high > 0", "beta >= 0")
         check(self.reward_clip_range is None or len(self.reward_clip_range) == 2,
               f"reward_clip_range needs two numbers [low, high], got {self.reward_clip_range}.")

@@ -79,11 +79,10 @@ def clip_fractions(ratio: Tensor, advantages: Tensor, mask: Tensor, epsilon_low:
     A > 0 (elsewhere the unclipped branch is the minimum and clipping changes nothing). Sequence-level ratios are
     counted once per token of their sequence (TRL averages those over sequences)."""
     mask = mask.bool()
-    m = mask.to(torch.float32)
     low = (ratio < 1 - epsilon_low) & (advantages < 0)
     high = (ratio > 1 + epsilon_high) & (advantages > 0)
-    return {"clip_ratio/low_mean": _masked_mean(low, m), "clip_ratio/high_mean": _masked_mean(high, m),
-            "clip_ratio/region_mean": _masked_mean(low | high, m)}
+    return {"clip_ratio/low_mean": _masked_mean(low, mask), "clip_ratio/high_mean": _masked_mean(high, mask),
+            "clip_ratio/region_mean": _masked_mean(low | high, mask)}
 
 
 def grpo(*, logps, old_logps, advantages, mask, epsilon_low=0.2, epsilon_high=0.2, delta=None,
@@ -119,7 +118,7 @@ def cispo(*, logps, old_logps, advantages, mask, epsilon_high=None, epsilon_low=
     weight = torch.clamp(ratio, max=epsilon_high).detach()
     loss = -weight * adv * logps
     clipped = (ratio.detach() > epsilon_high) & (adv > 0)
-    return _masked(loss, mask), {"cispo_clip_ratio": _masked_mean(clipped, mask.to(torch.float32))}
+    return _masked(loss, mask), {"cispo_clip_ratio": _masked_mean(clipped, mask)}
 
 
 def sapo(*, logps, old_logps, advantages, mask, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
@@ -238,9 +237,7 @@ POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, Metrics]]] = {
 }
 
 # ---- per-item terms ------------------------------------------------------------------------------------------
-# loss_type → the unit its normaliser counts. The trainer divides Σ terms by the number of such items in everything one
-# optimizer step trains on (all accumulation micro-batches, all processes; `losses/reduce.py`), so every type is
-# exactly invariant to how a step's batch is split.
+# loss_type → the unit its normaliser counts: the trainer divides Σ terms by the step's count of it (`losses/reduce.py`)
 LOSS_UNITS = {
     "grpo": "sequence",     # mean_i (Σ_t mℓ / Σ_t m): each sequence weighs the same (GRPO Eq. 3)
     "sapo": "sequence",

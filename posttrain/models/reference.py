@@ -67,11 +67,7 @@ def create_reference_model(model: torch.nn.Module, num_shared_layers: int | None
             source = model.get_parameter(name)
             source.requires_grad_(False)
             ref.get_parameter(name).data = source.data
-    return freeze(ref)
-
-
-def freeze(model: torch.nn.Module) -> torch.nn.Module:
-    return model.eval().requires_grad_(False)
+    return ref.eval().requires_grad_(False)
 
 
 def prepare_frozen_model(trainer, model: torch.nn.Module) -> torch.nn.Module:
@@ -79,7 +75,7 @@ def prepare_frozen_model(trainer, model: torch.nn.Module) -> torch.nn.Module:
     no Mixture-of-Experts router logits, dropout off when asked, the policy's packed attention and lean layers (the same arithmetic: policy = reference
     gives KL 0 exactly), placed as the policy is (`models/sharding.py`)."""
     args = trainer.args
-    freeze(model)
+    model.eval().requires_grad_(False)
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if getattr(text, "output_router_logits", False):

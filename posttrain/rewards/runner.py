@@ -137,13 +137,10 @@ class RewardRunner:
                                 f"of reward functions ({len(entries)}); give a list with one per reward function "
                                 "(None for plain functions).")
         self.funcs = [resolve_reward_func(e, tok, batch_size, max_length) for e, tok in zip(entries, tokenizers)]
-        if reward_weights is None:
-            self.weights = [1.0] * len(self.funcs)
-        else:
-            self.weights = [float(w) for w in reward_weights]
-            if len(self.weights) != len(self.funcs):
-                raise UserError(f"reward_weights has {len(self.weights)} values but there are {len(self.funcs)} "
-                                f"reward functions ({', '.join(self.names)}); give one weight per function.")
+        self.weights = [1.0] * len(self.funcs) if reward_weights is None else [float(w) for w in reward_weights]
+        if len(self.weights) != len(self.funcs):
+            raise UserError(f"reward_weights has {len(self.weights)} values but there are {len(self.funcs)} "
+                            f"reward functions ({', '.join(self.names)}); give one weight per function.")
         self.logged_columns: dict[str, list] = {}
         self.logged_metrics: dict[str, list[float]] = {}
         self._loop = BackgroundLoop()
@@ -276,6 +273,5 @@ class RewardRunner:
         unscored = int(rewards.isnan().all(dim=1).sum()) if n else 0
         if unscored:
             logger.warning("%d of %d completions got None (or NaN) from every reward function (%s); their total reward "
-                           "is NaN.",
-                           unscored, n, ", ".join(names))
+                           "is NaN.", unscored, n, ", ".join(names))
         return rewards

@@ -1,11 +1,8 @@
-"""`VLLMServerClient`: an online trainer's rollouts from a `posttrain vllm-serve` server (`vllm_mode="server"`).
-
-Same `generate(policy, tokenizer, prompt_ids, G, max_new_tokens, generation_kwargs, step) -> Rollout` as the
-colocated engine (`rollout/vllm.py`); both share `rollout/engine.py` (weights once per optimizer step, token lists
-→ `Rollout`). Once per optimizer step the main process sends the policy's weights (adapters merged, tied weights
-once) as safetensors chunks to `/update_weights`; every process then waits at a barrier, so that no process samples
-from the old weights, and asks `/generate` for its own prompts' completions. The wire format and the cost of
-sending weights over HTTP are described in `rollout/server.py`. Standard library only (urllib); proxies set in the
+"""`VLLMServerClient`: an online trainer's rollouts from a `posttrain vllm-serve` server (`vllm_mode="server"`), an
+`EngineBackend` (`rollout/engine.py`) as the colocated engine is. Once per optimizer step the main process sends the
+policy's weights as safetensors chunks to `/update_weights`; every process then waits at a barrier, so that no
+process samples from the old weights, and asks `/generate` for its own prompts' completions. The wire format and the
+cost of sending weights over HTTP: `rollout/server.py`. Standard library only (urllib); proxies set in the
 environment are bypassed: the server is on the training cluster's own network.
 
 Not here: the server (`rollout/server.py`), choosing the backend (`OnlineTrainer`). ZeRO-3/FSDP-sharded policies

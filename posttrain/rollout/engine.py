@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from posttrain.errors import UserError
-from posttrain.rollout.hf import _eos_ids, completion_mask_after_eos, left_pad, right_pad
+from posttrain.rollout.hf import _eos_ids, left_pad, rollout_after_eos
 from posttrain.rollout.types import Rollout
 
 Weights = list[tuple[str, torch.Tensor]]
@@ -65,8 +65,8 @@ def sampling_options(generation_kwargs: dict[str, Any]) -> dict[str, Any]:
                "top_k": generation_kwargs.get("top_k") or -1,
                "min_p": generation_kwargs.get("min_p") or 0.0,
                "repetition_penalty": generation_kwargs.get("repetition_penalty", 1.0)}
-    unknown = set(generation_kwargs) - {"do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty"}
-    options.update({k: generation_kwargs[k] for k in unknown})  # e.g. generation_kwargs={"stop": [...]}
+    # any other option passes as it is, e.g. generation_kwargs={"stop": [...]}
+    options.update({k: v for k, v in generation_kwargs.items() if k not in options and k != "do_sample"})
     return options
 
 
@@ -99,24 +99,19 @@ def rollout_from_token_lists(sequences: list[list[int]], prompt_ids: list[list[i
     generation config's, as in `rollout/hf.py`). `logprobs` (one list per completion, aligned with its tokens; None
     where the engine gave none) becomes `sampler_logps` (N, C), NaN off the lists. On the policy's device."""
     pad_id, device = tokenizer.pad_token_id, next(policy.parameters()).device
-    completion_ids, written = right_pad(sequences, pad_id)
-    width = completion_ids.shape[1]
-    completion_mask, truncated = completion_mask_after_eos(completion_ids, _eos_ids(policy, tokenizer))
-    completion_mask &= written  # the padding of shorter lists
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
     ids, mask = left_pad(prompt_ids, pad_id)
     repeats = torch.tensor(counts)
-    sampler_logps = None
+    rollout = rollout_after_eos(ids.repeat_interleave(repeats, 0).to(device),
+                                mask.repeat_interleave(repeats, 0).to(device), sequences,
+                                _eos_ids(policy, tokenizer), pad_id)
     if logprobs is not None:
+        width = rollout.completion_ids.shape[1]
         sampler_logps = torch.full((len(sequences), width), float("nan"), dtype=torch.float32)
         for i, values in enumerate(logprobs):
             row = [math.nan if v is None else float(v) for v in values[:width]]
             sampler_logps[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
-        sampler_logps = sampler_logps.to(device)
-    return Rollout(prompt_ids=ids.repeat_interleave(repeats, 0).to(device),
-                   prompt_mask=mask.repeat_interleave(repeats, 0).to(device),
-                   completion_ids=completion_ids.to(device), completion_mask=completion_mask.to(device),
-                   is_truncated=truncated.to(device), sampler_logps=sampler_logps)
+        rollout.sampler_logps = sampler_logps.to(device)
+    return rollout
 
 
 class EngineBackend:

@@ -138,23 +138,28 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], num_generations: int
     return rollout_after_eos(full_ids, full_mask, completion_ids, eos_ids, pad_id)
 
 
-def rollout_after_eos(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-                      eos_ids: set[int], pad_id: int) -> Rollout:
-    """The `Rollout` of generated completion ids (N, C): each completion ends at its first EOS, padding after it."""
-    completion_mask, truncated = completion_mask_after_eos(completion_ids, eos_ids)
-    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-                   completion_ids=completion_ids.masked_fill(completion_mask == 0, pad_id),
-                   completion_mask=completion_mask, is_truncated=truncated)
+def rollout_after_eos(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions, eos_ids: set[int],
+                      pad_id: int) -> Rollout:
+    """The `Rollout` of completions, each ending at its first EOS, padding after it (is_truncated: no EOS), on the
+    prompts' device. completions: generated ids (N, C); or token lists / 1-D tensors of any lengths (an engine's, a
+    user's), right-padded here and cut to the longest one up to its EOS."""
+    written = None
+    if not isinstance(completions, torch.Tensor):
+        completions, written = right_pad(completions, -1)  # -1: the padding is no EOS
+    mask, truncated = completion_mask_after_eos(completions, eos_ids)
+    if written is not None:
+        mask &= written
+        width = max(int(mask.sum(1).max()), 1)
+        completions, mask = completions[:, :width], mask[:, :width]
+    device, completions = prompt_ids.device, completions.masked_fill(mask == 0, pad_id)
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completions.to(device),
+                   completion_mask=mask.to(device), is_truncated=truncated.to(device))
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
     """The tokenizer's EOS and the model's generation-config EOS ids: a completion ends at the first of either."""
-    eos = tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if gen_eos is not None:
-        eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    return eos_ids - {None}
+    found = [tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)]
+    return {eos for ids in found for eos in (ids if isinstance(ids, list) else [ids])} - {None}
 
 
 def _transformers_generate(model, ids, mask, full_ids, full_mask, num_generations, max_new_tokens,
@@ -162,12 +167,9 @@ def _transformers_generate(model, ids, mask, full_ids, full_mask, num_generation
     """Completion ids (N, C) from transformers' `generate`, continuing from one shared prefill per prompt
     (`synced`: forwards are collectives; no shared prefill, whose extra forward depends on this process's counts)."""
     kwargs = dict(generation_kwargs, max_new_tokens=max_new_tokens, pad_token_id=pad_id, use_cache=True,
-                  return_dict_in_generate=False)
-    if synced:
-        kwargs["synced_gpus"] = True
-    # the shared prefill repeats the cache by one count for all prompts: uneven counts prefill per row
-    # (and a chosen cache_implementation makes its own cache: it cannot continue one made here)
-    # (nor can beam search, which widens the batch by num_beams)
+                  return_dict_in_generate=False, synced_gpus=True if synced else None)  # None: transformers decides
+    # the shared prefill repeats the cache by one count for all prompts: uneven counts prefill per row; a chosen
+    # cache_implementation (its own cache) and beam search (a batch num_beams wider) cannot continue one made here
     if (share_prefill and not synced and isinstance(num_generations, int) and num_generations > 1
             and ids.shape[1] > 1 and "cache_implementation" not in generation_kwargs
             and generation_kwargs.get("num_beams", 1) == 1):
@@ -208,10 +210,7 @@ def _per_row_prompt_lengths() -> bool:
     return True
 
 
-def static_decode_supported(model) -> bool:
-    """A decoder-only transformers model whose attention takes an additive 4-D mask and whose cache layers are all
-    full attention (sliding-window layers need per-layer masks: those models use `generate`)."""
-    return full_attention_model(model)
+static_decode_supported = full_attention_model  # the static-cache loop's models (others use `generate`)
 
 
 class PreallocatedLayer(DynamicLayer):

@@ -2,9 +2,8 @@
 
 N = number of completions (unique prompts × num_generations, grouped consecutively), P = padded prompt length
 (prompts are LEFT-padded so every completion starts at column P), C = padded completion length (right-padded).
-The online base (`trainers/online.py`) produces one per generation batch: generated, decoded, scored (one column
-per reward function and their weighted sum), with the sampling policy's and the reference's log-probs when the method
-needs them; each method's one hook (`training_batches`) turns it into training micro-batches.
+The online base makes one per generation batch, and each method's one hook turns it into micro-batches
+(`trainers/online.py`).
 Not here: how completions are generated (`rollout/hf.py`) or scored (`rewards/`).
 """
 

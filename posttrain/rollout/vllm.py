@@ -18,8 +18,7 @@ trainer's) for GRPO's importance-sampling correction.
 
 vllm is imported only when an engine is built, so the CPU path never needs it.
 
-Not here: the transformers backend (`rollout/hf.py`), choosing a backend (`OnlineTrainer`), the HTTP server and
-client (`rollout/server.py`, `rollout/client.py`).
+Not here: the transformers backend (`rollout/hf.py`), choosing a backend (`OnlineTrainer`), the HTTP server.
 """
 
 from __future__ import annotations

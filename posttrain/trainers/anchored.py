@@ -3,9 +3,8 @@
 Lives here: precomputing reference log-probs once per example (cached on disk by dataset fingerprint and reference
 weights, after which the reference model is dropped).
 
-Not here: the reference itself — given, loaded, copied or the PEFT base, frozen, placed, TR-DPO sync — which is the
-one `Reference` component every anchored trainer holds (`models/reference.py`); a trainer's reference log-probs
-for one batch (its `reference_columns`).
+Not here: the reference itself, the one `Reference` every anchored trainer holds (`models/reference.py`); a
+trainer's reference log-probs for one batch (its `reference_columns`).
 """
 
 from __future__ import annotations

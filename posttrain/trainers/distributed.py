@@ -57,11 +57,8 @@ class RepeatSampler(Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        else:
-            order = torch.arange(self.num_rows)
-        order = order.tolist()
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_rows, generator=generator).tolist() if self.shuffle else range(self.num_rows)
         for start in range(0, self.num_rows - self.unique + 1, self.unique):
             chunk = order[start:start + self.unique]
             for _ in range(self.repeat):

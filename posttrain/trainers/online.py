@@ -87,9 +87,8 @@ class OnlineTrainer(TRLInspection, RolloutSampling, RolloutBatches, PostTrainer)
         self.agent, self.rollout_func = agentic_rollouts(self.processing_class, args, **agentic)
         if self.uses_images:
             trainer_vision.check_online(self)
-        if reward_funcs is None:
-            reward_funcs = args.reward_funcs
-        reward_funcs, reward_model = as_list(reward_funcs), args.reward_model_name_or_path
+        reward_funcs = as_list(args.reward_funcs if reward_funcs is None else reward_funcs)
+        reward_model = args.reward_model_name_or_path
         if reward_model and reward_model not in reward_funcs:  # the CLI's --reward_model_name_or_path, scored after
             reward_funcs.append(reward_model)
         reward_weights = args.reward_weights
@@ -126,17 +125,16 @@ class OnlineTrainer(TRLInspection, RolloutSampling, RolloutBatches, PostTrainer)
 
     # ---- data ---------------------------------------------------------------------------------------------------
     def prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args):  # text prompts (images: trainers/vision.py)
-        for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
-            if dataset is None or isinstance(dataset, dict):
-                continue
+        def checked(dataset, name: str):
             columns = list(dataset.column_names or [])
             if "prompt" not in columns:
                 formats.require_type(columns, ("prompt_only",), type(self).__name__)
             if hasattr(dataset, "__len__") and len(dataset) == 0:
                 raise UserError(f"The {name} dataset is empty; give at least one prompt.")
-        # bad prompts (None, "", ints, messages without a chat template) fail here, not at the first rollout
-        return self.map_datasets(train_dataset, eval_dataset,
-                                 lambda dataset, name: check_prompts(dataset, tokenizer, name) or dataset)
+            # bad prompts (None, "", ints, messages without a chat template) fail here, not at the first rollout
+            return check_prompts(dataset, tokenizer, name) or dataset
+
+        return self.map_datasets(train_dataset, eval_dataset, checked)
 
     def get_train_dataloader(self) -> DataLoader:
         args = self.args

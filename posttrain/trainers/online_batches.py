@@ -1,8 +1,7 @@
 """`RolloutBatches`, a mixin of `OnlineTrainer`: a scored rollout → micro-batches (`advantage_batches`, `split`)
-grouped into optimizer steps and repeated per pass (`cycle`), and the one reduction contract: every micro-batch
-carries its step's loss items counted over all micro-batches and processes (`with_item_counts`), which
-`reduce_loss` divides by, so a loss does not depend on how a step's batch is split — which also lets a micro-batch
-go through forward and backward in row slices of at most `max_tokens_per_backward` tokens (`backward_slices`).
+grouped into optimizer steps and repeated per pass (`cycle`), each carrying its step's item counts
+(`with_item_counts`) for the one reduction contract (`reduce_loss`, `losses/reduce.py`) — which also lets a
+micro-batch run forward and backward in row slices of at most `max_tokens_per_backward` tokens (`backward_slices`).
 
 Not here: the reduction maths (`losses/reduce.py`), advantages (`algorithms/advantages.py`).
 """

@@ -76,8 +76,10 @@ class PPOTrainer(OnlineTrainer):
         model = model if model is not None else args.sft_model_path
         if model is None:
             raise UserError(f"{name} needs a model: PPOTrainer(model='name or path' or a loaded causal LM).")
-        reward_funcs = _reward_entries(reward_funcs, reward_model, args)
-        super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        reward_funcs = as_list(reward_funcs) + ([reward_model] if reward_model is not None else [])  # TRL's name
+        if not reward_funcs and args.reward_model_path:  # else the config's reward_funcs or reward_model_path
+            reward_funcs = [args.reward_model_path]
+        super().__init__(model, reward_funcs or None, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, reward_processing_classes=reward_processing_classes,
                          peft_config=peft_config, ref_model=ref_model, **trainer_kwargs)
         args, policy = self.args, self.model
@@ -98,10 +100,9 @@ class PPOTrainer(OnlineTrainer):
 
         if name not in LOOP_API:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        adapter = self.__dict__.get("_loop_adapter")
-        if adapter is None:
-            adapter = self.__dict__["_loop_adapter"] = PPOLoopAdapter(self)
-        return getattr(adapter, name)
+        if "_loop_adapter" not in self.__dict__:
+            self.__dict__["_loop_adapter"] = PPOLoopAdapter(self)
+        return getattr(self.__dict__["_loop_adapter"], name)
 
     def missing_reward_funcs_message(self) -> str:
         return ("PPOTrainer.train() needs reward_funcs (functions, built-in names or reward models; reward_model= "
@@ -174,8 +175,17 @@ class PPOTrainer(OnlineTrainer):
             advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
             advantages = whiten(advantages, mask)
         batch.update(scores=scores, old_values=values, advantages=advantages, returns=returns)
-        self._record_objective(kl, logps, non_score, scores, truncated, m)
-        if self.model.training:  # adaptive KL: the coefficient of the next rollout follows this one's KL
+        non_score_sum = non_score.sum(1)
+        self.record_metrics({
+            "objective/kl": kl.sum(1).mean(), "objective/entropy": (-logps * m).sum(1).mean(),
+            "objective/non_score_reward": non_score_sum.mean(), "objective/scores": scores.mean(),
+            "objective/rlhf_reward": (scores + non_score_sum).mean(), "objective/kl_coef": self.kl_controller.value,
+            "val/num_eos_tokens": (~truncated).sum().float()})
+        if self.model.training:  # the `episode`/`eps` logs count from the first training rollout
+            self._episodes += scores.shape[0] * self.accelerator.num_processes
+            if self._start_time is None:
+                self._start_time = time.perf_counter()
+            # adaptive KL: the coefficient of the next rollout follows this one's KL
             mean_kl = kl.sum(1).mean()
             if args.world_size > 1:
                 mean_kl = self.accelerator.reduce(mean_kl, reduction="mean")
@@ -189,19 +199,6 @@ class PPOTrainer(OnlineTrainer):
             {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
             lambda part: token_values(value_model, part["input_ids"], part["attention_mask"],
                                       positions_from_mask(part["attention_mask"]))[:, prompt_len - 1:-1])
-
-    def _record_objective(self, kl, logps, non_score, scores, truncated, m) -> None:
-        non_score_sum = non_score.sum(1)
-        self.record_metrics({
-            "objective/kl": kl.sum(1).mean(), "objective/entropy": (-logps * m).sum(1).mean(),
-            "objective/non_score_reward": non_score_sum.mean(), "objective/scores": scores.mean(),
-            "objective/rlhf_reward": (scores + non_score_sum).mean(), "objective/kl_coef": self.kl_controller.value,
-            "val/num_eos_tokens": (~truncated).sum().float()})
-        if not self.model.training:
-            return
-        self._episodes += scores.shape[0] * self.accelerator.num_processes
-        if self._start_time is None:
-            self._start_time = time.perf_counter()
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Adds the KL coefficient, the episode count and the training time."""
@@ -294,12 +291,4 @@ class PPOTrainer(OnlineTrainer):
             logs["episode"] = self._episodes
             logs["eps"] = self._episodes / max(time.perf_counter() - self._start_time, 1e-9)
         super().log(logs, start_time)
-
-
-def _reward_entries(reward_funcs, reward_model, args: PPOConfig):
-    """reward_funcs, plus `reward_model=` (TRL's name); else the config's reward_funcs or reward_model_path."""
-    entries = as_list(reward_funcs) + ([reward_model] if reward_model is not None else [])
-    if not entries and args.reward_model_path:
-        entries = [args.reward_model_path]
-    return entries or None
 
