@@ -16,6 +16,7 @@ import torch
 from posttrain.data.collators import DataCollatorForPreference
 from posttrain.data.prepare import prepare_preference_dataset
 from posttrain.losses.reduce import global_sum_reduce
+from posttrain.models.logprobs import IGNORE_INDEX, batch_labels
 from posttrain.trainers.base import PostTrainer
 from posttrain.trainers.slices import token_slices
 
@@ -51,10 +52,11 @@ class PreferenceTrainer(PostTrainer):
         pair's loss is divided by the step's pair count (`reduce_pairs`). The chosen NLL's token mean stays the whole
         micro-batch's (`chosen_length_mean`, read by `losses.preference.sft`)."""
         parts = token_slices(inputs, budget, paired=True)
-        if len(parts) > 1 and "completion_mask" in inputs:
-            chosen = inputs["completion_mask"][:inputs["completion_mask"].shape[0] // 2]
+        if len(parts) > 1 and ("labels" in inputs or "completion_mask" in inputs):
+            trained = batch_labels(inputs)[:, 1:] != IGNORE_INDEX  # the targets the log-prob pass scores
+            mean = trained[:trained.shape[0] // 2].sum(-1).float().mean()
             for part in parts:
-                part["chosen_length_mean"] = chosen.sum(-1).float().mean()
+                part["chosen_length_mean"] = mean
         return parts
 
     def reduce_pairs(self, per_pair: torch.Tensor, num_items_in_batch) -> torch.Tensor:
