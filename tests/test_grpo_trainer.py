@@ -225,3 +225,28 @@ def test_trl_normalisation_switch_takes_effect(tmp_path):
     whole_trl = _one_sgd_step(tmp_path, "whole-trl", "bnpo", 8, 1, "trl")
     whole = _one_sgd_step(tmp_path, "whole-global", "bnpo", 8, 1)
     assert max(float((whole_trl[n] - whole[n]).abs().max()) for n in whole) < 1e-6
+
+
+def test_bf16_rollout_runs_in_one_autocast_block(tmp_path, monkeypatch):
+    """With mixed precision the whole rollout runs inside one autocast block (the policy's forward autocasts every
+    call; the outer block keeps the weights' bf16 casts for all decode steps instead of casting once per token)."""
+    import posttrain.trainers.online_sampling as sampling
+
+    seen = []
+
+    def recording_generate(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real_generate(*args, **kwargs)
+
+    real_generate = sampling.generate
+    monkeypatch.setattr(sampling, "generate", recording_generate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 on a CPU without native bf16 warns that it is slow
+        trainer = GRPOTrainer(MODEL, reward_funcs=unique_chars, args=_args(tmp_path, bf16=True, max_steps=1),
+                              train_dataset=_prompts())
+    trainer.train()
+    assert seen and all(seen)
+    seen.clear()
+    fp32 = GRPOTrainer(MODEL, reward_funcs=unique_chars, args=_args(tmp_path, max_steps=1), train_dataset=_prompts())
+    fp32.train()
+    assert seen and not any(seen)  # no mixed precision: no autocast

