@@ -72,6 +72,26 @@ def test_under_autocast():
         assert (lean_grads[key] - grads[key]).norm() <= 0.05 * grads[key].norm(), key
 
 
+def test_autocast_mlp_casts_weights_inside_and_keeps_none():
+    """Under autocast the MLP casts its weights itself and casts them again in the backward: the same gradients as
+    differentiable casts outside, and no low-precision weight copy is kept from the forward to the backward."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8).bfloat16().requires_grad_()
+    weights = [torch.randn(12, 8, requires_grad=True), torch.randn(12, 8, requires_grad=True),
+               torch.randn(8, 12, requires_grad=True)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = _SwiGLU.apply(x, *weights, torch.bfloat16)
+    shapes = {tuple(w.shape) for w in weights}
+    assert not [t for t in saved if t.dtype == torch.bfloat16 and tuple(t.shape) in shapes]
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *weights], g)
+    ref_y = _SwiGLU.apply(x, *(w.bfloat16() for w in weights))
+    want = torch.autograd.grad(ref_y, [x, *weights], g)
+    assert torch.equal(y, ref_y)
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, want))
+
+
 def _weight_casts(model, ids, forwards: int) -> int:
     """How many float32 -> bfloat16 copies of a weight-shaped tensor `forwards` no-grad forwards make inside one
     autocast block (the dispatch mode sees the casts autocast issues; cached ones are not issued again)."""

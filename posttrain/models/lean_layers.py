@@ -61,36 +61,45 @@ class _RMSNorm(torch.autograd.Function):
 
 class _SwiGLU(torch.autograd.Function):
     """y = down(silu(gate(x)) · up(x)) for bias-free projections; keeps x, gate(x) and up(x) (not silu(gate),
-    nor the product) and recomputes those two in the backward.
+    nor the product) and recomputes those two in the backward. `dtype` (autocast's): the matmuls run on weights cast
+    to it, cast again in the backward rather than kept, so the 30-odd layers' low-precision weight copies are not
+    all held from the forward to the backward; the gradients come back in the weights' own dtype.
 
     Backward (s = σ(g), a = g·s, h = a·u): dh = dy·W_down, dW_down = dyᵀh, du = dh·a,
     dg = dh·u·s·(1 + g·(1 − s)), dx = dg·W_gate + du·W_up, dW_gate = dgᵀx, dW_up = duᵀx.
     """
 
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down):
+    def forward(ctx, x, w_gate, w_up, w_down, dtype: torch.dtype | None = None):
+        ctx.dtype = dtype
+        weights = (w_gate, w_up, w_down)
+        if dtype is not None:
+            w_gate, w_up, w_down = w_gate.to(dtype), w_up.to(dtype), w_down.to(dtype)
         g, u = F.linear(x, w_gate), F.linear(x, w_up)
-        ctx.save_for_backward(x, g, u, w_gate, w_up, w_down)
+        ctx.save_for_backward(x, g, u, *weights)
         return F.linear(F.silu(g) * u, w_down)
 
     @staticmethod
     def backward(ctx, dy):
         x, g, u, w_gate, w_up, w_down = ctx.saved_tensors
-        need_x, need_gate, need_up, need_down = ctx.needs_input_grad
+        out_dtype = w_gate.dtype
+        if ctx.dtype is not None:
+            w_gate, w_up, w_down = w_gate.to(ctx.dtype), w_up.to(ctx.dtype), w_down.to(ctx.dtype)
+        need_x, need_gate, need_up, need_down = ctx.needs_input_grad[:4]
         s = torch.sigmoid(g)
         a = g * s
         flat_dy = dy.reshape(-1, dy.shape[-1])
-        d_down = flat_dy.t().mm((a * u).reshape(-1, u.shape[-1])) if need_down else None
+        d_down = flat_dy.t().mm((a * u).reshape(-1, u.shape[-1])).to(out_dtype) if need_down else None
         dh = F.linear(dy, w_down.t())
         du = dh * a
         del a
         dg = s.neg().add_(1).mul_(g).add_(1).mul_(s).mul_(u).mul_(dh)  # dh·u·s·(1 + g(1 − s))
         del s, dh
         flat_x = x.reshape(-1, x.shape[-1])
-        d_gate = dg.reshape(-1, dg.shape[-1]).t().mm(flat_x) if need_gate else None
-        d_up = du.reshape(-1, du.shape[-1]).t().mm(flat_x) if need_up else None
+        d_gate = dg.reshape(-1, dg.shape[-1]).t().mm(flat_x).to(out_dtype) if need_gate else None
+        d_up = du.reshape(-1, du.shape[-1]).t().mm(flat_x).to(out_dtype) if need_up else None
         dx = torch.matmul(dg, w_gate).add_(torch.matmul(du, w_up)) if need_x else None
-        return dx, d_gate, d_up, d_down
+        return dx, d_gate, d_up, d_down, None
 
 
 def _autocasting(x: torch.Tensor) -> bool:
@@ -113,12 +122,12 @@ def _lean_mlp_forward(self, x):
     weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
     if not _autocasting(x):
         return _SwiGLU.apply(x, *weights)
-    # What autocast does to the module's three linears, made explicit: inputs and weights cast to the autocast
-    # dtype (the casts are differentiable, so the float32 weights get float32 gradients), everything in it.
+    # What autocast does to the module's three linears, made explicit: the input and the weights cast to the
+    # autocast dtype, everything in it; the float32 weights get float32 gradients.
     device = x.device.type
     dtype = torch.get_autocast_dtype(device)
     with torch.autocast(device, enabled=False):
-        return _SwiGLU.apply(x.to(dtype), *(w.to(dtype) for w in weights))
+        return _SwiGLU.apply(x.to(dtype), *weights, dtype)
 
 
 def _plain_linear(module) -> bool:
