@@ -439,6 +439,8 @@ def main() -> None:
     results: dict[tuple[str, str], list[dict]] = {}
     started = time.time()
     command = f"python benchmarks/compare_trl.py {' '.join(sys.argv[1:])}".rstrip()
+    if os.environ.get("POSTTRAIN_BENCH_OPTIONS"):  # the A/B options of posttrain's runs belong to the command
+        command = f"POSTTRAIN_BENCH_OPTIONS='{os.environ['POSTTRAIN_BENCH_OPTIONS']}' {command}"
     machine = describe_machine(setup.DEVICE, peaks)
     store = os.path.splitext(opts.out)[0] + ".json"
     stored = {}
