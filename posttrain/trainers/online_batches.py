@@ -85,8 +85,7 @@ class RolloutBatches:
         totals = torch.stack([torch.stack([sum(c[u] for c in step) for u in units]) for step in local])
         if args.world_size > 1 and self.model.training:
             totals = self.accelerator.reduce(totals, reduction="sum")
-        straddles = self.model.training and args.steps_per_generation % args.gradient_accumulation_steps != 0
-        if straddles:
+        if self.model.training and args.steps_per_generation % args.gradient_accumulation_steps != 0:
             cycle = args.steps_per_generation * args.num_iterations
             totals = totals.sum(0, keepdim=True).expand(len(steps), -1) * args.gradient_accumulation_steps / cycle
         for step, counts, total in zip(steps, local, totals):
