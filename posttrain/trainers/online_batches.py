@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from posttrain.losses.reduce import local_reduce, reduce_terms
+from posttrain.losses.reduce import global_sum_reduce, local_reduce
 from posttrain.rollout.types import Rollout
 from posttrain.trainers.slices import token_slices
 
@@ -103,4 +103,4 @@ class RolloutBatches:
             own = inputs.get("local_items") or self.count_items(inputs)
             return local_reduce(terms, own[unit], self.args.gradient_accumulation_steps)
         processes = self.accelerator.num_processes if "num_items" in inputs else 1
-        return reduce_terms(terms, counts[unit].clamp(min=1), processes)
+        return global_sum_reduce(terms, counts[unit].clamp(min=1), processes)
