@@ -129,30 +129,24 @@ class OnlineDPOTrainer(OnlineTrainer):
         weight = inputs["pair_weight"][:half]
         per_pair = torch.where(weight > 0, per_pair * weight, torch.zeros_like(per_pair))
         loss = self.reduce_loss(per_pair, "pair", inputs)
-        self._record_step_metrics(policy.detach(), ref, inputs, beta, weight, extra)
+        with torch.no_grad():  # TRL's Online DPO metrics: objective/* over every completion, the rest over ranked pairs
+            policy = policy.detach()
+            kl = policy - ref  # Σ_t (log π − log π_ref) per completion
+            non_score = -beta * kl
+            self.record_metrics({"objective/kl": kl.mean(), "objective/entropy": -policy.mean(),
+                                 "objective/non_score_reward": non_score.mean(),
+                                 "objective/rlhf_reward": (inputs["scores"] + non_score).nanmean(), "beta": beta},
+                                weight=policy.shape[0])
+            ranked = weight > 0
+            if ranked.any():
+                chosen, rejected = beta * kl[:half][ranked], beta * kl[half:][ranked]
+                self.record_metrics({"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+                                     "rewards/accuracies": (chosen > rejected).float().mean(),
+                                     "rewards/margins": (chosen - rejected).mean(),
+                                     "logps/chosen": policy[:half][ranked].mean(),
+                                     "logps/rejected": policy[half:][ranked].mean(), **extra},
+                                    weight=float(ranked.sum()))
         return (loss, {}) if return_outputs else loss
-
-    @torch.no_grad()
-    def _record_step_metrics(self, policy, ref, inputs, beta, weight, extra) -> None:
-        """TRL's Online DPO metrics: objective/* over every completion, rewards/* and logps/* over ranked pairs."""
-        kl = policy - ref  # Σ_t (log π − log π_ref) per completion
-        non_score = -beta * kl
-        scores = inputs["scores"]
-        self.record_metrics({"objective/kl": kl.mean(), "objective/entropy": -policy.mean(),
-                             "objective/non_score_reward": non_score.mean(),
-                             "objective/rlhf_reward": (scores + non_score).nanmean(), "beta": beta},
-                            weight=policy.shape[0])
-        ranked = weight > 0
-        if not ranked.any():
-            return
-        half = policy.shape[0] // 2
-        chosen, rejected = beta * kl[:half][ranked], beta * kl[half:][ranked]
-        self.record_metrics({"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-                             "rewards/accuracies": (chosen > rejected).float().mean(),
-                             "rewards/margins": (chosen - rejected).mean(),
-                             "logps/chosen": policy[:half][ranked].mean(),
-                             "logps/rejected": policy[half:][ranked].mean(), **extra},
-                            weight=float(ranked.sum()))
 
 
 def _chosen_first(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
