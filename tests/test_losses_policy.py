@@ -22,7 +22,7 @@ from posttrain.losses.policy import (
     vespo,
     vespo_weights,
 )
-from posttrain.losses.reduce import local_reduce, reduce_terms
+from posttrain.losses.reduce import global_sum_reduce, local_reduce
 from posttrain.losses.value import clipped_value_loss, ppo_policy_loss
 
 
@@ -196,10 +196,10 @@ def test_loss_terms_hand_values():
     for loss_type in ("bnpo", "dapo", "cispo"):
         terms, unit = loss_terms(PER_TOKEN, MASK, loss_type)
         assert unit == "token" and float(terms.sum()) == 10.0                   # masked ℓ, Σ = 10
-    close(reduce_terms(loss_terms(PER_TOKEN, MASK, "grpo")[0], 2), 3.0)        # mean of (2, 4)
-    close(reduce_terms(loss_terms(PER_TOKEN, MASK, "bnpo")[0], 4), 2.5)        # 10 / 4
-    close(reduce_terms(loss_terms(PER_TOKEN, MASK, "dr_grpo", max_completion_length=4)[0], 2), 1.25)  # 10/(2·4)
-    close(reduce_terms(loss_terms(PER_TOKEN, MASK, "cispo")[0], torch.tensor(8.0), 2), 2.5)  # 10·2/8
+    close(global_sum_reduce(loss_terms(PER_TOKEN, MASK, "grpo")[0], 2), 3.0)        # mean of (2, 4)
+    close(global_sum_reduce(loss_terms(PER_TOKEN, MASK, "bnpo")[0], 4), 2.5)        # 10 / 4
+    close(global_sum_reduce(loss_terms(PER_TOKEN, MASK, "dr_grpo", max_completion_length=4)[0], 2), 1.25)  # 10/(2·4)
+    close(global_sum_reduce(loss_terms(PER_TOKEN, MASK, "cispo")[0], torch.tensor(8.0), 2), 2.5)  # 10·2/8
     close(local_reduce(loss_terms(PER_TOKEN, MASK, "bnpo")[0], 4, 2), 1.25)   # 10 / 4 / GA 2
     assert set(LOSS_UNITS) == set(GRPO_LOSS_TYPES)
     with pytest.raises(ValueError, match="max_completion_length"):
@@ -224,8 +224,8 @@ def _split_loss(x, mask, loss_type, processes, accumulation, local=False):
             own = mask[piece].sum() if unit == "token" else rows
             total = total + local_reduce(terms, own, accumulation) / processes
         else:
-            total = total + reduce_terms(terms, count, processes) / processes
-    return total, reduce_terms(terms_all, count)
+            total = total + global_sum_reduce(terms, count, processes) / processes
+    return total, global_sum_reduce(terms_all, count)
 
 
 @pytest.mark.parametrize("loss_type", GRPO_LOSS_TYPES)
@@ -368,7 +368,7 @@ def test_luspo_sums_each_sequence_then_averages_sequences():
     terms, unit = loss_terms(per_token, mask, "luspo")
     close(terms, [6.0, 4.0])
     assert unit == "sequence"
-    close(reduce_terms(terms, 2), 5.0)
+    close(global_sum_reduce(terms, 2), 5.0)
     assert POLICY_LOSSES["luspo"] is grpo
     # on-policy with the sequence ratio: ℓ_t = −A on each token ⇒ term −n·A; gradient ∂/∂logπ_s = −A (n tokens,
     # each ∂r/∂logπ_s = 1/n, times n rows' worth of −A·r summed): −A·n·(1/n) = −A per token

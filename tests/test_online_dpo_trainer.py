@@ -128,8 +128,8 @@ def test_missing_eos_penalty_and_bad_values(tmp_path):
     rollout = Rollout(prompt_ids=torch.tensor([[7], [7]]), prompt_mask=torch.ones(2, 1, dtype=torch.long),
                       completion_ids=torch.tensor([[5, eos], [5, 6]]), completion_mask=torch.ones(2, 2),
                       is_truncated=torch.tensor([False, True]), scores=torch.tensor([3.0, 3.0]))
-    scores = trainer._scores(rollout)
-    assert scores.tolist() == [3.0, 1.0]
+    trainer.training_batches(rollout)
+    assert rollout.advantages.tolist() == [3.0, 1.0]  # the scores after the penalty (the completions table's column)
     for kwargs, pattern in (({"num_generations": 4}, "num_generations must be 2"),
                             ({"loss_type": "hinge"}, "Unknown loss_type 'hinge' for Online DPO; choose one of"),
                             ({"per_device_train_batch_size": 3}, "must be even"),

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.models.builtin import builtin_model_path
 from posttrain.rollout import hf
-from posttrain.rollout.client import ServerUnreachableError, VLLMServerClient, server_url, weight_chunks
+from posttrain.rollout.client import ServerUnreachableError, VLLMServerClient, weight_chunks
 from posttrain.rollout.engine import sampling_options
 from posttrain.rollout.server import GenerationServer, ServeError, build_engine
 
@@ -143,7 +143,7 @@ def _free_port() -> int:
 
 def test_unreachable_server_is_one_clear_line(capsys, tmp_path):
     port = _free_port()
-    url = server_url(None, "127.0.0.1", port)
+    url = f"http://127.0.0.1:{port}"
     with pytest.raises(ServerUnreachableError) as info:
         VLLMServerClient(url, timeout=0.3, model_name=MODEL)
     message = str(info.value)
@@ -182,7 +182,7 @@ def test_cli_serves_until_stopped():
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        client = VLLMServerClient(server_url(None, "127.0.0.1", port), timeout=120)
+        client = VLLMServerClient(f"http://127.0.0.1:{port}", timeout=120)
         assert client.info["backend"] == "transformers"
         assert len(client.sample([[5, 6]], [2], 3, {"temperature": 0.0})[0]) == 2
     finally:

@@ -53,17 +53,15 @@ def translate_ppo_config_options(kwargs: dict[str, Any]) -> None:
 
 def translate_ppo_trainer_arguments(name: str, args, train_dataset, kwargs: dict[str, Any]):
     """Older PPOTrainer keywords: config= → args=, dataset= → train_dataset=, data_collator= (not used)."""
-    if "config" in kwargs:
-        deprecated(f"{name}(config=...) is deprecated; use {name}(args=...).")
-        config = kwargs.pop("config")
-        args = args if args is not None else config
-    if "dataset" in kwargs:
-        deprecated(f"{name}(dataset=...) is deprecated; use {name}(train_dataset=...).")
-        dataset = kwargs.pop("dataset")
-        train_dataset = train_dataset if train_dataset is not None else dataset
+    given = {"args": args, "train_dataset": train_dataset}
+    for old, new in (("config", "args"), ("dataset", "train_dataset")):
+        if old in kwargs:
+            deprecated(f"{name}({old}=...) is deprecated; use {name}({new}=...).")
+            value = kwargs.pop(old)
+            given[new] = given[new] if given[new] is not None else value  # the modern keyword wins
     if kwargs.pop("data_collator", None) is not None:
         deprecated(f"{name} builds its batches from the prompts it samples; data_collator is ignored.")
-    return args, train_dataset
+    return given["args"], given["train_dataset"]
 
 
 def prompts_from_older_columns(dataset, tokenizer):

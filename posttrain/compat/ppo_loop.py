@@ -43,7 +43,6 @@ from torch.utils.data import DataLoader
 from posttrain.compat import deprecated
 from posttrain.errors import UserError
 from posttrain.rollout.hf import _eos_ids, left_pad, rollout_after_eos
-from posttrain.rollout.types import Rollout
 
 LOOP_API = ("dataloader", "generate", "step", "log_stats")
 
@@ -134,8 +133,12 @@ class PPOLoopAdapter:
         model = self._loop_model
         self.trainer.model.train()
         before = {key: list(value) for key, value in self.trainer._metrics["train"].items()}
-        rollout = self._loop_rollout(queries, responses)
-        rollout.scores = scores.to(rollout.completion_ids.device)
+        # the rollout laid out as generation lays it out: prompts left-padded, completions cut after their first EOS
+        tok, policy = self.trainer.processing_class, self.trainer.accelerator.unwrap_model(self.trainer.model)
+        prompt_ids, prompt_mask = left_pad([q.tolist() for q in queries], tok.pad_token_id)
+        rollout = rollout_after_eos(prompt_ids.to(args.device), prompt_mask.to(args.device),
+                                    [r.detach().cpu() for r in responses], _eos_ids(policy, tok), tok.pad_token_id)
+        rollout.prompts, rollout.scores = [None] * len(responses), scores.to(args.device)
         self.trainer.add_logps(rollout)
         steps = self.trainer.with_item_counts(self.trainer.training_batches(rollout))
         self.trainer.add_tokens_seen(rollout.attention_mask.sum())
@@ -173,17 +176,6 @@ class PPOLoopAdapter:
                 raise UserError(f"step(): scores[{i}] is {score.item()}; scores must be finite.")
             values.append(score.reshape(()))
         return torch.stack(values)
-
-    def _loop_rollout(self, queries, responses) -> Rollout:
-        """The rollout laid out as generation lays it out: prompts left-padded (N, P), completions right-padded
-        (N, C) and cut after their first EOS; is_truncated (N,): no EOS."""
-        tok, device = self.trainer.processing_class, self.trainer.args.device
-        policy = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        prompt_ids, prompt_mask = left_pad([q.tolist() for q in queries], tok.pad_token_id)
-        rollout = rollout_after_eos(prompt_ids.to(device), prompt_mask.to(device),
-                                    [r.detach().cpu() for r in responses], _eos_ids(policy, tok), tok.pad_token_id)
-        rollout.prompts = [None] * len(responses)
-        return rollout
 
     @functools.cached_property
     def _loop_model(self) -> torch.nn.Module:

@@ -109,12 +109,10 @@ class OnlineConfig(PostTrainConfig):
 @posttrain_config
 @dataclass
 class GroupRolloutConfig(OnlineConfig):
-    """What GRPO, RLOO and online DPO share beyond the rollout: a generation batch of whole groups, reused for
-    num_iterations passes over steps_per_generation micro-steps, and TR-DPO reference sync.
-
-    Batching: each optimizer micro-step trains on `per_device_train_batch_size` completions; a generation batch of
-    `per_device_train_batch_size × steps_per_generation` completions (unique prompts × num_generations) is sampled
-    at once and reused for `num_iterations` passes."""
+    """What GRPO, RLOO and online DPO share beyond the rollout: TR-DPO reference sync, and the batching — each
+    optimizer micro-step trains on `per_device_train_batch_size` completions; a generation batch of
+    `per_device_train_batch_size × steps_per_generation` completions (whole groups: unique prompts × num_generations)
+    is sampled at once and reused for `num_iterations` passes."""
 
     steps_per_generation: int | None = field(default=None, metadata={"help": "Micro-steps trained per generation "
                                              "batch (default: gradient_accumulation_steps, raised if needed so the "

@@ -262,7 +262,7 @@ def loss_terms(per_token: Tensor, mask: Tensor, loss_type: str,
       Σ mℓ / (B · L));
     * bnpo, dapo, cispo, vespo: terms (B, T) = mℓ; unit "token" (one normaliser: the token count).
 
-    Args: per_token, mask (B, T). Which normaliser makes the sum a mean: `losses.reduce.reduce_terms`."""
+    Args: per_token, mask (B, T). Which normaliser makes the sum a mean: `losses.reduce.global_sum_reduce`."""
     if loss_type not in LOSS_UNITS:
         raise UserError(f"Unknown loss_type {loss_type!r}; choose from: {', '.join(LOSS_UNITS)}.")
     m = mask.to(per_token.dtype)

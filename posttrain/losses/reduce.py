@@ -7,7 +7,7 @@ number of processes because DDP averages gradients across them.
 
 The contract every trainer follows: a loss function returns unreduced per-item terms and their unit (token,
 sequence, pair, example); the trainer counts each unit once per optimizer step over all micro-batches and processes
-and reduces with `reduce_terms`. The one exception is a parity switch that reproduces a TRL normalisation that is
+and reduces with `global_sum_reduce`. The one exception is a parity switch that reproduces a TRL normalisation that is
 local to a micro-batch (`local_reduce`).
 
 Not here: how N_global is counted (the trainers' base classes: `count_loss_items`, `trainers/online_batches.py`).
@@ -25,9 +25,6 @@ def global_sum_reduce(loss: torch.Tensor, num_items: torch.Tensor | float, num_p
     num_processes: data-parallel world size (DDP averages gradients, so this undoes the average).
     """
     return loss.sum() * num_processes / num_items
-
-
-reduce_terms = global_sum_reduce  # the name the online trainers use: Σ terms · P / N_global(unit)
 
 
 def local_reduce(terms: torch.Tensor, local_count: torch.Tensor | float, accumulation_steps: int) -> torch.Tensor:

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.losses.policy import _masked_mean, grpo
-
-Tensor = torch.Tensor
-Metrics = dict[str, Tensor]
+from posttrain.losses.policy import Metrics, Tensor, _masked_mean, grpo
 
 
 def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,

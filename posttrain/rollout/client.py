@@ -32,11 +32,6 @@ class ServerUnreachableError(UserError, ConnectionError):
     """No generation server answered at the configured address (one line: the URL and how to start one)."""
 
 
-def server_url(base_url: str | None, host: str, port: int) -> str:
-    """vllm_server_base_url when set, else http://host:port."""
-    return (base_url or f"http://{host}:{port}").rstrip("/")
-
-
 class VLLMServerClient(EngineBackend):
     """Talks to a generation server; waits up to `timeout` seconds for it to come up (`/health`).
 

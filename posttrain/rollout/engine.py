@@ -37,12 +37,11 @@ def vllm_backend(args, accelerator, model_name: str):
     """colocate: a vLLM engine in this process (vllm is imported there and nowhere else); server: a client of
     `posttrain vllm-serve`, whose main process sends the weights (the trainer needs no vllm then)."""
     if args.vllm_mode == "server":
-        from posttrain.rollout.client import VLLMServerClient, server_url
+        from posttrain.rollout.client import VLLMServerClient
 
-        client = VLLMServerClient(server_url(args.vllm_server_base_url, args.vllm_server_host,
-                                             args.vllm_server_port),
-                                  args.vllm_server_timeout, accelerator.is_main_process, accelerator.wait_for_everyone,
-                                  model_name)
+        url = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
+        client = VLLMServerClient(url, args.vllm_server_timeout, accelerator.is_main_process,
+                                  accelerator.wait_for_everyone, model_name)
         client.structured_outputs_regex = args.vllm_structured_outputs_regex
         return client
     from posttrain.rollout.vllm import VLLMColocate

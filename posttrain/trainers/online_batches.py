@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from posttrain.losses.reduce import local_reduce, reduce_terms
+from posttrain.losses.reduce import global_sum_reduce, local_reduce
 from posttrain.rollout.types import Rollout
 from posttrain.trainers.slices import token_slices
 
@@ -85,8 +85,7 @@ class RolloutBatches:
         totals = torch.stack([torch.stack([sum(c[u] for c in step) for u in units]) for step in local])
         if args.world_size > 1 and self.model.training:
             totals = self.accelerator.reduce(totals, reduction="sum")
-        straddles = self.model.training and args.steps_per_generation % args.gradient_accumulation_steps != 0
-        if straddles:
+        if self.model.training and args.steps_per_generation % args.gradient_accumulation_steps != 0:
             cycle = args.steps_per_generation * args.num_iterations
             totals = totals.sum(0, keepdim=True).expand(len(steps), -1) * args.gradient_accumulation_steps / cycle
         for step, counts, total in zip(steps, local, totals):
@@ -104,4 +103,4 @@ class RolloutBatches:
             own = inputs.get("local_items") or self.count_items(inputs)
             return local_reduce(terms, own[unit], self.args.gradient_accumulation_steps)
         processes = self.accelerator.num_processes if "num_items" in inputs else 1
-        return reduce_terms(terms, counts[unit].clamp(min=1), processes)
+        return global_sum_reduce(terms, counts[unit].clamp(min=1), processes)

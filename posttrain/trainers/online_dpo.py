@@ -89,33 +89,25 @@ class OnlineDPOTrainer(OnlineTrainer):
         """Rank each pair by its scores (the weighted reward sum, minus `missing_eos_penalty` without EOS), then
         shuffle whole pairs into micro-batches laid out [chosen rows; rejected rows], each with `pair_weight` on its
         chosen rows (1 for a pair that enters the loss, 0 when tied; 0 on rejected rows, so it sums to the pairs)."""
-        scores = self._scores(rollout)
+        scores, truncated = rollout.scores, rollout.is_truncated  # truncated: no EOS (the tokenizer's or the config's)
+        if self.args.missing_eos_penalty is not None:
+            scores = scores - self.args.missing_eos_penalty * truncated.to(scores.dtype)
+        pairs = scores.view(-1, 2)
+        known = ~pairs.isnan().any(-1)
+        self.record_metrics({
+            "objective/scores": scores.nanmean(),
+            "objective/scores_margin": (pairs[known, 0] - pairs[known, 1]).abs().mean() if known.any() else 0.0,
+            "val/contain_eos_token": (~truncated).float().mean(),
+            "frac_tied_pairs": (~_decided(pairs)).float().mean(),
+        })
         rollout.advantages = scores  # the completions table shows the score
         batch = {**self.rollout_tensors(rollout), "scores": scores}
-        pairs = scores.view(-1, 2)
         second_wins = (pairs[:, 1] > pairs[:, 0]).long()
         first = torch.arange(pairs.shape[0], device=scores.device) * 2
         chosen, rejected = first + second_wins, first + 1 - second_wins
         ranked = {**{k: v[torch.stack([chosen, rejected], 1).reshape(-1)] for k, v in batch.items()},
                   "pair_weight": torch.stack([_decided(pairs).float(), torch.zeros_like(scores[0::2])], 1).reshape(-1)}
         return self.cycle([_chosen_first(part) for part in self.split(ranked, group=2)])
-
-    def _scores(self, rollout: Rollout) -> torch.Tensor:
-        """(N,) each completion's score, with the objective/* metrics of the rollout."""
-        scores = rollout.scores
-        contains_eos = ~rollout.is_truncated  # ended with an EOS (the tokenizer's or the generation config's)
-        if self.args.missing_eos_penalty is not None:
-            scores = scores - self.args.missing_eos_penalty * (~contains_eos).to(scores.dtype)
-        pairs = scores.view(-1, 2)
-        known = ~pairs.isnan().any(-1)
-        self.record_metrics({
-            "objective/scores": scores.nanmean(),
-            "objective/scores_margin": (pairs[known].max(-1).values - pairs[known].min(-1).values).mean()
-            if known.any() else 0.0,
-            "val/contain_eos_token": contains_eos.float().mean(),
-            "frac_tied_pairs": (~_decided(pairs)).float().mean(),
-        })
-        return scores
 
     # ---- loss ------------------------------------------------------------------------------------------------
     logps_at_sampling_temperature = False  # DPO's implicit reward compares the model's own (T = 1) distributions
@@ -137,30 +129,24 @@ class OnlineDPOTrainer(OnlineTrainer):
         weight = inputs["pair_weight"][:half]
         per_pair = torch.where(weight > 0, per_pair * weight, torch.zeros_like(per_pair))
         loss = self.reduce_loss(per_pair, "pair", inputs)
-        self._record_step_metrics(policy.detach(), ref, inputs, beta, weight, extra)
+        with torch.no_grad():  # TRL's Online DPO metrics: objective/* over every completion, the rest over ranked pairs
+            policy = policy.detach()
+            kl = policy - ref  # Σ_t (log π − log π_ref) per completion
+            non_score = -beta * kl
+            self.record_metrics({"objective/kl": kl.mean(), "objective/entropy": -policy.mean(),
+                                 "objective/non_score_reward": non_score.mean(),
+                                 "objective/rlhf_reward": (inputs["scores"] + non_score).nanmean(), "beta": beta},
+                                weight=policy.shape[0])
+            ranked = weight > 0
+            if ranked.any():
+                chosen, rejected = beta * kl[:half][ranked], beta * kl[half:][ranked]
+                self.record_metrics({"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+                                     "rewards/accuracies": (chosen > rejected).float().mean(),
+                                     "rewards/margins": (chosen - rejected).mean(),
+                                     "logps/chosen": policy[:half][ranked].mean(),
+                                     "logps/rejected": policy[half:][ranked].mean(), **extra},
+                                    weight=float(ranked.sum()))
         return (loss, {}) if return_outputs else loss
-
-    @torch.no_grad()
-    def _record_step_metrics(self, policy, ref, inputs, beta, weight, extra) -> None:
-        """TRL's Online DPO metrics: objective/* over every completion, rewards/* and logps/* over ranked pairs."""
-        kl = policy - ref  # Σ_t (log π − log π_ref) per completion
-        non_score = -beta * kl
-        scores = inputs["scores"]
-        self.record_metrics({"objective/kl": kl.mean(), "objective/entropy": -policy.mean(),
-                             "objective/non_score_reward": non_score.mean(),
-                             "objective/rlhf_reward": (scores + non_score).nanmean(), "beta": beta},
-                            weight=policy.shape[0])
-        ranked = weight > 0
-        if not ranked.any():
-            return
-        half = policy.shape[0] // 2
-        chosen, rejected = beta * kl[:half][ranked], beta * kl[half:][ranked]
-        self.record_metrics({"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-                             "rewards/accuracies": (chosen > rejected).float().mean(),
-                             "rewards/margins": (chosen - rejected).mean(),
-                             "logps/chosen": policy[:half][ranked].mean(),
-                             "logps/rejected": policy[half:][ranked].mean(), **extra},
-                            weight=float(ranked.sum()))
 
 
 def _chosen_first(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

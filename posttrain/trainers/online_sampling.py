@@ -159,6 +159,4 @@ class RolloutSampling:
 
     def _batched_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N, C) log-probs of the trained completion tokens of every row, a micro-batch at a time."""
-        keys = ("input_ids", "attention_mask", "completion_mask", "image_index")
-        return self.in_micro_batches({k: batch[k] for k in keys if k in batch},
-                                     lambda part: self.completion_logps(model, part)[0])
+        return self.in_micro_batches(batch, lambda part: self.completion_logps(model, part)[0])

@@ -161,8 +161,11 @@ class PPOTrainer(OnlineTrainer):
             scores = scores - args.missing_eos_penalty * truncated.float()
         logps = batch["old_logps"]
         ref_logps = batch.get("ref_logps", logps)
-        with self.phase("values"):
-            values = self._batched_values(container.value_model, batch)
+        with self.phase("values"):  # (N, C): the critic's value of the state before each completion token
+            prompt_len = batch["input_ids"].shape[1] - mask.shape[1]
+            values = self.in_micro_batches(batch, lambda part: token_values(
+                container.value_model, part["input_ids"], part["attention_mask"],
+                positions_from_mask(part["attention_mask"]))[:, prompt_len - 1:-1])
         with self.phase("gae"):
             kl = KL_ESTIMATORS[args.kl_estimator](logps, ref_logps) * m
             non_score = -self.kl_controller.value * kl
@@ -191,14 +194,6 @@ class PPOTrainer(OnlineTrainer):
                 mean_kl = self.accelerator.reduce(mean_kl, reduction="mean")
             self.kl_controller.update(float(mean_kl), scores.shape[0] * self.accelerator.num_processes)
         return batch
-
-    def _batched_values(self, value_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(N, C): the critic's value of the state before each completion token."""
-        prompt_len = batch["input_ids"].shape[1] - batch["completion_mask"].shape[1]
-        return self.in_micro_batches(
-            {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
-            lambda part: token_values(value_model, part["input_ids"], part["attention_mask"],
-                                      positions_from_mask(part["attention_mask"]))[:, prompt_len - 1:-1])
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Adds the KL coefficient, the episode count and the training time."""
