@@ -221,7 +221,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(400, {"error": str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})
         except Exception as e:  # the engine failed: answer, keep serving, log the traceback
             logger.exception("%s %s failed", self.command, self.path)
-            self._reply(500, {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"})
+            self._reply(500, {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"})
 
     do_POST = do_GET
 
