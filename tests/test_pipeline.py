@@ -130,6 +130,11 @@ def _check_outputs(out, names, capsys_out):
     assert versus["stage"] == "sft" and len(by_name["dpo"]["answer_correct"]) == 4
     assert versus["fixed"] + versus["broken"] <= 4 and 0.0 < versus["p_value"] <= 1.0
     assert by_name["sft"]["versus"]["stage"] == "base"
+    sampled = by_name["dpo"]["versus_sampled"]  # each question's mean over its 2 samples, sign test against sft
+    assert sampled["stage"] == "sft" and sampled["fixed"] + sampled["broken"] <= 4 and 0.0 < sampled["p_value"] <= 1.0
+    assert len(by_name["dpo"]["sampled_scores"]) == 4 and set(by_name["dpo"]["sampled_scores"]) <= {0.0, 0.5, 1.0}
+    assert (by_name["dpo"]["sampled_accuracy"]
+            == pytest.approx(sum(by_name["dpo"]["sampled_scores"]) / 4))  # accuracy_reward scores every answer
     assert by_name["base"]["drift_kl"] == 0.0 and by_name["dpo"]["drift_prompts"] == 6  # KL from the start model
     sft_drift, stderr = by_name["sft"]["drift_kl"], by_name["sft"]["drift_kl_stderr"]  # 2 steps: a small KL whose
     assert stderr > 0 and abs(sft_drift) < 5 * stderr + 0.05  # Monte-Carlo estimate may land just below 0
@@ -141,6 +146,8 @@ def _check_outputs(out, names, capsys_out):
     assert "4 held-out prompts of `posttrain/arith-prompts`" in held_out and "scored by `accuracy_reward`" in held_out
     assert (f"against its start model (stage `sft`), question by question: {versus['fixed']} fixed, "
             f"{versus['broken']} broken") in held_out and "6 prompts of `posttrain/chat-prompts`" in held_out
+    assert (f"sampled (T = 1, 2 per question): accuracy {by_name['dpo']['sampled_accuracy']:.3f}; against its start "
+            f"model, questions scored higher {sampled['fixed']}, lower {sampled['broken']}, sign test") in held_out
     assert "posttrain pipeline " in held_out and "--from dpo" in held_out
     page = (out / "report.html").read_text()
     assert all(f'href="{name}/report.html"' in page for name in names)
@@ -153,6 +160,7 @@ def _check_outputs(out, names, capsys_out):
     assert "stage" in capsys_out and "answer acc" in capsys_out and "key metric" in capsys_out  # closing table
     assert "sampled acc" in capsys_out and "sampled (T=1, 2 per prompt)" in capsys_out
     assert "vs sft: +" in capsys_out and "McNemar p" in capsys_out and "KL from start" in capsys_out
+    assert "sampled vs sft: +" in capsys_out and " higher / −" in capsys_out and "sign test p" in capsys_out
     return by_name
 
 

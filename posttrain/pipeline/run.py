@@ -70,8 +70,12 @@ def answer_accuracy(model, tokenizer, prompts, evaluation: dict[str, Any]) -> di
         sampled = generation_accuracy(model, tokenizer, prompts, max_new_tokens=int(evaluation["max_new_tokens"]),
                                       batch_size=int(evaluation["batch_size"]), temperature=temperature,
                                       num_samples=samples, dtype=dtype)
+        # each question's mean score over its samples: the sampled side of the paired comparison
+        per_question = [[x for x in sampled["scores"][i:i + samples] if x is not None]
+                        for i in range(0, len(sampled["scores"]), samples)]
         record.update(sampled_accuracy=sampled["accuracy"], samples_per_prompt=samples,
-                      sampling_temperature=temperature)
+                      sampling_temperature=temperature,
+                      sampled_scores=[round(sum(q) / len(q), 4) if q else 0.0 for q in per_question])
     return record
 
 
@@ -134,17 +138,25 @@ def measure_drift(model, tokenizer, reference: dict[str, Any] | None) -> dict[st
 
 def compare_with_start(record: dict[str, Any], records: list[dict[str, Any]]) -> None:
     """Add "versus": the stage's greedy results question by question against the model it started from (fixed,
-    broken, McNemar p), when that model was evaluated on the same questions earlier in this pipeline."""
+    broken, McNemar p), when that model was evaluated on the same questions earlier in this pipeline; and
+    "versus_sampled": the same for each question's mean score over its samples (the sign test), when both were
+    sampled alike."""
     from posttrain.evaluation import paired_comparison
 
     start, after = record.get("model_from"), record.get("answer_correct")
     earlier = [r for r in records
                if r.get("output_dir") == start or (r["name"] == "base" and r.get("model_from") == start)]
-    before = earlier[-1].get("answer_correct") if earlier else None
-    if not after or not before or len(before) != len(after):
-        return  # the start model was not evaluated here (or on other questions)
-    comparison = paired_comparison([c == "1" for c in before], [c == "1" for c in after])
-    record["versus"] = {"stage": earlier[-1]["name"], **comparison}
+    if not earlier:
+        return  # the start model was not evaluated here
+    first = earlier[-1]
+    before = first.get("answer_correct")
+    if after and before and len(before) == len(after):  # else evaluated on other questions
+        comparison = paired_comparison([c == "1" for c in before], [c == "1" for c in after])
+        record["versus"] = {"stage": first["name"], **comparison}
+    before, after = first.get("sampled_scores"), record.get("sampled_scores")
+    alike = all(first.get(k) == record.get(k) for k in ("samples_per_prompt", "sampling_temperature"))
+    if after and before and len(before) == len(after) and alike:
+        record["versus_sampled"] = {"stage": first["name"], **paired_comparison(before, after)}
 
 
 def card_evaluation(stage: Stage, pipeline: spec.Pipeline, record: dict[str, Any]) -> list[str]:
@@ -159,6 +171,12 @@ def card_evaluation(stage: Stage, pipeline: spec.Pipeline, record: dict[str, Any
     if comparison:
         lines.append(f"- against its start model (stage `{comparison['stage']}`), question by question: "
                      f"{comparison['fixed']} fixed, {comparison['broken']} broken, exact McNemar "
+                     f"p = {comparison['p_value']:.2g}")
+    comparison = record.get("versus_sampled")
+    if comparison:
+        lines.append(f"- sampled (T = {record['sampling_temperature']:g}, {record['samples_per_prompt']} per "
+                     f"question): accuracy {record['sampled_accuracy']:.3f}; against its start model, questions "
+                     f"scored higher {comparison['fixed']}, lower {comparison['broken']}, sign test "
                      f"p = {comparison['p_value']:.2g}")
     if record.get("drift_kl") is not None:
         lines.append(f"- outside the task: KL(starting model ‖ this model) = {record['drift_kl']:.2f} ± "

@@ -7,7 +7,8 @@
       num_prompts: 200
       max_new_tokens: 32
       base: true
-      samples_per_prompt: 4                    # also sampled accuracy (4 per prompt at sampling_temperature)
+      samples_per_prompt: 4                    # also sampled accuracy (4 per prompt at sampling_temperature),
+                                               # each question's mean against the start model's (sign test)
       drift_dataset: posttrain/chat-prompts    # also KL(starting model ‖ stage) on 200 prompts outside the task
     defaults: {report_to: none}                # applied to every stage (a stage's own keys win)
     stages:

@@ -52,6 +52,8 @@ def describe(record: dict[str, Any]) -> str:
                      f"{record['samples_per_prompt']} per prompt)")
     if record.get("versus"):
         parts.append(f"vs {versus(record['versus'])}")
+    if record.get("versus_sampled"):
+        parts.append(f"sampled vs {versus(record['versus_sampled'], SAMPLED_WORDS)}")
     if record.get("drift_kl") is not None:
         parts.append(f"KL from start {record['drift_kl']:.2f} ± {record['drift_kl_stderr']:.2f} nats/answer "
                      f"({record['drift_prompts']} other chat prompts)")
@@ -63,14 +65,16 @@ def describe(record: dict[str, Any]) -> str:
     return " · ".join(parts) or "no figures"
 
 
-def versus(comparison: dict[str, Any]) -> str:
-    """'sft: +31 right / −9 wrong (p=0.0007)': the questions this stage fixed and broke against its start model."""
-    return (f"{comparison['stage']}: +{comparison['fixed']} right / −{comparison['broken']} wrong "
+def versus(comparison: dict[str, Any], words: tuple[str, str] = ("right", "wrong")) -> str:
+    """'sft: +31 right / −9 wrong (p=0.0007)': the questions this stage fixed and broke against its start model
+    (sampled scores: `words` ("higher", "lower"))."""
+    return (f"{comparison['stage']}: +{comparison['fixed']} {words[0]} / −{comparison['broken']} {words[1]} "
             f"(p={comparison['p_value']:.2g})")
 
 
-COLUMNS = ("stage", "command", "time", "answer acc", "sampled acc", "vs start (greedy, McNemar p)", "KL from start",
-           "key metric")
+SAMPLED_WORDS = ("higher", "lower")  # a question's mean score over its samples went up / down
+COLUMNS = ("stage", "command", "time", "answer acc", "sampled acc", "vs start (greedy, McNemar p)",
+           "vs start (sampled, sign test p)", "KL from start", "key metric")
 
 
 def _row(record: dict[str, Any]) -> list[str]:
@@ -80,6 +84,7 @@ def _row(record: dict[str, Any]) -> list[str]:
             f"{record['answer_accuracy']:.3f}" if record.get("answer_accuracy") is not None else "—",
             f"{record['sampled_accuracy']:.3f}" if record.get("sampled_accuracy") is not None else "—",
             versus(record["versus"]) if record.get("versus") else "—",
+            versus(record["versus_sampled"], SAMPLED_WORDS) if record.get("versus_sampled") else "—",
             f"{record['drift_kl']:.2f}" if record.get("drift_kl") is not None else "—",
             f"{key['label']} {fmt(key['first'])} → {fmt(key['last'])}" if key else "—"]
 
