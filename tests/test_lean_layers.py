@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from posttrain.models.lean_layers import _RMSNorm, _SwiGLU, apply_lean_layers, remove_lean_layers
+from posttrain.models.lean_layers import _CastLinear, _RMSNorm, _SwiGLU, apply_lean_layers, remove_lean_layers
 
 
 def _loss_and_grads(model, ids):
@@ -26,14 +26,15 @@ def test_same_loss_and_gradients(name):
     loss, grads = _loss_and_grads(model, ids)
     counts = apply_lean_layers(model)
     layers = model.config.num_hidden_layers
-    assert counts == {"rms_norm": 2 * layers + 1, "swiglu_mlp": layers}
+    # the other plain linears: q, k, v, o per layer (Qwen2's q/k/v with their biases) and the LM head
+    assert counts == {"rms_norm": 2 * layers + 1, "swiglu_mlp": layers, "linear": 4 * layers + 1}
     lean_loss, lean_grads = _loss_and_grads(model, ids)
     assert torch.allclose(lean_loss, loss, rtol=1e-12, atol=0)
     assert grads.keys() == lean_grads.keys()
     for key in grads:  # the norms compute in float32 (as transformers' do): equal to float32 rounding
         scale = grads[key].abs().max()
         assert (lean_grads[key] - grads[key]).abs().max() <= 1e-6 * scale, key
-    assert apply_lean_layers(model) == {"rms_norm": 0, "swiglu_mlp": 0}  # idempotent
+    assert apply_lean_layers(model) == {"rms_norm": 0, "swiglu_mlp": 0, "linear": 0}  # idempotent
     remove_lean_layers(model)
     assert "forward" not in vars(model.model.norm)
 
@@ -90,6 +91,55 @@ def test_autocast_mlp_casts_weights_inside_and_keeps_none():
     want = torch.autograd.grad(ref_y, [x, *weights], g)
     assert torch.equal(y, ref_y)
     assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_cast_linear_is_the_autocast_linear_without_the_kept_copy(bias):
+    """_CastLinear = F.linear on weights cast outside (what autocast does), bit for bit, forward and backward, and
+    keeps the float32 weight for the backward, not its bf16 cast."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8).bfloat16().requires_grad_()
+    weight = torch.randn(6, 8, requires_grad=True)
+    b = torch.randn(6, requires_grad=True) if bias else None
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = _CastLinear.apply(x, weight, b, torch.bfloat16)
+    assert not [t for t in saved if t.dtype == torch.bfloat16 and t.shape == weight.shape]
+    ref = torch.nn.functional.linear(x, weight.bfloat16(), None if b is None else b.bfloat16())
+    g = torch.randn_like(y)
+    inputs = [x, weight] + ([b] if bias else [])
+    got, want = torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g)
+    assert torch.equal(y, ref)
+    assert all(a.dtype == c.dtype and torch.equal(a, c) for a, c in zip(got, want))
+
+
+def test_autocast_model_keeps_no_weight_copies_for_the_backward():
+    """A whole model's forward under autocast with the lean layers: no bf16 copy of any weight matrix is saved for
+    the backward (transformers' own modules save one per linear), and the gradients stay those of autocast."""
+    from posttrain.models.loading import load_pretrained_model
+
+    model = load_pretrained_model("posttrain/tiny-llama")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+
+    def kept_copies():
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        return [t for t in saved if t.dtype == torch.bfloat16 and tuple(t.shape) in shapes], loss.detach(), grads
+
+    plain, loss, grads = kept_copies()
+    assert plain  # autocast keeps the casts
+    apply_lean_layers(model)
+    lean, lean_loss, lean_grads = kept_copies()
+    assert lean == [] and torch.allclose(lean_loss, loss, rtol=1e-2)
+    for key in grads:
+        assert lean_grads[key].dtype == torch.float32
+        assert (lean_grads[key] - grads[key]).norm() <= 0.05 * grads[key].norm(), key
 
 
 def _weight_casts(model, ids, forwards: int) -> int:

@@ -10,11 +10,14 @@ few element-wise passes in the backward. Results and gradients are those of the 
 tests/test_lean_layers.py).
 
 `apply_lean_layers(model)` patches the `forward` of the modules it recognises in place (instance attributes, so
-saving, loading and `state_dict` are unchanged); anything else — LoRA-wrapped or biased projections, other
+saving, loading and `state_dict` are unchanged); anything else — LoRA-wrapped or biased MLP projections, other
 activations, Gemma's (1 + weight) norm — keeps its own forward. Under autocast the MLP casts its input and
-weights to the autocast dtype itself, as autocast would for the three linears. Not under ZeRO-3/FSDP: they
-gather weights in the Linear modules' hooks, which the fused MLP bypasses (`trainers/base.py` does not call it
-there).
+weights to the autocast dtype itself, as autocast would for the three linears, and the other plain linears
+(attention projections, the LM head) do the same through `_CastLinear`: autocast keeps each linear's
+low-precision weight copy from the forward to the backward (all layers' copies at once, ~53 MB of attention
+weights on SmolLM2-135M when its backward starts); these cast again in the backward instead. Not under
+ZeRO-3/FSDP: they gather weights in the Linear modules' hooks, which the fused MLP bypasses (`trainers/base.py`
+does not call it there).
 
 Not here: the LM head and log-softmax (`models/logprobs.py`), full gradient checkpointing (transformers).
 """
@@ -102,6 +105,32 @@ class _SwiGLU(torch.autograd.Function):
         return dx, d_gate, d_up, d_down, None
 
 
+class _CastLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b with W and b cast to `dtype` inside (what autocast does to a linear), keeping the float32
+    weight rather than its cast: the backward casts it again. Gradients come back in the weights' own dtype; the
+    same values as autograd through the casts, bit for bit.
+
+    Backward: dx = dy·W, dW = dyᵀx, db = Σ dy.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype: torch.dtype):
+        ctx.dtype = dtype
+        ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        flat_dy = dy.reshape(-1, dy.shape[-1])
+        d_weight = flat_dy.t().mm(x.reshape(-1, x.shape[-1])).to(weight.dtype) if need_weight else None
+        d_bias = flat_dy.sum(0).to(ctx.bias_dtype) if need_bias else None
+        dx = torch.matmul(dy, weight.to(ctx.dtype)) if need_x else None
+        return dx, d_weight, d_bias, None
+
+
 def _autocasting(x: torch.Tensor) -> bool:
     return torch.is_autocast_enabled(x.device.type)
 
@@ -130,6 +159,15 @@ def _lean_mlp_forward(self, x):
         return _SwiGLU.apply(x.to(dtype), *weights, dtype)
 
 
+def _lean_linear_forward(self, x):
+    if not torch.is_grad_enabled() or not _autocasting(x):  # nothing kept, or nothing cast: the module's own
+        return type(self).forward(self, x)
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device)
+    with torch.autocast(device, enabled=False):
+        return _CastLinear.apply(x.to(dtype), self.weight, self.bias, dtype)
+
+
 def _plain_linear(module) -> bool:
     return type(module) is torch.nn.Linear and module.bias is None
 
@@ -147,9 +185,13 @@ def _is_rms_norm(module: torch.nn.Module) -> bool:
 
 
 def apply_lean_layers(model: torch.nn.Module) -> dict[str, int]:
-    """Route every recognised RMSNorm and SwiGLU MLP of `model` through the lean functions (idempotent).
-    Returns how many of each were patched."""
-    counts = {"rms_norm": 0, "swiglu_mlp": 0}
+    """Route every recognised RMSNorm and SwiGLU MLP of `model`, and its other plain linears, through the lean
+    functions (idempotent). Returns how many of each were patched."""
+    counts = {"rms_norm": 0, "swiglu_mlp": 0, "linear": 0}
+    in_fused_mlp = set()  # the fused MLP does not call its projections' forward
+    for module in model.modules():
+        if _is_swiglu_mlp(module):
+            in_fused_mlp.update(id(getattr(module, name)) for name in ("gate_proj", "up_proj", "down_proj"))
     for module in model.modules():
         if getattr(module, "_posttrain_lean", False):
             continue
@@ -159,6 +201,9 @@ def apply_lean_layers(model: torch.nn.Module) -> dict[str, int]:
         elif _is_swiglu_mlp(module):
             module.forward = types.MethodType(_lean_mlp_forward, module)
             counts["swiglu_mlp"] += 1
+        elif type(module) is torch.nn.Linear and id(module) not in in_fused_mlp:
+            module.forward = types.MethodType(_lean_linear_forward, module)
+            counts["linear"] += 1
         else:
             continue
         module._posttrain_lean = True
