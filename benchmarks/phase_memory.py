@@ -68,6 +68,7 @@ def main() -> None:
                                           generations=opts.generations, max_new_tokens=opts.max_new_tokens,
                                           threads=opts.threads))
     import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from posttrain.trainers import base, online
 
@@ -115,7 +116,7 @@ def main() -> None:
                 storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
         steps.append((rss_mib() - state["base"], sum(storages.values()) / 2**20))
 
-    torch.optim.Optimizer.register_optimizer_step_post_hook(at_optimizer_step)
+    register_optimizer_step_post_hook(at_optimizer_step)
     result = compare_trl.run_library(opts.task, opts.variant)
     print(json.dumps({name: round(peak - state["base"]) for name, peak in state["peaks"].items()}))
     growth, live = steps[-1]
