@@ -27,15 +27,14 @@ def test_same_loss_and_gradients(name):
     counts = apply_lean_layers(model)
     layers = model.config.num_hidden_layers
     # the other plain linears: q, k, v, o per layer (Qwen2's q/k/v with their biases) and the LM head
-    assert counts == {"rms_norm": 2 * layers + 1, "swiglu_mlp": layers, "linear": 4 * layers + 1,
-                      "tied_embedding": 1}
+    assert counts == {"rms_norm": 2 * layers + 1, "swiglu_mlp": layers, "linear": 4 * layers + 1}
     lean_loss, lean_grads = _loss_and_grads(model, ids)
     assert torch.allclose(lean_loss, loss, rtol=1e-12, atol=0)
     assert grads.keys() == lean_grads.keys()
     for key in grads:  # the norms compute in float32 (as transformers' do): equal to float32 rounding
         scale = grads[key].abs().max()
         assert (lean_grads[key] - grads[key]).abs().max() <= 1e-6 * scale, key
-    assert apply_lean_layers(model) == {"rms_norm": 0, "swiglu_mlp": 0, "linear": 0, "tied_embedding": 0}
+    assert apply_lean_layers(model) == {"rms_norm": 0, "swiglu_mlp": 0, "linear": 0}  # idempotent
     remove_lean_layers(model)
     assert "forward" not in vars(model.model.norm)
 
@@ -141,37 +140,6 @@ def test_autocast_model_keeps_no_weight_copies_for_the_backward():
     for key in grads:
         assert lean_grads[key].dtype == torch.float32
         assert (lean_grads[key] - grads[key]).norm() <= 0.05 * grads[key].norm(), key
-
-
-def test_tied_embedding_gradient_is_added_sparse_and_ends_dense():
-    """The tied embedding's rows come back as a sparse gradient added into the head's dense one: the same gradient,
-    dense after backward — also when the head takes no part (hidden states only) and over accumulated backwards."""
-    from posttrain.models.loading import load_pretrained_model
-
-    model = load_pretrained_model("posttrain/tiny-llama")
-    embedding = model.get_input_embeddings()
-    weight = embedding.weight
-    ids = torch.randint(0, model.config.vocab_size, (2, 9))
-
-    def grads(loss_of):
-        model.zero_grad(set_to_none=True)
-        for _ in range(2):  # two accumulated backwards
-            loss_of().backward()
-        assert weight.grad.layout == torch.strided
-        return weight.grad.clone()
-
-    with_head = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
-    hidden_only = lambda: model.model(input_ids=ids).last_hidden_state.pow(2).mean()  # noqa: E731
-    assert apply_lean_layers(model)["tied_embedding"] == 1
-    lean_forward = embedding.forward
-    del embedding.forward  # the other lean layers stay: the comparison isolates the embedding's gradient
-    plain = grads(with_head), grads(hidden_only)
-    embedding.forward = lean_forward
-    lean = grads(with_head), grads(hidden_only)
-    for a, b in zip(plain, lean):  # the rows summed in another order: float32 rounding
-        assert (a - b).abs().max() <= 1e-6 * a.abs().max()
-    remove_lean_layers(model)
-    assert "forward" not in vars(model.get_input_embeddings()) and not weight._post_accumulate_grad_hooks
 
 
 def _weight_casts(model, ids, forwards: int) -> int:

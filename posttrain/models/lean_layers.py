@@ -15,10 +15,7 @@ activations, Gemma's (1 + weight) norm — keeps its own forward. Under autocast
 weights to the autocast dtype itself, as autocast would for the three linears, and the other plain linears
 (attention projections, the LM head) do the same through `_CastLinear`: autocast keeps each linear's
 low-precision weight copy from the forward to the backward (all layers' copies at once, ~53 MB of attention
-weights on SmolLM2-135M when its backward starts); these cast again in the backward instead. An input embedding
-tied to the LM head gives a sparse gradient (its looked-up rows), which autograd adds into the head's dense
-gradient in place: the (vocabulary × hidden) dense temporary of the embedding's own backward — 113 MB on
-SmolLM2-135M, at the end of the backward when every gradient exists — is never made. Not under
+weights on SmolLM2-135M when its backward starts); these cast again in the backward instead. Not under
 ZeRO-3/FSDP: they gather weights in the Linear modules' hooks, which the fused MLP bypasses (`trainers/base.py`
 does not call it there).
 
@@ -171,20 +168,6 @@ def _lean_linear_forward(self, x):
         return _CastLinear.apply(x.to(dtype), self.weight, self.bias, dtype)
 
 
-def _lean_tied_embedding_forward(self, ids):
-    if not torch.is_grad_enabled() or not self.weight.requires_grad or self.max_norm is not None:
-        return type(self).forward(self, ids)
-    # sparse=True in the call only: the module's own `sparse` stays False (what DDP reads to expect dense gradients)
-    return F.embedding(ids, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq, sparse=True)
-
-
-def _densify_grad(param: torch.Tensor) -> None:
-    """After accumulation: a tied weight whose head took no part in a backward holds the embedding's sparse gradient
-    alone; the optimizers want it dense."""
-    if param.grad is not None and param.grad.is_sparse:
-        param.grad = param.grad.to_dense()
-
-
 def _plain_linear(module) -> bool:
     return type(module) is torch.nn.Linear and module.bias is None
 
@@ -204,14 +187,11 @@ def _is_rms_norm(module: torch.nn.Module) -> bool:
 def apply_lean_layers(model: torch.nn.Module) -> dict[str, int]:
     """Route every recognised RMSNorm and SwiGLU MLP of `model`, and its other plain linears, through the lean
     functions (idempotent). Returns how many of each were patched."""
-    counts = {"rms_norm": 0, "swiglu_mlp": 0, "linear": 0, "tied_embedding": 0}
+    counts = {"rms_norm": 0, "swiglu_mlp": 0, "linear": 0}
     in_fused_mlp = set()  # the fused MLP does not call its projections' forward
-    linear_weights = set()  # an embedding whose weight is one of these is tied to an output head
     for module in model.modules():
         if _is_swiglu_mlp(module):
             in_fused_mlp.update(id(getattr(module, name)) for name in ("gate_proj", "up_proj", "down_proj"))
-        if isinstance(module, torch.nn.Linear):
-            linear_weights.add(id(module.weight))
     for module in model.modules():
         if getattr(module, "_posttrain_lean", False):
             continue
@@ -224,10 +204,6 @@ def apply_lean_layers(model: torch.nn.Module) -> dict[str, int]:
         elif type(module) is torch.nn.Linear and id(module) not in in_fused_mlp:
             module.forward = types.MethodType(_lean_linear_forward, module)
             counts["linear"] += 1
-        elif type(module) is torch.nn.Embedding and id(module.weight) in linear_weights and not module.sparse:
-            module.forward = types.MethodType(_lean_tied_embedding_forward, module)
-            module._posttrain_densify = module.weight.register_post_accumulate_grad_hook(_densify_grad)
-            counts["tied_embedding"] += 1
         else:
             continue
         module._posttrain_lean = True
@@ -240,6 +216,3 @@ def remove_lean_layers(model: torch.nn.Module) -> None:
         if getattr(module, "_posttrain_lean", False):
             del module.forward
             del module._posttrain_lean
-            if hasattr(module, "_posttrain_densify"):
-                module._posttrain_densify.remove()
-                del module._posttrain_densify
