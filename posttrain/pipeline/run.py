@@ -148,15 +148,15 @@ def compare_with_start(record: dict[str, Any], records: list[dict[str, Any]]) ->
                if r.get("output_dir") == start or (r["name"] == "base" and r.get("model_from") == start)]
     if not earlier:
         return  # the start model was not evaluated here
-    first = earlier[-1]
-    before = first.get("answer_correct")
+    origin = earlier[-1]  # the start model's record
+    before = origin.get("answer_correct")
     if after and before and len(before) == len(after):  # else evaluated on other questions
         comparison = paired_comparison([c == "1" for c in before], [c == "1" for c in after])
-        record["versus"] = {"stage": first["name"], **comparison}
-    before, after = first.get("sampled_scores"), record.get("sampled_scores")
-    alike = all(first.get(k) == record.get(k) for k in ("samples_per_prompt", "sampling_temperature"))
+        record["versus"] = {"stage": origin["name"], **comparison}
+    before, after = origin.get("sampled_scores"), record.get("sampled_scores")
+    alike = all(origin.get(k) == record.get(k) for k in ("samples_per_prompt", "sampling_temperature"))
     if after and before and len(before) == len(after) and alike:
-        record["versus_sampled"] = {"stage": first["name"], **paired_comparison(before, after)}
+        record["versus_sampled"] = {"stage": origin["name"], **paired_comparison(before, after)}
 
 
 def card_evaluation(stage: Stage, pipeline: spec.Pipeline, record: dict[str, Any]) -> list[str]:
