@@ -120,6 +120,7 @@ def parse_command_args(command: str, argv: list[str]) -> tuple[Any, Any, Any]:
     from transformers import HfArgumentParser
 
     from posttrain.compat import translate_legacy_arguments, translate_legacy_flags
+    from posttrain.configs.base import accept_bf16_auto
     from posttrain.configs.script import ModelConfig, ScriptArguments
 
     config_cls = _load(COMMANDS[command][0])
@@ -137,6 +138,7 @@ def parse_command_args(command: str, argv: list[str]) -> tuple[Any, Any, Any]:
         os.environ[str(name)] = str(value)
     mixture = yaml_values.pop("datasets", None)
     parser = HfArgumentParser(classes, prog=f"posttrain {command}", allow_abbrev=False)
+    accept_bf16_auto(parser)
     parser.error = _raise_cli_error  # argparse's own errors (bad value, bad choice) as one line, not usage + exit
     parser.set_defaults(**{k: _as_default(v) for k, v in yaml_values.items()})
     script_args, model_args, training_args, rest = parser.parse_args_into_dataclasses(

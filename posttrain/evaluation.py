@@ -39,17 +39,20 @@ def decoding_model(model, dtype: torch.dtype | None = None):
 
 
 def decoding_dtype(name: str | None) -> torch.dtype | None:
-    """The dtype an evaluation decodes in: "float32" (or None: the model's own), "bfloat16" (only where the hardware
-    runs it natively: a bf16 GPU, or a CPU with AVX512-BF16/AMX; elsewhere emulated bf16 is ~30x slower)."""
+    """The dtype answers are decoded in: "float32" (or None: the model's own), "bfloat16" (only where the hardware
+    runs it natively: a bf16 GPU, or a CPU with AVX512-BF16/AMX; elsewhere emulated bf16 is ~30x slower), "auto"
+    (bfloat16 where it is native, else float32)."""
     from posttrain import hardware
 
     if name in (None, "float32"):
         return None
-    if name != "bfloat16":
-        raise UserError(f"evaluation dtype {name!r}: use float32 or bfloat16.")
+    if name not in ("bfloat16", "auto"):
+        raise UserError(f"decoding dtype {name!r}: use float32, bfloat16 or auto.")
     if hardware.bf16_is_slow_here(use_cpu=not hardware.has_cuda()):
-        raise UserError("evaluation dtype bfloat16: this machine has no native bf16 (no bf16 GPU, no AVX512-BF16/AMX "
-                        "CPU), where it runs ~30x slower; use float32.")
+        if name == "auto":
+            return None
+        raise UserError("decoding dtype bfloat16: this machine has no native bf16 (no bf16 GPU, no AVX512-BF16/AMX "
+                        "CPU), where it runs ~30x slower; use float32 or auto.")
     return torch.bfloat16
 
 

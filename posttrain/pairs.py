@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=0, help="0 = off")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=64, help="answers decoded together")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
+                   help="decode with a copy of the model in this dtype; bfloat16 only on hardware that runs it "
+                        "natively (a bf16 GPU, an AVX512-BF16/AMX CPU); auto: bfloat16 there, else float32")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--output_dir", required=True)
     p.error = _error
@@ -77,14 +80,17 @@ def check_options(args: argparse.Namespace) -> None:
             raise PairsError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.num_prompts is not None and args.num_prompts < 1:
         raise PairsError(f"--num_prompts must be at least 1, got {args.num_prompts}")
+    if args.dtype not in ("float32", "bfloat16", "auto"):
+        raise PairsError(f"--dtype must be float32, bfloat16 or auto, got {args.dtype!r}")
 
 
 @torch.no_grad()
 def sample_pairs(model, tokenizer, rows: list[dict[str, Any]], rewards, num_generations: int = 8,
                  max_new_tokens: int = 128, generation_kwargs: dict[str, Any] | None = None,
-                 batch_size: int = 64) -> tuple[list[dict[str, Any]], dict[str, int]]:
+                 batch_size: int = 64, dtype: torch.dtype | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """(pairs, counts): for each row, `num_generations` sampled answers scored by `rewards` (a RewardRunner); the
-    best and worst as chosen/rejected when their scores differ. counts: prompts, pairs, all_same (no pair)."""
+    best and worst as chosen/rejected when their scores differ. counts: prompts, pairs, all_same (no pair).
+    `dtype`: decode with a copy of the model in that dtype (e.g. torch.bfloat16 on native-bf16 hardware)."""
     from posttrain.evaluation import answer_batches
 
     generation_kwargs = generation_kwargs or {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
@@ -94,7 +100,7 @@ def sample_pairs(model, tokenizer, rows: list[dict[str, Any]], rewards, num_gene
     progress = tqdm(total=len(rows), unit="prompt", desc="pairs", mininterval=5)
     try:
         for batch in answer_batches(model, tokenizer, rows, num_generations, max_new_tokens, generation_kwargs,
-                                    batch_size):
+                                    batch_size, dtype):
             progress.update(len(batch["rows"]) // num_generations)
             prompts, completions = [r["prompt"] for r in batch["rows"]], batch["completions"]
             scores = rewards.weighted_sum(rewards(prompts, completions, batch["completion_ids"], batch["columns"]))
@@ -147,6 +153,9 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
                          f"column; it has {len(dataset)} rows and columns {dataset.column_names}")
     if args.num_prompts is not None:
         dataset = dataset.select(range(min(args.num_prompts, len(dataset))))
+    from posttrain.evaluation import decoding_dtype
+
+    dtype = decoding_dtype(args.dtype)  # before loading: refuses bfloat16 where it would be emulated
     rewards = RewardRunner(args.reward_funcs, args.reward_weights)
     model = loading.load_pretrained_model(args.model_name_or_path)
     tokenizer = loading.load_tokenizer(args.model_name_or_path)
@@ -154,13 +163,14 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     pairs, counts = sample_pairs(model, tokenizer, list(dataset), rewards, args.num_generations, args.max_new_tokens,
                                  {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k,
-                                  "top_p": args.top_p}, args.batch_size)
+                                  "top_p": args.top_p}, args.batch_size, dtype)
     if not pairs:
         raise PairsError(f"no pairs: every prompt's {args.num_generations} answers scored the same (all right or all "
                          "wrong); sample more answers (--num_generations), at a higher --temperature, or use prompts "
                          "nearer the model's level")
     counts.update(model=args.model_name_or_path, dataset=args.dataset_name, num_generations=args.num_generations,
                   temperature=args.temperature, reward_funcs=list(map(str, args.reward_funcs)),
+                  dtype="float32" if dtype is None else "bfloat16",
                   seconds=round(time.time() - start, 1))
     write_text(os.path.join(args.output_dir, PAIRS_FILE), "".join(json.dumps(p) + "\n" for p in pairs))
     write_text(os.path.join(args.output_dir, COUNTS_FILE), json.dumps(counts, indent=1))

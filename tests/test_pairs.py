@@ -46,10 +46,13 @@ def test_cli_writes_a_preference_data_set_dpo_reads(tmp_path, capsys):
                                        "    return [float(len(set(c))) for c in completions]\n")
     argv = ["pairs", "--model_name_or_path", "posttrain/tiny", "--dataset_name", "posttrain/arith-prompts",
             "--num_prompts", "4", "--reward_funcs", f"{tmp_path / 'score.py'}:distinct", "--num_generations", "3",
-            "--max_new_tokens", "6", "--output_dir", str(out)]
+            "--max_new_tokens", "6", "--output_dir", str(out), "--dtype", "auto"]
     assert cli.main(argv) == 0
     assert "pairs from 4 prompts" in capsys.readouterr().out
     counts = json.loads((out / "pairs.json").read_text())
+    from posttrain import hardware  # auto: a bf16 copy decodes where bf16 is native, float32 elsewhere
+
+    assert counts["dtype"] == ("float32" if hardware.bf16_is_slow_here(use_cpu=not hardware.has_cuda()) else "bfloat16")
     data = load_any_dataset(str(out), None, "train")
     assert len(data) == counts["pairs"] > 0 and {"prompt", "chosen", "rejected", "answer"} <= set(data.column_names)
     assert cli.main(["dpo", "--model_name_or_path", "posttrain/tiny", "--dataset_name", str(out), "--max_steps", "1",
@@ -62,6 +65,7 @@ def test_cli_writes_a_preference_data_set_dpo_reads(tmp_path, capsys):
     ({"temperature": 0.0}, "--temperature must be > 0"),
     ({"num_generation": 4}, "did you mean 'num_generations'"),
     ({"dataset_name": None}, "pairs needs dataset_name"),
+    ({"dtype": "float16"}, "--dtype must be float32, bfloat16 or auto"),
 ])
 def test_bad_options_are_one_line(options, message):
     base = {"model_name_or_path": "posttrain/tiny", "dataset_name": "posttrain/arith-prompts", "output_dir": "x"}

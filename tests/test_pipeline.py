@@ -75,7 +75,7 @@ stages:
     ("stages: [{name: sft, config: nope.yaml}]", "config file 'nope.yaml' not found"),
     ("stages: [{name: sft}]", "has no model_name_or_path"),
     ("evaluation: {num_prompt: 3}\nstages: [{name: sft, model_name_or_path: x}]", "did you mean 'num_prompts'"),
-    ("evaluation: {dtype: float16}\nstages: [{name: sft, model_name_or_path: x}]", "use float32 or bfloat16"),
+    ("evaluation: {dtype: float16}\nstages: [{name: sft, model_name_or_path: x}]", "use float32, bfloat16 or auto"),
 ])
 def test_spec_errors(tmp_path, text, message):
     with pytest.raises(PipelineError, match=None) as info:

@@ -83,9 +83,11 @@ def test_evaluation_decodes_in_bf16_on_a_copy_where_bf16_is_native(monkeypatch):
     monkeypatch.setattr(hardware, "bf16_is_slow_here", lambda use_cpu=False: True)
     with pytest.raises(UserError, match="no native bf16"):
         decoding_dtype("bfloat16")
+    assert decoding_dtype("auto") is None  # auto: float32 where bf16 would be emulated
     monkeypatch.setattr(hardware, "bf16_is_slow_here", lambda use_cpu=False: False)
     assert decoding_dtype("bfloat16") is torch.bfloat16
-    with pytest.raises(UserError, match="use float32 or bfloat16"):
+    assert decoding_dtype("auto") is torch.bfloat16
+    with pytest.raises(UserError, match="use float32, bfloat16 or auto"):
         decoding_dtype("float16")
 
 

@@ -207,6 +207,35 @@ def test_machine_aware_precision_and_legacy_config_names(tmp_path):
     assert legacy.warmup_steps == 0.1
 
 
+def test_bf16_auto_follows_the_hardware(tmp_path, monkeypatch):
+    """bf16="auto" (YAML, command line or Python): on where bf16 is native, a CPU with AVX512-BF16/AMX included;
+    off where it would be emulated. Anything but true/false/auto is a one-line error."""
+    import posttrain.hardware as hw
+    from posttrain.cli import parse_command_args
+    from posttrain.errors import UserError
+
+    monkeypatch.setattr(hw, "has_cuda", lambda: False)
+    for native in (True, False):
+        monkeypatch.setattr(hw, "cpu_has_fast_bf16", lambda native=native: native)
+        assert _args(tmp_path, bf16="auto").bf16 is native
+        assert _args(tmp_path, bf16="AUTO").bf16 is native
+        *_, cli_args = parse_command_args("sft", ["--output_dir", str(tmp_path), "--bf16", "auto"])
+        assert cli_args.bf16 is native
+        config = tmp_path / "c.yaml"
+        config.write_text(f"output_dir: {tmp_path}\nbf16: auto\n")
+        *_, yaml_args = parse_command_args("sft", ["--config", str(config)])
+        assert yaml_args.bf16 is native
+    *_, plain = parse_command_args("sft", ["--output_dir", str(tmp_path), "--bf16", "false"])
+    assert plain.bf16 is False
+    with pytest.warns(UserWarning, match="30x slower"):  # bare --bf16 is true, as in TrainingArguments
+        *_, bare = parse_command_args("sft", ["--output_dir", str(tmp_path), "--bf16"])
+    assert bare.bf16 is True
+    with pytest.raises(UserError, match="bf16 must be true, false or auto, got 'sometimes'"):
+        _args(tmp_path, bf16="sometimes")
+    with pytest.raises(UserError, match="--bf16"):
+        parse_command_args("sft", ["--output_dir", str(tmp_path), "--bf16", "sometimes"])
+
+
 def test_lora_trains_adapters_only(tmp_path):
     from peft import LoraConfig
 

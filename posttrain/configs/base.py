@@ -148,6 +148,29 @@ def posttrain_config(cls):
     return cls
 
 
+def bf16_value(value: Any) -> bool | str:
+    """The `bf16` option from YAML or the command line: a bool, or "auto" (bf16 where the hardware runs it
+    natively). One-line error for anything else."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in ("true", "yes", "y", "1", "on"):
+        return True
+    if text in ("false", "no", "n", "0", "off"):
+        return False
+    raise UserError(f"bf16 must be true, false or auto, got {value!r}.")
+
+
+def accept_bf16_auto(parser) -> None:
+    """Let an HfArgumentParser's --bf16 take "auto" besides true/false (its bool type would refuse it), and stand
+    alone for true as TrainingArguments' --bf16 does (a None default would otherwise demand a value)."""
+    for action in parser._actions:
+        if action.dest == "bf16":
+            action.type, action.nargs, action.const = bf16_value, "?", True
+
+
 @posttrain_config
 @dataclass
 class PostTrainConfig(TrainingArguments):
@@ -162,7 +185,8 @@ class PostTrainConfig(TrainingArguments):
                                    "Default: '<model name>-<Method>'."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision. Default: on for GPUs with native "
-                              "bf16, off on CPUs (emulated bf16 is ~30x slower there)."})
+                              "bf16, off on CPUs (emulated bf16 is ~30x slower there). 'auto': on wherever bf16 is "
+                              "native, CPUs with AVX512-BF16/AMX included."})
     model_init_kwargs: dict | str | None = field(default=None, metadata={"help": "Keyword arguments for "
                                                  "`from_pretrained` when the model is given as a name or path "
                                                  "(JSON string on the command line), e.g. '{\"dtype\": \"bfloat16\"}'."})
@@ -225,7 +249,11 @@ class PostTrainConfig(TrainingArguments):
         check(not self.fp16 or hardware.has_cuda(), "fp16=True needs a CUDA GPU (this machine has none; CPU "
                                                     "training runs in float32). Remove --fp16.")
         _check_report_to(self.report_to)
-        if self.bf16 is None:
+        if isinstance(self.bf16, str):  # YAML / command line: true, false or auto
+            self.bf16 = bf16_value(self.bf16)
+        if self.bf16 == "auto":  # bf16 wherever the hardware runs it natively (a CPU with AVX512-BF16/AMX too)
+            self.bf16 = not self.fp16 and not hardware.bf16_is_slow_here(self.use_cpu)
+        elif self.bf16 is None:
             self.bf16 = False if self.fp16 else hardware.default_bf16(self.use_cpu)
         elif self.bf16 and hardware.bf16_is_slow_here(self.use_cpu):
             warnings.warn("bf16=True on a device without native bf16 support: expect steps ~30x slower than fp32. "

@@ -42,7 +42,7 @@ EVALUATION_DEFAULTS = {"dataset_name": "posttrain/arith-prompts", "dataset_confi
                        "samples_per_prompt": 0, "sampling_temperature": 1.0,  # samples_per_prompt > 0: also sampled
                        # drift_dataset (e.g. posttrain/chat-prompts): also KL(start ‖ stage) on prompts outside the task
                        "drift_dataset": None, "drift_split": "test", "drift_prompts": 200, "drift_max_new_tokens": 64,
-                       "dtype": "float32"}  # bfloat16: answers decoded by a bf16 copy (native-bf16 hardware only)
+                       "dtype": "float32"}  # bfloat16: a bf16 copy decodes (native-bf16 hardware only); auto: bf16 where native
 _REFERENCE = re.compile(r"\{([^{}]+)\}")
 REWARD_COMMANDS = {"reward"}  # stages whose output scores text rather than generating it
 DATA_COMMANDS = {"pairs"}  # stages whose output is a data set (posttrain pairs: on-policy preference pairs)
@@ -105,8 +105,9 @@ def load(path: str, output_dir: str | None = None) -> Pipeline:
         if key not in EVALUATION_DEFAULTS:
             raise PipelineError(f"unknown evaluation key '{key}' in {path}{did_you_mean(key, EVALUATION_DEFAULTS)}")
         evaluation[key] = value
-    if evaluation["dtype"] not in ("float32", "bfloat16"):
-        raise PipelineError(f"evaluation dtype {evaluation['dtype']!r} in {path}: use float32 or bfloat16")
+    if evaluation["dtype"] not in ("float32", "bfloat16", "auto"):
+        raise PipelineError(f"evaluation dtype {evaluation['dtype']!r} in {path}: use float32, bfloat16 or auto "
+                            f"(bfloat16 where the hardware runs it natively)")
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise PipelineError(f"'defaults' in {path} must be a mapping of option: value")

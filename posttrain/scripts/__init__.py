@@ -52,6 +52,9 @@ class TrlParser(HfArgumentParser):
                 raise ValueError(f"Dataclass {cls.__name__} has a field named 'config', which TrlParser reserves for "
                                  "the YAML file path; rename the field.")
         super().__init__(dataclass_types=dataclass_types, **kwargs)
+        from posttrain.configs.base import accept_bf16_auto
+
+        accept_bf16_auto(self)  # --bf16 auto: bf16 wherever the hardware runs it natively
 
     def parse_args_and_config(self, args: Iterable[str] | None = None, return_remaining_strings: bool = False,
                               fail_with_unknown_args: bool = True, separate_remaining_strings: bool = False):
