@@ -76,11 +76,38 @@ stages:
     ("stages: [{name: sft}]", "has no model_name_or_path"),
     ("evaluation: {num_prompt: 3}\nstages: [{name: sft, model_name_or_path: x}]", "did you mean 'num_prompts'"),
     ("evaluation: {dtype: float16}\nstages: [{name: sft, model_name_or_path: x}]", "use float32, bfloat16 or auto"),
+    ("evaluation: {sampled_prompts: 0}\nstages: [{name: sft, model_name_or_path: x}]", "sampled_prompts 0"),
+    ("evaluation: {sampled_prompts: half}\nstages: [{name: sft, model_name_or_path: x}]", "number of questions >= 1"),
 ])
 def test_spec_errors(tmp_path, text, message):
     with pytest.raises(PipelineError, match=None) as info:
         spec.load(_write(tmp_path, text))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_sampled_answers_on_a_subset_of_the_questions():
+    """sampled_prompts: N: every question answered greedily, the first N also by sampling; the record, the
+    summary line and the paired comparison say so."""
+    from datasets import Dataset
+
+    from posttrain.models import loading
+    from posttrain.pipeline import run, summary
+
+    model, tokenizer = loading.load_pretrained_model("posttrain/tiny"), loading.load_tokenizer("posttrain/tiny")
+    loading.prepare_tokenizer(tokenizer)
+    prompts = Dataset.from_list([{"prompt": f"{a} + {a} =", "answer": str(2 * a)} for a in range(5)])
+    evaluation = {**spec.EVALUATION_DEFAULTS, "max_new_tokens": 3, "batch_size": 4, "samples_per_prompt": 2,
+                  "sampled_prompts": 3}
+    record = run.answer_accuracy(model, tokenizer, prompts, evaluation)
+    assert record["num_prompts"] == 5 and len(record["answer_correct"]) == 5
+    assert record["sampled_prompts"] == 3 and len(record["sampled_scores"]) == 3
+    assert "(T=1, 2 per prompt, first 3 prompts)" in summary.describe(record)
+    start = {**record, "name": "base", "output_dir": None, "model_from": "m"}
+    stage = {**record, "name": "sft", "model_from": "m"}
+    run.compare_with_start(stage, [start])
+    assert stage["versus_sampled"]["fixed"] == stage["versus_sampled"]["broken"] == 0  # the same scores
+    whole = run.answer_accuracy(model, tokenizer, prompts, {**evaluation, "sampled_prompts": 10})  # more than there are
+    assert whole["sampled_prompts"] == 5 and "first" not in summary.describe(whole)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -67,13 +67,16 @@ def answer_accuracy(model, tokenizer, prompts, evaluation: dict[str, Any]) -> di
     samples = int(evaluation.get("samples_per_prompt") or 0)
     if samples > 0:  # what the policy does when it samples (what GRPO optimises), not only its argmax
         temperature = float(evaluation["sampling_temperature"])
+        subset = evaluation.get("sampled_prompts")  # the first N questions (a fixed subset, the same every stage)
+        if subset is not None and subset < len(prompts):
+            prompts = prompts.select(range(subset))
         sampled = generation_accuracy(model, tokenizer, prompts, max_new_tokens=int(evaluation["max_new_tokens"]),
                                       batch_size=int(evaluation["batch_size"]), temperature=temperature,
                                       num_samples=samples, dtype=dtype)
         # each question's mean score over its samples: the sampled side of the paired comparison
         per_question = [[x for x in sampled["scores"][i:i + samples] if x is not None]
                         for i in range(0, len(sampled["scores"]), samples)]
-        record.update(sampled_accuracy=sampled["accuracy"], samples_per_prompt=samples,
+        record.update(sampled_accuracy=sampled["accuracy"], samples_per_prompt=samples, sampled_prompts=len(prompts),
                       sampling_temperature=temperature,
                       sampled_scores=[round(sum(q) / len(q), 4) if q else 0.0 for q in per_question])
     return record
@@ -175,7 +178,8 @@ def card_evaluation(stage: Stage, pipeline: spec.Pipeline, record: dict[str, Any
     comparison = record.get("versus_sampled")
     if comparison:
         lines.append(f"- sampled (T = {record['sampling_temperature']:g}, {record['samples_per_prompt']} per "
-                     f"question): accuracy {record['sampled_accuracy']:.3f}; against its start model, questions "
+                     f"question{summary.on_subset(record)}): accuracy {record['sampled_accuracy']:.3f}; against "
+                     f"its start model, questions "
                      f"scored higher {comparison['fixed']}, lower {comparison['broken']}, sign test "
                      f"p = {comparison['p_value']:.2g}")
     if record.get("drift_kl") is not None:
@@ -248,7 +252,8 @@ def run_stage(stage: Stage, pipeline: spec.Pipeline, prompts, reference=None,
             figures = {f"held-out answer accuracy ({record['num_prompts']} prompts, greedy)": record["answer_accuracy"]}
             if record.get("sampled_accuracy") is not None:
                 figures[f"held-out answer accuracy (sampled, T={record['sampling_temperature']:g}, "
-                        f"{record['samples_per_prompt']} per prompt)"] = record["sampled_accuracy"]
+                        f"{record['samples_per_prompt']} per prompt{summary.on_subset(record)})"] = \
+                    record["sampled_accuracy"]
             if record.get("drift_kl") is not None:
                 figures[f"KL from the starting model on {record['drift_prompts']} other chat prompts (nats per "
                         "answer)"] = record["drift_kl"]

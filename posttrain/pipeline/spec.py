@@ -9,6 +9,7 @@
       base: true
       samples_per_prompt: 4                    # also sampled accuracy (4 per prompt at sampling_temperature),
                                                # each question's mean against the start model's (sign test)
+      sampled_prompts: 100                     # ... on the first 100 questions only (default: all of them)
       drift_dataset: posttrain/chat-prompts    # also KL(starting model ‖ stage) on 200 prompts outside the task
     defaults: {report_to: none}                # applied to every stage (a stage's own keys win)
     stages:
@@ -40,6 +41,7 @@ TOP_KEYS = {"output_dir", "evaluation", "defaults", "stages"}
 EVALUATION_DEFAULTS = {"dataset_name": "posttrain/arith-prompts", "dataset_config": None, "split": "test",
                        "num_prompts": 200, "max_new_tokens": 32, "batch_size": 64, "base": True,
                        "samples_per_prompt": 0, "sampling_temperature": 1.0,  # samples_per_prompt > 0: also sampled
+                       "sampled_prompts": None,  # the sampled answers on the first N questions only (None: all)
                        # drift_dataset (e.g. posttrain/chat-prompts): also KL(start ‖ stage) on prompts outside the task
                        "drift_dataset": None, "drift_split": "test", "drift_prompts": 200, "drift_max_new_tokens": 64,
                        "dtype": "float32"}  # bfloat16: a bf16 copy decodes (native-bf16 hardware only); auto: bf16 where native
@@ -108,6 +110,10 @@ def load(path: str, output_dir: str | None = None) -> Pipeline:
     if evaluation["dtype"] not in ("float32", "bfloat16", "auto"):
         raise PipelineError(f"evaluation dtype {evaluation['dtype']!r} in {path}: use float32, bfloat16 or auto "
                             f"(bfloat16 where the hardware runs it natively)")
+    subset = evaluation["sampled_prompts"]
+    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
+        raise PipelineError(f"evaluation sampled_prompts {subset!r} in {path}: give a number of questions >= 1 (the "
+                            f"first N are also answered by sampling), or leave it out for all of them")
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise PipelineError(f"'defaults' in {path} must be a mapping of option: value")

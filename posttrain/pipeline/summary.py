@@ -41,6 +41,12 @@ def key_metric(command: str, log_history: list[dict[str, Any]]) -> dict[str, Any
     return None
 
 
+def on_subset(record: dict[str, Any]) -> str:
+    """", first 300 prompts" when the sampled answers covered fewer questions than the greedy ones, else ""."""
+    subset = record.get("sampled_prompts")
+    return f", first {subset} prompts" if subset is not None and subset < record.get("num_prompts", subset) else ""
+
+
 def describe(record: dict[str, Any]) -> str:
     """'held-out answer accuracy 0.415 · held-out pair accuracy 0.55 → 0.68' for one stage record."""
     parts = []
@@ -49,7 +55,7 @@ def describe(record: dict[str, Any]) -> str:
                      "greedy)")
     if record.get("sampled_accuracy") is not None:
         parts.append(f"{record['sampled_accuracy']:.3f} sampled (T={record['sampling_temperature']:g}, "
-                     f"{record['samples_per_prompt']} per prompt)")
+                     f"{record['samples_per_prompt']} per prompt{on_subset(record)})")
     if record.get("versus"):
         parts.append(f"vs {versus(record['versus'])}")
     if record.get("versus_sampled"):
