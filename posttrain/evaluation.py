@@ -190,11 +190,13 @@ def sequence_logps(model, tokenizer, prompt_ids: list[list[int]], completion_ids
 
 @torch.no_grad()
 def reference_samples(model, tokenizer, dataset, max_new_tokens: int = 64, batch_size: int = 25,
-                      seed: int = 0) -> dict[str, Any]:
+                      seed: int = 0, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """The start model's own answers to `dataset["prompt"]`, sampled at T=1 from its full distribution (no top-k or
     top-p, so they are draws from p_start itself), with their log-probs: what `drift_from_reference` needs later,
     without keeping the start model. Returns {"prompt_ids", "completion_ids" (lists of token ids, EOS included when
-    reached), "seq_logps" (log p_start per answer), "greedy_examples" (the first 3 prompts' greedy answers)}."""
+    reached), "seq_logps" (log p_start per answer), "greedy_examples" (the first 3 prompts' greedy answers)}.
+    `dtype` (e.g. torch.bfloat16 where native): the answers are sampled by a copy in that dtype; their log-probs
+    are still the model's own."""
     rows = list(dataset)
     if not rows or "prompt" not in rows[0]:
         raise UserError("the drift check needs a non-empty data set with a 'prompt' column.")
@@ -204,9 +206,10 @@ def reference_samples(model, tokenizer, dataset, max_new_tokens: int = 64, batch
     was_training = model.training
     model.eval()
     completions: list[list[int]] = []
+    decoder = decoding_model(model, dtype)
     try:
         for start in range(0, len(prompt_ids), batch_size):
-            rollout = generate(model, tokenizer, prompt_ids[start:start + batch_size], 1, max_new_tokens,
+            rollout = generate(decoder, tokenizer, prompt_ids[start:start + batch_size], 1, max_new_tokens,
                                {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0})
             for ids, mask in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist()):
                 completions.append([t for t, m in zip(ids, mask) if m] or [tokenizer.eos_token_id])

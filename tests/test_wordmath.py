@@ -98,3 +98,17 @@ def test_drift_is_zero_for_the_start_model_and_estimates_the_kl_of_a_changed_one
     exact = (p.exp() * (p - q)).sum().item()  # one token: the sequence KL is the next-token KL
     assert exact > 0.05 and abs(drift["kl"] - exact) < 4 * drift["kl_stderr"] + 1e-3
     assert drift["kl_per_token"] == pytest.approx(drift["kl"]) and drift["num_prompts"] == 240
+
+
+def test_drift_reference_sampled_by_a_bf16_copy_keeps_the_models_own_logps():
+    """dtype=bfloat16: a bf16 copy samples the answers (decode-bound, 2x faster where bf16 is native); the log-probs
+    stored for the KL are still the float32 model's, so the start model's own drift stays 0."""
+    from posttrain.evaluation import drift_from_reference, reference_samples, sequence_logps
+
+    model, tok = _tiny()
+    rows = [{"prompt": "Question: 3 + 4?\nAnswer:"}] * 8
+    reference = reference_samples(model, tok, rows, max_new_tokens=3, batch_size=4, dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.float32
+    want = sequence_logps(model, tok, reference["prompt_ids"], reference["completion_ids"])
+    assert reference["seq_logps"] == pytest.approx(want, abs=1e-5)
+    assert drift_from_reference(model, tok, reference)["kl"] == pytest.approx(0.0, abs=1e-5)

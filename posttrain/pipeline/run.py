@@ -109,7 +109,7 @@ def drift_reference(pipeline: spec.Pipeline, model_name: str) -> dict[str, Any] 
         if reference.get("model") == model_name and reference.get("dataset") == evaluation["drift_dataset"]:
             return reference
     from posttrain.data.loading import load_any_dataset
-    from posttrain.evaluation import reference_samples
+    from posttrain.evaluation import decoding_dtype, reference_samples
     from posttrain.models import loading
     from posttrain.reporting.atomic import write_text
 
@@ -120,7 +120,8 @@ def drift_reference(pipeline: spec.Pipeline, model_name: str) -> dict[str, Any] 
     loading.prepare_tokenizer(tokenizer)
     reference = {"model": model_name, "dataset": evaluation["drift_dataset"],
                  "prompts": [row["prompt"] for row in dataset],
-                 **reference_samples(model, tokenizer, dataset, int(evaluation["drift_max_new_tokens"]))}
+                 **reference_samples(model, tokenizer, dataset, int(evaluation["drift_max_new_tokens"]),
+                                     dtype=decoding_dtype(evaluation.get("dtype")))}
     write_text(path, json.dumps(reference))
     del model
     gc.collect()
