@@ -56,6 +56,68 @@ def test_generation_accuracy_scores_greedy_and_sampled_completions():
     assert model.training is False  # left in the mode it was given
 
 
+def test_greedy_first_rows_are_the_greedy_answers_from_the_same_prefill():
+    """generate(greedy_first=True): each prompt's first row is what greedy decoding gives, the others are samples
+    (at T = 0.7 with top-k, whose warpers keep the largest logit largest); per-prompt counts too. Refused where the
+    loop cannot mix them (greedy options, transformers' generate)."""
+    path = builtin_model_path("posttrain/tiny")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = [tok("Question: Mia has 7 apples and buys 5 more.\nAnswer:")["input_ids"], tok("Q: 3 + 4?")["input_ids"],
+               tok("Tell me a story")["input_ids"]]
+    greedy = generate(model, tok, prompts, 1, 12, {"do_sample": False})
+    torch.manual_seed(0)
+    mixed = generate(model, tok, prompts, 4, 12, {"do_sample": True, "temperature": 0.7, "top_k": 50},
+                     greedy_first=True)
+    width = greedy.completion_ids.shape[1]
+    for i in range(3):
+        assert torch.equal(mixed.completion_ids[4 * i, :width], greedy.completion_ids[i])
+        assert torch.equal(mixed.completion_mask[4 * i, :width], greedy.completion_mask[i])
+    samples = mixed.completion_ids[[1, 2, 3, 5, 6, 7, 9, 10, 11]]
+    assert any(not torch.equal(samples[j], mixed.completion_ids[0]) for j in range(3))  # sampled, not all greedy
+    counts = generate(model, tok, prompts, [2, 1, 3], 12, {"do_sample": True}, greedy_first=True)
+    for row, i in ((0, 0), (2, 1), (3, 2)):  # the first row of each group
+        assert torch.equal(counts.completion_ids[row, :width], greedy.completion_ids[i])
+    with pytest.raises(ValueError, match="greedy_first needs sampling"):
+        generate(model, tok, prompts, 2, 4, {"do_sample": False}, greedy_first=True)
+    with pytest.raises(ValueError, match="greedy_first needs sampling"):
+        generate(model, tok, prompts, 2, 4, {"do_sample": True, "num_beams": 2}, greedy_first=True)
+
+
+def test_greedy_and_sampled_accuracy_in_one_pass_matches_two(monkeypatch):
+    """One prefill for a question's greedy and sampled answers: the greedy scores are generation_accuracy's; the
+    samples cover the first sampled_prompts questions; without the static loop it falls back to two passes."""
+    import datasets
+
+    import posttrain.rollout.hf as hf
+    from posttrain.evaluation import generation_accuracy, greedy_and_sampled_accuracy
+    from posttrain.errors import UserError
+
+    path = builtin_model_path("posttrain/tiny")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = datasets.Dataset.from_list([{"prompt": f"Question: {i} + 1?\nAnswer:", "answer": str(i + 1)}
+                                       for i in range(7)])
+
+    def digits(completions, **kwargs):
+        return [float(sum(ch.isdigit() for ch in c)) for c in completions]
+
+    plain = generation_accuracy(model, tok, rows, reward_func=digits, max_new_tokens=6, batch_size=4)
+    greedy, sampled = greedy_and_sampled_accuracy(model, tok, rows, num_samples=2, temperature=1.0,
+                                                  sampled_prompts=3, reward_func=digits, max_new_tokens=6,
+                                                  batch_size=4)
+    assert greedy["scores"] == plain["scores"] and greedy["examples"] == plain["examples"]
+    assert greedy["num_prompts"] == 7 and sampled["num_prompts"] == 3 and len(sampled["scores"]) == 6
+    assert sampled["mean_length"] > 0 and model.training is False
+    monkeypatch.setattr(hf, "greedy_first_supported", lambda *a, **k: False)
+    greedy2, sampled2 = greedy_and_sampled_accuracy(model, tok, rows, num_samples=2, temperature=1.0,
+                                                    sampled_prompts=3, reward_func=digits, max_new_tokens=6,
+                                                    batch_size=4)
+    assert greedy2["scores"] == plain["scores"] and len(sampled2["scores"]) == 6 and sampled2["num_prompts"] == 3
+    with pytest.raises(UserError, match="sampled_prompts >= 1"):
+        greedy_and_sampled_accuracy(model, tok, rows, sampled_prompts=0)
+
+
 def test_evaluation_decodes_in_bf16_on_a_copy_where_bf16_is_native(monkeypatch):
     """dtype=bfloat16: the answers come from a bf16 copy (the model stays float32); on hardware without native bf16
     the option is refused in one line (emulated bf16 is ~30x slower)."""

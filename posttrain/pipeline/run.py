@@ -54,30 +54,31 @@ def load_eval_prompts(evaluation: dict[str, Any]):
 
 
 def answer_accuracy(model, tokenizer, prompts, evaluation: dict[str, Any]) -> dict[str, Any]:
-    from posttrain.evaluation import decoding_dtype, generation_accuracy
+    from posttrain.evaluation import decoding_dtype, generation_accuracy, greedy_and_sampled_accuracy
 
     dtype = decoding_dtype(evaluation.get("dtype"))
-    result = generation_accuracy(model, tokenizer, prompts, max_new_tokens=int(evaluation["max_new_tokens"]),
-                                 batch_size=int(evaluation["batch_size"]), dtype=dtype)
+    options = {"max_new_tokens": int(evaluation["max_new_tokens"]), "batch_size": int(evaluation["batch_size"]),
+               "dtype": dtype}
+    samples = int(evaluation.get("samples_per_prompt") or 0)
+    if samples > 0:  # also what the policy does when it samples (what GRPO optimises), not only its argmax
+        temperature = float(evaluation["sampling_temperature"])
+        # the sampled answers on the first sampled_prompts questions (a fixed subset, the same every stage), from
+        # the greedy answers' prefill
+        result, sampled = greedy_and_sampled_accuracy(model, tokenizer, prompts, samples, temperature,
+                                                      evaluation.get("sampled_prompts"), **options)
+    else:
+        result = generation_accuracy(model, tokenizer, prompts, **options)
     record = {"answer_accuracy": result["accuracy"], "answer_mean_length": result["mean_length"],
               "num_prompts": result["num_prompts"],
               # each question right (1) or not (0), greedy: what the next stage is compared with, question by question
               "answer_correct": "".join("1" if s else "0" for s in result["scores"]),
               "examples": [list(map(str, e)) for e in result["examples"]]}
-    samples = int(evaluation.get("samples_per_prompt") or 0)
-    if samples > 0:  # what the policy does when it samples (what GRPO optimises), not only its argmax
-        temperature = float(evaluation["sampling_temperature"])
-        subset = evaluation.get("sampled_prompts")  # the first N questions (a fixed subset, the same every stage)
-        if subset is not None and subset < len(prompts):
-            prompts = prompts.select(range(subset))
-        sampled = generation_accuracy(model, tokenizer, prompts, max_new_tokens=int(evaluation["max_new_tokens"]),
-                                      batch_size=int(evaluation["batch_size"]), temperature=temperature,
-                                      num_samples=samples, dtype=dtype)
+    if samples > 0:
         # each question's mean score over its samples: the sampled side of the paired comparison
         per_question = [[x for x in sampled["scores"][i:i + samples] if x is not None]
                         for i in range(0, len(sampled["scores"]), samples)]
-        record.update(sampled_accuracy=sampled["accuracy"], samples_per_prompt=samples, sampled_prompts=len(prompts),
-                      sampling_temperature=temperature,
+        record.update(sampled_accuracy=sampled["accuracy"], samples_per_prompt=samples,
+                      sampled_prompts=sampled["num_prompts"], sampling_temperature=temperature,
                       sampled_scores=[round(sum(q) / len(q), 4) if q else 0.0 for q in per_question])
     return record
 

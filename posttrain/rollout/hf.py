@@ -109,13 +109,15 @@ def inverse_cdf_sampling(device: torch.device):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], num_generations: int | list[int], max_new_tokens: int,
-             generation_kwargs: dict[str, Any], share_prefill: bool = True) -> Rollout:
+             generation_kwargs: dict[str, Any], share_prefill: bool = True, greedy_first: bool = False) -> Rollout:
     """Sample `num_generations` completions for each prompt (prompt_ids lists the UNIQUE prompts); a list gives
     each prompt its own count (a process's slice of a generation batch may hold part of a group at either end).
 
     Returns a Rollout with N = Σ counts rows, each prompt's completions consecutive.
     Under ZeRO-3/FSDP each forward is a collective: every process then decodes until the last row on any process
     has ended (and makes the same prefill calls), so that all run the same number of forwards.
+    `greedy_first`: each prompt's first completion is its greedy one, the others sampled as asked, from one prefill
+    (an evaluation's greedy and sampled answers); only on the static-cache loop (`greedy_first_supported`).
     """
     pad_id = tokenizer.pad_token_id
     ids, mask = left_pad(prompt_ids, pad_id)
@@ -127,11 +129,20 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], num_generations: int
     eos_ids = _eos_ids(model, tokenizer)
     config = sampling_config(model, generation_kwargs, max_new_tokens)
     synced = collective_forwards(model)
+    if greedy_first and not greedy_first_supported(model, generation_kwargs, max_new_tokens):
+        raise ValueError("greedy_first needs sampling (do_sample=True) on the static-cache decoding loop "
+                         "(greedy_first_supported); decode the greedy answers in a call of their own")
     with inverse_cdf_sampling(device):
         if config is not None and static_decode_supported(model):
+            greedy = None
+            if greedy_first:  # the first row of each prompt's group
+                counts = torch.as_tensor(repeats, device=device).expand(len(prompt_ids))
+                greedy = torch.zeros(int(counts.sum()), dtype=torch.bool, device=device)
+                greedy[counts.cumsum(0) - counts] = True
             if not share_prefill:  # every row prefills its own copy of the prompt
                 ids, mask, repeats = full_ids, full_mask, 1
-            completion_ids = static_decode(model, ids, mask, repeats, config, eos_ids, pad_id, synced)
+            completion_ids = static_decode(model, ids, mask, repeats, config, eos_ids, pad_id, synced,
+                                           greedy_rows=greedy)
         else:
             completion_ids = _transformers_generate(model, ids, mask, full_ids, full_mask, num_generations,
                                                     max_new_tokens, generation_kwargs, pad_id, share_prefill, synced)
@@ -213,6 +224,14 @@ def _per_row_prompt_lengths() -> bool:
 static_decode_supported = full_attention_model  # the static-cache loop's models (others use `generate`)
 
 
+def greedy_first_supported(model, generation_kwargs: dict[str, Any], max_new_tokens: int) -> bool:
+    """Whether `generate(..., greedy_first=True)` can decode greedy and sampled rows together: sampling options the
+    static-cache loop implements, on a model it runs, not sharded (collective forwards)."""
+    config = sampling_config(model, generation_kwargs, max_new_tokens)
+    return (config is not None and bool(config.do_sample) and static_decode_supported(model)
+            and not collective_forwards(model))
+
+
 class PreallocatedLayer(DynamicLayer):
     """A KV-cache layer whose keys and values live in buffers allocated once for the whole rollout: `update` writes
     the new positions in place and returns a view of the filled part (a DynamicLayer concatenates, copying the whole
@@ -274,7 +293,8 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | torch.Tensor,
                   config: GenerationConfig, eos_ids: set[int], pad_id: int, synced: bool = False,
-                  prefill_inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                  prefill_inputs: dict[str, torch.Tensor] | None = None,
+                  greedy_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Completion ids (N, ≤ max_new_tokens): prefill the left-padded unique prompts `ids` (U, P) once, repeat their
     cache `repeats` times into a static cache of length P + max_new_tokens, then decode one token per step.
 
@@ -282,6 +302,9 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | t
     has ended (with `synced`, every row of every process: ZeRO-3/FSDP forwards are collectives). Positions follow
     the unpadded prompt (position_ids), so left padding does not shift them. `prefill_inputs`: more inputs of the
     prefill forward only (a vision-language model's pixel tensors of the unique prompts' images: decoding is text).
+    `greedy_rows` (N bools): those rows take the argmax of the processed logits instead of a draw — the greedy
+    answer, since temperature, top-k, top-p and min-p keep the largest logit largest (a repetition penalty applies
+    to them as in greedy `generate`); the other rows draw as before, from the same uniforms.
     Once a quarter of the rows still in the batch have ended, they leave it (their cache rows are dropped): a batch
     of short answers with one long one no longer decodes every row to the longest. The tokens are the same as
     without compaction — on the CPU each step still draws one uniform per row of the whole batch, in the same order
@@ -333,6 +356,8 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | t
             token = torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1)
         else:
             token = logits.argmax(dim=-1)
+        if greedy_rows is not None:
+            token = torch.where(greedy_rows[rows], logits.argmax(dim=-1), token)
         token = token.masked_fill(finished[rows], pad_id)
         sequence[rows, P + step] = token
         finished[rows] |= torch.isin(token, eos)
