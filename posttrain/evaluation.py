@@ -61,9 +61,10 @@ def answer_batches(model, tokenizer, rows: list[dict[str, Any]], num_samples: in
                    greedy_first: bool = False):
     """Decode `num_samples` answers per row (or one count per row), about `batch_size` answers at a time; yields one
     dict per batch: rows (each repeated as many times as it has answers, a row's answers consecutive), first (True
-    at each row's first answer), completions (conversational when the prompts are), completion_ids (token lists, EOS included when reached), columns (the
-    rows' other columns, for reward functions). `dtype`: decode with a copy of the model in that dtype
-    (`decoding_model`). `greedy_first`: each row's first answer is its greedy one (`generate`'s greedy_first)."""
+    at each row's first answer), completions (conversational when the prompts are), completion_ids (token lists,
+    EOS included when reached), columns (the rows' other columns, for reward functions). `dtype`: decode with a copy
+    of the model in that dtype (`decoding_model`). `greedy_first`: each row's first answer is its greedy one
+    (`generate`'s greedy_first)."""
     decoder = decoding_model(model, dtype)
     counts = [num_samples] * len(rows) if isinstance(num_samples, int) else list(num_samples)
     start = 0
@@ -280,21 +281,14 @@ def reference_samples(model, tokenizer, dataset, max_new_tokens: int = 64, batch
     if not rows or "prompt" not in rows[0]:
         raise UserError("the drift check needs a non-empty data set with a 'prompt' column.")
     prompt_ids = [tokenize_prompt(tokenizer, r["prompt"]) for r in rows]
-    rng_state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    was_training = model.training
-    model.eval()
     completions: list[list[int]] = []
     decoder = decoding_model(model, dtype)
-    try:
+    with _Evaluating(model, seed):
         for start in range(0, len(prompt_ids), batch_size):
             rollout = generate(decoder, tokenizer, prompt_ids[start:start + batch_size], 1, max_new_tokens,
-                               {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0})
+                               _sampling_kwargs(1.0))
             for ids, mask in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist()):
                 completions.append([t for t, m in zip(ids, mask) if m] or [tokenizer.eos_token_id])
-    finally:
-        torch.set_rng_state(rng_state)
-        model.train(was_training)
     return {"prompt_ids": prompt_ids, "completion_ids": completions,
             "seq_logps": sequence_logps(model, tokenizer, prompt_ids, completions),
             "greedy_examples": chat_examples(model, tokenizer, rows[:3], max_new_tokens)}

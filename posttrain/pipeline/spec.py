@@ -44,7 +44,7 @@ EVALUATION_DEFAULTS = {"dataset_name": "posttrain/arith-prompts", "dataset_confi
                        "sampled_prompts": None,  # the sampled answers on the first N questions only (None: all)
                        # drift_dataset (e.g. posttrain/chat-prompts): also KL(start ‖ stage) on prompts outside the task
                        "drift_dataset": None, "drift_split": "test", "drift_prompts": 200, "drift_max_new_tokens": 64,
-                       "dtype": "float32"}  # bfloat16: a bf16 copy decodes (native-bf16 hardware only); auto: bf16 where native
+                       "dtype": "float32"}  # bfloat16: a bf16 copy decodes (native only); auto: bf16 where native
 _REFERENCE = re.compile(r"\{([^{}]+)\}")
 REWARD_COMMANDS = {"reward"}  # stages whose output scores text rather than generating it
 DATA_COMMANDS = {"pairs"}  # stages whose output is a data set (posttrain pairs: on-policy preference pairs)
