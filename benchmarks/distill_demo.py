@@ -77,10 +77,11 @@ def sample_ids(model, tok, rows: list[dict], max_new_tokens: int, seed: int, bat
 
     state = torch.get_rng_state()
     torch.manual_seed(seed)
-    out: list[list[int]] = []
+    out: list[list[int]] = [[] for _ in rows]
     try:
         for part in answer_batches(model.eval(), tok, rows, 1, max_new_tokens, generation_kwargs or SAMPLING, batch):
-            out += part["completion_ids"]
+            for index, ids in zip(part["index"], part["completion_ids"]):
+                out[index] = ids
     finally:
         torch.set_rng_state(state)
     return out

@@ -96,7 +96,7 @@ def sample_pairs(model, tokenizer, rows: list[dict[str, Any]], rewards, num_gene
     generation_kwargs = generation_kwargs or {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
     was_training = model.training
     model.eval()
-    pairs: list[dict[str, Any]] = []
+    found: list[tuple[int, dict[str, Any]]] = []  # (row number, pair): decoded shortest prompt first
     progress = tqdm(total=len(rows), unit="prompt", desc="pairs", mininterval=5)
     try:
         for batch in answer_batches(model, tokenizer, rows, num_generations, max_new_tokens, generation_kwargs,
@@ -109,12 +109,14 @@ def sample_pairs(model, tokenizer, rows: list[dict[str, Any]], rewards, num_gene
                 best, worst = int(group.argmax()), int(group.argmin())
                 if not group[best] > group[worst]:  # all equal (or NaN): no contrast to learn from
                     continue
-                pairs.append({**batch["rows"][first], "chosen": completions[first + best],
-                              "rejected": completions[first + worst], "score_chosen": float(group[best]),
-                              "score_rejected": float(group[worst])})
+                found.append((batch["index"][first], {**batch["rows"][first], "chosen": completions[first + best],
+                                                      "rejected": completions[first + worst],
+                                                      "score_chosen": float(group[best]),
+                                                      "score_rejected": float(group[worst])}))
     finally:
         progress.close()
         model.train(was_training)
+    pairs = [pair for _, pair in sorted(found, key=lambda p: p[0])]  # in the rows' order
     return pairs, {"prompts": len(rows), "pairs": len(pairs), "all_same": len(rows) - len(pairs)}
 
 

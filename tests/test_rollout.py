@@ -56,6 +56,44 @@ def test_generation_accuracy_scores_greedy_and_sampled_completions():
     assert model.training is False  # left in the mode it was given
 
 
+def test_answers_are_decoded_shortest_prompt_first_and_reported_in_data_set_order():
+    """`answer_batches` decodes rows by prompt length (less padding per batch); every result keeps the data set's
+    order: per-question scores, sampled scores, examples, chat examples, pairs."""
+    import datasets
+
+    from posttrain.evaluation import answer_batches, chat_examples, generation_accuracy, greedy_and_sampled_accuracy
+    from posttrain.pairs import sample_pairs
+
+    path = builtin_model_path("posttrain/tiny")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = [{"prompt": "Question: " + "seven " * (6 - k) + "?\nAnswer:", "k": k} for k in range(6)]  # longest first
+    decoded = [i for batch in answer_batches(model, tok, rows, 2, 4, {"do_sample": False}, 4) for i in batch["index"]]
+    assert decoded == [5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0]
+
+    def row_number(completions, k, **kwargs):
+        return [float(x) for x in k]
+
+    greedy = generation_accuracy(model, tok, datasets.Dataset.from_list(rows), reward_func=row_number,
+                                 max_new_tokens=4, batch_size=4)
+    assert greedy["scores"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert [e[0] for e in greedy["examples"]] == [r["prompt"] for r in rows[:3]]
+    both = greedy_and_sampled_accuracy(model, tok, rows, num_samples=2, sampled_prompts=4, reward_func=row_number,
+                                       max_new_tokens=4, batch_size=6)
+    assert both[0]["scores"] == greedy["scores"] and both[1]["scores"] == [0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]
+    assert [prompt for prompt, _ in chat_examples(model, tok, rows[:4], 4)] == [r["prompt"] for r in rows[:4]]
+
+    class ByRow:  # chosen / rejected differ on every row: one pair per row
+        def __call__(self, prompts, completions, completion_ids, columns):
+            return [[float(i % 2) for i in range(len(completions))]]
+
+        def weighted_sum(self, scores):
+            return torch.tensor(scores[0])
+
+    pairs, counts = sample_pairs(model, tok, rows, ByRow(), num_generations=2, max_new_tokens=4, batch_size=4)
+    assert [p["k"] for p in pairs] == list(range(6)) and counts["pairs"] == 6
+
+
 def test_greedy_first_rows_are_the_greedy_answers_from_the_same_prefill():
     """generate(greedy_first=True): each prompt's first row is what greedy decoding gives, the others are samples
     (at T = 0.7 with top-k, whose warpers keep the largest logit largest); per-prompt counts too. Refused where the
@@ -245,6 +283,42 @@ def test_static_cache_loop_samples_what_transformers_generate_samples(counts, kw
     theirs = _transformers_completions(model, tok, prompts, counts, 20, kwargs)
     assert ours.completion_ids.shape == theirs.shape == (sum(counts) if isinstance(counts, list) else 9, 20)
     assert torch.equal(ours.completion_ids, theirs)
+
+
+def test_common_prefix_is_found_among_left_padded_rows_and_moved_to_the_same_columns():
+    from posttrain.rollout.hf import common_prefix_length, pads_after_prefix
+
+    ids, mask = left_pad([[7, 8, 9, 1, 2], [7, 8, 9, 3], [7, 8, 4, 5, 6]], pad_id=0)
+    assert common_prefix_length(ids, mask) == 2
+    assert common_prefix_length(*left_pad([[7, 8], [7, 8, 9]], 0)) == 1  # each row keeps a token of its own
+    assert common_prefix_length(*left_pad([[7, 8, 9]], 0)) == 0 and common_prefix_length(*left_pad([[1], [1]], 0)) == 0
+    moved, moved_mask = pads_after_prefix(ids, mask, 2)
+    assert moved.tolist() == [[7, 8, 9, 1, 2], [7, 8, 0, 9, 3], [7, 8, 4, 5, 6]]
+    assert moved_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 1, 1], [1, 1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("kwargs", [{"do_sample": False}, {"do_sample": True, "temperature": 0.7, "top_k": 20}])
+def test_prompts_with_a_common_head_prefill_it_once_and_decode_what_generate_decodes(monkeypatch, kwargs):
+    """Prompts that start alike (a chat template's system prompt) prefill those tokens once for every row; the
+    tokens are still those of `generate` under the same seed (left padding moved between head and rest)."""
+    from posttrain.rollout import hf
+
+    path = builtin_model_path("posttrain/tiny")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    head = "System: you are a careful assistant who answers arithmetic questions in one line.\nUser: "
+    prompts = [tok(head + q)["input_ids"] for q in ("Mia has 7 apples and buys 5 more. How many?", "3 + 4?",
+                                                   "What is 12 times 3?", "Hi")]
+    assert hf.common_prefix_length(*left_pad(prompts, tok.pad_token_id)) * 3 >= hf._MIN_SHARED_TOKENS
+    widths = []
+    original = hf.pads_after_prefix
+    monkeypatch.setattr(hf, "pads_after_prefix", lambda ids, mask, shared: (widths.append(shared),
+                                                                            original(ids, mask, shared))[1])
+    torch.manual_seed(2)
+    ours = generate(model, tok, prompts, [2, 1, 3, 2], 16, kwargs)
+    assert widths and widths[0] >= 20  # the common head ran once
+    torch.manual_seed(2)
+    assert torch.equal(ours.completion_ids, _transformers_completions(model, tok, prompts, [2, 1, 3, 2], 16, kwargs))
 
 
 def test_static_cache_loop_on_other_architectures_and_fallbacks():

@@ -260,6 +260,9 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._keys[:, :, :self.filled], self._values[:, :, :self.filled]
 
 
+_MIN_SHARED_TOKENS = 64  # prefill the common head apart only when that saves at least this many token positions
+
+
 def _all_ended(finished: torch.Tensor, synced: bool) -> bool:
     """Every row has produced an EOS — on every process when `synced` (one all-reduce per decode step)."""
     ended = bool(finished.all())
@@ -291,6 +294,28 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
                                                                                        torch.finfo(dtype).min)
 
 
+def common_prefix_length(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many leading real tokens every left-padded row (ids, mask (U, P)) has in common — a chat template's
+    system prompt, say — at most the shortest row's length − 1 (each row keeps a token of its own to prefill)."""
+    lengths = mask.sum(1)
+    span = int(lengths.min()) - 1
+    if ids.shape[0] < 2 or span < 1:
+        return 0
+    start = (ids.shape[1] - lengths)[:, None]  # the first real column of each row
+    heads = ids.gather(1, start + torch.arange(span, device=ids.device))
+    return int((heads == heads[:1]).all(0).long().cumprod(0).sum())
+
+
+def pads_after_prefix(ids: torch.Tensor, mask: torch.Tensor, shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded rows re-laid as [the `shared` common tokens][padding][the rest]: the common tokens then sit in
+    the same columns of every row and can be prefilled once. Positions follow the mask, so they do not change."""
+    P = ids.shape[1]
+    pads = (P - mask.sum(1))[:, None]
+    column = torch.arange(P, device=ids.device)[None]
+    source = torch.where(column < shared, column + pads, torch.where(column < shared + pads, column - shared, column))
+    return ids.gather(1, source), mask.gather(1, source)
+
+
 def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | torch.Tensor,
                   config: GenerationConfig, eos_ids: set[int], pad_id: int, synced: bool = False,
                   prefill_inputs: dict[str, torch.Tensor] | None = None,
@@ -316,14 +341,28 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | t
     U, P = ids.shape
     length = P + max_new
     keep_logits = {"logits_to_keep": 1} if _forward_accepts_logits_to_keep(type(_base_model(model))) else {}
+    penalty = config.repetition_penalty is not None and config.repetition_penalty != 1.0
+    # the prompts' common head (a chat template's system prompt: ~a quarter of a short question) is prefilled once;
+    # not where the prefill takes more inputs (images), forwards are collectives, or a penalty reads the layout
+    shared = 0 if prefill_inputs or synced or penalty else common_prefix_length(ids, mask)
+    if shared * (U - 1) < _MIN_SHARED_TOKENS:
+        shared = 0
+    if shared:
+        ids, mask = pads_after_prefix(ids, mask, shared)
     positions = positions_from_mask(mask)
     # prompt tokens attend to earlier non-pad tokens; a pad query attends to itself (a fully masked row gives NaN)
     causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
     allowed = (causal & mask.bool()[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)
     cache_key = cache_argument(type(_base_model(model)))  # `cache` from transformers 5.2x, `past_key_values` before
     prefix_cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=_additive_mask(allowed[:, None], dtype), position_ids=positions,
-                use_cache=True, **{cache_key: prefix_cache}, **keep_logits, **(prefill_inputs or {}))
+    if shared:  # one row's copy of the common columns, its keys and values then shared by every row
+        model(input_ids=ids[:1, :shared], attention_mask=_additive_mask(allowed[:1, None, :shared, :shared], dtype),
+              position_ids=positions[:1, :shared], use_cache=True, **{cache_key: prefix_cache}, **keep_logits)
+        for layer in prefix_cache.layers:
+            layer.keys, layer.values = layer.keys.expand(U, -1, -1, -1), layer.values.expand(U, -1, -1, -1)
+    out = model(input_ids=ids[:, shared:], attention_mask=_additive_mask(allowed[:, None, shared:], dtype),
+                position_ids=positions[:, shared:], use_cache=True, **{cache_key: prefix_cache}, **keep_logits,
+                **(prefill_inputs or {}))
     logits = out.logits[:, -1].float().repeat_interleave(repeats, dim=0)
     cache = Cache(layers=[PreallocatedLayer(layer.keys.repeat_interleave(repeats, dim=0),
                                             layer.values.repeat_interleave(repeats, dim=0), length)
@@ -336,7 +375,7 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | t
     key_allowed[:, :P] = mask.bool().repeat_interleave(repeats, dim=0)
     next_position = mask.sum(-1, keepdim=True).repeat_interleave(repeats, dim=0)
     processors = _logits_warpers(config, sequence[:, :P], key_allowed[:, :P])
-    compact = not synced and not any(isinstance(p, RepetitionPenaltyLogitsProcessor) for p in processors)
+    compact = not synced and not penalty
     cpu_draws = config.do_sample and device.type == "cpu"
     eos = torch.tensor(sorted(eos_ids), device=device)
     suppress = torch.tensor(sorted(config.suppress_tokens or []), dtype=torch.long, device=device)
