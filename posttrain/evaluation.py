@@ -46,8 +46,8 @@ def decoding_dtype(name: str | None) -> torch.dtype | None:
 
     if name in (None, "float32"):
         return None
-    if name not in ("bfloat16", "auto"):
-        raise UserError(f"decoding dtype {name!r}: use float32, bfloat16 or auto.")
+    if name not in hardware.DECODING_DTYPES:
+        raise UserError(f"decoding dtype {name!r}: use {hardware.DECODING_DTYPES_TEXT}.")
     if hardware.bf16_is_slow_here(use_cpu=not hardware.has_cuda()):
         if name == "auto":
             return None

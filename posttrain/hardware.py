@@ -14,6 +14,11 @@ import functools
 import os
 import platform
 
+# the dtypes answers may be decoded in (evaluation, `posttrain pairs`, a pipeline's evaluation): float32, bfloat16
+# (only where native), auto (bfloat16 where native, else float32) — `evaluation.decoding_dtype` resolves them
+DECODING_DTYPES = ("float32", "bfloat16", "auto")
+DECODING_DTYPES_TEXT = ", ".join(DECODING_DTYPES[:-1]) + " or " + DECODING_DTYPES[-1]  # for error messages
+
 
 @functools.lru_cache(maxsize=None)
 def has_cuda() -> bool:

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain.errors import UserError, did_you_mean
+from posttrain.hardware import DECODING_DTYPES, DECODING_DTYPES_TEXT
 
 PAIRS_FILE, COUNTS_FILE = "train.jsonl", "pairs.json"
 
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=0, help="0 = off")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=64, help="answers decoded together")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
+    p.add_argument("--dtype", choices=list(DECODING_DTYPES), default="float32",
                    help="decode with a copy of the model in this dtype; bfloat16 only on hardware that runs it "
                         "natively (a bf16 GPU, an AVX512-BF16/AMX CPU); auto: bfloat16 there, else float32")
     p.add_argument("--seed", type=int, default=42)
@@ -80,8 +81,8 @@ def check_options(args: argparse.Namespace) -> None:
             raise PairsError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.num_prompts is not None and args.num_prompts < 1:
         raise PairsError(f"--num_prompts must be at least 1, got {args.num_prompts}")
-    if args.dtype not in ("float32", "bfloat16", "auto"):
-        raise PairsError(f"--dtype must be float32, bfloat16 or auto, got {args.dtype!r}")
+    if args.dtype not in DECODING_DTYPES:
+        raise PairsError(f"--dtype must be {DECODING_DTYPES_TEXT}, got {args.dtype!r}")
 
 
 @torch.no_grad()

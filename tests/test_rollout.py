@@ -297,15 +297,32 @@ def test_common_prefix_is_found_among_left_padded_rows_and_moved_to_the_same_col
     assert moved_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 1, 1], [1, 1, 1, 1, 1]]
 
 
+def _small_model(kind: str, tok):
+    """The built-in tiny model, or a small random GPT-2 (absolute positions) / eager-attention Llama."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                          eos_token_id=tok.eos_token_id, bos_token_id=None)).eval()
+    if kind == "eager-llama":
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, bos_token_id=None)
+        return LlamaForCausalLM._from_config(config, attn_implementation="eager").eval()
+    return AutoModelForCausalLM.from_pretrained(builtin_model_path("posttrain/tiny")).eval()
+
+
+@pytest.mark.parametrize("kind", ["tiny", "gpt2", "eager-llama"])
 @pytest.mark.parametrize("kwargs", [{"do_sample": False}, {"do_sample": True, "temperature": 0.7, "top_k": 20}])
-def test_prompts_with_a_common_head_prefill_it_once_and_decode_what_generate_decodes(monkeypatch, kwargs):
+def test_prompts_with_a_common_head_prefill_it_once_and_decode_what_generate_decodes(monkeypatch, kwargs, kind):
     """Prompts that start alike (a chat template's system prompt) prefill those tokens once for every row; the
-    tokens are still those of `generate` under the same seed (left padding moved between head and rest)."""
+    tokens are still those of `generate` under the same seed (left padding moved between head and rest), with
+    rotary or absolute positions, sdpa or eager attention."""
     from posttrain.rollout import hf
 
-    path = builtin_model_path("posttrain/tiny")
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(builtin_model_path("posttrain/tiny"))
+    model = _small_model(kind, tok)
     head = "System: you are a careful assistant who answers arithmetic questions in one line.\nUser: "
     prompts = [tok(head + q)["input_ids"] for q in ("Mia has 7 apples and buys 5 more. How many?", "3 + 4?",
                                                    "What is 12 times 3?", "Hi")]

@@ -34,6 +34,7 @@ import re
 from typing import Any
 
 from posttrain.errors import UserError, did_you_mean
+from posttrain.hardware import DECODING_DTYPES, DECODING_DTYPES_TEXT
 from posttrain.yaml_files import read_mapping
 
 STAGE_KEYS = {"name", "command", "config", "evaluate"}  # everything else in a stage is a training option
@@ -107,8 +108,8 @@ def load(path: str, output_dir: str | None = None) -> Pipeline:
         if key not in EVALUATION_DEFAULTS:
             raise PipelineError(f"unknown evaluation key '{key}' in {path}{did_you_mean(key, EVALUATION_DEFAULTS)}")
         evaluation[key] = value
-    if evaluation["dtype"] not in ("float32", "bfloat16", "auto"):
-        raise PipelineError(f"evaluation dtype {evaluation['dtype']!r} in {path}: use float32, bfloat16 or auto "
+    if evaluation["dtype"] not in DECODING_DTYPES:
+        raise PipelineError(f"evaluation dtype {evaluation['dtype']!r} in {path}: use {DECODING_DTYPES_TEXT} "
                             f"(bfloat16 where the hardware runs it natively)")
     subset = evaluation["sampled_prompts"]
     if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
