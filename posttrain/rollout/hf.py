@@ -1,7 +1,8 @@
 """Generation with transformers' `generate` and a KV cache, batched, for online trainers.
 
 A prompt's G completions share one prefill: the unique prompts run once through the model, the resulting cache is
-repeated G times, and decoding continues from it — so prefill cost does not grow with num_generations. Tokens after
+repeated G times, and decoding continues from it — so prefill cost does not grow with num_generations. Prompts
+that begin alike (a chat template's system prompt) prefill that common head once for all of them. Tokens after
 the first EOS are masked out.
 
 Decoding runs in a loop of our own over a preallocated (static) KV cache when the model and the sampling options
@@ -343,8 +344,10 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | t
     keep_logits = {"logits_to_keep": 1} if _forward_accepts_logits_to_keep(type(_base_model(model))) else {}
     penalty = config.repetition_penalty is not None and config.repetition_penalty != 1.0
     # the prompts' common head (a chat template's system prompt: ~a quarter of a short question) is prefilled once;
-    # not where the prefill takes more inputs (images), forwards are collectives, or a penalty reads the layout
-    shared = 0 if prefill_inputs or synced or penalty else common_prefix_length(ids, mask)
+    # not where the prefill takes more inputs or the model is a VLM (its positions may come from the images),
+    # forwards are collectives, or a penalty reads the layout
+    vision = getattr(_base_model(model).config, "vision_config", None) is not None
+    shared = 0 if prefill_inputs or vision or synced or penalty else common_prefix_length(ids, mask)
     if shared * (U - 1) < _MIN_SHARED_TOKENS:
         shared = 0
     if shared:
