@@ -338,6 +338,28 @@ def test_prompts_with_a_common_head_prefill_it_once_and_decode_what_generate_dec
     assert torch.equal(ours.completion_ids, _transformers_completions(model, tok, prompts, [2, 1, 3, 2], 16, kwargs))
 
 
+def test_the_common_head_stays_in_place_where_the_layout_matters(monkeypatch):
+    """No split prefill under a repetition penalty (it reads each row's padding) or on a vision-language model (its
+    positions may come from the images); the tokens are then the plain loop's."""
+    from posttrain.models import loading
+    from posttrain.rollout import hf
+
+    moved = []
+    monkeypatch.setattr(hf, "pads_after_prefix", lambda *args: moved.append(args) or args[:2])
+    tok = AutoTokenizer.from_pretrained(builtin_model_path("posttrain/tiny"))
+    head = "System: you are a careful assistant who answers arithmetic questions in one line.\nUser: "
+    questions = ("Mia has 7 apples and buys 5 more. How many?", "3 + 4?", "What is 12 times 3?", "Hi")
+    prompts = [tok(head + q)["input_ids"] for q in questions]
+    generate(_small_model("tiny", tok), tok, prompts, 2, 4, {"do_sample": False, "repetition_penalty": 1.3})
+    vlm = loading.load_pretrained_model("posttrain/tiny-llava").eval()
+    vlm_tok = loading.load_tokenizer("posttrain/tiny-llava")
+    loading.prepare_tokenizer(vlm_tok)
+    generate(vlm, vlm_tok, [vlm_tok(head + q)["input_ids"] for q in questions], 2, 4, {"do_sample": False})
+    assert moved == []
+    generate(_small_model("tiny", tok), tok, prompts, 2, 4, {"do_sample": False})
+    assert len(moved) == 1  # the same prompts without the penalty: split
+
+
 def test_static_cache_loop_on_other_architectures_and_fallbacks():
     """Absolute positions (GPT-2) and eager attention take the loop and match `generate`; a sliding-window model
     and options the loop does not implement (beam search, n-gram blocking) go to `generate` itself."""
