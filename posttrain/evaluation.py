@@ -99,20 +99,20 @@ class _Tally:
     decoding order of `answer_batches`): one `generation_accuracy` result."""
 
     def __init__(self):
-        self.answers: list[tuple[int, int, float | None, float, Any, Any]] = []
+        self.answers: list[tuple[int, float | None, float, Any, Any]] = []
 
     def add(self, index: int, row: dict[str, Any], completion: Any, ids: list[int], reward: float | None) -> None:
         score = None if reward is None or math.isnan(reward) else float(reward)
-        self.answers.append((index, len(self.answers), score, float(len(ids)), row["prompt"], completion))
+        self.answers.append((index, score, float(len(ids)), row["prompt"], completion))
 
     def result(self, num_prompts: int) -> dict[str, Any]:
-        answers = sorted(self.answers, key=lambda a: a[:2])  # a row's answers keep the order they were drawn in
-        scores = [a[2] for a in answers]
+        answers = sorted(self.answers, key=lambda a: a[0])  # stable: a row's answers keep the order they were drawn in
+        scores = [a[1] for a in answers]
         scored = [s for s in scores if s is not None]
         return {"accuracy": sum(scored) / len(scored) if scored else float("nan"),
-                "mean_length": sum(a[3] for a in answers) / len(answers), "num_prompts": num_prompts,
+                "mean_length": sum(a[2] for a in answers) / len(answers), "num_prompts": num_prompts,
                 "scores": scores, "examples": [(prompt, completion_text(completion), score)
-                                               for _, _, score, _, prompt, completion in answers[:3]]}
+                                               for _, score, _, prompt, completion in answers[:3]]}
 
 
 def _batch_rewards(reward_func: Callable, batch: dict[str, Any]) -> list[float | None]:

@@ -206,7 +206,7 @@ def sampling_config(model, generation_kwargs: dict[str, Any], max_new_tokens: in
                and not (v in (None, False) and defaults.get(k) in (None, False))}  # False written for an unset flag
     if unknown or changed or (config.num_beams or 1) != 1:
         return None
-    if config.repetition_penalty not in (None, 1.0) and not _per_row_prompt_lengths():
+    if _has_repetition_penalty(config) and not _per_row_prompt_lengths():
         return None
     return config
 
@@ -270,10 +270,14 @@ def _all_ended(finished: torch.Tensor, synced: bool) -> bool:
     return not max_over_processes(int(not ended), finished.device) if synced else ended
 
 
+def _has_repetition_penalty(config: GenerationConfig) -> bool:
+    return config.repetition_penalty is not None and config.repetition_penalty != 1.0
+
+
 def _logits_warpers(config: GenerationConfig, ids: torch.Tensor, mask: torch.Tensor) -> list:
     """transformers' processors for these options, in the order `generate` applies them."""
     processors = []
-    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+    if _has_repetition_penalty(config):
         padding = (mask != 0).int().argmax(dim=1)
         processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty, prompt_ignore_length=padding))
     if config.do_sample:
@@ -342,7 +346,7 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int | t
     U, P = ids.shape
     length = P + max_new
     keep_logits = {"logits_to_keep": 1} if _forward_accepts_logits_to_keep(type(_base_model(model))) else {}
-    penalty = config.repetition_penalty is not None and config.repetition_penalty != 1.0
+    penalty = _has_repetition_penalty(config)
     # the prompts' common head (a chat template's system prompt: ~a quarter of a short question) is prefilled once;
     # not where the prefill takes more inputs or the model is a VLM (its positions may come from the images),
     # forwards are collectives, or a penalty reads the layout
