@@ -256,13 +256,20 @@ def test_accuracy_reward():
 
 
 def test_format_reward():
-    completions = ["7 + 5 = 12\n#### 12", "#### 12", "  ####  1,234  \n", "7 + 5 = 12 #### 12", "\\boxed{12}",
-                   "#### twelve"]
-    assert format_reward(completions) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
-    assert format_reward([_conv("x\n#### 3"), _conv("3")]) == [1.0, 0.0]
+    completions = ["7 + 5 = 12\n#### 12", "1,000 + 234 = 1,234\n  ####  1,234  \n", "Grace had 23 + 8 = 29 apples.\n#### 29",
+                   "4 * 3 = 12\n20 + 12 = 32\n#### 32", "$3 x 4 = 12$\n#### 12", "(3 + 4) * 2 = 14\n#### 14",
+                   "23 + 8 = 29 + 1 = 30\n#### 30", "1 + 1 = 2\n#### 2\n\n"]
+    assert format_reward(completions) == [1.0] * len(completions)
+    assert format_reward([_conv("1 + 2 = 3\n#### 3"), _conv("3")]) == [1.0, 0.0]
+    # not the format: answer on the working's line, no answer line, an answer word
+    assert format_reward(["7 + 5 = 12 #### 12", "7 + 5 = 12", "\\boxed{12}", "7 + 5 = 12\n#### twelve"]) == [0.0] * 4
+    # no working: a bare answer line (what GRPO from SmolLM2 collapsed to), a number or a restatement is not work
+    assert format_reward(["#### 12", "12\n#### 12", "12 = 12\n#### 12", "She has 12 apples.\n#### 12"]) == [0.0] * 4
+    # the answer line must state the working's last result
+    assert format_reward(["7 + 5 = 13\n#### 12", "5 + 3 = 8\n8 + 2 = 10\n#### 8", "23 + 8 = 29 + 1 = 30\n#### 29"]) == [0.0] * 3
     # one final answer line only: repeated answer lines, or text after the answer, do not count
-    assert format_reward(["#### 23\n#### 8\n#### 23", "#### 12\nand more", "1 + 1 = 2\n#### 2\n\n",
-                          "#### 12\nso #### 12"]) == [0.0, 0.0, 1.0, 0.0]
+    assert format_reward(["1 + 1 = 2\n#### 2\n#### 2", "6 + 6 = 12\n#### 12\nand more",
+                          "6 + 6 = 12\n#### 12\nso #### 12"]) == [0.0] * 3
 
 
 def test_think_format_reward():

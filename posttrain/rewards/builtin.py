@@ -7,7 +7,7 @@ of module-level classes, so they pickle (for worker processes).
     accuracy_reward            1 / 0 for the right final answer: plain numbers compared, LaTeX answers verified
                                with math-verify (`rewards/math_answers.py`); None without a readable gold answer
     reasoning_accuracy_reward  accuracy_reward of the text after `</think>`; 0 when the reasoning never ends
-    format_reward              1 / 0 for one final `#### N` answer line (the built-in arithmetic task's format)
+    format_reward              1 / 0 for a worked answer: computations `a op b = c`, then one final `#### c` line
     think_format_reward        1 / 0 for `<think>…</think>` followed by an answer
     length_reward              −(completion tokens) / 1000
     repetition_penalty_reward  −(fraction of repeated token 3-grams), in [−1, 0]
@@ -33,6 +33,9 @@ from posttrain.rewards.protocol import completion_text
 # A number: thousands-grouped ("1,234.5") or plain ("-12", "3.75"); grouped first so "1,234" is one number.
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
 _ANSWER_LINE = re.compile(r"^[ \t]*####[ \t]*-?\d[\d,]*(?:\.\d+)?[ \t]*$", re.MULTILINE)
+# A computation "a op b [op …] = c" on one line (the working of a worked answer); group 1 is c, read ahead so that
+# a chain "a + b = c + d = e" yields c, then e.
+_EQUATION_RESULT = re.compile(r"\d\)?[ \t]*[-+*/x×÷][ \t]*\(?-?\$?\d[^=\n]*=[ \t]*\$?(?=(-?\d[\d,]*(?:\.\d+)?))")
 
 
 def parse_final_number(text: str | None) -> float | None:
@@ -76,21 +79,33 @@ def accuracy_reward(completions: list, answer: list | None = None, solution: lis
     return out
 
 
-def format_reward(completions: list, **kwargs: Any) -> list[float]:
-    """1.0 when the completion's last non-empty line is exactly `#### N` (N a number, surrounding spaces allowed)
-    and it is the only such line, else 0.0.
+def _number_value(text: str) -> float:
+    return float(text.replace(",", ""))
 
-    The GSM8K answer format (Cobbe et al., 2021), which the built-in arithmetic data sets use; "12 #### 12" on one
-    line does not count, since it is not what the data teaches. Only one final line counts because a looser rule
-    is gamed: GRPO from SmolLM2-135M-Instruct with "some line is #### N" learned to print "#### 23" twenty-five
-    times (format 1.0, accuracy 0.070 → 0.013; benchmarks/LEARNING-smollm2.md).
+
+def _has_worked_answer(text: str) -> bool:
+    text = text.rstrip()
+    lines = text.splitlines()
+    if not lines or len(_ANSWER_LINE.findall(text)) != 1 or not _ANSWER_LINE.fullmatch(lines[-1]):
+        return False
+    results = _EQUATION_RESULT.findall("\n".join(lines[:-1]))
+    answer = _NUMBER.search(lines[-1]).group()
+    return bool(results) and _number_value(results[-1]) == _number_value(answer)
+
+
+def format_reward(completions: list, **kwargs: Any) -> list[float]:
+    """1.0 for a worked answer in the built-in arithmetic format, else 0.0: the last non-empty line is exactly
+    `#### N` (N a number, surrounding spaces allowed) and the only such line, and the lines before it show at least
+    one computation `a op b = c` (op one of + - * / x ×) whose last result c is N.
+
+    The GSM8K answer format (Cobbe et al., 2021) that the built-in data sets teach ("23 + 8 = 29\n#### 29") and
+    their prompts ask for ("Solve it step by step, then give the final answer on a last line that starts with
+    ####."). Each condition closes a way GRPO from SmolLM2-135M-Instruct gamed a looser rule
+    (benchmarks/LEARNING-smollm2.md): with "some line is #### N" it printed "#### 23" twenty-five times (accuracy
+    0.070 → 0.013); with "the last line is the only #### N" it answered every question with a bare "#### 12"
+    (0.068 → 0.023). "12 #### 12" on one line does not count either.
     """
-    out = []
-    for c in completions:
-        text = completion_text(c).rstrip()
-        last = text.splitlines()[-1] if text else ""
-        out.append(1.0 if len(_ANSWER_LINE.findall(text)) == 1 and _ANSWER_LINE.fullmatch(last) else 0.0)
-    return out
+    return [1.0 if _has_worked_answer(completion_text(c)) else 0.0 for c in completions]
 
 
 def _has_think_format(text: str) -> bool:
