@@ -145,7 +145,9 @@ class _Evaluating:
         self.model.train(self.was_training)
 
 
-def _sampling_kwargs(temperature: float) -> dict[str, Any]:
+def sampling_kwargs(temperature: float) -> dict[str, Any]:
+    """`generate` options for greedy decoding (temperature <= 0) or plain sampling at `temperature` (no top-k/top-p,
+    whatever the model's generation_config says)."""
     return {"do_sample": False} if temperature <= 0 else {"do_sample": True, "temperature": temperature, "top_k": 0,
                                                           "top_p": 1.0}
 
@@ -167,7 +169,7 @@ def generation_accuracy(model, tokenizer, dataset, reward_func: Callable | None 
     rows, reward_func = _evaluation_rows(dataset, reward_func)
     tally = _Tally()
     with _Evaluating(model, seed):
-        for batch in answer_batches(model, tokenizer, rows, num_samples, max_new_tokens, _sampling_kwargs(temperature),
+        for batch in answer_batches(model, tokenizer, rows, num_samples, max_new_tokens, sampling_kwargs(temperature),
                                     batch_size, dtype):
             for index, row, completion, ids, reward in zip(batch["index"], batch["rows"], batch["completions"],
                                                            batch["completion_ids"], _batch_rewards(reward_func, batch)):
@@ -193,7 +195,7 @@ def greedy_and_sampled_accuracy(model, tokenizer, dataset, num_samples: int = 1,
                         f"all), got {temperature}, {num_samples}, {sampled_prompts}.")
     rows, reward_func = _evaluation_rows(dataset, reward_func)
     subset = len(rows) if sampled_prompts is None else min(sampled_prompts, len(rows))
-    kwargs = _sampling_kwargs(temperature)
+    kwargs = sampling_kwargs(temperature)
     if not greedy_first_supported(model, kwargs, max_new_tokens):
         greedy = generation_accuracy(model, tokenizer, rows, reward_func, max_new_tokens, batch_size, seed=seed,
                                      dtype=dtype)
@@ -293,7 +295,7 @@ def reference_samples(model, tokenizer, dataset, max_new_tokens: int = 64, batch
     with _Evaluating(model, seed):
         for start in range(0, len(prompt_ids), batch_size):
             rollout = generate(decoder, tokenizer, prompt_ids[start:start + batch_size], 1, max_new_tokens,
-                               _sampling_kwargs(1.0))
+                               sampling_kwargs(1.0))
             for ids, mask in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist()):
                 completions.append([t for t, m in zip(ids, mask) if m] or [tokenizer.eos_token_id])
     return {"prompt_ids": prompt_ids, "completion_ids": completions,

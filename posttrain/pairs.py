@@ -92,9 +92,9 @@ def sample_pairs(model, tokenizer, rows: list[dict[str, Any]], rewards, num_gene
     """(pairs, counts): for each row, `num_generations` sampled answers scored by `rewards` (a RewardRunner); the
     best and worst as chosen/rejected when their scores differ. counts: prompts, pairs, all_same (no pair).
     `dtype`: decode with a copy of the model in that dtype (e.g. torch.bfloat16 on native-bf16 hardware)."""
-    from posttrain.evaluation import answer_batches
+    from posttrain.evaluation import answer_batches, sampling_kwargs
 
-    generation_kwargs = generation_kwargs or {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    generation_kwargs = generation_kwargs or sampling_kwargs(1.0)
     was_training = model.training
     model.eval()
     found: list[tuple[int, dict[str, Any]]] = []  # (row number, pair): decoded shortest prompt first
