@@ -258,7 +258,7 @@ def test_accuracy_reward():
 def test_format_reward():
     completions = ["7 + 5 = 12\n#### 12", "1,000 + 234 = 1,234\n  ####  1,234  \n", "Grace had 23 + 8 = 29 apples.\n#### 29",
                    "4 * 3 = 12\n20 + 12 = 32\n#### 32", "$3 x 4 = 12$\n#### 12", "(3 + 4) * 2 = 14\n#### 14",
-                   "23 + 8 = 29 + 1 = 30\n#### 30", "1 + 1 = 2\n#### 2\n\n"]
+                   "23 + 8 = 29 + 1 = 30\n#### 30", "1 + 1 = 2\n#### 2\n\n", "12 ÷ 4 = 3.\n#### 3"]
     assert format_reward(completions) == [1.0] * len(completions)
     assert format_reward([_conv("1 + 2 = 3\n#### 3"), _conv("3")]) == [1.0, 0.0]
     # not the format: answer on the working's line, no answer line, an answer word

@@ -96,7 +96,7 @@ def _has_worked_answer(text: str) -> bool:
 def format_reward(completions: list, **kwargs: Any) -> list[float]:
     """1.0 for a worked answer in the built-in arithmetic format, else 0.0: the last non-empty line is exactly
     `#### N` (N a number, surrounding spaces allowed) and the only such line, and the lines before it show at least
-    one computation `a op b = c` (op one of + - * / x ×) whose last result c is N.
+    one computation `a op b = c` (op one of + - * / x × ÷) whose last result c is N.
 
     The GSM8K answer format (Cobbe et al., 2021) that the built-in data sets teach ("23 + 8 = 29\n#### 29") and
     their prompts ask for ("Solve it step by step, then give the final answer on a last line that starts with
