@@ -27,7 +27,7 @@ from typing import Any
 
 from posttrain.data.arith import extract_answer
 from posttrain.errors import UserError
-from posttrain.rewards.math_answers import reasoning_accuracy_reward
+from posttrain.rewards.math_answers import number_value, reasoning_accuracy_reward
 from posttrain.rewards.protocol import completion_text
 
 # A number: thousands-grouped ("1,234.5") or plain ("-12", "3.75"); grouped first so "1,234" is one number.
@@ -48,7 +48,7 @@ def parse_final_number(text: str | None) -> float | None:
         found = _NUMBER.findall(text)
         answer = found[-1] if found else None
     try:
-        return None if answer is None else float(answer.replace(",", ""))
+        return None if answer is None else number_value(answer)
     except ValueError:
         return None
 
@@ -79,10 +79,6 @@ def accuracy_reward(completions: list, answer: list | None = None, solution: lis
     return out
 
 
-def _number_value(text: str) -> float:
-    return float(text.replace(",", ""))
-
-
 def _has_worked_answer(text: str) -> bool:
     text = text.rstrip()
     lines = text.splitlines()
@@ -90,7 +86,7 @@ def _has_worked_answer(text: str) -> bool:
         return False
     results = _EQUATION_RESULT.findall("\n".join(lines[:-1]))
     answer = _NUMBER.search(lines[-1]).group()
-    return bool(results) and _number_value(results[-1]) == _number_value(answer)
+    return bool(results) and number_value(results[-1]) == number_value(answer)
 
 
 def format_reward(completions: list, **kwargs: Any) -> list[float]:

@@ -82,6 +82,11 @@ def _verify(gold: list, answer: list) -> float:
     return float(mv.verify(gold, answer, timeout_seconds=_timeouts()[1]))
 
 
+def number_value(text: str) -> float:
+    """A number written with or without thousands commas ("1,234.5") as a float."""
+    return float(text.replace(",", ""))
+
+
 def plain_gold(gold: Any) -> float | None:
     """The gold answer as a float when it is plain (see the module docstring), else None."""
     if isinstance(gold, bool) or gold is None:
@@ -90,9 +95,9 @@ def plain_gold(gold: Any) -> float | None:
         return None if math.isnan(gold) else float(gold)
     text = str(gold)
     if _PLAIN_NUMBER.match(text) and any(c.isdigit() for c in text):
-        return float(text.replace(",", ""))
+        return number_value(text)
     found = _HASH_LINE.findall(text)
-    return float(found[-1].replace(",", "")) if found else None
+    return number_value(found[-1]) if found else None
 
 
 def _number_text(value: float) -> str:
