@@ -130,6 +130,10 @@ def parse_command_args(command: str, argv: list[str]) -> tuple[Any, Any, Any]:
     argv = translate_legacy_flags(argv)
     classes = (ScriptArguments, ModelConfig, config_cls)
     known = sorted({f.name for c in classes for f in dataclasses.fields(c) if f.init})
+    mixture_options = {k: yaml_values.pop(k) for k in ("streaming", "test_split_size") if k in yaml_values}
+    if mixture_options and not yaml_values.get("datasets"):
+        raise CLIError(f"{', '.join(mixture_options)} in {config_path} applies to a `datasets:` mixture only; for one "
+                       "dataset use dataset_streaming, or evaluate on dataset_test_split")
     for key in yaml_values:
         if key not in known and key not in _ALIASES_ONLY:
             hint = _elsewhere(command, key) or did_you_mean(key, known)
@@ -151,6 +155,10 @@ def parse_command_args(command: str, argv: list[str]) -> tuple[Any, Any, Any]:
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
         raise CLIError(f"unknown flag '{flag}'" + (_elsewhere(command, name)
                                                    or (f"; did you mean '--{close[0]}'?" if close else "")))
+    if mixture is not None:
+        from posttrain.data.loading import mixture_config
+
+        mixture = mixture_config(mixture, script_args.dataset_train_split, **mixture_options)
     script_args.datasets = mixture
     return script_args, model_args, training_args
 
@@ -199,8 +207,12 @@ def run_training(command: str, argv: list[str]):
 
         trainer.model._ddp_params_and_buffers_to_ignore = [name for name, buffer in trainer.model.named_buffers()
                                                            if buffer.dtype == torch.bool]
-    trainer.run_config_extra = {k: v for k, v in {**dataclasses.asdict(script_args),
-                                                  **dataclasses.asdict(model_args)}.items() if v is not None}
+    extra = {**dataclasses.asdict(script_args), **dataclasses.asdict(model_args)}
+    if script_args.datasets is not None:  # as the YAML spells it: `datasets:` entries, test_split_size, streaming
+        mixture = extra.pop("datasets")
+        extra["datasets"] = [{k: v for k, v in entry.items() if v is not None} for entry in mixture["datasets"]]
+        extra.update({k: mixture[k] for k in ("test_split_size", "streaming") if mixture[k]})
+    trainer.run_config_extra = {k: v for k, v in extra.items() if v is not None}
     start = time.time()
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

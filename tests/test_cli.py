@@ -8,7 +8,8 @@ import sys
 import pytest
 import yaml
 
-from posttrain.cli import COMMANDS, main, parse_command_args
+from posttrain.cli import COMMANDS, CLIError, main, parse_command_args
+from posttrain.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,13 +115,43 @@ def test_dataset_mixture_in_yaml(tmp_path):
     script, _, _ = parse_command_args("sft", ["--config", path])
     from posttrain.data.loading import load_train_eval
 
-    with pytest.raises(Exception):  # standard and conversational rows cannot share one Arrow schema
+    with pytest.raises(UserError, match="cannot be combined"):  # standard beside conversational rows
         load_train_eval(script, want_eval=False)
     path = _yaml(tmp_path, {"datasets": [{"path": "posttrain/arith-sft", "split": "train[:3]"},
                                          {"path": "posttrain/arith-sft", "split": "test[:2]"}]}, "m.yaml")
     script, _, _ = parse_command_args("sft", ["--config", path])
     train, _ = load_train_eval(script, want_eval=False)
     assert len(train) == 5
+
+
+def test_dataset_mixture_options_take_effect_or_are_refused(tmp_path):
+    """TRL's mixture YAML: fractions, test_split_size (the evaluation split), streaming; the one-dataset options
+    beside a mixture, a mixture option without a mixture and a mistyped entry key are one-line errors."""
+    from posttrain.data.loading import load_train_eval
+
+    entries = [{"path": "posttrain/arith-sft", "split": "train[:40]", "fraction": 3},
+               {"path": "posttrain/arith-sft", "split": "test[:40]", "fraction": 1}]
+    script, _, _ = parse_command_args("sft", ["--config", _yaml(tmp_path, {"datasets": entries, "test_split_size": 8})])
+    assert script.datasets.test_split_size == 8 and script.datasets.datasets[0].fraction == 3
+    train, evaluation = load_train_eval(script, want_eval=True)
+    assert (len(train), len(evaluation)) == (45, 8)  # 40 + 13 rows (3 : 1, capped by the first), 8 held out
+    for extra, match in (({"dataset_name": "posttrain/arith-sft"}, "Both a `datasets:` mixture and dataset_name"),
+                         ({"dataset_config": "conversational"}, "Both a `datasets:` mixture and dataset_config")):
+        script, _, _ = parse_command_args("sft", ["--config", _yaml(tmp_path, {"datasets": entries, **extra})])
+        with pytest.raises(UserError, match=match):
+            load_train_eval(script, want_eval=False)
+    script, _, _ = parse_command_args("sft", ["--config", _yaml(tmp_path, {"datasets": entries})])
+    with pytest.raises(UserError, match="no evaluation split; add test_split_size"):
+        load_train_eval(script, want_eval=True)
+    with pytest.raises(CLIError, match="applies to a `datasets:` mixture only"):
+        parse_command_args("sft", ["--config", _yaml(tmp_path, {"dataset_name": "posttrain/arith-sft",
+                                                                  "test_split_size": 0.1})])
+    with pytest.raises(UserError, match="Unknown key 'fractoin'.*did you mean 'fraction'"):
+        parse_command_args("sft", ["--config", _yaml(tmp_path, {"datasets": [{"path": "a.jsonl", "fractoin": 1}]})])
+    with pytest.raises(UserError, match="with a 'path'"):
+        parse_command_args("sft", ["--config", _yaml(tmp_path, {"datasets": [{"name": "x"}]})])
+    with pytest.raises(UserError, match="must be a list"):
+        parse_command_args("sft", ["--config", _yaml(tmp_path, {"datasets": {"path": "a.jsonl"}})])
 
 
 def test_command_help_lists_every_option(capsys):

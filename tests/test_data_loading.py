@@ -48,7 +48,7 @@ def test_mixture(tmp_path):
     mixed = load_mixture([{"path": str(path)},
                           {"path": "posttrain/arith-sft", "split": "train[:4]", "columns": ["prompt", "completion"]}])
     assert len(mixed) == 10
-    with pytest.raises(ValueError, match="needs 'path'"):
+    with pytest.raises(ValueError, match="with a 'path'"):
         load_mixture([{"name": "x"}])
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from posttrain.errors import UserError
+from posttrain.errors import UserError, did_you_mean
 
 
 @dataclass
@@ -100,8 +100,9 @@ class ModelConfig:
 
 @dataclass
 class ScriptArguments:
-    """Which data to train on. `datasets` (YAML only) mixes several: a list of
-    {path, name, split, data_files, columns} mappings whose rows are concatenated."""
+    """Which data to train on. `datasets` (YAML only) mixes several: a list of DatasetConfig mappings
+    {path, name, data_dir, data_files, split, columns, fraction} whose rows are concatenated (`data.loading.
+    load_mixture`); the YAML's `test_split_size` cuts an evaluation split from the mixture."""
 
     dataset_name: str | None = field(default=None, metadata={"help": "Hub id, local file (.json/.jsonl/.csv/"
                                      ".parquet), local directory, or a built-in set such as posttrain/arith-sft."})
@@ -139,4 +140,22 @@ class DatasetMixtureConfig:
                                           "mixture (datasets.train_test_split's test_size); none when unset."})
 
     def __post_init__(self):
-        self.datasets = [DatasetConfig(**d) if isinstance(d, dict) else d for d in self.datasets]
+        self.datasets = [dataset_config(d) for d in self.datasets or []]
+
+
+def dataset_config(entry) -> DatasetConfig:
+    """A DatasetConfig from one entry of a YAML `datasets:` list (or the DatasetConfig itself); a mapping without
+    `path` or with a key DatasetConfig lacks is a one-line error."""
+    if isinstance(entry, DatasetConfig):
+        return entry
+    if isinstance(entry, str):
+        entry = {"path": entry}
+    keys = [f.name for f in dataclasses.fields(DatasetConfig)]
+    if not isinstance(entry, dict) or "path" not in entry:
+        raise UserError(f"Each entry of `datasets` is a mapping with a 'path' (and optionally {', '.join(keys[1:])}); "
+                        f"got {entry!r}.")
+    for key in entry:
+        if key not in keys:
+            raise UserError(f"Unknown key {key!r} in the `datasets` entry for {entry['path']!r}"
+                            f"{did_you_mean(str(key), keys)} (a dataset takes {', '.join(keys)}).")
+    return DatasetConfig(**entry)

@@ -63,25 +63,79 @@ def _load_local(name: str, *args: Any, **kwargs: Any):
                         "--dataset_name.") from e
 
 
-def load_mixture(specs: list[dict], split: str = "train") -> datasets.Dataset:
-    """Concatenate several datasets: each spec is {path, name?, split?, data_files?, columns?}."""
+def load_mixture(mixture, split: str = "train", streaming: bool = False):
+    """The rows of several datasets concatenated. `mixture`: a `DatasetMixtureConfig`, or a YAML `datasets:` list
+    (mappings {path, name?, data_dir?, data_files?, split?, columns?, fraction?}; `split`, `streaming` fill in what
+    the entries leave unset) — returns the train Dataset then. A `DatasetMixtureConfig` gives a DatasetDict: "train",
+    plus "test" when its test_split_size is set. With `fraction`s (all or none), the shares are normalised to w_i
+    and the mixture is the largest N with round(w_i·N) ≤ len_i for every dataset; each contributes its first
+    round(w_i·N) rows. TRL's `get_dataset` is this on a DatasetMixtureConfig."""
+    from posttrain.configs.script import DatasetMixtureConfig
+
+    if not isinstance(mixture, DatasetMixtureConfig):
+        return load_mixture(mixture_config(mixture, split, streaming=streaming))["train"]
+    if not mixture.datasets:
+        raise UserError("The dataset mixture is empty: give `datasets:` a list of {path: ...} entries.")
     parts = []
-    for spec in specs:
-        unknown = set(spec) - {"path", "name", "split", "data_files", "columns"}
-        if unknown or "path" not in spec:
-            raise UserError(f"Each entry of `datasets` needs 'path' and may have name, split, data_files, columns; "
-                            f"got {sorted(spec)}.")
-        part = load_any_dataset(spec["path"], spec.get("name"), spec.get("split", split), spec.get("data_files"))
-        if spec.get("columns"):
-            part = part.select_columns(spec["columns"])
-        parts.append(part)
-    return datasets.concatenate_datasets(parts)
+    for spec in mixture.datasets:
+        if spec.data_dir is not None:
+            part = datasets.load_dataset(spec.path, spec.name, data_dir=spec.data_dir, data_files=spec.data_files,
+                                         split=spec.split, streaming=mixture.streaming)
+        else:
+            part = load_any_dataset(spec.path, spec.name, split=spec.split, data_files=spec.data_files,
+                                    streaming=mixture.streaming)
+        parts.append(part.select_columns(spec.columns) if spec.columns else part)
+    fractions = [spec.fraction for spec in mixture.datasets]
+    if any(f is not None for f in fractions):
+        if any(f is None for f in fractions) or any(not isinstance(f, (int, float)) or f <= 0 for f in fractions):
+            raise UserError(f"Set a positive `fraction` for every dataset of the mixture, or for none; got "
+                            f"{fractions}.")
+        if mixture.streaming:
+            raise UserError("`fraction` needs the datasets' lengths, so it cannot be used with streaming; drop one "
+                            "of them.")
+        weights = [f / sum(fractions) for f in fractions]
+        total = min(len(part) / w for part, w in zip(parts, weights))
+        parts = [part.select(range(min(len(part), round(w * total)))) for part, w in zip(parts, weights)]
+    combined = parts[0] if len(parts) == 1 else _concatenate(parts, [spec.path for spec in mixture.datasets])
+    if mixture.test_split_size is not None:
+        if mixture.streaming:
+            raise UserError("test_split_size cannot split a streamed mixture; drop one of them.")
+        return combined.train_test_split(test_size=mixture.test_split_size)
+    return (datasets.IterableDatasetDict if mixture.streaming else datasets.DatasetDict)({"train": combined})
+
+
+def mixture_config(entries: list, split: str = "train", **options: Any):
+    """A DatasetMixtureConfig from a YAML `datasets:` list; entries without a `split` take `split` (the command
+    line's dataset_train_split). `options`: streaming, test_split_size. Malformed entries are one-line errors."""
+    from posttrain.configs.script import DatasetMixtureConfig
+
+    if not isinstance(entries, list):
+        raise UserError(f"`datasets` must be a list of {{path: ...}} entries, got {entries!r}.")
+    return DatasetMixtureConfig(datasets=[{"split": split, **e} if isinstance(e, dict) else e for e in entries],
+                                **options)
+
+
+def _concatenate(parts: list, names: list[str]):
+    """datasets.concatenate_datasets (a column missing from some parts is filled with None there), with parts that
+    cannot share one table (standard text beside conversational messages, other types) named in one line instead of
+    Arrow's schema dump."""
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as e:
+        def shape(features):
+            return ", ".join(f"{k}: {getattr(v, 'dtype', None) or type(v).__name__}" for k, v in features.items())
+
+        described = "; ".join(f"{name!r} has ({shape(part.features)})" for name, part in zip(names, parts)
+                              if part.features is not None)
+        raise UserError(f"The datasets of the mixture cannot be combined ({described}): a column must have one type "
+                        "in all of them. Keep the columns they share with `columns:` and one format (standard or "
+                        "conversational) for all.") from e
 
 
 def load_train_eval(script_args, want_eval: bool) -> tuple[Any, Any]:
     """(train, eval-or-None) from `ScriptArguments`. Splits may be sliced: "train[:1000]"."""
     if script_args.datasets:
-        return load_mixture(script_args.datasets, script_args.dataset_train_split), None
+        return _mixture_train_eval(script_args, want_eval)
     if not script_args.dataset_name:
         raise UserError("No data: pass --dataset_name (e.g. posttrain/arith-sft, a local .jsonl file or a Hub id).")
     name, config = script_args.dataset_name, script_args.dataset_config
@@ -101,3 +155,23 @@ def load_train_eval(script_args, want_eval: bool) -> tuple[Any, Any]:
             raise UserError(f"Evaluation is on but split {script_args.dataset_test_split!r} was not found in "
                             f"{name!r}; set --dataset_test_split or --eval_strategy no.") from None
     return train, evaluation
+
+
+def _mixture_train_eval(script_args, want_eval: bool) -> tuple[Any, Any]:
+    """(train, eval-or-None) from a `datasets:` mixture: a list of entries, or a DatasetMixtureConfig (the command
+    line's, with the YAML's test_split_size). The one-dataset options would be ignored beside it, so they are refused."""
+    from posttrain.configs.script import DatasetMixtureConfig
+
+    for option in ("dataset_name", "dataset_config"):
+        if getattr(script_args, option, None):
+            raise UserError(f"Both a `datasets:` mixture and {option} ({getattr(script_args, option)!r}) are set; "
+                            f"the mixture would replace it. Keep one (a mixture entry takes path and name).")
+    mixture = script_args.datasets
+    if not isinstance(mixture, DatasetMixtureConfig):
+        mixture = mixture_config(mixture, script_args.dataset_train_split)
+    mixture.streaming = mixture.streaming or script_args.dataset_streaming
+    splits = load_mixture(mixture)
+    if want_eval and "test" not in splits:
+        raise UserError("Evaluation is on but the `datasets:` mixture has no evaluation split; add test_split_size "
+                        "(e.g. 0.05) to the YAML, or set --eval_strategy no.")
+    return splits["train"], splits["test"] if want_eval else None

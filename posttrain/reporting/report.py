@@ -99,7 +99,8 @@ def dataset_name(trainer) -> str | None:
     if extra.get("dataset_name"):
         return str(extra["dataset_name"])
     if extra.get("datasets"):
-        return ", ".join(str(d.get("path", d)) if isinstance(d, dict) else str(d) for d in extra["datasets"])
+        return ", ".join(dict.fromkeys(str(d.get("path", d)) if isinstance(d, dict) else str(d)
+                                       for d in extra["datasets"]))  # each data set once
     info = getattr(trainer.train_dataset, "info", None)
     return getattr(info, "dataset_name", None) or None
 

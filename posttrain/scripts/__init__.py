@@ -123,39 +123,16 @@ class TrlParser(HfArgumentParser):
 def get_dataset(mixture):
     """A DatasetDict ("train", plus "test" when mixture.test_split_size is set) from a `DatasetMixtureConfig`: each
     dataset loaded (built-in names, local files and Hub ids, as everywhere in posttrain), its `columns` selected,
-    then concatenated. With `fraction`s (all or none), the shares are normalised to w_i and the mixture is the
-    largest N with round(w_i·N) ≤ len_i for every dataset; each contributes its first round(w_i·N) rows."""
-    import datasets
+    then concatenated, with `fraction`s as shares (`data.loading.load_mixture`)."""
+    from posttrain.configs.script import DatasetMixtureConfig
+    from posttrain.data.loading import load_mixture
 
-    from posttrain.data.loading import load_any_dataset
-
+    if not isinstance(mixture, DatasetMixtureConfig):
+        raise UserError(f"get_dataset takes a DatasetMixtureConfig (parse one beside ScriptArguments with TrlParser), "
+                        f"got {type(mixture).__name__}.")
     if not mixture.datasets:
         raise UserError("get_dataset: the mixture has no datasets; add a `datasets:` list to the YAML file.")
-    parts = []
-    for spec in mixture.datasets:
-        if spec.data_dir is not None:
-            part = datasets.load_dataset(spec.path, spec.name, data_dir=spec.data_dir, data_files=spec.data_files,
-                                         split=spec.split, streaming=mixture.streaming)
-        else:
-            part = load_any_dataset(spec.path, spec.name, split=spec.split, data_files=spec.data_files,
-                                    streaming=mixture.streaming)
-        parts.append(part.select_columns(spec.columns) if spec.columns else part)
-    fractions = [spec.fraction for spec in mixture.datasets]
-    if any(f is not None for f in fractions):
-        if any(f is None for f in fractions) or any(f <= 0 for f in fractions):
-            raise UserError("get_dataset: set a positive `fraction` for every dataset of the mixture, or for none.")
-        if mixture.streaming:
-            raise UserError("get_dataset: `fraction` needs the datasets' lengths, so it cannot be used with "
-                            "streaming; drop one of them.")
-        weights = [f / sum(fractions) for f in fractions]
-        total = min(len(part) / w for part, w in zip(parts, weights))
-        parts = [part.select(range(min(len(part), round(w * total)))) for part, w in zip(parts, weights)]
-    combined = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    if mixture.test_split_size is not None:
-        if mixture.streaming:
-            raise UserError("get_dataset: test_split_size cannot split a streamed mixture; drop one of them.")
-        return combined.train_test_split(test_size=mixture.test_split_size)
-    return (datasets.IterableDatasetDict if mixture.streaming else datasets.DatasetDict)({"train": combined})
+    return load_mixture(mixture)
 
 
 def get_peft_config(model_args):
