@@ -140,6 +140,10 @@ def test_dataset_mixture_options_take_effect_or_are_refused(tmp_path):
         script, _, _ = parse_command_args("sft", ["--config", _yaml(tmp_path, {"datasets": entries, **extra})])
         with pytest.raises(UserError, match=match):
             load_train_eval(script, want_eval=False)
+    script, _, _ = parse_command_args("sft", ["--config", _yaml(tmp_path, {"datasets": entries}),
+                                              "--dataset_test_split", "validation"])
+    with pytest.raises(UserError, match="does not apply to a `datasets:` mixture"):
+        load_train_eval(script, want_eval=True)
     script, _, _ = parse_command_args("sft", ["--config", _yaml(tmp_path, {"datasets": entries})])
     with pytest.raises(UserError, match="no evaluation split; add test_split_size"):
         load_train_eval(script, want_eval=True)

@@ -166,6 +166,9 @@ def _mixture_train_eval(script_args, want_eval: bool) -> tuple[Any, Any]:
         if getattr(script_args, option, None):
             raise UserError(f"Both a `datasets:` mixture and {option} ({getattr(script_args, option)!r}) are set; "
                             f"the mixture would replace it. Keep one (a mixture entry takes path and name).")
+    if getattr(script_args, "dataset_test_split", "test") != "test":
+        raise UserError(f"dataset_test_split ({script_args.dataset_test_split!r}) does not apply to a `datasets:` "
+                        "mixture: its evaluation rows are cut from the mixture by test_split_size.")
     mixture = script_args.datasets
     if not isinstance(mixture, DatasetMixtureConfig):
         mixture = mixture_config(mixture, script_args.dataset_train_split)
