@@ -135,6 +135,14 @@ def test_dataset_mixture_options_take_effect_or_are_refused(tmp_path):
     assert script.datasets.test_split_size == 8 and script.datasets.datasets[0].fraction == 3
     train, evaluation = load_train_eval(script, want_eval=True)
     assert (len(train), len(evaluation)) == (45, 8)  # 40 + 13 rows (3 : 1, capped by the first), 8 held out
+    zero = [{**entries[0], "fraction": 0}, entries[1]]  # TRL's rule: a 0 share contributes no rows
+    script, _, _ = parse_command_args("sft", ["--config", _yaml(tmp_path, {"datasets": zero})])
+    assert len(load_train_eval(script, want_eval=False)[0]) == 40
+    for first, second in ((-1, 1), (0, 0), (None, 1)):
+        bad = [{**entries[0], "fraction": first}, {**entries[1], "fraction": second}]
+        script, _, _ = parse_command_args("sft", ["--config", _yaml(tmp_path, {"datasets": bad})])
+        with pytest.raises(UserError, match="Set a `fraction` >= 0 for every dataset"):
+            load_train_eval(script, want_eval=False)
     for extra, match in (({"dataset_name": "posttrain/arith-sft"}, "Both a `datasets:` mixture and dataset_name"),
                          ({"dataset_config": "conversational"}, "Both a `datasets:` mixture and dataset_config")):
         script, _, _ = parse_command_args("sft", ["--config", _yaml(tmp_path, {"datasets": entries, **extra})])

@@ -87,14 +87,15 @@ def load_mixture(mixture, split: str = "train", streaming: bool = False):
         parts.append(part.select_columns(spec.columns) if spec.columns else part)
     fractions = [spec.fraction for spec in mixture.datasets]
     if any(f is not None for f in fractions):
-        if any(f is None for f in fractions) or any(not isinstance(f, (int, float)) or f <= 0 for f in fractions):
-            raise UserError(f"Set a positive `fraction` for every dataset of the mixture, or for none; got "
+        if (any(f is None or isinstance(f, bool) or not isinstance(f, (int, float)) or f < 0 for f in fractions)
+                or not sum(fractions) > 0):
+            raise UserError(f"Set a `fraction` >= 0 for every dataset of the mixture (not all 0), or for none; got "
                             f"{fractions}.")
         if mixture.streaming:
             raise UserError("`fraction` needs the datasets' lengths, so it cannot be used with streaming; drop one "
                             "of them.")
         weights = [f / sum(fractions) for f in fractions]
-        total = min(len(part) / w for part, w in zip(parts, weights))
+        total = min(len(part) / w for part, w in zip(parts, weights) if w > 0)  # a 0 share contributes no rows
         parts = [part.select(range(min(len(part), round(w * total)))) for part, w in zip(parts, weights)]
     combined = parts[0] if len(parts) == 1 else _concatenate(parts, [spec.path for spec in mixture.datasets])
     if mixture.test_split_size is not None:
