@@ -6,6 +6,7 @@ Not here: format detection and tokenisation.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -87,8 +88,8 @@ def load_mixture(mixture, split: str = "train", streaming: bool = False):
         parts.append(part.select_columns(spec.columns) if spec.columns else part)
     fractions = [spec.fraction for spec in mixture.datasets]
     if any(f is not None for f in fractions):
-        if (any(f is None or isinstance(f, bool) or not isinstance(f, (int, float)) or f < 0 for f in fractions)
-                or not sum(fractions) > 0):
+        if any(isinstance(f, bool) or not isinstance(f, (int, float)) or f < 0 for f in fractions) \
+                or not sum(fractions) > 0:  # None, text, True, a negative share, or nothing to mix
             raise UserError(f"Set a `fraction` >= 0 for every dataset of the mixture (not all 0), or for none; got "
                             f"{fractions}.")
         if mixture.streaming:
@@ -173,8 +174,7 @@ def _mixture_train_eval(script_args, want_eval: bool) -> tuple[Any, Any]:
     mixture = script_args.datasets
     if not isinstance(mixture, DatasetMixtureConfig):
         mixture = mixture_config(mixture, script_args.dataset_train_split)
-    mixture.streaming = mixture.streaming or script_args.dataset_streaming
-    splits = load_mixture(mixture)
+    splits = load_mixture(dataclasses.replace(mixture, streaming=mixture.streaming or script_args.dataset_streaming))
     if want_eval and "test" not in splits:
         raise UserError("Evaluation is on but the `datasets:` mixture has no evaluation split; add test_split_size "
                         "(e.g. 0.05) to the YAML, or set --eval_strategy no.")
