@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import datasets
 import pytest
 import yaml
 
@@ -135,6 +136,12 @@ def test_dataset_mixture_options_take_effect_or_are_refused(tmp_path):
     assert script.datasets.test_split_size == 8 and script.datasets.datasets[0].fraction == 3
     train, evaluation = load_train_eval(script, want_eval=True)
     assert (len(train), len(evaluation)) == (45, 8)  # 40 + 13 rows (3 : 1, capped by the first), 8 held out
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n')
+    streamed = {"datasets": [{"path": str(rows)}, {"path": str(rows)}], "streaming": True}
+    script, _, _ = parse_command_args("sft", ["--config", _yaml(tmp_path, streamed)])
+    train, _ = load_train_eval(script, want_eval=False)
+    assert isinstance(train, datasets.IterableDataset) and len(list(train)) == 4
     zero = [{**entries[0], "fraction": 0}, entries[1]]  # TRL's rule: a 0 share contributes no rows
     script, _, _ = parse_command_args("sft", ["--config", _yaml(tmp_path, {"datasets": zero})])
     assert len(load_train_eval(script, want_eval=False)[0]) == 40
